@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny synthetic labelled GEM and small trained bundles (CPU, seconds)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from tspg.bundle import save_bundle
+from tspg.pipeline import train
+from tspg.train import TrainConfig
+
+TINY_CLASSES = ["alpha", "beta", "gamma"]
+
+
+def make_tiny_adata(n_per_class: int = 20, n_genes: int = 30, seed: int = 0) -> ad.AnnData:
+    """Three well separated classes; each raises its own block of 5 genes."""
+    rng = np.random.default_rng(seed)
+    X, labels = [], []
+    for c, name in enumerate(TINY_CLASSES):
+        block = rng.normal(1.0, 0.3, (n_per_class, n_genes))
+        block[:, 5 * c : 5 * c + 5] += 3.0
+        X.append(block)
+        labels += [name] * n_per_class
+    X = np.clip(np.vstack(X), 0, None).astype(np.float32)
+    obs = pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"s{i:03d}" for i in range(len(labels))])
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"G{j:02d}" for j in range(n_genes)]))
+
+
+@pytest.fixture
+def tiny_adata() -> ad.AnnData:
+    return make_tiny_adata()
+
+
+TINY_CONFIG = dict(epochs=150, target_epochs=50, batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A bundle trained on the tiny GEM (target 'beta'), saved under a temporary models folder."""
+    adata = make_tiny_adata()
+    b = train(adata, label_key="cell_type", target="beta", config=TrainConfig.for_recipe("tspg+", **TINY_CONFIG), device="cpu", dataset="tiny")
+    save_bundle(b, tmp_path_factory.mktemp("models"))
+    return b
+
+
+@pytest.fixture(scope="session")
+def demo_models_dir(tmp_path_factory):
+    """A models folder holding a short-trained demo bundle (pbmc68k_reduced, CD14+ Monocyte)."""
+    from tspg.datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
+
+    root = tmp_path_factory.mktemp("demo_models")
+    b = train(demo(), label_key=DEMO_LABEL_KEY, target=DEMO_TARGET, config=TrainConfig.for_recipe("tspg+", epochs=10, target_epochs=10), device="cpu", dataset="pbmc68k_reduced")
+    save_bundle(b, root)
+    return root

@@ -1,0 +1,276 @@
+"""Model bundles: one folder with ``manifest.json`` and three ``.safetensors`` files.
+
+A bundle carries everything needed to perturb new data: genes (ordered), classes
+(ordered), target, scaler, the split, the training config and seed, metrics and the loss
+history. Saving writes a temporary folder and renames it into place; loading never
+unpickles anything and checks every tensor's shape against the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .data import Scaler
+from .nets import Discriminator, Generator, TargetClassifier
+from .train import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHT_FILES = {
+    "generator": "generator.safetensors",
+    "discriminator": "discriminator.safetensors",
+    "target_model": "target_model.safetensors",
+}
+DEFAULT_MODELS_DIR = "models"
+
+
+def models_dir(path: str | Path | None = None) -> Path:
+    """The bundle folder: ``path``, else ``$TSPG_MODELS_DIR``, else ``./models``."""
+    return Path(path or os.environ.get("TSPG_MODELS_DIR") or DEFAULT_MODELS_DIR)
+
+
+@dataclass
+class Bundle:
+    """A trained TSPG generator with its target model, discriminator and metadata."""
+
+    manifest: dict
+    generator: Generator
+    discriminator: Discriminator
+    target_model: TargetClassifier
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def genes(self) -> list[str]:
+        return self.manifest["genes"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def target_index(self) -> int:
+        return self.classes.index(self.target)
+
+    @property
+    def label_key(self) -> str:
+        return self.manifest["label_key"]
+
+    @property
+    def scaler(self) -> Scaler:
+        s = self.manifest["scaler"]
+        return Scaler(np.asarray(s["minimum"], np.float32), np.asarray(s["range"], np.float32))
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.manifest["config"])
+
+    @property
+    def split(self) -> dict[str, list[str]]:
+        return self.manifest["split"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {
+            "name": m["name"],
+            "dataset": m["dataset"]["name"],
+            "gene set": m["gene_set"]["name"],
+            "target": m["target"],
+            "genes": len(m["genes"]),
+            "classes": len(m["classes"]),
+            "recipe": m["config"].get("recipe", ""),
+            "target model accuracy": m.get("metrics", {}).get("target_model_accuracy"),
+            "perturbation accuracy (non-target)": m.get("metrics", {}).get("perturbation_accuracy_non_target"),
+            "created": m["created"],
+        }
+
+
+def new_manifest(**fields) -> dict:
+    """A manifest with format version, timestamps and versions filled in."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tspg_version": __version__,
+        "torch_version": torch.__version__,
+        **fields,
+    }
+
+
+def slug(text: str) -> str:
+    """A safe folder name from free text: ``CD14+ Monocyte`` -> ``cd14-monocyte``."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s or "bundle"
+
+
+def check_name(name: str) -> str:
+    """A bundle name is one plain folder name: no path separators, no leading dot."""
+    if not name or name != Path(name).name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ValueError(f"invalid bundle name {name!r}: use letters, digits, '-', '_' and '+'")
+    return name
+
+
+def save_bundle(bundle: Bundle, out_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Write ``bundle`` to ``out_dir/<name>`` atomically (temporary folder, then rename)."""
+    root = models_dir(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / check_name(bundle.name)
+    if final.exists() and not overwrite:
+        raise ValueError(f"{final}: a bundle of that name exists; pass --overwrite or choose --name")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.", dir=root))
+    try:
+        for key, fname in WEIGHT_FILES.items():
+            module = getattr(bundle, key)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            save_file(tensors, str(tmp / fname))
+        (tmp / "manifest.json").write_text(json.dumps(bundle.manifest, indent=1, default=_json_default))
+        if final.exists():
+            old = root / f".{bundle.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bundle.path = final
+    return final
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot store {type(o).__name__} in a manifest")
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read and check a bundle's manifest.json."""
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.exists():
+        raise ValueError(f"{path}: not a bundle (no manifest.json)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{mf}: not valid JSON ({err.msg}, line {err.lineno})") from err
+    required = ["format_version", "name", "genes", "classes", "target", "label_key", "scaler", "config", "split"]
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise ValueError(f"{mf}: missing field(s) {', '.join(missing)}")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{mf}: format version {manifest['format_version']} is newer than this tspg reads ({FORMAT_VERSION})")
+    if manifest["target"] not in manifest["classes"]:
+        raise ValueError(f"{mf}: target {manifest['target']!r} is not one of the classes")
+    n = len(manifest["genes"])
+    if len(manifest["scaler"]["minimum"]) != n or len(manifest["scaler"]["range"]) != n:
+        raise ValueError(f"{mf}: scaler has the wrong length for {n} genes")
+    return manifest
+
+
+def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Bundle:
+    """Load a bundle folder (safetensors only; nothing is unpickled)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    cfg = TrainConfig.from_dict(manifest["config"])
+    n_genes, n_classes = len(manifest["genes"]), len(manifest["classes"])
+    modules = {
+        "generator": Generator(n_genes, encoder=cfg.gen_encoder, n_residual=cfg.gen_residual, decoder=cfg.gen_decoder),
+        "discriminator": Discriminator(n_genes, hidden=cfg.disc_hidden),
+        "target_model": TargetClassifier(n_genes, n_classes, hidden=cfg.target_hidden),
+    }
+    for key, module in modules.items():
+        file = path / WEIGHT_FILES[key]
+        if not file.exists():
+            raise ValueError(f"{path}: missing {WEIGHT_FILES[key]}")
+        try:
+            tensors = load_file(str(file))
+        except Exception as err:
+            raise ValueError(f"{file}: unreadable weights ({err})") from err
+        expected = module.state_dict()
+        for k, v in expected.items():
+            if k not in tensors:
+                raise ValueError(f"{file}: tensor {k!r} is missing")
+            if tuple(tensors[k].shape) != tuple(v.shape):
+                raise ValueError(f"{file}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the manifest implies {tuple(v.shape)}")
+        extra = set(tensors) - set(expected)
+        if extra:
+            raise ValueError(f"{file}: unexpected tensor(s) {sorted(extra)[:3]}")
+        module.load_state_dict(tensors)
+        module.to(device).eval()
+    return Bundle(manifest, modules["generator"], modules["discriminator"], modules["target_model"], path)
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """One folder of the models directory: its manifest, or why it cannot be read."""
+
+    name: str
+    path: Path
+    manifest: dict | None
+    error: str | None = None
+
+
+def list_bundles(root: str | Path | None = None) -> list[BundleEntry]:
+    """Every bundle folder under ``root`` (sorted by name); unreadable ones carry ``error``."""
+    root = models_dir(root)
+    if not root.is_dir():
+        return []
+    entries = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        try:
+            manifest = read_manifest(p)
+            missing = [f for f in WEIGHT_FILES.values() if not (p / f).exists()]
+            if missing:
+                raise ValueError(f"{p}: missing {', '.join(missing)}")
+            entries.append(BundleEntry(p.name, p, manifest))
+        except (ValueError, KeyError, TypeError) as err:
+            entries.append(BundleEntry(p.name, p, None, str(err)))
+    return entries
+
+
+def resolve_bundle(name: str, root: str | Path | None = None, *, allow_path: bool = False) -> Path:
+    """The folder of bundle ``name`` inside ``root``; a name can never reach outside it.
+
+    With ``allow_path`` (the command line), ``name`` may also be a path to a bundle folder.
+    """
+    root = models_dir(root).resolve()
+    candidate = Path(name)
+    if allow_path and candidate.is_dir() and (candidate / "manifest.json").exists():
+        return candidate
+    check_name(name)
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise ValueError(f"invalid bundle name {name!r}")
+    if not path.is_dir():
+        raise ValueError(f"no bundle {name!r} in {root}")
+    return path

@@ -1,0 +1,120 @@
+"""Gene sets: GMT and the reference implementation's list format; filtering to a GEM's genes."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+
+def read_gene_sets(path: str | Path) -> dict[str, list[str]]:
+    """Read gene sets from a GMT file or the reference implementation's list file.
+
+    GMT (``.gmt``): one set per line, tab-separated: name, description, genes.
+    List (any other suffix): one set per line: name, then genes, separated by tabs,
+    spaces or commas. Lines starting with ``#`` and blank lines are skipped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: gene-set file not found")
+    is_gmt = path.suffix.lower() == ".gmt"
+    sets: dict[str, list[str]] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.rstrip("\n").split("\t") if is_gmt else re.split(r"[\s,]+", line.strip())
+        genes = [g.strip() for g in fields[2 if is_gmt else 1 :] if g.strip()]
+        name = fields[0].strip()
+        if not name or not genes:
+            raise ValueError(f"{path}, line {lineno}: expected a name followed by genes")
+        if name in sets:
+            raise ValueError(f"{path}, line {lineno}: gene set {name!r} appears twice")
+        sets[name] = list(dict.fromkeys(genes))
+    if not sets:
+        raise ValueError(f"{path}: no gene sets found")
+    return sets
+
+
+def write_gmt(sets: dict[str, list[str]], path: str | Path, *, description: str = "tspg") -> Path:
+    """Write gene sets as GMT."""
+    path = Path(path)
+    path.write_text("".join(f"{name}\t{description}\t" + "\t".join(genes) + "\n" for name, genes in sets.items()))
+    return path
+
+
+def read_gene_list(path: str | Path) -> list[str]:
+    """Read genes, one per line (or separated by tabs, spaces or commas)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: gene list not found")
+    genes = [g for line in path.read_text().splitlines() if not line.startswith("#") for g in re.split(r"[\s,]+", line.strip()) if g]
+    if not genes:
+        raise ValueError(f"{path}: no genes found")
+    return list(dict.fromkeys(genes))
+
+
+@dataclass(frozen=True)
+class GeneSelection:
+    """The genes a model is trained on, and where they came from."""
+
+    name: str
+    genes: list[str]
+    n_requested: int
+    missing: list[str]
+    source: str | None = None
+
+    def summary(self) -> str:
+        if self.n_requested == len(self.genes) and not self.missing:
+            return f"gene set {self.name!r}: {len(self.genes)} genes"
+        return f"gene set {self.name!r}: {len(self.genes)} of {self.n_requested} genes present ({len(self.missing)} missing from the GEM)"
+
+
+def select_genes(
+    gem_genes, *, gene_set: str | None = None, genes_file: str | Path | None = None
+) -> GeneSelection:
+    """Choose the genes to train on.
+
+    Parameters
+    ----------
+    gem_genes
+        The GEM's genes (``adata.var_names``), whose order is kept.
+    gene_set
+        ``FILE:NAME`` (one set of a GMT or list file) or ``FILE`` holding a single set.
+    genes_file
+        A plain list of genes.
+
+    With neither, all genes are used. Genes absent from the GEM are dropped and counted;
+    no gene present is an error.
+    """
+    gem_genes = pd.Index(gem_genes)
+    if gene_set and genes_file:
+        raise ValueError("give either a gene set or a gene list, not both")
+    if not gene_set and not genes_file:
+        return GeneSelection("all", list(gem_genes), len(gem_genes), [])
+    if genes_file:
+        wanted, name, source = read_gene_list(genes_file), Path(genes_file).stem, str(genes_file)
+    else:
+        file, _, name = str(gene_set).partition(":")
+        if Path(gene_set).exists():  # a path that itself contains ':'
+            file, name = str(gene_set), ""
+        sets = read_gene_sets(file)
+        if not name:
+            if len(sets) != 1:
+                raise ValueError(f"{file}: holds {len(sets)} gene sets; pick one as {file}:NAME")
+            name = next(iter(sets))
+        if name not in sets:
+            raise ValueError(f"{file}: no gene set {name!r} (sets: {', '.join(list(sets)[:10])})")
+        wanted, source = sets[name], file
+    present = set(wanted) & set(gem_genes)
+    missing = [g for g in wanted if g not in present]
+    if not present:
+        raise ValueError(f"{source}: none of the {len(wanted)} genes of {name!r} are in the GEM")
+    genes = [g for g in gem_genes if g in present]
+    if missing:
+        logger.warning("%s: %d of %d genes of %r are not in the GEM", source, len(missing), len(wanted), name)
+    return GeneSelection(name, genes, len(wanted), missing, source)

@@ -1,0 +1,417 @@
+"""Training: the target model f, then the generator G against f and the discriminator D.
+
+The loop is quiet: it reports each epoch through ``callback(epoch, n_epochs, losses)``;
+the CLI passes a tqdm bar, the app passes ``st.progress``. Every random step draws from
+generators seeded by ``TrainConfig.seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .nets import Discriminator, Generator, TargetClassifier
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[[int, int, dict[str, float]], None]
+RECIPES = ("tspg+", "paper")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyper-parameter of a run; saved in the bundle so the run can be rebuilt.
+
+    Defaults are the ``tspg+`` recipe; ``TrainConfig.for_recipe("paper")`` gives the
+    paper's (Targonski et al. 2019) exactly. See the README for why they differ.
+    """
+
+    recipe: str = "tspg+"
+    seed: int = 0
+    test_size: float = 0.2  # share of each class held out from every model
+    # target model f
+    target_epochs: int = 30
+    target_lr: float = 1e-3
+    target_hidden: tuple[int, ...] = (1024, 512, 128)
+    # generator G and discriminator D
+    epochs: int = 150
+    batch_size: int = 128
+    g_lr: float = 2e-4
+    d_lr: float = 1e-4
+    gen_encoder: tuple[int, ...] = (512, 256, 128)
+    gen_residual: int = 3
+    gen_decoder: tuple[int, ...] = (256, 512)
+    disc_hidden: tuple[int, ...] = (512, 256, 128)
+    # generator loss L = w_gan L_gan + w_adv L_adv + w_norm L_norm + w_td L_td + w_ed L_ed
+    w_gan: float = 1.0
+    w_adv: float = 1.0
+    w_norm: float = 0.0
+    w_td: float = 0.0
+    w_ed: float = 10.0
+    kappa: float = 0.0  # Carlini-Wagner confidence margin
+    adv_space: Literal["logits", "probs"] = "logits"  # where the C-W margin is taken
+    adv_reduce: Literal["mean", "sum"] = "mean"  # over the batch
+    norm_form: Literal["sample", "batch"] = "sample"  # mean ||P_i||_2, or ||P_batch||_2 + 1
+    covariance: Literal["auto", "full", "diagonal", "lowrank"] = "auto"  # of r_t in L_td
+    cov_rank: int = 64  # rank for covariance="lowrank"
+    disc_real: Literal["target", "all"] = "target"  # what D is shown as real
+    train_on: Literal["non-target", "all"] = "non-target"  # samples G learns to perturb
+
+    @classmethod
+    def for_recipe(cls, recipe: str = "tspg+", **overrides) -> TrainConfig:
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        base = cls(**PAPER) if recipe == "paper" else cls()
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        return cls(**kw)
+
+
+# The paper's recipe, as the reference implementation computes it (DESIGN.md).
+PAPER = dict(
+    recipe="paper", w_gan=1.0, w_adv=1.0, w_norm=1.0, w_td=1.0, w_ed=0.0, kappa=0.0,
+    adv_space="probs", adv_reduce="sum", norm_form="batch", covariance="full",
+    disc_real="all", train_on="all",
+)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available on this machine")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: Apple MPS is not available on this machine")
+    if device not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@dataclass
+class GeneratorLoss:
+    """The generator's loss and its named parts (each already weighted in ``total``)."""
+
+    total: torch.Tensor
+    gan: torch.Tensor
+    adv: torch.Tensor
+    norm: torch.Tensor
+    td: torch.Tensor
+    ed: torch.Tensor
+
+    def floats(self) -> dict[str, float]:
+        return {k: float(v.detach()) for k, v in vars(self).items()}
+
+
+def lsgan_generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """Least-squares GAN: push D(x_adv) to 1."""
+    return ((d_fake - 1.0) ** 2).mean()
+
+
+def lsgan_discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """Least-squares GAN for D: real -> 1, fake -> 0."""
+    return ((d_real - 1.0) ** 2).mean() + (d_fake**2).mean()
+
+
+def cw_loss(
+    out: torch.Tensor, target: int, *, kappa: float = 0.0, reduce: str = "mean"
+) -> torch.Tensor:
+    """Carlini-Wagner margin: max(max_{i != t} out_i - out_t, -kappa), per sample, reduced.
+
+    ``out`` is (batch, n_classes): logits, or softmax probabilities for the paper's recipe.
+    """
+    other = out.clone()
+    other[:, target] = -math.inf
+    margin = torch.clamp(other.max(dim=1).values - out[:, target], min=-kappa)
+    return margin.sum() if reduce == "sum" else margin.mean()
+
+
+def norm_loss(P: torch.Tensor, *, form: str = "sample") -> torch.Tensor:
+    """``sample``: mean over samples of ||P_i||_2; ``batch`` (paper): ||P||_2 of the batch + 1."""
+    if form == "batch":
+        return torch.linalg.vector_norm(P) + 1.0
+    return torch.linalg.vector_norm(P, dim=1).mean()
+
+
+def td_loss(x_adv: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error between x_adv and a draw r_t of the target distribution."""
+    return (x_adv - r).abs().mean()
+
+
+def pairwise_distances(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Euclidean distances (m, k) with a gradient that stays finite at zero distance."""
+    sq = (a * a).sum(1, keepdim=True) - 2.0 * a @ b.T + (b * b).sum(1)
+    return torch.sqrt(sq.clamp_min(0.0) + eps)
+
+
+def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """E-distance 2 E d(A,B) - E d(A,A') - E d(B,B') (V-statistic), Euclidean."""
+    return 2 * pairwise_distances(a, b).mean() - pairwise_distances(a, a).mean() - pairwise_distances(b, b).mean()
+
+
+# ----------------------------------------------------------------------------- target draws
+
+
+class TargetSampler:
+    """Draws r_t ~ N(mu_t, Sigma_t), clipped to [0, 1], for L_td.
+
+    ``full`` uses the exact empirical covariance without forming it: r = mu + A^T z with
+    A = (X_t - mu) / sqrt(n_t - 1) and z ~ N(0, I_{n_t}); memory O(n_t * n_genes). ``lowrank``
+    keeps the top ``rank`` directions of A plus each gene's remaining variance, for very large
+    target classes. ``diagonal`` keeps per-gene variances only. ``auto`` takes ``full`` while
+    A fits in 256 MB, ``lowrank`` beyond.
+    """
+
+    def __init__(self, X_t: torch.Tensor, *, covariance: str = "auto", rank: int = 64, generator: torch.Generator):
+        n_t, n = X_t.shape
+        self.mu = X_t.mean(0)
+        A = (X_t - self.mu) / math.sqrt(max(n_t - 1, 1))
+        if covariance == "auto":
+            covariance = "full" if n_t * n * 4 <= 256 * 2**20 else "lowrank"
+        self.kind = covariance
+        self.generator = generator
+        self.A = self.V = self.resid_sd = self.sd = None
+        if covariance == "full":
+            self.A = A  # (n_t, n)
+        elif covariance == "diagonal":
+            self.sd = A.pow(2).sum(0).sqrt()  # (n,)
+        elif covariance == "lowrank":
+            k = min(rank, n_t, n)
+            if n_t * n <= 4e7:
+                _, S, Vh = torch.linalg.svd(A, full_matrices=False)
+                S, Vt = S[:k], Vh[:k]
+            else:
+                _, S, V = torch.svd_lowrank(A, q=k)
+                Vt = V.T
+            self.V = S[:, None] * Vt  # (k, n)
+            var = A.pow(2).sum(0) - self.V.pow(2).sum(0)
+            self.resid_sd = var.clamp_min(0).sqrt()
+        else:
+            raise ValueError(f"unknown covariance {covariance!r}; use auto, full, diagonal or lowrank")
+
+    def describe(self) -> str:
+        return {
+            "full": "full empirical covariance (exact, never formed as n x n)",
+            "diagonal": "diagonal covariance",
+            "lowrank": "low-rank covariance plus per-gene residual variance (memory-safe)",
+        }[self.kind]
+
+    def sample(self, m: int) -> torch.Tensor:
+        dev = self.mu.device
+
+        def z(*shape):
+            return torch.randn(*shape, generator=self.generator).to(dev)
+
+        if self.kind == "full":
+            r = self.mu + z(m, self.A.shape[0]) @ self.A
+        elif self.kind == "diagonal":
+            r = self.mu + z(m, self.mu.shape[0]) * self.sd
+        else:
+            r = self.mu + z(m, self.V.shape[0]) @ self.V + z(m, self.mu.shape[0]) * self.resid_sd
+        return r.clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    order = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        if len(idx) >= 2:  # BatchNorm needs two samples in training mode
+            yield idx
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+def fit_target(
+    X: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    config: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    callback: Callback | None = None,
+) -> TargetClassifier:
+    """Train the target model f on scaled training data; returns it in eval mode."""
+    device = torch.device(device)
+    gen = seed_everything(config.seed)
+    f = TargetClassifier(X.shape[1], n_classes, hidden=config.target_hidden).to(device)
+    opt = torch.optim.Adam(f.parameters(), lr=config.target_lr)
+    Xt, yt = torch.from_numpy(X).to(device), torch.from_numpy(y.astype(np.int64)).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(config.target_epochs):
+        f.train()
+        total, count = 0.0, 0
+        for idx in _batches(len(Xt), config.batch_size, gen):
+            idx = idx.to(device)
+            loss = loss_fn(f(Xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        if callback:
+            callback(epoch + 1, config.target_epochs, {"target_loss": total / max(count, 1)})
+    return f.eval()
+
+
+@dataclass
+class GeneratorFit:
+    generator: Generator
+    discriminator: Discriminator
+    history: dict[str, list[float]] = field(default_factory=dict)
+    covariance: str = ""
+    seconds: float = 0.0
+
+
+def fit_generator(
+    X: np.ndarray,
+    y: np.ndarray,
+    target: int,
+    target_model: TargetClassifier,
+    config: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    callback: Callback | None = None,
+) -> GeneratorFit:
+    """Train G (and D) to move scaled training samples ``X`` into class ``target`` of ``f``.
+
+    Each step first updates D on real samples and x_adv (G in inference mode), then G,
+    as the paper states.
+    """
+    device = torch.device(device)
+    gen = seed_everything(config.seed + 1)
+    n_genes = X.shape[1]
+    G = Generator(n_genes, encoder=config.gen_encoder, n_residual=config.gen_residual, decoder=config.gen_decoder).to(device)
+    D = Discriminator(n_genes, hidden=config.disc_hidden).to(device)
+    f = target_model.to(device).eval()
+    for p in f.parameters():
+        p.requires_grad_(False)
+    opt_g = torch.optim.Adam(G.parameters(), lr=config.g_lr)
+    opt_d = torch.optim.Adam(D.parameters(), lr=config.d_lr)
+
+    Xall = torch.from_numpy(X).to(device)
+    is_target = torch.from_numpy(y == target).to(device)
+    X_t = Xall[is_target]
+    if len(X_t) < 2:
+        raise ValueError(f"the target class has {len(X_t)} training samples; at least 2 are needed")
+    X_src = Xall[~is_target] if config.train_on == "non-target" else Xall
+    sampler = TargetSampler(X_t, covariance=config.covariance, rank=config.cov_rank, generator=gen)
+    logger.info("L_td draws from the %s", sampler.describe())
+
+    history: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for idx in _batches(len(X_src), config.batch_size, gen):
+            x = X_src[idx.to(device)]  # (batch, n_genes)
+            m = len(x)
+            real = x if config.disc_real == "all" else X_t[torch.randint(len(X_t), (m,), generator=gen).to(device)]
+
+            # 1. discriminator: real -> 1, x_adv (from G in inference mode) -> 0
+            G.eval()
+            with torch.no_grad():
+                x_fake = (x + G(x)).clamp(0.0, 1.0)
+            G.train()
+            d_loss = lsgan_discriminator_loss(D(real), D(x_fake))
+            opt_d.zero_grad()
+            d_loss.backward()
+            opt_d.step()
+
+            # 2. generator
+            P = G(x)
+            x_adv = (x + P).clamp(0.0, 1.0)
+            loss = generator_loss(x_adv, P, f, D, target, config, sampler=sampler, X_t=X_t, generator=gen)
+            opt_g.zero_grad()
+            loss.total.backward()
+            opt_g.step()
+
+            for k, v in {**loss.floats(), "d_loss": d_loss.item()}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_steps += 1
+        epoch_losses = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        for k, v in epoch_losses.items():
+            history.setdefault(k, []).append(v)
+        if callback:
+            callback(epoch + 1, config.epochs, epoch_losses)
+    G.eval()
+    D.eval()
+    return GeneratorFit(G, D, history, sampler.kind, time.perf_counter() - start)
+
+
+def generator_loss(
+    x_adv: torch.Tensor,
+    P: torch.Tensor,
+    f: nn.Module,
+    D: nn.Module,
+    target: int,
+    config: TrainConfig,
+    *,
+    sampler: TargetSampler,
+    X_t: torch.Tensor,
+    generator: torch.Generator,
+) -> GeneratorLoss:
+    """L = w_gan L_gan + w_adv L_adv + w_norm L_norm + w_td L_td + w_ed L_ed (terms with weight 0 are skipped)."""
+    zero = x_adv.new_zeros(())
+    m = len(x_adv)
+    gan = lsgan_generator_loss(D(x_adv)) if config.w_gan else zero
+    out = f(x_adv)
+    if config.adv_space == "probs":
+        out = torch.softmax(out, dim=1)
+    adv = cw_loss(out, target, kappa=config.kappa, reduce=config.adv_reduce) if config.w_adv else zero
+    norm = norm_loss(P, form=config.norm_form) if config.w_norm else zero
+    td = td_loss(x_adv, sampler.sample(m)) if config.w_td else zero
+    if config.w_ed:
+        ref = X_t[torch.randint(len(X_t), (min(m, len(X_t)),), generator=generator).to(X_t.device)]
+        ed = energy_distance(x_adv, ref)
+    else:
+        ed = zero
+    total = config.w_gan * gan + config.w_adv * adv + config.w_norm * norm + config.w_td * td + config.w_ed * ed
+    return GeneratorLoss(total, gan, adv, norm, td, ed)
+
+
+@torch.no_grad()
+def generate(G: Generator, X: np.ndarray, *, device: torch.device | str = "cpu", batch_size: int = 4096) -> np.ndarray:
+    """P = G(x) in inference mode for scaled ``X``; restores G's previous mode."""
+    was_training = G.training
+    G.eval()
+    out = [G(torch.from_numpy(X[i : i + batch_size]).to(device)).cpu().numpy() for i in range(0, len(X), batch_size)]
+    G.train(was_training)
+    return np.concatenate(out) if out else np.zeros_like(X)
+
+
+@torch.no_grad()
+def predict_proba(f: TargetClassifier, X: np.ndarray, *, device: torch.device | str = "cpu", batch_size: int = 4096) -> np.ndarray:
+    """Softmax probabilities of the target model for scaled ``X``."""
+    was_training = f.training
+    f.eval()
+    out = [torch.softmax(f(torch.from_numpy(X[i : i + batch_size]).to(device)), 1).cpu().numpy() for i in range(0, len(X), batch_size)]
+    f.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
