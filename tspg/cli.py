@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import fields
@@ -31,6 +32,7 @@ CONFIG_HELP = {
     "w_norm": "weight of the L2 norm of P",
     "w_td": "weight of the L1 distance to a draw of the target distribution",
     "w_ed": "weight of the energy distance between x_adv and real target samples",
+    "ed_repulsion": "weight of the x_adv-to-x_adv term inside the energy distance (<1 draws x_adv to the target's core)",
     "kappa": "Carlini-Wagner confidence margin",
     "adv_space": "take the Carlini-Wagner margin on logits or softmax probabilities",
     "adv_reduce": "average or sum the Carlini-Wagner loss over the batch",
@@ -211,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", formatter_class=_Formatter, help="list the bundles in the models folder")
     ls.add_argument("--out", default=None, help="models folder (default: $TSPG_MODELS_DIR or ./models)")
+    _add_analysis_parsers(sub)
+
+    app = sub.add_parser(
+        "app", formatter_class=_Formatter, help="open the dashboard (trains the demo generator first if there is no bundle)",
+        description="Start the TSPG Explorer dashboard (streamlit run streamlit_app.py). If the models folder holds no readable bundle, the demo generator is trained first (as tspg-train --demo).",
+    )
+    app.add_argument("--models", default=None, help="models folder (default: $TSPG_MODELS_DIR or ./models)")
+    app.add_argument("--port", type=int, default=8501, help="port the dashboard listens on")
+    app.add_argument("--demo-epochs", type=int, default=None, help="generator epochs of the demo, if it must be trained (default: the recipe's; target-model epochs are capped at this)")
+    app.add_argument("--headless", action="store_true", help="do not open a browser window")
     return p
 
 
@@ -257,7 +269,269 @@ def _list(args, parser) -> int:
     return 0
 
 
-COMMANDS = {"import": _import, "list": _list}
+def _find_app_script() -> Path:
+    """streamlit_app.py in the working folder, else next to the installed package's folder."""
+    for folder in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (folder / "streamlit_app.py").is_file() and (folder / "pages").is_dir():
+            return folder / "streamlit_app.py"
+    raise ValueError(
+        f"streamlit_app.py not found in {Path.cwd()} or beside the tspg package; "
+        "run `tspg app` from the TSPG Explorer folder (the one holding streamlit_app.py)"
+    )
+
+
+def _exec(cmd: list[str], env: dict) -> int:
+    """Replace this process with ``cmd`` (a separate function, so tests can intercept it)."""
+    if sys.platform == "win32":  # exec does not keep the console on Windows
+        import subprocess
+
+        return subprocess.call(cmd, env=env)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def _app(args, parser) -> int:
+    from .bundle import list_bundles, models_dir
+
+    if args.demo_epochs is not None and args.demo_epochs < 1:
+        parser.error("--demo-epochs must be at least 1")
+    if not 0 < args.port < 65536:
+        parser.error("--port must be between 1 and 65535")
+    script = _find_app_script()
+    root = models_dir(args.models).resolve()
+    entries = list_bundles(root)
+    if not any(e.error is None for e in entries):
+        print(f"no readable bundle in {root}: training the demo generator first", file=sys.stderr)
+        train_argv = ["--demo", "--out", str(root), "--overwrite"]
+        if args.demo_epochs:
+            from .train import TrainConfig
+
+            target_epochs = min(TrainConfig().target_epochs, args.demo_epochs)
+            train_argv += ["--epochs", str(args.demo_epochs), "--target-epochs", str(target_epochs)]
+        code = _run_train(build_train_parser("tspg app"), train_argv)
+        if code:
+            return code
+    env = dict(os.environ, TSPG_MODELS_DIR=str(root))
+    if args.demo_epochs:
+        env["TSPG_DEMO_EPOCHS"] = str(args.demo_epochs)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(args.port)]
+    if args.headless:
+        cmd += ["--server.headless", "true"]
+    logger.info("starting the dashboard: %s (models: %s)", " ".join(cmd), root)
+    return _exec(cmd, env)
+
+
+# ----------------------------------------------------------------------------- perturb, evaluate, enrich
+
+
+def _add_analysis_parsers(sub) -> None:
+    """``tspg perturb``, ``tspg evaluate`` and ``tspg enrich``."""
+    models_help = "models folder (default: $TSPG_MODELS_DIR or ./models)"
+    bundle_help = "bundle name in the models folder, or the path of a bundle folder"
+
+    pt = sub.add_parser(
+        "perturb", formatter_class=_Formatter, help="perturb every sample of a GEM towards a bundle's target",
+        description="Perturb a GEM with a bundle (genes matched by name, scaled with the bundle's scaler) and write "
+        "x, P, x_adv, the target model's predictions and each sample's top genes.",
+        epilog="examples:\n  tspg perturb pbmc68k-reduced-cd14-monocyte new_cells.h5ad -o perturbed.h5ad\n"
+        "  tspg perturb my-bundle gem.tsv --labels labels.txt --csv -o perturbed/",
+    )
+    pt.add_argument("bundle", help=bundle_help)
+    _add_data_args(pt)
+    pt.add_argument("-o", "--output", required=True, help="output .h5ad (with --csv: a folder)")
+    pt.add_argument("--k", type=int, default=20, help="top genes per direction and sample")
+    pt.add_argument("--csv", action="store_true", help="write CSV files into the --output folder instead: perturbation.csv (P), perturbed.csv (x_adv), predictions.csv, top_genes.csv, consensus.csv")
+    pt.add_argument("--models", default=None, help=models_help)
+
+    ev = sub.add_parser(
+        "evaluate", formatter_class=_Formatter, help="perturbation accuracy and realism metrics of a bundle",
+        description="Evaluate a bundle on the held-out split of its own dataset: perturbation accuracy (overall, "
+        "non-target, per source class), independent classifiers, energy distance and spread against real target "
+        "samples, discriminator scores, next to the mean-shift baseline; consensus top genes and their overlap "
+        "with differential expression. DATA may be omitted for the demo.",
+    )
+    ev.add_argument("bundle", help=bundle_help)
+    _add_data_args(ev, data_required=False)
+    ev.add_argument("--json", help="also write every metric to this JSON file")
+    ev.add_argument("--k", type=int, default=20, help="top genes per direction")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the one-sample-per-class choice")
+    ev.add_argument("--models", default=None, help=models_help)
+
+    en = sub.add_parser(
+        "enrich", formatter_class=_Formatter, help="functional enrichment of a bundle's consensus top genes",
+        description="Profile the consensus top-k up and down genes of chosen samples (default: the held-out "
+        "non-target samples of the bundle's dataset) with Enrichr, or offline with GMT gene sets and the bundle's "
+        "genes as background. DATA may be omitted for the demo.",
+    )
+    en.add_argument("bundle", help=bundle_help)
+    _add_data_args(en, data_required=False)
+    en.add_argument("-o", "--output", required=True, help="output CSV (one row per direction and term)")
+    en.add_argument("--samples", nargs="+", metavar="ID", help="sample ids whose consensus top genes to profile")
+    en.add_argument("--direction", choices=["up", "down", "both"], default="both", help="which top genes")
+    en.add_argument("--k", type=int, default=20, help="consensus top genes per direction")
+    en.add_argument("--libraries", nargs="+", metavar="NAME", help="Enrichr libraries (default: tspg.enrichment.DEFAULT_LIBRARIES)")
+    en.add_argument("--gmt", nargs="+", metavar="FILE", default=[], help="GMT files for the offline backend (besides the bundled blood-cell markers)")
+    en.add_argument("--offline", action="store_true", help="never contact Enrichr: hypergeometric test against GMT gene sets")
+    en.add_argument("--threshold", type=float, default=1e-4, help="q-value below which a term counts as significant")
+    en.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Enrichr before answering offline")
+    en.add_argument("--models", default=None, help=models_help)
+
+
+def _load_cli_bundle(args):
+    from .bundle import load_bundle, resolve_bundle
+
+    return load_bundle(resolve_bundle(args.bundle, args.models, allow_path=True))
+
+
+def _cli_data(args, bundle, *, own: bool):
+    """(AnnData, label key or None) from DATA; with ``own``, the bundle's dataset when DATA is omitted."""
+    from .datasets import load_bundle_dataset
+
+    if args.labels and not args.label_key:
+        args.label_key = bundle.label_key  # labels from a file are stored under the bundle's key
+    if args.data is None:
+        adata = load_bundle_dataset(bundle)
+    else:
+        adata = _read_data(args)
+        if own:
+            adata = load_bundle_dataset(bundle, adata)
+    key = args.label_key or bundle.label_key
+    return adata, key if key in adata.obs else None
+
+
+def _check_k(parser, k: int) -> None:
+    if k < 1:
+        parser.error("--k must be at least 1")
+
+
+def _perturb(args, parser) -> int:
+    import pandas as pd
+
+    from .data import write_gem
+    from .metrics import perturbation_accuracy_table
+    from .perturb import consensus, perturb, perturb_adata, top_genes_df
+
+    _check_k(parser, args.k)
+    bundle = _load_cli_bundle(args)
+    adata, label_key = _cli_data(args, bundle, own=False)
+    out = Path(args.output)
+    if args.csv:
+        result = perturb_adata(bundle, adata, label_key=label_key, source=str(args.data))
+        out.mkdir(parents=True, exist_ok=True)
+        index = pd.Index(result.samples, name="sample")
+        pd.DataFrame(result.P, index=index, columns=bundle.genes).to_csv(out / "perturbation.csv", float_format="%.6g")
+        pd.DataFrame(result.x_adv, index=index, columns=bundle.genes).to_csv(out / "perturbed.csv", float_format="%.6g")
+        result.predictions_df().to_csv(out / "predictions.csv")
+        top_genes_df(result, k=args.k).to_csv(out / "top_genes.csv", index=False)
+        sources = result.labels != bundle.target if result.labels is not None else None
+        P = result.P[sources] if sources is not None and sources.any() else result.P
+        consensus(P, bundle.genes, k=args.k).to_csv(out / "consensus.csv", index=False)
+        pred_after, labels = result.pred_after, result.labels
+        print(f"wrote {out}/: perturbation.csv, perturbed.csv, predictions.csv, top_genes.csv, consensus.csv")
+    else:
+        if out.suffix.lower() != ".h5ad":
+            parser.error("--output must end in .h5ad (or add --csv to write a folder of CSV files)")
+        result = perturb(adata, bundle, label_key=label_key, k=args.k, copy=True)
+        write_gem(result, out)
+        pred_after = result.obs["tspg_pred_after"].astype(str).to_numpy()
+        labels = result.obs[label_key].astype(str).to_numpy() if label_key else None
+        print(f"wrote {out}: layers tspg_x, tspg_perturbation, tspg_perturbed; obs tspg_pred_before/after; uns['tspg'] (top genes, consensus)")
+    n_target = int((pred_after == bundle.target).sum())
+    print(f"{len(pred_after)} samples x {len(bundle.genes)} genes perturbed towards {bundle.target!r}: {n_target} now predicted {bundle.target!r}")
+    if labels is not None and (labels != bundle.target).any():
+        table = perturbation_accuracy_table(pred_after, labels, bundle.target)
+        print("perturbation accuracy by source class:")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _evaluate(args, parser) -> int:
+    import json
+
+    from .metrics import evaluate, evaluation_table
+
+    _check_k(parser, args.k)
+    bundle = _load_cli_bundle(args)
+    adata, label_key = _cli_data(args, bundle, own=True)
+    if label_key is None:
+        raise ValueError(f"data: no label column {args.label_key or bundle.label_key!r} in obs; give --label-key (or --labels)")
+    result = evaluate(bundle, adata, label_key=label_key, k=args.k, seed=args.seed)
+    b = result["bundle"]
+    print(f"bundle {b['name']}: target {b['target']!r}, {b['genes']} genes, {b['classes']} classes, dataset {b['dataset']}")
+    section = None
+    for row in evaluation_table(result).itertuples(index=False):
+        if row.section != section:
+            section = row.section
+            print(f"\n{section}")
+        value = row.value
+        text = "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"  {row.metric:<62} {text}")
+    tg = result["top_genes"]
+    print(f"\nconsensus top-{tg['k']} up genes (held-out non-target samples): {', '.join(tg['consensus_up'])}")
+    print(f"consensus top-{tg['k']} down genes: {', '.join(tg['consensus_down'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _enrich(args, parser) -> int:
+    import numpy as np
+
+    from .enrichment import EnrichrError, enrich_directions
+    from .perturb import consensus_top, perturb_adata
+
+    _check_k(parser, args.k)
+    bundle = _load_cli_bundle(args)
+    adata, label_key = _cli_data(args, bundle, own=True)
+    if args.samples:
+        missing = [s for s in args.samples if s not in adata.obs_names]
+        if missing:
+            raise ValueError(f"data: sample(s) not found: {', '.join(missing[:5])}")
+        ids, what = list(args.samples), f"{len(args.samples)} chosen samples"
+    else:
+        ids = [s for s in bundle.split["test"] if s in adata.obs_names]
+        what = "held-out"
+        if not ids:
+            ids, what = list(adata.obs_names), "all"
+        if label_key:
+            labels = adata[ids].obs[label_key].astype(str).to_numpy()
+            ids = list(np.asarray(ids, dtype=object)[labels != bundle.target])
+            what += " non-target samples"
+        else:
+            what += " samples"
+        if not ids:
+            raise ValueError("no samples to profile: every selected sample is of the target class; give --samples")
+    result = perturb_adata(bundle, adata[ids], label_key=label_key)
+    lists = consensus_top(result.P, bundle.genes, k=args.k)
+    up = lists["up"] if args.direction in ("up", "both") else None
+    down = lists["down"] if args.direction in ("down", "both") else None
+    print(f"consensus top-{args.k} genes of {len(ids)} {what}, towards {bundle.target!r}")
+    for d, genes in (("up", up), ("down", down)):
+        if genes:
+            print(f"  {d}: {', '.join(genes)}")
+    try:
+        table = enrich_directions(
+            up, down, background=list(bundle.genes), libraries=args.libraries, gmt_files=args.gmt,
+            backend="offline" if args.offline else "auto", threshold=args.threshold, timeout=args.timeout,
+        )
+    except EnrichrError as err:
+        raise ValueError(f"enrichment failed: {err}") from err
+    out = Path(args.output)
+    table.to_csv(out, index=False)
+    for d, backend in table.attrs.get("backend", {}).items():
+        message = table.attrs.get("messages", {}).get(d, "")
+        print(f"{d}: backend {backend}" + (f" ({message})" if message else ""))
+    n_sig = int(table["significant"].sum()) if len(table) else 0
+    print(f"wrote {out}: {len(table)} terms, {n_sig} significant (q < {args.threshold:g})")
+    for d in ("up", "down"):
+        top = table[(table["direction"] == d) & table["significant"]].head(3) if len(table) else table
+        for r in top.itertuples(index=False):
+            print(f"  {d}: {r.library} / {r.term} (q={r.q:.2g}, {r.overlap})")
+    return 0
+
+
+COMMANDS = {"import": _import, "list": _list, "app": _app, "perturb": _perturb, "evaluate": _evaluate, "enrich": _enrich}
 
 if __name__ == "__main__":
     sys.exit(main())

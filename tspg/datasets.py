@@ -76,3 +76,42 @@ def write_reference_example(
         lines.append("\t".join([f"gene-set-{i:03d}", *rng.choice(genes, size=min(k, n_genes), replace=False)]))
     paths["genesets"].write_text("\n".join(lines) + "\n")
     return paths
+
+
+def load_bundle_dataset(bundle, data: ad.AnnData | str | Path | None = None, *, layer: str | None = None) -> ad.AnnData:
+    """The dataset a bundle was trained on, for evaluating it on its own held-out split.
+
+    Parameters
+    ----------
+    bundle
+        A :class:`tspg.bundle.Bundle`.
+    data
+        None: the bundle's own dataset when tspg can find it (the demo, ``pbmc68k_reduced``),
+        else an error asking for it. An AnnData or a GEM file (read with
+        :func:`tspg.data.read_gem`): checked against the fingerprint stored in the bundle;
+        a mismatch is logged as a warning (the data may still hold the split's samples).
+    layer
+        Layer whose values the bundle was trained on (default ``X``).
+    """
+    import logging
+
+    from .data import align_genes, fingerprint, read_gem
+
+    log = logging.getLogger(__name__)
+    info = bundle.manifest.get("dataset", {})
+    name = info.get("name")
+    if data is None:
+        if name == DEMO_NAME:
+            return demo()
+        raise ValueError(f"bundle {bundle.name!r} was trained on {name!r}: give that data file")
+    adata = read_gem(data) if isinstance(data, str | Path) else data
+    expected = info.get("fingerprint")
+    if expected:
+        try:
+            found = fingerprint(align_genes(adata, bundle.genes, layer=layer), bundle.genes, list(adata.obs_names))
+        except ValueError as err:  # genes missing: callers say so with their own message
+            log.warning("cannot check the dataset fingerprint: %s", err)
+        else:
+            if found != expected:
+                log.warning("this data differs from the data bundle %r was trained on (%s, fingerprint %s, found %s)", bundle.name, name, expected, found)
+    return adata

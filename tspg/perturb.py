@@ -1,28 +1,99 @@
-"""Perturbing data with a bundle: x -> P = G(x) -> x_adv = clip(x + P, 0, 1).
+"""Perturbing data with a bundle, and reading the perturbation: top genes and consensus.
 
-All three live in the bundle's scaled space ([0, 1] per gene, scaled with the minimum and
-range stored in the bundle).
+x -> P = G(x) -> x_adv = clip(x + P, 0, 1). All three live in the bundle's scaled space
+([0, 1] per gene, scaled with the minimum and range stored in the bundle).
+
+Top genes of a sample: its ``k`` genes with the most positive P ("up") and the ``k``
+genes with the most negative P ("down"). Ties are broken by the bundle's gene order.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import torch
 
 from .bundle import Bundle
 from .data import align_genes
-from .train import generate, predict_proba
 
 logger = logging.getLogger(__name__)
+
+DIRECTIONS = ("up", "down")
+_CHUNK = 2048  # rows per forward pass: bounds the activations' memory, costs nothing in speed
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+
+class _evaluating:
+    """Put a module in eval mode for a block and restore its previous mode after it."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self):
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
+
+
+def _forward(module: torch.nn.Module, X: np.ndarray, fn=None) -> np.ndarray:
+    """``fn(module, x)`` (default ``module(x)``) over row chunks, in eval and inference mode."""
+    fn = fn or (lambda m, x: m(x))
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    with _evaluating(module), torch.inference_mode():
+        out = [fn(module, torch.from_numpy(X[i : i + _CHUNK])).numpy() for i in range(0, len(X), _CHUNK)]
+    return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+def generate_perturbed(G: torch.nn.Module, Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """P = G(x) and x_adv = clip(x + P, 0, 1) for scaled, gene-aligned ``Xs``.
+
+    One forward pass in inference mode (no autograd bookkeeping) on float32, C-contiguous
+    data; x + P is clipped in place, and the results are handed to numpy without a copy.
+    """
+    Xs = np.ascontiguousarray(Xs, dtype=np.float32)
+    Ps, advs = [], []
+    with _evaluating(G), torch.inference_mode():
+        for i in range(0, len(Xs), _CHUNK):
+            x = torch.from_numpy(Xs[i : i + _CHUNK])
+            P = G(x)
+            Ps.append(P.numpy())
+            advs.append(torch.add(x, P).clamp_(0.0, 1.0).numpy())
+    if len(Ps) == 1:
+        return Ps[0], advs[0]
+    if not Ps:
+        return np.zeros_like(Xs), np.zeros_like(Xs)
+    return np.concatenate(Ps), np.concatenate(advs)
+
+
+def class_probabilities(f: torch.nn.Module, Xs: np.ndarray) -> np.ndarray:
+    """Softmax probabilities (samples, classes) of the target model for scaled ``Xs`` (one row at least)."""
+    return _forward(f, Xs, lambda m, x: torch.softmax(m(x), 1))
+
+
+def discriminate(bundle: Bundle, Xs: np.ndarray) -> np.ndarray:
+    """The discriminator's score D(x) in (0, 1) per sample (1 = looks like real target data)."""
+    if len(Xs) == 0:
+        return np.zeros(0, np.float32)
+    return _forward(bundle.discriminator, Xs)
+
+
+# ----------------------------------------------------------------------------- perturbation
 
 
 @dataclass
 class Perturbation:
-    """x, P, x_adv (samples x genes, scaled) and the target model's view before and after."""
+    """x, P, x_adv (samples x genes, scaled) and the target model's view before and after.
+
+    ``labels`` holds each sample's class when the data had the bundle's label column.
+    """
 
     samples: list[str]
     genes: list[str]
@@ -33,6 +104,7 @@ class Perturbation:
     x_adv: np.ndarray
     proba_before: np.ndarray  # (samples, classes)
     proba_after: np.ndarray
+    labels: np.ndarray | None = field(default=None)
 
     @property
     def pred_before(self) -> np.ndarray:
@@ -42,41 +114,89 @@ class Perturbation:
     def pred_after(self) -> np.ndarray:
         return np.asarray(self.classes, dtype=object)[self.proba_after.argmax(1)]
 
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, index) -> Perturbation:
+        """The samples at ``index`` (positions, a boolean mask, or sample ids)."""
+        idx = np.asarray(index)
+        if idx.dtype.kind in "OUS":
+            pos = {s: i for i, s in enumerate(self.samples)}
+            missing = [s for s in idx.tolist() if s not in pos]
+            if missing:
+                raise ValueError(f"sample(s) not in the perturbed data: {', '.join(map(str, missing[:5]))}")
+            idx = np.array([pos[s] for s in idx.tolist()], dtype=int)
+        elif idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(int).reshape(-1)
+        return Perturbation(
+            [self.samples[i] for i in idx], self.genes, self.classes, self.target,
+            self.x[idx], self.P[idx], self.x_adv[idx], self.proba_before[idx], self.proba_after[idx],
+            None if self.labels is None else self.labels[idx],
+        )
+
     def predictions_df(self) -> pd.DataFrame:
-        """One row per sample: predicted class and probabilities before and after."""
+        """One row per sample: predicted class and probabilities before and after (and label)."""
         t = self.classes.index(self.target)
-        return pd.DataFrame(
+        df = pd.DataFrame(
             {
                 "pred_before": self.pred_before,
-                "prob_before": self.proba_before.max(1),
+                "prob_before": self.proba_before.max(1) if len(self) else np.zeros(0),
                 "pred_after": self.pred_after,
-                "prob_after": self.proba_after.max(1),
+                "prob_after": self.proba_after.max(1) if len(self) else np.zeros(0),
                 "prob_target_before": self.proba_before[:, t],
                 "prob_target_after": self.proba_after[:, t],
             },
             index=pd.Index(self.samples, name="sample"),
         )
+        if self.labels is not None:
+            df.insert(0, "label", self.labels)
+        return df
 
 
-def perturb_scaled(bundle: Bundle, Xs: np.ndarray, samples=None) -> Perturbation:
-    """Perturb already-scaled data whose columns are the bundle's genes."""
+def perturb_scaled(bundle: Bundle, Xs: np.ndarray, samples=None, *, labels=None, predict: bool = True) -> Perturbation:
+    """Perturb already-scaled data whose columns are the bundle's genes.
+
+    With ``predict=False`` the target model is not run (``proba_*`` are empty (n, 0) arrays).
+    """
     Xs = np.ascontiguousarray(Xs, dtype=np.float32)
-    P = generate(bundle.generator, Xs)
-    x_adv = np.clip(Xs + P, 0.0, 1.0)
-    samples = list(samples) if samples is not None else [str(i) for i in range(len(Xs))]
+    if Xs.ndim != 2 or Xs.shape[1] != len(bundle.genes):
+        raise ValueError(f"expected a samples x {len(bundle.genes)} genes matrix, got shape {Xs.shape}")
+    P, x_adv = generate_perturbed(bundle.generator, Xs)
+    samples = [str(s) for s in samples] if samples is not None else [str(i) for i in range(len(Xs))]
+    if predict and len(Xs):
+        before, after = class_probabilities(bundle.target_model, Xs), class_probabilities(bundle.target_model, x_adv)
+    else:
+        before = after = np.zeros((len(Xs), len(bundle.classes) if predict else 0), np.float32)
     return Perturbation(
-        samples, list(bundle.genes), list(bundle.classes), bundle.target, Xs, P, x_adv,
-        predict_proba(bundle.target_model, Xs), predict_proba(bundle.target_model, x_adv),
+        samples, list(bundle.genes), list(bundle.classes), bundle.target, Xs, P, x_adv, before, after,
+        None if labels is None else np.asarray(labels, dtype=object),
     )
 
 
-def perturb_adata(bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, source: str = "data") -> Perturbation:
-    """Match genes by name, scale with the bundle's scaler, and perturb."""
+def perturb_adata(
+    bundle: Bundle,
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    label_key: str | None = None,
+    source: str = "data",
+) -> Perturbation:
+    """Match genes by name, scale with the bundle's scaler, and perturb.
+
+    Labels are read from ``obs[label_key]`` (default: the bundle's label key, when present).
+    """
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(f"{source}: no layer {layer!r}; layers are {list(adata.layers) or 'none'}")
     X = align_genes(adata, bundle.genes, layer=layer, source=source)
     if not np.isfinite(X).all():
         i, j = map(int, np.argwhere(~np.isfinite(X))[0])
         raise ValueError(f"{source}: missing or infinite value at sample {adata.obs_names[i]!r}, gene {bundle.genes[j]!r}")
-    return perturb_scaled(bundle, bundle.scaler.transform(X), adata.obs_names)
+    if label_key is not None and label_key not in adata.obs:
+        raise ValueError(f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}")
+    key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
+    labels = adata.obs[key].astype(str).to_numpy() if key else None
+    return perturb_scaled(bundle, bundle.scaler.transform(X), adata.obs_names, labels=labels)
 
 
 def perturb(
@@ -84,6 +204,8 @@ def perturb(
     bundle: Bundle,
     *,
     layer: str | None = None,
+    label_key: str | None = None,
+    k: int = 20,
     key_added: str = "tspg",
     copy: bool = False,
 ) -> ad.AnnData | None:
@@ -101,11 +223,15 @@ def perturb(
     - ``layers[f"{key_added}_perturbed"]``: x_adv
     - ``obs[f"{key_added}_pred_before"]``, ``obs[f"{key_added}_pred_after"]``: predicted class
     - ``obs[f"{key_added}_prob_target_before"]``, ``obs[f"{key_added}_prob_target_after"]``
-    - ``uns[key_added]["params"]``: bundle name, target, layer
+    - ``uns[key_added]["params"]``: bundle name, target, layer, k
+    - ``uns[key_added]["top_genes"]``: ``up`` / ``down`` (samples x k gene names, rank order)
+      and ``up_P`` / ``down_P`` (their P)
+    - ``uns[key_added]["consensus"]``: the columns of :func:`consensus` over the samples
+      whose label is not the target (all samples when labels are unknown), as arrays
     """
     if not copy and list(adata.var_names) != list(bundle.genes):
         raise ValueError("in-place perturbation needs exactly the bundle's genes in order; use copy=True")
-    result = perturb_adata(bundle, adata, layer=layer)
+    result = perturb_adata(bundle, adata, layer=layer, label_key=label_key)
     out = adata[:, bundle.genes].copy() if copy else adata
     out.layers[f"{key_added}_x"] = result.x
     out.layers[f"{key_added}_perturbation"] = result.P
@@ -115,5 +241,166 @@ def perturb(
         out.obs[f"{key_added}_{col}"] = pd.Categorical(pred[col].to_numpy(), categories=bundle.classes)
     for col in ("prob_target_before", "prob_target_after"):
         out.obs[f"{key_added}_{col}"] = pred[col].to_numpy()
-    out.uns[key_added] = {"params": {"bundle": bundle.name, "target": bundle.target, "layer": layer or "X"}}
+    top = top_genes(result.P, bundle.genes, k=k)
+    sources = result.labels != bundle.target if result.labels is not None else np.ones(len(result), bool)
+    cons = consensus(result.P[sources], bundle.genes, k=k) if sources.any() else consensus(result.P, bundle.genes, k=k)
+    out.uns[key_added] = {
+        "params": {"bundle": bundle.name, "target": bundle.target, "layer": layer or "X", "k": int(top.k)},
+        "top_genes": {"up": top.up.astype(str), "down": top.down.astype(str), "up_P": top.up_P, "down_P": top.down_P},
+        "consensus": {c: (cons[c].to_numpy().astype(str) if cons[c].dtype == object else cons[c].to_numpy()) for c in cons.columns},
+    }
     return out if copy else None
+
+
+# ----------------------------------------------------------------------------- top genes
+
+
+@dataclass(frozen=True)
+class TopGenes:
+    """Per sample the ``k`` genes with the most positive (up) and most negative (down) P.
+
+    Arrays are (samples, k), rank 1 first: gene names, gene positions and P values.
+    """
+
+    up: np.ndarray
+    down: np.ndarray
+    up_index: np.ndarray
+    down_index: np.ndarray
+    up_P: np.ndarray
+    down_P: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return self.up.shape[1]
+
+
+def _check_P(P: np.ndarray, genes: Sequence[str], k: int) -> tuple[np.ndarray, int]:
+    P = np.asarray(P)
+    if P.ndim == 1:
+        P = P[None, :]
+    if P.ndim != 2 or P.shape[1] != len(genes):
+        raise ValueError(f"P has shape {P.shape}, expected samples x {len(genes)} genes")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    return P, min(int(k), P.shape[1])
+
+
+def top_genes(P: np.ndarray, genes: Sequence[str], k: int = 20) -> TopGenes:
+    """The ``k`` most positive (up) and ``k`` most negative (down) genes of each sample.
+
+    Parameters
+    ----------
+    P
+        Perturbations, samples x genes (a single sample may be 1-d).
+    genes
+        Gene names, one per column of ``P``.
+    k
+        Genes per direction (at most the number of genes).
+
+    Returns
+    -------
+    TopGenes with (samples, k) arrays in rank order; ties go to the earlier gene.
+    """
+    P, k = _check_P(P, genes, k)
+    names = np.asarray(genes, dtype=object)
+    up = np.argsort(-P, axis=1, kind="stable")[:, :k]
+    down = np.argsort(P, axis=1, kind="stable")[:, :k]
+    return TopGenes(
+        names[up], names[down], up, down,
+        np.take_along_axis(P, up, 1), np.take_along_axis(P, down, 1),
+    )
+
+
+def top_genes_df(perturbation: Perturbation, k: int = 20) -> pd.DataFrame:
+    """Tidy top genes: one row per (sample, direction, rank), samples in their order, up first.
+
+    Columns: ``sample``, ``direction`` (up/down), ``rank`` (1 = strongest), ``gene``, ``P``.
+    """
+    top = top_genes(perturbation.P, perturbation.genes, k=k)
+    n, k = top.up.shape
+    return pd.DataFrame({
+        "sample": np.repeat(np.asarray(perturbation.samples, dtype=object), 2 * k),
+        "direction": np.tile(np.repeat(np.array(DIRECTIONS, dtype=object), k), n),
+        "rank": np.tile(np.concatenate([np.arange(1, k + 1)] * 2), n),
+        "gene": np.concatenate([top.up, top.down], axis=1).reshape(-1),
+        "P": np.concatenate([top.up_P, top.down_P], axis=1).reshape(-1).astype(float),
+    })
+
+
+def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
+    """How often each gene is among the samples' top ``k``, per direction.
+
+    Returns
+    -------
+    DataFrame with one row per (gene, direction) that is in at least one sample's top-k list:
+    ``gene``, ``direction``, ``count`` (samples whose top-k list holds the gene),
+    ``frequency`` (count / number of samples), ``mean_P`` (mean P of the gene over all the
+    samples given). Sorted up first, then by count (descending), then by ``mean_P`` (most
+    extreme first), then gene order.
+    """
+    P, k = _check_P(P, genes, k)
+    if len(P) == 0:
+        raise ValueError("no samples selected: the consensus needs at least one sample")
+    top = top_genes(P, genes, k=k)
+    mean_P = P.mean(0, dtype=np.float64)
+    names = np.asarray(genes, dtype=object)
+    frames = []
+    for d, sign in (("up", -1.0), ("down", 1.0)):
+        count = np.bincount(getattr(top, f"{d}_index").reshape(-1), minlength=len(genes))
+        idx = np.flatnonzero(count)
+        idx = idx[np.lexsort((idx, sign * mean_P[idx], -count[idx]))]
+        frames.append(pd.DataFrame({
+            "gene": names[idx], "direction": d, "count": count[idx].astype(int),
+            "frequency": count[idx] / len(P), "mean_P": mean_P[idx],
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def consensus_top(P: np.ndarray, genes: Sequence[str], k: int = 20) -> dict[str, list[str]]:
+    """The consensus top-k list per direction: ``{"up": [...k genes], "down": [...]}``."""
+    df = consensus(P, genes, k=k)
+    k = min(int(k), len(genes))
+    return {d: df.loc[df["direction"] == d, "gene"].head(k).tolist() for d in DIRECTIONS}
+
+
+def unique_top_genes(
+    P: np.ndarray,
+    labels: Sequence[str],
+    genes: Sequence[str],
+    k: int = 20,
+    seed: int = 0,
+    *,
+    exclude: str | None = None,
+) -> dict:
+    """The paper's consistency measure: pick one random sample per source class and count
+    the unique genes in the union of their top-k up lists and of their down lists.
+
+    Small numbers mean the generator moves every source class with the same genes (paper,
+    GTEx: 85 up and 642 down of 4,386 genes over 53 tissues, k = 20).
+
+    Parameters
+    ----------
+    labels
+        Class of each row of ``P``; classes are visited in sorted order.
+    seed
+        Seed of the random choice of one sample per class.
+    exclude
+        A class to leave out (usually the target).
+
+    Returns
+    -------
+    ``{"up": int, "down": int, "n_classes": int, "k": int, "samples": [row positions]}``
+    """
+    P, k = _check_P(P, genes, k)
+    labels = np.asarray(labels, dtype=object).astype(str)
+    if len(labels) != len(P):
+        raise ValueError(f"{len(labels)} labels for {len(P)} samples")
+    rng = np.random.default_rng(seed)
+    picks = [int(rng.choice(np.flatnonzero(labels == c))) for c in sorted(set(labels.tolist())) if c != exclude]
+    if not picks:
+        raise ValueError("no source class to sample from")
+    top = top_genes(P[picks], genes, k=k)
+    return {
+        "up": int(len(np.unique(top.up_index))), "down": int(len(np.unique(top.down_index))),
+        "n_classes": len(picks), "k": k, "samples": picks,
+    }

@@ -56,6 +56,7 @@ class TrainConfig:
     w_norm: float = 0.0
     w_td: float = 0.0
     w_ed: float = 10.0
+    ed_repulsion: float = 1.0  # weight of E d(x_adv, x_adv') inside L_ed; < 1 draws x_adv to the target's core
     kappa: float = 0.0  # Carlini-Wagner confidence margin
     adv_space: Literal["logits", "probs"] = "logits"  # where the C-W margin is taken
     adv_reduce: Literal["mean", "sum"] = "mean"  # over the batch
@@ -84,7 +85,7 @@ class TrainConfig:
 
 # The paper's recipe, as the reference implementation computes it (DESIGN.md).
 PAPER = dict(
-    recipe="paper", w_gan=1.0, w_adv=1.0, w_norm=1.0, w_td=1.0, w_ed=0.0, kappa=0.0,
+    recipe="paper", w_gan=1.0, w_adv=1.0, w_norm=1.0, w_td=1.0, w_ed=0.0, ed_repulsion=1.0, kappa=0.0,
     adv_space="probs", adv_reduce="sum", norm_form="batch", covariance="full",
     disc_real="all", train_on="all",
 )
@@ -166,9 +167,13 @@ def pairwise_distances(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> t
     return torch.sqrt(sq.clamp_min(0.0) + eps)
 
 
-def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """E-distance 2 E d(A,B) - E d(A,A') - E d(B,B') (V-statistic), Euclidean."""
-    return 2 * pairwise_distances(a, b).mean() - pairwise_distances(a, a).mean() - pairwise_distances(b, b).mean()
+def energy_distance(a: torch.Tensor, b: torch.Tensor, *, repulsion: float = 1.0) -> torch.Tensor:
+    """E-distance 2 E d(A,B) - E d(A,A') - E d(B,B') (V-statistic), Euclidean.
+
+    ``repulsion`` < 1 weakens the E d(A,A') term, so A settles nearer B's dense core than
+    B's own spread (1 is the proper E-distance).
+    """
+    return 2 * pairwise_distances(a, b).mean() - repulsion * pairwise_distances(a, a).mean() - pairwise_distances(b, b).mean()
 
 
 # ----------------------------------------------------------------------------- target draws
@@ -389,8 +394,9 @@ def generator_loss(
     norm = norm_loss(P, form=config.norm_form) if config.w_norm else zero
     td = td_loss(x_adv, sampler.sample(m)) if config.w_td else zero
     if config.w_ed:
-        ref = X_t[torch.randint(len(X_t), (min(m, len(X_t)),), generator=generator).to(X_t.device)]
-        ed = energy_distance(x_adv, ref)
+        # real target samples: all of them when they fit in a batch, else a random batch
+        ref = X_t if len(X_t) <= m else X_t[torch.randperm(len(X_t), generator=generator)[:m].to(X_t.device)]
+        ed = energy_distance(x_adv, ref, repulsion=config.ed_repulsion)
     else:
         ed = zero
     total = config.w_gan * gan + config.w_adv * adv + config.w_norm * norm + config.w_td * td + config.w_ed * ed

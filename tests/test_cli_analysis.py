@@ -1,0 +1,105 @@
+"""``tspg perturb``, ``tspg evaluate`` and ``tspg enrich`` through ``main([...])`` in tmp_path."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_tiny_adata
+
+from tspg.cli import main
+
+
+@pytest.fixture
+def tiny_h5ad(tmp_path):
+    path = tmp_path / "tiny.h5ad"
+    make_tiny_adata().write_h5ad(path)
+    return path
+
+
+def test_perturb_writes_h5ad(quick_bundle, tiny_h5ad, tmp_path, capsys):
+    out = tmp_path / "perturbed.h5ad"
+    assert main(["perturb", str(quick_bundle.path), str(tiny_h5ad), "-o", str(out), "--k", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "towards 'beta'" in text and "all non-target" in text
+    a = ad.read_h5ad(out)
+    assert a.shape == (60, 30) and list(a.var_names) == quick_bundle.genes
+    assert {"tspg_x", "tspg_perturbation", "tspg_perturbed"} <= set(a.layers)
+    assert {"cell_type", "tspg_pred_before", "tspg_pred_after", "tspg_prob_target_after"} <= set(a.obs)
+    uns = a.uns["tspg"]
+    assert uns["params"]["k"] == 4 and uns["params"]["bundle"] == quick_bundle.name
+    assert uns["top_genes"]["up"].shape == (60, 4) and uns["top_genes"]["down_P"].shape == (60, 4)
+    P = a.layers["tspg_perturbation"]
+    assert uns["top_genes"]["up"][0, 0] == quick_bundle.genes[int(np.argmax(P[0]))]
+    assert set(uns["consensus"]) == {"gene", "direction", "count", "frequency", "mean_P"}
+    np.testing.assert_allclose(a.layers["tspg_perturbed"], np.clip(a.layers["tspg_x"] + P, 0, 1))
+
+
+def test_perturb_csv(quick_bundle, tmp_path, capsys):
+    gem = make_tiny_adata(n_per_class=3)
+    path = tmp_path / "gem.tsv"
+    pd.DataFrame(gem.X, index=gem.obs_names, columns=gem.var_names).to_csv(path, sep="\t")
+    labels = tmp_path / "labels.txt"
+    gem.obs["cell_type"].to_csv(labels, sep="\t", header=False)
+    out = tmp_path / "csv"
+    assert main(["perturb", str(quick_bundle.path), str(path), "--labels", str(labels), "--csv", "-o", str(out), "--k", "3"]) == 0
+    P = pd.read_csv(out / "perturbation.csv", index_col=0)
+    assert P.shape == (9, 30) and list(P.columns) == quick_bundle.genes
+    assert pd.read_csv(out / "perturbed.csv", index_col=0).shape == (9, 30)
+    pred = pd.read_csv(out / "predictions.csv", index_col=0)
+    assert pred["label"].tolist() == gem.obs["cell_type"].astype(str).tolist()
+    top = pd.read_csv(out / "top_genes.csv")
+    assert list(top.columns) == ["sample", "direction", "rank", "gene", "P"] and len(top) == 9 * 2 * 3
+    assert set(pd.read_csv(out / "consensus.csv")["direction"]) == {"up", "down"}
+    assert "all non-target" in capsys.readouterr().out
+
+
+def test_evaluate_json(quick_bundle, tiny_h5ad, tmp_path, capsys):
+    js = tmp_path / "metrics.json"
+    assert main(["evaluate", str(quick_bundle.path), str(tiny_h5ad), "--json", str(js), "--k", "5"]) == 0
+    text = capsys.readouterr().out
+    for words in ("perturbation accuracy by source", "energy distance", "spread ratio", "discriminator", "consensus top-5 up genes"):
+        assert words in text
+    res = json.loads(js.read_text())
+    assert res["bundle"]["name"] == quick_bundle.name and res["params"]["k"] == 5
+    assert res["perturbation_accuracy"]["non_target"] == pytest.approx(quick_bundle.metrics["perturbation_accuracy_non_target"])
+    assert len(res["top_genes"]["consensus_up"]) == 5
+
+
+def test_errors_exit_1_with_one_line(quick_bundle, tmp_path, capsys, monkeypatch):
+    gem = make_tiny_adata()
+    missing = tmp_path / "missing.h5ad"
+    gem[:, [g for g in gem.var_names if g != "G07"]].copy().write_h5ad(missing)
+    assert main(["perturb", str(quick_bundle.path), str(missing), "-o", str(tmp_path / "o.h5ad")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "G07" in err and err.count("\n") == 1
+    monkeypatch.setenv("TSPG_MODELS_DIR", str(tmp_path))
+    assert main(["evaluate", "no-such-bundle"]) == 1
+    assert "no bundle 'no-such-bundle'" in capsys.readouterr().err
+    assert main(["evaluate", str(quick_bundle.path)]) == 1  # not the demo: DATA is needed
+    assert "give that data file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["perturb", str(quick_bundle.path), str(missing), "-o", str(tmp_path / "o.txt")])
+    assert exc.value.code == 2
+
+
+def test_enrich_offline(quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TSPG_CACHE_DIR", str(tmp_path / "cache"))
+    gmt = tmp_path / "blocks.gmt"
+    gmt.write_text(
+        "beta_block\tna\t" + "\t".join(f"G{j:02d}" for j in range(5, 10)) + "\n"
+        "alpha_block\tna\t" + "\t".join(f"G{j:02d}" for j in range(0, 5)) + "\n"
+    )
+    out = tmp_path / "enrich.csv"
+    code = main(["enrich", str(quick_bundle.path), str(tiny_h5ad), "--offline", "--gmt", str(gmt), "--k", "5", "--direction", "up", "--threshold", "0.05", "-o", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "up: backend offline" in text and "held-out non-target samples" in text
+    table = pd.read_csv(out)
+    assert set(table["direction"]) == {"up"}
+    assert "beta_block" in set(table["term"])
+    assert main(["enrich", str(quick_bundle.path), str(tiny_h5ad), "--offline", "--samples", "nope", "-o", str(out)]) == 1
+    assert "nope" in capsys.readouterr().err

@@ -1,0 +1,207 @@
+"""Metrics and baselines against hand computations; evaluate() on the tiny bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from conftest import make_tiny_adata
+from scipy.spatial.distance import cdist
+
+from tspg.baselines import (
+    class_perturbations,
+    de_ranked,
+    differential_expression,
+    fit_baselines,
+    gene_overlap,
+    mean_shift_perturb,
+)
+from tspg.bundle import Bundle
+from tspg.datasets import load_bundle_dataset
+from tspg.metrics import (
+    energy_distance,
+    evaluate,
+    evaluation_table,
+    fit_classifiers,
+    mean_pairwise_distance,
+    pairwise_distances,
+    perturbation_accuracy,
+    perturbation_accuracy_table,
+    spread_ratio,
+    target_share,
+)
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def test_perturbation_accuracy_by_hand():
+    labels = ["a", "a", "b", "b", "b", "t"]
+    pred = ["t", "a", "t", "t", "b", "t"]
+    acc = perturbation_accuracy(pred, labels, "t")
+    assert acc["overall"] == pytest.approx(4 / 6)
+    assert acc["non_target"] == pytest.approx(3 / 5)
+    assert (acc["n"], acc["n_non_target"]) == (6, 5)
+    assert acc["by_source"] == {"a": {"n": 2, "accuracy": 0.5}, "b": {"n": 3, "accuracy": pytest.approx(2 / 3)}}
+    table = perturbation_accuracy_table(pred, labels, "t")
+    assert table["source"].tolist() == ["a", "b", "all non-target"]
+    assert table["n"].tolist() == [2, 3, 5]
+    assert target_share(pred, "t") == pytest.approx(4 / 6)
+    assert math.isnan(perturbation_accuracy([], [], "t")["overall"])
+
+
+# ----------------------------------------------------------------------------- distances
+
+
+def test_energy_distance_by_hand():
+    A, B = np.array([[0.0], [1.0]]), np.array([[3.0]])
+    # 2 * mean(3, 2) - (0 + 1 + 1 + 0) / 4 - 0 = 5 - 0.5
+    assert energy_distance(A, B) == pytest.approx(4.5)
+    A2, B2 = np.array([[0.0, 0.0], [3.0, 4.0]]), np.array([[0.0, 0.0]])
+    # d(A,B) = 0, 5; d(A,A) V-statistic = (0 + 5 + 5 + 0) / 4
+    assert energy_distance(A2, B2) == pytest.approx(2 * 2.5 - 2.5)
+    assert energy_distance(A2, A2) == pytest.approx(0.0, abs=1e-12)
+    assert energy_distance(B2, A2) == pytest.approx(energy_distance(A2, B2))
+    assert math.isnan(energy_distance(np.zeros((0, 2)), B2))
+
+
+def test_energy_distance_row_blocks_match_scipy():
+    rng = np.random.default_rng(0)
+    A, B = rng.random((1300, 3)), rng.random((40, 3)) + 0.5  # 1300 rows: more than one row block
+    expected = 2 * cdist(A, B).mean() - cdist(A, A).mean() - cdist(B, B).mean()
+    assert energy_distance(A, B) == pytest.approx(expected, rel=1e-9)
+    D = pairwise_distances(A[:5])
+    assert np.all(np.diag(D) == 0)
+    np.testing.assert_allclose(D, cdist(A[:5], A[:5]), atol=1e-12)
+
+
+def test_spread_ratio_by_hand():
+    A = np.array([[0.0], [2.0]])  # one pair: 2
+    ref = np.array([[0.0], [1.0], [2.0]])  # pairs 1, 2, 1: mean 4/3
+    assert mean_pairwise_distance(A) == pytest.approx(2.0)
+    assert mean_pairwise_distance(ref) == pytest.approx(4 / 3)
+    assert spread_ratio(A, ref) == pytest.approx(1.5)
+    assert math.isnan(mean_pairwise_distance(np.zeros((1, 3))))
+    assert math.isnan(spread_ratio(A, np.zeros((3, 1))))  # a reference without spread
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_mean_shift_exactly():
+    X = np.array([[0.2, 0.0], [0.4, 0.2], [0.9, 0.1], [0.7, 0.3]])
+    labels = ["s", "s", "t", "t"]  # mu_s = (0.3, 0.1), mu_t = (0.8, 0.2)
+    shifts = class_perturbations(X, labels, "t", genes=["g1", "g2"])
+    assert shifts.index.tolist() == ["s", "t"] and shifts.columns.tolist() == ["g1", "g2"]
+    np.testing.assert_allclose(shifts.loc["s"], [0.5, 0.1])
+    np.testing.assert_allclose(shifts.loc["t"], [0.0, 0.0])
+    moved = mean_shift_perturb(np.array([[0.1, 0.5], [0.6, 0.95]]), ["s", "s"], shifts)
+    np.testing.assert_allclose(moved, [[0.6, 0.6], [1.0, 1.0]], atol=1e-7)  # clipped at 1
+    assert moved.dtype == np.float32
+    with pytest.raises(ValueError, match="'u'"):
+        mean_shift_perturb(X[:1], ["u"], shifts)
+    with pytest.raises(ValueError, match="target class"):
+        class_perturbations(X, labels, "z")
+
+
+def test_differential_expression_direction():
+    rng = np.random.default_rng(0)
+    X = rng.random((40, 4)) * 0.1
+    labels = np.array(["t"] * 10 + ["r"] * 30)
+    X[labels == "t", 1] += 0.8  # g1 up in the target
+    X[labels == "r", 3] += 0.8  # g3 down in the target
+    de = differential_expression(X, labels, ["g0", "g1", "g2", "g3"], "t")
+    assert list(de.columns) == ["gene", "score", "logfoldchange", "pval_adj", "direction"]
+    assert de["gene"].iloc[0] == "g1" and de["direction"].iloc[0] == "up"
+    assert de["gene"].iloc[-1] == "g3" and de["direction"].iloc[-1] == "down"
+    assert de["score"].is_monotonic_decreasing and de["pval_adj"].iloc[0] < 1e-3
+    ranked = de_ranked(de)
+    assert ranked["up"][0] == "g1" and ranked["down"][0] == "g3"
+    with pytest.raises(ValueError, match="at least 2"):
+        differential_expression(X[:11], labels[:11], ["g0", "g1", "g2", "g3"], "t")
+
+
+def test_gene_overlap_counts_and_jaccard():
+    ref = {"up": ["a", "b", "c", "d"], "down": ["w", "x"]}
+    base = {"de": {"up": ["b", "x", "a", "y"], "down": ["x", "w"]}}
+    df = gene_overlap(ref, base, ks=(2, 4))
+    up2 = df[(df["direction"] == "up") & (df["k"] == 2)].iloc[0]
+    assert (up2["overlap"], up2["jaccard"], up2["genes"]) == (1, pytest.approx(1 / 3), "b")  # {a,b} vs {b,x}
+    up4 = df[(df["direction"] == "up") & (df["k"] == 4)].iloc[0]
+    assert (up4["overlap"], up4["jaccard"]) == (2, pytest.approx(2 / 6))
+    down4 = df[(df["direction"] == "down") & (df["k"] == 4)].iloc[0]  # lists shorter than k
+    assert (down4["n_reference"], down4["overlap"], down4["jaccard"]) == (2, 2, 1.0)
+    assert len(df) == 4 and set(df["baseline"]) == {"de"}
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_classifiers_are_deterministic():
+    adata = make_tiny_adata()
+    X, y = adata.X / adata.X.max(), adata.obs["cell_type"].astype(str).to_numpy()
+    a, b = fit_classifiers(X, y), fit_classifiers(X, y)
+    assert set(a) == {"logistic_regression", "knn_15"}
+    assert (a["logistic_regression"].predict(X) == b["logistic_regression"].predict(X)).all()
+    assert (a["knn_15"].predict(X) == y).mean() > 0.9
+
+
+def test_evaluate_tiny_bundle(quick_bundle):
+    adata = make_tiny_adata()
+    res = evaluate(quick_bundle, adata, k=5, ks=(5, 10))
+    json.dumps(res, allow_nan=False)  # plain JSON
+    again = evaluate(quick_bundle, adata, k=5, ks=(5, 10))
+    res.pop("seconds"), again.pop("seconds")
+    assert res == again  # deterministic
+    n_test = len(quick_bundle.split["test"])
+    assert res["samples"] == {"train": len(quick_bundle.split["train"]), "heldout": n_test, "heldout_target": 4, "heldout_source": n_test - 4}
+    acc = res["perturbation_accuracy"]
+    assert set(acc["by_source"]) == {"alpha", "gamma"}
+    stored = quick_bundle.metrics
+    assert acc["non_target"] == pytest.approx(stored["perturbation_accuracy_non_target"])
+    assert res["target_model"]["heldout_accuracy"] == pytest.approx(stored["target_model_accuracy"])
+    for section in ("energy_distance", "spread_ratio"):
+        assert set(res[section]) == {"perturbed", "unperturbed", "mean_shift"}
+    assert res["energy_distance"]["unperturbed"] > res["energy_distance"]["mean_shift"] >= 0
+    assert set(res["discriminator"]) == {"real_target", "perturbed", "unperturbed", "mean_shift"}
+    assert set(res["independent_classifiers"]) == {"logistic_regression", "knn_15"}
+    tg = res["top_genes"]
+    assert len(tg["consensus_up"]) == 5 and len(tg["consensus_down"]) == 5
+    assert tg["unique_n_classes"] == 2 and 5 <= tg["unique_up"] <= 10
+    assert {(r["baseline"], r["direction"], r["k"]) for r in tg["overlap"]} == {
+        (b, d, k) for b in ("differential_expression", "mean_shift") for d in ("up", "down") for k in (5, 10)
+    }
+    # beta raises genes G05..G09: TSPG and differential expression both find them
+    assert 0 <= tg["overlap_up_de_top50"] <= 5 and len(set(tg["consensus_up"]) & {f"G{j:02d}" for j in range(5, 10)}) >= 3
+    table = evaluation_table(res)
+    assert list(table.columns) == ["section", "metric", "value"]
+    assert "perturbation accuracy by source" in set(table["section"])
+
+
+def test_evaluate_needs_the_split_and_labels(quick_bundle):
+    adata = make_tiny_adata()
+    with pytest.raises(ValueError, match="split are missing"):
+        evaluate(quick_bundle, adata[5:].copy())
+    with pytest.raises(ValueError, match="no label column 'tissue'"):
+        evaluate(quick_bundle, adata, label_key="tissue")
+    base = fit_baselines(quick_bundle, adata)
+    assert base.shifts.index.tolist() == ["alpha", "beta", "gamma"]
+    assert base.de["gene"].iloc[0] in {f"G{j:02d}" for j in range(5, 10)}
+
+
+def test_load_bundle_dataset(quick_bundle, caplog):
+    with pytest.raises(ValueError, match="give that data file"):
+        load_bundle_dataset(quick_bundle)
+    adata = make_tiny_adata()
+    with caplog.at_level(logging.WARNING):
+        assert load_bundle_dataset(quick_bundle, adata) is adata
+    assert "differs" not in caplog.text
+    other = make_tiny_adata(seed=1)
+    with caplog.at_level(logging.WARNING):
+        load_bundle_dataset(quick_bundle, other)
+    assert "differs from the data" in caplog.text
+    demo_like = Bundle({**quick_bundle.manifest, "dataset": {"name": "pbmc68k_reduced"}}, quick_bundle.generator, quick_bundle.discriminator, quick_bundle.target_model)
+    demo = load_bundle_dataset(demo_like)
+    assert demo.shape == (700, 765) and "bulk_labels" in demo.obs

@@ -1,0 +1,177 @@
+"""Baselines to hold TSPG's perturbations against: mean shift and differential expression.
+
+Both are fit on the bundle's training split, in its scaled space ([0, 1] per gene):
+
+- mean shift: the "class perturbation" mu_target - mu_source of each source class (the
+  reference implementation's name); a sample moves by its class's shift,
+  x_ms = clip(x + mu_t - mu_source(x), 0, 1).
+- differential expression: target class vs the rest, Wilcoxon rank-sum test through
+  ``scanpy.tl.rank_genes_groups``.
+
+:func:`gene_overlap` compares ranked gene lists (TSPG's consensus top genes against a
+baseline's) at several list lengths k.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .bundle import Bundle
+from .data import align_genes
+
+logger = logging.getLogger(__name__)
+
+
+def class_perturbations(X: np.ndarray, labels: Sequence[str], target: str, *, genes: Sequence[str] | None = None) -> pd.DataFrame:
+    """mu_target - mu_class for every class of ``labels`` (the target's own row is zero).
+
+    Returns
+    -------
+    DataFrame, one row per class (sorted), one column per gene (``genes`` or 0..n-1).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    labels = np.asarray(labels, dtype=object).astype(str)
+    if len(labels) != len(X):
+        raise ValueError(f"{len(labels)} labels for {len(X)} samples")
+    classes = sorted(set(labels.tolist()))
+    if target not in classes:
+        raise ValueError(f"target class {target!r} has no samples here; classes are {', '.join(classes)}")
+    means = np.stack([X[labels == c].mean(0) for c in classes])
+    shifts = means[classes.index(target)] - means
+    columns = list(genes) if genes is not None else None
+    return pd.DataFrame(shifts, index=pd.Index(classes, name="source"), columns=columns)
+
+
+def mean_shift_perturb(X: np.ndarray, labels: Sequence[str], shifts: pd.DataFrame) -> np.ndarray:
+    """x_ms = clip(x + mu_target - mu_source(x), 0, 1), float32, for scaled ``X``."""
+    labels = np.asarray(labels, dtype=object).astype(str)
+    unknown = sorted(set(labels.tolist()) - set(shifts.index))
+    if unknown:
+        raise ValueError(f"class {unknown[0]!r} has no mean shift (it has no training samples)")
+    rows = shifts.index.get_indexer(labels)
+    return np.clip(np.asarray(X, np.float64) + shifts.to_numpy()[rows], 0.0, 1.0).astype(np.float32)
+
+
+def differential_expression(
+    X: np.ndarray, labels: Sequence[str], genes: Sequence[str], target: str, *, method: str = "wilcoxon"
+) -> pd.DataFrame:
+    """Target class vs the rest, per gene, with ``scanpy.tl.rank_genes_groups``.
+
+    ``logfoldchange`` is scanpy's, computed on the values given (scanpy treats them as
+    log1p data; on scaled values read it as a direction and rough size only).
+
+    Returns
+    -------
+    DataFrame sorted by ``score`` (descending): ``gene``, ``score`` (the test statistic),
+    ``logfoldchange``, ``pval_adj`` (Benjamini-Hochberg), ``direction`` (``up`` when
+    ``score`` > 0, else ``down``). Its top rows are the "up" list, its bottom rows (read
+    from the end) the "down" list; :func:`de_ranked` returns both.
+    """
+    import scanpy as sc
+
+    labels = np.asarray(labels, dtype=object).astype(str)
+    if (labels == target).sum() < 2 or (labels != target).sum() < 2:
+        raise ValueError(f"differential expression needs at least 2 samples of {target!r} and 2 others")
+    adata = ad.AnnData(
+        X=np.asarray(X, dtype=np.float32),
+        obs=pd.DataFrame({"group": pd.Categorical(np.where(labels == target, "target", "rest"))}, index=[str(i) for i in range(len(labels))]),
+        var=pd.DataFrame(index=[str(g) for g in genes]),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scanpy's hints about log-transformed input
+        sc.tl.rank_genes_groups(adata, "group", groups=["target"], reference="rest", method=method, n_genes=adata.n_vars, use_raw=False)
+        df = sc.get.rank_genes_groups_df(adata, group="target")
+    df = df.rename(columns={"names": "gene", "scores": "score", "logfoldchanges": "logfoldchange", "pvals_adj": "pval_adj"})
+    df = df[["gene", "score", "logfoldchange", "pval_adj"]].astype({"gene": str, "score": float, "logfoldchange": float, "pval_adj": float})
+    df["direction"] = np.where(df["score"] > 0, "up", "down")
+    return df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def de_ranked(de: pd.DataFrame) -> dict[str, list[str]]:
+    """Genes ranked per direction: ``up`` by score descending, ``down`` by score ascending."""
+    return {"up": de["gene"].tolist(), "down": de["gene"].tolist()[::-1]}
+
+
+def gene_overlap(
+    reference: Mapping[str, Sequence[str]],
+    baselines: Mapping[str, Mapping[str, Sequence[str]]],
+    ks: Sequence[int] = (10, 20, 50),
+) -> pd.DataFrame:
+    """Overlap of ranked gene lists at several lengths k.
+
+    Parameters
+    ----------
+    reference
+        Ranked genes per direction, e.g. TSPG's consensus ``{"up": [...], "down": [...]}``.
+    baselines
+        ``{baseline name: {"up": [...], "down": [...]}}``, each ranked.
+    ks
+        List lengths: the first k genes of the reference meet the first k of the baseline.
+
+    Returns
+    -------
+    Tidy DataFrame: ``baseline``, ``direction``, ``k``, ``n_reference``, ``n_baseline`` (genes
+    in each list, fewer than k when a list is shorter), ``overlap`` (genes in both),
+    ``jaccard`` (overlap / genes in either), ``genes`` (the shared genes, reference order).
+    """
+    rows = []
+    for name, lists in baselines.items():
+        for d in ("up", "down"):
+            if d not in reference or d not in lists:
+                continue
+            for k in ks:
+                a, b = list(reference[d])[:k], list(lists[d])[:k]
+                in_b = set(b)
+                shared = [g for g in a if g in in_b]
+                union = len(set(a) | set(b))
+                rows.append({
+                    "baseline": name, "direction": d, "k": int(k), "n_reference": len(a), "n_baseline": len(b),
+                    "overlap": len(shared), "jaccard": len(shared) / union if union else float("nan"),
+                    "genes": ",".join(shared),
+                })
+    return pd.DataFrame(rows, columns=["baseline", "direction", "k", "n_reference", "n_baseline", "overlap", "jaccard", "genes"])
+
+
+# ----------------------------------------------------------------------------- for a bundle
+
+
+@dataclass
+class Baselines:
+    """The baselines of one bundle, fit on its training split (scaled space)."""
+
+    shifts: pd.DataFrame  # source class x genes: mu_target - mu_source
+    de: pd.DataFrame  # differential_expression(...) of the target vs the rest
+
+    def mean_shift(self, Xs: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+        return mean_shift_perturb(Xs, labels, self.shifts)
+
+
+def split_arrays(bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, label_key: str | None = None, part: str = "train") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scaled expression, labels and sample ids of the bundle's ``train`` or ``test`` split."""
+    label_key = label_key or bundle.label_key
+    if label_key not in adata.obs:
+        raise ValueError(f"data: no label column {label_key!r} in obs (the bundle's labels); columns are {list(adata.obs.columns)}")
+    ids = list(bundle.split[part])
+    pos = adata.obs_names.get_indexer(ids)
+    if (pos < 0).any():
+        missing = [s for s, p in zip(ids, pos, strict=True) if p < 0]
+        raise ValueError(f"data: {len(missing)} sample(s) of the bundle's {part} split are missing (e.g. {missing[0]!r}); is this the data the bundle was trained on?")
+    sub = adata[pos]
+    Xs = bundle.scaler.transform(align_genes(sub, bundle.genes, layer=layer))
+    return Xs, sub.obs[label_key].astype(str).to_numpy(), ids
+
+
+def fit_baselines(bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, label_key: str | None = None) -> Baselines:
+    """Mean shifts and differential expression on the bundle's training split of ``adata``."""
+    Xs, labels, _ = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="train")
+    return Baselines(
+        class_perturbations(Xs, labels, bundle.target, genes=bundle.genes),
+        differential_expression(Xs, labels, bundle.genes, bundle.target),
+    )
