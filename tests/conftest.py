@@ -54,3 +54,39 @@ def demo_models_dir(tmp_path_factory):
     b = train(demo(), label_key=DEMO_LABEL_KEY, target=DEMO_TARGET, config=TrainConfig.for_recipe("tspg+", epochs=10, target_epochs=10), device="cpu", dataset="pbmc68k_reduced")
     save_bundle(b, root)
     return root
+
+
+# ----------------------------------------------------------------------------- fast variants
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    """One torch thread (override with TSPG_TEST_THREADS): these networks are tiny, and on a
+    busy 2-core machine two threads made training ~10x slower (spinning, not computing)."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("TSPG_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
+
+
+# The paper's networks, trained a little faster (higher learning rates, fewer epochs): a few
+# seconds on 2 CPU cores, still reaching full perturbation accuracy on the tiny GEM.
+QUICK_CONFIG = dict(epochs=30, target_epochs=20, batch_size=32, g_lr=1e-3, d_lr=5e-4)
+# Much smaller networks, for tests about the loop's mechanics (seeding, sharing, recipes).
+SMALL_NETS = dict(gen_encoder=(32, 16), gen_residual=1, gen_decoder=(32,), disc_hidden=(32, 16), target_hidden=(32, 16))
+
+
+@pytest.fixture(scope="session")
+def quick_bundle(tmp_path_factory):
+    """Like ``tiny_bundle`` (target 'beta', saved under a temporary models folder) but ~5x faster.
+
+    Session-wide: tests that change the saved folder must copy it first.
+    """
+    adata = make_tiny_adata()
+    b = train(adata, label_key="cell_type", target="beta", config=TrainConfig.for_recipe("tspg+", **QUICK_CONFIG), device="cpu", dataset="tiny")
+    save_bundle(b, tmp_path_factory.mktemp("quick_models"))
+    return b

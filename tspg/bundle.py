@@ -83,6 +83,12 @@ class Bundle:
         return Scaler(np.asarray(s["minimum"], np.float32), np.asarray(s["range"], np.float32))
 
     @property
+    def target_mean(self) -> np.ndarray | None:
+        """Mean of the target class over the training split (scaled), as the heatmap shows it."""
+        tm = self.manifest.get("target_mean")
+        return None if tm is None else np.asarray(tm, np.float32)
+
+    @property
     def config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.manifest["config"])
 
@@ -152,7 +158,11 @@ def save_bundle(bundle: Bundle, out_dir: str | Path | None = None, *, overwrite:
             old = root / f".{bundle.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
-            tmp.rename(final)
+            try:
+                tmp.rename(final)
+            except BaseException:
+                old.rename(final)  # put the previous bundle back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
@@ -178,13 +188,27 @@ def read_manifest(path: str | Path) -> dict:
     if not mf.exists():
         raise ValueError(f"{path}: not a bundle (no manifest.json)")
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{mf}: not valid JSON ({err.msg}, line {err.lineno})") from err
+    except (UnicodeDecodeError, OSError) as err:
+        raise ValueError(f"{mf}: unreadable ({type(err).__name__})") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{mf}: not a bundle manifest (expected a JSON object)")
     required = ["format_version", "name", "genes", "classes", "target", "label_key", "scaler", "config", "split"]
     missing = [k for k in required if k not in manifest]
     if missing:
         raise ValueError(f"{mf}: missing field(s) {', '.join(missing)}")
+    try:
+        _check_manifest(manifest, mf)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{mf}: malformed manifest ({type(err).__name__}: {err})") from err
+    return manifest
+
+
+def _check_manifest(manifest: dict, mf: Path) -> None:
+    if not isinstance(manifest["format_version"], int):
+        raise ValueError(f"{mf}: format_version must be a whole number")
     if manifest["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{mf}: format version {manifest['format_version']} is newer than this tspg reads ({FORMAT_VERSION})")
     if manifest["target"] not in manifest["classes"]:
@@ -192,20 +216,26 @@ def read_manifest(path: str | Path) -> dict:
     n = len(manifest["genes"])
     if len(manifest["scaler"]["minimum"]) != n or len(manifest["scaler"]["range"]) != n:
         raise ValueError(f"{mf}: scaler has the wrong length for {n} genes")
-    return manifest
+    if "target_mean" in manifest and len(manifest["target_mean"]) != n:
+        raise ValueError(f"{mf}: target_mean has the wrong length for {n} genes")
+    if not isinstance(manifest["config"], dict):
+        raise ValueError(f"{mf}: config must be a JSON object")
 
 
 def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Bundle:
     """Load a bundle folder (safetensors only; nothing is unpickled)."""
     path = Path(path)
     manifest = read_manifest(path)
-    cfg = TrainConfig.from_dict(manifest["config"])
     n_genes, n_classes = len(manifest["genes"]), len(manifest["classes"])
-    modules = {
-        "generator": Generator(n_genes, encoder=cfg.gen_encoder, n_residual=cfg.gen_residual, decoder=cfg.gen_decoder),
-        "discriminator": Discriminator(n_genes, hidden=cfg.disc_hidden),
-        "target_model": TargetClassifier(n_genes, n_classes, hidden=cfg.target_hidden),
-    }
+    try:
+        cfg = TrainConfig.from_dict(manifest["config"])
+        modules = {
+            "generator": Generator(n_genes, encoder=cfg.gen_encoder, n_residual=cfg.gen_residual, decoder=cfg.gen_decoder),
+            "discriminator": Discriminator(n_genes, hidden=cfg.disc_hidden),
+            "target_model": TargetClassifier(n_genes, n_classes, hidden=cfg.target_hidden),
+        }
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path / 'manifest.json'}: config does not describe valid networks ({err})") from err
     for key, module in modules.items():
         file = path / WEIGHT_FILES[key]
         if not file.exists():

@@ -19,7 +19,8 @@ logger = logging.getLogger("tspg")
 
 # Help for each TrainConfig field that is a command-line option (--field-name).
 CONFIG_HELP = {
-    "seed": "seed of every random step (split, initialisation, batches, draws)",
+    "seed": "seed of initialisation, batches and draws",
+    "split_seed": "seed of the stratified train/held-out split",
     "test_size": "share of each class held out from every model",
     "target_epochs": "epochs of the target model",
     "target_lr": "Adam learning rate of the target model",
@@ -32,6 +33,7 @@ CONFIG_HELP = {
     "w_norm": "weight of the L2 norm of P",
     "w_td": "weight of the L1 distance to a draw of the target distribution",
     "w_ed": "weight of the energy distance between x_adv and real target samples",
+    "ed_smoothing": "widen the real target samples of the energy distance by this times a draw of the target covariance",
     "ed_repulsion": "weight of the x_adv-to-x_adv term inside the energy distance (<1 draws x_adv to the target's core)",
     "kappa": "Carlini-Wagner confidence margin",
     "adv_space": "take the Carlini-Wagner margin on logits or softmax probabilities",
@@ -50,7 +52,12 @@ CHOICES = {
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Show defaults in --help, except None and False (nothing to show)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
@@ -280,12 +287,13 @@ def _find_app_script() -> Path:
     )
 
 
-def _exec(cmd: list[str], env: dict) -> int:
-    """Replace this process with ``cmd`` (a separate function, so tests can intercept it)."""
+def _exec(cmd: list[str], env: dict, cwd: Path) -> int:
+    """Replace this process with ``cmd`` run in ``cwd`` (a separate function, so tests can intercept it)."""
     if sys.platform == "win32":  # exec does not keep the console on Windows
         import subprocess
 
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(cmd, env=env, cwd=cwd)
+    os.chdir(cwd)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 
@@ -318,7 +326,7 @@ def _app(args, parser) -> int:
     if args.headless:
         cmd += ["--server.headless", "true"]
     logger.info("starting the dashboard: %s (models: %s)", " ".join(cmd), root)
-    return _exec(cmd, env)
+    return _exec(cmd, env, script.parent)  # there, streamlit reads the app's .streamlit/config.toml
 
 
 # ----------------------------------------------------------------------------- perturb, evaluate, enrich

@@ -8,6 +8,7 @@ sample or gene at fault.
 
 from __future__ import annotations
 
+import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,19 +122,32 @@ def _read_text(path: Path, sep: str) -> ad.AnnData:
         raise ValueError(f"{path}: cannot parse as {'comma' if sep == ',' else 'tab'}-separated text ({err})") from err
     if df.shape[1] == 0:
         raise ValueError(f"{path}: no gene columns found (is the separator right?)")
-    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
-    if bad:
-        col = bad[0]
-        values = pd.to_numeric(df[col], errors="coerce")
-        row = df.index[values.isna() & df[col].notna()][0]
-        raise ValueError(f"{path}: non-numeric value {df.loc[row, col]!r} at row {row!r}, column {col!r}")
+    # pandas renames repeated header names ("G1" -> "G1.1"); restore them so that a
+    # repeated gene (or, transposed, sample) is reported instead of silently kept twice.
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh, delimiter=sep), [])
+    if len(header) >= df.shape[1]:
+        df.columns = [str(c) for c in header[len(header) - df.shape[1] :]]
+    for j in range(df.shape[1]):
+        column = df.iloc[:, j]
+        if pd.api.types.is_numeric_dtype(column):
+            continue
+        values = pd.to_numeric(column, errors="coerce")
+        bad = np.flatnonzero(values.isna().to_numpy() & column.notna().to_numpy())
+        i = int(bad[0]) if len(bad) else 0
+        raise ValueError(f"{path}: non-numeric value {column.iloc[i]!r} at row {df.index[i]!r}, column {df.columns[j]!r}")
     df.index = df.index.astype(str)
     df.columns = df.columns.astype(str)
     return ad.AnnData(X=df.to_numpy(dtype=np.float32), obs=pd.DataFrame(index=df.index), var=pd.DataFrame(index=df.columns))
 
 
 def _read_npy(path: Path, *, row_names: str | Path | None, col_names: str | Path | None) -> ad.AnnData:
-    X = np.load(path, allow_pickle=False)
+    try:
+        X = np.load(path, allow_pickle=False)
+    except Exception as err:  # corrupt file, or an object array that would need pickle
+        raise ValueError(f"{path}: not a readable .npy matrix ({err})") from err
+    if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise ValueError(f"{path}: expression values are not numeric (dtype {X.dtype})")
     if X.ndim != 2:
         raise ValueError(f"{path}: expected a 2-d matrix, got shape {X.shape}")
     stem = path.with_suffix("")
@@ -160,7 +174,10 @@ def read_labels(path: str | Path, samples: pd.Index) -> pd.Categorical:
     if not path.exists():
         raise ValueError(f"{path}: labels file not found")
     sep = "," if path.suffix.lower() == ".csv" else "\t"
-    df = pd.read_csv(path, sep=sep, header=None, index_col=0, dtype=str)
+    try:
+        df = pd.read_csv(path, sep=sep, header=None, index_col=0, dtype=str)
+    except Exception as err:  # empty or unparsable file
+        raise ValueError(f"{path}: cannot read labels ({err})") from err
     if df.shape[1] < 1:
         raise ValueError(f"{path}: expected two columns (sample, label)")
     series = df.iloc[:, 0]

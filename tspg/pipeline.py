@@ -181,7 +181,7 @@ def train_all_targets(
     """Train one generator per target class (all classes by default), sharing one target model."""
     config = config or TrainConfig()
     dev = resolve_device(device)
-    prep = prepare(adata, label_key=label_key, genes=genes, layer=layer, test_size=config.test_size, seed=config.seed, dataset=dataset, reuse=target_model)
+    prep = prepare(adata, label_key=label_key, genes=genes, layer=layer, test_size=config.test_size, seed=config.split_seed, dataset=dataset, reuse=target_model)
     targets = list(targets) if targets else list(prep.classes)
     target_idx = [prep.class_index(t) for t in targets]
     names = names or [f"{slug(prep.dataset)}-{slug(t)}" for t in targets]
@@ -211,6 +211,7 @@ def train_all_targets(
             scaler={"minimum": prep.scaler.minimum.tolist(), "range": prep.scaler.range.tolist()},
             split={"train": [prep.samples[i] for i in prep.train_idx], "test": [prep.samples[i] for i in prep.test_idx]},
             config=config.to_dict(),
+            target_mean=prep.X[tr][prep.y[tr] == t].mean(0).tolist(),
             covariance_used=fit.covariance,
             target_model_from=target_model.name if target_model is not None else None,
             metrics=metrics,

@@ -35,14 +35,15 @@ class TrainConfig:
     """
 
     recipe: str = "tspg+"
-    seed: int = 0
+    seed: int = 0  # seeds initialisation, batches and draws
+    split_seed: int = 0  # seeds the train/held-out split, apart, so seeds can be compared on one split
     test_size: float = 0.2  # share of each class held out from every model
     # target model f
     target_epochs: int = 30
     target_lr: float = 1e-3
     target_hidden: tuple[int, ...] = (1024, 512, 128)
     # generator G and discriminator D
-    epochs: int = 150
+    epochs: int = 60
     batch_size: int = 128
     g_lr: float = 2e-4
     d_lr: float = 1e-4
@@ -52,11 +53,12 @@ class TrainConfig:
     disc_hidden: tuple[int, ...] = (512, 256, 128)
     # generator loss L = w_gan L_gan + w_adv L_adv + w_norm L_norm + w_td L_td + w_ed L_ed
     w_gan: float = 1.0
-    w_adv: float = 1.0
+    w_adv: float = 3.0
     w_norm: float = 0.0
     w_td: float = 0.0
-    w_ed: float = 10.0
-    ed_repulsion: float = 1.0  # weight of E d(x_adv, x_adv') inside L_ed; < 1 draws x_adv to the target's core
+    w_ed: float = 30.0
+    ed_smoothing: float = 0.0  # widen the real target samples of L_ed by this times a covariance draw
+    ed_repulsion: float = 0.8  # weight of E d(x_adv, x_adv') inside L_ed; < 1 draws x_adv to the target's core
     kappa: float = 0.0  # Carlini-Wagner confidence margin
     adv_space: Literal["logits", "probs"] = "logits"  # where the C-W margin is taken
     adv_reduce: Literal["mean", "sum"] = "mean"  # over the batch
@@ -85,7 +87,7 @@ class TrainConfig:
 
 # The paper's recipe, as the reference implementation computes it (DESIGN.md).
 PAPER = dict(
-    recipe="paper", w_gan=1.0, w_adv=1.0, w_norm=1.0, w_td=1.0, w_ed=0.0, ed_repulsion=1.0, kappa=0.0,
+    recipe="paper", epochs=150, w_gan=1.0, w_adv=1.0, w_norm=1.0, w_td=1.0, w_ed=0.0, ed_smoothing=0.0, ed_repulsion=1.0, kappa=0.0,
     adv_space="probs", adv_reduce="sum", norm_form="batch", covariance="full",
     disc_real="all", train_on="all",
 )
@@ -223,7 +225,8 @@ class TargetSampler:
             "lowrank": "low-rank covariance plus per-gene residual variance (memory-safe)",
         }[self.kind]
 
-    def sample(self, m: int) -> torch.Tensor:
+    def sample(self, m: int, *, centred: bool = False) -> torch.Tensor:
+        """m draws, clipped to [0, 1]; ``centred`` returns the zero-mean noise alone, unclipped."""
         dev = self.mu.device
 
         def z(*shape):
@@ -235,7 +238,7 @@ class TargetSampler:
             r = self.mu + z(m, self.mu.shape[0]) * self.sd
         else:
             r = self.mu + z(m, self.V.shape[0]) @ self.V + z(m, self.mu.shape[0]) * self.resid_sd
-        return r.clamp(0.0, 1.0)
+        return r - self.mu if centred else r.clamp(0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- loops
@@ -396,6 +399,8 @@ def generator_loss(
     if config.w_ed:
         # real target samples: all of them when they fit in a batch, else a random batch
         ref = X_t if len(X_t) <= m else X_t[torch.randperm(len(X_t), generator=generator)[:m].to(X_t.device)]
+        if config.ed_smoothing:  # widen each reference sample by the target covariance
+            ref = (ref + config.ed_smoothing * (sampler.sample(len(ref), centred=True))).clamp(0.0, 1.0)
         ed = energy_distance(x_adv, ref, repulsion=config.ed_repulsion)
     else:
         ed = zero

@@ -1,0 +1,106 @@
+"""Genes: which genes the generator moves, how consistently, against two baselines; one gene up close."""
+
+from __future__ import annotations
+
+import shlex
+
+import streamlit as st
+
+import app_state as S
+
+S.ensure_router()
+st.title("Genes")
+
+with S.guard("Loading the bundle failed"):
+    bundle = S.current_bundle()
+if bundle is None:
+    st.info("No trained generator yet: train the demo on the Home page.")
+    st.stop()
+with S.guard("The chosen data cannot be used"):
+    data = S.current_data(bundle)
+    S.check_genes(bundle, data)
+with S.guard("Selecting samples failed"):
+    sel = S.selection(bundle, data)
+if not sel.samples:
+    st.warning("No samples selected: pick some on the Perturb page.")
+    st.stop()
+with S.guard("Perturbation failed"):
+    pert = S.perturbation(bundle, data, sel.samples)
+
+from tspg import charts  # noqa: E402
+from tspg.perturb import consensus, consensus_top, unique_top_genes  # noqa: E402
+
+k = int(st.session_state.get(S.TOP_K, 20))
+SHOWN = 25  # genes per direction in the frequency chart
+rows = S.source_rows(bundle, pert)
+src = pert.subset(rows)
+st.caption(f"{len(src)} perturbed samples of source classes ({sel.description}); top {k} genes per direction. Change the selection on the Perturb page.")
+
+# ----------------------------------------------------------------------------- frequency
+
+st.subheader("How often each gene is among a sample's top genes")
+with S.guard("Counting the top genes failed"):
+    freq = consensus(src.P, src.genes, k=k)
+    shown = freq.groupby("direction", sort=False).head(SHOWN)  # the most frequent; the table has them all
+    st.caption(f"The {SHOWN} most frequent genes per direction; the table below lists all {len(freq)}.")
+    S.show_chart(charts.gene_frequency_chart(shown), f"gene-frequency-{bundle.name}", key="freq_chart")
+    S.show_table(freq, f"gene-frequency-{bundle.name}", key="freq_table", index=False, hide_index=True, width="stretch", height=240)
+
+c = st.columns(3)
+if src.labels is not None and len(set(src.labels.tolist())) >= 1:
+    with S.guard("Counting the unique genes failed"):
+        uniq = unique_top_genes(src.P, src.labels, src.genes, k=k, seed=int(st.session_state.get(S.SEL_SEED, 0)), exclude=bundle.target)
+    c[0].metric("Source classes (one random sample each)", uniq["n_classes"])
+    c[1].metric(f"Unique up genes (of {uniq['n_classes'] * k} picks)", uniq["up"])
+    c[2].metric(f"Unique down genes (of {uniq['n_classes'] * k} picks)", uniq["down"])
+    st.caption("The paper's consistency measure: few unique genes mean every source class is moved with the same genes.")
+else:
+    st.info("Unique-gene counts need the samples' classes.")
+
+# ----------------------------------------------------------------------------- baselines
+
+st.subheader("TSPG vs mean shift vs differential expression")
+ks = tuple(sorted({10, k, 50}))
+try:
+    base = S.baselines(bundle)
+except Exception as err:  # the bundle's own data are needed for the baselines
+    st.info(f"Baselines need the bundle's own training data: {err}")
+else:
+    with S.guard("Comparing with the baselines failed"):
+        overlap = S.selection_overlap(bundle, base, src, ks)
+    S.show_table(overlap, f"overlap-{bundle.name}", key="overlap_table", index=False, hide_index=True, width="stretch")
+    st.caption("Overlap of the selection's consensus top-k genes with the mean-shift perturbation's consensus top-k and the top-k of a Wilcoxon test (target vs rest) on the training split.")
+
+# ----------------------------------------------------------------------------- one gene
+
+st.subheader("One gene")
+cons = consensus_top(src.P, src.genes, k=1)
+if st.session_state.get(S.GENE) not in bundle.genes:
+    st.session_state[S.GENE] = cons["up"][0]
+st.selectbox("Gene (type to search)", bundle.genes, key=S.GENE)
+gene = st.session_state[S.GENE]
+labels = data.labels(bundle.label_key)
+if labels is None:
+    st.info(f"{data.label} has no {bundle.label_key!r} column: the per-class views need labels.")
+    st.stop()
+with S.guard("Drawing the gene views failed"):
+    classes = st.session_state.get(S.MAP_CLASSES) or S.map_classes_default(bundle, labels)
+    seed = int(st.session_state.get(S.MAP_SEED, 0))
+    ref, ref_idx = S.reference_map(bundle, data, classes, seed)
+    mkey = S.map_key(bundle, data, classes, seed)
+    frame = S.gene_frames(bundle, data, pert, ref, ref_idx, mkey, gene)
+    st.markdown(f"**{gene}** on the map (scaled expression; perturbed samples: after perturbation)")
+    S.show_chart(charts.gene_map_chart(frame["map"], gene), f"map-{gene}", key="gene_map_chart")
+    st.markdown(f"**{gene}** per class: real samples, and the perturbed selection by source class")
+    S.show_chart(charts.gene_distribution_chart(frame["distribution"], gene), f"distribution-{gene}", key="gene_dist_chart")
+
+S.reproduce(
+    {"bundle": bundle.name, "data": data.label, "selection": sel.params, "k": k, "ks": list(ks), "gene": gene},
+    "# the same comparisons over the bundle's whole held-out split\n"
+    f"tspg evaluate {shlex.quote(bundle.name)} {S.data_arg(bundle, data, optional=True)} --k {k} {S.models_arg()}",
+    python=(
+        "from tspg.perturb import consensus, unique_top_genes\n"
+        f"freq = consensus(P, genes, k={k})\n"
+        f"uniq = unique_top_genes(P, labels, genes, k={k}, exclude={bundle.target!r})"
+    ),
+)

@@ -1,0 +1,102 @@
+"""Home: what TSPG does, the chosen bundle's summary, and training the demo when there is none."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+import app_state as S
+
+S.ensure_router()
+st.title("TSPG Explorer")
+st.markdown(
+    "A **transcriptome state perturbation generator** (TSPG; Targonski et al., 2019) learns, for one "
+    "target class, the smallest change P to a sample's gene expression that makes a classifier call it "
+    "that class.  \nThe genes with the largest positive and negative P are the genes that define the "
+    "target state.  \nPick a trained generator and the data to perturb in the sidebar, then explore the "
+    "pages: perturb samples live, see them on the t-SNE map, and profile their top genes."
+)
+
+
+def train_demo() -> None:
+    """Train the demo generator with a progress bar, save it, and rerun."""
+    from tspg.bundle import save_bundle
+    from tspg.datasets import DEMO_LABEL_KEY, DEMO_NAME, DEMO_TARGET
+    from tspg.pipeline import train
+
+    config = S.demo_config()
+    total = config.target_epochs + config.epochs
+    done = {"n": 0}
+    with st.status("Training the demo generator…", expanded=True) as status:
+        bar = st.progress(0.0, text="loading the demo data")
+
+        def progress(stage: str, step: int, n: int, losses: dict) -> None:
+            done["n"] += 1
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in losses.items() if k != "total" and v)
+            bar.progress(min(done["n"] / total, 1.0), text=f"{stage}: epoch {step}/{n}  {shown}")
+
+        with S.guard("Training the demo generator failed"):
+            bundle = train(
+                S.demo_adata(), label_key=DEMO_LABEL_KEY, target=DEMO_TARGET, config=config,
+                dataset=DEMO_NAME, progress=progress,
+            )
+            path = save_bundle(bundle, S.models_root(), overwrite=True)
+        status.update(label=f"Trained {bundle.name} ({path})", state="complete")
+    st.session_state[S.BUNDLE] = bundle.name
+    st.rerun()
+
+
+TRAIN = "train_demo_requested"
+bundle_name = st.session_state.get(S.BUNDLE)
+if not bundle_name:
+    cfg = S.demo_config()
+    st.subheader("No trained generator yet")
+    st.write(
+        f"The models folder `{S.models_root()}` holds no readable bundle. Train the demo generator: "
+        f"scanpy's pbmc68k_reduced (700 blood cells, 765 genes, 10 cell types), target *CD14+ Monocyte*, "
+        f"{cfg.target_epochs} target-model epochs and {cfg.epochs} generator epochs."
+    )
+    st.button("Train the demo generator", type="primary", key="train_demo", icon=":material/model_training:", on_click=S.set_state, args=(TRAIN, True))
+    if st.session_state.pop(TRAIN, False):
+        train_demo()
+    S.reproduce(
+        {"models folder": str(S.models_root()), "epochs": cfg.epochs, "target_epochs": cfg.target_epochs},
+        f"tspg-train --demo --epochs {cfg.epochs} --target-epochs {cfg.target_epochs} --out {S.models_root()}",
+    )
+    st.stop()
+
+with S.guard("Loading the bundle failed"):
+    bundle = S.current_bundle()
+m = bundle.manifest
+metrics = bundle.metrics
+
+st.subheader(f"Bundle {bundle.name}")
+st.caption(f"dataset {m['dataset']['name']} · gene set {m['gene_set']['name']} · recipe {m['config'].get('recipe', '')} · created {m['created']}")
+c = st.columns([1, 1, 2, 1.4, 1.4])
+c[0].metric("Classes", len(bundle.classes))
+c[1].metric("Genes", len(bundle.genes))
+c[2].metric("Target", bundle.target)
+c[3].metric("Target-model accuracy", f"{metrics.get('target_model_accuracy', float('nan')):.3f}", help="held-out split")
+c[4].metric(
+    "Perturbation accuracy", f"{metrics.get('perturbation_accuracy_non_target', float('nan')):.3f}",
+    help="share of held-out samples of the other classes that the target model calls the target after perturbation",
+)
+
+with S.guard("The chosen data cannot be used"):
+    data = S.current_data(bundle)
+    S.check_genes(bundle, data)
+labels = data.labels(bundle.label_key)
+st.write(
+    f"**Data to perturb:** {data.label}: {data.adata.n_obs} samples x {data.adata.n_vars} genes; "
+    f"all {len(bundle.genes)} of the bundle's genes found."
+)
+if labels is None:
+    st.warning(f"{data.label} has no {bundle.label_key!r} column in obs: samples can be picked by id or at random, not by class.")
+else:
+    counts = pd.Series(labels).value_counts().sort_index()
+    st.caption("Classes: " + ", ".join(f"{k} ({v})" for k, v in counts.items()))
+
+S.reproduce(
+    {"bundle": bundle.name, "models folder": str(S.models_root()), "data": data.label},
+    f"tspg list --out {S.models_root()}\n{S.train_command(m)}",
+)

@@ -1,0 +1,92 @@
+"""Map: the t-SNE of real samples by class, with the perturbed selection placed on it (paper Fig. 2, left)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import streamlit as st
+
+import app_state as S
+
+S.ensure_router()
+st.title("Map")
+
+with S.guard("Loading the bundle failed"):
+    bundle = S.current_bundle()
+if bundle is None:
+    st.info("No trained generator yet: train the demo on the Home page.")
+    st.stop()
+with S.guard("The chosen data cannot be used"):
+    data = S.current_data(bundle)
+    S.check_genes(bundle, data)
+labels = data.labels(bundle.label_key)
+if labels is None:
+    st.error(f"{data.label} has no {bundle.label_key!r} column in obs: the map needs each real sample's class.")
+    st.stop()
+
+present = S.map_classes_default(bundle, labels)
+all_classes = list(dict.fromkeys([*present, *sorted(set(labels.tolist()))]))
+chosen = [c for c in st.session_state.get(S.MAP_CLASSES) or [] if c in all_classes]
+st.session_state[S.MAP_CLASSES] = chosen or present
+c1, c2 = st.columns([4, 1])
+c1.multiselect("Real samples of the classes (at most 10; the target is always shown)", all_classes, key=S.MAP_CLASSES, max_selections=10)
+c2.number_input("Seed", min_value=0, step=1, key=S.MAP_SEED)
+classes = st.session_state[S.MAP_CLASSES] or present
+seed = int(st.session_state[S.MAP_SEED])
+
+with S.guard("Selecting samples failed"):
+    sel = S.selection(bundle, data)
+if not sel.samples:
+    st.warning("No samples selected: pick some on the Perturb page.")
+    st.stop()
+with S.guard("Perturbation failed"):
+    pert = S.perturbation(bundle, data, sel.samples)
+
+with S.guard("Fitting the t-SNE map failed"):
+    ref, ref_idx = S.reference_map(bundle, data, classes, seed)
+mkey = S.map_key(bundle, data, classes, seed)
+joint_id = (mkey, S.bundle_key(bundle), tuple(pert.samples))
+
+b1, b2, _ = st.columns([1, 1, 3])
+b1.button(
+    "Recompute joint map", icon=":material/refresh:", key="map_joint_button", on_click=S.set_state, args=(S.MAP_JOINT, joint_id),
+    help="One t-SNE of the real and the perturbed samples together (slower; the reference map moves).",
+)
+is_joint = st.session_state.get(S.MAP_JOINT) == joint_id
+if is_joint:
+    b2.button("Back to the reference map", icon=":material/undo:", key="map_back_button", on_click=S.set_state, args=(S.MAP_JOINT, None))
+
+start = time.perf_counter()
+with S.guard("Placing the perturbed samples failed"):
+    if is_joint:
+        real_xy, new_xy = S.joint(ref_idx, mkey, bundle, data, pert, seed)
+        shown_ref = dataclasses.replace(ref, coords=real_xy, embedding=None)
+    else:
+        new_xy, shown_ref = S.placed(ref, mkey, bundle, pert), ref
+seconds = time.perf_counter() - start
+
+with S.guard("Drawing the map failed"):
+    from tspg import charts
+    from tspg.embedding import map_frame
+
+    real_pred = S.real_predictions(bundle, data)[ref_idx]
+    frame = map_frame(shown_ref, new_xy, new_samples=pert.samples, new_source=pert.labels, new_pred=pert.pred_after, real_pred=real_pred)
+    st.caption(
+        f"{len(ref)} real samples of {len(set(ref.labels))} classes; {len(pert)} perturbed samples ({sel.description}) "
+        + ("from a joint t-SNE fit." if is_joint else f"placed on the fixed reference map in {seconds:.2f} s.")
+        + " Click a legend entry to highlight a class; hover a point for its sample, class and prediction."
+    )
+    S.show_chart(charts.map_chart(frame), f"map-{bundle.name}", key="map_chart")
+
+S.show_table(frame, f"map-{bundle.name}", key="map_frame", index=False, hide_index=True, width="stretch", height=240)
+S.reproduce(
+    {"bundle": bundle.name, "data": data.label, "classes": classes, "seed": seed, "joint": is_joint, "selection": sel.params, **ref.params},
+    "# no tspg command draws the map; in Python, with Xs the bundle-scaled expression:",
+    python=(
+        "from tspg.embedding import select_map_samples, fit_reference_map, place, map_frame\n"
+        f"idx = select_map_samples(labels, classes={classes!r}, target={bundle.target!r}, seed={seed})\n"
+        f"ref = fit_reference_map(Xs[idx], samples=names[idx], labels=labels[idx], seed={seed})\n"
+        "frame = map_frame(ref, place(ref, perturbation.x_adv), new_samples=perturbation.samples)"
+    ),
+)

@@ -1,0 +1,56 @@
+"""TSPG Explorer dashboard: ``streamlit run streamlit_app.py`` (or ``tspg app``).
+
+A router: the pages are listed explicitly for ``st.navigation``; the sidebar holds the
+bundle and data pickers shared by every page (their values live in ``st.session_state``).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+import app_state as S
+
+st.set_page_config(page_title="TSPG Explorer", page_icon=":material/scatter_plot:", layout="wide")
+S.init_state()
+
+PAGES = [
+    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/models.py", title="Models", icon=":material/inventory_2:"),
+    st.Page("pages/perturb.py", title="Perturb", icon=":material/tune:"),
+    st.Page("pages/map.py", title="Map", icon=":material/scatter_plot:"),
+    st.Page("pages/genes.py", title="Genes", icon=":material/genetics:"),
+    st.Page("pages/enrichment.py", title="Enrichment", icon=":material/hub:"),
+]
+page = st.navigation(PAGES)
+
+
+def sidebar() -> None:
+    entries = S.bundle_entries()
+    names = S.readable_names(entries)
+    with st.sidebar:
+        st.header("Model and data")
+        if not names:
+            st.session_state.pop(S.BUNDLE, None)
+            st.info(f"No trained bundle in `{S.models_root()}` yet. Train the demo on the Home page.")
+            return
+        if st.session_state.get(S.BUNDLE) not in names:
+            st.session_state[S.BUNDLE] = names[0]
+        manifests = {e.name: e.manifest for e in entries if e.error is None}
+        st.selectbox(
+            "Bundle", names, key=S.BUNDLE,
+            format_func=lambda n: f"{manifests[n]['target']} · {n}",
+            help=f"Generators found in {S.models_root()} (set TSPG_MODELS_DIR to use another folder).",
+        )
+        st.radio("Data to perturb", list(S.DATA_CHOICES), key=S.DATA, format_func=S.DATA_CHOICES.get)
+        if st.session_state[S.DATA] == "upload":
+            st.file_uploader(
+                f".h5ad file (at most {S.MAX_UPLOAD_MB} MB)", key=S.UPLOAD, max_upload_size=S.MAX_UPLOAD_MB,
+                help="An AnnData file with the bundle's genes (matched by name) and, for picking samples by class, its label column in obs.",
+            )
+        n_bad = len(entries) - len(names)
+        if n_bad:
+            st.caption(f"{n_bad} unreadable bundle(s): see the Models page.")
+
+
+sidebar()
+page.run()

@@ -1,0 +1,346 @@
+"""The dashboard through Streamlit's AppTest: every page, driven and read back.
+
+AppTest runs the scripts in this process without a browser; charts are not drawn, but
+each chart's Vega-Lite spec and data are in its element's proto. Streamlit's caches live
+in the process, so they are cleared before each test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from tspg.bundle import list_bundles, load_bundle
+from tspg.datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
+
+st = pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "streamlit_app.py")
+TIMEOUT = 120  # torch, scanpy and a t-SNE fit on 2 shared cores
+
+
+@pytest.fixture(scope="module")
+def models(demo_models_dir, tmp_path_factory) -> Path:
+    """This module's own copy of the demo models folder (tests add folders to it)."""
+    root = tmp_path_factory.mktemp("app_models")
+    for p in Path(demo_models_dir).iterdir():
+        if p.is_dir() and not p.name.startswith("."):
+            shutil.copytree(p, root / p.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_adata():
+    return demo()
+
+
+@pytest.fixture(autouse=True)
+def fresh_streamlit(tmp_path, monkeypatch):
+    """Empty Streamlit caches, and an enrichment cache of the test's own."""
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    monkeypatch.setenv("TSPG_CACHE_DIR", str(tmp_path / "cache"))
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def app(models_dir: Path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("TSPG_MODELS_DIR", str(models_dir))
+    return AppTest.from_file(APP, default_timeout=TIMEOUT)
+
+
+def ok(at: AppTest) -> AppTest:
+    """The run raised nothing and showed no error."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def charts(at: AppTest) -> list:
+    return at.get("vega_lite_chart") + at.get("arrow_vega_lite_chart")
+
+
+def chart_data(el) -> pd.DataFrame:
+    """A chart element's data (Arrow datasets, or values inline in the spec)."""
+    frames = [pa.ipc.open_stream(d.data.data).read_pandas() for d in el.proto.datasets]
+    if not frames:
+        spec = json.loads(el.proto.spec)
+        values = spec.get("data", {}).get("values") or []
+        values += [v for ds in spec.get("datasets", {}).values() for v in ds]
+        frames = [pd.DataFrame(values)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def the_bundle(models_dir: Path):
+    entry = next(e for e in list_bundles(models_dir) if e.error is None)
+    return load_bundle(entry.path)
+
+
+# ----------------------------------------------------------------------------- pages
+
+
+def test_home_shows_the_manifest_summary(models, monkeypatch):
+    at = ok(app(models, monkeypatch).run())
+    bundle = the_bundle(models)
+    assert at.sidebar.selectbox(key="bundle").value == bundle.name
+    m = metrics(at)
+    assert m["Classes"] == str(len(bundle.classes)) == "10"
+    assert m["Genes"] == str(len(bundle.genes)) == "765"
+    assert m["Target"] == bundle.target == DEMO_TARGET
+    assert m["Target-model accuracy"] == f"{bundle.metrics['target_model_accuracy']:.3f}"
+    assert m["Perturbation accuracy"] == f"{bundle.metrics['perturbation_accuracy_non_target']:.3f}"
+    assert "all 765 of the bundle's genes found" in texts(at.markdown)
+
+
+def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
+    bundle = the_bundle(models)
+    labels = demo_adata.obs[DEMO_LABEL_KEY].astype(str)
+    test = [s for s in bundle.split["test"] if labels[s] != DEMO_TARGET]
+    ids = test[:6]
+    at = ok(app(models, monkeypatch).run())
+    at.session_state["sel_mode"] = "id"
+    at.session_state["sel_ids"] = ids
+    ok(at.switch_page("pages/perturb.py").run())
+    assert at.multiselect(key="sel_ids").value == ids
+
+    pred = at.dataframe[0].value
+    assert list(pred.index) == ids
+    from tspg.perturb import perturb_adata
+
+    expected = perturb_adata(bundle, demo_adata[ids]).predictions_df()
+    assert list(pred["pred_after"]) == list(expected["pred_after"])
+    np.testing.assert_allclose(pred["prob_target_after"], expected["prob_target_after"], atol=1e-3)
+    assert list(pred["label"]) == list(labels[ids])
+
+    # the heatmap: the selection mean's top +/-20 genes, columns x, P, x_adv, target mean
+    heat = chart_data(charts(at)[0])
+    assert set(heat["column"]) == {"x", "P", "x_adv", "target mean"}
+    assert heat["gene"].nunique() == 40
+    mean_P = perturb_adata(bundle, demo_adata[ids]).P.mean(0)
+    top_gene = bundle.genes[int(np.argmax(mean_P))]
+    assert heat.sort_values("rank").iloc[0]["gene"] == top_gene
+    assert heat[(heat.gene == top_gene) & (heat.column == "P")]["value"].iloc[0] == pytest.approx(mean_P.max(), abs=1e-4)
+
+    # one sample: heatmap and top genes follow it
+    at.radio(key="heat_view").set_value("sample")
+    at.session_state["heat_sample"] = ids[2]
+    ok(at.run())
+    from tspg.perturb import top_genes
+
+    P = perturb_adata(bundle, demo_adata[[ids[2]]]).P
+    top = top_genes(P, bundle.genes, k=20)
+    up_table, down_table = at.dataframe[1].value, at.dataframe[2].value
+    assert list(up_table["gene"]) == list(top.up[0])
+    assert list(down_table["gene"]) == list(top.down[0])
+    assert set(chart_data(charts(at)[0])["gene"]) == set(top.up[0]) | set(top.down[0])
+    labels_dl = {b.label for b in at.get("download_button")}
+    assert {"Perturbed samples (.h5ad)", "P, samples x genes (CSV)", "SVG", "PNG", "CSV"} <= labels_dl
+    assert "tspg perturb" in texts(at.code)
+
+
+def test_random_selection_moves_most_samples_to_the_target(models, monkeypatch):
+    at = ok(app(models, monkeypatch).run())
+    ok(at.switch_page("pages/perturb.py").run())
+    pred = at.dataframe[0].value
+    assert len(pred) == 20  # default: 20 held-out non-target samples, seed 0
+    assert (pred["label"] != DEMO_TARGET).all()
+    assert (pred["pred_after"] == DEMO_TARGET).mean() >= 0.5
+    at.number_input(key="sel_n").set_value(7)
+    ok(at.run())
+    assert len(at.dataframe[0].value) == 7
+    assert metrics(at)["Samples"] == "7"
+
+
+def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
+    bundle = the_bundle(models)
+    at = ok(app(models, monkeypatch).run())
+    classes = [DEMO_TARGET, "CD56+ NK", "CD19+ B"]
+    at.session_state["map_classes"] = classes
+    at.session_state["sel_mode"] = "class"
+    at.session_state["sel_classes"] = ["CD19+ B", "CD56+ NK"]
+
+    ok(at.switch_page("pages/map.py").run())
+    frame = chart_data(charts(at)[0])
+    real, pert = frame[frame.kind == "real"], frame[frame.kind == "perturbed"]
+    assert set(real["class"]) == set(classes)
+    assert set(pert["class"]) == {"CD19+ B", "CD56+ NK"}
+    assert len(pert) == sum(1 for s in bundle.split["test"] if s in set(pert["sample"]))  # held-out only
+    assert {"sample", "class", "predicted", "kind", "x", "y"} <= set(frame.columns)
+    spec = json.dumps(json.loads(charts(at)[0].proto.spec))
+    assert '"bind": "legend"' in spec and "tooltip" in spec
+    assert "placed on the fixed reference map" in texts(at.caption)
+    at.button(key="map_joint_button").click()
+    ok(at.run())
+    assert "from a joint t-SNE fit" in texts(at.caption)
+
+    ok(at.switch_page("pages/genes.py").run())
+    m = metrics(at)
+    assert m["Source classes (one random sample each)"] == "2"
+    assert 20 <= int(m["Unique up genes (of 40 picks)"]) <= 40
+    overlap = at.dataframe[1].value
+    assert set(overlap["baseline"]) == {"differential expression", "mean shift"}
+    assert set(overlap["k"]) == {10, 20, 50}
+    at.selectbox(key="gene").set_value("LYZ")
+    ok(at.run())
+    gene_map, dist = (chart_data(c) for c in charts(at)[1:3])
+    assert len(gene_map) == len(frame) and gene_map["value"].between(0, 1).all()
+    assert set(dist["kind"]) == {"real", "perturbed"}
+
+    ok(at.switch_page("pages/enrichment.py").run())
+    assert "offline" in texts(at.warning)  # no network here: the offline fallback, labelled
+    assert "Enrichr could not be used" in texts(at.caption)
+    table = at.dataframe[0].value
+    assert len(table) and set(table["backend"]) == {"offline"} and set(table["direction"]) <= {"up", "down"}
+    bars = chart_data(charts(at)[0])
+    assert len(bars) >= 1
+
+    # the page's equivalent command gives the same table
+    import shlex
+
+    from tspg import cli
+
+    command = next(c.value for c in at.code if c.value.startswith("tspg enrich"))
+    argv = shlex.split(command)[1:]
+    out = tmp_path / "enrichment.csv"
+    argv[argv.index("-o") + 1] = str(out)
+    assert cli.main(argv) == 0
+    from_cli = pd.read_csv(out)
+    cols = ["direction", "library", "term", "n_overlap"]
+    pd.testing.assert_frame_equal(from_cli[cols], table[cols].reset_index(drop=True), check_dtype=False)
+    np.testing.assert_allclose(from_cli["q"], table["q"], rtol=1e-6)
+
+    at.radio(key="enr_direction").set_value("up")
+    ok(at.run())
+    assert set(at.dataframe[0].value["direction"]) <= {"up"}
+
+
+def test_models_page_lists_an_unreadable_bundle(models, monkeypatch, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(models, root)
+    (root / "broken").mkdir()
+    (root / "broken" / "manifest.json").write_text("{not json")
+    at = ok(app(root, monkeypatch).run())
+    assert metrics(at)["Target"] == DEMO_TARGET  # the readable bundle still works
+    ok(at.switch_page("pages/models.py").run())
+    table = at.dataframe[0].value
+    assert table.loc["broken", "status"] == "unreadable"
+    assert "not valid JSON" in table.loc["broken", "error"]
+    assert "broken" in texts(at.warning)
+    ok_row = table.drop("broken").iloc[0]
+    assert ok_row["status"] == "ok" and ok_row["target"] == DEMO_TARGET
+    losses = chart_data(charts(at)[0])
+    assert {"epoch", "loss", "value"} <= set(losses.columns) and (losses["value"] > 0).all()
+    acc = chart_data(charts(at)[1])
+    assert set(acc["source"]) == set(the_bundle(models).metrics["perturbation_accuracy_by_source"])
+    assert at.json  # the config
+
+
+def test_uploads_and_bad_input(models, monkeypatch, tmp_path, demo_adata):
+    at = ok(app(models, monkeypatch).run())
+    at.sidebar.radio(key="data_source").set_value("upload")
+    ok(at.run())
+    at.sidebar.file_uploader(key="upload").set_value(("notes.txt", b"hello", "text/plain"))
+    at.run()
+    assert not at.exception
+    assert "upload a .h5ad file" in texts(at.error)
+
+    import anndata as ad
+
+    wrong = ad.AnnData(np.ones((4, 3), np.float32), obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]), var=pd.DataFrame(index=["A", "B", "C"]))
+    path = tmp_path / "wrong.h5ad"
+    wrong.write_h5ad(path)
+    at.sidebar.file_uploader(key="upload").set_value(("wrong.h5ad", path.read_bytes(), "application/octet-stream"))
+    at.switch_page("pages/perturb.py").run()
+    assert not at.exception
+    assert "none of the model's 765 genes are present" in texts(at.error)
+
+    # a good file without the label column: perturbs, but cannot pick by class
+    cells = demo_adata[::25].copy()
+    cells.obs = cells.obs.drop(columns=[DEMO_LABEL_KEY])
+    cells.write_h5ad(path := tmp_path / "cells.h5ad")
+    at.sidebar.file_uploader(key="upload").set_value(("cells.h5ad", path.read_bytes(), "application/octet-stream"))
+    ok(at.run())
+    pred = at.dataframe[0].value
+    assert len(pred) == 20 and set(pred.index) <= set(cells.obs_names) and "label" not in pred
+    assert "sel_heldout" not in [c.key for c in at.checkbox]  # held-out only applies to the bundle's own data
+    at.radio(key="sel_mode").set_value("class")
+    at.run()
+    assert not at.exception
+    assert "no 'bulk_labels' column in obs" in texts(at.error)
+
+
+def test_no_bundle_home_trains_the_demo(tmp_path, monkeypatch):
+    empty = tmp_path / "empty_models"
+    monkeypatch.setenv("TSPG_DEMO_EPOCHS", "1")
+    at = ok(app(empty, monkeypatch).run())
+    button = at.button(key="train_demo")
+    assert button.label == "Train the demo generator"
+    assert "1 generator epochs" in texts(at.markdown)
+    button.click()
+    ok(at.run())
+    names = [e.name for e in list_bundles(empty) if e.error is None]
+    assert len(names) == 1
+    assert metrics(at)["Target"] == DEMO_TARGET
+    assert at.sidebar.selectbox(key="bundle").value == names[0]
+
+
+# ----------------------------------------------------------------------------- tspg app
+
+
+def test_cli_app_starts_streamlit_with_the_models_folder(models, monkeypatch):
+    from tspg import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_exec", lambda cmd, env, cwd: calls.append((cmd, env, cwd)) or 0)
+    assert cli.main(["app", "--models", str(models), "--port", "8765", "--headless"]) == 0
+    (cmd, env, cwd), = calls
+    assert cwd == ROOT
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == ROOT / "streamlit_app.py"
+    assert cmd[cmd.index("--server.port") + 1] == "8765" and "--server.headless" in cmd
+    assert env["TSPG_MODELS_DIR"] == str(models.resolve())
+
+
+def test_cli_app_without_streamlit_app_is_a_clear_error(models, monkeypatch, tmp_path, capsys):
+    from tspg import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "pkg" / "tspg" / "cli.py"))
+    assert cli.main(["app", "--models", str(models)]) == 1
+    assert "streamlit_app.py not found" in capsys.readouterr().err
+
+
+def test_target_picker_switches_the_bundle(models, monkeypatch, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(models, root)
+    src = next(p for p in root.iterdir() if p.is_dir())
+    other = root / "pbmc-dendritic"
+    shutil.copytree(src, other)  # same genes and classes, another target (the weights do not matter here)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.update(name="pbmc-dendritic", target="Dendritic")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    at = ok(app(root, monkeypatch).run())
+    ok(at.switch_page("pages/perturb.py").run())
+    picker = at.selectbox(key="perturb_target")
+    assert set(picker.options) == {f"{DEMO_TARGET} ({src.name})", "Dendritic (pbmc-dendritic)"}
+    picker.set_value("pbmc-dendritic")
+    ok(at.run())
+    assert at.sidebar.selectbox(key="bundle").value == "pbmc-dendritic"
+    assert at.subheader[0].value == "20 samples → Dendritic"
+    assert (at.dataframe[0].value["label"] != "Dendritic").all()

@@ -1,0 +1,290 @@
+"""Model bundles: save, load (fresh process, no pickle), validation, atomic writes, listing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_adata
+from safetensors.torch import load_file, save_file
+
+from tspg.bundle import (
+    Bundle,
+    check_name,
+    list_bundles,
+    load_bundle,
+    models_dir,
+    resolve_bundle,
+    save_bundle,
+    slug,
+)
+from tspg.data import align_genes
+from tspg.train import generate
+
+
+class _Trap:
+    """Unpickling this creates a file: proof that something was unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.fixture
+def bundle_copy(quick_bundle, tmp_path) -> Path:
+    """A private copy of the quick bundle's folder, safe to damage."""
+    dst = tmp_path / "models" / quick_bundle.name
+    shutil.copytree(quick_bundle.path, dst)
+    return dst
+
+
+def one_line_value_error(func, *args) -> str:
+    with pytest.raises(ValueError) as err:
+        func(*args)
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_saved_bundle_layout(quick_bundle):
+    path = quick_bundle.path
+    assert sorted(p.name for p in path.iterdir()) == [
+        "discriminator.safetensors", "generator.safetensors", "manifest.json", "target_model.safetensors",
+    ]
+    m = json.loads((path / "manifest.json").read_text())
+    for key in ("format_version", "created", "tspg_version", "torch_version", "dataset", "label_key", "classes",
+                "target", "genes", "gene_set", "scaler", "split", "config", "metrics", "history"):
+        assert key in m, key
+    assert m["classes"] == ["alpha", "beta", "gamma"] and m["target"] == "beta"
+    assert m["config"]["seed"] == 0 and m["dataset"]["fingerprint"]
+    assert sorted(m["split"]["train"] + m["split"]["test"]) == sorted(make_tiny_adata().obs_names)
+
+
+def test_load_in_same_process_gives_same_outputs(quick_bundle):
+    loaded = load_bundle(quick_bundle.path)
+    assert loaded.genes == quick_bundle.genes and loaded.classes == quick_bundle.classes
+    assert loaded.config == quick_bundle.config
+    X = quick_bundle.scaler.transform(make_tiny_adata().X)
+    np.testing.assert_array_equal(generate(loaded.generator, X), generate(quick_bundle.generator, X))
+
+
+FRESH = r"""
+import json, sys
+import numpy as np, anndata as ad
+from tspg.bundle import load_bundle
+from tspg.data import align_genes
+from tspg.train import generate, predict_proba
+b = load_bundle(sys.argv[1])
+adata = ad.read_h5ad(sys.argv[2])
+test = adata[b.split["test"]]
+X = b.scaler.transform(align_genes(test, b.genes))
+P = generate(b.generator, X)
+pred = predict_proba(b.target_model, np.clip(X + P, 0, 1)).argmax(1)
+non_target = (test.obs[b.label_key].astype(str) != b.target).to_numpy()
+np.save(sys.argv[3], P)
+print(json.dumps({"genes": b.genes, "accuracy": float((pred[non_target] == b.target_index).mean())}))
+"""
+
+
+def test_fresh_process_loads_same_genes_same_p_same_accuracy(quick_bundle, tmp_path):
+    adata = make_tiny_adata()
+    shuffled = adata[:, list(adata.var_names[::-1])].copy()  # genes in another order: matched by name
+    shuffled.write_h5ad(tmp_path / "tiny.h5ad")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH, str(quick_bundle.path), str(tmp_path / "tiny.h5ad"), str(tmp_path / "P.npy")],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["genes"] == quick_bundle.genes
+    assert result["accuracy"] == quick_bundle.metrics["perturbation_accuracy_non_target"]
+    test = adata[quick_bundle.split["test"]]
+    X = quick_bundle.scaler.transform(align_genes(test, quick_bundle.genes))
+    np.testing.assert_allclose(np.load(tmp_path / "P.npy"), generate(quick_bundle.generator, X), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- no pickle, validation
+
+
+def test_loading_never_unpickles(bundle_copy, tmp_path):
+    sentinel = tmp_path / "unpickled"
+    trap = pickle.dumps(_Trap(str(sentinel)))
+    for name in ("generator.pt", "generator.pth", "model.pkl", "target_model.bin"):
+        (bundle_copy / name).write_bytes(trap)
+    torch.save({"trap": _Trap(str(sentinel))}, bundle_copy / "discriminator.pt")
+    load_bundle(bundle_copy)
+    list_bundles(bundle_copy.parent)
+    assert not sentinel.exists()
+    # a pickle where the weights should be is refused, not run
+    (bundle_copy / "generator.safetensors").write_bytes(trap)
+    msg = one_line_value_error(load_bundle, bundle_copy)
+    assert "generator.safetensors: unreadable weights" in msg
+    assert not sentinel.exists()
+
+
+def test_tensor_with_wrong_shape_named(bundle_copy):
+    file = bundle_copy / "target_model.safetensors"
+    tensors = load_file(str(file))
+    tensors["net.0.weight"] = tensors["net.0.weight"][:, :-1].contiguous()  # one gene short
+    save_file(tensors, str(file))
+    msg = one_line_value_error(load_bundle, bundle_copy)
+    assert str(file) in msg and "'net.0.weight'" in msg and "shape" in msg
+
+
+def test_missing_or_extra_tensor_named(bundle_copy):
+    file = bundle_copy / "discriminator.safetensors"
+    tensors = load_file(str(file))
+    save_file({**tensors, "net.99.weight": torch.zeros(2)}, str(file))
+    assert "unexpected tensor" in one_line_value_error(load_bundle, bundle_copy)
+    del tensors["net.0.bias"]
+    save_file(tensors, str(file))
+    assert "tensor 'net.0.bias' is missing" in one_line_value_error(load_bundle, bundle_copy)
+
+
+def test_missing_weight_file_named(bundle_copy):
+    (bundle_copy / "generator.safetensors").unlink()
+    msg = one_line_value_error(load_bundle, bundle_copy)
+    assert str(bundle_copy) in msg and "generator.safetensors" in msg
+
+
+CORRUPT_MANIFESTS = {
+    "truncated": lambda m: json.dumps(m)[:200],
+    "binary": lambda m: b"\xff\xfe\x00garbage",
+    "a list": lambda m: "[1, 2, 3]",
+    "no genes": lambda m: json.dumps({k: v for k, v in m.items() if k != "genes"}),
+    "target not a class": lambda m: json.dumps({**m, "target": "delta"}),
+    "scaler too short": lambda m: json.dumps({**m, "scaler": {"minimum": [0.0], "range": [1.0]}}),
+    "scaler not a dict": lambda m: json.dumps({**m, "scaler": [1, 2]}),
+    "format version text": lambda m: json.dumps({**m, "format_version": "one"}),
+    "format version newer": lambda m: json.dumps({**m, "format_version": 99}),
+    "config wrong": lambda m: json.dumps({**m, "config": {**m["config"], "gen_encoder": "wide"}}),
+}
+
+
+@pytest.mark.parametrize("damage", list(CORRUPT_MANIFESTS))
+def test_corrupt_manifest_is_a_one_line_error_naming_the_file(bundle_copy, damage):
+    mf = bundle_copy / "manifest.json"
+    content = CORRUPT_MANIFESTS[damage](json.loads(mf.read_text()))
+    mf.write_bytes(content if isinstance(content, bytes) else content.encode())
+    msg = one_line_value_error(load_bundle, bundle_copy)
+    assert str(mf) in msg
+    [entry] = list_bundles(bundle_copy.parent)
+    if damage != "config wrong":  # listing reads the manifest only, not the networks
+        assert entry.manifest is None and str(mf) in entry.error
+
+
+def test_folder_without_manifest(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "not a bundle (no manifest.json)" in one_line_value_error(load_bundle, tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- atomic save
+
+
+def unsaved_copy(bundle: Bundle, **manifest_changes) -> Bundle:
+    return Bundle({**bundle.manifest, **manifest_changes}, bundle.generator, bundle.discriminator, bundle.target_model)
+
+
+def test_failed_save_leaves_nothing_behind(quick_bundle, tmp_path):
+    root = tmp_path / "models"
+    bad = unsaved_copy(quick_bundle, name="half", metrics={"not json": object()})
+    with pytest.raises(TypeError, match="cannot store object in a manifest"):
+        save_bundle(bad, root)
+    assert list(root.iterdir()) == []  # no bundle, no temporary folder
+    assert list_bundles(root) == []
+
+
+def test_failed_overwrite_keeps_the_old_bundle(quick_bundle, tmp_path):
+    root = tmp_path / "models"
+    save_bundle(unsaved_copy(quick_bundle, name="keep"), root)
+    before = (root / "keep" / "manifest.json").read_text()
+    with pytest.raises(TypeError):
+        save_bundle(unsaved_copy(quick_bundle, name="keep", metrics={"x": object()}), root, overwrite=True)
+    assert [p.name for p in root.iterdir()] == ["keep"]
+    assert (root / "keep" / "manifest.json").read_text() == before
+    load_bundle(root / "keep")
+
+
+def test_save_refuses_existing_name_unless_overwrite(quick_bundle, tmp_path):
+    root = tmp_path / "models"
+    save_bundle(unsaved_copy(quick_bundle, name="b1"), root)
+    with pytest.raises(ValueError, match="a bundle of that name exists"):
+        save_bundle(unsaved_copy(quick_bundle, name="b1"), root)
+    save_bundle(unsaved_copy(quick_bundle, name="b1", target="gamma"), root, overwrite=True)
+    assert [p.name for p in root.iterdir()] == ["b1"]  # no .old folder left
+    assert load_bundle(root / "b1").target == "gamma"
+
+
+def test_save_refuses_unsafe_names(quick_bundle, tmp_path):
+    for name in ("../escape", ".hidden", "a/b", ""):
+        with pytest.raises(ValueError, match="invalid bundle name"):
+            save_bundle(unsaved_copy(quick_bundle, name=name), tmp_path / "models")
+    assert not (tmp_path / "escape").exists()
+
+
+# ----------------------------------------------------------------------------- listing, names
+
+
+def test_list_bundles_reports_unreadable_and_others_still_load(quick_bundle, tmp_path):
+    root = tmp_path / "models"
+    save_bundle(unsaved_copy(quick_bundle, name="good"), root)
+    shutil.copytree(root / "good", root / "broken-json")
+    (root / "broken-json" / "manifest.json").write_text("{not json")
+    shutil.copytree(root / "good", root / "no-weights")
+    (root / "no-weights" / "target_model.safetensors").unlink()
+    (root / "stray-folder").mkdir()
+    (root / ".tmp-in-progress").mkdir()
+    (root / "README.md").write_text("models live here")
+    entries = {e.name: e for e in list_bundles(root)}
+    assert list(entries) == ["broken-json", "good", "no-weights", "stray-folder"]
+    assert entries["good"].error is None and entries["good"].manifest["target"] == "beta"
+    assert "not valid JSON" in entries["broken-json"].error
+    assert "target_model.safetensors" in entries["no-weights"].error
+    assert "no manifest.json" in entries["stray-folder"].error
+    assert load_bundle(entries["good"].path).target == "beta"
+
+
+def test_models_dir_default_and_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("TSPG_MODELS_DIR", raising=False)
+    assert models_dir() == Path("models")
+    monkeypatch.setenv("TSPG_MODELS_DIR", str(tmp_path))
+    assert models_dir() == tmp_path and models_dir("x") == Path("x")
+    assert list_bundles(tmp_path / "absent") == []
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc", ".hidden", "..", ".", "a/b", "a\\b", ""])
+def test_resolve_bundle_refuses_names_outside_the_folder(tmp_path, name):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="invalid bundle name"):
+        resolve_bundle(name, tmp_path / "models")
+
+
+def test_resolve_bundle(quick_bundle, tmp_path):
+    root = quick_bundle.path.parent
+    assert resolve_bundle(quick_bundle.name, root) == quick_bundle.path.resolve()
+    with pytest.raises(ValueError, match="no bundle 'absent'"):
+        resolve_bundle("absent", root)
+    # a path is only accepted from the command line, and only to a bundle folder
+    assert resolve_bundle(str(quick_bundle.path), tmp_path, allow_path=True) == quick_bundle.path
+    with pytest.raises(ValueError, match="invalid bundle name"):
+        resolve_bundle(str(quick_bundle.path), tmp_path)
+
+
+def test_slug_and_check_name():
+    assert slug("CD14+ Monocyte") == "cd14-monocyte"
+    assert slug("  ") == "bundle"
+    assert check_name("pbmc-cd14_v2+") == "pbmc-cd14_v2+"

@@ -1,0 +1,268 @@
+"""Chart builders, checked through ``chart.to_dict()``: data, encodings, scales, params."""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import pytest
+
+from tspg import charts
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ spec helpers
+
+
+def to_spec(chart) -> dict:
+    return chart.to_dict()
+
+
+def frame_of(spec: dict, node: dict | None = None) -> pd.DataFrame:
+    """The rows behind ``node`` (default: the top level): inline values or a named dataset."""
+    data = (node if node is not None and "data" in node else spec)["data"]
+    rows = data["values"] if "values" in data else spec["datasets"][data["name"]]
+    return pd.DataFrame(rows)
+
+
+def tooltip_fields(enc: dict) -> list[str]:
+    tips = enc["tooltip"] if isinstance(enc["tooltip"], list) else [enc["tooltip"]]
+    return [t["field"] for t in tips]
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def map_df(rng):
+    n_real, n_new = 40, 6
+    return pd.DataFrame({
+        "x": rng.normal(size=n_real + n_new),
+        "y": rng.normal(size=n_real + n_new),
+        "sample": [f"s{i}" for i in range(n_real + n_new)],
+        "class": rng.choice(["alpha", "beta", "gamma"], n_real + n_new),
+        "predicted": rng.choice(["alpha", "beta", "gamma"], n_real + n_new),
+        "kind": ["real"] * n_real + ["perturbed"] * n_new,
+    })
+
+
+# ------------------------------------------------------------------ heatmap
+
+
+def test_heatmap_frame_sorted_by_P_and_trimmed():
+    genes = [f"G{i}" for i in range(8)]
+    P = np.array([0.1, -0.5, 0.9, 0.0, -0.2, 0.4, -0.9, 0.3])
+    x = np.linspace(0, 1, 8)
+    f = charts.heatmap_frame(genes, x, P, np.clip(x + P, 0, 1), np.full(8, 0.5))
+    assert list(f.columns) == ["gene", "column", "value", "rank"]
+    assert len(f) == 8 * 4 and set(f["column"]) == set(charts.HEATMAP_COLUMNS)
+    p_rows = f[f["column"] == "P"].sort_values("rank")
+    assert p_rows["gene"].tolist() == ["G2", "G5", "G7", "G0", "G3", "G4", "G1", "G6"]
+    assert p_rows["value"].is_monotonic_decreasing
+    x_rows = f[f["column"] == "x"].set_index("gene")["value"]
+    assert x_rows["G2"] == pytest.approx(x[2])
+    small = charts.heatmap_frame(genes, x, P, x, x, n_genes=2)
+    assert small.sort_values("rank")["gene"].unique().tolist() == ["G2", "G5", "G1", "G6"]
+    assert len(charts.heatmap_frame(genes, x, P, x, x, n_genes=10)) == 32  # fewer genes than 2n: all kept
+
+
+def test_heatmap_frame_rejects_matrices():
+    with pytest.raises(ValueError, match="pass means"):
+        charts.heatmap_frame(["a", "b"], np.zeros((3, 2)), np.zeros(2), np.zeros(2), np.zeros(2))
+    with pytest.raises(ValueError, match="3 values for 2 genes"):
+        charts.heatmap_frame(["a", "b"], np.zeros(3), np.zeros(2), np.zeros(2), np.zeros(2))
+
+
+def test_heatmap_chart_scales_sort_and_tooltip():
+    genes = ["A", "B", "C", "D"]
+    P = np.array([0.2, -0.7, 0.5, 0.1])
+    f = charts.heatmap_frame(genes, [0.1, 0.9, 0.3, 0.5], P, [0.3, 0.2, 0.8, 0.6], [0.4, 0.1, 0.9, 0.5])
+    spec = to_spec(charts.heatmap_chart(f, title="sample s1"))
+    assert spec["title"] == "sample s1"
+    assert spec["resolve"]["scale"]["color"] == "independent"
+    by_title = {}
+    for layer in spec["layer"]:
+        enc = layer["encoding"]
+        by_title[enc["color"]["title"]] = layer
+        assert enc["y"]["sort"] == ["C", "A", "D", "B"]  # genes sorted by P, most positive first
+        assert enc["x"]["sort"] == charts.HEATMAP_COLUMNS
+        assert tooltip_fields(enc) == ["gene", "column", "value"]
+        assert layer["mark"]["type"] == "rect"
+    p_scale = by_title["P"]["encoding"]["color"]["scale"]
+    assert p_scale["domain"][0] == -p_scale["domain"][-1] == pytest.approx(-0.7)
+    assert p_scale["range"] == charts.DIVERGING_RANGE
+    expr_scale = by_title["expression (scaled)"]["encoding"]["color"]["scale"]
+    assert expr_scale["scheme"] == charts.EXPRESSION_SCHEME and expr_scale["domain"] == [0.0, 1.0]
+    assert {"filter": "(datum.column === 'P')"} in by_title["P"]["transform"]
+    assert len(frame_of(spec)) == 16
+
+
+def test_heatmap_chart_all_zero_P_and_nan_target_mean():
+    f = charts.heatmap_frame(["a", "b"], [0.1, 0.2], [0.0, 0.0], [0.1, 0.2], [np.nan, np.nan])
+    spec = to_spec(charts.heatmap_chart(f))
+    p_layer = [layer for layer in spec["layer"] if layer["encoding"]["color"]["title"] == "P"][0]
+    assert p_layer["encoding"]["color"]["scale"]["domain"] == [-1.0, 0.0, 1.0]
+    assert frame_of(spec)["value"].isna().sum() == 2
+
+
+# ------------------------------------------------------------------ map
+
+
+def test_map_chart_legend_selection_marks_and_tooltip(map_df):
+    spec = to_spec(charts.map_chart(map_df))
+    assert len(frame_of(spec)) == len(map_df)
+    real, pert = spec["layer"]
+    params = spec["params"]  # Altair lifts a layer's params to the top, naming the view
+    assert params[0]["views"] == [real["name"]]
+    assert params[0]["name"] == charts.LEGEND_SELECTION
+    assert params[0]["select"] == {"type": "point", "fields": ["class"]}
+    assert params[0]["bind"] == "legend"
+    for layer in (real, pert):
+        enc = layer["encoding"]
+        assert enc["color"]["field"] == "class"
+        assert enc["color"]["scale"]["domain"] == ["alpha", "beta", "gamma"]
+        assert enc["opacity"]["condition"]["param"] == charts.LEGEND_SELECTION
+        assert tooltip_fields(enc)[:3] == ["sample", "class", "predicted"]
+        assert enc["shape"]["scale"]["domain"] == ["real", "perturbed"]
+    assert {"filter": "(datum.kind === 'real')"} in real["transform"]
+    assert {"filter": "(datum.kind === 'perturbed')"} in pert["transform"]
+    assert pert["mark"]["stroke"] == "black" and pert["mark"]["size"] > real["mark"]["size"]
+
+
+def test_map_chart_by_prediction_and_real_only(map_df):
+    spec = to_spec(charts.map_chart(map_df[map_df["kind"] == "real"], color="predicted"))
+    assert len(spec["layer"]) == 1  # no perturbed layer without perturbed samples
+    assert spec["params"][0]["select"]["fields"] == ["predicted"] and spec["params"][0]["bind"] == "legend"
+    assert spec["layer"][0]["encoding"]["color"]["field"] == "predicted"
+    with pytest.raises(ValueError, match="lacks column"):
+        charts.map_chart(map_df.drop(columns="kind"))
+
+
+def test_gene_map_chart(map_df, rng):
+    frame = map_df.assign(value=rng.random(len(map_df)))
+    spec = to_spec(charts.gene_map_chart(frame, "CD14"))
+    assert spec["title"] == "CD14"
+    enc = spec["layer"][0]["encoding"]
+    assert enc["color"] == {"field": "value", "type": "quantitative", "scale": {"scheme": charts.EXPRESSION_SCHEME}, "title": "CD14"}
+    assert "value" in tooltip_fields(enc)
+    via_map = to_spec(charts.map_chart(frame, highlight_gene="CD14"))
+    assert via_map["layer"][0]["encoding"]["color"]["field"] == "value"
+    with pytest.raises(ValueError, match="value"):
+        charts.gene_map_chart(map_df, "CD14")
+
+
+def test_big_frame_over_altair_row_limit(rng):
+    n = 7000
+    big = pd.DataFrame({
+        "x": rng.normal(size=n), "y": rng.normal(size=n), "sample": [f"s{i}" for i in range(n)],
+        "class": rng.choice(list("abc"), n), "predicted": "a", "kind": ["real"] * (n - 10) + ["perturbed"] * 10,
+    })
+    chart = charts.map_chart(big)
+    spec = to_spec(chart)  # no MaxRowsError, and Altair's global settings untouched
+    assert len(frame_of(spec)) == n
+    assert alt.data_transformers.options.get("max_rows", 5000) == 5000
+    with pytest.raises(alt.MaxRowsError):
+        alt.Chart(big).mark_point().encode(x="x:Q").to_dict()
+    assert charts.chart_to_svg(chart).lstrip().startswith("<svg")
+
+
+# ------------------------------------------------------------------ training and accuracy
+
+
+def test_loss_chart_log_scale_drops_non_positive():
+    history = {"gan": [1.0, 0.5, 0.0, -0.1, 0.2], "adv": [2.0, float("nan"), 1.0]}
+    frame = charts.loss_frame(history)
+    assert list(frame.columns) == ["epoch", "loss", "value"] and len(frame) == 8
+    assert frame.loc[frame["loss"] == "gan", "epoch"].tolist() == [1, 2, 3, 4, 5]
+    spec = to_spec(charts.loss_chart(history))
+    enc = spec["encoding"]
+    assert enc["y"]["scale"]["type"] == "log"
+    assert enc["x"]["field"] == "epoch" and enc["color"]["field"] == "loss"
+    shown = frame_of(spec)
+    assert len(shown) == 5 and (shown["value"] > 0).all()
+    assert "3 zero or negative" in spec["title"]["subtitle"]
+    assert spec["params"][0]["bind"] == "legend"
+    clean = to_spec(charts.loss_chart({"total": [3.0, 2.0]}))
+    assert "subtitle" not in clean["title"]
+
+
+def test_accuracy_by_source_chart():
+    spec = to_spec(charts.accuracy_by_source_chart({"b": 0.5, "a": 0.9, "c": 1.0}))
+    bars = spec["layer"][0]
+    assert bars["encoding"]["x"]["scale"]["domain"] == [0, 1]
+    assert bars["encoding"]["y"]["sort"] == ["c", "a", "b"]
+    assert frame_of(spec).set_index("source")["accuracy"].to_dict() == {"c": 1.0, "a": 0.9, "b": 0.5}
+
+
+# ------------------------------------------------------------------ genes
+
+
+def test_top_genes_chart():
+    frame = pd.DataFrame({"gene": ["d1", "u1", "u2", "d2"], "direction": ["down", "up", "up", "down"], "P": [-0.2, 0.8, 0.3, -0.6]})
+    spec = to_spec(charts.top_genes_chart(frame))
+    enc = spec["encoding"]
+    assert spec["mark"]["type"] == "bar"
+    assert enc["x"]["field"] == "P" and enc["y"]["sort"] == ["u1", "u2", "d1", "d2"]
+    assert enc["color"]["scale"] == {"domain": ["up", "down"], "range": [charts.DIRECTION_COLORS["up"], charts.DIRECTION_COLORS["down"]]}
+    assert tooltip_fields(enc) == ["gene", "direction", "P"]
+
+
+def test_gene_frequency_chart():
+    frame = pd.DataFrame({"gene": ["a", "b", "c", "d"], "direction": ["up", "up", "down", "down"], "frequency": [0.25, 0.75, 1.0, 0.5]})
+    spec = to_spec(charts.gene_frequency_chart(frame))
+    assert spec["facet"]["row"]["field"] == "direction"
+    enc = spec["spec"]["encoding"]
+    assert enc["x"]["field"] == "frequency" and enc["x"]["axis"]["format"] == "%"
+    assert enc["y"]["sort"] == {"field": "frequency", "order": "descending"}
+    assert len(frame_of(spec)) == 4
+
+
+def test_gene_distribution_chart():
+    frame = pd.DataFrame({"class": ["a", "a", "b", "b", "a"], "value": [0.1, 0.2, 0.6, 0.7, 0.65], "kind": ["real"] * 4 + ["perturbed"]})
+    spec = to_spec(charts.gene_distribution_chart(frame, "CD14"))
+    assert spec["mark"]["type"] == "boxplot"
+    enc = spec["encoding"]
+    assert enc["x"]["field"] == "class" and enc["xOffset"]["field"] == "kind"
+    assert enc["y"]["field"] == "value" and enc["y"]["title"] == "CD14 expression"
+    assert enc["color"]["scale"]["domain"] == ["real", "perturbed"]
+
+
+def test_enrichment_chart_top_terms_and_threshold():
+    frame = pd.DataFrame({
+        "library": ["GO", "KEGG", "GO", "KEGG", "GO"],
+        "term": ["t1", "t2", "t3", "t4", "t1"],
+        "q": [1e-6, 0.2, 1e-3, 0.04, 0.01],
+    })
+    spec = to_spec(charts.enrichment_chart(frame, top=3))
+    bars, rule = spec["layer"]
+    shown = frame_of(spec, bars)
+    assert shown["term"].tolist() == ["t1", "t3", "t1"]
+    assert shown["neg_log10_q"].tolist() == pytest.approx([6.0, 3.0, 2.0])
+    assert bars["encoding"]["y"]["sort"] == ["t1 (GO)", "t3", "t1 (GO)"]  # a term in two rows keeps both bars
+    assert bars["encoding"]["color"]["field"] == "library"
+    assert rule["mark"]["type"] == "rule"
+    assert frame_of(spec, rule)["threshold"].tolist() == pytest.approx([-np.log10(0.05)])
+
+
+# ------------------------------------------------------------------ export
+
+
+def test_svg_and_png_export(map_df):
+    chart = charts.map_chart(map_df)
+    svg = charts.chart_to_svg(chart)
+    assert svg.lstrip().startswith("<svg")
+    png = charts.chart_to_png(charts.top_genes_chart(pd.DataFrame({"gene": ["a"], "direction": ["up"], "P": [0.5]})), scale=1)
+    assert png[:8] == PNG_MAGIC
+
+
+def test_export_of_a_foreign_big_chart():
+    big = pd.DataFrame({"v": np.arange(6000.0)})
+    svg = charts.chart_to_svg(alt.Chart(big).mark_tick().encode(x="v:Q"))
+    assert svg.lstrip().startswith("<svg")
+    assert alt.data_transformers.options.get("max_rows", 5000) == 5000

@@ -1,0 +1,252 @@
+"""Command line: ``tspg import``, ``tspg-train`` / ``tspg train`` and ``tspg list`` (tspg/cli.py)."""
+
+from __future__ import annotations
+
+import re
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_CLASSES, make_tiny_adata
+
+from tspg.bundle import load_bundle
+from tspg.cli import main, train_main
+from tspg.datasets import write_reference_example
+
+# the paper's networks, trained for a moment: these tests are about the command, not the science
+FAST = ["--epochs", "2", "--target-epochs", "2", "--batch-size", "32", "--device", "cpu", "-q"]
+
+
+@pytest.fixture
+def tiny_h5ad(tmp_path):
+    path = tmp_path / "tiny.h5ad"
+    make_tiny_adata().write_h5ad(path)
+    return path
+
+
+def one_error_line(err: str) -> str:
+    """stderr of a failed command: exactly one 'error:' line and no traceback."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def no_bundle_written(models) -> bool:
+    return not models.exists() or not any(models.iterdir())
+
+
+def usage_error(func, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        func(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- tspg import
+
+
+def import_and_read(argv, out, capsys) -> ad.AnnData:
+    assert main(["import", *argv, "-o", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    return ad.read_h5ad(out)
+
+
+def tiny_frame() -> tuple[pd.DataFrame, pd.Series]:
+    adata = make_tiny_adata()
+    return adata.to_df(), adata.obs["cell_type"].astype(str)
+
+
+def write_labels(path, labels: pd.Series):
+    labels.to_csv(path, sep="\t", header=False)
+    return path
+
+
+def assert_same_gem(adata: ad.AnnData, key: str = "label"):
+    df, labels = tiny_frame()
+    assert list(adata.obs_names) == list(df.index) and list(adata.var_names) == list(df.columns)
+    np.testing.assert_allclose(adata.X, df.to_numpy(), rtol=1e-6)
+    assert list(adata.obs[key]) == list(labels)
+
+
+def test_import_csv_with_labels(tmp_path, capsys):
+    df, labels = tiny_frame()
+    df.to_csv(tmp_path / "gem.csv")
+    adata = import_and_read([str(tmp_path / "gem.csv"), "--labels", str(write_labels(tmp_path / "l.txt", labels))], tmp_path / "out.h5ad", capsys)
+    assert_same_gem(adata)
+
+
+def test_import_tsv_transposed_with_label_key(tmp_path, capsys):
+    df, labels = tiny_frame()
+    df.T.to_csv(tmp_path / "gem.tsv", sep="\t")
+    argv = [str(tmp_path / "gem.tsv"), "--transpose", "--labels", str(write_labels(tmp_path / "l.txt", labels)), "--label-key", "cell_type"]
+    assert_same_gem(import_and_read(argv, tmp_path / "out.h5ad", capsys), key="cell_type")
+
+
+def test_import_reference_text(tmp_path, capsys):
+    df, labels = tiny_frame()
+    df.to_csv(tmp_path / "gem.emx.txt", sep="\t")
+    argv = [str(tmp_path / "gem.emx.txt"), "--labels", str(write_labels(tmp_path / "gem.labels.txt", labels))]
+    assert_same_gem(import_and_read(argv, tmp_path / "out.h5ad", capsys))
+
+
+def test_import_npy_with_names_files(tmp_path, capsys):
+    df, labels = tiny_frame()
+    np.save(tmp_path / "gem.npy", df.to_numpy())
+    (tmp_path / "gem.rownames.txt").write_text("\n".join(df.index))
+    (tmp_path / "genes.txt").write_text("\n".join(df.columns))
+    argv = [str(tmp_path / "gem.npy"), "--col-names", str(tmp_path / "genes.txt"), "--labels", str(write_labels(tmp_path / "l.txt", labels))]
+    assert_same_gem(import_and_read(argv, tmp_path / "out.h5ad", capsys))
+
+
+def test_import_h5ad_raw(tmp_path, capsys):
+    src = make_tiny_adata()
+    src.raw = src.copy()
+    src = src[:, :5].copy()
+    src.write_h5ad(tmp_path / "in.h5ad")
+    adata = import_and_read([str(tmp_path / "in.h5ad"), "--use-raw", "--label-key", "cell_type"], tmp_path / "out.h5ad", capsys)
+    assert adata.n_vars == 30
+    assert_same_gem(adata, key="cell_type")
+
+
+def test_import_reports_filled_values_or_refuses_them(tmp_path, capsys):
+    df, _ = tiny_frame()
+    df.iloc[3, 4] = np.nan
+    df.to_csv(tmp_path / "gem.csv")
+    out = tmp_path / "out.h5ad"
+    assert main(["import", str(tmp_path / "gem.csv"), "-o", str(out)]) == 0
+    assert "1 missing values filled" in capsys.readouterr().out
+    out.unlink()
+    assert main(["import", str(tmp_path / "gem.csv"), "--nan", "error", "-o", str(out)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "sample 's003', gene 'G04'" in line
+    assert not out.exists()
+
+
+def test_import_usage_and_file_errors(tmp_path, capsys):
+    assert "the following arguments are required: -o/--output" in usage_error(main, ["import", "x.csv"], capsys)
+    assert main(["import", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "o.h5ad")]) == 1
+    assert "nope.csv: file not found" in one_error_line(capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------- tspg-train
+
+
+def test_train_writes_a_bundle_and_prints_accuracies(tiny_h5ad, tmp_path, capsys):
+    models = tmp_path / "models"
+    assert train_main([str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--out", str(models), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert f"bundle {models / 'tiny-beta'}" in out
+    assert re.search(r"target model held-out accuracy: \d\.\d{3}", out)
+    assert re.search(r"perturbation accuracy \(held-out\): all \d\.\d{3}, non-target \d\.\d{3} \(n=8\)", out)
+    assert re.search(r"wall time: \d+\.\d s", out)
+    b = load_bundle(models / "tiny-beta")
+    assert b.target == "beta" and b.config.epochs == 2 and b.config.target_epochs == 2 and b.config.recipe == "tspg+"
+    assert b.manifest["dataset"]["name"] == "tiny"
+
+
+def test_train_usage_errors_exit_2(tiny_h5ad, tmp_path, capsys):
+    assert "give a data file (or --demo)" in usage_error(train_main, [], capsys)
+    both = [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--all-targets"]
+    assert "give --target or --all-targets, not both" in usage_error(train_main, both, capsys)
+    assert "--target CLASS (or --all-targets) is required" in usage_error(train_main, [str(tiny_h5ad), "--label-key", "cell_type"], capsys)
+    assert "--label-key (or --labels) is required" in usage_error(train_main, [str(tiny_h5ad), "--target", "beta"], capsys)
+    assert "invalid choice: 'fancy'" in usage_error(train_main, [str(tiny_h5ad), "--recipe", "fancy"], capsys)
+    assert "invalid int value" in usage_error(train_main, [str(tiny_h5ad), "--epochs", "many"], capsys)
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--label-key", "tissue", "--target", "beta"], r"tiny\.h5ad: no label column 'tissue' in obs \(columns: cell_type\)"),
+        (["--label-key", "cell_type", "--target", "delta"], r"target class 'delta' is not among the 3 classes of 'cell_type': alpha, beta, gamma"),
+        (["--label-key", "cell_type", "--target", "beta", "--gene-set", "absent.gmt:X"], r"absent\.gmt: gene-set file not found"),
+        (["--label-key", "cell_type", "--target", "beta", "--target-model", "no-such-bundle"], r"no bundle 'no-such-bundle'"),
+    ],
+    ids=["label-key", "target", "gene-set", "target-model"],
+)
+def test_train_bad_input_exit_1_one_line_no_bundle(tiny_h5ad, tmp_path, capsys, argv, expected):
+    models = tmp_path / "models"
+    assert train_main([str(tiny_h5ad), *argv, "--out", str(models), *FAST]) == 1
+    assert re.search(expected, one_error_line(capsys.readouterr().err))
+    assert no_bundle_written(models)
+
+
+def test_train_missing_file_exit_1(tmp_path, capsys):
+    models = tmp_path / "models"
+    assert train_main([str(tmp_path / "nope.h5ad"), "--label-key", "x", "--target", "a", "--out", str(models), *FAST]) == 1
+    assert "nope.h5ad: file not found" in one_error_line(capsys.readouterr().err)
+    assert no_bundle_written(models)
+
+
+def test_all_targets_through_tspg_train(tiny_h5ad, tmp_path, capsys):
+    models = tmp_path / "models"
+    assert main(["train", str(tiny_h5ad), "--label-key", "cell_type", "--all-targets", "--out", str(models), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in models.iterdir()) == [f"tiny-{c}" for c in TINY_CLASSES]
+    assert out.count("bundle ") == 3 and out.count("wall time") == 1
+    splits = {c: load_bundle(models / f"tiny-{c}").split["test"] for c in TINY_CLASSES}
+    assert splits["alpha"] == splits["beta"] == splits["gamma"]
+
+
+def test_target_model_reuses_a_bundle(tiny_h5ad, tmp_path, capsys):
+    models = tmp_path / "models"
+    base = [str(tiny_h5ad), "--label-key", "cell_type", "--out", str(models), *FAST]
+    assert train_main([*base, "--target", "alpha", "--name", "first"]) == 0
+    assert train_main([*base, "--target", "gamma", "--name", "second", "--target-model", "first", "--seed", "5"]) == 0
+    first, second = load_bundle(models / "first"), load_bundle(models / "second")
+    assert second.split == first.split  # despite another seed
+    assert second.manifest["target_model_from"] == "first"
+    assert second.manifest["scaler"] == first.manifest["scaler"]
+    for key, v in first.target_model.state_dict().items():
+        assert torch.equal(v, second.target_model.state_dict()[key]), key
+    # a path to the bundle folder works too
+    assert train_main([*base, "--target", "beta", "--name", "third", "--target-model", str(models / "first")]) == 0
+    assert load_bundle(models / "third").split == first.split
+    assert "--name needs a single --target" in usage_error(train_main, [*base, "--all-targets", "--name", "x"], capsys)
+
+
+def test_existing_bundle_needs_overwrite(tiny_h5ad, tmp_path, capsys):
+    argv = [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--out", str(tmp_path / "m"), *FAST]
+    assert train_main(argv) == 0
+    assert train_main(argv) == 1
+    assert "a bundle of that name exists" in one_error_line(capsys.readouterr().err)
+    assert train_main([*argv, "--overwrite"]) == 0
+
+
+def test_reference_example_end_to_end(tmp_path, capsys):
+    paths = write_reference_example(tmp_path)
+    h5ad = tmp_path / "x.h5ad"
+    assert main(["import", str(paths["emx"]), "--labels", str(paths["labels"]), "-o", str(h5ad)]) == 0
+    assert "200 samples x 60 genes" in capsys.readouterr().out
+    models = tmp_path / "models"
+    argv = [str(h5ad), "--label-key", "label", "--target", "class-01", "--gene-set", f"{paths['genesets']}:gene-set-000", "--out", str(models), *FAST]
+    assert train_main(argv) == 0
+    b = load_bundle(models / "x-class-01")
+    wanted = paths["genesets"].read_text().splitlines()[0].split("\t")[1:]
+    assert b.manifest["gene_set"]["name"] == "gene-set-000" and sorted(b.genes) == sorted(wanted)
+    assert b.classes == ["class-00", "class-01", "class-02"]
+    sizes = pd.read_csv(paths["labels"], sep="\t", header=None)[1].value_counts()
+    assert len(b.split["test"]) == sum(round(n * 0.2) for n in sizes) == 39  # 67, 67, 66 samples
+
+
+# ----------------------------------------------------------------------------- tspg list
+
+
+def test_list_shows_bundles_and_unreadable_ones(quick_bundle, tmp_path, capsys):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(quick_bundle.path, models / "good")
+    shutil.copytree(quick_bundle.path, models / "bad")
+    (models / "bad" / "manifest.json").write_text("{")
+    assert main(["list", "--out", str(models)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bad\tUNREADABLE: ") and "manifest.json: not valid JSON" in lines[0]
+    acc = quick_bundle.metrics["perturbation_accuracy_non_target"]
+    assert lines[1] == f"good\ttiny\tbeta\t30 genes\tperturbation accuracy {acc:.3f}"
+    assert main(["list", "--out", str(tmp_path / "empty")]) == 0
+    assert capsys.readouterr().out.strip() == "no bundles"

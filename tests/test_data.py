@@ -1,0 +1,401 @@
+"""GEM readers, validation, the stratified split and the scaler (tspg/data.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import make_tiny_adata
+
+from tspg.data import Scaler, align_genes, read_gem, read_labels, stratified_split, write_gem
+
+SAMPLES = ["s1", "s2", "s3", "s4", "s5", "s6"]
+GENES = ["TP53", "MYC", "CD14", "GAPDH"]
+LABELS = ["a", "a", "a", "b", "b", "b"]
+
+
+def gem_frame() -> pd.DataFrame:
+    """6 samples x 4 genes with distinct values, so misplaced cells are caught."""
+    X = np.arange(24, dtype=np.float32).reshape(6, 4) / 4.0
+    return pd.DataFrame(X, index=SAMPLES, columns=GENES)
+
+
+def labelled_adata() -> ad.AnnData:
+    df = gem_frame()
+    obs = pd.DataFrame({"tissue": pd.Categorical(LABELS), "donor": list("xyzxyz")}, index=SAMPLES)
+    return ad.AnnData(X=df.to_numpy(), obs=obs, var=pd.DataFrame(index=GENES))
+
+
+def write_labels(path, samples=SAMPLES, labels=LABELS):
+    path.write_text("".join(f"{s}\t{c}\n" for s, c in zip(samples, labels, strict=True)))
+    return path
+
+
+def assert_is_gem_frame(adata: ad.AnnData):
+    df = gem_frame()
+    assert list(adata.obs_names) == SAMPLES
+    assert list(adata.var_names) == GENES
+    assert adata.X.dtype == np.float32
+    np.testing.assert_array_equal(adata.X, df.to_numpy())
+
+
+# ----------------------------------------------------------------------------- h5ad
+
+
+def test_h5ad_reads_x_and_labels(tmp_path):
+    path = tmp_path / "gem.h5ad"
+    labelled_adata().write_h5ad(path)
+    adata = read_gem(path, label_key="tissue")
+    assert_is_gem_frame(adata)
+    assert list(adata.obs["tissue"]) == LABELS
+    assert adata.obs["tissue"].dtype == "category"
+    assert adata.uns["tspg_import"] == {"source": str(path), "n_missing_filled": 0}
+
+
+def test_h5ad_named_layer(tmp_path):
+    src = labelled_adata()
+    src.layers["counts"] = src.X * 10
+    path = tmp_path / "gem.h5ad"
+    src.write_h5ad(path)
+    adata = read_gem(path, layer="counts", label_key="tissue")
+    np.testing.assert_array_equal(adata.X, gem_frame().to_numpy() * 10)
+    with pytest.raises(ValueError, match=r"gem\.h5ad: no layer 'logcounts'; layers are \['counts'\]"):
+        read_gem(path, layer="logcounts")
+
+
+def test_h5ad_raw(tmp_path):
+    src = labelled_adata()
+    src.raw = src.copy()  # .raw keeps all 4 genes, .X only 2 of them, scaled
+    src = src[:, ["MYC", "GAPDH"]].copy()
+    src.X = src.X * 0.5
+    path = tmp_path / "gem.h5ad"
+    src.write_h5ad(path)
+    adata = read_gem(path, use_raw=True, label_key="tissue")
+    assert_is_gem_frame(adata)
+    assert list(read_gem(path).var_names) == ["MYC", "GAPDH"]
+    no_raw = tmp_path / "noraw.h5ad"
+    labelled_adata().write_h5ad(no_raw)
+    with pytest.raises(ValueError, match="noraw.h5ad: has no .raw"):
+        read_gem(no_raw, use_raw=True)
+
+
+def test_h5ad_sparse_x(tmp_path):
+    src = labelled_adata()
+    src.X = sp.csr_matrix(src.X)
+    path = tmp_path / "sparse.h5ad"
+    src.write_h5ad(path)
+    adata = read_gem(path, label_key="tissue")
+    assert isinstance(adata.X, np.ndarray)
+    assert_is_gem_frame(adata)
+
+
+def test_h5ad_missing_label_key_names_file_and_columns(tmp_path):
+    path = tmp_path / "gem.h5ad"
+    labelled_adata().write_h5ad(path)
+    with pytest.raises(ValueError) as err:
+        read_gem(path, label_key="cell_type")
+    msg = str(err.value)
+    assert str(path) in msg and "'cell_type'" in msg
+    assert "tissue" in msg and "donor" in msg
+    assert "\n" not in msg
+
+
+def test_h5ad_corrupt_file_named(tmp_path):
+    path = tmp_path / "broken.h5ad"
+    path.write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(ValueError, match="broken.h5ad: not a readable .h5ad file"):
+        read_gem(path)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+@pytest.mark.parametrize(("suffix", "sep"), [(".csv", ","), (".tsv", "\t")])
+def test_delimited_samples_by_genes(tmp_path, suffix, sep):
+    path = tmp_path / f"gem{suffix}"
+    gem_frame().to_csv(path, sep=sep)
+    assert_is_gem_frame(read_gem(path))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_transpose_genes_by_samples(tmp_path, suffix):
+    path = tmp_path / f"gem{suffix}"
+    gem_frame().T.to_csv(path, sep="," if suffix == ".csv" else "\t")
+    assert_is_gem_frame(read_gem(path, transpose=True))
+    assert list(read_gem(path).obs_names) == GENES  # without the flag the axes stay as written
+
+
+def test_reference_plain_text_gem_and_labels(tmp_path):
+    """The reference implementation's tab GEM (header row of genes) and two-column labels file."""
+    gem = tmp_path / "example.emx.txt"
+    gem_frame().to_csv(gem, sep="\t", float_format="%.8f")
+    assert gem.read_text().startswith("\tTP53\tMYC")
+    labels = write_labels(tmp_path / "example.labels.txt")
+    adata = read_gem(gem, labels=labels)
+    assert_is_gem_frame(adata)
+    assert list(adata.obs["label"]) == LABELS  # default key
+    adata = read_gem(gem, labels=labels, label_key="tissue")
+    assert list(adata.obs["tissue"]) == LABELS
+
+
+def test_labels_file_in_other_order_with_extra_samples(tmp_path):
+    path = write_labels(tmp_path / "labels.txt", samples=SAMPLES[::-1] + ["s99"], labels=LABELS[::-1] + ["c"])
+    assert list(read_labels(path, pd.Index(SAMPLES))) == LABELS
+
+
+def test_labels_csv_with_header(tmp_path):
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"sample": SAMPLES, "tissue": LABELS}).to_csv(path, index=False)
+    assert list(read_labels(path, pd.Index(SAMPLES))) == LABELS
+
+
+def test_labels_file_missing_a_sample_named(tmp_path):
+    gem = tmp_path / "gem.csv"
+    gem_frame().to_csv(gem)
+    labels = write_labels(tmp_path / "labels.txt", samples=SAMPLES[:4], labels=LABELS[:4])
+    with pytest.raises(ValueError, match=r"labels\.txt: no label for sample 's5' and 1 more"):
+        read_gem(gem, labels=labels)
+
+
+def test_empty_labels_file_named(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"labels\.txt: cannot read labels"):
+        read_labels(path, pd.Index(SAMPLES))
+
+
+def test_non_numeric_cell_names_row_and_column(tmp_path):
+    df = gem_frame().astype(object)
+    df.loc["s4", "CD14"] = "n/d"
+    path = tmp_path / "gem.csv"
+    df.to_csv(path)
+    with pytest.raises(ValueError, match=r"gem\.csv: non-numeric value 'n/d' at row 's4', column 'CD14'"):
+        read_gem(path)
+
+
+@pytest.mark.filterwarnings("ignore:.*names are not unique")
+def test_duplicate_gene_named(tmp_path):
+    path = tmp_path / "gem.csv"
+    path.write_text(",TP53,MYC,TP53\ns1,1,2,3\ns2,4,5,6\n")
+    with pytest.raises(ValueError, match=r"gem\.csv: gene 'TP53' appears more than once"):
+        read_gem(path)
+    path.write_text(",s1,s2\nTP53,1,2\nMYC,3,4\nTP53,5,6\n")  # genes x samples
+    with pytest.raises(ValueError, match="gene 'TP53' appears more than once"):
+        read_gem(path, transpose=True)
+
+
+@pytest.mark.filterwarnings("ignore:.*names are not unique")
+def test_duplicate_sample_named(tmp_path):
+    path = tmp_path / "gem.csv"
+    path.write_text(",TP53,MYC\ns1,1,2\ns1,3,4\n")
+    with pytest.raises(ValueError, match="sample 's1' appears more than once"):
+        read_gem(path)
+
+
+def test_wrong_suffix_and_missing_file(tmp_path):
+    path = tmp_path / "gem.xlsx"
+    path.write_text("x")
+    with pytest.raises(ValueError, match=r"gem\.xlsx: unsupported file type '\.xlsx'"):
+        read_gem(path)
+    with pytest.raises(ValueError, match=r"nope\.csv: file not found"):
+        read_gem(tmp_path / "nope.csv")
+
+
+def test_one_class_label_column_refused(tmp_path):
+    path = tmp_path / "gem.csv"
+    gem_frame().to_csv(path)
+    labels = write_labels(tmp_path / "labels.txt", labels=["a"] * 6)
+    with pytest.raises(ValueError, match=r"gem\.csv: 'label' has 1 class; at least 2 are needed"):
+        read_gem(path, labels=labels)
+
+
+# ----------------------------------------------------------------------------- .npy
+
+
+def test_npy_with_default_names_files(tmp_path):
+    np.save(tmp_path / "gem.npy", gem_frame().to_numpy())
+    (tmp_path / "gem.rownames.txt").write_text("\n".join(SAMPLES) + "\n")
+    (tmp_path / "gem.colnames.txt").write_text("\n".join(GENES) + "\n")
+    labels = write_labels(tmp_path / "labels.txt")
+    adata = read_gem(tmp_path / "gem.npy", labels=labels)
+    assert_is_gem_frame(adata)
+    assert list(adata.obs["label"]) == LABELS
+
+
+def test_npy_with_explicit_names_files(tmp_path):
+    np.save(tmp_path / "m.npy", gem_frame().to_numpy().astype(np.float64))
+    (tmp_path / "samples.txt").write_text("\n".join(SAMPLES))
+    (tmp_path / "genes.txt").write_text("\n".join(GENES))
+    with pytest.raises(ValueError, match=r"m\.rownames\.txt: names file not found"):
+        read_gem(tmp_path / "m.npy")
+    adata = read_gem(tmp_path / "m.npy", row_names=tmp_path / "samples.txt", col_names=tmp_path / "genes.txt")
+    assert_is_gem_frame(adata)
+    (tmp_path / "genes.txt").write_text("\n".join(GENES[:3]))
+    with pytest.raises(ValueError, match=r"m\.npy: matrix is 6 x 4 but names are 6 rows x 3 columns"):
+        read_gem(tmp_path / "m.npy", row_names=tmp_path / "samples.txt", col_names=tmp_path / "genes.txt")
+
+
+def test_npy_that_needs_pickle_or_is_not_numeric_refused(tmp_path):
+    (tmp_path / "o.rownames.txt").write_text("a\nb\n")
+    (tmp_path / "o.colnames.txt").write_text("x\ny\n")
+    np.save(tmp_path / "o.npy", np.array([[{}, 1], [2, 3]], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"o\.npy: not a readable \.npy matrix"):
+        read_gem(tmp_path / "o.npy")
+    np.save(tmp_path / "o.npy", np.array([["1", "2"], ["3", "x"]]))
+    with pytest.raises(ValueError, match=r"o\.npy: expression values are not numeric"):
+        read_gem(tmp_path / "o.npy")
+
+
+# ----------------------------------------------------------------------------- missing values
+
+
+def test_nan_filled_with_matrix_minimum_and_counted(tmp_path, caplog):
+    df = gem_frame()
+    df.loc["s2", "MYC"] = np.nan
+    df.loc["s5", "GAPDH"] = np.nan
+    path = tmp_path / "gem.csv"
+    df.to_csv(path)
+    with caplog.at_level(logging.WARNING, logger="tspg.data"):
+        adata = read_gem(path)
+    assert adata.uns["tspg_import"]["n_missing_filled"] == 2
+    assert "filled 2 missing values" in caplog.text
+    assert not np.isnan(adata.X).any()
+    minimum = float(np.nanmin(df.to_numpy()))
+    assert adata.X[1, 1] == minimum and adata.X[4, 3] == minimum
+    # the rest is untouched
+    expected = df.fillna(minimum).to_numpy(dtype=np.float32)
+    np.testing.assert_array_equal(adata.X, expected)
+
+
+def test_nan_error_names_sample_and_gene(tmp_path):
+    df = gem_frame()
+    df.loc["s3", "CD14"] = np.nan
+    path = tmp_path / "gem.tsv"
+    df.to_csv(path, sep="\t")
+    with pytest.raises(ValueError, match=r"gem\.tsv: 1 missing values, first at sample 's3', gene 'CD14'"):
+        read_gem(path, nan="error")
+
+
+def test_nan_in_h5ad_filled_too(tmp_path):
+    src = labelled_adata()
+    src.X[0, 0] = np.nan
+    path = tmp_path / "gem.h5ad"
+    src.write_h5ad(path)
+    adata = read_gem(path)
+    assert adata.uns["tspg_import"]["n_missing_filled"] == 1
+    assert adata.X[0, 0] == adata.X.min()
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_infinite_value_refused(tmp_path, value):
+    df = gem_frame()
+    df.loc["s6", "TP53"] = value
+    path = tmp_path / "gem.csv"
+    df.to_csv(path)
+    with pytest.raises(ValueError, match=r"gem\.csv: infinite value at sample 's6', gene 'TP53'"):
+        read_gem(path)
+
+
+# ----------------------------------------------------------------------------- write / align
+
+
+def test_write_gem_round_trip_leaves_no_temp_file(tmp_path):
+    adata = read_gem(_csv(tmp_path), labels=write_labels(tmp_path / "labels.txt"))
+    out = write_gem(adata, tmp_path / "out.h5ad")
+    back = read_gem(out, label_key="label")
+    assert_is_gem_frame(back)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gem.csv", "labels.txt", "out.h5ad"]
+
+
+def test_align_genes_reorders_and_names_missing():
+    adata = labelled_adata()
+    X = align_genes(adata, ["GAPDH", "TP53"])
+    np.testing.assert_array_equal(X, gem_frame()[["GAPDH", "TP53"]].to_numpy())
+    with pytest.raises(ValueError, match="1 of the model's 3 genes are missing: EGFR"):
+        align_genes(adata, ["GAPDH", "EGFR", "TP53"])
+    with pytest.raises(ValueError, match="none of the model's 1 genes are present"):
+        align_genes(adata, ["EGFR"])
+
+
+def _csv(tmp_path):
+    path = tmp_path / "gem.csv"
+    gem_frame().to_csv(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def unequal_labels() -> np.ndarray:
+    # class sizes 2, 3, 7, 12, 26: round(n * 0.2) = 0 (raised to 1), 1, 1, 2, 5
+    sizes = {"a": 2, "b": 3, "c": 7, "d": 12, "e": 26}
+    labels = np.array([c for c, n in sizes.items() for _ in range(n)])
+    return np.random.default_rng(1).permutation(labels)
+
+
+def test_split_is_stratified_per_class():
+    labels = unequal_labels()
+    train, test = stratified_split(labels, test_size=0.2, seed=0)
+    assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(labels)))
+    assert not set(train) & set(test)
+    n_test = {c: int((labels[test] == c).sum()) for c in "abcde"}
+    assert n_test == {"a": 1, "b": 1, "c": 1, "d": 2, "e": 5}
+    for c in "abcde":
+        assert (labels[train] == c).sum() >= 1  # every class on both sides
+
+
+def test_split_keeps_singletons_in_training():
+    labels = np.array(["a", "b", "b", "b", "b", "b"])
+    train, test = stratified_split(labels, seed=0)
+    assert 0 in train and (labels[test] == "b").sum() == 1
+
+
+def test_split_is_seeded():
+    labels = unequal_labels()
+    a = stratified_split(labels, seed=7)
+    b = stratified_split(labels, seed=7)
+    c = stratified_split(labels, seed=8)
+    assert np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_split_refuses_bad_test_size():
+    with pytest.raises(ValueError, match="test_size"):
+        stratified_split(["a", "b"], test_size=1.5)
+
+
+# ----------------------------------------------------------------------------- scaler
+
+
+def test_scaler_fit_on_training_split_only():
+    adata = make_tiny_adata()
+    X = adata.X
+    labels = adata.obs["cell_type"].to_numpy()
+    train, test = stratified_split(labels, seed=0)
+    scaler = Scaler.fit(X[train])
+    np.testing.assert_allclose(scaler.minimum, X[train].min(0))
+    np.testing.assert_allclose(scaler.range, X[train].max(0) - X[train].min(0), rtol=1e-6)
+    Xs = scaler.transform(X[train])
+    np.testing.assert_allclose(Xs.min(0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(Xs.max(0), 1.0, atol=1e-6)
+    # the held-out samples did not move the scaler: on this data some fall outside [0, 1] before clipping
+    raw = (X[test] - scaler.minimum) / scaler.range
+    assert (raw < 0).any() or (raw > 1).any()
+    assert scaler.transform(X[test]).min() >= 0 and scaler.transform(X[test]).max() <= 1
+
+
+def test_scaler_constant_gene_and_clipping():
+    X = np.array([[1.0, 5.0], [3.0, 5.0], [2.0, 5.0]], dtype=np.float32)
+    scaler = Scaler.fit(X)
+    assert scaler.range[1] == 1.0  # constant gene: no division by zero
+    Xs = scaler.transform(X)
+    assert np.isfinite(Xs).all()
+    np.testing.assert_array_equal(Xs[:, 1], 0.0)
+    np.testing.assert_allclose(Xs[:, 0], [0.0, 1.0, 0.5])
+    new = scaler.transform(np.array([[-10.0, 99.0], [10.0, -99.0]], dtype=np.float32))
+    np.testing.assert_array_equal(new, [[0.0, 1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(scaler.inverse_transform(Xs)[:, 0], X[:, 0])

@@ -1,0 +1,451 @@
+"""Altair chart builders: tidy (long-form) frames in, ``alt.Chart`` out. No Streamlit here.
+
+Where a chart needs a particular frame, a ``*_frame`` builder sits next to it. Every
+encoding names its type explicitly, so the charts do not depend on dtype inference.
+
+Frames over Altair's 5,000-row check are embedded as inline values (``alt.InlineData``),
+so ``chart.to_dict()``, ``st.altair_chart`` and the exports work for them without touching
+Altair's global data-transformer settings (which would leak between app sessions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+HEATMAP_COLUMNS = ["x", "P", "x_adv", "target mean"]
+KINDS = ["real", "perturbed"]
+DIRECTIONS = ["up", "down"]
+# blue - white - red for P (down - none - up), as in the paper's Fig. 2
+DIVERGING_RANGE = ["#2166ac", "#f7f7f7", "#b2182b"]
+DIRECTION_COLORS = {"up": "#b2182b", "down": "#2166ac"}
+EXPRESSION_SCHEME = "viridis"
+MAX_ROWS = 5000  # Altair's default check; bigger frames go inline
+LEGEND_SELECTION = "legend_pick"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _data(frame: pd.DataFrame):
+    """A frame as chart data: the frame itself, or inline JSON values above ``MAX_ROWS``."""
+    frame = pd.DataFrame(frame)
+    if len(frame) <= MAX_ROWS:
+        return frame
+    return alt.InlineData(values=_records(frame))
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """JSON-safe records (NaN -> null, numpy scalars -> Python, categories -> strings)."""
+    return json.loads(frame.to_json(orient="records", double_precision=10))
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> pd.DataFrame:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what}: the frame lacks column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")
+    return frame
+
+
+def _as_1d(values, n: int | None, name: str) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim == 2 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected one value per gene (1-d), got shape {a.shape}; pass means for a selection")
+    if n is not None and len(a) != n:
+        raise ValueError(f"{name}: {len(a)} values for {n} genes")
+    return a
+
+
+def _title(title) -> dict:
+    """``title=...`` for ``.properties`` only when there is one (Undefined fails validation)."""
+    return {"title": title} if title else {}
+
+
+def _symmetric_max(values) -> float:
+    v = np.abs(np.asarray(values, dtype=np.float64))
+    v = v[np.isfinite(v)]
+    m = float(v.max()) if v.size else 0.0
+    return m if m > 0 else 1.0
+
+
+# --------------------------------------------------------------------------- heatmap (Fig. 2 right)
+
+
+def heatmap_frame(genes, x, P, x_adv, target_mean, *, n_genes: int | None = None) -> pd.DataFrame:
+    """Long frame for :func:`heatmap_chart`: one row per gene and column.
+
+    Parameters
+    ----------
+    genes
+        Gene names.
+    x, P, x_adv, target_mean
+        One value per gene (1-d): a sample's scaled expression, its perturbation, the
+        perturbed sample and the target class's mean. For a selection pass the means.
+    n_genes
+        Keep only the ``n_genes`` most positive and ``n_genes`` most negative genes by P.
+
+    Returns
+    -------
+    DataFrame with columns ``gene``, ``column`` (one of ``x``, ``P``, ``x_adv``,
+    ``target mean``), ``value`` and ``rank`` (0 = most positive P), sorted by rank, then
+    column.
+    """
+    genes = [str(g) for g in genes]
+    n = len(genes)
+    cols = {
+        "x": _as_1d(x, n, "x"),
+        "P": _as_1d(P, n, "P"),
+        "x_adv": _as_1d(x_adv, n, "x_adv"),
+        "target mean": _as_1d(target_mean, n, "target_mean"),
+    }
+    order = np.argsort(-cols["P"], kind="stable")  # most positive P first
+    if n_genes is not None:
+        if n_genes < 1:
+            raise ValueError("n_genes must be at least 1")
+        if 2 * n_genes < n:
+            order = np.concatenate([order[:n_genes], order[-n_genes:]])
+    wide = pd.DataFrame({"gene": np.asarray(genes, dtype=object)[order], **{k: v[order] for k, v in cols.items()}})
+    wide["rank"] = np.arange(len(wide))
+    long = wide.melt(id_vars=["gene", "rank"], value_vars=HEATMAP_COLUMNS, var_name="column", value_name="value")
+    long["column"] = pd.Categorical(long["column"], categories=HEATMAP_COLUMNS)
+    long = long.sort_values(["rank", "column"], kind="stable").reset_index(drop=True)
+    long["column"] = long["column"].astype(str)
+    return long[["gene", "column", "value", "rank"]]
+
+
+def heatmap_chart(frame: pd.DataFrame, *, title: str = "", row_height: int = 12, column_width: int = 60) -> alt.LayerChart:
+    """The paper's Fig. 2 (right): genes (rows, sorted by P) x columns x, P, x_adv, target mean.
+
+    P has its own diverging scale (blue-white-red, domain symmetric ``[-m, m]``); the three
+    expression columns share one sequential scale. Hover shows gene, column and value.
+    """
+    frame = _require(pd.DataFrame(frame), ["gene", "column", "value", "rank"], "heatmap_chart")
+    gene_order = frame.sort_values("rank", kind="stable")["gene"].drop_duplicates().tolist()
+    height = max(60, row_height * len(gene_order))
+    m = _symmetric_max(frame.loc[frame["column"] == "P", "value"])
+    expr = frame.loc[frame["column"] != "P", "value"].to_numpy(dtype=np.float64)
+    expr = expr[np.isfinite(expr)]
+    lo = min(0.0, float(expr.min())) if expr.size else 0.0
+    hi = max(1.0, float(expr.max())) if expr.size else 1.0
+    expr_scale = alt.Scale(scheme=EXPRESSION_SCHEME, domain=[lo, hi])
+    p_scale = alt.Scale(domain=[-m, 0.0, m], range=DIVERGING_RANGE, type="linear")
+    tooltip = [
+        alt.Tooltip("gene:N", title="gene"),
+        alt.Tooltip("column:N", title="column"),
+        alt.Tooltip("value:Q", title="value", format=".3f"),
+    ]
+    base = alt.Chart().mark_rect().encode(
+        x=alt.X("column:N", sort=HEATMAP_COLUMNS, scale=alt.Scale(domain=HEATMAP_COLUMNS), title=None, axis=alt.Axis(orient="top", labelAngle=0)),
+        y=alt.Y("gene:N", sort=gene_order, title=None, axis=alt.Axis(labelLimit=160)),
+        tooltip=tooltip,
+    )
+    # one view, two layers: P with its own diverging scale, the expression columns with a
+    # shared sequential one (independent colour scales -> two legends)
+    p_layer = base.transform_filter(alt.datum.column == "P").encode(
+        color=alt.Color("value:Q", scale=p_scale, title="P", legend=alt.Legend(gradientLength=100))
+    )
+    expr_layer = base.transform_filter(alt.datum.column != "P").encode(
+        color=alt.Color("value:Q", scale=expr_scale, title="expression (scaled)", legend=alt.Legend(gradientLength=100))
+    )
+    chart = (
+        alt.layer(expr_layer, p_layer, data=_data(frame))
+        .resolve_scale(color="independent")
+        .properties(width=column_width * len(HEATMAP_COLUMNS), height=height)
+    )
+    if title:
+        chart = chart.properties(title=title)
+    return chart
+
+
+# --------------------------------------------------------------------------- t-SNE map (Fig. 2 left)
+
+
+def _map_tooltip(frame: pd.DataFrame, extra: Sequence[alt.Tooltip] = ()) -> list:
+    tips = [alt.Tooltip("sample:N"), alt.Tooltip("class:N")]
+    if "predicted" in frame.columns:
+        tips.append(alt.Tooltip("predicted:N", title="predicted class"))
+    tips.append(alt.Tooltip("kind:N"))
+    return tips + list(extra)
+
+
+def _map_layers(frame: pd.DataFrame, color, tooltip, *, params=(), opacity=None) -> alt.LayerChart:
+    """Real samples as filled circles, perturbed samples as larger crosses with a black outline."""
+    shape = alt.Shape("kind:N", scale=alt.Scale(domain=KINDS, range=["circle", "cross"]), title="sample")
+    base_enc = dict(
+        x=alt.X("x:Q", axis=None, title=None),
+        y=alt.Y("y:Q", axis=None, title=None),
+        color=color,
+        shape=shape,
+        tooltip=tooltip,
+    )
+    if opacity is not None:
+        base_enc["opacity"] = opacity
+    real = (
+        alt.Chart()
+        .transform_filter(alt.datum.kind == "real")
+        .mark_point(filled=True, size=30)
+        .encode(**base_enc)
+    )
+    if params:
+        real = real.add_params(*params)
+    layers = [real]
+    if (frame["kind"] == "perturbed").any():
+        pert = (
+            alt.Chart()
+            .transform_filter(alt.datum.kind == "perturbed")
+            .mark_point(filled=True, size=110, stroke="black", strokeWidth=0.8)
+            .encode(**base_enc)
+        )
+        layers.append(pert)
+    return alt.layer(*layers, data=_data(frame))
+
+
+def map_chart(
+    frame: pd.DataFrame,
+    *,
+    color: Literal["class", "predicted"] = "class",
+    highlight_gene: str | None = None,
+    width: int = 520,
+    height: int = 440,
+    title: str = "",
+) -> alt.LayerChart:
+    """t-SNE map from :func:`tspg.embedding.map_frame`.
+
+    Real samples are points coloured by ``color`` (their class, or the target model's
+    prediction); clicking a legend entry highlights that class (``alt.selection_point``
+    bound to the legend; the others fade). Perturbed samples are larger crosses with a
+    black outline, coloured the same way. Tooltip: sample, class, predicted class, kind.
+    With ``highlight_gene``, the frame must carry a ``value`` column and the map is
+    coloured by that gene's expression instead (:func:`gene_map_chart`).
+    """
+    frame = _require(pd.DataFrame(frame), ["x", "y", "sample", "class", "kind"], "map_chart")
+    if highlight_gene is not None:
+        return gene_map_chart(frame, highlight_gene, width=width, height=height, title=title)
+    if color not in frame.columns:
+        raise ValueError(f"map_chart: cannot colour by {color!r}; the frame has no such column")
+    pick = alt.selection_point(fields=[color], bind="legend", name=LEGEND_SELECTION)
+    domain = sorted(pd.unique(frame[color].dropna().astype(str)).tolist())
+    col = alt.Color(f"{color}:N", title="predicted class" if color == "predicted" else "class", scale=alt.Scale(domain=domain, scheme="tableau10" if len(domain) <= 10 else "tableau20"))
+    opacity = alt.condition(pick, alt.value(0.9), alt.value(0.08))
+    chart = _map_layers(frame, col, _map_tooltip(frame), params=[pick], opacity=opacity)
+    return chart.properties(width=width, height=height, **_title(title))
+
+
+def gene_map_chart(frame: pd.DataFrame, gene: str, *, width: int = 520, height: int = 440, title: str = "") -> alt.LayerChart:
+    """The t-SNE map coloured by one gene's expression (frame: map frame + ``value`` column)."""
+    frame = _require(pd.DataFrame(frame), ["x", "y", "sample", "class", "kind", "value"], "gene_map_chart")
+    col = alt.Color("value:Q", scale=alt.Scale(scheme=EXPRESSION_SCHEME), title=str(gene))
+    tooltip = _map_tooltip(frame, [alt.Tooltip("value:Q", title=str(gene), format=".3f")])
+    chart = _map_layers(frame, col, tooltip)
+    return chart.properties(width=width, height=height, title=title or str(gene))
+
+
+# --------------------------------------------------------------------------- training and accuracy
+
+
+def loss_frame(history: Mapping[str, Sequence[float]]) -> pd.DataFrame:
+    """Tidy loss history: ``epoch`` (from 1), ``loss`` (name), ``value``; all values kept."""
+    rows = []
+    for name, values in history.items():
+        v = np.asarray(list(values), dtype=np.float64).ravel()
+        rows.append(pd.DataFrame({"epoch": np.arange(1, len(v) + 1), "loss": str(name), "value": v}))
+    if not rows:
+        return pd.DataFrame({"epoch": pd.Series(dtype=int), "loss": pd.Series(dtype=str), "value": pd.Series(dtype=float)})
+    return pd.concat(rows, ignore_index=True)
+
+
+def loss_chart(history: Mapping[str, Sequence[float]], *, width: int = 520, height: int = 280, title: str = "") -> alt.Chart:
+    """Loss per epoch, one line per loss term, on a log scale.
+
+    A log scale cannot show zero or negative values (e.g. a Carlini-Wagner loss that has
+    reached ``-kappa``): those points are dropped from the plot, and the chart's subtitle
+    says how many were dropped. Non-finite values are dropped too.
+    """
+    frame = loss_frame(history)
+    keep = np.isfinite(frame["value"]) & (frame["value"] > 0)
+    dropped = int((~keep).sum())
+    frame = frame[keep].reset_index(drop=True)
+    if dropped:
+        logger.info("loss_chart: %d zero, negative or non-finite value(s) not shown on the log scale", dropped)
+    pick = alt.selection_point(fields=["loss"], bind="legend", name=LEGEND_SELECTION)
+    chart = (
+        alt.Chart(_data(frame))
+        .mark_line(point=alt.OverlayMarkDef(size=12))
+        .encode(
+            x=alt.X("epoch:Q", title="epoch", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("value:Q", scale=alt.Scale(type="log"), title="loss (log scale)"),
+            color=alt.Color("loss:N", title="loss"),
+            opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
+            tooltip=[alt.Tooltip("loss:N"), alt.Tooltip("epoch:Q"), alt.Tooltip("value:Q", format=".4g")],
+        )
+        .add_params(pick)
+    )
+    subtitle = f"{dropped} zero or negative value(s) not shown" if dropped else alt.Undefined
+    return chart.properties(width=width, height=height, title=alt.Title(title or "training loss", subtitle=subtitle))
+
+
+def accuracy_frame(per_source: Mapping[str, float]) -> pd.DataFrame:
+    """``source`` (class), ``accuracy``: one row per source class, highest first."""
+    frame = pd.DataFrame({"source": [str(k) for k in per_source], "accuracy": [float(v) for v in per_source.values()]})
+    return frame.sort_values(["accuracy", "source"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def accuracy_by_source_chart(per_source: Mapping[str, float], *, width: int = 420, title: str = "") -> alt.LayerChart:
+    """Perturbation accuracy per source class: horizontal bars on [0, 1], labelled in %."""
+    frame = accuracy_frame(per_source)
+    base = alt.Chart(_data(frame)).encode(
+        y=alt.Y("source:N", sort=frame["source"].tolist(), title="source class"),
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="perturbation accuracy"),
+        tooltip=[alt.Tooltip("source:N", title="source class"), alt.Tooltip("accuracy:Q", format=".1%")],
+    )
+    bars = base.mark_bar(color="#4c78a8")
+    text = base.mark_text(align="left", dx=3).encode(text=alt.Text("accuracy:Q", format=".0%"))
+    return alt.layer(bars, text).properties(width=width, height=max(60, 18 * len(frame)), **_title(title))
+
+
+# --------------------------------------------------------------------------- genes
+
+
+def top_genes_chart(frame: pd.DataFrame, *, width: int = 420, title: str = "") -> alt.Chart:
+    """Horizontal bars of P for the top up and down genes (frame: ``gene``, ``direction``, ``P``).
+
+    Rows sorted by P (most positive on top); red for up, blue for down.
+    """
+    frame = _require(pd.DataFrame(frame), ["gene", "direction", "P"], "top_genes_chart").copy()
+    frame = frame.sort_values("P", ascending=False, kind="stable").reset_index(drop=True)
+    frame["gene"] = frame["gene"].astype(str)
+    return (
+        alt.Chart(_data(frame))
+        .mark_bar()
+        .encode(
+            y=alt.Y("gene:N", sort=frame["gene"].tolist(), title=None),
+            x=alt.X("P:Q", title="perturbation P"),
+            color=alt.Color("direction:N", scale=alt.Scale(domain=DIRECTIONS, range=[DIRECTION_COLORS[d] for d in DIRECTIONS]), title="direction"),
+            tooltip=[alt.Tooltip("gene:N"), alt.Tooltip("direction:N"), alt.Tooltip("P:Q", format=".3f")],
+        )
+        .properties(width=width, height=max(60, 14 * len(frame)), **_title(title))
+    )
+
+
+def gene_frequency_chart(frame: pd.DataFrame, *, width: int = 420, title: str = "") -> alt.Chart:
+    """How often each gene is among a sample's top genes (frame: ``gene``, ``direction``, ``frequency``).
+
+    One panel per direction (up, down); bars sorted by frequency.
+    """
+    frame = _require(pd.DataFrame(frame), ["gene", "direction", "frequency"], "gene_frequency_chart").copy()
+    frame["gene"] = frame["gene"].astype(str)
+    frame = frame.sort_values(["direction", "frequency", "gene"], ascending=[True, False, True], kind="stable").reset_index(drop=True)
+    per_panel = int(frame.groupby("direction").size().max()) if len(frame) else 1
+    is_fraction = bool(len(frame)) and float(frame["frequency"].max()) <= 1.0
+    x = alt.X("frequency:Q", title="fraction of samples" if is_fraction else "samples", axis=alt.Axis(format="%") if is_fraction else alt.Undefined)
+    return (
+        alt.Chart(_data(frame))
+        .mark_bar()
+        .encode(
+            y=alt.Y("gene:N", sort=alt.EncodingSortField("frequency", order="descending"), title=None),
+            x=x,
+            color=alt.Color("direction:N", scale=alt.Scale(domain=DIRECTIONS, range=[DIRECTION_COLORS[d] for d in DIRECTIONS]), legend=None),
+            tooltip=[alt.Tooltip("gene:N"), alt.Tooltip("direction:N"), alt.Tooltip("frequency:Q", format=".3g")],
+        )
+        .properties(width=width, height=max(60, 14 * per_panel))
+        .facet(row=alt.Row("direction:N", sort=DIRECTIONS, title=None))
+        .resolve_scale(y="independent")
+        .properties(**_title(title))
+    )
+
+
+def gene_distribution_chart(frame: pd.DataFrame, gene: str, *, width: int = 480, height: int = 260, title: str = "") -> alt.Chart:
+    """Expression of one gene per class: a box per class for real samples, with the perturbed
+    samples' values (grouped by source class) beside it.
+
+    Frame columns: ``class``, ``value``, ``kind`` (``real`` / ``perturbed``).
+    """
+    frame = _require(pd.DataFrame(frame), ["class", "value", "kind"], "gene_distribution_chart").copy()
+    frame["class"] = frame["class"].astype(str)
+    frame["kind"] = frame["kind"].astype(str)
+    classes = sorted(frame["class"].unique().tolist())
+    chart = (
+        alt.Chart(_data(frame))
+        .mark_boxplot(extent=1.5, size=12, outliers=alt.MarkConfig(size=8))
+        .encode(
+            x=alt.X("class:N", sort=classes, title="class (perturbed: source class)", axis=alt.Axis(labelAngle=-40)),
+            xOffset=alt.XOffset("kind:N", sort=KINDS, scale=alt.Scale(domain=KINDS)),
+            y=alt.Y("value:Q", title=f"{gene} expression"),
+            color=alt.Color("kind:N", scale=alt.Scale(domain=KINDS, range=["#9e9e9e", "#d62728"]), title="sample"),
+        )
+    )
+    return chart.properties(width=width, height=height, title=title or str(gene))
+
+
+def enrichment_chart(frame: pd.DataFrame, *, top: int = 10, q_threshold: float = 0.05, width: int = 420, title: str = "") -> alt.LayerChart:
+    """Bars of -log10(q) for the ``top`` terms (smallest q), coloured by library, with a rule
+    at -log10(``q_threshold``). Frame columns: ``library``, ``term``, ``q``.
+    """
+    frame = _require(pd.DataFrame(frame), ["library", "term", "q"], "enrichment_chart").copy()
+    frame = frame[np.isfinite(pd.to_numeric(frame["q"], errors="coerce"))]
+    frame = frame.sort_values(["q", "term"], kind="stable").head(top).reset_index(drop=True)
+    frame["neg_log10_q"] = -np.log10(np.clip(frame["q"].to_numpy(dtype=np.float64), 1e-300, 1.0))
+    frame["label"] = frame["term"].astype(str)
+    dup = frame["label"].duplicated(keep=False)
+    frame.loc[dup, "label"] = frame.loc[dup, "term"].astype(str) + " (" + frame.loc[dup, "library"].astype(str) + ")"
+    frame = frame[["library", "term", "q", "neg_log10_q", "label"]]
+    bars = (
+        alt.Chart(_data(frame))
+        .mark_bar()
+        .encode(
+            y=alt.Y("label:N", sort=frame["label"].tolist(), title=None, axis=alt.Axis(labelLimit=260)),
+            x=alt.X("neg_log10_q:Q", title="-log10(q)"),
+            color=alt.Color("library:N", title="library"),
+            tooltip=[alt.Tooltip("term:N"), alt.Tooltip("library:N"), alt.Tooltip("q:Q", format=".3g")],
+        )
+    )
+    threshold = -np.log10(q_threshold)
+    rule = (
+        alt.Chart(pd.DataFrame({"threshold": [threshold], "label": [f"q = {q_threshold:g}"]}))
+        .mark_rule(color="black", strokeDash=[4, 3])
+        .encode(x=alt.X("threshold:Q"), tooltip=[alt.Tooltip("label:N", title="threshold")])
+    )
+    return alt.layer(bars, rule).properties(width=width, height=max(60, 18 * len(frame)), **_title(title))
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _spec(chart: alt.TopLevelMixin) -> dict:
+    try:
+        return chart.to_dict()
+    except alt.MaxRowsError:
+        # a chart built outside this module with a big DataFrame
+        with alt.data_transformers.disable_max_rows():
+            return chart.to_dict()
+
+
+def _vl_version() -> str | None:
+    import vl_convert as vlc
+
+    version = "_".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
+    return version if version.replace("_", ".") in vlc.get_vegalite_versions() else None
+
+
+def chart_to_svg(chart: alt.TopLevelMixin) -> str:
+    """The chart as an SVG document (through vl-convert; no browser needed)."""
+    import vl_convert as vlc
+
+    return vlc.vegalite_to_svg(_spec(chart), vl_version=_vl_version())
+
+
+def chart_to_png(chart: alt.TopLevelMixin, scale: float = 2) -> bytes:
+    """The chart as PNG bytes, ``scale`` times its size in pixels (through vl-convert)."""
+    import vl_convert as vlc
+
+    return vlc.vegalite_to_png(_spec(chart), vl_version=_vl_version(), scale=scale)

@@ -1,0 +1,419 @@
+"""The t-SNE map of the paper's Fig. 2 (left): real samples by class, perturbed samples placed on it.
+
+A *reference map* is fit once on real samples (openTSNE, Barnes-Hut or FFT gradients, PCA
+initialisation, seeded); new points (perturbed samples of a selection) are then *placed*
+on it as openTSNE's ``transform`` does: only the new points are optimised and
+the reference never moves. Before t-SNE the data are reduced to at most ``n_pcs`` principal components
+(fit on the reference samples only); the same projection is applied to new points.
+
+Typical use::
+
+    idx = select_map_samples(adata.obs["cell_type"], target="beta")
+    ref = fit_reference_map(Xs[idx], samples=names[idx], labels=labels[idx])
+    xy = place(ref, result.x_adv)
+    frame = map_frame(ref, xy, new_samples=result.samples, new_source=..., new_pred=result.pred_after)
+
+The openTSNE embedding object is kept in memory only (the app caches the map with
+``st.cache_resource``); pickling a :class:`ReferenceMap` drops it, and :func:`place` then
+says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+# Threads: openTSNE's OpenMP threads spin while they wait. On a busy machine (a shared
+# 2-core server) that made 2-thread fits 3-30x slower than 1-thread ones, so the default is
+# one thread. ``OMP_WAIT_POLICY=PASSIVE`` in the environment *before Python starts* removes
+# the spinning (setting it from Python is too late once scikit-learn, which ships the same
+# libgomp, has been imported); then ``n_jobs=2`` helps on an idle machine.
+DEFAULT_N_JOBS = 1
+
+GradientMethod = Literal["fft", "bh"]
+
+# Placement (as openTSNE's ``transform``). On the demo map (1,000 samples) 50 iterations
+# end within 0.01 (map units, span ~100) of where 250 do, at ~0.1 s CPU for 100 points.
+PLACE_DEFAULTS: dict[str, Any] = {"perplexity": 5, "k": 15, "n_iter": 50, "learning_rate": 0.1, "early_exaggeration_iter": 0}
+
+
+@dataclass(frozen=True, eq=False)
+class PCAProjection:
+    """Centre, then project onto principal axes (fit with a plain, deterministic SVD)."""
+
+    mean: np.ndarray  # (n_genes,)
+    components: np.ndarray  # (n_pcs, n_genes)
+
+    @classmethod
+    def fit(cls, X: np.ndarray, n_components: int) -> PCAProjection:
+        X = np.asarray(X, dtype=np.float64)
+        mean = X.mean(0)
+        _, _, vt = np.linalg.svd(X - mean, full_matrices=False)
+        vt = vt[:n_components]
+        # a fixed sign per axis (largest loading positive), so a refit gives the same map
+        signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])
+        signs[signs == 0] = 1.0
+        return cls(mean, vt * signs[:, None])
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return (np.asarray(X, dtype=np.float64) - self.mean) @ self.components.T
+
+    @property
+    def n_components(self) -> int:
+        return self.components.shape[0]
+
+
+@dataclass(eq=False)
+class ReferenceMap:
+    """A fitted t-SNE map of real samples.
+
+    Attributes
+    ----------
+    coords
+        (n, 2) map coordinates of the reference samples.
+    samples, labels
+        Sample names and class labels, in the order of ``coords``.
+    seed
+        Random state of the fit.
+    params
+        The t-SNE and PCA settings used (plain values, JSON-friendly).
+    pca
+        The projection applied before t-SNE (None when the data were used as given).
+    embedding
+        The openTSNE ``TSNEEmbedding`` needed by :func:`place`; in memory only, never pickled.
+    """
+
+    coords: np.ndarray
+    samples: list[str]
+    labels: list[str]
+    seed: int = 0
+    params: dict = field(default_factory=dict)
+    pca: PCAProjection | None = None
+    embedding: Any = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["embedding"] = None  # openTSNE objects hold the affinity matrix and a kNN index
+        return state
+
+    def project(self, X: np.ndarray) -> np.ndarray:
+        """Data -> the space t-SNE sees (PCA, if any), as C-contiguous float64."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2:
+            raise ValueError(f"expected a samples x genes matrix, got shape {X.shape}")
+        n_in = self.params.get("n_genes")
+        if n_in is not None and X.shape[1] != n_in:
+            raise ValueError(f"the map was fit on {n_in} genes, the new samples have {X.shape[1]}")
+        Z = self.pca.transform(X) if self.pca is not None else X
+        return np.ascontiguousarray(Z)
+
+
+def select_map_samples(
+    labels,
+    *,
+    classes=None,
+    max_classes: int = 10,
+    max_per_class: int | None = None,
+    target: str | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Indices of the real samples to show on the map.
+
+    Parameters
+    ----------
+    labels
+        Class label per sample (array-like of strings).
+    classes
+        Classes to keep, in this order; default: the most frequent ones.
+    max_classes
+        At most this many classes (the paper's map shows 10).
+    max_per_class
+        Keep at most this many samples per class (seeded subsample); None keeps all.
+    target
+        The target class; it is always kept and comes first among the classes.
+    seed
+        Random seed of the subsampling.
+
+    Returns
+    -------
+    Sorted integer indices into ``labels``.
+    """
+    labels = np.asarray(labels).astype(str)
+    present = pd.Series(labels).value_counts(sort=True)  # most frequent first; ties by first seen
+    if classes is None:
+        order = list(present.index)
+    else:
+        order = [str(c) for c in classes]
+        unknown = [c for c in order if c not in present.index]
+        if unknown:
+            raise ValueError(f"class(es) not in the data: {', '.join(unknown[:5])}")
+    if target is not None:
+        target = str(target)
+        if target not in present.index:
+            raise ValueError(f"target class {target!r} is not in the data")
+        order = [target] + [c for c in order if c != target]
+    if max_classes is not None and max_classes < 1:
+        raise ValueError("max_classes must be at least 1")
+    order = list(dict.fromkeys(order))[: max_classes or None]
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in order:
+        idx = np.flatnonzero(labels == c)
+        if max_per_class is not None and len(idx) > max_per_class:
+            idx = rng.choice(idx, size=max_per_class, replace=False)
+        keep.append(idx)
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=int)
+
+
+def _tsne(seed: int, perplexity: float, n_jobs: int, n_iter: int, n: int, method: str):
+    from openTSNE import TSNE
+
+    # openTSNE needs 3 * perplexity < n: lower it for very small maps
+    perplexity = float(min(perplexity, max(1.0, (n - 1) / 3.0)))
+    tsne = TSNE(
+        n_components=2,
+        perplexity=perplexity,
+        n_iter=n_iter,
+        initialization="pca",
+        negative_gradient_method=method,
+        n_jobs=n_jobs,
+        random_state=seed,
+        verbose=False,
+    )
+    return tsne, perplexity
+
+
+def _check_X(X, name: str = "X") -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"{name}: expected a samples x genes matrix, got shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise ValueError(f"{name}: contains missing or infinite values")
+    return X
+
+
+def fit_reference_map(
+    X,
+    *,
+    samples,
+    labels,
+    seed: int = 0,
+    perplexity: float = 30,
+    n_jobs: int = DEFAULT_N_JOBS,
+    n_pcs: int | None = 50,
+    n_iter: int = 500,
+    negative_gradient_method: GradientMethod = "bh",
+) -> ReferenceMap:
+    """Fit the t-SNE reference map of real samples.
+
+    Parameters
+    ----------
+    X
+        Samples x genes (e.g. the bundle-scaled expression).
+    samples, labels
+        Sample names and class labels, one per row of ``X``.
+    seed
+        Random state of openTSNE; the same seed gives the same map.
+    perplexity
+        t-SNE perplexity (lowered automatically for very few samples).
+    n_jobs
+        Threads for openTSNE (default 1; see ``DEFAULT_N_JOBS`` for why).
+    n_pcs
+        Reduce to this many principal components first (None: use ``X`` as given).
+    n_iter
+        Optimisation iterations after the 250 early-exaggeration ones.
+    negative_gradient_method
+        ``"bh"`` (Barnes-Hut, the default) or ``"fft"`` (interpolation). Measured on the
+        demo (1,000 samples, 50 PCs, one thread): 4 s CPU with Barnes-Hut, 13 s with FFT,
+        same 5-NN label recovery; FFT's cost is set by the map's extent (its grid), not by
+        the number of points, and pays off only above ~10,000 samples.
+
+    Returns
+    -------
+    A :class:`ReferenceMap`; ``params`` records every setting.
+    """
+    X = _check_X(X)
+    samples = [str(s) for s in samples]
+    labels = [str(c) for c in labels]
+    if not (len(samples) == len(labels) == len(X)):
+        raise ValueError(f"{len(X)} samples in X, but {len(samples)} names and {len(labels)} labels")
+    if len(X) < 5:
+        raise ValueError(f"a t-SNE map needs at least 5 samples, got {len(X)}")
+    pca = None
+    if n_pcs is not None and min(X.shape) > n_pcs:
+        pca = PCAProjection.fit(X, n_pcs)
+    Z = pca.transform(X) if pca is not None else X
+    tsne, perp = _tsne(seed, perplexity, n_jobs, n_iter, len(X), negative_gradient_method)
+    emb = tsne.fit(np.ascontiguousarray(Z))
+    # openTSNE's transform centres the reference embedding in place; centre it now, so that
+    # placing points never shifts the map away from ``coords``
+    emb -= (emb.max(axis=0) + emb.min(axis=0)) / 2
+    params = {
+        "method": "openTSNE",
+        "perplexity": perp,
+        "n_iter": n_iter,
+        "negative_gradient_method": negative_gradient_method,
+        "initialization": "pca",
+        "n_pcs": pca.n_components if pca is not None else None,
+        "n_genes": X.shape[1],
+        "n_jobs": n_jobs,
+    }
+    return ReferenceMap(np.asarray(emb, dtype=np.float64).copy(), samples, labels, seed, params, pca, emb)
+
+
+def place(
+    ref: ReferenceMap,
+    X_new,
+    *,
+    n_iter: int | None = None,
+    perplexity: float | None = None,
+    k: int | None = None,
+    n_jobs: int = 1,
+) -> np.ndarray:
+    """Place new samples on an existing map without moving it (as openTSNE's ``transform``).
+
+    Each new point starts at the median of its ``k`` nearest reference points and is then
+    optimised against the fixed reference with perplexity 5 for 50 iterations
+    (``PLACE_DEFAULTS``; about 0.1 s for 100 points on a 1,000-sample map). The result is
+    deterministic. One thread by default: the work is small, and OpenMP threads on a
+    busy machine cost more than they save.
+
+    Returns
+    -------
+    (m, 2) coordinates, in the frame of ``ref.coords``.
+    """
+    if ref.embedding is None:
+        raise ValueError("this map has no t-SNE embedding in memory (it was pickled); fit it again")
+    Z = ref.project(_check_X(X_new, "new samples"))
+    if len(Z) == 0:
+        return np.zeros((0, 2))
+    opts = dict(PLACE_DEFAULTS)
+    opts.update({key: v for key, v in {"n_iter": n_iter, "perplexity": perplexity, "k": k}.items() if v is not None})
+    k_eff = int(min(opts["k"], len(ref) - 1))
+    perp = float(min(opts["perplexity"], max(1.0, (k_eff - 1) / 3.0)))
+    partial = ref.embedding.prepare_partial(Z, initialization="median", k=k_eff, perplexity=perp)
+    if opts["early_exaggeration_iter"]:
+        partial.optimize(
+            n_iter=opts["early_exaggeration_iter"], learning_rate=opts["learning_rate"], exaggeration=4,
+            momentum=0.8, max_grad_norm=0.25, inplace=True, n_jobs=n_jobs,
+        )
+    if opts["n_iter"]:
+        partial.optimize(
+            n_iter=opts["n_iter"], learning_rate=opts["learning_rate"], exaggeration=1.5,
+            momentum=0.8, max_grad_norm=0.25, inplace=True, n_jobs=n_jobs,
+        )
+    return np.asarray(partial, dtype=np.float64).copy()
+
+
+def fit_joint_map(
+    X_real,
+    X_new,
+    *,
+    seed: int = 0,
+    perplexity: float = 30,
+    n_jobs: int = DEFAULT_N_JOBS,
+    n_pcs: int | None = 50,
+    n_iter: int = 500,
+    negative_gradient_method: GradientMethod = "bh",
+) -> tuple[np.ndarray, np.ndarray]:
+    """One t-SNE of real and new samples together (the app's "recompute joint map").
+
+    The PCA is fit on the real samples only, so perturbed samples do not tilt the axes.
+
+    Returns
+    -------
+    ``(coords_real, coords_new)``: (n, 2) and (m, 2).
+    """
+    X_real = _check_X(X_real, "real samples")
+    X_new = _check_X(X_new, "new samples")
+    if X_real.shape[1] != X_new.shape[1]:
+        raise ValueError(f"real samples have {X_real.shape[1]} genes, new samples {X_new.shape[1]}")
+    if n_pcs is not None and min(X_real.shape) > n_pcs:
+        pca = PCAProjection.fit(X_real, n_pcs)
+        Z = np.vstack([pca.transform(X_real), pca.transform(X_new)])
+    else:
+        Z = np.vstack([X_real, X_new])
+    if len(Z) < 5:
+        raise ValueError(f"a t-SNE map needs at least 5 samples, got {len(Z)}")
+    tsne, _ = _tsne(seed, perplexity, n_jobs, n_iter, len(Z), negative_gradient_method)
+    coords = np.asarray(tsne.fit(np.ascontiguousarray(Z)), dtype=np.float64)
+    n = len(X_real)
+    return coords[:n].copy(), coords[n:].copy()
+
+
+def _column(values, n: int, name: str, fill=None) -> list:
+    if values is None:
+        return [fill] * n
+    values = [None if v is None else str(v) for v in values]
+    if len(values) != n:
+        raise ValueError(f"{name}: {len(values)} values for {n} points")
+    return values
+
+
+def map_frame(
+    ref: ReferenceMap,
+    new_coords=None,
+    *,
+    new_samples=None,
+    new_source=None,
+    new_pred=None,
+    real_pred=None,
+) -> pd.DataFrame:
+    """Tidy frame of the map: one row per point.
+
+    Parameters
+    ----------
+    ref
+        The reference map (real samples).
+    new_coords
+        (m, 2) placed coordinates of perturbed samples (from :func:`place`), or None.
+    new_samples
+        Names of the perturbed samples (default ``perturbed-0``, ...).
+    new_source
+        Source class of each perturbed sample (its real class); goes to ``class``.
+    new_pred
+        Target model's prediction for each perturbed sample.
+    real_pred
+        Target model's prediction for each real sample.
+
+    Returns
+    -------
+    DataFrame with columns ``x``, ``y``, ``sample``, ``class``, ``predicted``, ``kind``
+    (``"real"`` or ``"perturbed"``); real rows first, in the map's order.
+    """
+    n = len(ref)
+    real = pd.DataFrame(
+        {
+            "x": ref.coords[:, 0],
+            "y": ref.coords[:, 1],
+            "sample": list(ref.samples),
+            "class": list(ref.labels),
+            "predicted": _column(real_pred, n, "real_pred"),
+            "kind": "real",
+        }
+    )
+    if new_coords is None:
+        return real
+    new_coords = np.asarray(new_coords, dtype=np.float64).reshape(-1, 2)
+    m = len(new_coords)
+    names = [f"perturbed-{i}" for i in range(m)] if new_samples is None else _column(new_samples, m, "new_samples")
+    new = pd.DataFrame(
+        {
+            "x": new_coords[:, 0],
+            "y": new_coords[:, 1],
+            "sample": names,
+            "class": _column(new_source, m, "new_source"),
+            "predicted": _column(new_pred, m, "new_pred"),
+            "kind": "perturbed",
+        }
+    )
+    return pd.concat([real, new], ignore_index=True)
