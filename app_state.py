@@ -68,7 +68,7 @@ DEFAULTS = {
 DATA_CHOICES = {"bundle": "The bundle's own dataset", "demo": "Demo: pbmc68k_reduced", "upload": "Upload a .h5ad file"}
 SELECTION_MODES = {"random": "N at random", "class": "By source class", "id": "By sample id"}
 MAX_UPLOAD_MB = 200
-MAP_MAX_PER_CLASS = 300  # real samples per class on the t-SNE map (seeded subsample beyond that)
+ENRICHMENT_THRESHOLD = 1e-4  # q below which a term is "significant" (tspg enrich's default --threshold)
 
 
 def init_state() -> None:
@@ -354,7 +354,7 @@ def selection(bundle, data: Data) -> Selection:
         idx = np.sort(rng.choice(len(candidates), size=min(n, len(candidates)), replace=False)) if candidates else []
         picked = [candidates[i] for i in idx]
         params = {"mode": "random", "n": n, "seed": seed}
-        desc = f"{len(picked)} random samples (seed {seed})"
+        desc = f"{len(picked)} random samples, seed {seed}"
     params["heldout_only"] = bool(data.own and ss.get(SEL_HELDOUT, True))
     if data.own and ss.get(SEL_HELDOUT, True):
         desc += ", held-out split"
@@ -444,12 +444,18 @@ def show_table(df: pd.DataFrame, name: str, *, key: str | None = None, index: bo
 
 
 def reproduce(params: dict, command: str, *, python: str | None = None) -> None:
-    """The page's parameters and the equivalent command, in a closed expander."""
+    """The page's parameters and the equivalent command, in a closed expander (long lists of
+    samples or genes start folded; long commands wrap)."""
     with st.expander("Parameters and the equivalent command"):
-        st.json(params, expanded=True)
-        st.code(command, language="bash")
+        st.json(params, expanded=1)
+        st.code(command, language="bash", wrap_lines=True)
         if python:
-            st.code(python, language="python")
+            st.code(python, language="python", wrap_lines=True)
+
+
+def command(*parts: str) -> str:
+    """A command line from its parts, empty parts (an omitted DATA) left out."""
+    return " ".join(p for p in parts if p)
 
 
 def data_arg(bundle, data: Data, *, optional: bool) -> str:
@@ -488,20 +494,22 @@ def frame_csv(make: Callable[[], pd.DataFrame], *, index: bool = True) -> Callab
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _target_mean(bkey: str, _bundle) -> np.ndarray | None:
-    from tspg.baselines import split_arrays
+    from tspg.baselines import training_target_mean
 
     ds = _bundle.manifest["dataset"]
     try:
         adata = _bundle_adata(ds["name"], ds.get("fingerprint", ""), _bundle)
-        Xs, y, _ = split_arrays(_bundle, adata, part="train")
+        return training_target_mean(_bundle, adata)
     except ValueError as err:
         logger.info("no target mean for %s: %s", _bundle.name, err)
         return None
-    return Xs[y == _bundle.target].mean(0)
 
 
 def target_mean(bundle) -> np.ndarray | None:
-    """The target class's mean (scaled) over the bundle's training split; None if its data are unknown."""
+    """The target class's mean (scaled) over the bundle's training split: stored in the bundle,
+    or (older bundles) computed from its dataset; None when neither is available."""
+    if bundle.target_mean is not None:
+        return bundle.target_mean
     return _target_mean(bundle_key(bundle), bundle)
 
 
@@ -519,23 +527,18 @@ def heatmap_frame(bundle, pert, *, n_genes: int) -> pd.DataFrame:
 
 def map_classes_default(bundle, labels) -> list[str]:
     """The map's default classes: the target first, then the most frequent, ten at most."""
-    from tspg.embedding import select_map_samples
+    from tspg.embedding import map_classes
 
-    idx = select_map_samples(labels, target=bundle.target, max_classes=10)
-    present = set(labels[idx].tolist())
-    counts = pd.Series(labels).value_counts()
-    return [bundle.target] + [c for c in counts.index if c in present and c != bundle.target]
+    return map_classes(labels, target=bundle.target)
 
 
 @st.cache_resource(show_spinner="Fitting the t-SNE reference map (once per dataset, gene set, classes and seed)…", max_entries=8)
 def _reference_map(dkey: str, skey: str, classes: tuple[str, ...], seed: int, _bundle, _data):
-    from tspg.embedding import fit_reference_map, select_map_samples
+    from tspg.embedding import fit_class_map
 
-    labels = _data.labels(_bundle.label_key)
     Xs = scaled_expression(bundle_key(_bundle), _data.key, _bundle, _data.adata)
-    idx = select_map_samples(labels, classes=list(classes), max_classes=10, max_per_class=MAP_MAX_PER_CLASS, target=_bundle.target, seed=seed)
     names = np.asarray(_data.adata.obs_names).astype(str)
-    return fit_reference_map(Xs[idx], samples=names[idx], labels=labels[idx], seed=seed), idx
+    return fit_class_map(Xs, _data.labels(_bundle.label_key), names, classes=list(classes), target=_bundle.target, seed=seed)
 
 
 def reference_map(bundle, data: Data, classes, seed: int):
@@ -590,20 +593,16 @@ def real_predictions(bundle, data: Data) -> np.ndarray:
 # ----------------------------------------------------------------------------- genes and enrichment
 
 
-def source_rows(bundle, pert) -> np.ndarray:
-    """Rows of a perturbation whose label is not the target (all rows when labels are unknown)."""
-    if pert.labels is None:
-        return np.ones(len(pert), bool)
-    rows = np.asarray(pert.labels).astype(str) != bundle.target
-    return rows if rows.any() else np.ones(len(pert), bool)
-
-
 @st.cache_data(show_spinner="Running the enrichment…", max_entries=32)
 def enrichment(up: tuple[str, ...], down: tuple[str, ...], background: tuple[str, ...], libraries: tuple[str, ...], backend: str) -> tuple[pd.DataFrame, dict]:
-    """``enrich_directions`` (cached): the stacked table and its attrs (messages, backend, from_cache)."""
+    """``enrich_directions`` (cached): the stacked table and its attrs (messages, backend, from_cache);
+    ``significant`` is q < ``ENRICHMENT_THRESHOLD``."""
     from tspg.enrichment import enrich_directions
 
-    df = enrich_directions(list(up) or None, list(down) or None, background=list(background), libraries=list(libraries), backend=backend)
+    df = enrich_directions(
+        list(up) or None, list(down) or None, background=list(background), libraries=list(libraries), backend=backend,
+        threshold=ENRICHMENT_THRESHOLD,
+    )
     return df, dict(df.attrs)
 
 
@@ -620,37 +619,26 @@ def baselines(bundle):
     return _baselines(bundle_key(bundle), bundle)
 
 
-def selection_overlap(bundle, base, pert, ks) -> pd.DataFrame:
-    """``gene_overlap`` of the selection's consensus top-k with the baselines' lists, per k
-    (as ``tspg.metrics.evaluate`` does for the held-out split)."""
-    from tspg.baselines import de_ranked, gene_overlap
-    from tspg.perturb import consensus_top
+def selection_overlap(base, pert, ks) -> pd.DataFrame:
+    """``tspg.baselines.selection_overlap`` of a perturbation's samples (as ``tspg evaluate`` does
+    for the held-out split), baseline names written for reading."""
+    from tspg.baselines import selection_overlap as overlap
 
-    de = de_ranked(base.de)
-    P_ms = base.mean_shift(pert.x, pert.labels) - pert.x if pert.labels is not None else None
-    frames = []
-    for k in ks:
-        lists = {"differential expression": de}
-        if P_ms is not None:
-            lists["mean shift"] = consensus_top(P_ms, pert.genes, k=k)
-        frames.append(gene_overlap(consensus_top(pert.P, pert.genes, k=k), lists, ks=[k]))
-    return pd.concat(frames, ignore_index=True).sort_values(["baseline", "direction", "k"], ascending=[True, False, True], ignore_index=True)
+    out = overlap(pert.P, pert.x, pert.labels, pert.genes, base, ks=ks)
+    out["baseline"] = out["baseline"].str.replace("_", " ")
+    return out
 
 
 def gene_frames(bundle, data: Data, pert, ref, ref_idx, mkey: str, gene: str) -> dict[str, pd.DataFrame]:
     """One gene's scaled expression for ``charts.gene_map_chart`` (``"map"``: the map frame with
     ``value``) and ``charts.gene_distribution_chart`` (``"distribution"``: every real sample by
     class, and the perturbed samples by source class)."""
+    from tspg.charts import gene_distribution_frame
     from tspg.embedding import map_frame
 
     j = bundle.genes.index(gene)
     Xs = scaled_expression(bundle_key(bundle), data.key, bundle, data.adata)
-    labels = data.labels(bundle.label_key)
-    source = pert.labels if pert.labels is not None else np.full(len(pert), "unknown", dtype=object)
-    frame = map_frame(ref, placed(ref, mkey, bundle, pert), new_samples=pert.samples, new_source=source)
+    frame = map_frame(ref, placed(ref, mkey, bundle, pert), new_samples=pert.samples, new_source=pert.labels)
     frame["value"] = np.concatenate([Xs[ref_idx, j], pert.x_adv[:, j]])
-    dist = pd.concat([
-        pd.DataFrame({"class": labels, "value": Xs[:, j], "kind": "real"}),
-        pd.DataFrame({"class": source, "value": pert.x_adv[:, j], "kind": "perturbed"}),
-    ], ignore_index=True)
+    dist = gene_distribution_frame(data.labels(bundle.label_key), Xs[:, j], pert.labels, pert.x_adv[:, j])
     return {"map": frame, "distribution": dist}

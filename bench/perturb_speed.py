@@ -21,7 +21,6 @@ import torch
 from tspg.bundle import Bundle
 from tspg.nets import Discriminator, Generator, TargetClassifier
 from tspg.perturb import generate_perturbed, perturb_scaled
-from tspg.train import generate
 
 
 def timed(fn, runs: int) -> tuple[float, float]:
@@ -56,7 +55,6 @@ def main(argv=None) -> None:
 
     steps = {
         "perturbation: G(x) + clip (tspg.perturb)": lambda: generate_perturbed(G, X),
-        "perturbation, old path (train.generate + np.clip)": lambda: np.clip(X + generate(G, X), 0, 1),
         "perturbation + target model before/after": lambda: perturb_scaled(bundle, X),
         "floor: the two large matmuls of G alone": lambda: (gemm_a @ gemm_w1.T, h @ gemm_w2.T),
     }

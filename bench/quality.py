@@ -25,6 +25,8 @@ import statistics
 import sys
 import time
 
+import torch
+
 from tspg.datasets import DEMO_LABEL_KEY, demo
 from tspg.metrics import evaluate
 from tspg.pipeline import train
@@ -99,7 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--ablation", action="store_true", help="one target (default CD19+ B), the variants of ABLATION")
     p.add_argument("--json", help="also write every run's figures here")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these networks are small: 1 is fastest on a busy 2-core machine)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     adata = demo()
     variants = ABLATION if args.ablation else {r: {"recipe": r} for r in args.recipes}

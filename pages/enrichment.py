@@ -49,7 +49,7 @@ what = st.session_state[S.ENR_WHAT]
 direction = st.session_state[S.ENR_DIRECTION]
 with S.guard("Ranking the genes failed"):
     if what == "consensus":
-        rows = S.source_rows(bundle, pert)
+        rows = pert.source_rows()
         lists = consensus_top(pert.P[rows], pert.genes, k=k)
     else:
         top = top_genes(pert.subset([what]).P, pert.genes, k=k)
@@ -69,8 +69,8 @@ if backends == ["enrichr"]:
     st.success("Backend: **Enrichr** (online)" + (", from the local cache" if all(attrs.get("from_cache", {}).values()) else ""))
 else:
     st.warning("Backend: **offline** gene sets (hypergeometric test on GMT files, not Enrichr)" if "offline" in backends and len(backends) == 1 else f"Backends: {', '.join(backends)}")
-for d, msg in messages.items():
-    st.caption(f"{d}: {msg}")
+for msg, directions in {m: [d for d, m2 in messages.items() if m2 == m] for m in messages.values()}.items():
+    st.caption(f"{' and '.join(directions)}: {msg}")  # one line for a message both directions share
 
 if table.empty:
     st.info("No gene set shares a gene with these lists.")
@@ -78,21 +78,21 @@ else:
     with S.guard("Drawing the enrichment chart failed"):
         from tspg import charts
 
-        shown = [d for d in ("up", "down") if (table["direction"] == d).any()]
-        for d in shown:
-            st.markdown(f"**{d.capitalize()} genes**: the 10 terms with the smallest q")
-            S.show_chart(charts.enrichment_chart(table[table["direction"] == d]), f"enrichment-{bundle.name}-{what}-{d}", key=f"enrichment_chart_{d}")
+        st.markdown(f"The 10 terms with the smallest q per direction (dashed line: q = {S.ENRICHMENT_THRESHOLD:g}, below which a term counts as significant)")
+        S.show_chart(charts.enrichment_chart(table, q_threshold=S.ENRICHMENT_THRESHOLD), f"enrichment-{bundle.name}-{what}", key="enrichment_chart")
 S.show_table(
     table, f"enrichment-{bundle.name}-{what}", key="enrichment_table", index=False, hide_index=True, width="stretch",
     column_config={c: st.column_config.NumberColumn(format="%.2e") for c in ("p", "q")},
 )
 
-ids = [s for s, keep in zip(pert.samples, S.source_rows(bundle, pert), strict=True) if keep] if what == "consensus" else [what]
+ids = [s for s, keep in zip(pert.samples, pert.source_rows(), strict=True) if keep] if what == "consensus" else [what]
 S.reproduce(
     {"bundle": bundle.name, "genes of": what, "samples": ids, "direction": direction, "k": k, "libraries": list(libraries), "backend": backend, "up": list(up), "down": list(down)},
-    f"tspg enrich {shlex.quote(bundle.name)} {S.data_arg(bundle, data, optional=True)} -o enrichment.csv --direction {direction} --k {k} "
-    + ("--offline " if backend == "offline" else "")
-    + "--libraries " + " ".join(shlex.quote(lib) for lib in libraries) + f" {S.models_arg()} --samples " + " ".join(shlex.quote(i) for i in ids),
+    S.command(
+        "tspg enrich", shlex.quote(bundle.name), S.data_arg(bundle, data, optional=True), "-o enrichment.csv",
+        f"--direction {direction} --k {k} --threshold {S.ENRICHMENT_THRESHOLD:g}", "--offline" if backend == "offline" else "",
+        "--libraries", *map(shlex.quote, libraries), S.models_arg(), "--samples", *map(shlex.quote, ids),
+    ),
     python=(
         "from tspg.enrichment import enrich_directions\n"
         f"table = enrich_directions({list(up)!r}, {list(down)!r}, background=bundle.genes, libraries={list(libraries)!r}, backend={backend!r})"

@@ -32,7 +32,7 @@ from tspg.perturb import consensus, consensus_top, unique_top_genes  # noqa: E40
 
 k = int(st.session_state.get(S.TOP_K, 20))
 SHOWN = 25  # genes per direction in the frequency chart
-rows = S.source_rows(bundle, pert)
+rows = pert.source_rows()
 src = pert.subset(rows)
 st.caption(f"{len(src)} perturbed samples of source classes ({sel.description}); top {k} genes per direction. Change the selection on the Perturb page.")
 
@@ -67,9 +67,23 @@ except Exception as err:  # the bundle's own data are needed for the baselines
     st.info(f"Baselines need the bundle's own training data: {err}")
 else:
     with S.guard("Comparing with the baselines failed"):
-        overlap = S.selection_overlap(bundle, base, src, ks)
-    S.show_table(overlap, f"overlap-{bundle.name}", key="overlap_table", index=False, hide_index=True, width="stretch")
-    st.caption("Overlap of the selection's consensus top-k genes with the mean-shift perturbation's consensus top-k and the top-k of a Wilcoxon test (target vs rest) on the training split.")
+        overlap = S.selection_overlap(base, src, ks)
+    S.show_table(
+        overlap, f"overlap-{bundle.name}", key="overlap_table", index=False, hide_index=True, width="stretch",
+        height=38 + 35 * len(overlap),  # every row: the table is short
+        column_config={
+            "n_reference": st.column_config.NumberColumn("TSPG genes", help="genes in TSPG's consensus top-k list"),
+            "n_baseline": st.column_config.NumberColumn("baseline genes", help="genes in the baseline's top-k list"),
+            "overlap": st.column_config.NumberColumn("shared", help="genes in both lists"),
+            "jaccard": st.column_config.NumberColumn("Jaccard", format="%.2f", help="shared / genes in either list"),
+            "genes": st.column_config.TextColumn("shared genes"),
+        },
+    )
+    st.caption(
+        "Overlap of the selection's consensus top-k genes (per direction) with two baselines: the consensus top-k of "
+        "the same samples' mean-shift perturbation (target class mean minus their class mean), and the top-k of a "
+        "Wilcoxon test of the target class against the rest. Both baselines are fit on the training split."
+    )
 
 # ----------------------------------------------------------------------------- one gene
 
@@ -77,7 +91,7 @@ st.subheader("One gene")
 cons = consensus_top(src.P, src.genes, k=1)
 if st.session_state.get(S.GENE) not in bundle.genes:
     st.session_state[S.GENE] = cons["up"][0]
-st.selectbox("Gene (type to search)", bundle.genes, key=S.GENE)
+st.columns([1, 2])[0].selectbox("Gene (type to search)", bundle.genes, key=S.GENE)
 gene = st.session_state[S.GENE]
 labels = data.labels(bundle.label_key)
 if labels is None:
@@ -89,15 +103,15 @@ with S.guard("Drawing the gene views failed"):
     ref, ref_idx = S.reference_map(bundle, data, classes, seed)
     mkey = S.map_key(bundle, data, classes, seed)
     frame = S.gene_frames(bundle, data, pert, ref, ref_idx, mkey, gene)
-    st.markdown(f"**{gene}** on the map (scaled expression; perturbed samples: after perturbation)")
+    st.caption("On the map: scaled expression of the real samples (dots) and of the perturbed samples after perturbation (crosses).")
     S.show_chart(charts.gene_map_chart(frame["map"], gene), f"map-{gene}", key="gene_map_chart")
-    st.markdown(f"**{gene}** per class: real samples, and the perturbed selection by source class")
+    st.caption("Per class: real samples (grey), and the perturbed selection after perturbation, by source class (red).")
     S.show_chart(charts.gene_distribution_chart(frame["distribution"], gene), f"distribution-{gene}", key="gene_dist_chart")
 
 S.reproduce(
     {"bundle": bundle.name, "data": data.label, "selection": sel.params, "k": k, "ks": list(ks), "gene": gene},
     "# the same comparisons over the bundle's whole held-out split\n"
-    f"tspg evaluate {shlex.quote(bundle.name)} {S.data_arg(bundle, data, optional=True)} --k {k} {S.models_arg()}",
+    + S.command("tspg evaluate", shlex.quote(bundle.name), S.data_arg(bundle, data, optional=True), f"--k {k}", S.models_arg()),
     python=(
         "from tspg.perturb import consensus, unique_top_genes\n"
         f"freq = consensus(P, genes, k={k})\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 
 import streamlit as st
@@ -25,12 +26,15 @@ if labels is None:
     st.error(f"{data.label} has no {bundle.label_key!r} column in obs: the map needs each real sample's class.")
     st.stop()
 
-present = S.map_classes_default(bundle, labels)
+from tspg.embedding import MAP_MAX_PER_CLASS  # noqa: E402
+
+with S.guard("The map cannot be drawn for these data"):
+    present = S.map_classes_default(bundle, labels)
 all_classes = list(dict.fromkeys([*present, *sorted(set(labels.tolist()))]))
 chosen = [c for c in st.session_state.get(S.MAP_CLASSES) or [] if c in all_classes]
 st.session_state[S.MAP_CLASSES] = chosen or present
 c1, c2 = st.columns([4, 1])
-c1.multiselect("Real samples of the classes (at most 10; the target is always shown)", all_classes, key=S.MAP_CLASSES, max_selections=10)
+c1.multiselect("Classes of the real samples (at most 10; the target is always shown)", all_classes, key=S.MAP_CLASSES, max_selections=10)
 c2.number_input("Seed", min_value=0, step=1, key=S.MAP_SEED)
 classes = st.session_state[S.MAP_CLASSES] or present
 seed = int(st.session_state[S.MAP_SEED])
@@ -73,7 +77,8 @@ with S.guard("Drawing the map failed"):
     real_pred = S.real_predictions(bundle, data)[ref_idx]
     frame = map_frame(shown_ref, new_xy, new_samples=pert.samples, new_source=pert.labels, new_pred=pert.pred_after, real_pred=real_pred)
     st.caption(
-        f"{len(ref)} real samples of {len(set(ref.labels))} classes; {len(pert)} perturbed samples ({sel.description}) "
+        f"Dots: {len(ref)} real samples of {len(set(ref.labels))} classes. Crosses: the selection's perturbed samples "
+        f"({sel.description}), coloured by their source class, "
         + ("from a joint t-SNE fit." if is_joint else f"placed on the fixed reference map in {seconds:.2f} s.")
         + " Click a legend entry to highlight a class; hover a point for its sample, class and prediction."
     )
@@ -81,12 +86,11 @@ with S.guard("Drawing the map failed"):
 
 S.show_table(frame, f"map-{bundle.name}", key="map_frame", index=False, hide_index=True, width="stretch", height=240)
 S.reproduce(
-    {"bundle": bundle.name, "data": data.label, "classes": classes, "seed": seed, "joint": is_joint, "selection": sel.params, **ref.params},
-    "# no tspg command draws the map; in Python, with Xs the bundle-scaled expression:",
-    python=(
-        "from tspg.embedding import select_map_samples, fit_reference_map, place, map_frame\n"
-        f"idx = select_map_samples(labels, classes={classes!r}, target={bundle.target!r}, seed={seed})\n"
-        f"ref = fit_reference_map(Xs[idx], samples=names[idx], labels=labels[idx], seed={seed})\n"
-        "frame = map_frame(ref, place(ref, perturbation.x_adv), new_samples=perturbation.samples)"
+    {"bundle": bundle.name, "data": data.label, "classes": classes, "n_per_class": MAP_MAX_PER_CLASS, "seed": seed, "joint": is_joint, "selection": sel.params, **ref.params},
+    ("# the reference map (the joint fit has no command)\n" if is_joint else "")
+    + S.command(
+        "tspg map", shlex.quote(bundle.name), S.data_arg(bundle, data, optional=True), "-o map.csv",
+        "--classes", *map(shlex.quote, classes), f"--n-per-class {MAP_MAX_PER_CLASS} --seed {seed}",
+        "--samples", *map(shlex.quote, pert.samples), S.models_arg(),
     ),
 )

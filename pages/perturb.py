@@ -93,13 +93,17 @@ S.show_table(pred.round(4), f"predictions-{bundle.name}", key="predictions", wid
 # ----------------------------------------------------------------------------- heatmap
 
 st.subheader("Perturbation heatmap")
-c1, c2 = st.columns([1, 2])
+c1, c2, c3 = st.columns([1.2, 1, 1.8])
 c1.radio("Show", ["mean", "sample"], key=S.HEAT_VIEW, format_func={"mean": "Selection mean", "sample": "One sample"}.get, horizontal=True)
+c2.number_input(
+    "Genes per direction", min_value=1, max_value=min(200, len(bundle.genes)), step=1, key=S.TOP_K,
+    help="Top genes up and down, in the heatmap and the tables below (and on the Genes and Enrichment pages).",
+)
 one = st.session_state[S.HEAT_VIEW] == "sample"
 if one:
     if st.session_state.get(S.HEAT_SAMPLE) not in pert.samples:
         st.session_state[S.HEAT_SAMPLE] = pert.samples[0]
-    c2.selectbox("Sample", pert.samples, key=S.HEAT_SAMPLE)
+    c3.selectbox("Sample", pert.samples, key=S.HEAT_SAMPLE)
 shown = pert.subset([st.session_state[S.HEAT_SAMPLE]]) if one else pert
 k = int(st.session_state.get(S.TOP_K, 20))
 with S.guard("Drawing the heatmap failed"):
@@ -107,14 +111,23 @@ with S.guard("Drawing the heatmap failed"):
 
     frame = S.heatmap_frame(bundle, shown, n_genes=k)
     title = f"sample {shown.samples[0]}" if one else f"mean of {len(shown)} samples"
-    S.show_chart(charts.heatmap_chart(frame, title=title, row_height=16), f"heatmap-{bundle.name}", key="heatmap")
+    st.caption(
+        f"The {k} genes with the largest positive and the {k} with the largest negative P, sorted by P"
+        + ("" if one else " (every column: the mean over the selection)")
+        + ". Columns: x, the scaled expression before; P, the perturbation; x_adv = clip(x + P, 0, 1), after; "
+        "target mean, the target class's mean over the training split."
+    )
+    S.show_chart(charts.heatmap_chart(frame, title=title), f"heatmap-{bundle.name}", key="heatmap")
     if S.target_mean(bundle) is None:
         st.caption("The target mean column is empty: the bundle's training data are not available here.")
 
 # ----------------------------------------------------------------------------- top genes
 
 st.subheader(f"Top ±{k} genes")
-st.number_input("Genes per direction", min_value=1, max_value=min(200, len(bundle.genes)), step=1, key=S.TOP_K)
+st.caption(
+    f"Sample {shown.samples[0]}: its {k} genes with the largest positive and negative P." if one else
+    f"Consensus over the {len(shown)} samples: how many samples have each gene among their top {k}, and its mean P."
+)
 with S.guard("Ranking the genes failed"):
     from tspg.perturb import consensus, top_genes_df
 
@@ -127,12 +140,13 @@ with S.guard("Ranking the genes failed"):
         up, down = top[top.direction == "up"].head(k), top[top.direction == "down"].head(k)
         cols = ["gene", "count", "frequency", "mean_P"]
 u, d = st.columns(2)
+height = 38 + 35 * min(max(len(up), len(down)), 20)  # up to 20 rows without scrolling
 with u:
     st.markdown("**Up** (largest positive P)")
-    S.show_table(up[cols].reset_index(drop=True), f"top-up-{bundle.name}", key="top_up", index=False, hide_index=True)
+    S.show_table(up[cols].reset_index(drop=True), f"top-up-{bundle.name}", key="top_up", index=False, hide_index=True, height=height)
 with d:
     st.markdown("**Down** (largest negative P)")
-    S.show_table(down[cols].reset_index(drop=True), f"top-down-{bundle.name}", key="top_down", index=False, hide_index=True)
+    S.show_table(down[cols].reset_index(drop=True), f"top-down-{bundle.name}", key="top_down", index=False, hide_index=True, height=height)
 
 # ----------------------------------------------------------------------------- downloads
 

@@ -137,6 +137,10 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     top_gene = bundle.genes[int(np.argmax(mean_P))]
     assert heat.sort_values("rank").iloc[0]["gene"] == top_gene
     assert heat[(heat.gene == top_gene) & (heat.column == "P")]["value"].iloc[0] == pytest.approx(mean_P.max(), abs=1e-4)
+    # the target-mean column: the bundle's stored training-split mean of the target class
+    tm = heat[heat.column == "target mean"].set_index("gene")["value"]
+    stored = pd.Series(bundle.target_mean, index=bundle.genes)
+    np.testing.assert_allclose(tm.to_numpy(), stored[tm.index].to_numpy(), atol=1e-6)
 
     # one sample: heatmap and top genes follow it
     at.radio(key="heat_view").set_value("sample")
@@ -186,6 +190,20 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     spec = json.dumps(json.loads(charts(at)[0].proto.spec))
     assert '"bind": "legend"' in spec and "tooltip" in spec
     assert "placed on the fixed reference map" in texts(at.caption)
+    # the page's equivalent command writes the page's table
+    import shlex
+
+    from tspg import cli
+
+    table = at.dataframe[0].value
+    command = next(c.value for c in at.code if c.value.startswith("tspg map"))
+    argv = shlex.split(command)[1:]
+    argv[argv.index("-o") + 1] = str(out := tmp_path / "map.csv")
+    assert cli.main(argv) == 0
+    from_cli = pd.read_csv(out)
+    cols = ["sample", "class", "predicted", "kind"]
+    pd.testing.assert_frame_equal(from_cli[cols], table[cols].reset_index(drop=True), check_dtype=False)
+    np.testing.assert_allclose(from_cli[["x", "y"]], table[["x", "y"]], atol=1e-6)
     at.button(key="map_joint_button").click()
     ok(at.run())
     assert "from a joint t-SNE fit" in texts(at.caption)
@@ -208,14 +226,11 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     assert "Enrichr could not be used" in texts(at.caption)
     table = at.dataframe[0].value
     assert len(table) and set(table["backend"]) == {"offline"} and set(table["direction"]) <= {"up", "down"}
-    bars = chart_data(charts(at)[0])
-    assert len(bars) >= 1
+    bars = chart_data(charts(at)[0])  # one chart, a panel per direction
+    assert len(bars) >= 1 and set(bars["direction"]) == set(table["direction"])
+    assert len(charts(at)) == 1
 
     # the page's equivalent command gives the same table
-    import shlex
-
-    from tspg import cli
-
     command = next(c.value for c in at.code if c.value.startswith("tspg enrich"))
     argv = shlex.split(command)[1:]
     out = tmp_path / "enrichment.csv"
@@ -249,7 +264,11 @@ def test_models_page_lists_an_unreadable_bundle(models, monkeypatch, tmp_path):
     assert {"epoch", "loss", "value"} <= set(losses.columns) and (losses["value"] > 0).all()
     acc = chart_data(charts(at)[1])
     assert set(acc["source"]) == set(the_bundle(models).metrics["perturbation_accuracy_by_source"])
-    assert at.json  # the config
+    config = pd.concat([t.value for t in at.table])  # the config, in two tables
+    bundle = the_bundle(models)
+    assert list(config.index) == list(bundle.manifest["config"])
+    assert config.loc["epochs", "value"] == str(bundle.config.epochs)
+    assert at.json  # metrics and manifest details
 
 
 def test_uploads_and_bad_input(models, monkeypatch, tmp_path, demo_adata):
@@ -279,6 +298,11 @@ def test_uploads_and_bad_input(models, monkeypatch, tmp_path, demo_adata):
     ok(at.run())
     pred = at.dataframe[0].value
     assert len(pred) == 20 and set(pred.index) <= set(cells.obs_names) and "label" not in pred
+    heat = chart_data(charts(at)[0])  # uploaded data: the target mean still comes from the bundle
+    tm = heat[heat.column == "target mean"].set_index("gene")["value"]
+    assert tm.notna().all() and len(tm) == 40
+    bundle = the_bundle(models)
+    np.testing.assert_allclose(tm.to_numpy(), pd.Series(bundle.target_mean, index=bundle.genes)[tm.index].to_numpy(), atol=1e-6)
     assert "sel_heldout" not in [c.key for c in at.checkbox]  # held-out only applies to the bundle's own data
     at.radio(key="sel_mode").set_value("class")
     at.run()

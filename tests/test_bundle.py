@@ -27,7 +27,7 @@ from tspg.bundle import (
     slug,
 )
 from tspg.data import align_genes
-from tspg.train import generate
+from tspg.perturb import generate_perturbed
 
 
 class _Trap:
@@ -78,7 +78,7 @@ def test_load_in_same_process_gives_same_outputs(quick_bundle):
     assert loaded.genes == quick_bundle.genes and loaded.classes == quick_bundle.classes
     assert loaded.config == quick_bundle.config
     X = quick_bundle.scaler.transform(make_tiny_adata().X)
-    np.testing.assert_array_equal(generate(loaded.generator, X), generate(quick_bundle.generator, X))
+    np.testing.assert_array_equal(generate_perturbed(loaded.generator, X)[0], generate_perturbed(quick_bundle.generator, X)[0])
 
 
 FRESH = r"""
@@ -86,13 +86,13 @@ import json, sys
 import numpy as np, anndata as ad
 from tspg.bundle import load_bundle
 from tspg.data import align_genes
-from tspg.train import generate, predict_proba
+from tspg.perturb import class_probabilities, generate_perturbed
 b = load_bundle(sys.argv[1])
 adata = ad.read_h5ad(sys.argv[2])
 test = adata[b.split["test"]]
 X = b.scaler.transform(align_genes(test, b.genes))
-P = generate(b.generator, X)
-pred = predict_proba(b.target_model, np.clip(X + P, 0, 1)).argmax(1)
+P = generate_perturbed(b.generator, X)[0]
+pred = class_probabilities(b.target_model, np.clip(X + P, 0, 1)).argmax(1)
 non_target = (test.obs[b.label_key].astype(str) != b.target).to_numpy()
 np.save(sys.argv[3], P)
 print(json.dumps({"genes": b.genes, "accuracy": float((pred[non_target] == b.target_index).mean())}))
@@ -113,7 +113,7 @@ def test_fresh_process_loads_same_genes_same_p_same_accuracy(quick_bundle, tmp_p
     assert result["accuracy"] == quick_bundle.metrics["perturbation_accuracy_non_target"]
     test = adata[quick_bundle.split["test"]]
     X = quick_bundle.scaler.transform(align_genes(test, quick_bundle.genes))
-    np.testing.assert_allclose(np.load(tmp_path / "P.npy"), generate(quick_bundle.generator, X), atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "P.npy"), generate_perturbed(quick_bundle.generator, X)[0], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- no pickle, validation

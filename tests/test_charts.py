@@ -101,6 +101,10 @@ def test_heatmap_chart_scales_sort_and_tooltip():
     assert expr_scale["scheme"] == charts.EXPRESSION_SCHEME and expr_scale["domain"] == [0.0, 1.0]
     assert {"filter": "(datum.column === 'P')"} in by_title["P"]["transform"]
     assert len(frame_of(spec)) == 16
+    # every gene labelled: one 18-px row each, no label dropped for overlap
+    assert spec["height"] == {"step": charts.ROW_HEIGHT} and charts.ROW_HEIGHT >= 18
+    for layer in spec["layer"]:
+        assert layer["encoding"]["y"]["axis"]["labelOverlap"] is False
 
 
 def test_heatmap_chart_all_zero_P_and_nan_target_mean():
@@ -221,6 +225,22 @@ def test_gene_frequency_chart():
     assert enc["x"]["field"] == "frequency" and enc["x"]["axis"]["format"] == "%"
     assert enc["y"]["sort"] == {"field": "frequency", "order": "descending"}
     assert len(frame_of(spec)) == 4
+    # each panel its own genes, every one labelled on an 18-px row
+    assert spec["resolve"]["scale"]["y"] == "independent"
+    assert spec["spec"]["height"] == {"step": charts.ROW_HEIGHT}
+    assert enc["y"]["axis"]["labelOverlap"] is False
+    assert spec["facet"]["row"]["sort"] == ["up", "down"]
+
+
+def test_gene_distribution_frame():
+    f = charts.gene_distribution_frame(["a", "b", "a"], [0.1, 0.5, 0.2], ["b"], [0.9])
+    assert list(f.columns) == ["class", "value", "kind"]
+    assert f["kind"].tolist() == ["real"] * 3 + ["perturbed"] and f["class"].tolist() == ["a", "b", "a", "b"]
+    assert f["value"].tolist() == pytest.approx([0.1, 0.5, 0.2, 0.9])
+    unknown = charts.gene_distribution_frame(["a"], [0.1], None, [0.3, 0.4])
+    assert unknown.loc[unknown.kind == "perturbed", "class"].tolist() == ["unknown", "unknown"]
+    with pytest.raises(ValueError, match="2 real classes for 1 values"):
+        charts.gene_distribution_frame(["a", "b"], [0.1], None, [])
 
 
 def test_gene_distribution_chart():
@@ -235,19 +255,33 @@ def test_gene_distribution_chart():
 
 def test_enrichment_chart_top_terms_and_threshold():
     frame = pd.DataFrame({
-        "library": ["GO", "KEGG", "GO", "KEGG", "GO"],
-        "term": ["t1", "t2", "t3", "t4", "t1"],
-        "q": [1e-6, 0.2, 1e-3, 0.04, 0.01],
+        "library": ["GO", "KEGG", "GO", "KEGG", "GO", "GO"],
+        "term": ["t1", "t2", "t3", "t4", "t1", "a long term name (GO:0000001)"],
+        "q": [1e-6, 0.2, 1e-3, 0.04, 0.01, 1e-4],
+        "direction": ["up", "up", "up", "up", "up", "down"],
     })
     spec = to_spec(charts.enrichment_chart(frame, top=3))
-    bars, rule = spec["layer"]
-    shown = frame_of(spec, bars)
-    assert shown["term"].tolist() == ["t1", "t3", "t1"]
-    assert shown["neg_log10_q"].tolist() == pytest.approx([6.0, 3.0, 2.0])
-    assert bars["encoding"]["y"]["sort"] == ["t1 (GO)", "t3", "t1 (GO)"]  # a term in two rows keeps both bars
+    # one panel per direction, up above down, each with its own terms
+    assert spec["facet"]["row"]["field"] == "direction" and spec["facet"]["row"]["sort"] == ["up", "down"]
+    assert spec["resolve"]["scale"]["y"] == "independent"
+    assert spec["spec"]["height"] == {"step": charts.ROW_HEIGHT}
+    bars, rule = spec["spec"]["layer"]
+    shown = frame_of(spec)
+    up = shown[shown["direction"] == "up"].sort_values("rank")
+    assert up["term"].tolist() == ["t1", "t3", "t1"]  # the 3 smallest q of the up genes
+    assert up["neg_log10_q"].tolist() == pytest.approx([6.0, 3.0, 2.0])
+    assert up["label"].tolist() == ["t1 (GO)", "t3", "t1 (GO)"]  # a term in two rows keeps both bars
+    assert shown.loc[shown["direction"] == "down", "term"].tolist() == ["a long term name (GO:0000001)"]
+    assert bars["encoding"]["y"]["sort"] == {"field": "rank", "op": "min", "order": "ascending"}
+    axis = bars["encoding"]["y"]["axis"]
+    assert axis["labelOverlap"] is False and axis["labelLimit"] >= 400  # whole term names
     assert bars["encoding"]["color"]["field"] == "library"
-    assert rule["mark"]["type"] == "rule"
-    assert frame_of(spec, rule)["threshold"].tolist() == pytest.approx([-np.log10(0.05)])
+    assert rule["mark"]["type"] == "rule" and rule["encoding"]["x"]["aggregate"] == "max"
+    assert shown["threshold"].tolist() == pytest.approx([-np.log10(0.05)] * 4)
+    # without a direction column: one panel
+    single = to_spec(charts.enrichment_chart(frame.drop(columns="direction"), top=2))
+    assert set(frame_of(single)["direction"]) == {"all"} and len(frame_of(single)) == 2
+    assert charts.chart_to_svg(charts.enrichment_chart(frame)).lstrip().startswith("<svg")
 
 
 # ------------------------------------------------------------------ export

@@ -196,9 +196,9 @@ def test_target_model_reuses_a_bundle(tiny_h5ad, tmp_path, capsys):
     models = tmp_path / "models"
     base = [str(tiny_h5ad), "--label-key", "cell_type", "--out", str(models), *FAST]
     assert train_main([*base, "--target", "alpha", "--name", "first"]) == 0
-    assert train_main([*base, "--target", "gamma", "--name", "second", "--target-model", "first", "--seed", "5"]) == 0
+    assert train_main([*base, "--target", "gamma", "--name", "second", "--target-model", "first", "--split-seed", "5"]) == 0
     first, second = load_bundle(models / "first"), load_bundle(models / "second")
-    assert second.split == first.split  # despite another seed
+    assert second.split == first.split  # despite another split seed
     assert second.manifest["target_model_from"] == "first"
     assert second.manifest["scaler"] == first.manifest["scaler"]
     for key, v in first.target_model.state_dict().items():
@@ -243,10 +243,10 @@ def test_list_shows_bundles_and_unreadable_ones(quick_bundle, tmp_path, capsys):
     shutil.copytree(quick_bundle.path, models / "good")
     shutil.copytree(quick_bundle.path, models / "bad")
     (models / "bad" / "manifest.json").write_text("{")
-    assert main(["list", "--out", str(models)]) == 0
+    assert main(["list", "--models", str(models)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("bad\tUNREADABLE: ") and "manifest.json: not valid JSON" in lines[0]
     acc = quick_bundle.metrics["perturbation_accuracy_non_target"]
     assert lines[1] == f"good\ttiny\tbeta\t30 genes\tperturbation accuracy {acc:.3f}"
-    assert main(["list", "--out", str(tmp_path / "empty")]) == 0
+    assert main(["list", "--models", str(tmp_path / "empty")]) == 0
     assert capsys.readouterr().out.strip() == "no bundles"

@@ -103,3 +103,29 @@ def test_enrich_offline(quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch):
     assert "beta_block" in set(table["term"])
     assert main(["enrich", str(quick_bundle.path), str(tiny_h5ad), "--offline", "--samples", "nope", "-o", str(out)]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_map_writes_the_tidy_frame(quick_bundle, tiny_h5ad, tmp_path, capsys):
+    out = tmp_path / "map.csv"
+    assert main(["map", str(quick_bundle.path), str(tiny_h5ad), "-o", str(out)]) == 0
+    assert "held-out non-target samples placed" in capsys.readouterr().out
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["x", "y", "sample", "class", "predicted", "kind"]
+    real, pert = frame[frame.kind == "real"], frame[frame.kind == "perturbed"]
+    assert len(real) == 60 and set(real["class"]) == {"alpha", "beta", "gamma"}
+    test = set(quick_bundle.split["test"])
+    labels = make_tiny_adata().obs["cell_type"].astype(str)
+    assert set(pert["sample"]) == {s for s in test if labels[s] != "beta"}
+    assert (pert["class"] != "beta").all() and set(frame["predicted"]) <= set(quick_bundle.classes)
+    assert np.isfinite(frame[["x", "y"]].to_numpy()).all()
+
+    # chosen classes and samples, a subsample of each class
+    assert main(["map", str(quick_bundle.path), str(tiny_h5ad), "--classes", "alpha", "--n-per-class", "6", "--samples", "s000", "s045", "--seed", "1", "-o", str(out)]) == 0
+    frame = pd.read_csv(out)
+    real, pert = frame[frame.kind == "real"], frame[frame.kind == "perturbed"]
+    assert real["class"].value_counts().to_dict() == {"beta": 6, "alpha": 6}  # the target is always shown
+    assert pert["sample"].tolist() == ["s000", "s045"] and pert["class"].tolist() == ["alpha", "gamma"]
+    assert main(["map", str(quick_bundle.path), str(tiny_h5ad), "--classes", "delta", "-o", str(out)]) == 1
+    assert "delta" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["map", str(quick_bundle.path), str(tiny_h5ad), "--n-per-class", "0", "-o", str(out)])

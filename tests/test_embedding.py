@@ -9,8 +9,10 @@ import pytest
 
 from tspg.embedding import (
     ReferenceMap,
+    fit_class_map,
     fit_joint_map,
     fit_reference_map,
+    map_classes,
     map_frame,
     place,
     select_map_samples,
@@ -60,6 +62,25 @@ def test_select_explicit_classes_and_seeded_subsample():
     assert not np.array_equal(idx, select_map_samples(labels, classes=["b", "a"], max_per_class=10, seed=2))
     # the target is added when the caller's classes lack it
     assert set(labels[select_map_samples(labels, classes=["a"], target="c")]) == {"a", "c"}
+
+
+def test_map_classes_order():
+    labels = np.array(["a"] * 5 + ["b"] * 9 + ["c"] * 2 + ["d"] * 7)
+    assert map_classes(labels, target="c") == ["c", "b", "d", "a"]  # the target, then by frequency
+    assert map_classes(labels, target="c", max_classes=2) == ["c", "b"]
+    assert map_classes(labels, classes=["a", "d"], target="c") == ["c", "a", "d"]
+    assert map_classes(labels, classes=["a", "d", "b"], max_classes=None) == ["a", "d", "b"]
+
+
+def test_fit_class_map_rows_and_subsample(tiny_map):
+    _, X, labels = tiny_map
+    names = np.array([f"s{i:03d}" for i in range(len(X))])
+    ref, idx = fit_class_map(X, labels, names, classes=["alpha"], target="beta", max_per_class=8, seed=3, perplexity=5)
+    assert len(idx) == len(ref) == 16 and (np.diff(idx) > 0).all()
+    assert ref.samples == names[idx].tolist() and ref.labels == labels[idx].tolist()
+    assert set(ref.labels) == {"alpha", "beta"} and ref.seed == 3 and ref.params["perplexity"] == 5
+    with pytest.raises(ValueError, match="3 names"):
+        fit_class_map(X, labels, names[:3])
 
 
 def test_select_unknown_class_is_a_clear_error():
@@ -189,8 +210,7 @@ def test_demo_map_separates_classes(demo_arrays):
     of them even in the 50-PC input space (the T-cell subsets mix). The map must keep
     that structure: at least 0.75, and no worse than the input space by more than 0.03."""
     X, labels, names = demo_arrays
-    idx = select_map_samples(labels, target="CD14+ Monocyte", max_classes=10)
-    ref = fit_reference_map(X[idx], samples=names[idx], labels=labels[idx], seed=0)
+    ref, idx = fit_class_map(X, labels, names, target="CD14+ Monocyte", max_per_class=None, seed=0)
     on_map = _knn_recovery(ref.coords, labels[idx])
     in_input = _knn_recovery(ref.project(X[idx]), labels[idx])
     assert on_map >= 0.75 and on_map >= in_input - 0.03, (on_map, in_input)

@@ -7,17 +7,21 @@ import logging
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import make_tiny_adata
 from scipy.spatial.distance import cdist
 
 from tspg.baselines import (
+    Baselines,
     class_perturbations,
     de_ranked,
     differential_expression,
     fit_baselines,
     gene_overlap,
     mean_shift_perturb,
+    selection_overlap,
+    training_target_mean,
 )
 from tspg.bundle import Bundle
 from tspg.datasets import load_bundle_dataset
@@ -134,6 +138,51 @@ def test_gene_overlap_counts_and_jaccard():
     down4 = df[(df["direction"] == "down") & (df["k"] == 4)].iloc[0]  # lists shorter than k
     assert (down4["n_reference"], down4["overlap"], down4["jaccard"]) == (2, 2, 1.0)
     assert len(df) == 4 and set(df["baseline"]) == {"de"}
+
+
+def test_selection_overlap_by_hand():
+    genes = ["A", "B", "C", "D", "E"]
+    # TSPG: both samples rank A, B up and E, D down
+    P = np.array([[0.5, 0.1, 0.0, -0.2, -0.6], [0.4, 0.3, 0.05, -0.1, -0.5]])
+    X = np.full((2, 5), 0.5)  # mid-range: the mean shift is not clipped
+    shifts = pd.DataFrame([[0.05, 0.3, 0.2, -0.3, -0.1], [0.0] * 5], index=pd.Index(["s", "t"], name="source"), columns=genes)
+    de = pd.DataFrame({"gene": ["B", "C", "A", "D", "E"], "score": [3.0, 2.0, 1.0, -1.0, -2.0]})  # up B, C, A; down E, D, A
+    base = Baselines(shifts, de)
+    # sample 1's class "u" has no mean shift: only sample 0 makes the mean-shift lists (up B, C; down D, E)
+    df = selection_overlap(P, X, ["s", "u"], genes, base, ks=(2, 1))
+    assert list(df.columns) == ["baseline", "direction", "k", "n_reference", "n_baseline", "overlap", "jaccard", "genes"]
+    got = {(r.baseline, r.direction, r.k): (r.overlap, r.genes) for r in df.itertuples()}
+    assert got == {
+        ("differential_expression", "up", 1): (0, ""),  # {A} vs {B}
+        ("differential_expression", "up", 2): (1, "B"),  # {A,B} vs {B,C}
+        ("differential_expression", "down", 1): (1, "E"),  # {E} vs {E}
+        ("differential_expression", "down", 2): (2, "E,D"),  # {E,D} vs {E,D}
+        ("mean_shift", "up", 1): (0, ""),  # {A} vs {B}
+        ("mean_shift", "up", 2): (1, "B"),  # {A,B} vs {B,C}
+        ("mean_shift", "down", 1): (0, ""),  # {E} vs {D}
+        ("mean_shift", "down", 2): (2, "E,D"),  # {E,D} vs {D,E}
+    }
+    assert df.loc[(df.baseline == "mean_shift") & (df.direction == "up") & (df.k == 2), "jaccard"].item() == pytest.approx(1 / 3)
+    # sorted: baseline, then up before down, then k
+    assert list(zip(df.baseline, df.direction, df.k))[:4] == [("differential_expression", "up", 1), ("differential_expression", "up", 2), ("differential_expression", "down", 1), ("differential_expression", "down", 2)]
+    # no labels: no mean shift to compare with
+    assert set(selection_overlap(P, X, None, genes, base, ks=(2,))["baseline"]) == {"differential_expression"}
+    with pytest.raises(ValueError, match="shape"):
+        selection_overlap(P, X[:1], None, genes, base)
+
+
+def test_training_target_mean(quick_bundle):
+    adata = make_tiny_adata()
+    stored = quick_bundle.target_mean
+    assert stored is not None and stored.shape == (len(quick_bundle.genes),)
+    np.testing.assert_array_equal(training_target_mean(quick_bundle), stored)  # the bundle's own value, no data needed
+    older = Bundle({k: v for k, v in quick_bundle.manifest.items() if k != "target_mean"}, quick_bundle.generator, quick_bundle.discriminator, quick_bundle.target_model)
+    assert older.target_mean is None and training_target_mean(older) is None
+    from tspg.baselines import split_arrays
+
+    Xs, y, _ = split_arrays(quick_bundle, adata, part="train")
+    np.testing.assert_allclose(training_target_mean(older, adata), Xs[y == "beta"].mean(0), atol=1e-6)
+    np.testing.assert_allclose(training_target_mean(older, adata), stored, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- evaluate

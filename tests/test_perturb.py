@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import make_tiny_adata
 
 from tspg.perturb import (
@@ -18,7 +19,6 @@ from tspg.perturb import (
     top_genes_df,
     unique_top_genes,
 )
-from tspg.train import generate
 
 GENES = ["A", "B", "C", "D", "E"]
 # three samples, five genes; every value distinct within a row
@@ -131,8 +131,10 @@ def test_perturb_round_trip_shuffled_genes(quick_bundle, tiny_adata):
     shuffled = perturb_adata(quick_bundle, tiny_adata[:, order].copy())
     np.testing.assert_array_equal(shuffled.P, res.P)
     np.testing.assert_array_equal(shuffled.proba_after, res.proba_after)
-    # the same numbers as the training code's generate()
-    np.testing.assert_allclose(res.P, generate(quick_bundle.generator, res.x), atol=1e-6)
+    # the same numbers as a plain forward pass of the generator
+    G = quick_bundle.generator.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(res.P, G(torch.from_numpy(res.x)).numpy(), atol=1e-6)
     assert (res.pred_after[res.labels != "beta"] == "beta").mean() > 0.8
 
 
@@ -168,6 +170,13 @@ def test_perturb_anndata_slots_and_subset(quick_bundle):
     assert sub.samples == ["s005", "s001"]
     np.testing.assert_array_equal(sub.P[1], res.P[1])
     assert res.subset(src).labels.tolist() == res.labels[src].tolist()
+    # source rows: labels other than the target; all rows when unknown or all of the target
+    np.testing.assert_array_equal(res.source_rows(), src)
+    assert res.subset(~src).source_rows().all() and len(res.subset(~src)) == 4
+    bare = adata.copy()
+    bare.obs = bare.obs[[]]
+    unlabelled = perturb_adata(quick_bundle, bare)
+    assert unlabelled.labels is None and unlabelled.source_rows().all()
     with pytest.raises(ValueError, match="nope"):
         res.subset(["nope"])
     pred = res.predictions_df()

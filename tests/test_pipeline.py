@@ -8,8 +8,9 @@ from conftest import SMALL_NETS, TINY_CLASSES, make_tiny_adata
 
 from tspg.data import Scaler
 from tspg.genesets import select_genes
+from tspg.perturb import class_probabilities, generate_perturbed
 from tspg.pipeline import heldout_metrics, prepare, train
-from tspg.train import TrainConfig, generate, predict_proba
+from tspg.train import TrainConfig
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bundle", "quick_bundle"])
@@ -78,10 +79,10 @@ def test_heldout_metrics_recomputed_by_hand(quick_bundle):
     m = heldout_metrics(prep, quick_bundle.target_model, quick_bundle.generator, t)
     assert m["perturbation_accuracy_non_target"] == quick_bundle.metrics["perturbation_accuracy_non_target"]
     Xte, yte = prep.X[prep.test_idx], prep.y[prep.test_idx]
-    pred = predict_proba(quick_bundle.target_model, np.clip(Xte + generate(quick_bundle.generator, Xte), 0, 1)).argmax(1)
+    pred = class_probabilities(quick_bundle.target_model, np.clip(Xte + generate_perturbed(quick_bundle.generator, Xte)[0], 0, 1)).argmax(1)
     assert m["perturbation_accuracy"] == pytest.approx((pred == t).mean())
     assert m["perturbation_accuracy_by_source"]["alpha"] == pytest.approx((pred[yte == 0] == t).mean())
-    assert m["target_model_accuracy"] == pytest.approx((predict_proba(quick_bundle.target_model, Xte).argmax(1) == yte).mean())
+    assert m["target_model_accuracy"] == pytest.approx((class_probabilities(quick_bundle.target_model, Xte).argmax(1) == yte).mean())
 
 
 def test_train_unknown_target_is_a_clear_error():

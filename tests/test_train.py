@@ -152,6 +152,9 @@ def test_energy_distance_hand_computed():
     assert energy_distance(a, b).item() == pytest.approx(expected, abs=1e-3)
     assert energy_distance(b, a).item() == pytest.approx(expected, abs=1e-3)
     assert energy_distance(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    # repulsion weights the E d(A,A') term only
+    e_aa = 2 * (2 + math.sqrt(2)) / 9
+    assert energy_distance(a, b, repulsion=0.5).item() == pytest.approx(expected + 0.5 * e_aa, abs=1e-3)
 
 
 def test_energy_distance_gradient_finite_at_identical_points():
@@ -282,8 +285,11 @@ def test_same_seed_same_run_other_seed_differs():
     for key, v in a.target_model.state_dict().items():
         assert torch.equal(v, b.target_model.state_dict()[key]), key
     assert a.manifest["history"] != c.manifest["history"]
-    assert a.split != c.split
     assert not torch.equal(a.generator.state_dict()["net.0.weight"], c.generator.state_dict()["net.0.weight"])
+    # the split has its own seed, so that seeds can be compared on one split
+    assert a.split == c.split
+    d = tiny_train(epochs=1, target_epochs=1, batch_size=16, split_seed=1, **SMALL_NETS)
+    assert a.split != d.split
 
 
 def test_fit_generator_is_seeded_by_the_config():

@@ -9,7 +9,8 @@ Both are fit on the bundle's training split, in its scaled space ([0, 1] per gen
   ``scanpy.tl.rank_genes_groups``.
 
 :func:`gene_overlap` compares ranked gene lists (TSPG's consensus top genes against a
-baseline's) at several list lengths k.
+baseline's) at several list lengths k; :func:`selection_overlap` does it for a set of
+perturbed samples against both baselines (``tspg evaluate`` and the dashboard's Genes page).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pandas as pd
 
 from .bundle import Bundle
 from .data import align_genes
+from .perturb import consensus_top
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +155,63 @@ class Baselines:
         return mean_shift_perturb(Xs, labels, self.shifts)
 
 
+def selection_overlap(
+    P: np.ndarray,
+    X: np.ndarray,
+    labels: Sequence[str] | None,
+    genes: Sequence[str],
+    baselines: Baselines,
+    *,
+    ks: Sequence[int] = (10, 20, 50),
+) -> pd.DataFrame:
+    """Overlap of some samples' consensus top-k genes with both baselines' top-k, per k.
+
+    For each k, TSPG's consensus top-k lists of ``P`` (:func:`tspg.perturb.consensus_top`)
+    meet the first k genes of the differential-expression ranking and the consensus top-k
+    of the mean-shift perturbations of the same samples (x_ms - x).
+
+    Parameters
+    ----------
+    P, X
+        Perturbations and scaled expression of the samples (samples x genes), usually the
+        source (non-target) samples.
+    labels
+        Class of each sample, for its mean shift. Samples of a class without a mean shift
+        (no training samples) are left out of the mean-shift lists; with ``labels`` None,
+        or no such sample, there is no ``mean_shift`` row.
+    genes
+        Gene names of the columns.
+    baselines
+        The bundle's :class:`Baselines`.
+    ks
+        List lengths.
+
+    Returns
+    -------
+    :func:`gene_overlap`'s frame, baselines ``differential_expression`` and ``mean_shift``,
+    sorted by baseline, direction (up first), k.
+    """
+    P = np.asarray(P)
+    X = np.asarray(X)
+    if P.shape != X.shape:
+        raise ValueError(f"P has shape {P.shape} but X has {X.shape}")
+    de = de_ranked(baselines.de)
+    P_ms = None
+    if labels is not None:
+        labels = np.asarray(labels, dtype=object).astype(str)
+        known = np.isin(labels, baselines.shifts.index.astype(str))
+        if known.any():
+            P_ms = baselines.mean_shift(X[known], labels[known]) - X[known]
+    frames = []
+    for k in sorted({int(k) for k in ks}):
+        lists = {"differential_expression": de}
+        if P_ms is not None:
+            lists["mean_shift"] = consensus_top(P_ms, genes, k=k)
+        frames.append(gene_overlap(consensus_top(P, genes, k=k), lists, ks=[k]))
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values(["baseline", "direction", "k"], ascending=[True, False, True], ignore_index=True)
+
+
 def split_arrays(bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, label_key: str | None = None, part: str = "train") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Scaled expression, labels and sample ids of the bundle's ``train`` or ``test`` split."""
     label_key = label_key or bundle.label_key
@@ -166,6 +225,27 @@ def split_arrays(bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None,
     sub = adata[pos]
     Xs = bundle.scaler.transform(align_genes(sub, bundle.genes, layer=layer))
     return Xs, sub.obs[label_key].astype(str).to_numpy(), ids
+
+
+def training_target_mean(bundle: Bundle, adata: ad.AnnData | None = None, *, layer: str | None = None, label_key: str | None = None) -> np.ndarray | None:
+    """The target class's mean expression (scaled) over the bundle's training split.
+
+    The value stored in the bundle (:attr:`tspg.bundle.Bundle.target_mean`) when it has one;
+    for older bundles, computed from the training split of ``adata`` (the bundle's dataset).
+
+    Returns
+    -------
+    One value per gene of the bundle (float32), or None for an older bundle without ``adata``.
+    """
+    stored = bundle.target_mean
+    if stored is not None:
+        return stored
+    if adata is None:
+        return None
+    Xs, y, _ = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="train")
+    if not (y == bundle.target).any():
+        raise ValueError(f"the training split has no sample of the target class {bundle.target!r}")
+    return Xs[y == bundle.target].mean(0, dtype=np.float64).astype(np.float32)
 
 
 def fit_baselines(bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, label_key: str | None = None) -> Baselines:

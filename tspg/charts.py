@@ -30,6 +30,9 @@ DIRECTION_COLORS = {"up": "#b2182b", "down": "#2166ac"}
 EXPRESSION_SCHEME = "viridis"
 MAX_ROWS = 5000  # Altair's default check; bigger frames go inline
 LEGEND_SELECTION = "legend_pick"
+ROW_HEIGHT = 18  # pixels per labelled row (heatmap, gene and term bars): every label readable
+GENE_LABEL_LIMIT = 200  # pixels of a gene label before it is cut with an ellipsis
+TERM_LABEL_LIMIT = 520  # enrichment terms are long ("... (GO:0002250)"): room for most of them
 
 
 # --------------------------------------------------------------------------- helpers
@@ -69,6 +72,12 @@ def _as_1d(values, n: int | None, name: str) -> np.ndarray:
 def _title(title) -> dict:
     """``title=...`` for ``.properties`` only when there is one (Undefined fails validation)."""
     return {"title": title} if title else {}
+
+
+def _row_axis(label_limit: int = GENE_LABEL_LIMIT) -> alt.Axis:
+    """A y axis of one labelled row per item: no label is hidden for overlap (Vega's default
+    drops every other label when rows are close), long labels cut at ``label_limit`` px."""
+    return alt.Axis(labelOverlap=False, labelLimit=label_limit, labelPadding=4)
 
 
 def _symmetric_max(values) -> float:
@@ -123,15 +132,15 @@ def heatmap_frame(genes, x, P, x_adv, target_mean, *, n_genes: int | None = None
     return long[["gene", "column", "value", "rank"]]
 
 
-def heatmap_chart(frame: pd.DataFrame, *, title: str = "", row_height: int = 12, column_width: int = 60) -> alt.LayerChart:
+def heatmap_chart(frame: pd.DataFrame, *, title: str = "", row_height: int = ROW_HEIGHT, column_width: int = 70) -> alt.LayerChart:
     """The paper's Fig. 2 (right): genes (rows, sorted by P) x columns x, P, x_adv, target mean.
 
     P has its own diverging scale (blue-white-red, domain symmetric ``[-m, m]``); the three
     expression columns share one sequential scale. Hover shows gene, column and value.
+    Every gene is labelled: ``row_height`` pixels per row, no label dropped for overlap.
     """
     frame = _require(pd.DataFrame(frame), ["gene", "column", "value", "rank"], "heatmap_chart")
     gene_order = frame.sort_values("rank", kind="stable")["gene"].drop_duplicates().tolist()
-    height = max(60, row_height * len(gene_order))
     m = _symmetric_max(frame.loc[frame["column"] == "P", "value"])
     expr = frame.loc[frame["column"] != "P", "value"].to_numpy(dtype=np.float64)
     expr = expr[np.isfinite(expr)]
@@ -146,13 +155,14 @@ def heatmap_chart(frame: pd.DataFrame, *, title: str = "", row_height: int = 12,
     ]
     base = alt.Chart().mark_rect().encode(
         x=alt.X("column:N", sort=HEATMAP_COLUMNS, scale=alt.Scale(domain=HEATMAP_COLUMNS), title=None, axis=alt.Axis(orient="top", labelAngle=0)),
-        y=alt.Y("gene:N", sort=gene_order, title=None, axis=alt.Axis(labelLimit=160)),
+        y=alt.Y("gene:N", sort=gene_order, title=None, axis=_row_axis()),
         tooltip=tooltip,
     )
     # one view, two layers: P with its own diverging scale, the expression columns with a
     # shared sequential one (independent colour scales -> two legends)
     p_layer = base.transform_filter(alt.datum.column == "P").encode(
-        color=alt.Color("value:Q", scale=p_scale, title="P", legend=alt.Legend(gradientLength=100))
+        # labels at -m, 0, m (Vega's own ticks rounded 0.72 to 1)
+        color=alt.Color("value:Q", scale=p_scale, title="P", legend=alt.Legend(gradientLength=100, values=[-m, 0.0, m], format=".2f"))
     )
     expr_layer = base.transform_filter(alt.datum.column != "P").encode(
         color=alt.Color("value:Q", scale=expr_scale, title="expression (scaled)", legend=alt.Legend(gradientLength=100))
@@ -160,7 +170,7 @@ def heatmap_chart(frame: pd.DataFrame, *, title: str = "", row_height: int = 12,
     chart = (
         alt.layer(expr_layer, p_layer, data=_data(frame))
         .resolve_scale(color="independent")
-        .properties(width=column_width * len(HEATMAP_COLUMNS), height=height)
+        .properties(width=column_width * len(HEATMAP_COLUMNS), height=alt.Step(row_height))
     )
     if title:
         chart = chart.properties(title=title)
@@ -235,7 +245,11 @@ def map_chart(
         raise ValueError(f"map_chart: cannot colour by {color!r}; the frame has no such column")
     pick = alt.selection_point(fields=[color], bind="legend", name=LEGEND_SELECTION)
     domain = sorted(pd.unique(frame[color].dropna().astype(str)).tolist())
-    col = alt.Color(f"{color}:N", title="predicted class" if color == "predicted" else "class", scale=alt.Scale(domain=domain, scheme="tableau10" if len(domain) <= 10 else "tableau20"))
+    col = alt.Color(
+        f"{color}:N", title="predicted class" if color == "predicted" else "class",
+        scale=alt.Scale(domain=domain, scheme="tableau10" if len(domain) <= 10 else "tableau20"),
+        legend=alt.Legend(labelLimit=GENE_LABEL_LIMIT + 60),  # whole class names ("CD8+/CD45RA+ Naive Cytotoxic")
+    )
     opacity = alt.condition(pick, alt.value(0.9), alt.value(0.08))
     chart = _map_layers(frame, col, _map_tooltip(frame), params=[pick], opacity=opacity)
     return chart.properties(width=width, height=height, **_title(title))
@@ -304,13 +318,13 @@ def accuracy_by_source_chart(per_source: Mapping[str, float], *, width: int = 42
     """Perturbation accuracy per source class: horizontal bars on [0, 1], labelled in %."""
     frame = accuracy_frame(per_source)
     base = alt.Chart(_data(frame)).encode(
-        y=alt.Y("source:N", sort=frame["source"].tolist(), title="source class"),
+        y=alt.Y("source:N", sort=frame["source"].tolist(), title="source class", axis=_row_axis()),
         x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="perturbation accuracy"),
         tooltip=[alt.Tooltip("source:N", title="source class"), alt.Tooltip("accuracy:Q", format=".1%")],
     )
     bars = base.mark_bar(color="#4c78a8")
     text = base.mark_text(align="left", dx=3).encode(text=alt.Text("accuracy:Q", format=".0%"))
-    return alt.layer(bars, text).properties(width=width, height=max(60, 18 * len(frame)), **_title(title))
+    return alt.layer(bars, text).properties(width=width, height=alt.Step(ROW_HEIGHT), **_title(title))
 
 
 # --------------------------------------------------------------------------- genes
@@ -337,36 +351,63 @@ def top_genes_chart(frame: pd.DataFrame, *, width: int = 420, title: str = "") -
     )
 
 
-def gene_frequency_chart(frame: pd.DataFrame, *, width: int = 420, title: str = "") -> alt.Chart:
+def gene_frequency_chart(frame: pd.DataFrame, *, width: int = 420, row_height: int = ROW_HEIGHT, title: str = "") -> alt.FacetChart:
     """How often each gene is among a sample's top genes (frame: ``gene``, ``direction``, ``frequency``).
 
-    One panel per direction (up, down); bars sorted by frequency.
+    One panel per direction (up, down), each with its own genes, ``row_height`` pixels per
+    gene and every gene labelled; bars sorted by frequency.
     """
     frame = _require(pd.DataFrame(frame), ["gene", "direction", "frequency"], "gene_frequency_chart").copy()
     frame["gene"] = frame["gene"].astype(str)
     frame = frame.sort_values(["direction", "frequency", "gene"], ascending=[True, False, True], kind="stable").reset_index(drop=True)
-    per_panel = int(frame.groupby("direction").size().max()) if len(frame) else 1
     is_fraction = bool(len(frame)) and float(frame["frequency"].max()) <= 1.0
     x = alt.X("frequency:Q", title="fraction of samples" if is_fraction else "samples", axis=alt.Axis(format="%") if is_fraction else alt.Undefined)
     return (
         alt.Chart(_data(frame))
         .mark_bar()
         .encode(
-            y=alt.Y("gene:N", sort=alt.EncodingSortField("frequency", order="descending"), title=None),
+            y=alt.Y("gene:N", sort=alt.EncodingSortField("frequency", order="descending"), title=None, axis=_row_axis()),
             x=x,
             color=alt.Color("direction:N", scale=alt.Scale(domain=DIRECTIONS, range=[DIRECTION_COLORS[d] for d in DIRECTIONS]), legend=None),
             tooltip=[alt.Tooltip("gene:N"), alt.Tooltip("direction:N"), alt.Tooltip("frequency:Q", format=".3g")],
         )
-        .properties(width=width, height=max(60, 14 * per_panel))
-        .facet(row=alt.Row("direction:N", sort=DIRECTIONS, title=None))
+        .properties(width=width, height=alt.Step(row_height))
+        .facet(row=alt.Row("direction:N", sort=DIRECTIONS, title=None, header=_direction_header()))
         .resolve_scale(y="independent")
         .properties(**_title(title))
     )
 
 
-def gene_distribution_chart(frame: pd.DataFrame, gene: str, *, width: int = 480, height: int = 260, title: str = "") -> alt.Chart:
+def _direction_header() -> alt.Header:
+    """Facet headers "up genes" / "down genes", above each panel."""
+    return alt.Header(labelExpr="datum.value + ' genes'", labelAngle=0, labelOrient="top", labelAnchor="start", labelFontWeight="bold", labelFontSize=12)
+
+
+def gene_distribution_frame(real_class, real_value, perturbed_class, perturbed_value) -> pd.DataFrame:
+    """Long frame for :func:`gene_distribution_chart`: one gene's values of real samples (by
+    class) and of perturbed samples (by source class; ``unknown`` when ``perturbed_class`` is None).
+
+    Returns
+    -------
+    DataFrame with columns ``class``, ``value``, ``kind`` (``real`` rows first, then ``perturbed``).
+    """
+    real_value = np.asarray(real_value, dtype=np.float64).reshape(-1)
+    perturbed_value = np.asarray(perturbed_value, dtype=np.float64).reshape(-1)
+    if perturbed_class is None:
+        perturbed_class = np.full(len(perturbed_value), "unknown", dtype=object)
+    parts = []
+    for kind, cls, val in (("real", real_class, real_value), ("perturbed", perturbed_class, perturbed_value)):
+        cls = np.asarray(cls, dtype=object).astype(str).reshape(-1)
+        if len(cls) != len(val):
+            raise ValueError(f"gene_distribution_frame: {len(cls)} {kind} classes for {len(val)} values")
+        parts.append(pd.DataFrame({"class": cls, "value": val, "kind": kind}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def gene_distribution_chart(frame: pd.DataFrame, gene: str, *, column_width: int = 48, height: int = 260, title: str = "") -> alt.Chart:
     """Expression of one gene per class: a box per class for real samples, with the perturbed
-    samples' values (grouped by source class) beside it.
+    samples' values (grouped by source class) beside it; ``column_width`` pixels per class,
+    every class labelled.
 
     Frame columns: ``class``, ``value``, ``kind`` (``real`` / ``perturbed``).
     """
@@ -378,44 +419,70 @@ def gene_distribution_chart(frame: pd.DataFrame, gene: str, *, width: int = 480,
         alt.Chart(_data(frame))
         .mark_boxplot(extent=1.5, size=12, outliers=alt.MarkConfig(size=8))
         .encode(
-            x=alt.X("class:N", sort=classes, title="class (perturbed: source class)", axis=alt.Axis(labelAngle=-40)),
+            x=alt.X("class:N", sort=classes, title="class (perturbed: source class)", axis=alt.Axis(labelAngle=-40, labelOverlap=False, labelLimit=GENE_LABEL_LIMIT)),
             xOffset=alt.XOffset("kind:N", sort=KINDS, scale=alt.Scale(domain=KINDS)),
             y=alt.Y("value:Q", title=f"{gene} expression"),
             color=alt.Color("kind:N", scale=alt.Scale(domain=KINDS, range=["#9e9e9e", "#d62728"]), title="sample"),
         )
     )
-    return chart.properties(width=width, height=height, title=title or str(gene))
+    return chart.properties(width=alt.Step(column_width), height=height, title=title or str(gene))
 
 
-def enrichment_chart(frame: pd.DataFrame, *, top: int = 10, q_threshold: float = 0.05, width: int = 420, title: str = "") -> alt.LayerChart:
-    """Bars of -log10(q) for the ``top`` terms (smallest q), coloured by library, with a rule
-    at -log10(``q_threshold``). Frame columns: ``library``, ``term``, ``q``.
+def enrichment_chart(
+    frame: pd.DataFrame,
+    *,
+    top: int = 10,
+    q_threshold: float = 0.05,
+    width: int = 320,
+    row_height: int = ROW_HEIGHT,
+    label_limit: int = TERM_LABEL_LIMIT,
+    title: str = "",
+) -> alt.FacetChart:
+    """Bars of -log10(q) for the ``top`` terms (smallest q) of each direction, coloured by
+    library, with a dashed rule at -log10(``q_threshold``).
+
+    One panel per direction (``up genes`` above ``down genes``; a frame without a
+    ``direction`` column is one panel, ``all genes``), each with its own terms, all labelled
+    (``row_height`` pixels per term, labels cut at ``label_limit`` pixels). The panels share
+    the x axis. Frame columns: ``library``, ``term``, ``q``, optionally ``direction``.
     """
     frame = _require(pd.DataFrame(frame), ["library", "term", "q"], "enrichment_chart").copy()
+    if "direction" not in frame.columns:
+        frame["direction"] = "all"
+    frame["direction"] = frame["direction"].astype(str)
     frame = frame[np.isfinite(pd.to_numeric(frame["q"], errors="coerce"))]
-    frame = frame.sort_values(["q", "term"], kind="stable").head(top).reset_index(drop=True)
+    frame = frame.sort_values(["q", "term"], kind="stable").groupby("direction", sort=False).head(top).reset_index(drop=True)
     frame["neg_log10_q"] = -np.log10(np.clip(frame["q"].to_numpy(dtype=np.float64), 1e-300, 1.0))
+    frame["rank"] = frame.groupby("direction").cumcount()
     frame["label"] = frame["term"].astype(str)
-    dup = frame["label"].duplicated(keep=False)
+    dup = frame.duplicated(["direction", "label"], keep=False)  # one term from two libraries: say which
     frame.loc[dup, "label"] = frame.loc[dup, "term"].astype(str) + " (" + frame.loc[dup, "library"].astype(str) + ")"
-    frame = frame[["library", "term", "q", "neg_log10_q", "label"]]
+    frame["threshold"] = -np.log10(q_threshold)
+    frame = frame[["direction", "library", "term", "q", "neg_log10_q", "rank", "label", "threshold"]]
+    directions = [d for d in [*DIRECTIONS, "all"] if d in set(frame["direction"])]
+    directions += sorted(set(frame["direction"]) - set(directions))
     bars = (
-        alt.Chart(_data(frame))
+        alt.Chart()
         .mark_bar()
         .encode(
-            y=alt.Y("label:N", sort=frame["label"].tolist(), title=None, axis=alt.Axis(labelLimit=260)),
+            y=alt.Y("label:N", sort=alt.EncodingSortField("rank", op="min", order="ascending"), title=None, axis=_row_axis(label_limit)),
             x=alt.X("neg_log10_q:Q", title="-log10(q)"),
-            color=alt.Color("library:N", title="library"),
-            tooltip=[alt.Tooltip("term:N"), alt.Tooltip("library:N"), alt.Tooltip("q:Q", format=".3g")],
+            color=alt.Color("library:N", title="library", legend=alt.Legend(orient="bottom", columns=1, labelLimit=label_limit)),
+            tooltip=[alt.Tooltip("term:N"), alt.Tooltip("library:N"), alt.Tooltip("direction:N"), alt.Tooltip("q:Q", format=".3g")],
         )
     )
-    threshold = -np.log10(q_threshold)
     rule = (
-        alt.Chart(pd.DataFrame({"threshold": [threshold], "label": [f"q = {q_threshold:g}"]}))
+        alt.Chart()
         .mark_rule(color="black", strokeDash=[4, 3])
-        .encode(x=alt.X("threshold:Q"), tooltip=[alt.Tooltip("label:N", title="threshold")])
+        .encode(x=alt.X("max(threshold):Q"), tooltip=[alt.Tooltip("max(threshold):Q", title=f"-log10(q = {q_threshold:g})", format=".2f")])
     )
-    return alt.layer(bars, rule).properties(width=width, height=max(60, 18 * len(frame)), **_title(title))
+    return (
+        alt.layer(bars, rule, data=_data(frame))
+        .properties(width=width, height=alt.Step(row_height))
+        .facet(row=alt.Row("direction:N", sort=directions, title=None, header=_direction_header()))
+        .resolve_scale(y="independent")
+        .properties(**_title(title))
+    )
 
 
 # --------------------------------------------------------------------------- export

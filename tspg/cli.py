@@ -33,7 +33,6 @@ CONFIG_HELP = {
     "w_norm": "weight of the L2 norm of P",
     "w_td": "weight of the L1 distance to a draw of the target distribution",
     "w_ed": "weight of the energy distance between x_adv and real target samples",
-    "ed_smoothing": "widen the real target samples of the energy distance by this times a draw of the target covariance",
     "ed_repulsion": "weight of the x_adv-to-x_adv term inside the energy distance (<1 draws x_adv to the target's core)",
     "kappa": "Carlini-Wagner confidence margin",
     "adv_space": "take the Carlini-Wagner margin on logits or softmax probabilities",
@@ -112,6 +111,7 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
         )
     o = p.add_argument_group("output")
     o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
+    o.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, one per core)")
     o.add_argument("--out", default=None, help="bundle folder (default: $TSPG_MODELS_DIR or ./models)")
     o.add_argument("--name", help="bundle name (default: <dataset>-<target>)")
     o.add_argument("--overwrite", action="store_true", help="replace a bundle of the same name")
@@ -134,7 +134,13 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
         parser.error("give --target or --all-targets, not both")
     if args.gene_set and args.genes:
         parser.error("give --gene-set or --genes, not both")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     _setup_logging(args.quiet)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
         return _train(args, parser, start)
@@ -219,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-o", "--output", required=True, help="output .h5ad")
 
     ls = sub.add_parser("list", formatter_class=_Formatter, help="list the bundles in the models folder")
-    ls.add_argument("--out", default=None, help="models folder (default: $TSPG_MODELS_DIR or ./models)")
+    ls.add_argument("--models", default=None, help="models folder (default: $TSPG_MODELS_DIR or ./models)")
     _add_analysis_parsers(sub)
 
     app = sub.add_parser(
@@ -263,7 +269,7 @@ def _import(args, parser) -> int:
 def _list(args, parser) -> int:
     from .bundle import list_bundles
 
-    entries = list_bundles(args.out)
+    entries = list_bundles(args.models)
     if not entries:
         print("no bundles")
     for e in entries:
@@ -272,7 +278,8 @@ def _list(args, parser) -> int:
         else:
             m = e.manifest
             acc = m.get("metrics", {}).get("perturbation_accuracy_non_target")
-            print(f"{e.name}\t{m['dataset']['name']}\t{m['target']}\t{len(m['genes'])} genes\tperturbation accuracy {acc:.3f}")
+            acc = f"{acc:.3f}" if isinstance(acc, (int, float)) else "n/a"
+            print(f"{e.name}\t{m.get('dataset', {}).get('name', '?')}\t{m['target']}\t{len(m['genes'])} genes\tperturbation accuracy {acc}")
     return 0
 
 
@@ -383,6 +390,24 @@ def _add_analysis_parsers(sub) -> None:
     en.add_argument("--threshold", type=float, default=1e-4, help="q-value below which a term counts as significant")
     en.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Enrichr before answering offline")
     en.add_argument("--models", default=None, help=models_help)
+
+    mp = sub.add_parser(
+        "map", formatter_class=_Formatter, help="the t-SNE map of real samples with perturbed samples placed on it",
+        description="Fit the reference t-SNE map of the real samples of some classes (the target first; at most "
+        "--n-per-class each, seeded subsample), perturb the chosen samples (default: the held-out non-target samples "
+        "of DATA, or all its non-target samples when it holds none of the bundle's held-out split) and place them on "
+        "the fixed map. Writes the tidy map frame: x, y, sample, class, predicted, kind (real / perturbed). "
+        "DATA may be omitted for the demo.",
+        epilog="example:\n  tspg map pbmc68k-reduced-cd14-monocyte --classes 'CD19+ B' 'CD56+ NK' -o map.csv",
+    )
+    mp.add_argument("bundle", help=bundle_help)
+    _add_data_args(mp, data_required=False)
+    mp.add_argument("-o", "--output", required=True, help="output CSV (one row per point)")
+    mp.add_argument("--classes", nargs="+", metavar="CLASS", help="classes of the real samples (the target is always added); default: the target and the most frequent, 10 in all")
+    mp.add_argument("--n-per-class", type=int, default=300, help="at most this many real samples per class")
+    mp.add_argument("--samples", nargs="+", metavar="ID", help="sample ids to perturb and place")
+    mp.add_argument("--seed", type=int, default=0, help="seed of the subsample and of the t-SNE fit")
+    mp.add_argument("--models", default=None, help=models_help)
 
 
 def _load_cli_bundle(args):
@@ -539,7 +564,51 @@ def _enrich(args, parser) -> int:
     return 0
 
 
-COMMANDS = {"import": _import, "list": _list, "app": _app, "perturb": _perturb, "evaluate": _evaluate, "enrich": _enrich}
+def _map(args, parser) -> int:
+    import numpy as np
+
+    from .data import align_genes
+    from .embedding import MAP_MAX_CLASSES, fit_class_map, map_frame, place
+    from .perturb import class_probabilities, perturb_adata
+
+    if args.n_per_class < 1:
+        parser.error("--n-per-class must be at least 1")
+    bundle = _load_cli_bundle(args)
+    adata, label_key = _cli_data(args, bundle, own=False)
+    if label_key is None:
+        raise ValueError(f"data: no label column {args.label_key or bundle.label_key!r} in obs; the map colours real samples by class (give --label-key or --labels)")
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    names = np.asarray(adata.obs_names).astype(str)
+    if args.samples:
+        missing = [s for s in args.samples if s not in adata.obs_names]
+        if missing:
+            raise ValueError(f"data: sample(s) not found: {', '.join(missing[:5])}")
+        ids, what = list(dict.fromkeys(args.samples)), "chosen samples"
+    else:
+        held = set(bundle.split.get("test", []))
+        rows = np.isin(names, list(held)) if held else np.zeros(len(names), bool)
+        what = "held-out non-target samples"
+        if not rows.any():
+            rows, what = np.ones(len(names), bool), "non-target samples"
+        ids = names[rows & (labels != bundle.target)].tolist()
+        if not ids:
+            raise ValueError("no samples to place: every candidate is of the target class; give --samples")
+    Xs = bundle.scaler.transform(align_genes(adata, bundle.genes, source=str(args.data or "data")))
+    ref, idx = fit_class_map(
+        Xs, labels, names, classes=args.classes, target=bundle.target,
+        max_classes=None if args.classes else MAP_MAX_CLASSES, max_per_class=args.n_per_class, seed=args.seed,
+    )
+    real_pred = np.asarray(bundle.classes, dtype=object)[class_probabilities(bundle.target_model, Xs[idx]).argmax(1)]
+    result = perturb_adata(bundle, adata[ids], label_key=label_key)
+    frame = map_frame(ref, place(ref, result.x_adv), new_samples=result.samples, new_source=result.labels, new_pred=result.pred_after, real_pred=real_pred)
+    frame.to_csv(args.output, index=False)
+    n_target = int((result.pred_after == bundle.target).sum())
+    print(f"map of {len(ref)} real samples of {len(set(ref.labels))} classes; {len(ids)} {what} placed, {n_target} now predicted {bundle.target!r}")
+    print(f"wrote {args.output}: {len(frame)} rows (x, y, sample, class, predicted, kind)")
+    return 0
+
+
+COMMANDS = {"import": _import, "list": _list, "app": _app, "perturb": _perturb, "evaluate": _evaluate, "enrich": _enrich, "map": _map}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,7 @@ the reference never moves. Before t-SNE the data are reduced to at most ``n_pcs`
 
 Typical use::
 
-    idx = select_map_samples(adata.obs["cell_type"], target="beta")
-    ref = fit_reference_map(Xs[idx], samples=names[idx], labels=labels[idx])
+    ref, idx = fit_class_map(Xs, labels, names, target="beta")  # select_map_samples + fit_reference_map
     xy = place(ref, result.x_adv)
     frame = map_frame(ref, xy, new_samples=result.samples, new_source=..., new_pred=result.pred_after)
 
@@ -117,11 +116,40 @@ class ReferenceMap:
         return np.ascontiguousarray(Z)
 
 
+MAP_MAX_CLASSES = 10  # the paper's map shows 10 classes
+MAP_MAX_PER_CLASS = 300  # real samples per class on a map (seeded subsample beyond that)
+
+
+def map_classes(labels, *, classes=None, max_classes: int | None = MAP_MAX_CLASSES, target: str | None = None) -> list[str]:
+    """The classes a map shows, in order: the target first, then ``classes`` (default: the
+    most frequent classes of ``labels``), at most ``max_classes``.
+
+    ValueError naming a class (or the target) that has no sample in ``labels``.
+    """
+    labels = np.asarray(labels).astype(str)
+    present = pd.Series(labels).value_counts(sort=True)  # most frequent first; ties by first seen
+    if classes is None:
+        order = list(present.index)
+    else:
+        order = [str(c) for c in classes]
+        unknown = [c for c in order if c not in present.index]
+        if unknown:
+            raise ValueError(f"class(es) not in the data: {', '.join(unknown[:5])}")
+    if target is not None:
+        target = str(target)
+        if target not in present.index:
+            raise ValueError(f"target class {target!r} is not in the data")
+        order = [target] + [c for c in order if c != target]
+    if max_classes is not None and max_classes < 1:
+        raise ValueError("max_classes must be at least 1")
+    return list(dict.fromkeys(order))[: max_classes or None]
+
+
 def select_map_samples(
     labels,
     *,
     classes=None,
-    max_classes: int = 10,
+    max_classes: int | None = MAP_MAX_CLASSES,
     max_per_class: int | None = None,
     target: str | None = None,
     seed: int = 0,
@@ -148,22 +176,7 @@ def select_map_samples(
     Sorted integer indices into ``labels``.
     """
     labels = np.asarray(labels).astype(str)
-    present = pd.Series(labels).value_counts(sort=True)  # most frequent first; ties by first seen
-    if classes is None:
-        order = list(present.index)
-    else:
-        order = [str(c) for c in classes]
-        unknown = [c for c in order if c not in present.index]
-        if unknown:
-            raise ValueError(f"class(es) not in the data: {', '.join(unknown[:5])}")
-    if target is not None:
-        target = str(target)
-        if target not in present.index:
-            raise ValueError(f"target class {target!r} is not in the data")
-        order = [target] + [c for c in order if c != target]
-    if max_classes is not None and max_classes < 1:
-        raise ValueError("max_classes must be at least 1")
-    order = list(dict.fromkeys(order))[: max_classes or None]
+    order = map_classes(labels, classes=classes, max_classes=max_classes, target=target)
     rng = np.random.default_rng(seed)
     keep = []
     for c in order:
@@ -172,6 +185,34 @@ def select_map_samples(
             idx = rng.choice(idx, size=max_per_class, replace=False)
         keep.append(idx)
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=int)
+
+
+def fit_class_map(
+    X,
+    labels,
+    samples,
+    *,
+    classes=None,
+    target: str | None = None,
+    max_classes: int | None = MAP_MAX_CLASSES,
+    max_per_class: int | None = MAP_MAX_PER_CLASS,
+    seed: int = 0,
+    **tsne,
+) -> tuple[ReferenceMap, np.ndarray]:
+    """The reference map of some classes' real samples: :func:`select_map_samples`, then
+    :func:`fit_reference_map` on those rows (``tsne``: its other options), both seeded with ``seed``.
+
+    Returns
+    -------
+    ``(map, rows)``: the :class:`ReferenceMap` and the row indices of its samples in ``X``.
+    """
+    labels = np.asarray(labels).astype(str)
+    samples = np.asarray(samples).astype(str)
+    if not (len(labels) == len(samples) == len(X)):
+        raise ValueError(f"{len(X)} samples in X, but {len(samples)} names and {len(labels)} labels")
+    idx = select_map_samples(labels, classes=classes, max_classes=max_classes, max_per_class=max_per_class, target=target, seed=seed)
+    ref = fit_reference_map(np.asarray(X)[idx], samples=samples[idx], labels=labels[idx], seed=seed, **tsne)
+    return ref, idx
 
 
 def _tsne(seed: int, perplexity: float, n_jobs: int, n_iter: int, n: int, method: str):

@@ -28,7 +28,7 @@ from .baselines import (
     class_perturbations,
     de_ranked,
     differential_expression,
-    gene_overlap,
+    selection_overlap,
     split_arrays,
 )
 from .bundle import Bundle
@@ -232,7 +232,7 @@ def evaluate(
     - ``perturbation_size``: mean L2 norm of P and of the mean shift actually applied
     - ``top_genes``: consensus top-k up/down lists, unique-gene counts, their overlap with
       the differential-expression and mean-shift top genes (a list of records, see
-      :func:`tspg.baselines.gene_overlap`), and ``overlap_up_de_top50``: how many of the
+      :func:`tspg.baselines.selection_overlap`), and ``overlap_up_de_top50``: how many of the
       consensus top-k up genes are among the 50 highest differential-expression scores
     - ``params``: k, ks, seed, layer, label key; ``seconds``: wall time
     """
@@ -270,15 +270,10 @@ def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k,
 
     P_src = pert.P[non]
     P_ms = sets["mean_shift"] - Xte[non]
-    ref_lists, ms_lists, overlap = {}, {}, []
+    overlap_df = selection_overlap(P_src, Xte[non], yte[non], bundle.genes, base, ks=ks)
+    top_k = consensus_top(P_src, bundle.genes, k=k)
     de_lists = de_ranked(base.de)
-    for kk in sorted({*ks, k}):
-        ref_lists[kk] = consensus_top(P_src, bundle.genes, k=kk)
-        ms_lists[kk] = consensus_top(P_ms, bundle.genes, k=kk)
-        if kk in ks:
-            overlap.append(gene_overlap(ref_lists[kk], {"differential_expression": de_lists, "mean_shift": ms_lists[kk]}, ks=[kk]))
-    overlap_df = pd.concat(overlap, ignore_index=True).sort_values(["baseline", "direction", "k"], ascending=[True, False, True])
-    up_k = ref_lists[k]["up"]
+    up_k = top_k["up"]
     unique = unique_top_genes(P_src, yte[non], bundle.genes, k=k, seed=seed)
 
     return {
@@ -293,8 +288,8 @@ def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k,
         "perturbation_size": {"tspg_mean_l2": float(np.linalg.norm(P_src, axis=1).mean()), "mean_shift_mean_l2": float(np.linalg.norm(P_ms, axis=1).mean())},
         "top_genes": {
             "k": k,
-            "consensus_up": ref_lists[k]["up"],
-            "consensus_down": ref_lists[k]["down"],
+            "consensus_up": top_k["up"],
+            "consensus_down": top_k["down"],
             "unique_up": unique["up"],
             "unique_down": unique["down"],
             "unique_n_classes": unique["n_classes"],

@@ -135,6 +135,17 @@ class Perturbation:
             None if self.labels is None else self.labels[idx],
         )
 
+    def source_rows(self) -> np.ndarray:
+        """Boolean mask of the source samples: those whose label is not the target.
+
+        Every sample when the labels are unknown, or when all of them are of the target
+        class (a selection of target samples is still shown as it is).
+        """
+        if self.labels is None:
+            return np.ones(len(self), bool)
+        rows = np.asarray(self.labels).astype(str) != self.target
+        return rows if rows.any() else np.ones(len(self), bool)
+
     def predictions_df(self) -> pd.DataFrame:
         """One row per sample: predicted class and probabilities before and after (and label)."""
         t = self.classes.index(self.target)

@@ -17,7 +17,8 @@ import torch
 from .bundle import Bundle, new_manifest, slug
 from .data import Scaler, align_genes, fingerprint, stratified_split, validate_labels
 from .genesets import GeneSelection, select_genes
-from .train import TrainConfig, fit_generator, fit_target, generate, predict_proba, resolve_device
+from .perturb import class_probabilities, generate_perturbed
+from .train import TrainConfig, fit_generator, fit_target, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def prepare(
     else:
         classes = sorted(set(labels))
         train_idx, test_idx = stratified_split(labels, test_size=test_size, seed=seed)
+        if not len(test_idx):
+            raise ValueError(f"{dataset}: no class has two samples, so nothing can be held out for testing")
         scaler = Scaler.fit(X[train_idx])
     y = np.array([classes.index(c) for c in labels])
     return Prepared(
@@ -98,15 +101,15 @@ def prepare(
 def heldout_metrics(prep: Prepared, f, G, target: int) -> dict:
     """Target-model accuracy and perturbation accuracy on the held-out split."""
     Xte, yte = prep.X[prep.test_idx], prep.y[prep.test_idx]
-    acc = float((predict_proba(f, Xte).argmax(1) == yte).mean()) if len(yte) else float("nan")
-    x_adv = np.clip(Xte + generate(G, Xte), 0, 1)
-    hit = predict_proba(f, x_adv).argmax(1) == target
+    acc = float((class_probabilities(f, Xte).argmax(1) == yte).mean())
+    _, x_adv = generate_perturbed(G, Xte)
+    hit = class_probabilities(f, x_adv).argmax(1) == target
     non = yte != target
     per_source = {prep.classes[c]: float(hit[yte == c].mean()) for c in sorted(set(yte.tolist())) if c != target}
     return {
         "target_model_accuracy": acc,
-        "perturbation_accuracy": float(hit.mean()) if len(hit) else float("nan"),
-        "perturbation_accuracy_non_target": float(hit[non].mean()) if non.any() else float("nan"),
+        "perturbation_accuracy": float(hit.mean()),
+        "perturbation_accuracy_non_target": float(hit[non].mean()) if non.any() else None,
         "perturbation_accuracy_by_source": per_source,
         "n_test": int(len(yte)),
         "n_test_non_target": int(non.sum()),
@@ -194,7 +197,7 @@ def train_all_targets(
         f = _fit_target_model(prep, config, dev, progress)
         target_seconds = time.perf_counter() - start
     bundles = []
-    for t_name, t, bname in zip(targets, target_idx, names):
+    for t_name, t, bname in zip(targets, target_idx, names, strict=True):
         tr = prep.train_idx
         fit = fit_generator(prep.X[tr], prep.y[tr], t, f, config, device=dev, callback=_stage(progress, f"generator {t_name}"))
         metrics = heldout_metrics(prep, f.cpu(), fit.generator.cpu(), t)

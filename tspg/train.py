@@ -57,9 +57,8 @@ class TrainConfig:
     w_norm: float = 0.0
     w_td: float = 0.0
     w_ed: float = 30.0
-    ed_smoothing: float = 0.0  # widen the real target samples of L_ed by this times a covariance draw
     ed_repulsion: float = 0.8  # weight of E d(x_adv, x_adv') inside L_ed; < 1 draws x_adv to the target's core
-    kappa: float = 0.0  # Carlini-Wagner confidence margin
+    kappa: float = 2.0  # Carlini-Wagner confidence margin (on logits for tspg+)
     adv_space: Literal["logits", "probs"] = "logits"  # where the C-W margin is taken
     adv_reduce: Literal["mean", "sum"] = "mean"  # over the batch
     norm_form: Literal["sample", "batch"] = "sample"  # mean ||P_i||_2, or ||P_batch||_2 + 1
@@ -87,7 +86,7 @@ class TrainConfig:
 
 # The paper's recipe, as the reference implementation computes it (DESIGN.md).
 PAPER = dict(
-    recipe="paper", epochs=150, w_gan=1.0, w_adv=1.0, w_norm=1.0, w_td=1.0, w_ed=0.0, ed_smoothing=0.0, ed_repulsion=1.0, kappa=0.0,
+    recipe="paper", epochs=150, w_gan=1.0, w_adv=1.0, w_norm=1.0, w_td=1.0, w_ed=0.0, ed_repulsion=1.0, kappa=0.0,
     adv_space="probs", adv_reduce="sum", norm_form="batch", covariance="full",
     disc_real="all", train_on="all",
 )
@@ -225,8 +224,7 @@ class TargetSampler:
             "lowrank": "low-rank covariance plus per-gene residual variance (memory-safe)",
         }[self.kind]
 
-    def sample(self, m: int, *, centred: bool = False) -> torch.Tensor:
-        """m draws, clipped to [0, 1]; ``centred`` returns the zero-mean noise alone, unclipped."""
+    def sample(self, m: int) -> torch.Tensor:
         dev = self.mu.device
 
         def z(*shape):
@@ -238,7 +236,7 @@ class TargetSampler:
             r = self.mu + z(m, self.mu.shape[0]) * self.sd
         else:
             r = self.mu + z(m, self.V.shape[0]) @ self.V + z(m, self.mu.shape[0]) * self.resid_sd
-        return r - self.mu if centred else r.clamp(0.0, 1.0)
+        return r.clamp(0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- loops
@@ -399,30 +397,8 @@ def generator_loss(
     if config.w_ed:
         # real target samples: all of them when they fit in a batch, else a random batch
         ref = X_t if len(X_t) <= m else X_t[torch.randperm(len(X_t), generator=generator)[:m].to(X_t.device)]
-        if config.ed_smoothing:  # widen each reference sample by the target covariance
-            ref = (ref + config.ed_smoothing * (sampler.sample(len(ref), centred=True))).clamp(0.0, 1.0)
         ed = energy_distance(x_adv, ref, repulsion=config.ed_repulsion)
     else:
         ed = zero
     total = config.w_gan * gan + config.w_adv * adv + config.w_norm * norm + config.w_td * td + config.w_ed * ed
     return GeneratorLoss(total, gan, adv, norm, td, ed)
-
-
-@torch.no_grad()
-def generate(G: Generator, X: np.ndarray, *, device: torch.device | str = "cpu", batch_size: int = 4096) -> np.ndarray:
-    """P = G(x) in inference mode for scaled ``X``; restores G's previous mode."""
-    was_training = G.training
-    G.eval()
-    out = [G(torch.from_numpy(X[i : i + batch_size]).to(device)).cpu().numpy() for i in range(0, len(X), batch_size)]
-    G.train(was_training)
-    return np.concatenate(out) if out else np.zeros_like(X)
-
-
-@torch.no_grad()
-def predict_proba(f: TargetClassifier, X: np.ndarray, *, device: torch.device | str = "cpu", batch_size: int = 4096) -> np.ndarray:
-    """Softmax probabilities of the target model for scaled ``X``."""
-    was_training = f.training
-    f.eval()
-    out = [torch.softmax(f(torch.from_numpy(X[i : i + batch_size]).to(device)), 1).cpu().numpy() for i in range(0, len(X), batch_size)]
-    f.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
