@@ -96,6 +96,36 @@ def ensure_router() -> None:
         st.rerun()
 
 
+def page_start(title: str):
+    """Every analysis page's start: the router, the title, the sidebar's bundle and data.
+
+    Stops the page with a message when there is no bundle or the data cannot be used.
+    """
+    ensure_router()
+    st.title(title)
+    with guard("Loading the bundle failed"):
+        bundle = current_bundle()
+    if bundle is None:
+        st.info("No trained generator yet: train the demo on the Home page.")
+        st.stop()
+    with guard("The chosen data cannot be used"):
+        data = current_data(bundle)
+        check_genes(bundle, data)
+    return bundle, data
+
+
+def page_perturbation(bundle, data):
+    """The Perturb page's sample selection and its perturbation (stops the page when it is empty)."""
+    with guard("Selecting samples failed"):
+        sel = selection(bundle, data)
+    if not sel.samples:
+        st.warning("No samples selected: pick some on the Perturb page.")
+        st.stop()
+    with guard("Perturbation failed"):
+        pert = perturbation(bundle, data, sel.samples)
+    return sel, pert
+
+
 def set_state(key: str, value) -> None:
     """A button's ``on_click``: record the click in session state (it survives any rerun)."""
     st.session_state[key] = value

@@ -8,24 +8,8 @@ import streamlit as st
 
 import app_state as S
 
-S.ensure_router()
-st.title("Enrichment")
-
-with S.guard("Loading the bundle failed"):
-    bundle = S.current_bundle()
-if bundle is None:
-    st.info("No trained generator yet: train the demo on the Home page.")
-    st.stop()
-with S.guard("The chosen data cannot be used"):
-    data = S.current_data(bundle)
-    S.check_genes(bundle, data)
-with S.guard("Selecting samples failed"):
-    sel = S.selection(bundle, data)
-if not sel.samples:
-    st.warning("No samples selected: pick some on the Perturb page.")
-    st.stop()
-with S.guard("Perturbation failed"):
-    pert = S.perturbation(bundle, data, sel.samples)
+bundle, data = S.page_start("Enrichment")
+sel, pert = S.page_perturbation(bundle, data)
 
 from tspg.enrichment import DEFAULT_LIBRARIES  # noqa: E402
 from tspg.perturb import consensus_top, top_genes  # noqa: E402

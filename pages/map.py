@@ -10,17 +10,7 @@ import streamlit as st
 
 import app_state as S
 
-S.ensure_router()
-st.title("Map")
-
-with S.guard("Loading the bundle failed"):
-    bundle = S.current_bundle()
-if bundle is None:
-    st.info("No trained generator yet: train the demo on the Home page.")
-    st.stop()
-with S.guard("The chosen data cannot be used"):
-    data = S.current_data(bundle)
-    S.check_genes(bundle, data)
+bundle, data = S.page_start("Map")
 labels = data.labels(bundle.label_key)
 if labels is None:
     st.error(f"{data.label} has no {bundle.label_key!r} column in obs: the map needs each real sample's class.")
@@ -39,13 +29,7 @@ c2.number_input("Seed", min_value=0, step=1, key=S.MAP_SEED)
 classes = st.session_state[S.MAP_CLASSES] or present
 seed = int(st.session_state[S.MAP_SEED])
 
-with S.guard("Selecting samples failed"):
-    sel = S.selection(bundle, data)
-if not sel.samples:
-    st.warning("No samples selected: pick some on the Perturb page.")
-    st.stop()
-with S.guard("Perturbation failed"):
-    pert = S.perturbation(bundle, data, sel.samples)
+sel, pert = S.page_perturbation(bundle, data)
 
 with S.guard("Fitting the t-SNE map failed"):
     ref, ref_idx = S.reference_map(bundle, data, classes, seed)

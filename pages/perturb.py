@@ -9,17 +9,7 @@ import streamlit as st
 
 import app_state as S
 
-S.ensure_router()
-st.title("Perturb")
-
-with S.guard("Loading the bundle failed"):
-    bundle = S.current_bundle()
-if bundle is None:
-    st.info("No trained generator yet: train the demo on the Home page.")
-    st.stop()
-with S.guard("The chosen data cannot be used"):
-    data = S.current_data(bundle)
-    S.check_genes(bundle, data)
+bundle, data = S.page_start("Perturb")
 labels = data.labels(bundle.label_key)
 
 # ----------------------------------------------------------------------------- target and samples

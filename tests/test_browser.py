@@ -1,6 +1,6 @@
 """The dashboard in a real browser: ``streamlit run`` headless, driven by Playwright on Debian's Chromium.
 
-Walks Home -> Perturb -> Map -> Enrichment, checks what each page shows, and saves a
+Walks Home -> Perturb -> Map -> Genes -> Enrichment, checks what each page shows, and saves a
 screenshot of each under ``screenshots/`` (git-ignored). The browser is the system's
 ``/usr/bin/chromium``; nothing is downloaded.
 """
@@ -129,7 +129,7 @@ def chart_drawn(page, n: int = 1) -> None:
     charts.nth(n - 1).locator("canvas, svg").first.wait_for(state="visible")
 
 
-def test_walk_home_perturb_map_enrichment(page, server):
+def test_walk_home_perturb_map_genes_enrichment(page, server):
     page.goto(server)
     settle(page, "TSPG Explorer")
     assert page.get_by_test_id("stMetric").filter(has_text="Target").first.inner_text().endswith("CD14+ Monocyte")
@@ -157,6 +157,11 @@ def test_walk_home_perturb_map_enrichment(page, server):
     chart_drawn(page)
     page.get_by_text("placed on the fixed reference map").wait_for()
     shot(page, "map")
+
+    go(page, "Genes")
+    chart_drawn(page, 3)  # gene frequency, the gene on the map, the gene per class
+    assert page.get_by_text("Unique up genes").first.is_visible()
+    shot(page, "genes")
 
     go(page, "Enrichment")
     page.get_by_text("Backend: offline").wait_for()

@@ -202,6 +202,7 @@ def test_accuracy_by_source_chart():
     assert bars["encoding"]["x"]["scale"]["domain"] == [0, 1]
     assert bars["encoding"]["y"]["sort"] == ["c", "a", "b"]
     assert frame_of(spec).set_index("source")["accuracy"].to_dict() == {"c": 1.0, "a": 0.9, "b": 0.5}
+    assert bars["encoding"]["y"]["axis"]["labelOverlap"] is False and spec["height"] == {"step": charts.ROW_HEIGHT}
 
 
 # ------------------------------------------------------------------ genes
@@ -251,6 +252,7 @@ def test_gene_distribution_chart():
     assert enc["x"]["field"] == "class" and enc["xOffset"]["field"] == "kind"
     assert enc["y"]["field"] == "value" and enc["y"]["title"] == "CD14 expression"
     assert enc["color"]["scale"]["domain"] == ["real", "perturbed"]
+    assert enc["x"]["axis"]["labelOverlap"] is False  # every class named
 
 
 def test_enrichment_chart_top_terms_and_threshold():

@@ -164,7 +164,7 @@ def test_selection_overlap_by_hand():
     }
     assert df.loc[(df.baseline == "mean_shift") & (df.direction == "up") & (df.k == 2), "jaccard"].item() == pytest.approx(1 / 3)
     # sorted: baseline, then up before down, then k
-    assert list(zip(df.baseline, df.direction, df.k))[:4] == [("differential_expression", "up", 1), ("differential_expression", "up", 2), ("differential_expression", "down", 1), ("differential_expression", "down", 2)]
+    assert list(zip(df.baseline, df.direction, df.k, strict=True))[:4] == [("differential_expression", "up", 1), ("differential_expression", "up", 2), ("differential_expression", "down", 1), ("differential_expression", "down", 2)]
     # no labels: no mean shift to compare with
     assert set(selection_overlap(P, X, None, genes, base, ks=(2,))["baseline"]) == {"differential_expression"}
     with pytest.raises(ValueError, match="shape"):

@@ -404,7 +404,7 @@ def gene_distribution_frame(real_class, real_value, perturbed_class, perturbed_v
     return pd.concat(parts, ignore_index=True)
 
 
-def gene_distribution_chart(frame: pd.DataFrame, gene: str, *, column_width: int = 48, height: int = 260, title: str = "") -> alt.Chart:
+def gene_distribution_chart(frame: pd.DataFrame, gene: str, *, column_width: int = 56, height: int = 260, title: str = "") -> alt.Chart:
     """Expression of one gene per class: a box per class for real samples, with the perturbed
     samples' values (grouped by source class) beside it; ``column_width`` pixels per class,
     every class labelled.
@@ -425,7 +425,7 @@ def gene_distribution_chart(frame: pd.DataFrame, gene: str, *, column_width: int
             color=alt.Color("kind:N", scale=alt.Scale(domain=KINDS, range=["#9e9e9e", "#d62728"]), title="sample"),
         )
     )
-    return chart.properties(width=alt.Step(column_width), height=height, title=title or str(gene))
+    return chart.properties(width=max(240, column_width * len(classes)), height=height, title=title or str(gene))
 
 
 def enrichment_chart(

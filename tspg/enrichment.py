@@ -549,33 +549,14 @@ def _offline_libraries(gmt_files: Sequence[str | os.PathLike[str]]) -> dict[str,
 
 
 def _read_gmt(path: Path) -> dict[str, list[str]]:
-    """Read a GMT file, skipping blank lines and ``#`` comments; strict about the rest.
+    """Read a GMT file with :func:`tspg.genesets.read_gene_sets` (skips ``#`` comments, names the bad line).
 
     gseapy's own GMT reader keeps ``#`` lines that happen to contain two tabs as gene sets
     and silently drops malformed lines, so we parse the file here and hand gseapy a dict.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"GMT file {path} is not UTF-8 text ({exc}).") from exc
-    sets: dict[str, list[str]] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        fields = line.rstrip("\r\n").split("\t")
-        name = fields[0].strip()
-        genes = list(dict.fromkeys(g.strip() for g in fields[2:] if g.strip()))
-        if len(fields) < 3 or not name or not genes:
-            raise ValueError(
-                f"GMT file {path}, line {number}: expected 'set name<TAB>description<TAB>gene"
-                f"<TAB>gene...', got {line[:80]!r}."
-            )
-        if name in sets:
-            raise ValueError(f"GMT file {path}, line {number}: gene set {name!r} appears twice.")
-        sets[name] = genes
-    if not sets:
-        raise ValueError(f"GMT file {path} contains no gene sets.")
-    return sets
+    from .genesets import read_gene_sets
+
+    return read_gene_sets(path)
 
 
 def _offline_library(
