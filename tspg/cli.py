@@ -201,7 +201,8 @@ def _train(args, parser, start: float) -> int:
         path = save_bundle(b, args.out, overwrite=args.overwrite)
         m = b.metrics
         print(f"bundle {path}")
-        print(f"  target {b.target!r}, {len(b.genes)} genes, recipe {config.recipe}, device {m['device']}, L_td covariance: {b.manifest['covariance_used']}")
+        cov = f", L_td covariance: {b.manifest['covariance_used']}" if config.w_td else ""
+        print(f"  target {b.target!r}, {len(b.genes)} genes, recipe {config.recipe}, device {m['device']}{cov}")
         print(f"  target model held-out accuracy: {m['target_model_accuracy']:.3f}")
         print(f"  perturbation accuracy (held-out): all {m['perturbation_accuracy']:.3f}, non-target {m['perturbation_accuracy_non_target']:.3f} (n={m['n_test_non_target']})")
     print(f"wall time: {time.perf_counter() - start:.1f} s")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import torch
 
 from .baselines import (
     Baselines,
@@ -237,6 +238,14 @@ def evaluate(
     - ``params``: k, ks, seed, layer, label key; ``seconds``: wall time
     """
     start = time.perf_counter()
+    n_threads = torch.get_num_threads()  # scikit-learn's thread pools change torch's; restored below
+    try:
+        return _evaluate(bundle, adata, layer=layer, label_key=label_key, k=k, ks=ks, seed=seed, start=start)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _evaluate(bundle, adata, *, layer, label_key, k, ks, seed, start) -> dict:
     label_key = label_key or bundle.label_key
     target = bundle.target
     Xtr, ytr, _ = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="train")

@@ -328,8 +328,10 @@ def fit_generator(
     if len(X_t) < 2:
         raise ValueError(f"the target class has {len(X_t)} training samples; at least 2 are needed")
     X_src = Xall[~is_target] if config.train_on == "non-target" else Xall
-    sampler = TargetSampler(X_t, covariance=config.covariance, rank=config.cov_rank, generator=gen)
-    logger.info("L_td draws from the %s", sampler.describe())
+    sampler = None
+    if config.w_td:
+        sampler = TargetSampler(X_t, covariance=config.covariance, rank=config.cov_rank, generator=gen)
+        logger.info("L_td draws from the %s", sampler.describe())
 
     history: dict[str, list[float]] = {}
     start = time.perf_counter()
@@ -369,7 +371,7 @@ def fit_generator(
             callback(epoch + 1, config.epochs, epoch_losses)
     G.eval()
     D.eval()
-    return GeneratorFit(G, D, history, sampler.kind, time.perf_counter() - start)
+    return GeneratorFit(G, D, history, sampler.kind if sampler else "none (L_td off)", time.perf_counter() - start)
 
 
 def generator_loss(
@@ -380,7 +382,7 @@ def generator_loss(
     target: int,
     config: TrainConfig,
     *,
-    sampler: TargetSampler,
+    sampler: TargetSampler | None,
     X_t: torch.Tensor,
     generator: torch.Generator,
 ) -> GeneratorLoss:
