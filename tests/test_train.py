@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from conftest import QUICK_CONFIG, SMALL_NETS, TINY_CLASSES, make_tiny_adata
 from torch import nn
 
-from tspg.nets import Discriminator, Generator, ResidualBlock, TargetClassifier
+from tspg.nets import Discriminator, Generator, ResidualBlock, TargetClassifier, evaluating
 from tspg.pipeline import train, train_all_targets
 from tspg.train import (
     TargetSampler,
@@ -18,6 +19,7 @@ from tspg.train import (
     cw_loss,
     energy_distance,
     fit_generator,
+    generator_loss,
     lsgan_discriminator_loss,
     lsgan_generator_loss,
     norm_loss,
@@ -164,6 +166,54 @@ def test_energy_distance_gradient_finite_at_identical_points():
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
 
 
+def test_generator_loss_is_the_weighted_sum_of_its_terms():
+    torch.manual_seed(0)
+    f = TargetClassifier(6, 3, hidden=(8,)).eval()
+    D = Discriminator(6, hidden=(8,)).eval()
+    x = torch.rand(5, 6)
+    P = torch.rand(5, 6) - 0.5
+    x_adv = (x + P).clamp(0, 1)
+    X_t = torch.rand(4, 6)
+    cfg = TrainConfig(w_gan=2.0, w_adv=3.0, w_norm=0.5, w_td=0.0, w_ed=7.0, kappa=1.0, ed_repulsion=0.8)
+    loss = generator_loss(x_adv, P, f, D, 1, cfg, sampler=None, X_t=X_t, generator=torch.Generator())
+    gan = lsgan_generator_loss(D(x_adv))
+    adv = cw_loss(f(x_adv), 1, kappa=1.0)  # logits, averaged
+    norm = norm_loss(P)
+    ed = energy_distance(x_adv, X_t, repulsion=0.8)  # all 4 target samples fit in the batch of 5
+    for got, want in ((loss.gan, gan), (loss.adv, adv), (loss.norm, norm), (loss.ed, ed)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert loss.td.item() == 0.0  # weight 0: skipped
+    assert loss.total.item() == pytest.approx((2 * gan + 3 * adv + 0.5 * norm + 7 * ed).item(), rel=1e-6)
+    # the paper's form: C-W on softmax probabilities, summed; ||P_batch||_2 + 1
+    paper = TrainConfig.for_recipe("paper", w_td=0.0)
+    loss = generator_loss(x_adv, P, f, D, 1, paper, sampler=None, X_t=X_t, generator=torch.Generator())
+    assert loss.adv.item() == pytest.approx(cw_loss(torch.softmax(f(x_adv), 1), 1, reduce="sum").item(), rel=1e-6)
+    assert loss.norm.item() == pytest.approx(torch.linalg.vector_norm(P).item() + 1.0, rel=1e-6)
+    assert loss.ed.item() == 0.0
+
+
+def test_evaluating_freezes_batchnorm_statistics_and_restores_the_mode():
+    D = Discriminator(4, hidden=(3,)).train()
+    bn = next(m for m in D.modules() if isinstance(m, nn.BatchNorm1d))
+    before = bn.running_mean.clone()
+    with evaluating(D):
+        assert not D.training
+        D(torch.rand(8, 4) * 10)
+    assert D.training and torch.equal(bn.running_mean, before)
+    D(torch.rand(8, 4) * 10)  # in training mode the statistics move
+    assert not torch.equal(bn.running_mean, before)
+
+
+def test_a_diverging_run_stops_with_a_clear_error():
+    rng = np.random.default_rng(0)
+    X = rng.random((24, 6), dtype=np.float32)
+    y = np.repeat([0, 1, 2], 8)
+    f = TargetClassifier(6, 3, hidden=(8,)).eval()
+    cfg = TrainConfig(epochs=3, batch_size=8, kappa=math.nan, **SMALL_NETS)
+    with pytest.raises(ValueError, match=r"training the generator diverged in epoch 1: loss \w+ is nan"):
+        fit_generator(X, y, 1, f, cfg)
+
+
 # ----------------------------------------------------------------------------- target draws
 
 
@@ -224,6 +274,14 @@ def test_draws_are_seeded_and_auto_picks_full_for_small_classes():
     assert np.array_equal(draw(X_t, "full", m=10, seed=3), draw(X_t, "full", m=10, seed=3))
     assert not np.array_equal(draw(X_t, "full", m=10, seed=3), draw(X_t, "full", m=10, seed=4))
     assert TargetSampler(X_t, covariance="auto", generator=torch.Generator()).kind == "full"
+
+
+def test_auto_covariance_turns_lowrank_for_large_classes(monkeypatch):
+    X_t = target_class(n_t=12, n_genes=20)
+    # the module, not the function tspg.train that the package exports under the same name
+    monkeypatch.setattr(sys.modules["tspg.train"], "FULL_COVARIANCE_BYTES", 12 * 20 * 4 - 1)  # one byte short of A
+    sampler = TargetSampler(X_t, covariance="auto", generator=torch.Generator())
+    assert sampler.kind == "lowrank" and "memory-safe" in sampler.describe()
     with pytest.raises(ValueError, match="unknown covariance 'fancy'"):
         TargetSampler(X_t, covariance="fancy", generator=torch.Generator())
 
@@ -233,9 +291,10 @@ def test_draws_are_seeded_and_auto_picks_full_for_small_classes():
 
 def test_recipes():
     paper = TrainConfig.for_recipe("paper")
-    assert (paper.adv_space, paper.adv_reduce, paper.norm_form, paper.covariance) == ("probs", "sum", "batch", "full")
+    assert (paper.adv_space, paper.adv_reduce, paper.norm_form, paper.covariance) == ("probs", "sum", "batch", "auto")
     assert paper.w_norm == 1.0 and paper.w_td == 1.0
     assert (paper.g_lr, paper.d_lr, paper.batch_size, paper.epochs) == (2e-4, 1e-4, 128, 150)
+    assert (paper.target_epochs, paper.target_batch_size) == (50, 32)  # the reference's train-target defaults
     assert TrainConfig.for_recipe("paper", epochs=3, kappa=None).epochs == 3  # None keeps the recipe's value
     with pytest.raises(ValueError, match="unknown recipe 'fancy'"):
         TrainConfig.for_recipe("fancy")
@@ -314,7 +373,7 @@ def test_paper_recipe_runs():
     assert all(np.isfinite(v).all() for v in h.values())
     assert min(h["norm"]) > 1.0  # batch form: ||P||_2 + 1
     assert min(h["td"]) > 0.0 and max(h["ed"]) == 0.0
-    assert 0.0 <= b.metrics["perturbation_accuracy"] <= 1.0
+    assert b.config == TrainConfig.for_recipe("paper", epochs=3, target_epochs=3, batch_size=16, **SMALL_NETS)
 
 
 def test_train_all_targets_shares_one_target_model():

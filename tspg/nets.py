@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -94,3 +95,15 @@ class TargetClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, n_genes) -> (batch, n_classes) logits
         return self.net(x)
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for a block (BatchNorm uses its running statistics and
+    leaves them alone), then restore the mode it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
