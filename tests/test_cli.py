@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import anndata as ad
@@ -12,7 +13,7 @@ import torch
 from conftest import TINY_CLASSES, make_tiny_adata
 
 from tspg.bundle import load_bundle
-from tspg.cli import main, train_main
+from tspg.cli import config_options, main, train_main
 from tspg.datasets import write_reference_example
 
 # the paper's networks, trained for a moment: these tests are about the command, not the science
@@ -131,6 +132,19 @@ def test_import_usage_and_file_errors(tmp_path, capsys):
     assert "nope.csv: file not found" in one_error_line(capsys.readouterr().err)
 
 
+def test_import_unreadable_inputs_and_output_named(tmp_path, capsys):
+    df, labels = tiny_frame()
+    df.to_csv(tmp_path / "gem.csv")
+    (tmp_path / "labels.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    argv = ["import", str(tmp_path / "gem.csv"), "--labels", str(tmp_path / "labels.txt"), "-o", str(tmp_path / "o.h5ad")]
+    assert main(argv) == 1
+    assert f"error: {tmp_path / 'labels.txt'}: cannot read labels" in one_error_line(capsys.readouterr().err)
+    out = tmp_path / "nowhere" / "o.h5ad"
+    assert main(["import", str(tmp_path / "gem.csv"), "-o", str(out)]) == 1
+    assert f"error: {out}: cannot write, {out.parent} is not a folder" == one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gem.csv", "labels.txt"]
+
+
 # ----------------------------------------------------------------------------- tspg-train
 
 
@@ -159,6 +173,42 @@ def test_train_usage_errors_exit_2(tiny_h5ad, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--batch-size", "0", "--batch-size 0: must be at least 1"),
+        ("--epochs", "-1", "--epochs -1: must be at least 1"),
+        ("--target-epochs", "0", "--target-epochs 0: must be at least 1"),
+        ("--target-batch-size", "0", "--target-batch-size 0: must be at least 1"),
+        ("--cov-rank", "0", "--cov-rank 0: must be at least 1"),
+        ("--seed", "-1", "--seed -1: must be 0 or more"),
+        ("--kappa", "nan", "--kappa nan: must be a finite number"),
+        ("--kappa", "-1", "--kappa -1.0: must be 0 or more"),
+        ("--g-lr", "-1", "--g-lr -1.0: must be more than 0"),
+        ("--d-lr", "0", "--d-lr 0.0: must be more than 0"),
+        ("--target-lr", "inf", "--target-lr inf: must be a finite number"),
+        ("--test-size", "1", "--test-size 1.0: must be between 0 and 1 (exclusive)"),
+        ("--test-size", "0", "--test-size 0.0: must be between 0 and 1 (exclusive)"),
+        ("--ed-repulsion", "1.5", "--ed-repulsion 1.5: must be between 0 and 1"),
+    ],
+)
+def test_train_numeric_options_range_checked(tiny_h5ad, tmp_path, capsys, option, value, expected):
+    models = tmp_path / "models"
+    err = usage_error(train_main, [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--out", str(models), *FAST, option, value], capsys)
+    assert f"error: {expected}" in err
+    assert not models.exists()
+
+
+def test_every_loss_weight_must_be_finite_and_not_negative(tiny_h5ad, capsys):
+    weights = [name for name in config_options() if name.startswith("w_")]
+    assert {"w_gan", "w_adv", "w_norm", "w_td", "w_ed"} <= set(weights)
+    for name in weights:
+        option = "--" + name.replace("_", "-")
+        for value, problem in (("-0.5", "must be 0 or more"), ("nan", "must be a finite number"), ("inf", "must be a finite number")):
+            err = usage_error(train_main, [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", option, value], capsys)
+            assert f"error: {option} {float(value)}: {problem}" in err
+
+
+@pytest.mark.parametrize(
     ("argv", "expected"),
     [
         (["--label-key", "tissue", "--target", "beta"], r"tiny\.h5ad: no label column 'tissue' in obs \(columns: cell_type\)"),
@@ -172,6 +222,13 @@ def test_train_bad_input_exit_1_one_line_no_bundle(tiny_h5ad, tmp_path, capsys, 
     models = tmp_path / "models"
     assert train_main([str(tiny_h5ad), *argv, "--out", str(models), *FAST]) == 1
     assert re.search(expected, one_error_line(capsys.readouterr().err))
+    assert no_bundle_written(models)
+
+
+def test_train_gene_set_folder_named(tiny_h5ad, tmp_path, capsys):
+    models = tmp_path / "models"
+    assert train_main([str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--gene-set", str(tmp_path), "--out", str(models), *FAST]) == 1
+    assert one_error_line(capsys.readouterr().err) == f"error: {tmp_path}: Is a directory"
     assert no_bundle_written(models)
 
 
@@ -195,10 +252,11 @@ def test_all_targets_through_tspg_train(tiny_h5ad, tmp_path, capsys):
 def test_target_model_reuses_a_bundle(tiny_h5ad, tmp_path, capsys):
     models = tmp_path / "models"
     base = [str(tiny_h5ad), "--label-key", "cell_type", "--out", str(models), *FAST]
-    assert train_main([*base, "--target", "alpha", "--name", "first"]) == 0
-    assert train_main([*base, "--target", "gamma", "--name", "second", "--target-model", "first", "--split-seed", "5"]) == 0
+    assert train_main([*base, "--target", "alpha", "--name", "first", "--split-seed", "3"]) == 0
+    # FAST's --target-epochs 2 is what made 'first': no conflict; the seed is the generator's own
+    assert train_main([*base, "--target", "gamma", "--name", "second", "--target-model", "first", "--seed", "5"]) == 0
     first, second = load_bundle(models / "first"), load_bundle(models / "second")
-    assert second.split == first.split  # despite another split seed
+    assert second.split == first.split and second.config.split_seed == 3 and second.config.seed == 5
     assert second.manifest["target_model_from"] == "first"
     assert second.manifest["scaler"] == first.manifest["scaler"]
     for key, v in first.target_model.state_dict().items():
@@ -209,12 +267,82 @@ def test_target_model_reuses_a_bundle(tiny_h5ad, tmp_path, capsys):
     assert "--name needs a single --target" in usage_error(train_main, [*base, "--all-targets", "--name", "x"], capsys)
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--split-seed", "5"], "--split-seed 5 conflicts with --target-model first, whose target model and split were made with --split-seed 0; drop --split-seed"),
+        (["--test-size", "0.3"], "--test-size 0.3 conflicts with --target-model first"),
+        (["--target-epochs", "3"], "--target-epochs 3 conflicts with --target-model first, whose target model and split were made with --target-epochs 2"),
+        (["--target-lr", "0.01"], "--target-lr 0.01 conflicts with --target-model first"),
+        (["--gene-set", "any.gmt:X"], "--gene-set and --genes cannot be used with --target-model"),
+        (["--genes", "genes.txt"], "--gene-set and --genes cannot be used with --target-model"),
+    ],
+    ids=["split-seed", "test-size", "target-epochs", "target-lr", "gene-set", "genes"],
+)
+def test_target_model_refuses_options_it_would_ignore(tiny_h5ad, tmp_path, capsys, argv, expected):
+    models = tmp_path / "models"
+    base = [str(tiny_h5ad), "--label-key", "cell_type", "--out", str(models), *FAST]
+    assert train_main([*base, "--target", "alpha", "--name", "first"]) == 0
+    err = usage_error(train_main, [*base, "--target", "gamma", "--target-model", "first", *argv], capsys)
+    assert expected in err
+    assert sorted(p.name for p in models.iterdir()) == ["first"]
+
+
 def test_existing_bundle_needs_overwrite(tiny_h5ad, tmp_path, capsys):
     argv = [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--out", str(tmp_path / "m"), *FAST]
     assert train_main(argv) == 0
     assert train_main(argv) == 1
     assert "a bundle of that name exists" in one_error_line(capsys.readouterr().err)
     assert train_main([*argv, "--overwrite"]) == 0
+
+
+NOT_QUIET = [a for a in FAST if a != "-q"]
+
+
+def test_output_problems_stop_before_training(tiny_h5ad, tmp_path, capsys):
+    """An existing bundle (of any target, with --all-targets), a bad --name or an --out that is
+    a file end the run before any epoch: no progress bar, nothing written."""
+    base = [str(tiny_h5ad), "--label-key", "cell_type", *NOT_QUIET]
+    models = tmp_path / "models"
+    (models / "tiny-gamma").mkdir(parents=True)
+    assert train_main([*base, "--all-targets", "--out", str(models)]) == 1
+    err = capsys.readouterr().err
+    assert one_error_line(err) == f"error: {models / 'tiny-gamma'}: a bundle of that name exists; pass --overwrite or choose --name"
+    assert "epoch/s" not in err
+    assert sorted(p.name for p in models.iterdir()) == ["tiny-gamma"]
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for out in (afile, afile / "sub"):
+        assert train_main([*base, "--target", "beta", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert one_error_line(err) == f"error: {afile}: is a file; the bundles go into a folder (--out)"
+        assert "epoch/s" not in err
+    assert afile.read_text() == "not a folder"
+    err = usage_error(train_main, [*base, "--target", "beta", "--name", "../up", "--out", str(models)], capsys)
+    assert "error: --name: invalid bundle name '../up'" in err and "epoch/s" not in err
+
+
+def test_progress_bars_of_both_stages_without_quiet(tiny_h5ad, tmp_path, capsys, caplog):
+    models = tmp_path / "models"
+    with caplog.at_level(logging.INFO):
+        assert train_main([str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--recipe", "paper", "--out", str(models), *NOT_QUIET]) == 0
+    captured = capsys.readouterr()
+    bars = captured.err.replace("\r", "\n")
+    assert re.search(r"target model: 100%.*\b2/2\b.*epoch/s, target_loss=\d", bars)
+    assert re.search(r"generator beta: 100%.*\b2/2\b.*epoch/s, gan=[\d.]+, adv=[\d.]+, norm=[\d.]+, td=[\d.]+", bars)
+    assert "L_td draws from the full empirical covariance" in caplog.text
+    assert "recipe paper, device cpu, L_td covariance: full" in captured.out
+
+
+def test_no_non_target_held_out_sample_prints_na(tmp_path, capsys):
+    """Classes of one sample stay in training, so the held-out split can hold only the target."""
+    adata = make_tiny_adata(n_per_class=10)
+    keep = (adata.obs["cell_type"] == "beta").to_numpy() | np.isin(adata.obs_names, ["s000", "s020"])
+    adata[keep].copy().write_h5ad(tmp_path / "few.h5ad")
+    models = tmp_path / "models"
+    assert train_main([str(tmp_path / "few.h5ad"), "--label-key", "cell_type", "--target", "beta", "--out", str(models), *FAST]) == 0
+    assert "perturbation accuracy (held-out): all 1.000, non-target n/a (n=0)" in capsys.readouterr().out
+    assert load_bundle(models / "few-beta").metrics["perturbation_accuracy_non_target"] is None
 
 
 def test_reference_example_end_to_end(tmp_path, capsys):
@@ -250,3 +378,26 @@ def test_list_shows_bundles_and_unreadable_ones(quick_bundle, tmp_path, capsys):
     assert lines[1] == f"good\ttiny\tbeta\t30 genes\tperturbation accuracy {acc:.3f}"
     assert main(["list", "--models", str(tmp_path / "empty")]) == 0
     assert capsys.readouterr().out.strip() == "no bundles"
+
+
+# ----------------------------------------------------------------------------- tspg perturb --samples, tspg enrich
+
+
+def test_perturb_only_the_chosen_samples(quick_bundle, tiny_h5ad, tmp_path, capsys):
+    out = tmp_path / "chosen.h5ad"
+    argv = ["perturb", str(quick_bundle.path), str(tiny_h5ad), "--k", "3", "-o", str(out)]
+    assert main([*argv, "--samples", "s045", "s001", "s045"]) == 0
+    assert "2 samples x 30 genes perturbed towards 'beta'" in capsys.readouterr().out
+    a = ad.read_h5ad(out)
+    assert list(a.obs_names) == ["s045", "s001"] and list(a.obs["cell_type"]) == ["gamma", "alpha"]
+    out.unlink()
+    assert main([*argv, "--samples", "s001", "nope", "s999"]) == 1
+    assert one_error_line(capsys.readouterr().err) == f"error: {tiny_h5ad}: 2 of the 3 sample ids given are not in the data: nope, s999"
+    assert not out.exists()
+
+
+def test_enrich_quietens_urllib3_retry_warnings(quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch):
+    urllib3 = logging.getLogger("urllib3")
+    monkeypatch.setattr(urllib3, "level", logging.NOTSET)  # restored after the test
+    assert main(["enrich", str(quick_bundle.path), str(tiny_h5ad), "--offline", "--k", "3", "-o", str(tmp_path / "e.csv")]) == 0
+    assert urllib3.level == logging.ERROR

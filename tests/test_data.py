@@ -83,6 +83,25 @@ def test_h5ad_raw(tmp_path):
         read_gem(no_raw, use_raw=True)
 
 
+def test_h5ad_layer_and_raw_together_refused(tmp_path):
+    src = labelled_adata()
+    src.layers["counts"] = src.X * 10
+    src.raw = src.copy()
+    path = tmp_path / "gem.h5ad"
+    src.write_h5ad(path)
+    with pytest.raises(ValueError, match=r"gem\.h5ad: choose either a layer or \.raw, not both"):
+        read_gem(path, layer="counts", use_raw=True)
+
+
+def test_h5ad_missing_label_named_by_sample(tmp_path):
+    src = labelled_adata()
+    src.obs["tissue"] = pd.Categorical(["a", None, "a", "b", "b", "b"])
+    path = tmp_path / "gem.h5ad"
+    src.write_h5ad(path)
+    with pytest.raises(ValueError, match=r"gem\.h5ad: sample 's2' has no 'tissue' label"):
+        read_gem(path, label_key="tissue")
+
+
 def test_h5ad_sparse_x(tmp_path):
     src = labelled_adata()
     src.X = sp.csr_matrix(src.X)
@@ -161,11 +180,56 @@ def test_labels_file_missing_a_sample_named(tmp_path):
         read_gem(gem, labels=labels)
 
 
+def test_labels_file_with_an_empty_label_named(tmp_path):
+    gem = _csv(tmp_path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{s}\t{'' if s == 's4' else c}\n" for s, c in zip(SAMPLES, LABELS, strict=True)))
+    with pytest.raises(ValueError, match=r"gem\.csv: sample 's4' has no 'label' label"):
+        read_gem(gem, labels=labels)
+
+
+def test_labels_file_listing_a_sample_twice_named(tmp_path):
+    path = write_labels(tmp_path / "labels.txt", samples=[*SAMPLES, "s3"], labels=[*LABELS, "b"])
+    with pytest.raises(ValueError, match=r"labels\.txt: sample 's3' is listed twice"):
+        read_labels(path, pd.Index(SAMPLES))
+
+
+def test_one_column_labels_file_named(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_text("".join(f"{s},{c}\n" for s, c in zip(SAMPLES, LABELS, strict=True)))  # commas, read as tab-separated
+    with pytest.raises(ValueError, match=r"labels\.txt: expected two tab-separated columns \(sample, label\), found one"):
+        read_labels(path, pd.Index(SAMPLES))
+
+
 def test_empty_labels_file_named(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("")
     with pytest.raises(ValueError, match=r"labels\.txt: cannot read labels"):
         read_labels(path, pd.Index(SAMPLES))
+
+
+@pytest.mark.parametrize("header", ["id", "", None], ids=["named", "blank", "R-style"])
+def test_numeric_looking_ids_stay_text(tmp_path, header):
+    """Sample ids like 001 are names, not numbers: they must not become 1 (CSV, labels file)."""
+    samples, labels = ["001", "002", "010", "1e3"], ["a", "a", "b", "b"]
+    rows = "".join(f"{s},{i},{i + 1}\n" for i, s in enumerate(samples))
+    head = "G1,G2" if header is None else f"{header},G1,G2"  # R writes no name over the row names
+    (tmp_path / "gem.csv").write_text(f"{head}\n{rows}")
+    write_labels(tmp_path / "labels.txt", samples=samples[::-1], labels=labels[::-1])
+    adata = read_gem(tmp_path / "gem.csv", labels=tmp_path / "labels.txt")
+    assert list(adata.obs_names) == samples
+    assert list(adata.obs["label"]) == labels
+    np.testing.assert_array_equal(adata.X, [[0, 1], [1, 2], [2, 3], [3, 4]])
+
+
+def test_numeric_looking_genes_stay_text_transposed_and_npy(tmp_path):
+    (tmp_path / "gem.tsv").write_text("\ts1\ts2\n0101\t1\t2\n7\t3\t4\n")
+    assert list(read_gem(tmp_path / "gem.tsv", transpose=True).var_names) == ["0101", "7"]
+    np.save(tmp_path / "m.npy", np.ones((2, 2)))
+    (tmp_path / "m.rownames.txt").write_text("007\n08\n")
+    (tmp_path / "m.colnames.txt").write_text("1.0\n2\n")
+    adata = read_gem(tmp_path / "m.npy")
+    assert list(adata.obs_names) == ["007", "08"] and list(adata.var_names) == ["1.0", "2"]
 
 
 def test_non_numeric_cell_names_row_and_column(tmp_path):
@@ -194,6 +258,31 @@ def test_duplicate_sample_named(tmp_path):
     path.write_text(",TP53,MYC\ns1,1,2\ns1,3,4\n")
     with pytest.raises(ValueError, match="sample 's1' appears more than once"):
         read_gem(path)
+
+
+def test_no_gene_columns_named(tmp_path):
+    path = tmp_path / "gem.csv"
+    path.write_text("sample\ts1\ns2\n")  # only the id column (or the wrong separator)
+    with pytest.raises(ValueError, match=r"gem\.csv: no gene columns found \(is the separator right\?\)"):
+        read_gem(path)
+
+
+def test_empty_matrix_named(tmp_path):
+    path = tmp_path / "gem.csv"
+    path.write_text(",TP53,MYC\n")  # a header and no sample
+    with pytest.raises(ValueError, match=r"gem\.csv: empty matrix \(0 samples x 2 genes\)"):
+        read_gem(path)
+
+
+def test_unreadable_names_file_named(tmp_path):
+    np.save(tmp_path / "m.npy", np.ones((2, 2)))
+    (tmp_path / "m.rownames.txt").write_bytes(b"\xff\xfe\x00s1\n")
+    (tmp_path / "m.colnames.txt").mkdir()
+    with pytest.raises(ValueError, match=r"m\.rownames\.txt: names file is not UTF-8 text \(byte 0xff at position 0\)"):
+        read_gem(tmp_path / "m.npy")
+    (tmp_path / "m.rownames.txt").write_text("s1\ns2\n")
+    with pytest.raises(ValueError, match=r"m\.colnames\.txt: cannot read the names file"):
+        read_gem(tmp_path / "m.npy")
 
 
 def test_wrong_suffix_and_missing_file(tmp_path):
@@ -271,6 +360,15 @@ def test_nan_filled_with_matrix_minimum_and_counted(tmp_path, caplog):
     np.testing.assert_array_equal(adata.X, expected)
 
 
+@pytest.mark.parametrize("nan", ["fill", "error"])
+def test_all_values_missing_refused(tmp_path, nan):
+    path = tmp_path / "gem.csv"
+    gem_frame().map(lambda v: np.nan).to_csv(path)
+    message = "every value is missing" if nan == "fill" else "24 missing values, first at sample 's1', gene 'TP53'"
+    with pytest.raises(ValueError, match=rf"gem\.csv: {message}"):
+        read_gem(path, nan=nan)
+
+
 def test_nan_error_names_sample_and_gene(tmp_path):
     df = gem_frame()
     df.loc["s3", "CD14"] = np.nan
@@ -309,6 +407,20 @@ def test_write_gem_round_trip_leaves_no_temp_file(tmp_path):
     back = read_gem(out, label_key="label")
     assert_is_gem_frame(back)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gem.csv", "labels.txt", "out.h5ad"]
+
+
+def test_write_gem_failing_leaves_no_temp_file(tmp_path):
+    adata = labelled_adata()
+    adata.uns["unstorable"] = object()
+    with pytest.raises(ValueError, match=r"out\.h5ad: cannot write \(No method registered for writing"):
+        write_gem(adata, tmp_path / "out.h5ad")
+    (tmp_path / "folder.h5ad").mkdir()  # the rename into place fails
+    with pytest.raises(OSError):
+        write_gem(labelled_adata(), tmp_path / "folder.h5ad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.h5ad"]
+    assert not any((tmp_path / "folder.h5ad").iterdir())
+    with pytest.raises(ValueError, match=r"out\.h5ad: cannot write, .*nowhere is not a folder"):
+        write_gem(labelled_adata(), tmp_path / "nowhere" / "out.h5ad")
 
 
 def test_align_genes_reorders_and_names_missing():
@@ -386,6 +498,32 @@ def test_scaler_fit_on_training_split_only():
     raw = (X[test] - scaler.minimum) / scaler.range
     assert (raw < 0).any() or (raw > 1).any()
     assert scaler.transform(X[test]).min() >= 0 and scaler.transform(X[test]).max() <= 1
+
+
+def test_scaler_warns_when_new_data_fall_outside_the_training_range(caplog):
+    rng = np.random.default_rng(0)
+    train = rng.uniform(0, 10, (50, 3)).astype(np.float32)
+    scaler = Scaler.fit(train)
+    genes = ["TP53", "MYC", "CD14"]
+    with caplog.at_level(logging.WARNING, logger="tspg.data"):
+        scaler.transform(train, genes=genes)  # the training data: all inside
+        inside = rng.uniform(1, 9, (40, 3)).astype(np.float32)
+        inside[:4, 1] = 12.0  # 4 of 120 values (3%) outside: no warning
+        scaler.transform(inside, genes=genes)
+    assert caplog.records == []
+    other_units = inside.copy()
+    other_units[:, 2] *= 100  # CD14 in other units: every value outside, with MYC's 4
+    with caplog.at_level(logging.WARNING, logger="tspg.data"):
+        Xs = scaler.transform(other_units, genes=genes, source="new.h5ad")
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert message.startswith("new.h5ad: 37% of the values fall outside the range of the training data")
+    assert "most: gene 'CD14', 100% of its values" in message
+    np.testing.assert_array_equal(Xs[:, 2], 1.0)  # still clipped
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tspg.data"):
+        scaler.transform(other_units)
+    assert "most: gene #3" in caplog.records[0].getMessage()
 
 
 def test_scaler_constant_gene_and_clipping():

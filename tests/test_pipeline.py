@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from conftest import SMALL_NETS, TINY_CLASSES, make_tiny_adata
 
+from tspg.bundle import load_bundle, save_bundle
 from tspg.data import Scaler
 from tspg.genesets import select_genes
-from tspg.perturb import class_probabilities, generate_perturbed
+from tspg.perturb import class_probabilities, generate_perturbed, perturb_adata
 from tspg.pipeline import heldout_metrics, prepare, train
 from tspg.train import TrainConfig
 
@@ -97,3 +98,40 @@ def test_scaler_in_bundle_is_the_training_scaler(quick_bundle):
     fitted = Scaler.fit(np.asarray(train_x))
     np.testing.assert_allclose(quick_bundle.scaler.minimum, fitted.minimum)
     np.testing.assert_allclose(quick_bundle.scaler.range, fitted.range, rtol=1e-6)
+
+
+def test_reusing_a_target_model_records_its_settings_and_loads(tmp_path):
+    """The new bundle records the target model's own sizes and split settings, so it loads and
+    reproduces its metrics; the new config's conflicting values (never used) are not stored."""
+    adata = make_tiny_adata()
+    first_cfg = TrainConfig(epochs=2, target_epochs=20, target_lr=3e-3, batch_size=32, split_seed=4, test_size=0.25, **SMALL_NETS)
+    first = train(adata, label_key="cell_type", target="alpha", config=first_cfg, device="cpu", dataset="tiny")
+    save_bundle(first, tmp_path)
+    other = dict(SMALL_NETS, target_hidden=(24,), gen_encoder=(16,))  # other target model and generator sizes
+    new_cfg = TrainConfig(epochs=2, target_epochs=3, target_lr=1e-2, batch_size=32, split_seed=9, test_size=0.5, seed=7, **other)
+    second = train(adata, label_key="cell_type", target="gamma", config=new_cfg, device="cpu", dataset="tiny", target_model=load_bundle(tmp_path / "tiny-alpha"), name="second")
+    save_bundle(second, tmp_path)
+
+    loaded = load_bundle(tmp_path / "second")
+    cfg = loaded.config
+    assert (cfg.target_hidden, cfg.target_epochs, cfg.target_lr) == ((32, 16), 20, 3e-3)
+    assert (cfg.split_seed, cfg.test_size) == (4, 0.25)
+    assert (cfg.seed, cfg.gen_encoder, cfg.target_batch_size) == (7, (16,), first_cfg.target_batch_size)  # the generator's own
+    assert loaded.split == first.split and len(first.split["test"]) == 15
+    assert loaded.manifest["target_model_from"] == "tiny-alpha"
+    held = perturb_adata(loaded, adata[loaded.split["test"]], label_key="cell_type")
+    hit = held.pred_after == "gamma"
+    assert loaded.metrics["perturbation_accuracy"] == pytest.approx(hit.mean())
+    assert loaded.metrics["perturbation_accuracy_non_target"] == pytest.approx(hit[held.labels != "gamma"].mean())
+    assert loaded.metrics["target_model_accuracy"] == pytest.approx((held.pred_before == held.labels).mean())
+
+
+def test_reusing_a_target_model_refuses_another_gene_set(quick_bundle, tmp_path):
+    adata = make_tiny_adata()
+    gmt = tmp_path / "s.gmt"
+    gmt.write_text("BLOCKS\td\tG09\tG02\n")
+    cfg = TrainConfig(epochs=1, **SMALL_NETS)
+    with pytest.raises(ValueError, match=r"the target model of 'tiny-beta' was trained on its own 30 genes \(gene set 'all'\); another gene set cannot be chosen"):
+        train(adata, label_key="cell_type", target="gamma", config=cfg, device="cpu", target_model=quick_bundle, genes=select_genes(adata.var_names, gene_set=f"{gmt}:BLOCKS"))
+    prep = prepare(adata, label_key="cell_type", genes=select_genes(adata.var_names), reuse=quick_bundle)  # the same genes: fine
+    assert prep.genes == quick_bundle.genes

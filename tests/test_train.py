@@ -209,8 +209,8 @@ def test_a_diverging_run_stops_with_a_clear_error():
     X = rng.random((24, 6), dtype=np.float32)
     y = np.repeat([0, 1, 2], 8)
     f = TargetClassifier(6, 3, hidden=(8,)).eval()
-    cfg = TrainConfig(epochs=3, batch_size=8, kappa=math.nan, **SMALL_NETS)
-    with pytest.raises(ValueError, match=r"training the generator diverged in epoch 1: loss \w+ is nan"):
+    cfg = TrainConfig(epochs=3, batch_size=8, g_lr=1e30, d_lr=1e30, **SMALL_NETS)  # steps of 1e30 overflow float32
+    with pytest.raises(ValueError, match=r"training the generator diverged in epoch \d: loss \w+ is (nan|inf)"):
         fit_generator(X, y, 1, f, cfg)
 
 
@@ -287,6 +287,22 @@ def test_auto_covariance_turns_lowrank_for_large_classes(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- config and device
+
+
+def test_config_refuses_values_out_of_range():
+    for bad, message in (
+        (dict(epochs=0), "epochs = 0: must be at least 1"),
+        (dict(batch_size=-1), "batch_size = -1: must be at least 1"),
+        (dict(w_ed=-1.0), "w_ed = -1.0: must be 0 or more"),
+        (dict(g_lr=0.0), "g_lr = 0.0: must be more than 0"),
+        (dict(kappa=math.nan), "kappa = nan: must be a finite number"),
+        (dict(test_size=1.0), "test_size = 1.0: must be between 0 and 1"),
+        (dict(ed_repulsion=1.5), "ed_repulsion = 1.5: must be between 0 and 1"),
+        (dict(gen_encoder=(64, 0)), "gen_encoder = \\(64, 0\\): widths must be at least 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+    assert TrainConfig(w_norm=0.0, gen_residual=0, kappa=0.0).gen_residual == 0  # zeros where they mean "off"
 
 
 def test_recipes():

@@ -24,8 +24,9 @@ CONFIG_HELP = {
     "test_size": "share of each class held out from every model",
     "target_epochs": "epochs of the target model",
     "target_lr": "Adam learning rate of the target model",
+    "target_batch_size": "batch size of the target model",
     "epochs": "epochs of the generator and discriminator",
-    "batch_size": "batch size",
+    "batch_size": "batch size of the generator and discriminator",
     "g_lr": "Adam learning rate of the generator",
     "d_lr": "Adam learning rate of the discriminator",
     "w_gan": "weight of the least-squares GAN loss",
@@ -48,6 +49,17 @@ CHOICES = {
     "covariance": ["auto", "full", "diagonal", "lowrank"], "disc_real": ["target", "all"],
     "train_on": ["non-target", "all"],
 }
+
+
+def config_options() -> list[str]:
+    """The TrainConfig fields that are command-line options (--field-name): every number or word but the recipe."""
+    from .train import TrainConfig
+
+    base = TrainConfig()
+    return [
+        f.name for f in fields(TrainConfig)
+        if f.name != "recipe" and isinstance(getattr(base, f.name), int | float | str) and not isinstance(getattr(base, f.name), bool)
+    ]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -100,14 +112,12 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
     g.add_argument("--recipe", choices=["tspg+", "paper"], default="tspg+", help="loss recipe; options below override it")
     h = p.add_argument_group("hyper-parameters (default: the recipe's value)")
     base, paper = TrainConfig.for_recipe("tspg+"), TrainConfig.for_recipe("paper")
-    for f in fields(TrainConfig):
-        if f.name not in CONFIG_HELP:
-            continue
-        a, b = getattr(base, f.name), getattr(paper, f.name)
+    for name in config_options():
+        a, b = getattr(base, name), getattr(paper, name)
         default = f"tspg+: {a}" + (f", paper: {b}" if a != b else "")
         h.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(a), default=None, choices=CHOICES.get(f.name),
-            help=f"{CONFIG_HELP[f.name]} ({default})",
+            "--" + name.replace("_", "-"), type=type(a), default=None, choices=CHOICES.get(name),
+            help=f"{CONFIG_HELP.get(name, 'see tspg.TrainConfig')} ({default})",
         )
     o = p.add_argument_group("output")
     o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
@@ -136,6 +146,24 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
         parser.error("give --gene-set or --genes, not both")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.target_model and (args.gene_set or args.genes):
+        parser.error("--gene-set and --genes cannot be used with --target-model: the reused target model fixes the genes")
+    if args.name and args.all_targets:
+        parser.error("--name needs a single --target")
+    if args.name:
+        from .bundle import check_name
+
+        try:
+            check_name(args.name)
+        except ValueError as err:
+            parser.error(f"--name: {err}")
+    from .train import config_problem
+
+    for name in config_options():
+        value = getattr(args, name)
+        problem = None if value is None else config_problem(name, value)
+        if problem:
+            parser.error(f"--{name.replace('_', '-')} {value}: {problem}")
     _setup_logging(args.quiet)
     if args.threads:
         import torch
@@ -144,18 +172,32 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
     start = time.perf_counter()
     try:
         return _train(args, parser, start)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(_error_line(err), file=sys.stderr)
         return 1
 
 
+def _error_line(err: Exception) -> str:
+    """The one stderr line of a failed command; a system error names its file."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"error: {err.filename}: {err.strerror or err}"
+    return f"error: {err}"
+
+
 def _train(args, parser, start: float) -> int:
-    from .bundle import load_bundle, resolve_bundle, save_bundle
+    from .bundle import load_bundle, models_dir, resolve_bundle, save_bundle
+    from .data import validate_labels
     from .datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
     from .genesets import select_genes
-    from .pipeline import train_all_targets
+    from .pipeline import TARGET_MODEL_FIELDS, default_names, train_all_targets
     from .train import TrainConfig
 
+    reuse = load_bundle(resolve_bundle(args.target_model, args.out, allow_path=True)) if args.target_model else None
+    for name in TARGET_MODEL_FIELDS if reuse else ():  # the reused bundle's settings are kept: refuse others
+        given, used = getattr(args, name, None), getattr(reuse.config, name)
+        if given is not None and given != used:
+            option = "--" + name.replace("_", "-")
+            parser.error(f"{option} {given} conflicts with --target-model {args.target_model}, whose target model and split were made with {option} {used}; drop {option}")
     if args.demo:
         adata, dataset = demo(), "pbmc68k_reduced"
         label_key = args.label_key or DEMO_LABEL_KEY
@@ -168,11 +210,24 @@ def _train(args, parser, start: float) -> int:
         target = args.target
         if not target and not args.all_targets:
             parser.error("--target CLASS (or --all-targets) is required")
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name in CONFIG_HELP}
-    config = TrainConfig.for_recipe(args.recipe, **overrides)
-    genes = select_genes(adata.var_names, gene_set=args.gene_set, genes_file=args.genes)
-    reuse = load_bundle(resolve_bundle(args.target_model, args.out, allow_path=True)) if args.target_model else None
-    logger.info("data: %s, %d samples x %d genes; %s", dataset, adata.n_obs, adata.n_vars, genes.summary())
+    config = TrainConfig.for_recipe(args.recipe, **{name: getattr(args, name) for name in config_options()})
+    genes = None if reuse else select_genes(adata.var_names, gene_set=args.gene_set, genes_file=args.genes)
+    # everything that can stop the run after training is checked before it
+    validate_labels(adata, label_key, source=dataset)
+    if target:
+        targets = [target]
+    else:
+        targets = list(reuse.classes) if reuse else sorted(adata.obs[label_key].astype(str).unique())
+    names = [args.name] if args.name else default_names(dataset, targets)
+    root = models_dir(args.out)
+    blocking = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ValueError(f"{blocking}: is a file; the bundles go into a folder (--out)")
+    for name in names:
+        if (root / name).exists() and not args.overwrite:
+            raise ValueError(f"{root / name}: a bundle of that name exists; pass --overwrite or choose --name")
+    what = f"the genes, split and target model of {reuse.name!r}" if reuse else genes.summary()
+    logger.info("data: %s, %d samples x %d genes; %s", dataset, adata.n_obs, adata.n_vars, what)
     logger.info("config: %s", config.to_dict())
     bars: dict = {}
 
@@ -189,22 +244,19 @@ def _train(args, parser, start: float) -> int:
         if step == n:
             bar.close()
 
-    targets = [target] if target else None
-    names = [args.name] if args.name and target else None
-    if args.name and not target:
-        parser.error("--name needs a single --target")
     bundles = train_all_targets(
         adata, label_key=label_key, targets=targets, config=config, genes=genes, layer=None,
         dataset=dataset, target_model=reuse, device=args.device, names=names, progress=progress,
     )
     for b in bundles:
         path = save_bundle(b, args.out, overwrite=args.overwrite)
-        m = b.metrics
+        m, used = b.metrics, b.config
+        non_target = m["perturbation_accuracy_non_target"]
         print(f"bundle {path}")
-        cov = f", L_td covariance: {b.manifest['covariance_used']}" if config.w_td else ""
-        print(f"  target {b.target!r}, {len(b.genes)} genes, recipe {config.recipe}, device {m['device']}{cov}")
+        cov = f", L_td covariance: {b.manifest['covariance_used']}" if used.w_td else ""
+        print(f"  target {b.target!r}, {len(b.genes)} genes, recipe {used.recipe}, device {m['device']}{cov}")
         print(f"  target model held-out accuracy: {m['target_model_accuracy']:.3f}")
-        print(f"  perturbation accuracy (held-out): all {m['perturbation_accuracy']:.3f}, non-target {m['perturbation_accuracy_non_target']:.3f} (n={m['n_test_non_target']})")
+        print(f"  perturbation accuracy (held-out): all {m['perturbation_accuracy']:.3f}, non-target {'n/a' if non_target is None else f'{non_target:.3f}'} (n={m['n_test_non_target']})")
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -250,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(False)
     try:
         return COMMANDS[args.command](args, parser)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(_error_line(err), file=sys.stderr)
         return 1
 
 
@@ -355,6 +407,7 @@ def _add_analysis_parsers(sub) -> None:
     pt.add_argument("bundle", help=bundle_help)
     _add_data_args(pt)
     pt.add_argument("-o", "--output", required=True, help="output .h5ad (with --csv: a folder)")
+    pt.add_argument("--samples", nargs="+", metavar="ID", help="perturb only these sample ids (default: every sample)")
     pt.add_argument("--k", type=int, default=20, help="top genes per direction and sample")
     pt.add_argument("--csv", action="store_true", help="write CSV files into the --output folder instead: perturbation.csv (P), perturbed.csv (x_adv), predictions.csv, top_genes.csv, consensus.csv")
     pt.add_argument("--models", default=None, help=models_help)
@@ -433,6 +486,21 @@ def _cli_data(args, bundle, *, own: bool):
     return adata, key if key in adata.obs else None
 
 
+def _chosen_samples(adata, samples: list[str], source: str) -> list[str]:
+    """The sample ids asked for, each once, in the order given; an error lists those not in the data."""
+    ids = list(dict.fromkeys(samples))
+    unknown = [s for s in ids if s not in adata.obs_names]
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise ValueError(f"{source}: {len(unknown)} of the {len(ids)} sample ids given are not in the data: {shown}")
+    return ids
+
+
+def _data_name(args, bundle) -> str:
+    """How messages name DATA: the file, else the bundle's own dataset."""
+    return str(args.data) if args.data else bundle.manifest.get("dataset", {}).get("name", "data")
+
+
 def _check_k(parser, k: int) -> None:
     if k < 1:
         parser.error("--k must be at least 1")
@@ -448,6 +516,8 @@ def _perturb(args, parser) -> int:
     _check_k(parser, args.k)
     bundle = _load_cli_bundle(args)
     adata, label_key = _cli_data(args, bundle, own=False)
+    if args.samples:
+        adata = adata[_chosen_samples(adata, args.samples, _data_name(args, bundle))].copy()
     out = Path(args.output)
     if args.csv:
         result = perturb_adata(bundle, adata, label_key=label_key, source=str(args.data))
@@ -516,13 +586,12 @@ def _enrich(args, parser) -> int:
     from .perturb import consensus_top, perturb_adata
 
     _check_k(parser, args.k)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings; the outcome is reported below
     bundle = _load_cli_bundle(args)
     adata, label_key = _cli_data(args, bundle, own=True)
     if args.samples:
-        missing = [s for s in args.samples if s not in adata.obs_names]
-        if missing:
-            raise ValueError(f"data: sample(s) not found: {', '.join(missing[:5])}")
-        ids, what = list(args.samples), f"{len(args.samples)} chosen samples"
+        ids = _chosen_samples(adata, args.samples, _data_name(args, bundle))
+        what = "chosen samples"
     else:
         ids = [s for s in bundle.split["test"] if s in adata.obs_names]
         what = "held-out"
@@ -581,10 +650,7 @@ def _map(args, parser) -> int:
     labels = adata.obs[label_key].astype(str).to_numpy()
     names = np.asarray(adata.obs_names).astype(str)
     if args.samples:
-        missing = [s for s in args.samples if s not in adata.obs_names]
-        if missing:
-            raise ValueError(f"data: sample(s) not found: {', '.join(missing[:5])}")
-        ids, what = list(dict.fromkeys(args.samples)), "chosen samples"
+        ids, what = _chosen_samples(adata, args.samples, _data_name(args, bundle)), "chosen samples"
     else:
         held = set(bundle.split.get("test", []))
         rows = np.isin(names, list(held)) if held else np.zeros(len(names), bool)
@@ -594,7 +660,8 @@ def _map(args, parser) -> int:
         ids = names[rows & (labels != bundle.target)].tolist()
         if not ids:
             raise ValueError("no samples to place: every candidate is of the target class; give --samples")
-    Xs = bundle.scaler.transform(align_genes(adata, bundle.genes, source=str(args.data or "data")))
+    source = _data_name(args, bundle)
+    Xs = bundle.scaler.transform(align_genes(adata, bundle.genes, source=source), genes=bundle.genes, source=source)
     ref, idx = fit_class_map(
         Xs, labels, names, classes=args.classes, target=bundle.target,
         max_classes=None if args.classes else MAP_MAX_CLASSES, max_per_class=args.n_per_class, seed=args.seed,

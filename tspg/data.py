@@ -22,6 +22,10 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 NanPolicy = Literal["fill", "error"]
+# Scaling new data: warn when more than this share of values falls outside the training
+# range (by more than the tolerance, float rounding at the edges)
+OUT_OF_RANGE_WARNING = 0.05
+RANGE_TOLERANCE = 1e-6
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t", ".tab": "\t"}
 
 
@@ -117,14 +121,16 @@ def _read_h5ad(path: Path, *, layer: str | None, use_raw: bool) -> ad.AnnData:
 
 def _read_text(path: Path, sep: str) -> ad.AnnData:
     try:
-        df = pd.read_csv(path, sep=sep, index_col=0)
+        df = pd.read_csv(path, sep=sep, dtype={0: str})  # ids stay text: "001" is not 1
     except Exception as err:
         raise ValueError(f"{path}: cannot parse as {'comma' if sep == ',' else 'tab'}-separated text ({err})") from err
+    if isinstance(df.index, pd.RangeIndex):  # else pandas took the first column as the index (header one short)
+        df = df.set_index(df.columns[0])
     if df.shape[1] == 0:
         raise ValueError(f"{path}: no gene columns found (is the separator right?)")
     # pandas renames repeated header names ("G1" -> "G1.1"); restore them so that a
     # repeated gene (or, transposed, sample) is reported instead of silently kept twice.
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         header = next(csv.reader(fh, delimiter=sep), [])
     if len(header) >= df.shape[1]:
         df.columns = [str(c) for c in header[len(header) - df.shape[1] :]]
@@ -134,7 +140,9 @@ def _read_text(path: Path, sep: str) -> ad.AnnData:
             continue
         values = pd.to_numeric(column, errors="coerce")
         bad = np.flatnonzero(values.isna().to_numpy() & column.notna().to_numpy())
-        i = int(bad[0]) if len(bad) else 0
+        if not len(bad):  # no rows at all: reported as an empty matrix
+            continue
+        i = int(bad[0])
         raise ValueError(f"{path}: non-numeric value {column.iloc[i]!r} at row {df.index[i]!r}, column {df.columns[j]!r}")
     df.index = df.index.astype(str)
     df.columns = df.columns.astype(str)
@@ -161,7 +169,17 @@ def _read_npy(path: Path, *, row_names: str | Path | None, col_names: str | Path
 def _read_names(path: Path) -> list[str]:
     if not path.exists():
         raise ValueError(f"{path}: names file not found (needed beside a .npy matrix)")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path, "names file").splitlines() if line.strip()]
+
+
+def read_text(path: Path, what: str) -> str:
+    """The text of ``path``; a one-line error naming it when it is a folder, unreadable or not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: {what} is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start})") from err
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the {what} ({err.strerror})") from err
 
 
 def read_labels(path: str | Path, samples: pd.Index) -> pd.Categorical:
@@ -175,15 +193,14 @@ def read_labels(path: str | Path, samples: pd.Index) -> pd.Categorical:
         raise ValueError(f"{path}: labels file not found")
     sep = "," if path.suffix.lower() == ".csv" else "\t"
     try:
-        df = pd.read_csv(path, sep=sep, header=None, index_col=0, dtype=str)
+        df = pd.read_csv(path, sep=sep, header=None, dtype=str)  # ids stay text: "001" is not 1
     except Exception as err:  # empty or unparsable file
         raise ValueError(f"{path}: cannot read labels ({err})") from err
-    if df.shape[1] < 1:
-        raise ValueError(f"{path}: expected two columns (sample, label)")
-    series = df.iloc[:, 0]
+    if df.shape[1] < 2:
+        raise ValueError(f"{path}: expected two {'comma' if sep == ',' else 'tab'}-separated columns (sample, label), found one")
+    series = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str))
     if series.index[0] not in set(samples) and len(series) == len(samples) + 1:
         series = series.iloc[1:]  # header row
-    series.index = series.index.astype(str)
     if series.index.duplicated().any():
         raise ValueError(f"{path}: sample {series.index[series.index.duplicated()][0]!r} is listed twice")
     missing = [s for s in samples if s not in series.index]
@@ -294,8 +311,26 @@ class Scaler:
         rng[rng <= 0] = 1.0
         return cls(minimum=minimum, range=rng)
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        return np.clip((X - self.minimum) / self.range, 0.0, 1.0).astype(np.float32)
+    def transform(self, X: np.ndarray, *, genes=None, source: str = "data") -> np.ndarray:
+        """Scale to [0, 1] with the training minimum and range, clipping what falls outside.
+
+        When more than :data:`OUT_OF_RANGE_WARNING` of the values fall outside the training
+        range, a warning names the share and the most affected gene (by name when ``genes``
+        is given, else by column): new data in other units or with another normalisation.
+        """
+        Xs = (X - self.minimum) / self.range
+        outside = (Xs < -RANGE_TOLERANCE) | (Xs > 1 + RANGE_TOLERANCE)  # samples x genes
+        share = float(outside.mean()) if outside.size else 0.0
+        if share > OUT_OF_RANGE_WARNING:
+            per_gene = outside.mean(axis=0)
+            j = int(per_gene.argmax())
+            gene = repr(str(genes[j])) if genes is not None else f"#{j + 1}"
+            logger.warning(
+                "%s: %.0f%% of the values fall outside the range of the training data and are clipped to [0, 1] "
+                "(most: gene %s, %.0f%% of its values); are the data in other units or normalised differently?",
+                source, 100 * share, gene, 100 * per_gene[j],
+            )
+        return np.clip(Xs, 0.0, 1.0).astype(np.float32)
 
     def inverse_transform(self, Xs: np.ndarray) -> np.ndarray:
         return (Xs * self.range + self.minimum).astype(np.float32)
@@ -336,7 +371,17 @@ def fingerprint(X: np.ndarray, genes, samples) -> str:
 def write_gem(adata: ad.AnnData, path: str | Path) -> Path:
     """Write ``adata`` as .h5ad (via a temporary file, so a crash leaves no half file)."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: cannot write, {path.parent} is not a folder")
     tmp = path.with_name(f".{path.name}.tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
+    try:
+        try:
+            adata.write_h5ad(tmp)
+        except OSError:
+            raise
+        except Exception as err:  # anndata cannot store something in the AnnData
+            raise ValueError(f"{path}: cannot write ({str(err).splitlines()[0]})") from err
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; a leftover after a failure
     return path

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import anndata as ad
 import numpy as np
@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 # progress(stage, step, n_steps, losses); stage is "target model" or "generator <target>"
 Progress = Callable[[str, int, int, dict[str, float]], None]
+
+# The settings that made a target model and its split: with a reused target model they
+# are that bundle's, whatever the new run's config says (so the new bundle can be loaded)
+TARGET_MODEL_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name.startswith("target_")) + ("split_seed", "test_size")
 
 
 @dataclass
@@ -67,6 +71,11 @@ def prepare(
     """
     dataset = dataset or adata.uns.get("tspg_import", {}).get("source") or "data"
     validate_labels(adata, label_key, source=dataset)
+    if reuse is not None and genes is not None and list(genes.genes) != list(reuse.genes):
+        raise ValueError(
+            f"the target model of {reuse.name!r} was trained on its own {len(reuse.genes)} genes "
+            f"(gene set {reuse.manifest['gene_set']['name']!r}); another gene set cannot be chosen with it"
+        )
     genes = genes or select_genes(adata.var_names)
     if reuse is not None:
         genes = GeneSelection(reuse.manifest["gene_set"]["name"], list(reuse.genes), len(reuse.genes), [], reuse.manifest["gene_set"].get("source"))
@@ -93,9 +102,20 @@ def prepare(
         scaler = Scaler.fit(X[train_idx])
     y = np.array([classes.index(c) for c in labels])
     return Prepared(
-        dataset, label_key, classes, list(genes.genes), genes, samples, y, scaler.transform(X), scaler,
+        dataset, label_key, classes, list(genes.genes), genes, samples, y, scaler.transform(X, genes=genes.genes, source=dataset), scaler,
         train_idx, test_idx, fingerprint(X, genes.genes, samples),
     )
+
+
+def reused_config(config: TrainConfig, target_model: Bundle) -> TrainConfig:
+    """``config`` with the target-model and split settings of the bundle whose target model is reused."""
+    old = target_model.config
+    return replace(config, **{name: getattr(old, name) for name in TARGET_MODEL_FIELDS})
+
+
+def default_names(dataset: str, targets) -> list[str]:
+    """Bundle names ``<dataset>-<target>`` (as folder-safe slugs)."""
+    return [f"{slug(dataset)}-{slug(t)}" for t in targets]
 
 
 def heldout_metrics(prep: Prepared, f, G, target: int) -> dict:
@@ -154,7 +174,9 @@ def train(
     genes
         The gene set (default: all genes).
     target_model
-        A bundle whose target model, split and scaler to reuse instead of training anew.
+        A bundle whose target model, split, scaler and genes to reuse instead of training
+        anew; its settings of :data:`TARGET_MODEL_FIELDS` replace those of ``config`` and are
+        recorded in the new bundle. ``genes`` must then be None (or the same genes).
     device
         ``auto``, ``cpu``, ``cuda`` or ``mps``.
     progress
@@ -183,11 +205,13 @@ def train_all_targets(
 ) -> list[Bundle]:
     """Train one generator per target class (all classes by default), sharing one target model."""
     config = config or TrainConfig()
+    if target_model is not None:
+        config = reused_config(config, target_model)
     dev = resolve_device(device)
     prep = prepare(adata, label_key=label_key, genes=genes, layer=layer, test_size=config.test_size, seed=config.split_seed, dataset=dataset, reuse=target_model)
     targets = list(targets) if targets else list(prep.classes)
     target_idx = [prep.class_index(t) for t in targets]
-    names = names or [f"{slug(prep.dataset)}-{slug(t)}" for t in targets]
+    names = names or default_names(prep.dataset, targets)
 
     start = time.perf_counter()
     if target_model is not None:

@@ -68,6 +68,12 @@ class TrainConfig:
     disc_real: Literal["target", "all"] = "target"  # what D is shown as real
     train_on: Literal["non-target", "all"] = "non-target"  # samples G learns to perturb
 
+    def __post_init__(self):
+        for f in fields(self):
+            problem = config_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise ValueError(f"{f.name} = {getattr(self, f.name)!r}: {problem}")
+
     @classmethod
     def for_recipe(cls, recipe: str = "tspg+", **overrides) -> TrainConfig:
         if recipe not in RECIPES:
@@ -83,6 +89,25 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         return cls(**kw)
+
+
+def config_problem(name: str, value) -> str | None:
+    """Why ``value`` is out of range for TrainConfig field ``name``; None when it is fine."""
+    if isinstance(value, str | tuple):
+        return None if isinstance(value, str) or all(isinstance(w, int) and w >= 1 for w in value) else "widths must be at least 1"
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if name == "test_size":
+        return None if 0 < value < 1 else "must be between 0 and 1 (exclusive)"
+    if name == "ed_repulsion":
+        return None if 0 <= value <= 1 else "must be between 0 and 1"
+    if name.endswith("seed") or name.startswith("w_") or name == "kappa" or name == "gen_residual":
+        return None if value >= 0 else "must be 0 or more"
+    if name.endswith("_lr"):
+        return None if value > 0 else "must be more than 0"
+    if isinstance(value, int):  # epochs, batch sizes, ranks
+        return None if value >= 1 else "must be at least 1"
+    return None
 
 
 # The paper's recipe, as the reference implementation computes it (DESIGN.md); its target
