@@ -44,7 +44,8 @@ SEL_NONTARGET = "sel_nontarget"  # leave the target class out of random picks
 HEAT_VIEW = "heat_view"  # "mean" or "sample"
 HEAT_SAMPLE = "heat_sample"
 TOP_K = "top_k"
-MAP_CLASSES = "map_classes"
+MAP_CLASSES = "map_classes"  # the map's classes besides the target (Map page)
+MAP_AUTO = "map_classes_auto"  # the default last put in MAP_CLASSES: until changed, it follows the selection
 MAP_SEED = "map_seed"
 MAP_JOINT = "map_joint_for"  # (map key, samples) the joint map was asked for
 GENE = "gene"
@@ -52,23 +53,25 @@ ENR_WHAT = "enr_what"  # "consensus" or a sample id
 ENR_DIRECTION = "enr_direction"
 ENR_LIBRARIES = "enr_libraries"
 ENR_BACKEND = "enr_backend"
+ENR_THRESHOLD = "enr_threshold"
+ENR_GMTS = "enr_gmts"  # the offline GMT files to use (paths)
 
 # Page widgets whose value must survive a change of page (Streamlit forgets the value of a
 # widget that is not drawn in a run; re-assigning it keeps it).
 PERSIST = (
     SEL_MODE, SEL_CLASSES, SEL_IDS, SEL_N, SEL_SEED, SEL_HELDOUT, SEL_NONTARGET,
     HEAT_VIEW, HEAT_SAMPLE, TOP_K, MAP_CLASSES, MAP_SEED, GENE,
-    ENR_WHAT, ENR_DIRECTION, ENR_LIBRARIES, ENR_BACKEND,
+    ENR_WHAT, ENR_DIRECTION, ENR_LIBRARIES, ENR_BACKEND, ENR_THRESHOLD, ENR_GMTS,
 )
 DEFAULTS = {
     DATA: "bundle", SEL_MODE: "random", SEL_N: 20, SEL_SEED: 0, SEL_HELDOUT: True,
     SEL_NONTARGET: True, HEAT_VIEW: "mean", TOP_K: 20, MAP_SEED: 0,
-    ENR_WHAT: "consensus", ENR_DIRECTION: "both", ENR_BACKEND: "auto",
+    ENR_WHAT: "consensus", ENR_DIRECTION: "both", ENR_BACKEND: "auto", ENR_THRESHOLD: 1e-4,
 }
 DATA_CHOICES = {"bundle": "The bundle's own dataset", "demo": "Demo: pbmc68k_reduced", "upload": "Upload a .h5ad file"}
 SELECTION_MODES = {"random": "N at random", "class": "By source class", "id": "By sample id"}
 MAX_UPLOAD_MB = 200
-ENRICHMENT_THRESHOLD = 1e-4  # q below which a term is "significant" (tspg enrich's default --threshold)
+ENRICHMENT_THRESHOLDS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1)  # q below which a term is "significant"; 1e-4 as in the paper
 
 
 def init_state() -> None:
@@ -222,10 +225,15 @@ def demo_config(epochs: int | None = None):
     ``$TSPG_DEMO_EPOCHS`` (and target-model epochs no more than those)."""
     from tspg.train import TrainConfig
 
-    epochs = epochs or st.session_state.get(DEMO_EPOCHS) or os.environ.get("TSPG_DEMO_EPOCHS")
-    if not epochs:
+    raw = epochs or st.session_state.get(DEMO_EPOCHS) or os.environ.get("TSPG_DEMO_EPOCHS")
+    if not raw:
         return TrainConfig.for_recipe("tspg+")
-    epochs = int(epochs)
+    try:
+        epochs = int(raw)
+    except ValueError:
+        raise ValueError(f"TSPG_DEMO_EPOCHS={raw!r} is not a whole number of epochs") from None
+    if epochs < 1:
+        raise ValueError(f"TSPG_DEMO_EPOCHS={raw!r}: the demo needs at least 1 epoch")
     base = TrainConfig.for_recipe("tspg+")
     return TrainConfig.for_recipe("tspg+", epochs=epochs, target_epochs=min(base.target_epochs, epochs))
 
@@ -273,18 +281,6 @@ def demo_adata():
     return demo()
 
 
-@st.cache_resource(show_spinner="Loading the bundle's dataset…", max_entries=4)
-def _bundle_adata(dataset: str, fingerprint: str, _bundle):
-    from tspg.datasets import DEMO_NAME, load_bundle_dataset
-
-    if dataset == DEMO_NAME:
-        return demo_adata()  # the same object the "demo" choice uses
-    try:
-        return load_bundle_dataset(_bundle)
-    except ValueError as err:
-        raise ValueError(f"{err}; choose 'Upload a .h5ad file' in the sidebar") from err
-
-
 def read_upload(name: str, data: bytes):
     """An uploaded file -> AnnData through ``tspg.data.read_gem`` (only .h5ad, at most ``MAX_UPLOAD_MB``)."""
     from tspg.data import read_gem
@@ -307,25 +303,71 @@ def _upload_adata(file_id: str, name: str, _upload):
 
 
 def current_data(bundle) -> Data:
-    """The data chosen in the sidebar, for ``bundle``; ValueError with the reason if unusable."""
+    """The data chosen in the sidebar, for ``bundle``; ValueError with the reason if unusable.
+
+    "The bundle's own dataset" is the demo for a demo bundle; any other bundle's dataset is
+    not stored with it, so it is an upload whose values, genes and samples match the
+    fingerprint in the manifest. Any upload that matches counts as the bundle's own data
+    (its split applies), whichever choice it was uploaded under.
+    """
     source = st.session_state.get(DATA, "bundle")
     if source == "demo":
-        return Data(demo_adata(), "demo", "demo (pbmc68k_reduced)", own=_is_demo(bundle))
-    if source == "upload":
-        up = st.session_state.get(UPLOAD)
-        if up is None:
-            raise Waiting("Choose a .h5ad file to perturb in the sidebar.")
-        adata = _upload_adata(up.file_id, up.name, up)
-        return Data(adata, f"upload:{up.file_id}", f"upload {up.name}", own=False)
-    ds = bundle.manifest["dataset"]
-    adata = _bundle_adata(ds["name"], ds.get("fingerprint", ""), bundle)
-    return Data(adata, f"dataset:{ds['name']}:{ds.get('fingerprint', '')}", f"{ds['name']} (the bundle's dataset)", own=True)
+        return Data(demo_adata(), "demo", "demo (pbmc68k_reduced)", own=is_demo(bundle.manifest))
+    if source == "bundle" and is_demo(bundle.manifest):
+        return Data(demo_adata(), "demo", "pbmc68k_reduced (the bundle's dataset)", own=True)
+    up = st.session_state.get(UPLOAD)
+    if up is None:
+        raise Waiting(own_dataset_hint(bundle.manifest) if source == "bundle" else "Choose a .h5ad file to perturb in the sidebar.")
+    adata = _upload_adata(up.file_id, up.name, up)
+    key = f"upload:{up.file_id}"
+    expected = bundle.manifest["dataset"].get("fingerprint")
+    own = bool(expected) and _fingerprint(bundle_key(bundle), key, bundle, adata) == expected
+    data = Data(adata, key, f"upload {up.name}" + (" (the bundle's dataset)" if own else ""), own=own)
+    if source == "bundle" and not own:
+        check_genes(bundle, data)
+        name = bundle.manifest["dataset"]["name"]
+        raise ValueError(
+            f"{up.name} is not {name}, the dataset {bundle.name!r} was trained on (its values, genes or samples differ); "
+            "choose 'Upload a .h5ad file' to perturb it as other data"
+        )
+    return data
 
 
-def _is_demo(bundle) -> bool:
+def own_dataset_hint(manifest: dict) -> str:
+    """Where to find a bundle's own dataset (for a bundle that is not the demo's)."""
+    ds = manifest["dataset"]
+    n = f" ({ds['n_samples']} samples)" if ds.get("n_samples") else ""
+    return (
+        f"{manifest['name']} was trained on {ds['name']}{n}, which is not stored with the bundle: upload that .h5ad file "
+        "in the sidebar to perturb its held-out samples (it is recognised by its fingerprint), or choose other data."
+    )
+
+
+@st.cache_data(show_spinner="Checking the data against the bundle's dataset…", max_entries=16)
+def _fingerprint(bkey: str, dkey: str, _bundle, _adata) -> str | None:
+    """``tspg.data.fingerprint`` of the data's expression of the bundle's genes, as training
+    computed it (None when some of the genes are missing)."""
+    from tspg.data import align_genes, fingerprint
+
+    if not pd.Index(_bundle.genes).isin(_adata.var_names).all():
+        return None
+    return fingerprint(align_genes(_adata, _bundle.genes), _bundle.genes, list(_adata.obs_names))
+
+
+def own_data(bundle, data: Data) -> Data:
+    """The bundle's own dataset: ``data`` when it is, the demo for a demo bundle, else ValueError."""
+    if data.own:
+        return data
+    if is_demo(bundle.manifest):
+        return Data(demo_adata(), "demo", "pbmc68k_reduced (the bundle's dataset)", own=True)
+    raise ValueError(own_dataset_hint(bundle.manifest))
+
+
+def is_demo(manifest: dict) -> bool:
+    """Whether a bundle was trained on the demo data (the only dataset tspg can find itself)."""
     from tspg.datasets import DEMO_NAME
 
-    return bundle.manifest["dataset"]["name"] == DEMO_NAME
+    return manifest["dataset"]["name"] == DEMO_NAME
 
 
 def check_genes(bundle, data: Data) -> None:
@@ -490,7 +532,7 @@ def command(*parts: str) -> str:
 
 def data_arg(bundle, data: Data, *, optional: bool) -> str:
     """The DATA argument of a ``tspg`` command for ``data`` ("" where the command finds it itself)."""
-    if data.key == "demo" or (data.own and _is_demo(bundle)):
+    if data.key == "demo" or (data.own and is_demo(bundle.manifest)):
         return "" if optional else "demo.h5ad"
     if data.key.startswith("upload:"):
         return shlex.quote(str(data.adata.uns.get("tspg_import", {}).get("source", "upload.h5ad")))
@@ -523,31 +565,30 @@ def frame_csv(make: Callable[[], pd.DataFrame], *, index: bool = True) -> Callab
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _target_mean(bkey: str, _bundle) -> np.ndarray | None:
+def _target_mean(bkey: str, dkey: str, _bundle, _adata) -> np.ndarray | None:
     from tspg.baselines import training_target_mean
 
-    ds = _bundle.manifest["dataset"]
+    return training_target_mean(_bundle, _adata)
+
+
+def target_mean(bundle, data: Data) -> np.ndarray | None:
+    """The target class's mean (scaled) over the bundle's training split: stored in the bundle,
+    or (older bundles) computed from its own dataset; None when neither is available."""
+    if bundle.target_mean is not None:
+        return bundle.target_mean
     try:
-        adata = _bundle_adata(ds["name"], ds.get("fingerprint", ""), _bundle)
-        return training_target_mean(_bundle, adata)
+        own = own_data(bundle, data)
+        return _target_mean(bundle_key(bundle), own.key, bundle, own.adata)
     except ValueError as err:
-        logger.info("no target mean for %s: %s", _bundle.name, err)
+        logger.info("no target mean for %s: %s", bundle.name, err)
         return None
 
 
-def target_mean(bundle) -> np.ndarray | None:
-    """The target class's mean (scaled) over the bundle's training split: stored in the bundle,
-    or (older bundles) computed from its dataset; None when neither is available."""
-    if bundle.target_mean is not None:
-        return bundle.target_mean
-    return _target_mean(bundle_key(bundle), bundle)
-
-
-def heatmap_frame(bundle, pert, *, n_genes: int) -> pd.DataFrame:
+def heatmap_frame(bundle, data: Data, pert, *, n_genes: int) -> pd.DataFrame:
     """``charts.heatmap_frame`` for one sample, or for the selection's mean x, P and x_adv."""
     from tspg import charts
 
-    tm = target_mean(bundle)
+    tm = target_mean(bundle, data)
     tm = np.full(len(pert.genes), np.nan) if tm is None else tm
     return charts.heatmap_frame(pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tm, n_genes=n_genes)
 
@@ -555,11 +596,36 @@ def heatmap_frame(bundle, pert, *, n_genes: int) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- t-SNE map
 
 
-def map_classes_default(bundle, labels) -> list[str]:
-    """The map's default classes: the target first, then the most frequent, ten at most."""
+def map_class_options(bundle, labels) -> list[str]:
+    """Every class of the data but the target, the most frequent first."""
     from tspg.embedding import map_classes
 
-    return map_classes(labels, target=bundle.target)
+    return map_classes(labels, target=bundle.target, max_classes=None)[1:]
+
+
+def map_classes_default(bundle, labels, sources) -> list[str]:
+    """The map's default classes besides the target: the source classes of the selection
+    (``sources``: its samples' classes; the most represented first), then the most frequent
+    others, nine at most; in order of frequency, so that the same classes give the same map."""
+    from tspg.embedding import MAP_MAX_CLASSES
+
+    options = map_class_options(bundle, labels)
+    picked = [c for c in pd.Series(sources).value_counts().index if c in set(options)] if sources is not None else []
+    picked = list(dict.fromkeys([*picked, *options]))[: MAP_MAX_CLASSES - 1]
+    return [c for c in options if c in set(picked)]
+
+
+def map_classes(bundle, labels, sources) -> list[str]:
+    """The map's classes: the target, then the classes chosen on the Map page, or (until the
+    user changes them) :func:`map_classes_default`."""
+    from tspg.embedding import MAP_MAX_CLASSES
+
+    ss = st.session_state
+    options = set(map_class_options(bundle, labels))
+    chosen = [c for c in ss.get(MAP_CLASSES) or [] if c in options][: MAP_MAX_CLASSES - 1]
+    if not chosen or chosen == ss.get(MAP_AUTO):
+        chosen = map_classes_default(bundle, labels, sources)
+    return [bundle.target, *chosen]
 
 
 @st.cache_resource(show_spinner="Fitting the t-SNE reference map (once per dataset, gene set, classes and seed)…", max_entries=8)
@@ -623,30 +689,45 @@ def real_predictions(bundle, data: Data) -> np.ndarray:
 # ----------------------------------------------------------------------------- genes and enrichment
 
 
-@st.cache_data(show_spinner="Running the enrichment…", max_entries=32)
-def enrichment(up: tuple[str, ...], down: tuple[str, ...], background: tuple[str, ...], libraries: tuple[str, ...], backend: str) -> tuple[pd.DataFrame, dict]:
-    """``enrich_directions`` (cached): the stacked table and its attrs (messages, backend, from_cache);
-    ``significant`` is q < ``ENRICHMENT_THRESHOLD``."""
+def offline_gmt_files(bundle) -> list[str]:
+    """The offline backend's GMT files for ``bundle`` (``tspg.enrichment.offline_gmt_files``: the
+    bundled blood-cell markers, the bundle's gene-set file if it is still there, every GMT in
+    ``$TSPG_GMT_DIR``)."""
+    from tspg.enrichment import offline_gmt_files as files
+
+    return [str(p) for p in files(bundle)]
+
+
+# A fallback (Enrichr unreachable) is kept for a few minutes only, so the online result
+# shows once Enrichr answers again; online results stay in tspg.enrichment's disk cache.
+@st.cache_data(show_spinner="Running the enrichment…", max_entries=32, ttl=300)
+def enrichment(
+    up: tuple[str, ...], down: tuple[str, ...], background: tuple[str, ...], libraries: tuple[str, ...], backend: str,
+    gmt_files: tuple[str, ...], threshold: float,
+) -> tuple[pd.DataFrame, dict]:
+    """``enrich_directions`` against exactly ``gmt_files`` offline: the stacked table and its
+    attrs (messages, backend, from_cache)."""
     from tspg.enrichment import enrich_directions
 
     df = enrich_directions(
         list(up) or None, list(down) or None, background=list(background), libraries=list(libraries), backend=backend,
-        threshold=ENRICHMENT_THRESHOLD,
+        gmt_files=list(gmt_files), threshold=threshold,
     )
     return df, dict(df.attrs)
 
 
 @st.cache_resource(show_spinner="Fitting the mean-shift and differential-expression baselines…", max_entries=4)
-def _baselines(bkey: str, _bundle):
+def _baselines(bkey: str, dkey: str, _bundle, _adata):
     from tspg.baselines import fit_baselines
 
-    ds = _bundle.manifest["dataset"]
-    return fit_baselines(_bundle, _bundle_adata(ds["name"], ds.get("fingerprint", ""), _bundle))
+    return fit_baselines(_bundle, _adata)
 
 
-def baselines(bundle):
-    """Mean shifts and differential expression on the bundle's training split (its own dataset)."""
-    return _baselines(bundle_key(bundle), bundle)
+def baselines(bundle, data: Data):
+    """Mean shifts and differential expression on the bundle's training split (its own dataset;
+    ValueError when it is not available)."""
+    own = own_data(bundle, data)
+    return _baselines(bundle_key(bundle), own.key, bundle, own.adata)
 
 
 def selection_overlap(base, pert, ks) -> pd.DataFrame:

@@ -24,6 +24,11 @@ PAGES = [
 page = st.navigation(PAGES)
 
 
+def bundle_label(name: str, manifest: dict) -> str:
+    """A bundle as the picker shows it: target, dataset, gene set, then its folder name."""
+    return f"{manifest['target']} · {manifest['dataset']['name']} · gene set {manifest['gene_set']['name']} · {name}"
+
+
 def sidebar() -> None:
     entries = S.bundle_entries()
     names = S.readable_names(entries)
@@ -37,15 +42,19 @@ def sidebar() -> None:
             st.session_state[S.BUNDLE] = names[0]
         manifests = {e.name: e.manifest for e in entries if e.error is None}
         st.selectbox(
-            "Bundle", names, key=S.BUNDLE,
-            format_func=lambda n: f"{manifests[n]['target']} · {n}",
-            help=f"Generators found in {S.models_root()} (set TSPG_MODELS_DIR to use another folder).",
+            "Bundle", names, key=S.BUNDLE, format_func=lambda n: bundle_label(n, manifests[n]),
+            help=f"Generators found in {S.models_root()} (set TSPG_MODELS_DIR to use another folder): target · dataset · gene set · name.",
         )
         st.radio("Data to perturb", list(S.DATA_CHOICES), key=S.DATA, format_func=S.DATA_CHOICES.get)
-        if st.session_state[S.DATA] == "upload":
+        source, manifest = st.session_state[S.DATA], manifests[st.session_state[S.BUNDLE]]
+        own_elsewhere = source == "bundle" and not S.is_demo(manifest)
+        if own_elsewhere and st.session_state.get(S.UPLOAD) is None:  # only the demo's data ship with tspg
+            st.info(S.own_dataset_hint(manifest))
+        if source == "upload" or own_elsewhere:
             st.file_uploader(
                 f".h5ad file (at most {S.MAX_UPLOAD_MB} MB)", key=S.UPLOAD, max_upload_size=S.MAX_UPLOAD_MB,
-                help="An AnnData file with the bundle's genes (matched by name) and, for picking samples by class, its label column in obs.",
+                help="An AnnData file with the bundle's genes (matched by name) and, for picking samples by class, its label column in obs. "
+                "The file the bundle was trained on is recognised by its fingerprint: its held-out split then applies.",
             )
         n_bad = len(entries) - len(names)
         if n_bad:

@@ -9,7 +9,10 @@ number on a shared machine):
 - "re-render after a new selection" of 50 / 100 non-target samples: perturb them, place
   them on the fixed map, build the map frame and the chart dicts of the map and the
   heatmap (target <= 1 s); and its parts;
-- building each chart's dict (``chart.to_dict()``) from its frame.
+- building each chart's dict (``chart.to_dict()``) from its frame;
+- the dashboard itself: a rerun of the Perturb and of the Map page (Streamlit's AppTest, in
+  this process, no browser) after the selection changed (a new seed of the random pick),
+  once the page's first run has loaded the bundle and fitted the map.
 
 The generator is trained here for 10 + 10 epochs on the CPU (``tspg+`` recipe, target
 CD14+ Monocyte; about a minute), or loaded from a bundle folder:
@@ -60,6 +63,46 @@ def rerender(bundle, ref, Xsel, samples, source, tmean):
     return charts.map_chart(frame).to_dict(), charts.heatmap_chart(hf).to_dict()
 
 
+def app_reruns(bundle, sizes, runs: int, seed: int) -> list[tuple[str, int, tuple]]:
+    """Time AppTest reruns of the Perturb and Map pages after a new selection (new seed each run).
+
+    The bundle is saved to a temporary models folder; the page's first run (loading, the
+    t-SNE reference map) is not timed. Returns (page, selection size, ``timed`` result) rows.
+    """
+    import sys
+    import tempfile
+    from itertools import count
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from tspg.bundle import save_bundle
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))  # the app imports app_state from its own folder
+    out = []
+    with tempfile.TemporaryDirectory(prefix="tspg-bench-models-") as tmp:
+        save_bundle(bundle, tmp)
+        os.environ["TSPG_MODELS_DIR"] = tmp
+        at = AppTest.from_file(str(root / "streamlit_app.py"), default_timeout=600).run()
+        seeds = count(seed + 1)
+
+        def rerun():
+            at.session_state["sel_seed"] = next(seeds)
+            at.run()
+            if at.exception or at.error:
+                raise RuntimeError(f"the app failed: {[e.value for e in [*at.exception, *at.error]]}")
+            if not at.get("arrow_vega_lite_chart") + at.get("vega_lite_chart"):
+                raise RuntimeError(f"the page drew no chart: {[e.value for e in [*at.warning, *at.info]]}")
+
+        for page in ("pages/perturb.py", "pages/map.py"):
+            for m in sizes:
+                at.session_state["sel_mode"], at.session_state["sel_n"] = "random", m
+                at.switch_page(page).run()  # untimed: loads the page (and fits the map once)
+                out.append((page, m, timed(rerun, runs)))
+    return out
+
+
 def get_bundle(path: str | None):
     from tspg.bundle import load_bundle
     from tspg.datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
@@ -86,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["bh"], choices=["bh", "fft"], help="t-SNE gradient methods to time")
     p.add_argument("--jobs", type=int, nargs="+", default=[1], help="openTSNE thread counts to time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-app", action="store_true", help="skip the AppTest reruns of the Perturb and Map pages")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -161,6 +205,10 @@ def main(argv=None) -> int:
     for name, fn in builds.items():
         fn()  # warm-up (first vl-convert call starts its engine)
         add(f"chart: {name}", "", timed(fn, args.runs))
+
+    if not args.no_app:
+        for page, m, res in app_reruns(bundle, args.selections, args.runs, args.seed):
+            add(f"app: {page} rerun after a new selection (AppTest)", m, res, "<= 1 s")
 
     table = pd.DataFrame(rows)
     print()

@@ -46,8 +46,8 @@ else:
 st.subheader("TSPG vs mean shift vs differential expression")
 ks = tuple(sorted({10, k, 50}))
 try:
-    base = S.baselines(bundle)
-except Exception as err:  # the bundle's own data are needed for the baselines
+    base = S.baselines(bundle, data)
+except ValueError as err:  # the bundle's own data are needed for the baselines
     st.info(f"Baselines need the bundle's own training data: {err}")
 else:
     with S.guard("Comparing with the baselines failed"):
@@ -82,7 +82,7 @@ if labels is None:
     st.info(f"{data.label} has no {bundle.label_key!r} column: the per-class views need labels.")
     st.stop()
 with S.guard("Drawing the gene views failed"):
-    classes = st.session_state.get(S.MAP_CLASSES) or S.map_classes_default(bundle, labels)
+    classes = S.map_classes(bundle, labels, pert.labels)
     seed = int(st.session_state.get(S.MAP_SEED, 0))
     ref, ref_idx = S.reference_map(bundle, data, classes, seed)
     mkey = S.map_key(bundle, data, classes, seed)

@@ -49,7 +49,8 @@ def train_demo() -> None:
 TRAIN = "train_demo_requested"
 bundle_name = st.session_state.get(S.BUNDLE)
 if not bundle_name:
-    cfg = S.demo_config()
+    with S.guard("The demo's training settings are wrong"):
+        cfg = S.demo_config()
     st.subheader("No trained generator yet")
     st.write(
         f"The models folder `{S.models_root()}` holds no readable bundle. Train the demo generator: "
@@ -98,5 +99,5 @@ else:
 
 S.reproduce(
     {"bundle": bundle.name, "models folder": str(S.models_root()), "data": data.label},
-    f"tspg list --out {S.models_root()}\n{S.train_command(m)}",
+    f"tspg list {S.models_arg()}\n{S.train_command(m)}",
 )

@@ -16,20 +16,25 @@ if labels is None:
     st.error(f"{data.label} has no {bundle.label_key!r} column in obs: the map needs each real sample's class.")
     st.stop()
 
-from tspg.embedding import MAP_MAX_PER_CLASS  # noqa: E402
-
-with S.guard("The map cannot be drawn for these data"):
-    present = S.map_classes_default(bundle, labels)
-all_classes = list(dict.fromkeys([*present, *sorted(set(labels.tolist()))]))
-chosen = [c for c in st.session_state.get(S.MAP_CLASSES) or [] if c in all_classes]
-st.session_state[S.MAP_CLASSES] = chosen or present
-c1, c2 = st.columns([4, 1])
-c1.multiselect("Classes of the real samples (at most 10; the target is always shown)", all_classes, key=S.MAP_CLASSES, max_selections=10)
-c2.number_input("Seed", min_value=0, step=1, key=S.MAP_SEED)
-classes = st.session_state[S.MAP_CLASSES] or present
-seed = int(st.session_state[S.MAP_SEED])
+from tspg.embedding import MAP_MAX_CLASSES, MAP_MAX_PER_CLASS  # noqa: E402
 
 sel, pert = S.page_perturbation(bundle, data)
+
+ss = st.session_state
+with S.guard("The map cannot be drawn for these data"):
+    options = S.map_class_options(bundle, labels)
+    shown = S.map_classes(bundle, labels, pert.labels)[1:]  # (compared with the default of the last run)
+    ss[S.MAP_AUTO] = S.map_classes_default(bundle, labels, pert.labels)
+    ss[S.MAP_CLASSES] = shown
+c1, c2 = st.columns([4, 1])
+c1.multiselect(
+    f"Classes of the real samples besides the target, {bundle.target} (at most {MAP_MAX_CLASSES - 1})", options,
+    key=S.MAP_CLASSES, max_selections=MAP_MAX_CLASSES - 1,
+    help="By default the source classes of the selection, then the most frequent others.",
+)
+c2.number_input("Seed", min_value=0, step=1, key=S.MAP_SEED)
+classes = S.map_classes(bundle, labels, pert.labels)
+seed = int(ss[S.MAP_SEED])
 
 with S.guard("Fitting the t-SNE map failed"):
     ref, ref_idx = S.reference_map(bundle, data, classes, seed)

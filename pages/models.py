@@ -61,13 +61,11 @@ config = pd.DataFrame(
     {"value": [", ".join(map(str, v)) if isinstance(v, list | tuple) else str(v) for v in bundle.manifest["config"].values()]},
     index=pd.Index(list(bundle.manifest["config"]), name="option"),
 )
-half = (len(config) + 1) // 2
-for col, part in zip(st.columns(2), (config.iloc[:half], config.iloc[half:]), strict=True):
-    col.table(part)
+S.show_table(config, f"config-{bundle.name}", key="config", width="stretch", height=min(38 + 35 * len(config), 420))
 with st.expander("Metrics and manifest details"):
     st.json({k: v for k, v in bundle.manifest.items() if k not in ("genes", "scaler", "split", "history", "config", "target_mean")}, expanded=2)
 
 S.reproduce(
     {"models folder": str(root), "bundle": bundle.name},
-    f"tspg list --out {root}\n{S.train_command(bundle.manifest)}",
+    f"tspg list {S.models_arg()}\n{S.train_command(bundle.manifest)}",
 )

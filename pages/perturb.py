@@ -99,7 +99,7 @@ k = int(st.session_state.get(S.TOP_K, 20))
 with S.guard("Drawing the heatmap failed"):
     from tspg import charts
 
-    frame = S.heatmap_frame(bundle, shown, n_genes=k)
+    frame = S.heatmap_frame(bundle, data, shown, n_genes=k)
     title = f"sample {shown.samples[0]}" if one else f"mean of {len(shown)} samples"
     st.caption(
         f"The {k} genes with the largest positive and the {k} with the largest negative P, sorted by P"
@@ -108,7 +108,7 @@ with S.guard("Drawing the heatmap failed"):
         "target mean, the target class's mean over the training split."
     )
     S.show_chart(charts.heatmap_chart(frame, title=title), f"heatmap-{bundle.name}", key="heatmap")
-    if S.target_mean(bundle) is None:
+    if S.target_mean(bundle, data) is None:
         st.caption("The target mean column is empty: the bundle's training data are not available here.")
 
 # ----------------------------------------------------------------------------- top genes

@@ -8,13 +8,21 @@ in the process, so they are cleared before each test.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from enrichr_server import FakeEnrichr, closed_port_url
 
 from tspg.bundle import list_bundles, load_bundle
 from tspg.datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
@@ -99,7 +107,10 @@ def the_bundle(models_dir: Path):
 def test_home_shows_the_manifest_summary(models, monkeypatch):
     at = ok(app(models, monkeypatch).run())
     bundle = the_bundle(models)
-    assert at.sidebar.selectbox(key="bundle").value == bundle.name
+    picker = at.sidebar.selectbox(key="bundle")
+    assert picker.value == bundle.name
+    # each option names the target, the dataset and the gene set
+    assert picker.options == [f"{DEMO_TARGET} · pbmc68k_reduced · gene set all · {bundle.name}"]
     m = metrics(at)
     assert m["Classes"] == str(len(bundle.classes)) == "10"
     assert m["Genes"] == str(len(bundle.genes)) == "765"
@@ -174,9 +185,10 @@ def test_random_selection_moves_most_samples_to_the_target(models, monkeypatch):
 
 def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     bundle = the_bundle(models)
+    monkeypatch.setenv("TSPG_ENRICHR_URL", closed_port_url())  # Enrichr refuses: the offline fallback, on any machine
     at = ok(app(models, monkeypatch).run())
     classes = [DEMO_TARGET, "CD56+ NK", "CD19+ B"]
-    at.session_state["map_classes"] = classes
+    at.session_state["map_classes"] = classes[1:]  # besides the target, which is always shown
     at.session_state["sel_mode"] = "class"
     at.session_state["sel_classes"] = ["CD19+ B", "CD56+ NK"]
 
@@ -222,7 +234,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     assert set(dist["kind"]) == {"real", "perturbed"}
 
     ok(at.switch_page("pages/enrichment.py").run())
-    assert "offline" in texts(at.warning)  # no network here: the offline fallback, labelled
+    assert "offline" in texts(at.warning)  # Enrichr refused: the offline fallback, labelled
     assert "Enrichr could not be used" in texts(at.caption)
     table = at.dataframe[0].value
     assert len(table) and set(table["backend"]) == {"offline"} and set(table["direction"]) <= {"up", "down"}
@@ -246,28 +258,94 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     assert set(at.dataframe[0].value["direction"]) <= {"up"}
 
 
+def test_enrichment_threshold_offline_libraries_and_retrying_enrichr(models, monkeypatch, tmp_path):
+    monkeypatch.setenv("TSPG_ENRICHR_URL", closed_port_url())
+    at = ok(app(models, monkeypatch).run())
+    ok(at.switch_page("pages/enrichment.py").run())
+    caption = next(c.value for c in at.caption if c.value.startswith("Up: "))
+    up = caption.split("\n")[0].removeprefix("Up: ").strip().split(", ")
+    assert len(up) == 20
+
+    # a GMT of our own in $TSPG_GMT_DIR: one set holding 3 of the up genes (and 10 others), one holding every gene
+    genes = the_bundle(models).genes
+    others = [g for g in genes if g not in up][:10]
+    gmts = tmp_path / "gmts"
+    gmts.mkdir()
+    (extra := gmts / "extra.gmt").write_text(f"HIT3\tmine\t{chr(9).join(up[:3] + others)}\nALL\tmine\t{chr(9).join(genes)}\n")
+    monkeypatch.setenv("TSPG_GMT_DIR", str(gmts))
+    at = ok(app(models, monkeypatch).run())
+    ok(at.switch_page("pages/enrichment.py").run())
+    pick = at.multiselect(key="enr_gmts")
+    assert pick.options == ["blood_markers", "extra"]  # (labels: the library names)
+    assert [Path(f).name for f in pick.value] == ["blood_markers.gmt", "extra.gmt"]  # all, by default
+    table = at.dataframe[0].value
+    assert set(table["backend"]) == {"offline"} and set(table["library"]) == {"blood_markers", "extra"}
+
+    # the q-value threshold: 1e-4 by default, a widget
+    hit = table[(table.term == "HIT3") & (table.direction == "up")].iloc[0]
+    assert 1e-4 < hit["q"] < 0.05 and not hit["significant"]
+    assert (table["significant"] == (table["q"] < 1e-4)).all()
+    at.select_slider(key="enr_threshold").set_value(0.05)
+    ok(at.run())
+    table = at.dataframe[0].value
+    assert (table["significant"] == (table["q"] < 0.05)).all()
+    assert table[(table.term == "HIT3") & (table.direction == "up")].iloc[0]["significant"]
+    assert "dashed line: q = 0.05" in texts(at.markdown)
+    assert "--threshold 0.05" in next(c.value for c in at.code if "tspg enrich" in c.value)
+
+    # only the chosen offline libraries
+    at.multiselect(key="enr_gmts").set_value([str(extra)])
+    ok(at.run())
+    assert set(at.dataframe[0].value["library"]) == {"extra"}
+    assert "the page left out: blood_markers" in next(c.value for c in at.code if "tspg enrich" in c.value)
+
+    # Enrichr answers again: the fallback is kept for a while; "Try Enrichr again" asks it now,
+    # and the online result shows (and is kept)
+    with FakeEnrichr("ok") as server:
+        monkeypatch.setenv("TSPG_ENRICHR_URL", server.url)
+        ok(at.run())
+        assert server.count == 0 and "Backend: **offline**" in texts(at.warning)
+        ok(at.button(key="enr_retry").click().run())
+        assert "Backend: **Enrichr** (online)" in texts(at.success)
+        assert set(at.dataframe[0].value["backend"]) == {"enrichr"}
+        asked = server.count
+        assert asked > 0
+        ok(at.run())
+        assert server.count == asked and "Enrichr" in texts(at.success)
+
+
 def test_models_page_lists_an_unreadable_bundle(models, monkeypatch, tmp_path):
     root = tmp_path / "models"
     shutil.copytree(models, root)
     (root / "broken").mkdir()
     (root / "broken" / "manifest.json").write_text("{not json")
+    good = next(p for p in root.iterdir() if p.is_dir() and p.name != "broken")
+    shutil.copytree(good, cut := root / "a-cut-short")  # listed first, but its weights are truncated
+    weights = cut / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
     at = ok(app(root, monkeypatch).run())
+    assert at.sidebar.selectbox(key="bundle").value == good.name  # the default skips unreadable bundles
     assert metrics(at)["Target"] == DEMO_TARGET  # the readable bundle still works
+    assert "2 unreadable bundle(s)" in texts(at.sidebar.caption)
     ok(at.switch_page("pages/models.py").run())
     table = at.dataframe[0].value
     assert table.loc["broken", "status"] == "unreadable"
     assert "not valid JSON" in table.loc["broken", "error"]
-    assert "broken" in texts(at.warning)
-    ok_row = table.drop("broken").iloc[0]
+    assert table.loc["a-cut-short", "status"] == "unreadable"
+    assert f"{weights}: unreadable weights" in table.loc["a-cut-short", "error"]
+    assert "broken" in texts(at.warning) and "a-cut-short" in texts(at.warning)
+    ok_row = table.loc[good.name]
     assert ok_row["status"] == "ok" and ok_row["target"] == DEMO_TARGET
     losses = chart_data(charts(at)[0])
     assert {"epoch", "loss", "value"} <= set(losses.columns) and (losses["value"] > 0).all()
     acc = chart_data(charts(at)[1])
     assert set(acc["source"]) == set(the_bundle(models).metrics["perturbation_accuracy_by_source"])
-    config = pd.concat([t.value for t in at.table])  # the config, in two tables
+    config = next(d.value for d in at.dataframe if d.value.index.name == "option")
     bundle = the_bundle(models)
     assert list(config.index) == list(bundle.manifest["config"])
     assert config.loc["epochs", "value"] == str(bundle.config.epochs)
+    assert not at.table  # every table is a dataframe with a CSV download
+    assert {"csv-bundles", "csv-config"} <= {b.key for b in at.download_button}
     assert at.json  # metrics and manifest details
 
 
@@ -325,20 +403,117 @@ def test_no_bundle_home_trains_the_demo(tmp_path, monkeypatch):
     assert at.sidebar.selectbox(key="bundle").value == names[0]
 
 
+def test_map_reuses_the_reference_map_for_a_new_selection(models, monkeypatch):
+    at = ok(app(models, monkeypatch).run())
+    ok(at.switch_page("pages/map.py").run())
+    first = chart_data(charts(at)[0])
+    at.session_state["sel_seed"] = 1  # another random selection (the Perturb page's seed)
+    ok(at.run())
+    second = chart_data(charts(at)[0])
+    real1, real2 = (f[f.kind == "real"].reset_index(drop=True) for f in (first, second))
+    pd.testing.assert_frame_equal(real1[["sample", "class", "x", "y"]], real2[["sample", "class", "x", "y"]])
+    pert1, pert2 = (set(f.loc[f.kind == "perturbed", "sample"]) for f in (first, second))
+    assert len(pert1) == len(pert2) == 20 and pert1 != pert2
+    assert "placed on the fixed reference map" in texts(at.caption)
+    # the default classes: the target and every source class of the selection (the demo has 10 classes)
+    sources = set(at.dataframe[0].value.query("kind == 'perturbed'")["class"])
+    assert {DEMO_TARGET, *sources} <= set(real2["class"])
+    widget = at.multiselect(key="map_classes")
+    assert DEMO_TARGET not in widget.options and widget.proto.max_selections == 9
+    assert set(widget.value) == set(real2["class"]) - {DEMO_TARGET}
+
+
+def test_sidebar_bundle_picker_demo_data_and_a_partial_upload(models, monkeypatch, tmp_path, demo_adata):
+    root = tmp_path / "models"
+    shutil.copytree(models, root)
+    src = next(p for p in root.iterdir() if p.is_dir())
+    other = root / "pbmc68k-reduced-cd19-b"
+    shutil.copytree(src, other)  # same networks, another target in the manifest
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.update(name="pbmc68k-reduced-cd19-b", target="CD19+ B")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    at = ok(app(root, monkeypatch).run())
+    picker = at.sidebar.selectbox(key="bundle")
+    assert picker.options == [
+        f"{DEMO_TARGET} · pbmc68k_reduced · gene set all · {src.name}", "CD19+ B · pbmc68k_reduced · gene set all · pbmc68k-reduced-cd19-b",
+    ]
+    assert metrics(at)["Target"] == DEMO_TARGET
+    picker.set_value("pbmc68k-reduced-cd19-b")
+    ok(at.run())
+    assert metrics(at)["Target"] == "CD19+ B" and "Bundle pbmc68k-reduced-cd19-b" in texts(at.subheader)
+
+    at.sidebar.radio(key="data_source").set_value("demo")
+    ok(at.run())
+    assert "demo (pbmc68k_reduced): 700 samples x 765 genes" in texts(at.markdown)
+    ok(at.switch_page("pages/perturb.py").run())
+    assert at.checkbox(key="sel_heldout").value  # the demo is the demo bundle's own dataset: its split applies
+    assert set(at.dataframe[0].value.index) <= set(manifest["split"]["test"])
+
+    # an upload lacking 3 of the bundle's genes: the error names them
+    dropped = ["LYZ", "CD79A", "GNLY"]
+    part = demo_adata[:40, ~demo_adata.var_names.isin(dropped)].copy()
+    part.write_h5ad(path := tmp_path / "part.h5ad")
+    at.sidebar.radio(key="data_source").set_value("upload")
+    at.run()
+    at.sidebar.file_uploader(key="upload").set_value(("part.h5ad", path.read_bytes(), "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    [error] = at.error
+    assert "3 of the model's 765 genes are missing" in error.value and all(g in error.value for g in dropped)
+
+
+def test_demo_epochs_that_are_not_a_number_are_an_error_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("TSPG_DEMO_EPOCHS", "ten")
+    at = app(tmp_path / "empty_models", monkeypatch).run()
+    assert not at.exception
+    assert "TSPG_DEMO_EPOCHS='ten' is not a whole number of epochs" in texts(at.error)
+    assert not at.button  # no training button with settings that cannot work
+
+
 # ----------------------------------------------------------------------------- tspg app
 
 
-def test_cli_app_starts_streamlit_with_the_models_folder(models, monkeypatch):
-    from tspg import cli
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    calls = []
-    monkeypatch.setattr(cli, "_exec", lambda cmd, env, cwd: calls.append((cmd, env, cwd)) or 0)
-    assert cli.main(["app", "--models", str(models), "--port", "8765", "--headless"]) == 0
-    (cmd, env, cwd), = calls
-    assert cwd == ROOT
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == ROOT / "streamlit_app.py"
-    assert cmd[cmd.index("--server.port") + 1] == "8765" and "--server.headless" in cmd
-    assert env["TSPG_MODELS_DIR"] == str(models.resolve())
+
+def test_tspg_app_trains_the_demo_into_an_empty_folder_and_serves(tmp_path):
+    """The real command: trains the demo (1 epoch) into the empty models folder, then serves the dashboard."""
+    empty = tmp_path / "models"
+    empty.mkdir()
+    port = _free_port()
+    env = dict(os.environ, TSPG_CACHE_DIR=str(tmp_path / "cache"), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    env.pop("TSPG_MODELS_DIR", None)
+    script = Path(sys.executable).with_name("tspg")  # the console script of this environment
+    assert script.exists(), f"{script} not found: install the package (pip install -e .)"
+    cmd = [str(script), "app", "--models", str(empty), "--demo-epochs", "1", "--headless", "--port", str(port)]
+    log = tmp_path / "app.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"tspg app exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200 and r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no answer on port {port} within 180 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        [entry] = list_bundles(empty)
+        assert entry.error is None and entry.manifest["target"] == DEMO_TARGET
+        assert entry.manifest["config"]["epochs"] == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
 
 
 def test_cli_app_without_streamlit_app_is_a_clear_error(models, monkeypatch, tmp_path, capsys):

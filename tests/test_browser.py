@@ -8,6 +8,7 @@ screenshot of each under ``screenshots/`` (git-ignored). The browser is the syst
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from enrichr_server import closed_port_url
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -54,6 +56,7 @@ def server(demo_models_dir, tmp_path_factory):
     env = dict(
         os.environ, TSPG_MODELS_DIR=str(root), TSPG_CACHE_DIR=str(tmp_path_factory.mktemp("browser_cache")),
         STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
+        TSPG_ENRICHR_URL=closed_port_url(),  # Enrichr refuses at once: the offline fallback, on any machine
     )
     cmd = [
         sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
@@ -129,6 +132,33 @@ def chart_drawn(page, n: int = 1) -> None:
     charts.nth(n - 1).locator("canvas, svg").first.wait_for(state="visible")
 
 
+# Opacity of each point of a map chart drawn as SVG, by its class: {class: [opacity, ...]}.
+# Vega writes each point's tooltip fields into its aria-label ("x: ..; class: ..; ...").
+MAP_OPACITIES = """chart => {
+  const out = {};
+  for (const mark of chart.querySelectorAll('g.role-mark path[role="graphics-symbol"]')) {
+    const fields = Object.fromEntries((mark.getAttribute('aria-label') || '').split('; ').map(f => f.split(': ')));
+    if (fields['class'] === undefined) continue;
+    (out[fields['class']] ??= []).push(parseFloat(mark.getAttribute('opacity') ?? '1'));
+  }
+  return out;
+}"""
+
+
+def legend_click_highlights(page, cls: str) -> None:
+    """Click ``cls`` in the map's legend: its points stay opaque, every other class fades."""
+    chart = page.locator('[data-testid="stVegaLiteChart"]').first
+    assert chart.locator("svg.marks").count() == 1, "the map is not drawn as SVG: its points cannot be read"
+    before = chart.evaluate(MAP_OPACITIES)
+    assert cls in before and len(before) > 2 and all(o > 0.5 for v in before.values() for o in v)
+    chart.locator("g.role-legend-label text").filter(has_text=re.compile(rf"^{re.escape(cls)}$")).click()
+    chart.element_handle().wait_for_selector('g.role-mark path[opacity="0.08"]', state="attached")
+    after = chart.evaluate(MAP_OPACITIES)
+    assert all(o > 0.5 for o in after[cls])
+    assert all(o < 0.5 for c, v in after.items() if c != cls for o in v)
+    assert {c: len(v) for c, v in after.items()} == {c: len(v) for c, v in before.items()}  # same points, faded
+
+
 def test_walk_home_perturb_map_genes_enrichment(page, server):
     page.goto(server)
     settle(page, "TSPG Explorer")
@@ -157,6 +187,7 @@ def test_walk_home_perturb_map_genes_enrichment(page, server):
     chart_drawn(page)
     page.get_by_text("placed on the fixed reference map").wait_for()
     shot(page, "map")
+    legend_click_highlights(page, "CD19+ B")
 
     go(page, "Genes")
     chart_drawn(page, 3)  # gene frequency, the gene on the map, the gene per class

@@ -182,8 +182,7 @@ def test_corrupt_manifest_is_a_one_line_error_naming_the_file(bundle_copy, damag
     msg = one_line_value_error(load_bundle, bundle_copy)
     assert str(mf) in msg
     [entry] = list_bundles(bundle_copy.parent)
-    if damage != "config wrong":  # listing reads the manifest only, not the networks
-        assert entry.manifest is None and str(mf) in entry.error
+    assert entry.manifest is None and str(mf) in entry.error
 
 
 def test_folder_without_manifest(tmp_path):
@@ -216,6 +215,25 @@ def test_failed_overwrite_keeps_the_old_bundle(quick_bundle, tmp_path):
     assert [p.name for p in root.iterdir()] == ["keep"]
     assert (root / "keep" / "manifest.json").read_text() == before
     load_bundle(root / "keep")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("metrics", {"target_model_accuracy": float("nan")}, "metrics.target_model_accuracy"),
+        ("history", {"total": [1.0, 0.5, np.float32("inf")]}, "history.total[2]"),
+        ("target_mean", np.array([0.5, -np.inf]), "target_mean[1]"),
+    ],
+)
+def test_save_refuses_nan_in_the_manifest_naming_the_field(quick_bundle, tmp_path, field, value, named):
+    root = tmp_path / "models"
+    bad = unsaved_copy(quick_bundle, name="nan", **{field: value})
+    msg = one_line_value_error(save_bundle, bad, root)
+    assert f"manifest field {named!r}" in msg and ("nan" in msg or "inf" in msg)
+    assert list(root.iterdir()) == []  # nothing written
+    save_bundle(unsaved_copy(quick_bundle, name="fine"), root)
+    assert "NaN" not in (root / "fine" / "manifest.json").read_text()  # strict JSON
+    json.loads((root / "fine" / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in manifest"))
 
 
 def test_save_refuses_existing_name_unless_overwrite(quick_bundle, tmp_path):
@@ -255,6 +273,75 @@ def test_list_bundles_reports_unreadable_and_others_still_load(quick_bundle, tmp
     assert "target_model.safetensors" in entries["no-weights"].error
     assert "no manifest.json" in entries["stray-folder"].error
     assert load_bundle(entries["good"].path).target == "beta"
+
+
+def _garbage(file: Path) -> None:
+    file.write_bytes(b"\x00\x01not a safetensors file at all" * 4)
+
+
+def _truncated(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 64])  # header intact, the tensors cut short
+
+
+def _empty(file: Path) -> None:
+    file.write_bytes(b"")
+
+
+def _pickled(file: Path) -> None:
+    file.write_bytes(pickle.dumps({"net.0.weight": np.zeros(3)}))
+
+
+def _wrong_shape(file: Path) -> None:
+    tensors = load_file(str(file))
+    tensors["net.0.weight"] = tensors["net.0.weight"][:-1].contiguous()
+    save_file(tensors, str(file))
+
+
+def _extra_tensor(file: Path) -> None:
+    save_file({**load_file(str(file)), "net.99.weight": torch.zeros(2)}, str(file))
+
+
+WEIGHT_DAMAGE = {
+    "garbage": (_garbage, "unreadable weights"),
+    "truncated": (_truncated, "unreadable weights"),
+    "empty": (_empty, "unreadable weights"),
+    "pickle": (_pickled, "unreadable weights"),
+    "wrong shape": (_wrong_shape, "tensor 'net.0.weight' has shape"),
+    "extra tensor": (_extra_tensor, "unexpected tensor"),
+}
+
+
+@pytest.mark.parametrize("damage", list(WEIGHT_DAMAGE))
+@pytest.mark.parametrize("fname", ["generator.safetensors", "target_model.safetensors"])
+def test_list_bundles_checks_each_weight_file_header(quick_bundle, tmp_path, damage, fname):
+    root = tmp_path / "models"
+    save_bundle(unsaved_copy(quick_bundle, name="good"), root)
+    shutil.copytree(root / "good", root / "damaged")
+    file = root / "damaged" / fname
+    damage_fn, reason = WEIGHT_DAMAGE[damage]
+    damage_fn(file)
+    entries = {e.name: e for e in list_bundles(root)}
+    assert entries["good"].error is None
+    bad = entries["damaged"]
+    assert bad.manifest is None and str(file) in bad.error and reason in bad.error and "\n" not in bad.error
+    assert reason in one_line_value_error(load_bundle, root / "damaged")  # loading agrees with listing
+
+
+def test_list_bundles_checks_shapes_against_the_manifest(quick_bundle, tmp_path):
+    """Weights that are fine on their own but belong to another gene set are listed as unreadable."""
+    root = tmp_path / "models"
+    save_bundle(unsaved_copy(quick_bundle, name="good"), root)
+    shutil.copytree(root / "good", root / "fewer-genes")
+    mf = root / "fewer-genes" / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["genes"], m["scaler"] = m["genes"][:-1], {k: v[:-1] for k, v in m["scaler"].items()}
+    m.pop("target_mean", None)
+    mf.write_text(json.dumps(m))
+    entry = {e.name: e for e in list_bundles(root)}["fewer-genes"]
+    n = len(quick_bundle.genes)
+    assert entry.error is not None and "generator.safetensors" in entry.error
+    assert "the manifest implies" in entry.error and str(n) in entry.error
 
 
 def test_models_dir_default_and_environment(tmp_path, monkeypatch):

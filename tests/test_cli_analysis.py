@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_tiny_adata
+from scipy.stats import hypergeom
 
 from tspg.cli import main
+from tspg.perturb import consensus_top, perturb_adata
 
 
 @pytest.fixture
@@ -100,7 +102,21 @@ def test_enrich_offline(quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch):
     assert "up: backend offline" in text and "held-out non-target samples" in text
     table = pd.read_csv(out)
     assert set(table["direction"]) == {"up"}
-    assert "beta_block" in set(table["term"])
+    # the consensus top-5 up genes of the held-out non-target samples, computed here
+    adata = make_tiny_adata()
+    held_out = adata[quick_bundle.split["test"]]
+    sources = held_out[held_out.obs["cell_type"].astype(str) != "beta"]
+    up = consensus_top(perturb_adata(quick_bundle, sources).P, quick_bundle.genes, k=5)["up"]
+    assert all(g in text for g in up)  # the list it enriched is shown
+    beta = {f"G{j:02d}" for j in range(5, 10)}
+    hits = [g for g in up if g in beta]
+    assert len(hits) >= 3  # the generator raises the target's own genes
+    first = table.iloc[0]
+    assert (first["library"], first["term"], first["overlap"]) == ("blocks", "beta_block", f"{len(hits)}/5")
+    assert set(first["genes"].split(";")) == set(hits)
+    assert first["p"] == pytest.approx(hypergeom.sf(len(hits) - 1, 30, 5, 5), rel=1e-9)  # 30 genes, 5 in the set, 5 drawn
+    assert first["q"] < 0.05 and bool(first["significant"])
+    assert not table["significant"].iloc[1:].any()  # the alpha block (at most 2 genes) is not
     assert main(["enrich", str(quick_bundle.path), str(tiny_h5ad), "--offline", "--samples", "nope", "-o", str(out)]) == 1
     assert "nope" in capsys.readouterr().err
 

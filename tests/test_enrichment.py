@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from tspg.enrichment import (
     EnrichrError,
     enrich,
     enrich_directions,
+    offline_gmt_files,
 )
 
 try:
@@ -34,6 +36,7 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.delenv("TSPG_GMT_DIR", raising=False)
+    monkeypatch.delenv("TSPG_ENRICHR_URL", raising=False)
     monkeypatch.setenv("TSPG_CACHE_DIR", str(tmp_path / "default-cache"))
 
 
@@ -145,6 +148,37 @@ def test_enrichr_failure_falls_back_offline_in_time(mode, tmp_path, caplog):
                    cache_dir=tmp_path / "other")
 
 
+def test_enrichr_url_from_the_environment(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TSPG_ENRICHR_URL", server.url)
+    res = enrich(QUERY, background=None, backend="enrichr", cache_dir=tmp_path / "a")
+    assert res.backend == "enrichr" and res.table.iloc[0]["term"] == "Classical Monocyte Blood Human"
+    assert server.count > 0 and server.lists  # the list went to the server named by the variable
+    # an explicit url wins over the variable
+    monkeypatch.setenv("TSPG_ENRICHR_URL", closed_port_url())
+    n = server.count
+    again = enrich(QUERY, background=None, backend="enrichr", url=server.url, cache_dir=tmp_path / "b")
+    assert again.backend == "enrichr" and server.count > n
+    with pytest.raises(EnrichrError, match="could not be reached"):
+        enrich(QUERY, background=None, backend="enrichr", timeout=2, cache_dir=tmp_path / "c")
+
+
+def test_fallback_is_logged_once_and_urllib3_retries_are_quiet(tmp_path, caplog):
+    pool = logging.getLogger("urllib3.connectionpool")
+    level = pool.level
+    with caplog.at_level(logging.DEBUG):
+        df = enrich_directions(QUERY, ["CD3D"], background=BACKGROUND + ["CD3D"], url=closed_port_url(),
+                               timeout=2.0, retries=2, cache_dir=tmp_path)
+    assert df.attrs["backend"] == {"up": "offline", "down": "offline"}
+    assert caplog.text.count("Enrichr could not be used") == 1  # once per call, not per direction
+    assert "could not be reached" in df.attrs["messages"]["down"]  # each direction still says why
+    assert not [r for r in caplog.records if r.name.startswith("urllib3") and r.levelno >= logging.WARNING]
+    assert pool.level == level
+    # urllib3's warnings from other threads still get through
+    with caplog.at_level(logging.WARNING):
+        pool.warning("Retrying (test) from another thread")
+    assert "Retrying (test)" in caplog.text
+
+
 # --------------------------------------------------------------------------------------
 # offline: gseapy.enrich on GMT files, checked by hand
 # --------------------------------------------------------------------------------------
@@ -179,6 +213,35 @@ def test_offline_hypergeometric_and_bh_by_hand(tmp_path):
     assert bool(table.loc["A", "significant"]) == (q["A"] < 0.05)
     assert res.backend == "offline" and "tiny.gmt" in res.message
     assert set(res.table["library"]) <= {"tiny", "blood_markers"}
+
+
+def test_offline_correction_over_all_sets_by_hand(tmp_path):
+    background = [f"G{i}" for i in range(1, 21)]
+    sets = {
+        "A": ["G1", "G2", "G3", "G4", "G5"],
+        "B": ["G4", "G5", "G6", "G7", "G8"],
+        "C": ["G11", "G12", "G13"],
+        "D": ["G15", "G16"],  # shares no gene with the list, but is tested
+        "E": ["X1", "X2"],  # no gene in the background: cannot be tested
+    }
+    gmt = _write_gmt(tmp_path / "tiny.gmt", sets)
+    query = ["G1", "G2", "G3", "G4", "G11"]
+    kw = dict(background=background, gmt_files=[gmt], backend="offline", cache_dir=tmp_path / "cache")
+    hits = enrich(query, **kw).table.set_index("term")
+    every = enrich(query, correct_over="all", **kw).table.set_index("term")
+    assert set(hits.index) == set(every.index) == {"A", "B", "C"}  # the same rows, the same p
+    pd.testing.assert_series_equal(hits["p"], every.loc[hits.index, "p"])
+    p = list(hits.loc[["A", "B", "C"], "p"])
+    for table, tests in ((hits, p), (every, p + [1.0])):  # "all": D counts as a 4th test, E not
+        np.testing.assert_allclose(table.loc[["A", "B", "C"], "q"], _bh_by_hand(tests)[:3], rtol=1e-12)
+    assert (every["q"] >= hits.loc[every.index, "q"]).all()
+    message = enrich(query, correct_over="all", **kw).message
+    assert "every gene set with a gene in the background" in message and "4 in tiny" in message
+    assert "terms sharing a gene with the list" in enrich(query, **kw).message
+    with pytest.raises(ValueError, match="correct_over='all' needs backend='offline'"):
+        enrich(query, background=background, correct_over="all", backend="auto")
+    with pytest.raises(ValueError, match="correct_over"):
+        enrich(query, correct_over="every", **kw)
 
 
 def test_offline_libraries_from_env_dir_and_cache(tmp_path, monkeypatch):
@@ -264,24 +327,106 @@ def test_marker_gmt_is_well_formed_and_covers_the_demo_genes(pbmc):
         assert len(set(sets[name]) & demo) >= 8, name
 
 
-def test_demo_monocyte_top20_ranks_a_monocyte_set_first(pbmc, tmp_path):
-    """Stand-in for the generator's consensus list: top-20 genes by mean difference."""
-    raw = pbmc.raw
-    x = raw.X.toarray() if hasattr(raw.X, "toarray") else np.asarray(raw.X)
-    is_mono = (pbmc.obs["bulk_labels"] == "CD14+ Monocyte").to_numpy()
-    diff = x[is_mono].mean(0) - x[~is_mono].mean(0)
-    top20 = list(raw.var_names[np.argsort(-diff)[:20]])
-    background = list(raw.var_names)
-    res = enrich(top20, background=background, backend="offline", cache_dir=tmp_path)
-    table = res.table
-    # The bulk "CD14+ Monocyte" label of pbmc68k is dominated by FCGR3A, AIF1, LST1, IFITM3,
-    # C1QA (non-classical markers), so both monocyte sets lead; nothing else is close.
-    assert set(table["term"].iloc[:2]) == {"CD14_Monocyte", "FCGR3A_Monocyte"}
-    assert table["significant"].iloc[:2].all()
-    assert not table["significant"].iloc[2:].any()
-    # a classical-monocyte list like the generator's (LYZ, S100A8/9, CST3, FCN1, ...)
-    classical = ["LYZ", "S100A8", "S100A9", "CST3", "FCN1", "TYROBP", "FCER1G", "CTSS", "MNDA",
-                 "LGALS2", "G0S2", "IL1B", "FTL", "PSAP", "CFD", "SPI1", "IFI30", "TIMP1", "NCF1", "CD33"]
-    assert set(classical) <= set(background)
-    res2 = enrich(classical, background=background, backend="offline", cache_dir=tmp_path)
-    assert res2.table.iloc[0]["term"] == "CD14_Monocyte" and res2.table.iloc[0]["significant"]
+@pytest.fixture(scope="module")
+def demo_bundle():
+    """The demo generator exactly as ``tspg-train --demo`` trains it (seeded; ~10 s on a CPU)."""
+    from tspg.datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
+    from tspg.pipeline import train
+
+    adata = demo()
+    return train(adata, label_key=DEMO_LABEL_KEY, target=DEMO_TARGET, device="cpu", dataset="pbmc68k_reduced"), adata
+
+
+def test_demo_generator_up_genes_rank_a_monocyte_set_first(demo_bundle, tmp_path):
+    """The generator's consensus top-20 up genes, as ``tspg enrich`` and the Enrichment page
+    compute them (held-out non-target samples), against the bundled marker sets.
+
+    In pbmc68k_reduced the bulk label "CD14+ Monocyte" marks cells that express FCGR3A
+    (96% of them), LST1 and AIF1 highly, while the classical markers LYZ, CST3, MNDA and
+    LGALS2 are higher in the cells labelled "Dendritic". Moving the other classes into the
+    target therefore raises non-classical (CD16+) monocyte markers (AIF1, LST1, FCGR3A,
+    C1QA, IFITM3, RHOC) next to pan-monocyte genes (TYROBP, FCER1G, CTSS, FCN1): both
+    monocyte sets are enriched (FCGR3A_Monocyte ahead of CD14_Monocyte when trained), and no
+    lymphoid or other set is.
+    """
+    from tspg.datasets import DEMO_TARGET
+    from tspg.genesets import read_gene_sets
+    from tspg.perturb import consensus_top, perturb_adata
+
+    bundle, adata = demo_bundle
+    held_out = adata[bundle.split["test"]]
+    sources = held_out[held_out.obs[bundle.label_key].astype(str) != DEMO_TARGET]
+    up = consensus_top(perturb_adata(bundle, sources).P, bundle.genes, k=20)["up"]
+    assert len(up) == 20
+
+    res = enrich(up, background=bundle.genes, backend="offline", cache_dir=tmp_path)
+    table = res.table.set_index("term")
+    monocyte = {"CD14_Monocyte", "FCGR3A_Monocyte"}
+    assert res.table.iloc[0]["term"] in monocyte
+    assert res.table.iloc[0]["q"] < 1e-4 and res.table.iloc[0]["significant"]  # the default threshold
+    assert set(res.table.loc[res.table["significant"], "term"]) <= monocyte
+    lymphoid = ["B_cell", "Plasma_cell", "NK_cell", "CD8_T", "CD4_T_naive", "CD4_T_memory", "Treg"]
+    assert not table.reindex(lymphoid)["q"].lt(0.05).any()  # absent (no shared gene) or far from significant
+    # the reported overlap is the list's genes in the set (and in the background)
+    sets = read_gene_sets(MARKER_GMT)
+    for term in monocyte & set(table.index):
+        shared = set(up) & set(sets[term]) & set(bundle.genes)
+        assert set(table.loc[term, "genes"].split(";")) == shared and table.loc[term, "n_overlap"] == len(shared)
+
+
+def test_offline_gmt_files_for_a_bundle(demo_bundle, tmp_path, monkeypatch):
+    from tspg.bundle import Bundle
+    from tspg.genesets import select_genes
+
+    trained, _ = demo_bundle
+    genes = trained.genes
+
+    def bundle_with(selection):
+        info = {"name": selection.name, "source": selection.source}
+        return Bundle({**trained.manifest, "gene_set": info}, trained.generator, trained.discriminator, trained.target_model)
+
+    gmt = _write_gmt(tmp_path / "immune.gmt", {"MONO": ["LYZ", "CST3", "FCN1"], "NK": ["NKG7", "GNLY", "GZMB"]})
+    ref_list = tmp_path / "example.genesets.txt"  # the reference implementation's list format
+    ref_list.write_text("mono-set\tLYZ\tCST3\tFCN1\nnk-set\tNKG7\tGNLY\n")
+    plain = tmp_path / "mine.txt"  # a plain --genes list, not a gene-set file
+    plain.write_text("LYZ\nCST3\nNKG7\n")
+    extra = _write_gmt(tmp_path / "extra.gmt", {"X": ["LYZ"]})
+    folder = tmp_path / "gmts"
+    folder.mkdir()
+    env_b, env_a = _write_gmt(folder / "b.gmt", {"B": ["CD79A"]}), _write_gmt(folder / "a.gmt", {"A": ["CD3D"]})
+    (folder / "notes.txt").write_text("not a GMT\n")
+
+    gmt_bundle = bundle_with(select_genes(genes, gene_set=f"{gmt}:MONO"))
+    assert offline_gmt_files(gmt_bundle) == [MARKER_GMT, gmt]
+    monkeypatch.setenv("TSPG_GMT_DIR", str(folder))
+    assert offline_gmt_files(gmt_bundle, extra=[extra]) == [MARKER_GMT, gmt, env_a, env_b, extra]
+    assert offline_gmt_files(None) == offline_gmt_files() == [MARKER_GMT, env_a, env_b]
+    monkeypatch.delenv("TSPG_GMT_DIR")
+    assert offline_gmt_files(bundle_with(select_genes(genes, gene_set=f"{ref_list}:nk-set"))) == [MARKER_GMT, ref_list]
+    # not gene-set files of the bundle: a plain gene list, all genes, the bundled demo
+    assert offline_gmt_files(bundle_with(select_genes(genes, genes_file=plain))) == [MARKER_GMT]
+    assert offline_gmt_files(bundle_with(select_genes(genes))) == [MARKER_GMT]
+    assert offline_gmt_files(trained) == [MARKER_GMT]
+
+    # the offline backend reads the bundle's own file, under its stem
+    files = offline_gmt_files(gmt_bundle)
+    res = enrich(["LYZ", "CST3", "FCN1", "S100A9"], background=genes, gmt_files=files, backend="offline",
+                 cache_dir=tmp_path / "cache")
+    assert "immune.gmt" in res.message and "blood_markers.gmt" in res.message
+    mono = res.table[(res.table["library"] == "immune") & (res.table["term"] == "MONO")].iloc[0]
+    assert mono["overlap"] == "3/3"
+    # the same file twice (e.g. the bundle's file is also in TSPG_GMT_DIR) is read once
+    twice = enrich(["LYZ", "CST3"], background=genes, gmt_files=files + [gmt], backend="offline", cache_dir=tmp_path / "cache")
+    assert (twice.table["library"] == "immune").sum() == 1
+    copy = folder / "immune.gmt"  # a copy with the same name: read once; a different file: an error
+    copy.write_bytes(gmt.read_bytes())
+    enrich(["LYZ"], background=genes, gmt_files=files + [copy], backend="offline", cache_dir=tmp_path / "cache")
+    copy.write_text("MONO\tdesc\tLYZ\n")
+    with pytest.raises(ValueError, match="both be called 'immune'"):
+        enrich(["LYZ"], background=genes, gmt_files=files + [copy], backend="offline", cache_dir=tmp_path / "cache")
+
+    # a file that moved, or no longer holds the set, is left out
+    gmt.write_text("OTHER\tdesc\tLYZ\n")
+    assert offline_gmt_files(gmt_bundle) == [MARKER_GMT]
+    gmt.unlink()
+    assert offline_gmt_files(gmt_bundle) == [MARKER_GMT]

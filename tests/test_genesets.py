@@ -68,6 +68,14 @@ def test_gene_set_file_errors(tmp_path):
     nothing.write_text("# only a comment\n\n")
     with pytest.raises(ValueError, match=r"nothing\.txt: no gene sets found"):
         read_gene_sets(nothing)
+    binary = tmp_path / "binary.gmt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match=r"binary\.gmt: gene-set file is not UTF-8 text \(byte 0x89 at position 0\)"):
+        read_gene_sets(binary)
+    with pytest.raises(ValueError, match=r"cannot read the gene-set file"):
+        read_gene_sets(tmp_path)  # a folder
+    with pytest.raises(ValueError, match=r"binary\.gmt: gene list is not UTF-8 text"):
+        read_gene_list(binary)
 
 
 def test_select_file_colon_name(gmt):

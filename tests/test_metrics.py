@@ -20,10 +20,12 @@ from tspg.baselines import (
     fit_baselines,
     gene_overlap,
     mean_shift_perturb,
+    sample_shifts,
     selection_overlap,
+    split_arrays,
     training_target_mean,
 )
-from tspg.bundle import Bundle
+from tspg.bundle import Bundle, load_bundle
 from tspg.datasets import load_bundle_dataset
 from tspg.metrics import (
     energy_distance,
@@ -37,6 +39,7 @@ from tspg.metrics import (
     spread_ratio,
     target_share,
 )
+from tspg.perturb import consensus_top, discriminate, perturb_scaled
 
 # ----------------------------------------------------------------------------- accuracy
 
@@ -108,6 +111,7 @@ def test_mean_shift_exactly():
         mean_shift_perturb(X[:1], ["u"], shifts)
     with pytest.raises(ValueError, match="target class"):
         class_perturbations(X, labels, "z")
+    np.testing.assert_allclose(sample_shifts(["t", "s"], shifts), [[0.0, 0.0], [0.5, 0.1]])
 
 
 def test_differential_expression_direction():
@@ -142,14 +146,28 @@ def test_gene_overlap_counts_and_jaccard():
 
 def test_selection_overlap_by_hand():
     genes = ["A", "B", "C", "D", "E"]
-    # TSPG: both samples rank A, B up and E, D down
-    P = np.array([[0.5, 0.1, 0.0, -0.2, -0.6], [0.4, 0.3, 0.05, -0.1, -0.5]])
-    X = np.full((2, 5), 0.5)  # mid-range: the mean shift is not clipped
-    shifts = pd.DataFrame([[0.05, 0.3, 0.2, -0.3, -0.1], [0.0] * 5], index=pd.Index(["s", "t"], name="source"), columns=genes)
+    # TSPG: every sample ranks A, B up and E, D down
+    P = np.array([
+        [0.5, 0.1, 0.0, -0.2, -0.6],
+        [0.4, 0.3, 0.05, -0.1, -0.5],
+        [0.6, 0.2, 0.0, -0.3, -0.4],
+        [0.3, 0.2, 0.1, -0.2, -0.7],
+    ])
+    shifts = pd.DataFrame(
+        [[0.05, 0.3, 0.2, -0.3, -0.1], [0.4, 0.0, 0.1, -0.05, -0.2], [0.0] * 5],
+        index=pd.Index(["s", "s2", "t"], name="source"), columns=genes,
+    )
     de = pd.DataFrame({"gene": ["B", "C", "A", "D", "E"], "score": [3.0, 2.0, 1.0, -1.0, -2.0]})  # up B, C, A; down E, D, A
     base = Baselines(shifts, de)
-    # sample 1's class "u" has no mean shift: only sample 0 makes the mean-shift lists (up B, C; down D, E)
-    df = selection_overlap(P, X, ["s", "u"], genes, base, ks=(2, 1))
+    # class "u" has no mean shift: the mean-shift lists are the consensus of the changes
+    # x_ms - x of samples s, s2, s2, all at x = (0.95, 0.5, 0.5, 0.5, 0.5). Gene A is clipped
+    # at 1 (its change is +0.05, not +0.05 or +0.4), so:
+    #   s:  +0.05 +0.3 +0.2 -0.3 -0.1  -> up B, C; down D, E
+    #   s2: +0.05  0   +0.1 -0.05 -0.2 -> up C, A; down E, D
+    # up k=1: C (2 of 3), k=2: C (3), A (2); down k=1: E (2), k=2: D and E (3 each), E first
+    # by its mean change (-0.167 against -0.133)
+    X = np.array([[0.95, 0.5, 0.5, 0.5, 0.5]] * 4)
+    df = selection_overlap(P, X, ["s", "s2", "s2", "u"], genes, base, ks=(2, 1))
     assert list(df.columns) == ["baseline", "direction", "k", "n_reference", "n_baseline", "overlap", "jaccard", "genes"]
     got = {(r.baseline, r.direction, r.k): (r.overlap, r.genes) for r in df.itertuples()}
     assert got == {
@@ -157,16 +175,18 @@ def test_selection_overlap_by_hand():
         ("differential_expression", "up", 2): (1, "B"),  # {A,B} vs {B,C}
         ("differential_expression", "down", 1): (1, "E"),  # {E} vs {E}
         ("differential_expression", "down", 2): (2, "E,D"),  # {E,D} vs {E,D}
-        ("mean_shift", "up", 1): (0, ""),  # {A} vs {B}
-        ("mean_shift", "up", 2): (1, "B"),  # {A,B} vs {B,C}
-        ("mean_shift", "down", 1): (0, ""),  # {E} vs {D}
-        ("mean_shift", "down", 2): (2, "E,D"),  # {E,D} vs {D,E}
+        ("mean_shift", "up", 1): (0, ""),  # {A} vs {C}
+        ("mean_shift", "up", 2): (1, "A"),  # {A,B} vs {C,A}
+        ("mean_shift", "down", 1): (1, "E"),  # {E} vs {E}
+        ("mean_shift", "down", 2): (2, "E,D"),  # {E,D} vs {E,D}
     }
     assert df.loc[(df.baseline == "mean_shift") & (df.direction == "up") & (df.k == 2), "jaccard"].item() == pytest.approx(1 / 3)
     # sorted: baseline, then up before down, then k
     assert list(zip(df.baseline, df.direction, df.k, strict=True))[:4] == [("differential_expression", "up", 1), ("differential_expression", "up", 2), ("differential_expression", "down", 1), ("differential_expression", "down", 2)]
     # no labels: no mean shift to compare with
     assert set(selection_overlap(P, X, None, genes, base, ks=(2,))["baseline"]) == {"differential_expression"}
+    with pytest.raises(ValueError, match="labels for 4 samples"):
+        selection_overlap(P, X, ["s"], genes, base)
     with pytest.raises(ValueError, match="shape"):
         selection_overlap(P, X[:1], None, genes, base)
 
@@ -178,8 +198,6 @@ def test_training_target_mean(quick_bundle):
     np.testing.assert_array_equal(training_target_mean(quick_bundle), stored)  # the bundle's own value, no data needed
     older = Bundle({k: v for k, v in quick_bundle.manifest.items() if k != "target_mean"}, quick_bundle.generator, quick_bundle.discriminator, quick_bundle.target_model)
     assert older.target_mean is None and training_target_mean(older) is None
-    from tspg.baselines import split_arrays
-
     Xs, y, _ = split_arrays(quick_bundle, adata, part="train")
     np.testing.assert_allclose(training_target_mean(older, adata), Xs[y == "beta"].mean(0), atol=1e-6)
     np.testing.assert_allclose(training_target_mean(older, adata), stored, atol=1e-5)
@@ -212,21 +230,73 @@ def test_evaluate_tiny_bundle(quick_bundle):
     assert acc["non_target"] == pytest.approx(stored["perturbation_accuracy_non_target"])
     assert res["target_model"]["heldout_accuracy"] == pytest.approx(stored["target_model_accuracy"])
     for section in ("energy_distance", "spread_ratio"):
-        assert set(res[section]) == {"perturbed", "unperturbed", "mean_shift"}
+        assert set(res[section]) == {"perturbed", "unperturbed", "mean_shift", "training_target"}
     assert res["energy_distance"]["unperturbed"] > res["energy_distance"]["mean_shift"] >= 0
-    assert set(res["discriminator"]) == {"real_target", "perturbed", "unperturbed", "mean_shift"}
-    assert set(res["independent_classifiers"]) == {"logistic_regression", "knn_15"}
+
+    # the same numbers by hand, from the bundle's split
+    Xtr, ytr, _ = split_arrays(quick_bundle, adata, part="train")
+    Xte, yte, ids = split_arrays(quick_bundle, adata, part="test")
+    is_t, non = yte == "beta", yte != "beta"
+    pert = perturb_scaled(quick_bundle, Xte, ids, labels=yte)
+    shifts = class_perturbations(Xtr, ytr, "beta", genes=quick_bundle.genes)
+    x_ms = mean_shift_perturb(Xte[non], yte[non], shifts)
+    disc = res["discriminator"]
+    assert set(disc) == {"real_target", "perturbed", "unperturbed", "mean_shift"}
+    assert disc["real_target"] == pytest.approx(float(discriminate(quick_bundle, Xte[is_t]).mean()), rel=1e-6)
+    assert disc["perturbed"] == pytest.approx(float(discriminate(quick_bundle, pert.x_adv[non]).mean()), rel=1e-6)
+    assert disc["mean_shift"] == pytest.approx(float(discriminate(quick_bundle, x_ms).mean()), rel=1e-6)
+    clf = res["independent_classifiers"]
+    assert set(clf) == {"logistic_regression", "knn_15"}
+    models = fit_classifiers(Xtr, ytr, seed=0)
+    for name, data in (("logistic_regression", pert.x_adv[non]), ("knn_15", x_ms)):
+        share = float((models[name].predict(data) == "beta").mean())
+        key = "target_share_perturbed" if name == "logistic_regression" else "target_share_mean_shift"
+        assert clf[name][key] == pytest.approx(share)
+        assert clf[name]["heldout_accuracy"] == pytest.approx(float((models[name].predict(Xte) == yte).mean()))
+        assert clf[name]["target_share_real_target"] == pytest.approx(float((models[name].predict(Xte[is_t]) == "beta").mean()))
+    # the reference of a perfect copy: the real training target samples against the held-out ones
+    T = Xtr[ytr == "beta"]
+    assert res["energy_distance"]["training_target"] == pytest.approx(energy_distance(T, Xte[is_t]), rel=1e-9)
+    assert res["spread_ratio"]["training_target"] == pytest.approx(spread_ratio(T, Xte[is_t]), rel=1e-9)
+    size = res["perturbation_size"]  # both the change made
+    np.testing.assert_allclose(pert.x[non] + pert.P[non], pert.x_adv[non], atol=1e-6)
+    assert size["tspg_mean_l2"] == pytest.approx(float(np.linalg.norm(pert.P[non], axis=1).mean()), rel=1e-6)
+    assert size["mean_shift_mean_l2"] == pytest.approx(float(np.linalg.norm(x_ms - Xte[non], axis=1).mean()), rel=1e-6)
+
     tg = res["top_genes"]
+    assert tg["consensus_up"] == consensus_top(pert.P[non], quick_bundle.genes, k=5)["up"]
     assert len(tg["consensus_up"]) == 5 and len(tg["consensus_down"]) == 5
     assert tg["unique_n_classes"] == 2 and 5 <= tg["unique_up"] <= 10
     assert {(r["baseline"], r["direction"], r["k"]) for r in tg["overlap"]} == {
         (b, d, k) for b in ("differential_expression", "mean_shift") for d in ("up", "down") for k in (5, 10)
     }
-    # beta raises genes G05..G09: TSPG and differential expression both find them
-    assert 0 <= tg["overlap_up_de_top50"] <= 5 and len(set(tg["consensus_up"]) & {f"G{j:02d}" for j in range(5, 10)}) >= 3
+    ms_up5 = next(r for r in tg["overlap"] if (r["baseline"], r["direction"], r["k"]) == ("mean_shift", "up", 5))
+    expected = [g for g in tg["consensus_up"] if g in set(consensus_top(x_ms - Xte[non], quick_bundle.genes, k=5)["up"])]
+    assert ms_up5["genes"] == ",".join(expected) and ms_up5["overlap"] == len(expected)
+    # beta raises genes G05..G09: TSPG finds them (30 genes: the DE top 50 is every gene here;
+    # test_evaluate_demo_overlap_with_de checks the count where it is a real selection)
+    assert tg["de_top50_up"] == de_ranked(differential_expression(Xtr, ytr, quick_bundle.genes, "beta"))["up"][:50]
+    assert tg["overlap_up_de_top50"] == len(set(tg["consensus_up"]) & set(tg["de_top50_up"]))
+    assert len(set(tg["consensus_up"]) & {f"G{j:02d}" for j in range(5, 10)}) >= 3
     table = evaluation_table(res)
     assert list(table.columns) == ["section", "metric", "value"]
     assert "perturbation accuracy by source" in set(table["section"])
+
+
+def test_evaluate_demo_overlap_with_de(demo_models_dir):
+    """On the demo (765 genes) the DE top 50 is a real selection: count the overlap by hand."""
+    bundle = load_bundle(next(p for p in demo_models_dir.iterdir() if (p / "manifest.json").exists()))
+    adata = load_bundle_dataset(bundle)
+    res = evaluate(bundle, adata, k=20, ks=(20,))
+    tg = res["top_genes"]
+    Xtr, ytr, _ = split_arrays(bundle, adata, part="train")
+    Xte, yte, ids = split_arrays(bundle, adata, part="test")
+    non = yte != bundle.target
+    up = consensus_top(perturb_scaled(bundle, Xte[non], predict=False).P, bundle.genes, k=20)["up"]
+    de50 = de_ranked(differential_expression(Xtr, ytr, bundle.genes, bundle.target))["up"][:50]
+    assert tg["consensus_up"] == up and tg["de_top50_up"] == de50
+    assert tg["overlap_up_de_top50"] == len(set(up) & set(de50))
+    assert tg["overlap_up_de_top50"] >= 10  # most of the generator's up genes are DE genes of the target
 
 
 def test_evaluate_needs_the_split_and_labels(quick_bundle):

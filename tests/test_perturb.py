@@ -125,16 +125,21 @@ def test_perturb_round_trip_shuffled_genes(quick_bundle, tiny_adata):
     n, g = tiny_adata.n_obs, len(quick_bundle.genes)
     assert res.P.shape == res.x.shape == res.x_adv.shape == (n, g)
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
-    np.testing.assert_allclose(res.x_adv, np.clip(res.x + res.P, 0, 1))
+    np.testing.assert_allclose(res.x_adv, res.x + res.P, atol=1e-6)  # P is the change made
     assert list(res.labels) == tiny_adata.obs["cell_type"].astype(str).tolist()  # the bundle's label key
     order = np.random.default_rng(1).permutation(tiny_adata.n_vars)
     shuffled = perturb_adata(quick_bundle, tiny_adata[:, order].copy())
     np.testing.assert_array_equal(shuffled.P, res.P)
     np.testing.assert_array_equal(shuffled.proba_after, res.proba_after)
-    # the same numbers as a plain forward pass of the generator
+    # the same numbers as a plain forward pass of the generator, clipped to the data range
     G = quick_bundle.generator.eval()
     with torch.no_grad():
-        np.testing.assert_allclose(res.P, G(torch.from_numpy(res.x)).numpy(), atol=1e-6)
+        raw = G(torch.from_numpy(res.x)).numpy()
+    np.testing.assert_allclose(res.x_adv, np.clip(res.x + raw, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(res.P, np.clip(res.x + raw, 0, 1) - res.x, atol=1e-6)
+    inside = (res.x + raw >= 0) & (res.x + raw <= 1)
+    np.testing.assert_allclose(res.P[inside], raw[inside], atol=1e-6)  # where nothing is clipped, P = G(x)
+    assert (~inside).any() and (np.abs(res.P[~inside]) < np.abs(raw[~inside]) + 1e-6).all()
     assert (res.pred_after[res.labels != "beta"] == "beta").mean() > 0.8
 
 
@@ -149,6 +154,24 @@ def test_perturb_errors_name_the_problem(quick_bundle, tiny_adata):
         perturb_scaled(quick_bundle, np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match="in-place"):
         perturb(tiny_adata[:, ::-1].copy(), quick_bundle)
+    # perturb() names the data as the caller says (e.g. the file it was read from)
+    lacking = tiny_adata[:, [g for g in tiny_adata.var_names if g != "G03"]].copy()
+    with pytest.raises(ValueError, match=r"^new\.h5ad: .*G03"):
+        perturb(lacking, quick_bundle, source="new.h5ad", copy=True)
+    with pytest.raises(ValueError, match=r"^new\.h5ad: no layer 'counts'"):
+        perturb(tiny_adata, quick_bundle, layer="counts", source="new.h5ad", copy=True)
+
+
+def test_predictions_not_computed_is_a_clear_error(quick_bundle, tiny_adata):
+    res = perturb_adata(quick_bundle, tiny_adata)
+    bare = perturb_scaled(quick_bundle, res.x, tiny_adata.obs_names, labels=res.labels, predict=False)
+    np.testing.assert_array_equal(bare.P, res.P)  # the perturbation itself is there
+    assert bare.predicted is False and res.predicted is True
+    for read in (lambda r: r.pred_before, lambda r: r.pred_after, lambda r: r.predictions_df()):
+        with pytest.raises(ValueError, match="predictions were not computed"):
+            read(bare)
+        with pytest.raises(ValueError, match="predictions were not computed"):
+            read(bare.subset([0, 1]))
 
 
 def test_perturb_anndata_slots_and_subset(quick_bundle):
@@ -156,6 +179,14 @@ def test_perturb_anndata_slots_and_subset(quick_bundle):
     out = perturb(adata, quick_bundle, k=3, copy=True)
     assert {"tspg_x", "tspg_perturbation", "tspg_perturbed"} <= set(out.layers)
     assert out.obs["tspg_pred_after"].cat.categories.tolist() == quick_bundle.classes
+    # probabilities of the predicted class and of the target, from the target model itself
+    direct = perturb_adata(quick_bundle, adata)
+    for when, proba in (("before", direct.proba_before), ("after", direct.proba_after)):
+        pred = out.obs[f"tspg_pred_{when}"].astype(str).to_numpy()
+        cls = [quick_bundle.classes.index(c) for c in pred]
+        np.testing.assert_allclose(out.obs[f"tspg_prob_pred_{when}"], proba[np.arange(len(pred)), cls])
+        np.testing.assert_allclose(out.obs[f"tspg_prob_target_{when}"], proba[:, quick_bundle.classes.index("beta")])
+    assert (out.obs["tspg_prob_pred_after"] >= out.obs["tspg_prob_target_after"]).all()
     uns = out.uns["tspg"]
     assert uns["params"]["k"] == 3 and uns["params"]["target"] == "beta"
     assert uns["top_genes"]["up"].shape == (12, 3)

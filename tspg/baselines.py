@@ -4,7 +4,8 @@ Both are fit on the bundle's training split, in its scaled space ([0, 1] per gen
 
 - mean shift: the "class perturbation" mu_target - mu_source of each source class (the
   reference implementation's name); a sample moves by its class's shift,
-  x_ms = clip(x + mu_t - mu_source(x), 0, 1).
+  x_ms = clip(x + mu_t - mu_source(x), 0, 1). Its top genes are ranked by the change it
+  makes, x_ms - x, as TSPG's are ranked by P = x_adv - x.
 - differential expression: target class vs the rest, Wilcoxon rank-sum test through
   ``scanpy.tl.rank_genes_groups``.
 
@@ -51,14 +52,18 @@ def class_perturbations(X: np.ndarray, labels: Sequence[str], target: str, *, ge
     return pd.DataFrame(shifts, index=pd.Index(classes, name="source"), columns=columns)
 
 
-def mean_shift_perturb(X: np.ndarray, labels: Sequence[str], shifts: pd.DataFrame) -> np.ndarray:
-    """x_ms = clip(x + mu_target - mu_source(x), 0, 1), float32, for scaled ``X``."""
+def sample_shifts(labels: Sequence[str], shifts: pd.DataFrame) -> np.ndarray:
+    """The mean shift mu_target - mu_source of each sample's class (samples x genes, float64, unclipped)."""
     labels = np.asarray(labels, dtype=object).astype(str)
     unknown = sorted(set(labels.tolist()) - set(shifts.index))
     if unknown:
         raise ValueError(f"class {unknown[0]!r} has no mean shift (it has no training samples)")
-    rows = shifts.index.get_indexer(labels)
-    return np.clip(np.asarray(X, np.float64) + shifts.to_numpy()[rows], 0.0, 1.0).astype(np.float32)
+    return shifts.to_numpy(dtype=np.float64)[shifts.index.get_indexer(labels)]
+
+
+def mean_shift_perturb(X: np.ndarray, labels: Sequence[str], shifts: pd.DataFrame) -> np.ndarray:
+    """x_ms = clip(x + mu_target - mu_source(x), 0, 1), float32, for scaled ``X``."""
+    return np.clip(np.asarray(X, np.float64) + sample_shifts(labels, shifts), 0.0, 1.0).astype(np.float32)
 
 
 def differential_expression(
@@ -168,7 +173,8 @@ def selection_overlap(
 
     For each k, TSPG's consensus top-k lists of ``P`` (:func:`tspg.perturb.consensus_top`)
     meet the first k genes of the differential-expression ranking and the consensus top-k
-    of the mean-shift perturbations of the same samples (x_ms - x).
+    of the mean-shift perturbations of the same samples, x_ms - x: both sides ranked the
+    same way, by the change each makes.
 
     Parameters
     ----------
@@ -180,7 +186,7 @@ def selection_overlap(
         (no training samples) are left out of the mean-shift lists; with ``labels`` None,
         or no such sample, there is no ``mean_shift`` row.
     genes
-        Gene names of the columns.
+        Gene names of the columns (the columns of ``baselines.shifts``).
     baselines
         The bundle's :class:`Baselines`.
     ks
@@ -192,19 +198,22 @@ def selection_overlap(
     sorted by baseline, direction (up first), k.
     """
     P = np.asarray(P)
-    X = np.asarray(X)
-    if P.shape != X.shape:
-        raise ValueError(f"P has shape {P.shape} but X has {X.shape}")
-    de = de_ranked(baselines.de)
+    if P.ndim != 2 or P.shape[1] != len(genes) or np.shape(X) != P.shape:
+        raise ValueError(f"P has shape {P.shape} and X {np.shape(X)}; both must be samples x {len(genes)} genes")
+    if list(map(str, baselines.shifts.columns)) != [str(g) for g in genes]:
+        raise ValueError("the baselines' genes are not the genes of P")
+    lists = {"differential_expression": de_ranked(baselines.de)}
     P_ms = None
     if labels is not None:
         labels = np.asarray(labels, dtype=object).astype(str)
+        if len(labels) != len(P):
+            raise ValueError(f"{len(labels)} labels for {len(P)} samples")
         known = np.isin(labels, baselines.shifts.index.astype(str))
         if known.any():
-            P_ms = baselines.mean_shift(X[known], labels[known]) - X[known]
+            X = np.asarray(X)[known]
+            P_ms = baselines.mean_shift(X, labels[known]) - X
     frames = []
     for k in sorted({int(k) for k in ks}):
-        lists = {"differential_expression": de}
         if P_ms is not None:
             lists["mean_shift"] = consensus_top(P_ms, genes, k=k)
         frames.append(gene_overlap(consensus_top(P, genes, k=k), lists, ks=[k]))

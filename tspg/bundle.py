@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -147,13 +149,14 @@ def save_bundle(bundle: Bundle, out_dir: str | Path | None = None, *, overwrite:
     final = root / check_name(bundle.name)
     if final.exists() and not overwrite:
         raise ValueError(f"{final}: a bundle of that name exists; pass --overwrite or choose --name")
+    text = manifest_json(bundle.manifest)  # before anything is written: a bad field leaves nothing behind
     tmp = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.", dir=root))
     try:
         for key, fname in WEIGHT_FILES.items():
             module = getattr(bundle, key)
             tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             save_file(tensors, str(tmp / fname))
-        (tmp / "manifest.json").write_text(json.dumps(bundle.manifest, indent=1, default=_json_default))
+        (tmp / "manifest.json").write_text(text)
         if final.exists():
             old = root / f".{bundle.name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -171,6 +174,35 @@ def save_bundle(bundle: Bundle, out_dir: str | Path | None = None, *, overwrite:
         raise
     bundle.path = final
     return final
+
+
+def manifest_json(manifest: dict) -> str:
+    """The manifest as strict JSON; ValueError naming the field that holds NaN or infinity."""
+    try:
+        return json.dumps(manifest, indent=1, default=_json_default, allow_nan=False)
+    except ValueError:
+        found = _non_finite(manifest, "")
+        if found is None:
+            raise
+        field, value = found
+        raise ValueError(f"manifest field {field!r} is {value}: NaN and infinity cannot be stored in a bundle") from None
+
+
+def _non_finite(obj, field: str) -> tuple[str, float] | None:
+    """(field, value) of the first NaN or infinite number in a manifest, None if there is none."""
+    if isinstance(obj, dict):
+        items = ((f"{field}.{k}" if field else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, list | tuple | np.ndarray):
+        items = ((f"{field}[{i}]", v) for i, v in enumerate(obj))
+    elif isinstance(obj, float | np.floating) and not math.isfinite(obj):
+        return field, float(obj)
+    else:
+        return None
+    for name, value in items:
+        found = _non_finite(value, name)
+        if found is not None:
+            return found
+    return None
 
 
 def _json_default(o):
@@ -222,38 +254,58 @@ def _check_manifest(manifest: dict, mf: Path) -> None:
         raise ValueError(f"{mf}: config must be a JSON object")
 
 
-def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Bundle:
-    """Load a bundle folder (safetensors only; nothing is unpickled)."""
-    path = Path(path)
-    manifest = read_manifest(path)
+def _networks(manifest: dict, path: Path, device: torch.device | str = "cpu") -> dict:
+    """The three networks the manifest's gene count, class count and config describe
+    (on the ``meta`` device: shapes only, no memory)."""
     n_genes, n_classes = len(manifest["genes"]), len(manifest["classes"])
     try:
         cfg = TrainConfig.from_dict(manifest["config"])
-        modules = {
-            "generator": Generator(n_genes, encoder=cfg.gen_encoder, n_residual=cfg.gen_residual, decoder=cfg.gen_decoder),
-            "discriminator": Discriminator(n_genes, hidden=cfg.disc_hidden),
-            "target_model": TargetClassifier(n_genes, n_classes, hidden=cfg.target_hidden),
-        }
+        with torch.device(device):
+            return {
+                "generator": Generator(n_genes, encoder=cfg.gen_encoder, n_residual=cfg.gen_residual, decoder=cfg.gen_decoder),
+                "discriminator": Discriminator(n_genes, hidden=cfg.disc_hidden),
+                "target_model": TargetClassifier(n_genes, n_classes, hidden=cfg.target_hidden),
+            }
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path / 'manifest.json'}: config does not describe valid networks ({err})") from err
-    for key, module in modules.items():
+
+
+def check_weights(path: str | Path, manifest: dict) -> None:
+    """Check every weight file's header (tensor names and shapes; the tensors are not read)
+    against the shapes the manifest implies; ValueError naming the file and tensor at fault."""
+    path = Path(path)
+    for key, module in _networks(manifest, path, "meta").items():
         file = path / WEIGHT_FILES[key]
         if not file.exists():
             raise ValueError(f"{path}: missing {WEIGHT_FILES[key]}")
         try:
-            tensors = load_file(str(file))
-        except Exception as err:
+            with safe_open(str(file), framework="pt") as f:
+                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error type for a bad header
             raise ValueError(f"{file}: unreadable weights ({err})") from err
-        expected = module.state_dict()
-        for k, v in expected.items():
-            if k not in tensors:
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        for k, shape in expected.items():
+            if k not in found:
                 raise ValueError(f"{file}: tensor {k!r} is missing")
-            if tuple(tensors[k].shape) != tuple(v.shape):
-                raise ValueError(f"{file}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the manifest implies {tuple(v.shape)}")
-        extra = set(tensors) - set(expected)
+            if found[k] != shape:
+                raise ValueError(f"{file}: tensor {k!r} has shape {found[k]}, the manifest implies {shape}")
+        extra = set(found) - set(expected)
         if extra:
             raise ValueError(f"{file}: unexpected tensor(s) {sorted(extra)[:3]}")
-        module.load_state_dict(tensors)
+
+
+def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Bundle:
+    """Load a bundle folder (safetensors only; nothing is unpickled)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    check_weights(path, manifest)
+    modules = _networks(manifest, path)
+    for key, module in modules.items():
+        file = path / WEIGHT_FILES[key]
+        try:
+            module.load_state_dict(load_file(str(file)))
+        except Exception as err:  # the header was fine, the data are not
+            raise ValueError(f"{file}: unreadable weights ({err})") from err
         module.to(device).eval()
     return Bundle(manifest, modules["generator"], modules["discriminator"], modules["target_model"], path)
 
@@ -269,7 +321,11 @@ class BundleEntry:
 
 
 def list_bundles(root: str | Path | None = None) -> list[BundleEntry]:
-    """Every bundle folder under ``root`` (sorted by name); unreadable ones carry ``error``."""
+    """Every bundle folder under ``root`` (sorted by name); unreadable ones carry ``error``.
+
+    Each manifest is read and each weight file's header checked against it
+    (:func:`check_weights`: names and shapes only, so listing stays cheap).
+    """
     root = models_dir(root)
     if not root.is_dir():
         return []
@@ -279,9 +335,7 @@ def list_bundles(root: str | Path | None = None) -> list[BundleEntry]:
             continue
         try:
             manifest = read_manifest(p)
-            missing = [f for f in WEIGHT_FILES.values() if not (p / f).exists()]
-            if missing:
-                raise ValueError(f"{p}: missing {', '.join(missing)}")
+            check_weights(p, manifest)
             entries.append(BundleEntry(p.name, p, manifest))
         except (ValueError, KeyError, TypeError) as err:
             entries.append(BundleEntry(p.name, p, None, str(err)))

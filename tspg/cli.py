@@ -439,7 +439,7 @@ def _add_analysis_parsers(sub) -> None:
     en.add_argument("--direction", choices=["up", "down", "both"], default="both", help="which top genes")
     en.add_argument("--k", type=int, default=20, help="consensus top genes per direction")
     en.add_argument("--libraries", nargs="+", metavar="NAME", help="Enrichr libraries (default: tspg.enrichment.DEFAULT_LIBRARIES)")
-    en.add_argument("--gmt", nargs="+", metavar="FILE", default=[], help="GMT files for the offline backend (besides the bundled blood-cell markers)")
+    en.add_argument("--gmt", nargs="+", metavar="FILE", default=[], help="GMT files for the offline backend, besides the bundled blood-cell markers, the bundle's own gene-set file and every GMT in $TSPG_GMT_DIR")
     en.add_argument("--offline", action="store_true", help="never contact Enrichr: hypergeometric test against GMT gene sets")
     en.add_argument("--threshold", type=float, default=1e-4, help="q-value below which a term counts as significant")
     en.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Enrichr before answering offline")
@@ -535,7 +535,7 @@ def _perturb(args, parser) -> int:
     else:
         if out.suffix.lower() != ".h5ad":
             parser.error("--output must end in .h5ad (or add --csv to write a folder of CSV files)")
-        result = perturb(adata, bundle, label_key=label_key, k=args.k, copy=True)
+        result = perturb(adata, bundle, label_key=label_key, k=args.k, source=str(args.data), copy=True)
         write_gem(result, out)
         pred_after = result.obs["tspg_pred_after"].astype(str).to_numpy()
         labels = result.obs[label_key].astype(str).to_numpy() if label_key else None
@@ -582,11 +582,10 @@ def _evaluate(args, parser) -> int:
 def _enrich(args, parser) -> int:
     import numpy as np
 
-    from .enrichment import EnrichrError, enrich_directions
+    from .enrichment import EnrichrError, enrich_directions, offline_gmt_files
     from .perturb import consensus_top, perturb_adata
 
     _check_k(parser, args.k)
-    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings; the outcome is reported below
     bundle = _load_cli_bundle(args)
     adata, label_key = _cli_data(args, bundle, own=True)
     if args.samples:
@@ -615,7 +614,7 @@ def _enrich(args, parser) -> int:
             print(f"  {d}: {', '.join(genes)}")
     try:
         table = enrich_directions(
-            up, down, background=list(bundle.genes), libraries=args.libraries, gmt_files=args.gmt,
+            up, down, background=list(bundle.genes), libraries=args.libraries, gmt_files=offline_gmt_files(bundle, extra=args.gmt),
             backend="offline" if args.offline else "auto", threshold=args.threshold, timeout=args.timeout,
         )
     except EnrichrError as err:

@@ -7,20 +7,35 @@ Two backends give one table:
   because it resets the server address to maayanlab.cloud, sends requests without any
   timeout and retries each one up to five times with exponential back-off, so a dead server
   can hold the dashboard for minutes. We build the ``Enrichr`` object ourselves, point it
-  at ``url`` and give it a requests session that knows the deadline (see
+  at the service's address and give it a requests session that knows the deadline (see
   :class:`_DeadlineSession`); the whole exchange also runs in a daemon thread that we stop
-  waiting for at the deadline. Enrichr uses its own genome-wide background.
+  waiting for at the deadline. Enrichr uses its own genome-wide background. urllib3's
+  "Retrying ..." warnings from that thread are dropped: the outcome is reported once, by us.
 - ``"offline"``: a hypergeometric test with :func:`gseapy.enrich` against gene sets read
-  from GMT files (the bundled blood-cell marker sets, files the caller names, and every
-  ``*.gmt`` in the folder named by the ``TSPG_GMT_DIR`` environment variable), with the
-  genes the model was trained on as the background. Nothing is sent over the network.
+  from GMT files, with the genes the model was trained on as the background. Nothing is
+  sent over the network. :func:`offline_gmt_files` lists the files for a bundle: the
+  bundled blood-cell marker sets, the file the bundle's gene set was read from, every
+  ``*.gmt`` in ``$TSPG_GMT_DIR`` and any the caller adds.
 
 ``"auto"`` tries Enrichr and, when it cannot be used, says why in one log line and in
 :attr:`EnrichmentResult.message` and answers offline instead.
 
 In both backends only terms sharing at least one gene with the query are reported, and
-``q`` is the Benjamini-Hochberg adjusted ``p`` computed here, per library, over the
-reported terms, so the column means the same thing whichever backend answered.
+``q`` is the Benjamini-Hochberg adjusted ``p`` computed here, per library. By default the
+correction runs over the reported terms only, as Enrichr and gseapy do, so the column means
+the same thing whichever backend answered; this is lenient when a library holds many sets
+that share no gene with the list. Offline, ``correct_over="all"`` corrects over every set of
+the library that has a gene in the background instead. The result's message says which.
+
+Environment variables:
+
+``TSPG_ENRICHR_URL``
+    Base address of the Enrichr service (default :data:`ENRICHR_URL`), e.g. a local mirror
+    or a test server; an explicit ``url`` argument wins.
+``TSPG_GMT_DIR``
+    A folder whose ``*.gmt`` files are offline libraries.
+``TSPG_CACHE_DIR``
+    Root of the result cache (see below).
 
 Results are cached on disk as CSV files (never pickle), one per gene list and library,
 under ``cache_dir`` (default ``$TSPG_CACHE_DIR/enrichment`` or
@@ -40,13 +55,16 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +76,10 @@ __all__ = [
     "EnrichrError",
     "enrich",
     "enrich_directions",
+    "offline_gmt_files",
 ]
 
+#: Default base address of the Enrichr service; ``$TSPG_ENRICHR_URL`` overrides it.
 ENRICHR_URL = "https://maayanlab.cloud/Enrichr"
 #: Enrichr libraries asked for by default: biological processes (GO 2025 release), the
 #: 50 MSigDB hallmark programmes, and cell-type markers (CellMarker 2.0, 2024 release).
@@ -76,6 +96,7 @@ COLUMNS: tuple[str, ...] = (
     "library", "term", "overlap", "n_overlap", "p", "q", "genes", "backend", "significant",
 )
 _CACHE_VERSION = 1
+_Q_OVERLAPPING = "q: Benjamini-Hochberg per library over the terms sharing a gene with the list."
 _OVERLAP_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -93,14 +114,15 @@ class EnrichmentResult:
         One row per (library, term) sharing at least one gene with the query, sorted by
         ``q`` then ``p``. Columns: ``library``, ``term``, ``overlap`` (``"hits/set size"``,
         as Enrichr writes it), ``n_overlap`` (int), ``p`` (hypergeometric / Fisher p),
-        ``q`` (Benjamini-Hochberg adjusted ``p`` within the library), ``genes`` (the
+        ``q`` (Benjamini-Hochberg adjusted ``p`` within the library, over the terms sharing
+        a gene with the query unless ``correct_over="all"``), ``genes`` (the
         overlapping genes, ``";"``-joined), ``backend`` and ``significant`` (``q <
         threshold``).
     backend
         ``"enrichr"`` or ``"offline"``: which backend produced the table.
     message
-        A sentence for the user: which gene sets were used and, when ``"auto"`` fell back
-        offline, why Enrichr could not be used.
+        Sentences for the user: which gene sets were used, which sets ``q`` was corrected
+        over and, when ``"auto"`` fell back offline, why Enrichr could not be used.
     from_cache
         True when every library's table was read from the on-disk cache.
     """
@@ -121,13 +143,14 @@ def enrich(
     *,
     background: Iterable[str] | None,
     libraries: Sequence[str] | None = None,
-    gmt_files: Sequence[str | os.PathLike[str]] = (),
+    gmt_files: Sequence[str | os.PathLike[str]] | None = None,
     backend: Literal["auto", "enrichr", "offline"] = "auto",
     threshold: float = 1e-4,
+    correct_over: Literal["overlapping", "all"] = "overlapping",
     timeout: float = 10.0,
     retries: int = 1,
     cache_dir: str | os.PathLike[str] | None = None,
-    url: str = ENRICHR_URL,
+    url: str | None = None,
 ) -> EnrichmentResult:
     """Test a gene list for over-represented gene sets.
 
@@ -144,8 +167,12 @@ def enrich(
     libraries
         Enrichr library names (default :data:`DEFAULT_LIBRARIES`). Online only.
     gmt_files
-        GMT files for the offline backend, in addition to :data:`MARKER_GMT` and any
-        ``*.gmt`` in ``$TSPG_GMT_DIR``. Each file's stem is its library name. Lines
+        The gene-set files of the offline backend, exactly these; default
+        :func:`offline_gmt_files` without a bundle (:data:`MARKER_GMT` and every ``*.gmt``
+        in ``$TSPG_GMT_DIR``). Pass ``offline_gmt_files(bundle, extra=...)`` to add the
+        bundle's own gene-set file. A file named twice is read once. GMT, or the reference
+        implementation's list format for other suffixes (see
+        :func:`tspg.genesets.read_gene_sets`); each file's stem is its library name; lines
         starting with ``#`` are comments.
     backend
         ``"enrichr"`` (online only; raises :class:`EnrichrError` on failure),
@@ -153,6 +180,12 @@ def enrich(
         else offline with the reason in ``message``).
     threshold
         ``significant`` is ``q < threshold``.
+    correct_over
+        The sets the Benjamini-Hochberg correction runs over, per library:
+        ``"overlapping"`` (the reported terms, those sharing at least one gene with the
+        list, as Enrichr and gseapy do) or ``"all"`` (every set with at least one gene in
+        the background; stricter, offline only, since Enrichr does not say how many terms
+        it tested).
     timeout
         Hard limit in seconds for the whole Enrichr exchange, retries included.
     retries
@@ -162,7 +195,8 @@ def enrich(
         Folder of the result cache; default ``$TSPG_CACHE_DIR/enrichment`` or
         ``~/.cache/tspg/enrichment``.
     url
-        Base address of the Enrichr service.
+        Base address of the Enrichr service; default ``$TSPG_ENRICHR_URL``, else
+        :data:`ENRICHR_URL`.
 
     Returns
     -------
@@ -179,10 +213,55 @@ def enrich(
     """
     result, _ = _enrich(
         genes, background=background, libraries=libraries, gmt_files=gmt_files,
-        backend=backend, threshold=threshold, timeout=timeout, retries=retries,
-        cache_dir=cache_dir, url=url, known_failure=None,
+        backend=backend, threshold=threshold, correct_over=correct_over, timeout=timeout,
+        retries=retries, cache_dir=cache_dir, url=url, known_failure=None,
     )
     return result
+
+
+def offline_gmt_files(bundle: Bundle | None = None, *, extra: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
+    """The gene-set files the offline backend should read for a bundle.
+
+    Parameters
+    ----------
+    bundle
+        A loaded bundle, or None. Its ``manifest["gene_set"]`` records the gene set the
+        model was trained on (``name``) and the file it was read from (``source``). That
+        file is included when it still exists and still holds a set of that name (a GMT,
+        or the reference implementation's list format); otherwise it is left out and the
+        reason logged (a plain ``--genes`` list, all genes, a moved or changed file). A
+        relative ``source`` is read from the current folder.
+    extra
+        More files (e.g. the command line's ``--gmt``), checked when they are read.
+
+    Returns
+    -------
+    list of Path
+        In this order: :data:`MARKER_GMT`, the bundle's gene-set file, every ``*.gmt`` in
+        ``$TSPG_GMT_DIR`` (sorted), then ``extra``. Pass it as ``gmt_files`` to
+        :func:`enrich` or :func:`enrich_directions`.
+    """
+    from .genesets import read_gene_sets
+
+    if isinstance(extra, (str, os.PathLike)):
+        extra = (extra,)
+    paths = [MARKER_GMT]
+    info = (bundle.manifest.get("gene_set") or {}) if bundle is not None else {}
+    source, name = info.get("source"), info.get("name")
+    if source:
+        try:
+            if name not in read_gene_sets(source):
+                raise ValueError(f"{source}: no gene set {name!r} any more")
+            paths.append(Path(source))
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            logger.info("The bundle's gene-set file is not used for enrichment (%s).", exc)
+    env_dir = os.environ.get("TSPG_GMT_DIR")
+    if env_dir:
+        if Path(env_dir).is_dir():
+            paths += sorted(Path(env_dir).glob("*.gmt"))
+        else:
+            logger.warning("TSPG_GMT_DIR=%s is not a folder; ignored.", env_dir)
+    return paths + [Path(p) for p in extra]
 
 
 def enrich_directions(
@@ -211,7 +290,7 @@ def enrich_directions(
     -----
     When Enrichr fails for the ``up`` list in ``"auto"`` mode, the ``down`` list goes
     offline at once (cached Enrichr results are still used) instead of waiting for the
-    timeout a second time.
+    timeout a second time, and the failure is logged once.
     """
     lists = {"up": _as_gene_list(up, allow_empty=True), "down": _as_gene_list(down, allow_empty=True)}
     if not lists["up"] and not lists["down"]:
@@ -246,19 +325,31 @@ def _enrich(
     *,
     background: Iterable[str] | None,
     libraries: Sequence[str] | None = None,
-    gmt_files: Sequence[str | os.PathLike[str]] = (),
+    gmt_files: Sequence[str | os.PathLike[str]] | None = None,
     backend: str = "auto",
     threshold: float = 1e-4,
+    correct_over: str = "overlapping",
     timeout: float = 10.0,
     retries: int = 1,
     cache_dir: str | os.PathLike[str] | None = None,
-    url: str = ENRICHR_URL,
+    url: str | None = None,
     known_failure: str | None = None,
 ) -> tuple[EnrichmentResult, str | None]:
-    """:func:`enrich`, also returning why Enrichr failed (None if it was not tried or worked)."""
+    """:func:`enrich`, also returning why Enrichr failed (None if it was not tried or worked).
+
+    ``known_failure``: why Enrichr already failed in this call of :func:`enrich_directions`;
+    Enrichr is then not asked again (only its cache is read) and the failure not logged again.
+    """
     gene_list = _as_gene_list(genes)
     if backend not in ("auto", "enrichr", "offline"):
         raise ValueError(f"backend must be 'auto', 'enrichr' or 'offline', not {backend!r}.")
+    if correct_over not in ("overlapping", "all"):
+        raise ValueError(f"correct_over must be 'overlapping' or 'all', not {correct_over!r}.")
+    if correct_over == "all" and backend != "offline":
+        raise ValueError(
+            "correct_over='all' needs backend='offline': Enrichr reports only the terms that "
+            "share a gene with the list, so the number of terms it tested is not known."
+        )
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], not {threshold!r}.")
     if not timeout > 0:
@@ -274,6 +365,7 @@ def _enrich(
         libraries = (libraries,)
     libraries = tuple(dict.fromkeys(str(lib) for lib in libraries))
     cache = _cache_dir(cache_dir)
+    url = url or os.environ.get("TSPG_ENRICHR_URL") or ENRICHR_URL
 
     failure: str | None = None
     if backend in ("auto", "enrichr"):
@@ -289,10 +381,12 @@ def _enrich(
             if backend == "enrichr":
                 raise
             failure = str(exc)
-            logger.warning("Enrichr could not be used (%s); falling back to offline gene sets.", failure)
+            if known_failure is None:
+                logger.warning("Enrichr could not be used (%s); falling back to offline gene sets.", failure)
 
     result = _enrich_offline(
-        gene_list, bg_list, gmt_files=gmt_files, cache=cache, threshold=threshold, failure=failure,
+        gene_list, bg_list, gmt_files=gmt_files, cache=cache, threshold=threshold,
+        correct_over=correct_over, failure=failure,
     )
     return result, failure
 
@@ -317,7 +411,7 @@ def _enrich_online(
         logger.info("Enrichr results for %d libraries read from the cache.", len(libraries))
         table = _finish(list(tables.values()), threshold)
         return EnrichmentResult(
-            table, "enrichr", f"Enrichr results ({', '.join(libraries)}), from the cache.", True,
+            table, "enrichr", f"Enrichr results ({', '.join(libraries)}), from the cache. {_Q_OVERLAPPING}", True,
         )
     if skip_reason is not None:
         raise EnrichrError(skip_reason)
@@ -338,6 +432,7 @@ def _enrich_online(
     if unknown:
         message += f" Enrichr does not know the libraries {', '.join(unknown)}; they were skipped."
         logger.warning("Enrichr does not know the libraries %s.", ", ".join(unknown))
+    message += f" {_Q_OVERLAPPING}"
     return EnrichmentResult(_finish(list(tables.values()), threshold), "enrichr", message, False)
 
 
@@ -345,9 +440,10 @@ def _enrich_offline(
     genes: list[str],
     background: list[str],
     *,
-    gmt_files: Sequence[str | os.PathLike[str]],
+    gmt_files: Sequence[str | os.PathLike[str]] | None,
     cache: Path,
     threshold: float,
+    correct_over: str,
     failure: str | None,
 ) -> EnrichmentResult:
     """Hypergeometric test against every offline GMT library."""
@@ -360,10 +456,13 @@ def _enrich_offline(
         )
     bg_hash = _sha256(sorted(bg_set))
     tables: list[pd.DataFrame] = []
+    n_tests: dict[str, int] = {}
     hits = 0
     libraries = _offline_libraries(gmt_files)
     for name, path in libraries.items():
         sets = _read_gmt(path)
+        if correct_over == "all":
+            n_tests[name] = _n_testable(sets, bg_set)
         key = _cache_key(genes, name, "offline", background=bg_hash, gmt=_sha256(sorted(sets.items())))
         cache_path = cache / f"{key}.csv"
         table = _cache_read(cache_path)
@@ -379,12 +478,33 @@ def _enrich_offline(
         message = f"Showing {where}."
     else:
         message = f"Enrichr could not be used ({failure}); showing {where}."
-    return EnrichmentResult(_finish(tables, threshold), "offline", message, hits == len(tables))
+    if correct_over == "all":
+        counts = ", ".join(f"{n} in {name}" for name, n in n_tests.items())
+        message += f" q: Benjamini-Hochberg per library over every gene set with a gene in the background ({counts})."
+    else:
+        message += f" {_Q_OVERLAPPING}"
+    table = _finish(tables, threshold, n_tests=n_tests or None)
+    return EnrichmentResult(table, "offline", message, hits == len(tables))
 
 
 # --------------------------------------------------------------------------------------
 # Enrichr through gseapy, under a hard time limit
 # --------------------------------------------------------------------------------------
+
+
+_THREAD_NAME = "tspg-enrichr"
+
+
+def _not_from_enrichr_thread(record: logging.LogRecord) -> bool:
+    """Drop urllib3's warnings ("Retrying (Retry(total=0, ...)) after connection broken by
+    NameResolutionError ...") logged in our Enrichr thread: how the exchange ended is
+    reported once, by :func:`enrich`. Records from any other thread pass."""
+    return not (record.threadName == _THREAD_NAME and record.levelno < logging.ERROR)
+
+
+# A filter, not a level change around the call: it holds for the Enrichr thread only, also
+# when that thread outlives our wait, and concurrent calls cannot undo each other's setting.
+logging.getLogger("urllib3.connectionpool").addFilter(_not_from_enrichr_thread)
 
 
 class _DeadlineSession(requests.Session):
@@ -450,7 +570,7 @@ def _query_enrichr(
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
 
-    thread = threading.Thread(target=work, name="tspg-enrichr", daemon=True)
+    thread = threading.Thread(target=work, name=_THREAD_NAME, daemon=True)
     thread.start()
     thread.join(max(0.0, deadline - time.monotonic()))
     if thread.is_alive():
@@ -522,24 +642,23 @@ def _describe(exc: BaseException, url: str, timeout: float) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _offline_libraries(gmt_files: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
-    """Offline libraries by name: ``gmt_files``, then MARKER_GMT, then ``$TSPG_GMT_DIR/*.gmt``."""
+def _offline_libraries(gmt_files: Sequence[str | os.PathLike[str]] | None) -> dict[str, Path]:
+    """Offline libraries by name (file stem): ``gmt_files``, default :func:`offline_gmt_files`.
+
+    A file named twice, or two files with the same name and the same content, count once.
+    """
     if isinstance(gmt_files, (str, os.PathLike)):
         gmt_files = (gmt_files,)
-    paths = [Path(p) for p in gmt_files] + [MARKER_GMT]
-    env_dir = os.environ.get("TSPG_GMT_DIR")
-    if env_dir:
-        if Path(env_dir).is_dir():
-            paths += sorted(Path(env_dir).glob("*.gmt"))
-        else:
-            logger.warning("TSPG_GMT_DIR=%s is not a folder; ignored.", env_dir)
+    paths = offline_gmt_files() if gmt_files is None else [Path(p) for p in gmt_files]
+    if not paths:
+        raise ValueError("no offline gene-set files given")
     libs: dict[str, Path] = {}
     for path in paths:
         if not path.is_file():
             raise ValueError(f"GMT file not found: {path}")
         other = libs.get(path.stem)
         if other is not None:
-            if other.resolve() == path.resolve():
+            if other.resolve() == path.resolve() or other.read_bytes() == path.read_bytes():
                 continue
             raise ValueError(
                 f"Two GMT files would both be called {path.stem!r}: {other} and {path}. Rename one."
@@ -557,6 +676,12 @@ def _read_gmt(path: Path) -> dict[str, list[str]]:
     from .genesets import read_gene_sets
 
     return read_gene_sets(path)
+
+
+def _n_testable(sets: dict[str, list[str]], background: set[str]) -> int:
+    """How many sets have at least one gene in the background (matched as gseapy matches, ignoring case)."""
+    bg = {g.upper() for g in background}
+    return sum(1 for members in sets.values() if any(g.upper() in bg for g in members))
 
 
 def _offline_library(
@@ -624,29 +749,36 @@ def _from_gseapy(raw: pd.DataFrame | None, *, backend: str) -> pd.DataFrame:
     return table
 
 
-def _bh(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (step-up, monotone, capped at 1)."""
+def _bh(p: np.ndarray, n_tests: int | None = None) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (step-up, monotone, capped at 1).
+
+    ``n_tests``: the number of hypotheses tested, when more than ``p`` holds (the others
+    had no reported p-value; counting them is the same as adding p = 1 for each).
+    """
     p = np.asarray(p, dtype=float)
-    n = p.size
-    if n == 0:
+    if p.size == 0:
         return p.copy()
+    n = max(p.size, n_tests or 0)
     order = np.argsort(p, kind="mergesort")
-    scaled = p[order] * n / np.arange(1, n + 1)
+    scaled = p[order] * n / np.arange(1, p.size + 1)
     adjusted = np.minimum.accumulate(scaled[::-1])[::-1]
-    out = np.empty(n)
+    out = np.empty(p.size)
     out[order] = np.minimum(adjusted, 1.0)
     return out
 
 
-def _finish(tables: list[pd.DataFrame], threshold: float) -> pd.DataFrame:
-    """Concatenate per-library tables, recompute q per library, flag, sort."""
+def _finish(tables: list[pd.DataFrame], threshold: float, *, n_tests: dict[str, int] | None = None) -> pd.DataFrame:
+    """Concatenate per-library tables, recompute q per library, flag, sort.
+
+    ``n_tests``: per library, the number of sets to correct over (default: its rows).
+    """
     tables = [t for t in tables if len(t)]
     if not tables:
         return _empty()
     table = pd.concat(tables, ignore_index=True)
     table["q"] = np.nan
-    for _, index in table.groupby("library", sort=False).groups.items():
-        table.loc[index, "q"] = _bh(table.loc[index, "p"].to_numpy())
+    for library, index in table.groupby("library", sort=False).groups.items():
+        table.loc[index, "q"] = _bh(table.loc[index, "p"].to_numpy(), (n_tests or {}).get(library))
     table["n_overlap"] = table["n_overlap"].astype(int)
     table["significant"] = table["q"] < threshold
     table = table.sort_values(["q", "p", "library", "term"], kind="mergesort", ignore_index=True)

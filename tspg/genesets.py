@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .data import read_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ def read_gene_sets(path: str | Path) -> dict[str, list[str]]:
         raise ValueError(f"{path}: gene-set file not found")
     is_gmt = path.suffix.lower() == ".gmt"
     sets: dict[str, list[str]] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "gene-set file").splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
         fields = line.rstrip("\n").split("\t") if is_gmt else re.split(r"[\s,]+", line.strip())
@@ -52,7 +54,7 @@ def read_gene_list(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: gene list not found")
-    genes = [g for line in path.read_text().splitlines() if not line.startswith("#") for g in re.split(r"[\s,]+", line.strip()) if g]
+    genes = [g for line in read_text(path, "gene list").splitlines() if not line.startswith("#") for g in re.split(r"[\s,]+", line.strip()) if g]
     if not genes:
         raise ValueError(f"{path}: no genes found")
     return list(dict.fromkeys(genes))

@@ -226,11 +226,15 @@ def evaluate(
     - ``target_model``: held-out accuracy
     - ``perturbation_accuracy``: overall, non_target, by_source (n, accuracy)
     - ``independent_classifiers``: per classifier its held-out accuracy and the share of
-      perturbed / unperturbed / mean-shift samples it calls the target
+      perturbed / unperturbed / mean-shift samples it calls the target, and of the real
+      held-out target samples (``target_share_real_target``: what real cells reach)
     - ``energy_distance``, ``spread_ratio``, ``discriminator``: perturbed, unperturbed and
       mean-shift sources against the real held-out target (``discriminator`` also scores
-      ``real_target``: its mean D(x))
-    - ``perturbation_size``: mean L2 norm of P and of the mean shift actually applied
+      ``real_target``: its mean D(x)); ``energy_distance`` and ``spread_ratio`` also hold
+      ``training_target``: the real training samples of the target class, i.e. what a
+      generator that copied them exactly would score
+    - ``perturbation_size``: mean L2 norm of P and of the mean-shift change x_ms - x (both
+      the change actually made, after clipping to [0, 1])
     - ``top_genes``: consensus top-k up/down lists, unique-gene counts, their overlap with
       the differential-expression and mean-shift top genes (a list of records, see
       :func:`tspg.baselines.selection_overlap`), and ``overlap_up_de_top50``: how many of the
@@ -276,9 +280,11 @@ def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k,
         classifiers[name] = {"heldout_accuracy": _mean(model.predict(Xte) == yte)}
         for s, X in sets.items():
             classifiers[name][f"target_share_{s}"] = target_share(model.predict(X), target)
+        classifiers[name]["target_share_real_target"] = target_share(model.predict(real_t), target)
+    references = {**sets, "training_target": Xtr[ytr == target]}
 
     P_src = pert.P[non]
-    P_ms = sets["mean_shift"] - Xte[non]
+    P_ms = sets["mean_shift"] - Xte[non]  # the change made, as P is
     overlap_df = selection_overlap(P_src, Xte[non], yte[non], bundle.genes, base, ks=ks)
     top_k = consensus_top(P_src, bundle.genes, k=k)
     de_lists = de_ranked(base.de)
@@ -291,8 +297,8 @@ def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k,
         "target_model": {"heldout_accuracy": _mean(pert.pred_before == yte)},
         "perturbation_accuracy": perturbation_accuracy(pert.pred_after, yte, target),
         "independent_classifiers": classifiers,
-        "energy_distance": {s: energy_distance(X, real_t) for s, X in sets.items()},
-        "spread_ratio": {s: spread_ratio(X, real_t) for s, X in sets.items()},
+        "energy_distance": {s: energy_distance(X, real_t) for s, X in references.items()},
+        "spread_ratio": {s: spread_ratio(X, real_t) for s, X in references.items()},
         "discriminator": {"real_target": _mean(discriminate(bundle, real_t)), **{s: _mean(discriminate(bundle, X)) for s, X in sets.items()}},
         "perturbation_size": {"tspg_mean_l2": float(np.linalg.norm(P_src, axis=1).mean()), "mean_shift_mean_l2": float(np.linalg.norm(P_ms, axis=1).mean())},
         "top_genes": {

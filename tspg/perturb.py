@@ -1,7 +1,11 @@
 """Perturbing data with a bundle, and reading the perturbation: top genes and consensus.
 
-x -> P = G(x) -> x_adv = clip(x + P, 0, 1). All three live in the bundle's scaled space
-([0, 1] per gene, scaled with the minimum and range stored in the bundle).
+x -> x_adv = clip(x + G(x), 0, 1), and the perturbation P = x_adv - x: the change the
+generator actually makes, so x_adv = x + P exactly. Where x + G(x) would leave [0, 1], P
+is the part of G(x) that takes effect (as the reference implementation reports it); a gene
+at 0 that G pushes further down has P = 0, not a large negative value that changes nothing.
+All three live in the bundle's scaled space ([0, 1] per gene, scaled with the minimum and
+range stored in the bundle).
 
 Top genes of a sample: its ``k`` genes with the most positive P ("up") and the ``k``
 genes with the most negative P ("down"). Ties are broken by the bundle's gene order.
@@ -20,6 +24,7 @@ import torch
 
 from .bundle import Bundle
 from .data import align_genes
+from .nets import evaluating
 
 logger = logging.getLogger(__name__)
 
@@ -30,42 +35,30 @@ _CHUNK = 2048  # rows per forward pass: bounds the activations' memory, costs no
 # ----------------------------------------------------------------------------- forward passes
 
 
-class _evaluating:
-    """Put a module in eval mode for a block and restore its previous mode after it."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module, self.was_training = module, module.training
-
-    def __enter__(self):
-        self.module.eval()
-
-    def __exit__(self, *exc):
-        self.module.train(self.was_training)
-
-
 def _forward(module: torch.nn.Module, X: np.ndarray, fn=None) -> np.ndarray:
     """``fn(module, x)`` (default ``module(x)``) over row chunks, in eval and inference mode."""
     fn = fn or (lambda m, x: m(x))
     X = np.ascontiguousarray(X, dtype=np.float32)
-    with _evaluating(module), torch.inference_mode():
+    with evaluating(module), torch.inference_mode():
         out = [fn(module, torch.from_numpy(X[i : i + _CHUNK])).numpy() for i in range(0, len(X), _CHUNK)]
     return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def generate_perturbed(G: torch.nn.Module, Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """P = G(x) and x_adv = clip(x + P, 0, 1) for scaled, gene-aligned ``Xs``.
+    """P = x_adv - x and x_adv = clip(x + G(x), 0, 1) for scaled, gene-aligned ``Xs``.
 
     One forward pass in inference mode (no autograd bookkeeping) on float32, C-contiguous
-    data; x + P is clipped in place, and the results are handed to numpy without a copy.
+    data; x + G(x) is computed and clipped in G's output buffer, and the results are handed
+    to numpy without a copy.
     """
     Xs = np.ascontiguousarray(Xs, dtype=np.float32)
     Ps, advs = [], []
-    with _evaluating(G), torch.inference_mode():
+    with evaluating(G), torch.inference_mode():
         for i in range(0, len(Xs), _CHUNK):
             x = torch.from_numpy(Xs[i : i + _CHUNK])
-            P = G(x)
-            Ps.append(P.numpy())
-            advs.append(torch.add(x, P).clamp_(0.0, 1.0).numpy())
+            x_adv = G(x).add_(x).clamp_(0.0, 1.0)
+            Ps.append(torch.sub(x_adv, x).numpy())
+            advs.append(x_adv.numpy())
     if len(Ps) == 1:
         return Ps[0], advs[0]
     if not Ps:
@@ -92,6 +85,9 @@ def discriminate(bundle: Bundle, Xs: np.ndarray) -> np.ndarray:
 class Perturbation:
     """x, P, x_adv (samples x genes, scaled) and the target model's view before and after.
 
+    ``proba_before`` / ``proba_after`` are the target model's class probabilities (samples x
+    classes); (samples x 0) when it was not run (``perturb_scaled(..., predict=False)``),
+    and then every reading of the predictions raises a ValueError.
     ``labels`` holds each sample's class when the data had the bundle's label column.
     """
 
@@ -107,11 +103,27 @@ class Perturbation:
     labels: np.ndarray | None = field(default=None)
 
     @property
+    def predicted(self) -> bool:
+        """Whether the target model's probabilities were computed."""
+        return self.proba_before.shape[1] == len(self.classes) == self.proba_after.shape[1]
+
+    def _check_predicted(self) -> None:
+        if not self.predicted:
+            raise ValueError(
+                "the target model's predictions were not computed for this perturbation "
+                "(perturb_scaled(..., predict=False)); perturb again with predict=True"
+            )
+
+    @property
     def pred_before(self) -> np.ndarray:
+        """The target model's class for each x (raises ValueError without predictions)."""
+        self._check_predicted()
         return np.asarray(self.classes, dtype=object)[self.proba_before.argmax(1)]
 
     @property
     def pred_after(self) -> np.ndarray:
+        """The target model's class for each x_adv (raises ValueError without predictions)."""
+        self._check_predicted()
         return np.asarray(self.classes, dtype=object)[self.proba_after.argmax(1)]
 
     def __len__(self) -> int:
@@ -147,14 +159,21 @@ class Perturbation:
         return rows if rows.any() else np.ones(len(self), bool)
 
     def predictions_df(self) -> pd.DataFrame:
-        """One row per sample: predicted class and probabilities before and after (and label)."""
+        """One row per sample (index ``sample``): the target model's view before and after.
+
+        Columns: ``label`` (when known), ``pred_before``, ``prob_before`` (probability of
+        the predicted class), ``pred_after``, ``prob_after``, ``prob_target_before``,
+        ``prob_target_after`` (probability of the target class). Raises ValueError when the
+        predictions were not computed.
+        """
+        self._check_predicted()
         t = self.classes.index(self.target)
         df = pd.DataFrame(
             {
                 "pred_before": self.pred_before,
-                "prob_before": self.proba_before.max(1) if len(self) else np.zeros(0),
+                "prob_before": self.proba_before.max(1, initial=0.0),
                 "pred_after": self.pred_after,
-                "prob_after": self.proba_after.max(1) if len(self) else np.zeros(0),
+                "prob_after": self.proba_after.max(1, initial=0.0),
                 "prob_target_before": self.proba_before[:, t],
                 "prob_target_after": self.proba_after[:, t],
             },
@@ -168,7 +187,8 @@ class Perturbation:
 def perturb_scaled(bundle: Bundle, Xs: np.ndarray, samples=None, *, labels=None, predict: bool = True) -> Perturbation:
     """Perturb already-scaled data whose columns are the bundle's genes.
 
-    With ``predict=False`` the target model is not run (``proba_*`` are empty (n, 0) arrays).
+    With ``predict=False`` the target model is not run: ``proba_*`` are empty (n, 0) arrays
+    and reading the predictions (``pred_*``, ``predictions_df``) raises a ValueError.
     """
     Xs = np.ascontiguousarray(Xs, dtype=np.float32)
     if Xs.ndim != 2 or Xs.shape[1] != len(bundle.genes):
@@ -218,12 +238,33 @@ def perturb(
     label_key: str | None = None,
     k: int = 20,
     key_added: str = "tspg",
+    source: str = "data",
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Perturb every sample of ``adata`` towards the bundle's target class.
 
     Genes are matched by name. In place (``copy=False``) needs ``adata`` to hold exactly the
     bundle's genes in its order; ``copy=True`` returns a new AnnData restricted to them.
+
+    Parameters
+    ----------
+    adata
+        Samples x genes, raw values (scaled here with the bundle's scaler).
+    bundle
+        A loaded bundle.
+    layer
+        Read the expression from ``adata.layers[layer]`` instead of ``X``.
+    label_key
+        Column of ``obs`` with each sample's class (default: the bundle's label key, when
+        present); samples of the target class are left out of the consensus.
+    k
+        Top genes per direction.
+    key_added
+        Prefix of the slots written.
+    source
+        Name of the data in error messages, e.g. its file name.
+    copy
+        Return a new AnnData instead of writing into ``adata``.
 
     Returns
     -------
@@ -232,17 +273,23 @@ def perturb(
     - ``layers[f"{key_added}_x"]``: the scaled input x
     - ``layers[f"{key_added}_perturbation"]``: P
     - ``layers[f"{key_added}_perturbed"]``: x_adv
-    - ``obs[f"{key_added}_pred_before"]``, ``obs[f"{key_added}_pred_after"]``: predicted class
-    - ``obs[f"{key_added}_prob_target_before"]``, ``obs[f"{key_added}_prob_target_after"]``
-    - ``uns[key_added]["params"]``: bundle name, target, layer, k
+    - ``obs[f"{key_added}_pred_before"]``, ``obs[f"{key_added}_pred_after"]``: the target
+      model's class for x and x_adv (categorical, the bundle's classes)
+    - ``obs[f"{key_added}_prob_pred_before"]``, ``obs[f"{key_added}_prob_pred_after"]``:
+      the probability of that predicted class
+    - ``obs[f"{key_added}_prob_target_before"]``, ``obs[f"{key_added}_prob_target_after"]``:
+      the probability of the target class
+    - ``uns[key_added]["params"]``: ``bundle`` (name), ``target``, ``layer`` (``"X"`` when
+      None), ``k``
     - ``uns[key_added]["top_genes"]``: ``up`` / ``down`` (samples x k gene names, rank order)
       and ``up_P`` / ``down_P`` (their P)
-    - ``uns[key_added]["consensus"]``: the columns of :func:`consensus` over the samples
-      whose label is not the target (all samples when labels are unknown), as arrays
+    - ``uns[key_added]["consensus"]``: the columns of :func:`consensus` (``gene``,
+      ``direction``, ``count``, ``frequency``, ``mean_P``) over the samples whose label is
+      not the target (all samples when labels are unknown or all of the target), as arrays
     """
     if not copy and list(adata.var_names) != list(bundle.genes):
-        raise ValueError("in-place perturbation needs exactly the bundle's genes in order; use copy=True")
-    result = perturb_adata(bundle, adata, layer=layer, label_key=label_key)
+        raise ValueError(f"{source}: in-place perturbation needs exactly the bundle's genes in order; use copy=True")
+    result = perturb_adata(bundle, adata, layer=layer, label_key=label_key, source=source)
     out = adata[:, bundle.genes].copy() if copy else adata
     out.layers[f"{key_added}_x"] = result.x
     out.layers[f"{key_added}_perturbation"] = result.P
@@ -250,11 +297,12 @@ def perturb(
     pred = result.predictions_df()
     for col in ("pred_before", "pred_after"):
         out.obs[f"{key_added}_{col}"] = pd.Categorical(pred[col].to_numpy(), categories=bundle.classes)
+    for col in ("prob_before", "prob_after"):
+        out.obs[f"{key_added}_prob_pred_{col.removeprefix('prob_')}"] = pred[col].to_numpy()
     for col in ("prob_target_before", "prob_target_after"):
         out.obs[f"{key_added}_{col}"] = pred[col].to_numpy()
     top = top_genes(result.P, bundle.genes, k=k)
-    sources = result.labels != bundle.target if result.labels is not None else np.ones(len(result), bool)
-    cons = consensus(result.P[sources], bundle.genes, k=k) if sources.any() else consensus(result.P, bundle.genes, k=k)
+    cons = consensus(result.P[result.source_rows()], bundle.genes, k=k)
     out.uns[key_added] = {
         "params": {"bundle": bundle.name, "target": bundle.target, "layer": layer or "X", "k": int(top.k)},
         "top_genes": {"up": top.up.astype(str), "down": top.down.astype(str), "up_P": top.up_P, "down_P": top.down_P},
