@@ -8,6 +8,7 @@ plus the mean-shift baseline, and the seed stability of the consensus top-20 up 
     python bench/quality.py                      # 3 targets x 2 recipes x 3 seeds
     python bench/quality.py --ablation           # the paper's recipe, one change at a time
     python bench/quality.py --targets "CD19+ B" --seeds 0 --recipes tspg+
+    python bench/quality.py --targets "CD56+ NK" --recipes tspg+ --set ed_repulsion=0.7
 
 Columns: f = target model, LR = logistic regression, 15-NN: share of x_adv each labels as
 the target; E-dist = energy distance to the real held-out target samples; spread = mean
@@ -108,13 +109,22 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", default=["tspg+", "paper"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--ablation", action="store_true", help="one target (default CD19+ B), the variants of ABLATION")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="override TrainConfig fields of every recipe, e.g. ed_repulsion=0.7")
     p.add_argument("--json", help="also write every run's figures here")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these networks are small: 1 is fastest on a busy 2-core machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     adata = demo()
-    variants = ABLATION if args.ablation else {r: {"recipe": r} for r in args.recipes}
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        kind = type(getattr(TrainConfig(), name, None))
+        if kind not in (int, float, str):
+            p.error(f"--set {item}: not a number or word field of TrainConfig")
+        overrides[name] = kind(value)
+    suffix = "".join(f", {k}={v}" for k, v in overrides.items())
+    variants = ABLATION if args.ablation else {r + suffix: {"recipe": r, **overrides} for r in args.recipes}
     targets = args.targets if not args.ablation or args.targets != TARGETS else ["CD19+ B"]
     print(f"demo pbmc68k_reduced, split seed 0, training seeds {args.seeds}; held-out non-target samples", file=sys.stderr)
     header = "| target | recipe | f | LR | 15-NN | E-dist | spread | Jaccard (min) | DE50 | train s |"
