@@ -6,12 +6,14 @@ Cases (each in a fresh Python process, so that peak memory is the case's own):
   gtex   tspg.datasets.synthetic_gem(): 11,688 samples x 4,386 genes, 53 classes (GTEx size),
          target class-00; only a couple of epochs (slow on a CPU)
 Per-epoch times are the median over the timed epochs after the first (which also builds the
-networks); the default recipe (tspg+) and batch size 128. Peak memory: the process's peak RSS
+networks); the tspg+ recipe by default (--recipe paper adds L_td's draws from the target
+distribution and L_norm) and batch size 128. Peak memory: the process's peak RSS
 on the CPU (Python, torch and the data included), torch.cuda.max_memory_allocated on CUDA.
 
     python bench/train_speed.py                                   # everything, device auto
     python bench/train_speed.py --threads 1 2 --full-runs 3 --full-threads 1
     python bench/train_speed.py --cases demo --full-runs 0        # quick look
+    python bench/train_speed.py --cases gtex --full-runs 0 --recipe paper
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_case(case: str, *, gen_epochs: int, target_epochs: int, threads: int, device: str) -> dict:
+def run_case(case: str, *, gen_epochs: int, target_epochs: int, threads: int, device: str, recipe: str) -> dict:
     """Time one case in this process; returns one table row."""
     import torch
 
@@ -52,7 +54,7 @@ def run_case(case: str, *, gen_epochs: int, target_epochs: int, threads: int, de
         adata, label_key, target = synthetic_gem(), "label", "class-00"
     prep = prepare(adata, label_key=label_key, dataset=case)
     X, y = prep.X[prep.train_idx], prep.y[prep.train_idx]
-    config = TrainConfig(epochs=gen_epochs, target_epochs=target_epochs)
+    config = TrainConfig.for_recipe(recipe, epochs=gen_epochs, target_epochs=target_epochs)
     rss_data = _rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -74,6 +76,7 @@ def run_case(case: str, *, gen_epochs: int, target_epochs: int, threads: int, de
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB RSS ({rss_data:.0f} with data, before training)"
     return {
         "case": f"{case}: {len(prep.train_idx)} train samples x {len(prep.genes)} genes, {len(prep.classes)} classes",
+        "recipe": recipe,
         "device": str(dev),
         "threads": threads,
         "target model s/epoch": round(target_s, 3),
@@ -113,6 +116,7 @@ def main(argv=None) -> None:
     p.add_argument("--cases", nargs="+", choices=["demo", "gtex"], default=["demo", "gtex"])
     p.add_argument("--threads", type=int, nargs="+", default=None, help="torch thread counts (default: torch's default)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--recipe", default="tspg+", choices=["tspg+", "paper"], help="recipe of the per-epoch cases (the full runs use tspg-train's default)")
     p.add_argument("--demo-epochs", type=int, default=8, help="generator epochs timed on the demo (target model: half)")
     p.add_argument("--gtex-epochs", type=int, default=2, help="generator and target-model epochs timed at GTEx size")
     p.add_argument("--full-runs", type=int, default=3, help="full tspg-train --demo runs (0: none)")
@@ -125,7 +129,7 @@ def main(argv=None) -> None:
     if args.case:
         epochs = args.demo_epochs if args.case == "demo" else args.gtex_epochs
         target_epochs = max(2, epochs // 2) if args.case == "demo" else epochs
-        row = run_case(args.case, gen_epochs=epochs, target_epochs=target_epochs, threads=args.threads[0], device=args.device)
+        row = run_case(args.case, gen_epochs=epochs, target_epochs=target_epochs, threads=args.threads[0], device=args.device, recipe=args.recipe)
         print(json.dumps(row))
         return
 
@@ -139,7 +143,7 @@ def main(argv=None) -> None:
     here = Path(__file__).resolve()
     for case in args.cases:
         for t in threads:
-            cmd = [sys.executable, str(here), "--case", case, "--threads", str(t), "--device", device,
+            cmd = [sys.executable, str(here), "--case", case, "--threads", str(t), "--device", device, "--recipe", args.recipe,
                    "--demo-epochs", str(args.demo_epochs), "--gtex-epochs", str(args.gtex_epochs)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
