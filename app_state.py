@@ -55,6 +55,7 @@ ENR_LIBRARIES = "enr_libraries"
 ENR_BACKEND = "enr_backend"
 ENR_THRESHOLD = "enr_threshold"
 ENR_GMTS = "enr_gmts"  # the offline GMT files to use (paths)
+ENR_GMTS_OFFERED = "enr_gmts_offered"  # every GMT file offered so far: a file offered anew starts selected
 
 # Page widgets whose value must survive a change of page (Streamlit forgets the value of a
 # widget that is not drawn in a run; re-assigning it keeps it).
@@ -479,7 +480,7 @@ def scaled_expression(bkey: str, dkey: str, _bundle, _adata) -> np.ndarray:
     a resource, so a large matrix is not copied on every rerun)."""
     from tspg.data import align_genes
 
-    return _bundle.scaler.transform(align_genes(_adata, _bundle.genes, source="data"))
+    return _bundle.scaler.transform(align_genes(_adata, _bundle.genes, source="data"), genes=_bundle.genes)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -621,8 +622,9 @@ def map_classes(bundle, labels, sources) -> list[str]:
     from tspg.embedding import MAP_MAX_CLASSES
 
     ss = st.session_state
-    options = set(map_class_options(bundle, labels))
-    chosen = [c for c in ss.get(MAP_CLASSES) or [] if c in options][: MAP_MAX_CLASSES - 1]
+    options = map_class_options(bundle, labels)
+    picked = set(ss.get(MAP_CLASSES) or [])
+    chosen = [c for c in options if c in picked][: MAP_MAX_CLASSES - 1]  # in the options' order: one map per set
     if not chosen or chosen == ss.get(MAP_AUTO):
         chosen = map_classes_default(bundle, labels, sources)
     return [bundle.target, *chosen]

@@ -30,7 +30,10 @@ c[1].radio("Direction", ["both", "up", "down"], key=S.ENR_DIRECTION, horizontal=
 c[2].radio("Backend", ["auto", "offline", "enrichr"], key=S.ENR_BACKEND, horizontal=True, help="auto: Enrichr, or the offline GMT gene sets when Enrichr cannot be reached.")
 with S.guard("Finding the offline gene-set files failed"):
     gmt_options = S.offline_gmt_files(bundle)
-st.session_state[S.ENR_GMTS] = [g for g in st.session_state.get(S.ENR_GMTS, gmt_options) if g in gmt_options]
+offered = st.session_state.get(S.ENR_GMTS_OFFERED, [])
+chosen = st.session_state.get(S.ENR_GMTS, gmt_options)
+st.session_state[S.ENR_GMTS] = [g for g in gmt_options if g in chosen or g not in offered]  # left out stays out
+st.session_state[S.ENR_GMTS_OFFERED] = list(dict.fromkeys([*offered, *gmt_options]))
 c = st.columns([2, 2, 1])
 c[0].multiselect("Enrichr libraries (online)", list(dict.fromkeys([*DEFAULT_LIBRARIES, *st.session_state[S.ENR_LIBRARIES]])), key=S.ENR_LIBRARIES, accept_new_options=True)
 c[1].multiselect(

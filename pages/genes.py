@@ -45,11 +45,14 @@ else:
 
 st.subheader("TSPG vs mean shift vs differential expression")
 ks = tuple(sorted({10, k, 50}))
+base = None
 try:
     base = S.baselines(bundle, data)
 except ValueError as err:  # the bundle's own data are needed for the baselines
     st.info(f"Baselines need the bundle's own training data: {err}")
-else:
+except Exception as err:  # any other backend error: a message, and the rest of the page still works
+    st.error(f"Fitting the baselines failed: {err}")
+if base is not None:
     with S.guard("Comparing with the baselines failed"):
         overlap = S.selection_overlap(base, src, ks)
     S.show_table(
@@ -65,7 +68,8 @@ else:
     )
     st.caption(
         "Overlap of the selection's consensus top-k genes (per direction) with two baselines: the consensus top-k of "
-        "the same samples' mean-shift perturbation (target class mean minus their class mean), and the top-k of a "
+        "the same samples' mean-shift perturbation (the change x + target class mean - their class mean, clipped to [0, 1], "
+        "makes), and the top-k of a "
         "Wilcoxon test of the target class against the rest. Both baselines are fit on the training split."
     )
 

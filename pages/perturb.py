@@ -104,7 +104,7 @@ with S.guard("Drawing the heatmap failed"):
     st.caption(
         f"The {k} genes with the largest positive and the {k} with the largest negative P, sorted by P"
         + ("" if one else " (every column: the mean over the selection)")
-        + ". Columns: x, the scaled expression before; P, the perturbation; x_adv = clip(x + P, 0, 1), after; "
+        + ". Columns: x, the scaled expression before; P, the perturbation (the change the generator makes); x_adv = x + P, after; "
         "target mean, the target class's mean over the training split."
     )
     S.show_chart(charts.heatmap_chart(frame, title=title), f"heatmap-{bundle.name}", key="heatmap")

@@ -298,6 +298,11 @@ def test_enrichment_threshold_offline_libraries_and_retrying_enrichr(models, mon
     ok(at.run())
     assert set(at.dataframe[0].value["library"]) == {"extra"}
     assert "the page left out: blood_markers" in next(c.value for c in at.code if "tspg enrich" in c.value)
+    # a library offered anew (another bundle's gene set, a new file) starts selected; the one left out stays out
+    (gmts / "more.gmt").write_text(f"MORE\tmine\t{chr(9).join(up[:2] + others)}\n")
+    ok(at.run())
+    assert [Path(f).name for f in at.multiselect(key="enr_gmts").value] == ["extra.gmt", "more.gmt"]
+    assert set(at.dataframe[0].value["library"]) == {"extra", "more"}
 
     # Enrichr answers again: the fallback is kept for a while; "Try Enrichr again" asks it now,
     # and the online result shows (and is kept)

@@ -171,6 +171,9 @@ CORRUPT_MANIFESTS = {
     "format version text": lambda m: json.dumps({**m, "format_version": "one"}),
     "format version newer": lambda m: json.dumps({**m, "format_version": 99}),
     "config wrong": lambda m: json.dumps({**m, "config": {**m["config"], "gen_encoder": "wide"}}),
+    "config word wrong": lambda m: json.dumps({**m, "config": {**m["config"], "adv_space": "prob"}}),
+    "no dataset": lambda m: json.dumps({k: v for k, v in m.items() if k != "dataset"}),
+    "gene set not a dict": lambda m: json.dumps({**m, "gene_set": "all"}),
 }
 
 

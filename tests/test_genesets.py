@@ -78,6 +78,12 @@ def test_gene_set_file_errors(tmp_path):
         read_gene_list(binary)
 
 
+def test_relative_gene_set_path_is_recorded_absolute(gmt, monkeypatch):
+    monkeypatch.chdir(gmt.parent)
+    sel = select_genes(GEM_GENES, gene_set=f"{gmt.name}:HYPOXIA")
+    assert sel.source == str(gmt.resolve())  # so the bundle's gene set is found from any folder later
+
+
 def test_select_file_colon_name(gmt):
     sel = select_genes(GEM_GENES, gene_set=f"{gmt}:HYPOXIA")
     assert isinstance(sel, GeneSelection)

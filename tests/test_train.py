@@ -204,6 +204,28 @@ def test_evaluating_freezes_batchnorm_statistics_and_restores_the_mode():
     assert not torch.equal(bn.running_mean, before)
 
 
+def test_each_step_updates_D_on_one_batch_then_G_against_D_in_inference_mode():
+    """The reference's order: D on [real, x_adv] as one batch (training mode), then G's loss
+    through D in inference mode (BatchNorm uses, and keeps, its running statistics)."""
+    rng = np.random.default_rng(0)
+    X = rng.random((24, 6), dtype=np.float32)
+    y = np.repeat([0, 1, 2], 8)
+    f = TargetClassifier(6, 3, hidden=(8,)).eval()
+    calls = []
+
+    def record(module, args):
+        if isinstance(module, Discriminator):
+            calls.append((len(args[0]), module.training))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        fit_generator(X, y, 1, f, TrainConfig.for_recipe("paper", epochs=1, batch_size=8, **SMALL_NETS))
+    finally:
+        handle.remove()
+    # 24 samples, batches of 8 (the paper's G learns on every sample): 3 steps of (D, G)
+    assert calls == [(16, True), (8, False)] * 3
+
+
 def test_a_diverging_run_stops_with_a_clear_error():
     rng = np.random.default_rng(0)
     X = rng.random((24, 6), dtype=np.float32)
@@ -299,6 +321,8 @@ def test_config_refuses_values_out_of_range():
         (dict(test_size=1.0), "test_size = 1.0: must be between 0 and 1"),
         (dict(ed_repulsion=1.5), "ed_repulsion = 1.5: must be between 0 and 1"),
         (dict(gen_encoder=(64, 0)), "gen_encoder = \\(64, 0\\): widths must be at least 1"),
+        (dict(adv_space="prob"), "adv_space = 'prob': choose one of logits, probs"),
+        (dict(recipe="fancy"), "recipe = 'fancy': choose one of tspg\\+, paper"),
     ):
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
@@ -316,6 +340,8 @@ def test_recipes():
         TrainConfig.for_recipe("fancy")
     cfg = TrainConfig(gen_encoder=(64, 32), seed=5)
     assert TrainConfig.from_dict(cfg.to_dict() | {"gen_encoder": [64, 32], "unknown_field": 1}) == cfg
+    older = {k: v for k, v in TrainConfig(batch_size=64).to_dict().items() if k != "target_batch_size"}
+    assert TrainConfig.from_dict(older).target_batch_size == 64  # older bundles trained f in batches of batch_size
 
 
 def test_resolve_device():

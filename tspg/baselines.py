@@ -232,7 +232,7 @@ def split_arrays(bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None,
         missing = [s for s, p in zip(ids, pos, strict=True) if p < 0]
         raise ValueError(f"data: {len(missing)} sample(s) of the bundle's {part} split are missing (e.g. {missing[0]!r}); is this the data the bundle was trained on?")
     sub = adata[pos]
-    Xs = bundle.scaler.transform(align_genes(sub, bundle.genes, layer=layer))
+    Xs = bundle.scaler.transform(align_genes(sub, bundle.genes, layer=layer), genes=bundle.genes)
     return Xs, sub.obs[label_key].astype(str).to_numpy(), ids
 
 

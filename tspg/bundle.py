@@ -227,7 +227,7 @@ def read_manifest(path: str | Path) -> dict:
         raise ValueError(f"{mf}: unreadable ({type(err).__name__})") from err
     if not isinstance(manifest, dict):
         raise ValueError(f"{mf}: not a bundle manifest (expected a JSON object)")
-    required = ["format_version", "name", "genes", "classes", "target", "label_key", "scaler", "config", "split"]
+    required = ["format_version", "name", "dataset", "genes", "gene_set", "classes", "target", "label_key", "scaler", "config", "split"]
     missing = [k for k in required if k not in manifest]
     if missing:
         raise ValueError(f"{mf}: missing field(s) {', '.join(missing)}")
@@ -252,6 +252,9 @@ def _check_manifest(manifest: dict, mf: Path) -> None:
         raise ValueError(f"{mf}: target_mean has the wrong length for {n} genes")
     if not isinstance(manifest["config"], dict):
         raise ValueError(f"{mf}: config must be a JSON object")
+    for key in ("dataset", "gene_set"):
+        if not isinstance(manifest[key], dict) or "name" not in manifest[key]:
+            raise ValueError(f"{mf}: {key} must be a JSON object with a name")
 
 
 def _networks(manifest: dict, path: Path, device: torch.device | str = "cpu") -> dict:

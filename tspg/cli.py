@@ -31,23 +31,18 @@ CONFIG_HELP = {
     "d_lr": "Adam learning rate of the discriminator",
     "w_gan": "weight of the least-squares GAN loss",
     "w_adv": "weight of the Carlini-Wagner loss",
-    "w_norm": "weight of the L2 norm of P",
+    "w_norm": "weight of the L2 norm of the generator's output G(x)",
     "w_td": "weight of the L1 distance to a draw of the target distribution",
     "w_ed": "weight of the energy distance between x_adv and real target samples",
     "ed_repulsion": "weight of the x_adv-to-x_adv term inside the energy distance (<1 draws x_adv to the target's core)",
     "kappa": "Carlini-Wagner confidence margin",
     "adv_space": "take the Carlini-Wagner margin on logits or softmax probabilities",
     "adv_reduce": "average or sum the Carlini-Wagner loss over the batch",
-    "norm_form": "sample: mean ||P_i||_2; batch: ||P_batch||_2 + 1",
+    "norm_form": "sample: mean ||G(x_i)||_2; batch: ||G(x)_batch||_2 + 1",
     "covariance": "covariance of the target distribution for L_td (auto: full unless too large, then lowrank)",
     "cov_rank": "rank of the lowrank covariance",
     "disc_real": "what the discriminator sees as real: target-class samples, or all samples",
     "train_on": "samples the generator learns to perturb",
-}
-CHOICES = {
-    "adv_space": ["logits", "probs"], "adv_reduce": ["mean", "sum"], "norm_form": ["sample", "batch"],
-    "covariance": ["auto", "full", "diagonal", "lowrank"], "disc_real": ["target", "all"],
-    "train_on": ["non-target", "all"],
 }
 
 
@@ -94,7 +89,7 @@ def _read_data(args):
 
 
 def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
-    from .train import TrainConfig
+    from .train import CHOICES, TrainConfig
 
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=_Formatter,
@@ -109,7 +104,7 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
     g.add_argument("--gene-set", help="FILE.gmt:NAME (or a list file in the reference format); default all genes")
     g.add_argument("--genes", help="file with one gene per line")
     g.add_argument("--target-model", help="reuse the target model, split and scaler of this bundle")
-    g.add_argument("--recipe", choices=["tspg+", "paper"], default="tspg+", help="loss recipe; options below override it")
+    g.add_argument("--recipe", choices=CHOICES["recipe"], default="tspg+", help="loss recipe; options below override it")
     h = p.add_argument_group("hyper-parameters (default: the recipe's value)")
     base, paper = TrainConfig.for_recipe("tspg+"), TrainConfig.for_recipe("paper")
     for name in config_options():
@@ -527,9 +522,7 @@ def _perturb(args, parser) -> int:
         pd.DataFrame(result.x_adv, index=index, columns=bundle.genes).to_csv(out / "perturbed.csv", float_format="%.6g")
         result.predictions_df().to_csv(out / "predictions.csv")
         top_genes_df(result, k=args.k).to_csv(out / "top_genes.csv", index=False)
-        sources = result.labels != bundle.target if result.labels is not None else None
-        P = result.P[sources] if sources is not None and sources.any() else result.P
-        consensus(P, bundle.genes, k=args.k).to_csv(out / "consensus.csv", index=False)
+        consensus(result.P[result.source_rows()], bundle.genes, k=args.k).to_csv(out / "consensus.csv", index=False)
         pred_after, labels = result.pred_after, result.labels
         print(f"wrote {out}/: perturbation.csv, perturbed.csv, predictions.csv, top_genes.csv, consensus.csv")
     else:

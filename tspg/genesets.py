@@ -119,4 +119,4 @@ def select_genes(
     genes = [g for g in gem_genes if g in present]
     if missing:
         logger.warning("%s: %d of %d genes of %r are not in the GEM", source, len(missing), len(wanted), name)
-    return GeneSelection(name, genes, len(wanted), missing, source)
+    return GeneSelection(name, genes, len(wanted), missing, str(Path(source).resolve()))  # found from any folder later

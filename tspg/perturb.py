@@ -1,7 +1,7 @@
 """Perturbing data with a bundle, and reading the perturbation: top genes and consensus.
 
 x -> x_adv = clip(x + G(x), 0, 1), and the perturbation P = x_adv - x: the change the
-generator actually makes, so x_adv = x + P exactly. Where x + G(x) would leave [0, 1], P
+generator actually makes, so x_adv = x + P (up to float rounding). Where x + G(x) would leave [0, 1], P
 is the part of G(x) that takes effect (as the reference implementation reports it); a gene
 at 0 that G pushes further down has P = 0, not a large negative value that changes nothing.
 All three live in the bundle's scaled space ([0, 1] per gene, scaled with the minimum and
@@ -227,7 +227,7 @@ def perturb_adata(
         raise ValueError(f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}")
     key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
     labels = adata.obs[key].astype(str).to_numpy() if key else None
-    return perturb_scaled(bundle, bundle.scaler.transform(X), adata.obs_names, labels=labels)
+    return perturb_scaled(bundle, bundle.scaler.transform(X, genes=bundle.genes, source=source), adata.obs_names, labels=labels)
 
 
 def perturb(

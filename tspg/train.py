@@ -62,7 +62,7 @@ class TrainConfig:
     kappa: float = 2.0  # Carlini-Wagner confidence margin (on logits for tspg+)
     adv_space: Literal["logits", "probs"] = "logits"  # where the C-W margin is taken
     adv_reduce: Literal["mean", "sum"] = "mean"  # over the batch
-    norm_form: Literal["sample", "batch"] = "sample"  # mean ||P_i||_2, or ||P_batch||_2 + 1
+    norm_form: Literal["sample", "batch"] = "sample"  # of G's output g: mean ||g_i||_2, or ||g_batch||_2 + 1
     covariance: Literal["auto", "full", "diagonal", "lowrank"] = "auto"  # of r_t in L_td
     cov_rank: int = 64  # rank for covariance="lowrank"
     disc_real: Literal["target", "all"] = "target"  # what D is shown as real
@@ -88,13 +88,25 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        if "target_batch_size" not in kw:  # bundles older than the field trained f in batches of batch_size
+            kw["target_batch_size"] = kw.get("batch_size", cls.batch_size)
         return cls(**kw)
+
+
+# The allowed words of the TrainConfig fields that take one
+CHOICES = {
+    "recipe": list(RECIPES), "adv_space": ["logits", "probs"], "adv_reduce": ["mean", "sum"],
+    "norm_form": ["sample", "batch"], "covariance": ["auto", "full", "diagonal", "lowrank"],
+    "disc_real": ["target", "all"], "train_on": ["non-target", "all"],
+}
 
 
 def config_problem(name: str, value) -> str | None:
     """Why ``value`` is out of range for TrainConfig field ``name``; None when it is fine."""
-    if isinstance(value, str | tuple):
-        return None if isinstance(value, str) or all(isinstance(w, int) and w >= 1 for w in value) else "widths must be at least 1"
+    if isinstance(value, str):
+        return None if value in CHOICES.get(name, [value]) else f"choose one of {', '.join(CHOICES[name])}"
+    if isinstance(value, tuple):
+        return None if all(isinstance(w, int) and w >= 1 for w in value) else "widths must be at least 1"
     if not math.isfinite(value):
         return "must be a finite number"
     if name == "test_size":
@@ -179,11 +191,12 @@ def cw_loss(
     return margin.sum() if reduce == "sum" else margin.mean()
 
 
-def norm_loss(P: torch.Tensor, *, form: str = "sample") -> torch.Tensor:
-    """``sample``: mean over samples of ||P_i||_2; ``batch`` (paper): ||P||_2 of the batch + 1."""
+def norm_loss(g: torch.Tensor, *, form: str = "sample") -> torch.Tensor:
+    """L_norm of the generator's output g = G(x) (before clipping, as the reference computes it):
+    ``sample``: mean over samples of ||g_i||_2; ``batch`` (paper): ||g||_2 of the batch + 1."""
     if form == "batch":
-        return torch.linalg.vector_norm(P) + 1.0
-    return torch.linalg.vector_norm(P, dim=1).mean()
+        return torch.linalg.vector_norm(g) + 1.0
+    return torch.linalg.vector_norm(g, dim=1).mean()
 
 
 def td_loss(x_adv: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -398,10 +411,10 @@ def fit_generator(
             opt_d.step()
 
             # 2. generator, against D in inference mode
-            P = G(x)
-            x_adv = (x + P).clamp(0.0, 1.0)
+            g = G(x)
+            x_adv = (x + g).clamp(0.0, 1.0)
             with evaluating(D):
-                loss = generator_loss(x_adv, P, f, D, target, config, sampler=sampler, X_t=X_t, generator=gen)
+                loss = generator_loss(x_adv, g, f, D, target, config, sampler=sampler, X_t=X_t, generator=gen)
             opt_g.zero_grad()
             loss.total.backward()
             opt_g.step()
@@ -422,7 +435,7 @@ def fit_generator(
 
 def generator_loss(
     x_adv: torch.Tensor,
-    P: torch.Tensor,
+    g: torch.Tensor,
     f: nn.Module,
     D: nn.Module,
     target: int,
@@ -432,7 +445,10 @@ def generator_loss(
     X_t: torch.Tensor,
     generator: torch.Generator,
 ) -> GeneratorLoss:
-    """L = w_gan L_gan + w_adv L_adv + w_norm L_norm + w_td L_td + w_ed L_ed (terms with weight 0 are skipped)."""
+    """L = w_gan L_gan + w_adv L_adv + w_norm L_norm + w_td L_td + w_ed L_ed (terms with weight 0 are skipped).
+
+    ``x_adv`` = clip(x + g, 0, 1) and ``g`` = G(x), the generator's raw output (L_norm's input).
+    """
     zero = x_adv.new_zeros(())
     m = len(x_adv)
     gan = lsgan_generator_loss(D(x_adv)) if config.w_gan else zero
@@ -440,7 +456,7 @@ def generator_loss(
     if config.adv_space == "probs":
         out = torch.softmax(out, dim=1)
     adv = cw_loss(out, target, kappa=config.kappa, reduce=config.adv_reduce) if config.w_adv else zero
-    norm = norm_loss(P, form=config.norm_form) if config.w_norm else zero
+    norm = norm_loss(g, form=config.norm_form) if config.w_norm else zero
     td = td_loss(x_adv, sampler.sample(m)) if config.w_td else zero
     if config.w_ed:
         # real target samples: all of them when they fit in a batch, else a random batch
