@@ -375,13 +375,12 @@ def write_gem(adata: ad.AnnData, path: str | Path) -> Path:
         raise ValueError(f"{path}: cannot write, {path.parent} is not a folder")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        try:
-            adata.write_h5ad(tmp)
-        except OSError:
-            raise
-        except Exception as err:  # anndata cannot store something in the AnnData
-            raise ValueError(f"{path}: cannot write ({str(err).splitlines()[0]})") from err
+        adata.write_h5ad(tmp)
         tmp.replace(path)
+    except OSError:
+        raise
+    except Exception as err:  # anndata cannot store something in the AnnData
+        raise ValueError(f"{path}: cannot write ({str(err).splitlines()[0]})") from err
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; a leftover after a failure
     return path
