@@ -55,24 +55,64 @@ ENR_LIBRARIES = "enr_libraries"
 ENR_BACKEND = "enr_backend"
 ENR_THRESHOLD = "enr_threshold"
 ENR_GMTS = "enr_gmts"  # the offline GMT files to use (paths)
-ENR_GMTS_OFFERED = "enr_gmts_offered"  # every GMT file offered so far: a file offered anew starts selected
+ENR_GMTS_OFFERED = (
+    "enr_gmts_offered"  # every GMT file offered so far: a file offered anew starts selected
+)
 
 # Page widgets whose value must survive a change of page (Streamlit forgets the value of a
 # widget that is not drawn in a run; re-assigning it keeps it).
 PERSIST = (
-    SEL_MODE, SEL_CLASSES, SEL_IDS, SEL_N, SEL_SEED, SEL_HELDOUT, SEL_NONTARGET,
-    HEAT_VIEW, HEAT_SAMPLE, TOP_K, MAP_CLASSES, MAP_SEED, GENE,
-    ENR_WHAT, ENR_DIRECTION, ENR_LIBRARIES, ENR_BACKEND, ENR_THRESHOLD, ENR_GMTS,
+    SEL_MODE,
+    SEL_CLASSES,
+    SEL_IDS,
+    SEL_N,
+    SEL_SEED,
+    SEL_HELDOUT,
+    SEL_NONTARGET,
+    HEAT_VIEW,
+    HEAT_SAMPLE,
+    TOP_K,
+    MAP_CLASSES,
+    MAP_SEED,
+    GENE,
+    ENR_WHAT,
+    ENR_DIRECTION,
+    ENR_LIBRARIES,
+    ENR_BACKEND,
+    ENR_THRESHOLD,
+    ENR_GMTS,
 )
 DEFAULTS = {
-    DATA: "bundle", SEL_MODE: "random", SEL_N: 20, SEL_SEED: 0, SEL_HELDOUT: True,
-    SEL_NONTARGET: True, HEAT_VIEW: "mean", TOP_K: 20, MAP_SEED: 0,
-    ENR_WHAT: "consensus", ENR_DIRECTION: "both", ENR_BACKEND: "auto", ENR_THRESHOLD: 1e-4,
+    DATA: "bundle",
+    SEL_MODE: "random",
+    SEL_N: 20,
+    SEL_SEED: 0,
+    SEL_HELDOUT: True,
+    SEL_NONTARGET: True,
+    HEAT_VIEW: "mean",
+    TOP_K: 20,
+    MAP_SEED: 0,
+    ENR_WHAT: "consensus",
+    ENR_DIRECTION: "both",
+    ENR_BACKEND: "auto",
+    ENR_THRESHOLD: 1e-4,
 }
-DATA_CHOICES = {"bundle": "The bundle's own dataset", "demo": "Demo: pbmc68k_reduced", "upload": "Upload a .h5ad file"}
+DATA_CHOICES = {
+    "bundle": "The bundle's own dataset",
+    "demo": "Demo: pbmc68k_reduced",
+    "upload": "Upload a .h5ad file",
+}
 SELECTION_MODES = {"random": "N at random", "class": "By source class", "id": "By sample id"}
 MAX_UPLOAD_MB = 200
-ENRICHMENT_THRESHOLDS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1)  # q below which a term is "significant"; 1e-4 as in the paper
+ENRICHMENT_THRESHOLDS = (
+    1e-6,
+    1e-5,
+    1e-4,
+    1e-3,
+    0.01,
+    0.05,
+    0.1,
+)  # q below which a term is "significant"; 1e-4 as in the paper
 
 
 def init_state() -> None:
@@ -216,7 +256,12 @@ def compatible_bundles(bundle, entries=None) -> list[str]:
     out = []
     for e in entries:
         m = e.manifest
-        if e.error is None and m["genes"] == bundle.genes and m["classes"] == bundle.classes and m["label_key"] == bundle.label_key:
+        if (
+            e.error is None
+            and m["genes"] == bundle.genes
+            and m["classes"] == bundle.classes
+            and m["label_key"] == bundle.label_key
+        ):
             out.append(e.name)
     return out or [bundle.name]
 
@@ -224,7 +269,7 @@ def compatible_bundles(bundle, entries=None) -> list[str]:
 def demo_config(epochs: int | None = None):
     """The demo run's config: the default recipe, with generator epochs from the session or
     ``$TSPG_DEMO_EPOCHS`` (and target-model epochs no more than those)."""
-    from tspg.train import TrainConfig
+    from tspg.config import TrainConfig
 
     raw = epochs or st.session_state.get(DEMO_EPOCHS) or os.environ.get("TSPG_DEMO_EPOCHS")
     if not raw:
@@ -236,23 +281,29 @@ def demo_config(epochs: int | None = None):
     if epochs < 1:
         raise ValueError(f"TSPG_DEMO_EPOCHS={raw!r}: the demo needs at least 1 epoch")
     base = TrainConfig.for_recipe("tspg+")
-    return TrainConfig.for_recipe("tspg+", epochs=epochs, target_epochs=min(base.target_epochs, epochs))
+    return TrainConfig.for_recipe(
+        "tspg+", epochs=epochs, target_epochs=min(base.target_epochs, epochs)
+    )
 
 
 def train_command(manifest: dict) -> str:
     """The ``tspg-train`` command that rebuilds a bundle (options that differ from its recipe)."""
-    from tspg.cli import CONFIG_HELP
+    from tspg.cli import config_options
+    from tspg.config import TrainConfig
     from tspg.datasets import DEMO_NAME
-    from tspg.train import TrainConfig
 
     cfg = manifest["config"]
     base = TrainConfig.for_recipe(cfg.get("recipe", "tspg+")).to_dict()
-    data = "--demo" if manifest["dataset"]["name"] == DEMO_NAME else f"{manifest['dataset']['name']}.h5ad --label-key {shlex.quote(manifest['label_key'])}"
+    data = (
+        "--demo"
+        if manifest["dataset"]["name"] == DEMO_NAME
+        else f"{manifest['dataset']['name']}.h5ad --label-key {shlex.quote(manifest['label_key'])}"
+    )
     parts = [f"tspg-train {data}", f"--target {shlex.quote(manifest['target'])}"]
     if cfg.get("recipe", "tspg+") != "tspg+":
         parts.append(f"--recipe {cfg['recipe']}")
     for k, v in cfg.items():
-        if k in CONFIG_HELP and base.get(k) != v:  # the hyper-parameters tspg-train takes
+        if k in config_options() and base.get(k) != v:  # the hyper-parameters tspg-train takes
             parts.append(f"--{k.replace('_', '-')} {v}")
     parts.append(f"--name {shlex.quote(manifest['name'])} --out {shlex.quote(str(models_root()))}")
     return " ".join(parts)
@@ -287,7 +338,9 @@ def read_upload(name: str, data: bytes):
     from tspg.data import read_gem
 
     if not name.lower().endswith(".h5ad"):
-        raise ValueError(f"{name}: upload a .h5ad file (AnnData); other formats can be converted with `tspg import`")
+        raise ValueError(
+            f"{name}: upload a .h5ad file (AnnData); other formats can be converted with `tspg import`"
+        )
     if len(data) > MAX_UPLOAD_MB * 2**20:
         raise ValueError(f"{name}: {len(data) / 2**20:.0f} MB is over the {MAX_UPLOAD_MB} MB limit")
     with tempfile.TemporaryDirectory(prefix="tspg-upload-") as tmp:
@@ -318,12 +371,18 @@ def current_data(bundle) -> Data:
         return Data(demo_adata(), "demo", "pbmc68k_reduced (the bundle's dataset)", own=True)
     up = st.session_state.get(UPLOAD)
     if up is None:
-        raise Waiting(own_dataset_hint(bundle.manifest) if source == "bundle" else "Choose a .h5ad file to perturb in the sidebar.")
+        raise Waiting(
+            own_dataset_hint(bundle.manifest)
+            if source == "bundle"
+            else "Choose a .h5ad file to perturb in the sidebar."
+        )
     adata = _upload_adata(up.file_id, up.name, up)
     key = f"upload:{up.file_id}"
     expected = bundle.manifest["dataset"].get("fingerprint")
     own = bool(expected) and _fingerprint(bundle_key(bundle), key, bundle, adata) == expected
-    data = Data(adata, key, f"upload {up.name}" + (" (the bundle's dataset)" if own else ""), own=own)
+    data = Data(
+        adata, key, f"upload {up.name}" + (" (the bundle's dataset)" if own else ""), own=own
+    )
     if source == "bundle" and not own:
         check_genes(bundle, data)
         name = bundle.manifest["dataset"]["name"]
@@ -407,10 +466,14 @@ def selection(bundle, data: Data) -> Selection:
     mode = ss.get(SEL_MODE, "random")
     pool = sample_pool(bundle, data)
     labels = data.labels(bundle.label_key)
-    label_of = dict(zip(map(str, data.adata.obs_names), labels, strict=True)) if labels is not None else {}
+    label_of = (
+        dict(zip(map(str, data.adata.obs_names), labels, strict=True)) if labels is not None else {}
+    )
     if mode == "class":
         if labels is None:
-            raise ValueError(f"{data.label}: no {bundle.label_key!r} column in obs, so samples cannot be picked by class; pick them by id or at random")
+            raise ValueError(
+                f"{data.label}: no {bundle.label_key!r} column in obs, so samples cannot be picked by class; pick them by id or at random"
+            )
         classes = list(ss.get(SEL_CLASSES) or default_classes(bundle, labels))
         picked = [s for s in pool if label_of[s] in set(classes)]
         params = {"mode": "class", "classes": classes}
@@ -422,9 +485,17 @@ def selection(bundle, data: Data) -> Selection:
         desc = f"{len(picked)} samples by id"
     else:
         n, seed = int(ss.get(SEL_N, 20)), int(ss.get(SEL_SEED, 0))
-        candidates = [s for s in pool if not (ss.get(SEL_NONTARGET, True) and label_of.get(s) == bundle.target)]
+        candidates = [
+            s
+            for s in pool
+            if not (ss.get(SEL_NONTARGET, True) and label_of.get(s) == bundle.target)
+        ]
         rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(len(candidates), size=min(n, len(candidates)), replace=False)) if candidates else []
+        idx = (
+            np.sort(rng.choice(len(candidates), size=min(n, len(candidates)), replace=False))
+            if candidates
+            else []
+        )
         picked = [candidates[i] for i in idx]
         params = {"mode": "random", "n": n, "seed": seed}
         desc = f"{len(picked)} random samples, seed {seed}"
@@ -480,7 +551,9 @@ def scaled_expression(bkey: str, dkey: str, _bundle, _adata) -> np.ndarray:
     a resource, so a large matrix is not copied on every rerun)."""
     from tspg.data import align_genes
 
-    return _bundle.scaler.transform(align_genes(_adata, _bundle.genes, source="data"), genes=_bundle.genes)
+    return _bundle.scaler.transform(
+        align_genes(_adata, _bundle.genes, source="data"), genes=_bundle.genes
+    )
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -500,8 +573,24 @@ def show_chart(chart, name: str, *, key: str | None = None, on_select=None, sele
     result = st.altair_chart(chart.properties(autosize="pad"), width="content", key=key, **kw)
     fname = _slug(name)
     row = st.container(horizontal=True)
-    row.download_button("SVG", lambda: charts.chart_to_svg(chart), file_name=f"{fname}.svg", mime="image/svg+xml", key=f"svg-{key or fname}", on_click="ignore", icon=":material/download:")
-    row.download_button("PNG", lambda: charts.chart_to_png(chart), file_name=f"{fname}.png", mime="image/png", key=f"png-{key or fname}", on_click="ignore", icon=":material/download:")
+    row.download_button(
+        "SVG",
+        lambda: charts.chart_to_svg(chart),
+        file_name=f"{fname}.svg",
+        mime="image/svg+xml",
+        key=f"svg-{key or fname}",
+        on_click="ignore",
+        icon=":material/download:",
+    )
+    row.download_button(
+        "PNG",
+        lambda: charts.chart_to_png(chart),
+        file_name=f"{fname}.png",
+        mime="image/png",
+        key=f"png-{key or fname}",
+        on_click="ignore",
+        icon=":material/download:",
+    )
     return result
 
 
@@ -510,10 +599,20 @@ def _csv(df: pd.DataFrame, index: bool) -> bytes:
     return df.to_csv(index=index).encode()
 
 
-def show_table(df: pd.DataFrame, name: str, *, key: str | None = None, index: bool = True, **kw) -> None:
+def show_table(
+    df: pd.DataFrame, name: str, *, key: str | None = None, index: bool = True, **kw
+) -> None:
     """``st.dataframe`` plus a CSV download."""
     st.dataframe(df, **kw)
-    st.download_button("CSV", _csv(df, index), file_name=f"{_slug(name)}.csv", mime="text/csv", key=f"csv-{key or _slug(name)}", on_click="ignore", icon=":material/download:")
+    st.download_button(
+        "CSV",
+        _csv(df, index),
+        file_name=f"{_slug(name)}.csv",
+        mime="text/csv",
+        key=f"csv-{key or _slug(name)}",
+        on_click="ignore",
+        icon=":material/download:",
+    )
 
 
 def reproduce(params: dict, command: str, *, python: str | None = None) -> None:
@@ -556,8 +655,9 @@ def fingerprint(*parts) -> str:
 def scaler_key(bundle) -> str:
     """Names the bundle's gene set and scaling (bundles that share them share a map)."""
     s = bundle.manifest["scaler"]
-    return fingerprint(tuple(bundle.genes), tuple(np.round(s["minimum"], 6)), tuple(np.round(s["range"], 6)))
-
+    return fingerprint(
+        tuple(bundle.genes), tuple(np.round(s["minimum"], 6)), tuple(np.round(s["range"], 6))
+    )
 
 
 def frame_csv(make: Callable[[], pd.DataFrame], *, index: bool = True) -> Callable[[], bytes]:
@@ -591,7 +691,9 @@ def heatmap_frame(bundle, data: Data, pert, *, n_genes: int) -> pd.DataFrame:
 
     tm = target_mean(bundle, data)
     tm = np.full(len(pert.genes), np.nan) if tm is None else tm
-    return charts.heatmap_frame(pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tm, n_genes=n_genes)
+    return charts.heatmap_frame(
+        pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tm, n_genes=n_genes
+    )
 
 
 # ----------------------------------------------------------------------------- t-SNE map
@@ -611,7 +713,11 @@ def map_classes_default(bundle, labels, sources) -> list[str]:
     from tspg.embedding import MAP_MAX_CLASSES
 
     options = map_class_options(bundle, labels)
-    picked = [c for c in pd.Series(sources).value_counts().index if c in set(options)] if sources is not None else []
+    picked = (
+        [c for c in pd.Series(sources).value_counts().index if c in set(options)]
+        if sources is not None
+        else []
+    )
     picked = list(dict.fromkeys([*picked, *options]))[: MAP_MAX_CLASSES - 1]
     return [c for c in options if c in set(picked)]
 
@@ -624,25 +730,39 @@ def map_classes(bundle, labels, sources) -> list[str]:
     ss = st.session_state
     options = map_class_options(bundle, labels)
     picked = set(ss.get(MAP_CLASSES) or [])
-    chosen = [c for c in options if c in picked][: MAP_MAX_CLASSES - 1]  # in the options' order: one map per set
+    chosen = [c for c in options if c in picked][
+        : MAP_MAX_CLASSES - 1
+    ]  # in the options' order: one map per set
     if not chosen or chosen == ss.get(MAP_AUTO):
         chosen = map_classes_default(bundle, labels, sources)
     return [bundle.target, *chosen]
 
 
-@st.cache_resource(show_spinner="Fitting the t-SNE reference map (once per dataset, gene set, classes and seed)…", max_entries=8)
+@st.cache_resource(
+    show_spinner="Fitting the t-SNE reference map (once per dataset, gene set, classes and seed)…",
+    max_entries=8,
+)
 def _reference_map(dkey: str, skey: str, classes: tuple[str, ...], seed: int, _bundle, _data):
     from tspg.embedding import fit_class_map
 
     Xs = scaled_expression(bundle_key(_bundle), _data.key, _bundle, _data.adata)
     names = np.asarray(_data.adata.obs_names).astype(str)
-    return fit_class_map(Xs, _data.labels(_bundle.label_key), names, classes=list(classes), target=_bundle.target, seed=seed)
+    return fit_class_map(
+        Xs,
+        _data.labels(_bundle.label_key),
+        names,
+        classes=list(classes),
+        target=_bundle.target,
+        seed=seed,
+    )
 
 
 def reference_map(bundle, data: Data, classes, seed: int):
     """(ReferenceMap, row indices of its samples); cached per dataset, gene set and scaling, classes, seed."""
     if data.labels(bundle.label_key) is None:
-        raise ValueError(f"{data.label} has no {bundle.label_key!r} column in obs: the map colours real samples by class")
+        raise ValueError(
+            f"{data.label} has no {bundle.label_key!r} column in obs: the map colours real samples by class"
+        )
     return _reference_map(data.key, scaler_key(bundle), tuple(classes), int(seed), bundle, data)
 
 
@@ -680,7 +800,9 @@ def _real_pred(bkey: str, dkey: str, _bundle, _adata) -> np.ndarray:
     from tspg.perturb import class_probabilities
 
     Xs = scaled_expression(bkey, dkey, _bundle, _adata)
-    return np.asarray(_bundle.classes, dtype=object)[class_probabilities(_bundle.target_model, Xs).argmax(1)]
+    return np.asarray(_bundle.classes, dtype=object)[
+        class_probabilities(_bundle.target_model, Xs).argmax(1)
+    ]
 
 
 def real_predictions(bundle, data: Data) -> np.ndarray:
@@ -704,21 +826,33 @@ def offline_gmt_files(bundle) -> list[str]:
 # shows once Enrichr answers again; online results stay in tspg.enrichment's disk cache.
 @st.cache_data(show_spinner="Running the enrichment…", max_entries=32, ttl=300)
 def enrichment(
-    up: tuple[str, ...], down: tuple[str, ...], background: tuple[str, ...], libraries: tuple[str, ...], backend: str,
-    gmt_files: tuple[str, ...], threshold: float,
+    up: tuple[str, ...],
+    down: tuple[str, ...],
+    background: tuple[str, ...],
+    libraries: tuple[str, ...],
+    backend: str,
+    gmt_files: tuple[str, ...],
+    threshold: float,
 ) -> tuple[pd.DataFrame, dict]:
     """``enrich_directions`` against exactly ``gmt_files`` offline: the stacked table and its
     attrs (messages, backend, from_cache)."""
     from tspg.enrichment import enrich_directions
 
     df = enrich_directions(
-        list(up) or None, list(down) or None, background=list(background), libraries=list(libraries), backend=backend,
-        gmt_files=list(gmt_files), threshold=threshold,
+        list(up) or None,
+        list(down) or None,
+        background=list(background),
+        libraries=list(libraries),
+        backend=backend,
+        gmt_files=list(gmt_files),
+        threshold=threshold,
     )
     return df, dict(df.attrs)
 
 
-@st.cache_resource(show_spinner="Fitting the mean-shift and differential-expression baselines…", max_entries=4)
+@st.cache_resource(
+    show_spinner="Fitting the mean-shift and differential-expression baselines…", max_entries=4
+)
 def _baselines(bkey: str, dkey: str, _bundle, _adata):
     from tspg.baselines import fit_baselines
 
@@ -742,7 +876,9 @@ def selection_overlap(base, pert, ks) -> pd.DataFrame:
     return out
 
 
-def gene_frames(bundle, data: Data, pert, ref, ref_idx, mkey: str, gene: str) -> dict[str, pd.DataFrame]:
+def gene_frames(
+    bundle, data: Data, pert, ref, ref_idx, mkey: str, gene: str
+) -> dict[str, pd.DataFrame]:
     """One gene's scaled expression for ``charts.gene_map_chart`` (``"map"``: the map frame with
     ``value``) and ``charts.gene_distribution_chart`` (``"distribution"``: every real sample by
     class, and the perturbed samples by source class)."""
@@ -751,7 +887,11 @@ def gene_frames(bundle, data: Data, pert, ref, ref_idx, mkey: str, gene: str) ->
 
     j = bundle.genes.index(gene)
     Xs = scaled_expression(bundle_key(bundle), data.key, bundle, data.adata)
-    frame = map_frame(ref, placed(ref, mkey, bundle, pert), new_samples=pert.samples, new_source=pert.labels)
+    frame = map_frame(
+        ref, placed(ref, mkey, bundle, pert), new_samples=pert.samples, new_source=pert.labels
+    )
     frame["value"] = np.concatenate([Xs[ref_idx, j], pert.x_adv[:, j]])
-    dist = gene_distribution_frame(data.labels(bundle.label_key), Xs[:, j], pert.labels, pert.x_adv[:, j])
+    dist = gene_distribution_frame(
+        data.labels(bundle.label_key), Xs[:, j], pert.labels, pert.x_adv[:, j]
+    )
     return {"map": frame, "distribution": dist}

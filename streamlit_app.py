@@ -36,23 +36,34 @@ def sidebar() -> None:
         st.header("Model and data")
         if not names:
             st.session_state.pop(S.BUNDLE, None)
-            st.info(f"No trained bundle in `{S.models_root()}` yet. Train the demo on the Home page.")
+            st.info(
+                f"No trained bundle in `{S.models_root()}` yet. Train the demo on the Home page."
+            )
             return
         if st.session_state.get(S.BUNDLE) not in names:
             st.session_state[S.BUNDLE] = names[0]
         manifests = {e.name: e.manifest for e in entries if e.error is None}
         st.selectbox(
-            "Bundle", names, key=S.BUNDLE, format_func=lambda n: bundle_label(n, manifests[n]),
+            "Bundle",
+            names,
+            key=S.BUNDLE,
+            format_func=lambda n: bundle_label(n, manifests[n]),
             help=f"Generators found in {S.models_root()} (set TSPG_MODELS_DIR to use another folder): target · dataset · gene set · name.",
         )
-        st.radio("Data to perturb", list(S.DATA_CHOICES), key=S.DATA, format_func=S.DATA_CHOICES.get)
+        st.radio(
+            "Data to perturb", list(S.DATA_CHOICES), key=S.DATA, format_func=S.DATA_CHOICES.get
+        )
         source, manifest = st.session_state[S.DATA], manifests[st.session_state[S.BUNDLE]]
         own_elsewhere = source == "bundle" and not S.is_demo(manifest)
-        if own_elsewhere and st.session_state.get(S.UPLOAD) is None:  # only the demo's data ship with tspg
+        if (
+            own_elsewhere and st.session_state.get(S.UPLOAD) is None
+        ):  # only the demo's data ship with tspg
             st.info(S.own_dataset_hint(manifest))
         if source == "upload" or own_elsewhere:
             st.file_uploader(
-                f".h5ad file (at most {S.MAX_UPLOAD_MB} MB)", key=S.UPLOAD, max_upload_size=S.MAX_UPLOAD_MB,
+                f".h5ad file (at most {S.MAX_UPLOAD_MB} MB)",
+                key=S.UPLOAD,
+                max_upload_size=S.MAX_UPLOAD_MB,
                 help="An AnnData file with the bundle's genes (matched by name) and, for picking samples by class, its label column in obs. "
                 "The file the bundle was trained on is recognised by its fingerprint: its held-out split then applies.",
             )

@@ -58,8 +58,12 @@ def rerender(bundle, ref, Xsel, samples, source, tmean):
 
     pert = perturb_scaled(bundle, Xsel, samples)
     xy = place(ref, pert.x_adv)
-    frame = map_frame(ref, xy, new_samples=pert.samples, new_source=source, new_pred=pert.pred_after)
-    hf = charts.heatmap_frame(pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tmean, n_genes=25)
+    frame = map_frame(
+        ref, xy, new_samples=pert.samples, new_source=source, new_pred=pert.pred_after
+    )
+    hf = charts.heatmap_frame(
+        pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tmean, n_genes=25
+    )
     return charts.map_chart(frame).to_dict(), charts.heatmap_chart(hf).to_dict()
 
 
@@ -91,9 +95,13 @@ def app_reruns(bundle, sizes, runs: int, seed: int) -> list[tuple[str, int, tupl
             at.session_state["sel_seed"] = next(seeds)
             at.run()
             if at.exception or at.error:
-                raise RuntimeError(f"the app failed: {[e.value for e in [*at.exception, *at.error]]}")
+                raise RuntimeError(
+                    f"the app failed: {[e.value for e in [*at.exception, *at.error]]}"
+                )
             if not at.get("arrow_vega_lite_chart") + at.get("vega_lite_chart"):
-                raise RuntimeError(f"the page drew no chart: {[e.value for e in [*at.warning, *at.info]]}")
+                raise RuntimeError(
+                    f"the page drew no chart: {[e.value for e in [*at.warning, *at.info]]}"
+                )
 
         for page in ("pages/perturb.py", "pages/map.py"):
             for m in sizes:
@@ -105,31 +113,51 @@ def app_reruns(bundle, sizes, runs: int, seed: int) -> list[tuple[str, int, tupl
 
 def get_bundle(path: str | None):
     from tspg.bundle import load_bundle
+    from tspg.config import TrainConfig
     from tspg.datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
     from tspg.pipeline import train
-    from tspg.train import TrainConfig
 
     if path:
         return load_bundle(path)
     t = time.perf_counter()
     bundle = train(
-        demo(), label_key=DEMO_LABEL_KEY, target=DEMO_TARGET,
-        config=TrainConfig.for_recipe("tspg+", epochs=10, target_epochs=10), device="cpu", dataset="pbmc68k_reduced",
+        demo(),
+        label_key=DEMO_LABEL_KEY,
+        target=DEMO_TARGET,
+        config=TrainConfig.for_recipe("tspg+", epochs=10, target_epochs=10),
+        device="cpu",
+        dataset="pbmc68k_reduced",
     )
     print(f"(trained a demo generator, 10 + 10 epochs, in {time.perf_counter() - t:.0f} s)")
     return bundle
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", help="a bundle folder trained on the demo genes (default: train one here)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--bundle", help="a bundle folder trained on the demo genes (default: train one here)"
+    )
     p.add_argument("--runs", type=int, default=3, help="runs per step (the median is shown)")
     p.add_argument("--map-size", type=int, default=1000, help="samples on the reference map")
-    p.add_argument("--selections", type=int, nargs="+", default=[50, 100], help="selection sizes to place")
-    p.add_argument("--methods", nargs="+", default=["bh"], choices=["bh", "fft"], help="t-SNE gradient methods to time")
-    p.add_argument("--jobs", type=int, nargs="+", default=[1], help="openTSNE thread counts to time")
+    p.add_argument(
+        "--selections", type=int, nargs="+", default=[50, 100], help="selection sizes to place"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["bh"],
+        choices=["bh", "fft"],
+        help="t-SNE gradient methods to time",
+    )
+    p.add_argument(
+        "--jobs", type=int, nargs="+", default=[1], help="openTSNE thread counts to time"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-app", action="store_true", help="skip the AppTest reruns of the Perturb and Map pages")
+    p.add_argument(
+        "--no-app", action="store_true", help="skip the AppTest reruns of the Perturb and Map pages"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -153,17 +181,33 @@ def main(argv=None) -> int:
 
     def add(step, n, res, target=""):
         wall, best, cpu, _ = res
-        rows.append({"step": step, "n": n, "median s": wall, "min s": best, "CPU s": cpu, "target": target})
+        rows.append(
+            {"step": step, "n": n, "median s": wall, "min s": best, "CPU s": cpu, "target": target}
+        )
         print(f"  {step:<58} {n:>6}  {wall:7.3f} s", flush=True)
 
-    print(f"reference map: {len(X_map)} samples x {Xs.shape[1]} genes (the demo's {len(Xs)} cells resampled + noise sd 0.01)")
+    print(
+        f"reference map: {len(X_map)} samples x {Xs.shape[1]} genes (the demo's {len(Xs)} cells resampled + noise sd 0.01)"
+    )
     ref = None
     for method in args.methods:
         for jobs in args.jobs:
-            fit = partial(fit_reference_map, X_map, samples=map_names, labels=map_labels, seed=args.seed,
-                          n_jobs=jobs, negative_gradient_method=method)
+            fit = partial(
+                fit_reference_map,
+                X_map,
+                samples=map_names,
+                labels=map_labels,
+                seed=args.seed,
+                n_jobs=jobs,
+                negative_gradient_method=method,
+            )
             res = timed(fit, args.runs)
-            add(f"fit reference map (t-SNE {method}, {jobs} thread{'s' * (jobs > 1)}, 50 PCs)", len(X_map), res, "<= 10 s")
+            add(
+                f"fit reference map (t-SNE {method}, {jobs} thread{'s' * (jobs > 1)}, 50 PCs)",
+                len(X_map),
+                res,
+                "<= 10 s",
+            )
             ref = ref or res[3]
 
     source = np.flatnonzero(labels != bundle.target)
@@ -174,30 +218,79 @@ def main(argv=None) -> int:
         Xsel = Xs[source[sel]].astype(np.float32)
 
         pert = perturb_scaled(bundle, Xsel, names[source[sel]])
-        add("re-render after a new selection (all below)", m,
-            timed(partial(rerender, bundle, ref, Xsel, pert.samples, labels[source[sel]], tmean), args.runs), "<= 1 s")
-        add("  perturb (G, clip, target model before/after)", m, timed(partial(perturb_scaled, bundle, Xsel), args.runs))
-        add("  place on the fixed map (openTSNE transform)", m, timed(partial(place, ref, pert.x_adv), args.runs))
+        add(
+            "re-render after a new selection (all below)",
+            m,
+            timed(
+                partial(rerender, bundle, ref, Xsel, pert.samples, labels[source[sel]], tmean),
+                args.runs,
+            ),
+            "<= 1 s",
+        )
+        add(
+            "  perturb (G, clip, target model before/after)",
+            m,
+            timed(partial(perturb_scaled, bundle, Xsel), args.runs),
+        )
+        add(
+            "  place on the fixed map (openTSNE transform)",
+            m,
+            timed(partial(place, ref, pert.x_adv), args.runs),
+        )
 
     # chart dicts from their frames (the selection of the last size)
     xy = place(ref, pert.x_adv)
-    frame = map_frame(ref, xy, new_samples=pert.samples, new_pred=pert.pred_after, new_source=labels[source[sel]])
+    frame = map_frame(
+        ref, xy, new_samples=pert.samples, new_pred=pert.pred_after, new_source=labels[source[sel]]
+    )
     j = 0
     gene_frame = frame.assign(value=np.concatenate([X_map[:, j], pert.x_adv[:, j]]))
-    full_heat = charts.heatmap_frame(pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tmean)
-    top = pd.DataFrame({"gene": bundle.genes[:40], "direction": ["up"] * 20 + ["down"] * 20, "P": np.r_[np.linspace(0.5, 0.1, 20), np.linspace(-0.1, -0.5, 20)]})
-    dist = pd.concat([pd.DataFrame({"class": labels, "value": Xs[:, j], "kind": "real"}),
-                      pd.DataFrame({"class": labels[source[sel]], "value": pert.x_adv[:, j], "kind": "perturbed"})])
+    full_heat = charts.heatmap_frame(
+        pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tmean
+    )
+    top = pd.DataFrame(
+        {
+            "gene": bundle.genes[:40],
+            "direction": ["up"] * 20 + ["down"] * 20,
+            "P": np.r_[np.linspace(0.5, 0.1, 20), np.linspace(-0.1, -0.5, 20)],
+        }
+    )
+    dist = pd.concat(
+        [
+            pd.DataFrame({"class": labels, "value": Xs[:, j], "kind": "real"}),
+            pd.DataFrame(
+                {"class": labels[source[sel]], "value": pert.x_adv[:, j], "kind": "perturbed"}
+            ),
+        ]
+    )
     history = bundle.manifest.get("history") or {"total": list(np.linspace(3, 1, 150))}
-    history = {k: v for k, v in history.items() if isinstance(v, list) and v and isinstance(v[0], (int, float))} or {"total": [1.0]}
-    enrich = pd.DataFrame({"library": ["GO", "KEGG"] * 25, "term": [f"term {i}" for i in range(50)], "q": np.geomspace(1e-8, 0.5, 50)})
+    history = {
+        k: v
+        for k, v in history.items()
+        if isinstance(v, list) and v and isinstance(v[0], (int, float))
+    } or {"total": [1.0]}
+    enrich = pd.DataFrame(
+        {
+            "library": ["GO", "KEGG"] * 25,
+            "term": [f"term {i}" for i in range(50)],
+            "q": np.geomspace(1e-8, 0.5, 50),
+        }
+    )
     builds = {
         f"map chart ({len(frame)} points)": lambda: charts.map_chart(frame).to_dict(),
         "gene map chart": lambda: charts.gene_map_chart(gene_frame, bundle.genes[j]).to_dict(),
-        "heatmap chart, top 25 + 25 genes": lambda: charts.heatmap_chart(charts.heatmap_frame(pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tmean, n_genes=25)).to_dict(),
-        f"heatmap chart, all {len(bundle.genes)} genes": lambda: charts.heatmap_chart(full_heat).to_dict(),
+        "heatmap chart, top 25 + 25 genes": lambda: charts.heatmap_chart(
+            charts.heatmap_frame(
+                pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tmean, n_genes=25
+            )
+        ).to_dict(),
+        f"heatmap chart, all {len(bundle.genes)} genes": lambda: charts.heatmap_chart(
+            full_heat
+        ).to_dict(),
         "top genes chart (20 + 20)": lambda: charts.top_genes_chart(top).to_dict(),
-        f"gene distribution chart ({len(dist)} values)": lambda: charts.gene_distribution_chart(dist, bundle.genes[j]).to_dict(),
+        f"gene distribution chart ({len(dist)} values)": lambda: charts.gene_distribution_chart(
+            dist, bundle.genes[j]
+        ).to_dict(),
         "loss chart": lambda: charts.loss_chart(history).to_dict(),
         "enrichment chart": lambda: charts.enrichment_chart(enrich).to_dict(),
         "map chart -> SVG (vl-convert)": lambda: charts.chart_to_svg(charts.map_chart(frame)),
@@ -212,7 +305,9 @@ def main(argv=None) -> int:
 
     table = pd.DataFrame(rows)
     print()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; median of {args.runs} runs")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; median of {args.runs} runs"
+    )
     with pd.option_context("display.max_colwidth", 70, "display.width", 160):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0

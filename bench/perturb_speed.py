@@ -34,19 +34,32 @@ def timed(fn, runs: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--genes", type=int, default=4386)
     p.add_argument("--classes", type=int, default=53)
     p.add_argument("--runs", type=int, default=9)
-    p.add_argument("--threads", type=int, nargs="+", default=None, help="torch thread counts (default: 1 and all)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch thread counts (default: 1 and all)",
+    )
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
     n, g = args.samples, args.genes
     G, D, f = Generator(g).eval(), Discriminator(g).eval(), TargetClassifier(g, args.classes).eval()
     classes = [f"class-{c:02d}" for c in range(args.classes)]
-    manifest = {"name": "bench", "genes": [f"gene-{j}" for j in range(g)], "classes": classes, "target": classes[0]}
+    manifest = {
+        "name": "bench",
+        "genes": [f"gene-{j}" for j in range(g)],
+        "classes": classes,
+        "target": classes[0],
+    }
     bundle = Bundle(manifest, G, D, f)
     X = np.random.default_rng(0).random((n, g), dtype=np.float32)
     # multiply-adds of the two large layers (g->512 in, 512->g out): the floor of the work
@@ -64,11 +77,20 @@ def main(argv=None) -> None:
         torch.set_num_threads(threads)
         for name, fn in steps.items():
             med, best = timed(fn, args.runs)
-            rows.append({"step": name, "threads": threads, "median ms": round(med, 1), "fastest ms": round(best, 1)})
+            rows.append(
+                {
+                    "step": name,
+                    "threads": threads,
+                    "median ms": round(med, 1),
+                    "fastest ms": round(best, 1),
+                }
+            )
     torch.set_num_threads(default_threads)
     flops = 2 * n * (g * 512 * 2 + 512 * 256 * 2 + 256 * 128 * 2 + 6 * 128 * 128) / 1e9
-    print(f"{n} samples x {g} genes, {args.classes} classes, untrained networks of the paper's size, "
-          f"torch {torch.__version__}, {default_threads} CPU threads available; median of {args.runs} runs")
+    print(
+        f"{n} samples x {g} genes, {args.classes} classes, untrained networks of the paper's size, "
+        f"torch {torch.__version__}, {default_threads} CPU threads available; median of {args.runs} runs"
+    )
     print(f"generator forward pass: {flops:.1f} GFLOP")
     print(pd.DataFrame(rows).to_string(index=False))
 

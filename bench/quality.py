@@ -30,10 +30,10 @@ import time
 
 import torch
 
+from tspg.config import TrainConfig
 from tspg.datasets import DEMO_LABEL_KEY, demo
 from tspg.metrics import evaluate
 from tspg.pipeline import train
-from tspg.train import TrainConfig
 
 TARGETS = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]
 
@@ -57,7 +57,14 @@ def run_one(adata, target: str, overrides: dict, seed: int) -> dict:
     overrides = dict(overrides)
     config = TrainConfig.for_recipe(overrides.pop("recipe"), seed=seed, **overrides)
     start = time.perf_counter()
-    bundle = train(adata, label_key=DEMO_LABEL_KEY, target=target, config=config, device="cpu", dataset="pbmc68k_reduced")
+    bundle = train(
+        adata,
+        label_key=DEMO_LABEL_KEY,
+        target=target,
+        config=config,
+        device="cpu",
+        dataset="pbmc68k_reduced",
+    )
     seconds = time.perf_counter() - start
     ev = evaluate(bundle, adata)
     clf = ev["independent_classifiers"]
@@ -92,7 +99,10 @@ def jaccard(a, b) -> float:
 
 
 def summarise(runs: list[dict]) -> dict:
-    med = {k: statistics.median(r[k] for r in runs) for k in ("f", "lr", "knn", "ed", "spread", "de50", "seconds")}
+    med = {
+        k: statistics.median(r[k] for r in runs)
+        for k in ("f", "lr", "knn", "ed", "spread", "de50", "seconds")
+    }
     pairs = [jaccard(a["up"], b["up"]) for a, b in itertools.combinations(runs, 2)]
     med["jaccard"] = statistics.mean(pairs) if pairs else float("nan")
     med["jaccard_min"] = min(pairs) if pairs else float("nan")
@@ -104,14 +114,31 @@ def fmt(v, spec=".3f") -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--targets", nargs="+", default=TARGETS)
     p.add_argument("--recipes", nargs="+", default=["tspg+", "paper"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--ablation", action="store_true", help="one target (default CD19+ B), the variants of ABLATION")
-    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="override TrainConfig fields of every recipe, e.g. ed_repulsion=0.7")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="one target (default CD19+ B), the variants of ABLATION",
+    )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override TrainConfig fields of every recipe, e.g. ed_repulsion=0.7",
+    )
     p.add_argument("--json", help="also write every run's figures here")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these networks are small: 1 is fastest on a busy 2-core machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (these networks are small: 1 is fastest on a busy 2-core machine)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -124,10 +151,19 @@ def main(argv=None) -> int:
             p.error(f"--set {item}: not a number or word field of TrainConfig")
         overrides[name] = kind(value)
     suffix = "".join(f", {k}={v}" for k, v in overrides.items())
-    variants = ABLATION if args.ablation else {r + suffix: {"recipe": r, **overrides} for r in args.recipes}
+    variants = (
+        ABLATION
+        if args.ablation
+        else {r + suffix: {"recipe": r, **overrides} for r in args.recipes}
+    )
     targets = args.targets if not args.ablation or args.targets != TARGETS else ["CD19+ B"]
-    print(f"demo pbmc68k_reduced, split seed 0, training seeds {args.seeds}; held-out non-target samples", file=sys.stderr)
-    header = "| target | recipe | f | LR | 15-NN | E-dist | spread | Jaccard (min) | DE50 | train s |"
+    print(
+        f"demo pbmc68k_reduced, split seed 0, training seeds {args.seeds}; held-out non-target samples",
+        file=sys.stderr,
+    )
+    header = (
+        "| target | recipe | f | LR | 15-NN | E-dist | spread | Jaccard (min) | DE50 | train s |"
+    )
     lines = [header, "|" + "---|" * 10]
     everything = {}
     for target in targets:
@@ -136,7 +172,11 @@ def main(argv=None) -> int:
             runs = []
             for seed in args.seeds:
                 r = run_one(adata, target, overrides, seed)
-                print(f"  {target} / {name} / seed {seed}: f {r['f']:.3f} LR {r['lr']:.3f} 15-NN {r['knn']:.3f} E {r['ed']:.3f} ({r['seconds']:.1f} s)", file=sys.stderr, flush=True)
+                print(
+                    f"  {target} / {name} / seed {seed}: f {r['f']:.3f} LR {r['lr']:.3f} 15-NN {r['knn']:.3f} E {r['ed']:.3f} ({r['seconds']:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 runs.append(r)
             baseline = runs[0]["baseline"]
             s = summarise(runs)
@@ -148,7 +188,9 @@ def main(argv=None) -> int:
         lines.append(
             f"| {target} | mean shift | - | {fmt(baseline['lr'])} | {fmt(baseline['knn'])} | {fmt(baseline['ed'])} | {fmt(baseline['spread'], '.2f')} | - | - | - |"
         )
-        lines.append(f"| {target} | unperturbed | - | - | - | {fmt(baseline['ed_unperturbed'])} | - | - | - | - |")
+        lines.append(
+            f"| {target} | unperturbed | - | - | - | {fmt(baseline['ed_unperturbed'])} | - | - | - | - |"
+        )
         lines.append(
             f"| {target} | real target cells | - | {fmt(baseline['lr_real'])} | {fmt(baseline['knn_real'])} | {fmt(baseline['ed_training_target'])} "
             f"| {fmt(baseline['spread_training_target'], '.2f')} | - | - | - |"

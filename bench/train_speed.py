@@ -38,13 +38,16 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_case(case: str, *, gen_epochs: int, target_epochs: int, threads: int, device: str, recipe: str) -> dict:
+def run_case(
+    case: str, *, gen_epochs: int, target_epochs: int, threads: int, device: str, recipe: str
+) -> dict:
     """Time one case in this process; returns one table row."""
     import torch
 
+    from tspg.config import TrainConfig
     from tspg.datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo, synthetic_gem
     from tspg.pipeline import prepare
-    from tspg.train import TrainConfig, fit_generator, fit_target, resolve_device
+    from tspg.training import fit_generator, fit_target, resolve_device
 
     torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -68,8 +71,12 @@ def run_case(case: str, *, gen_epochs: int, target_epochs: int, threads: int, de
         steady = per_epoch[1:] or per_epoch
         return result, statistics.median(steady), per_epoch[0]
 
-    f, target_s, target_first = timed(lambda cb: fit_target(X, y, len(prep.classes), config, device=dev, callback=cb))
-    _, gen_s, gen_first = timed(lambda cb: fit_generator(X, y, prep.class_index(target), f, config, device=dev, callback=cb))
+    f, target_s, target_first = timed(
+        lambda cb: fit_target(X, y, len(prep.classes), config, device=dev, callback=cb)
+    )
+    _, gen_s, gen_first = timed(
+        lambda cb: fit_generator(X, y, prep.class_index(target), f, config, device=dev, callback=cb)
+    )
     if dev.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MB (CUDA allocated)"
     else:
@@ -95,7 +102,19 @@ def full_demo_runs(runs: int, *, threads: int | None, device: str) -> dict:
     outer, inner = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(runs):
-            cmd = [sys.executable, "-m", "tspg.cli", "train", "--demo", "--out", tmp, "--overwrite", "-q", "--device", device]
+            cmd = [
+                sys.executable,
+                "-m",
+                "tspg.cli",
+                "train",
+                "--demo",
+                "--out",
+                tmp,
+                "--overwrite",
+                "-q",
+                "--device",
+                device,
+            ]
             start = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             outer.append(time.perf_counter() - start)
@@ -112,15 +131,44 @@ def full_demo_runs(runs: int, *, threads: int | None, device: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cases", nargs="+", choices=["demo", "gtex"], default=["demo", "gtex"])
-    p.add_argument("--threads", type=int, nargs="+", default=None, help="torch thread counts (default: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch thread counts (default: torch's default)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--recipe", default="tspg+", choices=["tspg+", "paper"], help="recipe of the per-epoch cases (the full runs use tspg-train's default)")
-    p.add_argument("--demo-epochs", type=int, default=8, help="generator epochs timed on the demo (target model: half)")
-    p.add_argument("--gtex-epochs", type=int, default=2, help="generator and target-model epochs timed at GTEx size")
+    p.add_argument(
+        "--recipe",
+        default="tspg+",
+        choices=["tspg+", "paper"],
+        help="recipe of the per-epoch cases (the full runs use tspg-train's default)",
+    )
+    p.add_argument(
+        "--demo-epochs",
+        type=int,
+        default=8,
+        help="generator epochs timed on the demo (target model: half)",
+    )
+    p.add_argument(
+        "--gtex-epochs",
+        type=int,
+        default=2,
+        help="generator and target-model epochs timed at GTEx size",
+    )
     p.add_argument("--full-runs", type=int, default=3, help="full tspg-train --demo runs (0: none)")
-    p.add_argument("--full-threads", type=int, nargs="+", default=None, help="thread counts of the full runs (default: --threads)")
+    p.add_argument(
+        "--full-threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="thread counts of the full runs (default: --threads)",
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args(argv)
 
@@ -129,13 +177,20 @@ def main(argv=None) -> None:
     if args.case:
         epochs = args.demo_epochs if args.case == "demo" else args.gtex_epochs
         target_epochs = max(2, epochs // 2) if args.case == "demo" else epochs
-        row = run_case(args.case, gen_epochs=epochs, target_epochs=target_epochs, threads=args.threads[0], device=args.device, recipe=args.recipe)
+        row = run_case(
+            args.case,
+            gen_epochs=epochs,
+            target_epochs=target_epochs,
+            threads=args.threads[0],
+            device=args.device,
+            recipe=args.recipe,
+        )
         print(json.dumps(row))
         return
 
     import pandas as pd
 
-    from tspg.train import resolve_device
+    from tspg.training import resolve_device
 
     device = str(resolve_device(args.device))
     threads = args.threads or [torch.get_num_threads()]
@@ -143,14 +198,37 @@ def main(argv=None) -> None:
     here = Path(__file__).resolve()
     for case in args.cases:
         for t in threads:
-            cmd = [sys.executable, str(here), "--case", case, "--threads", str(t), "--device", device, "--recipe", args.recipe,
-                   "--demo-epochs", str(args.demo_epochs), "--gtex-epochs", str(args.gtex_epochs)]
+            cmd = [
+                sys.executable,
+                str(here),
+                "--case",
+                case,
+                "--threads",
+                str(t),
+                "--device",
+                device,
+                "--recipe",
+                args.recipe,
+                "--demo-epochs",
+                str(args.demo_epochs),
+                "--gtex-epochs",
+                str(args.gtex_epochs),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"done: {case}, {t} threads", file=sys.stderr, flush=True)
-    full = [full_demo_runs(args.full_runs, threads=t, device=device) for t in args.full_threads or threads] if args.full_runs else []
+    full = (
+        [
+            full_demo_runs(args.full_runs, threads=t, device=device)
+            for t in args.full_threads or threads
+        ]
+        if args.full_runs
+        else []
+    )
 
-    print(f"torch {torch.__version__}, device {device}, {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"torch {torch.__version__}, device {device}, {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f} at the end"
+    )
     with pd.option_context("display.max_colwidth", 80, "display.width", 250):
         print(pd.DataFrame(rows).to_string(index=False))
         if full:

@@ -23,26 +23,51 @@ if S.ENR_LIBRARIES not in st.session_state:
     st.session_state[S.ENR_LIBRARIES] = list(DEFAULT_LIBRARIES)
 c = st.columns([2, 1, 1])
 c[0].selectbox(
-    "Genes of", whats, key=S.ENR_WHAT,
-    format_func=lambda w: f"the selection's consensus top {k} ({len(pert)} samples)" if w == "consensus" else f"sample {w}",
+    "Genes of",
+    whats,
+    key=S.ENR_WHAT,
+    format_func=lambda w: (
+        f"the selection's consensus top {k} ({len(pert)} samples)"
+        if w == "consensus"
+        else f"sample {w}"
+    ),
 )
 c[1].radio("Direction", ["both", "up", "down"], key=S.ENR_DIRECTION, horizontal=True)
-c[2].radio("Backend", ["auto", "offline", "enrichr"], key=S.ENR_BACKEND, horizontal=True, help="auto: Enrichr, or the offline GMT gene sets when Enrichr cannot be reached.")
+c[2].radio(
+    "Backend",
+    ["auto", "offline", "enrichr"],
+    key=S.ENR_BACKEND,
+    horizontal=True,
+    help="auto: Enrichr, or the offline GMT gene sets when Enrichr cannot be reached.",
+)
 with S.guard("Finding the offline gene-set files failed"):
     gmt_options = S.offline_gmt_files(bundle)
 offered = st.session_state.get(S.ENR_GMTS_OFFERED, [])
 chosen = st.session_state.get(S.ENR_GMTS, gmt_options)
-st.session_state[S.ENR_GMTS] = [g for g in gmt_options if g in chosen or g not in offered]  # left out stays out
+st.session_state[S.ENR_GMTS] = [
+    g for g in gmt_options if g in chosen or g not in offered
+]  # left out stays out
 st.session_state[S.ENR_GMTS_OFFERED] = list(dict.fromkeys([*offered, *gmt_options]))
 c = st.columns([2, 2, 1])
-c[0].multiselect("Enrichr libraries (online)", list(dict.fromkeys([*DEFAULT_LIBRARIES, *st.session_state[S.ENR_LIBRARIES]])), key=S.ENR_LIBRARIES, accept_new_options=True)
+c[0].multiselect(
+    "Enrichr libraries (online)",
+    list(dict.fromkeys([*DEFAULT_LIBRARIES, *st.session_state[S.ENR_LIBRARIES]])),
+    key=S.ENR_LIBRARIES,
+    accept_new_options=True,
+)
 c[1].multiselect(
-    "Offline gene-set libraries (GMT)", gmt_options, key=S.ENR_GMTS, format_func=lambda f: Path(f).stem,
+    "Offline gene-set libraries (GMT)",
+    gmt_options,
+    key=S.ENR_GMTS,
+    format_func=lambda f: Path(f).stem,
     help="Used when Enrichr cannot be reached or the backend is offline: the bundled blood-cell markers, the GMT of the "
     "bundle's gene set (if it is still there) and every GMT in $TSPG_GMT_DIR.",
 )
 c[2].select_slider(
-    "Significant below q", S.ENRICHMENT_THRESHOLDS, key=S.ENR_THRESHOLD, format_func=lambda q: f"{q:g}",
+    "Significant below q",
+    S.ENRICHMENT_THRESHOLDS,
+    key=S.ENR_THRESHOLD,
+    format_func=lambda q: f"{q:g}",
     help="Benjamini-Hochberg q-value threshold (the paper's: 1e-4).",
 )
 
@@ -67,17 +92,33 @@ if backend != "enrichr" and not gmt_files:
     st.warning("Pick at least one offline gene-set library: the offline backend needs one.")
     st.stop()
 with S.guard("Enrichment failed"):
-    table, attrs = S.enrichment(up, down, tuple(bundle.genes), libraries, backend, gmt_files, threshold)
+    table, attrs = S.enrichment(
+        up, down, tuple(bundle.genes), libraries, backend, gmt_files, threshold
+    )
 
 backends = sorted(set(attrs.get("backend", {}).values()))
 messages = attrs.get("messages", {})
 if backends == ["enrichr"]:
-    st.success("Backend: **Enrichr** (online)" + (", from the local cache" if all(attrs.get("from_cache", {}).values()) else ""))
+    st.success(
+        "Backend: **Enrichr** (online)"
+        + (", from the local cache" if all(attrs.get("from_cache", {}).values()) else "")
+    )
 else:
-    st.warning("Backend: **offline** gene sets (hypergeometric test on GMT files, not Enrichr)" if "offline" in backends and len(backends) == 1 else f"Backends: {', '.join(backends)}")
+    st.warning(
+        "Backend: **offline** gene sets (hypergeometric test on GMT files, not Enrichr)"
+        if "offline" in backends and len(backends) == 1
+        else f"Backends: {', '.join(backends)}"
+    )
     if backend == "auto":
-        st.button("Try Enrichr again", key="enr_retry", on_click=S.enrichment.clear, help="A fallback is kept for 5 minutes; this asks Enrichr now.")
-for msg, directions in {m: [d for d, m2 in messages.items() if m2 == m] for m in messages.values()}.items():
+        st.button(
+            "Try Enrichr again",
+            key="enr_retry",
+            on_click=S.enrichment.clear,
+            help="A fallback is kept for 5 minutes; this asks Enrichr now.",
+        )
+for msg, directions in {
+    m: [d for d, m2 in messages.items() if m2 == m] for m in messages.values()
+}.items():
     st.caption(f"{' and '.join(directions)}: {msg}")  # one line for a message both directions share
 
 if table.empty:
@@ -86,26 +127,61 @@ else:
     with S.guard("Drawing the enrichment chart failed"):
         from tspg import charts
 
-        st.markdown(f"The 10 terms with the smallest q per direction (dashed line: q = {threshold:g}, below which a term counts as significant)")
-        S.show_chart(charts.enrichment_chart(table, q_threshold=threshold), f"enrichment-{bundle.name}-{what}", key="enrichment_chart")
+        st.markdown(
+            f"The 10 terms with the smallest q per direction (dashed line: q = {threshold:g}, below which a term counts as significant)"
+        )
+        S.show_chart(
+            charts.enrichment_chart(table, q_threshold=threshold),
+            f"enrichment-{bundle.name}-{what}",
+            key="enrichment_chart",
+        )
 S.show_table(
-    table, f"enrichment-{bundle.name}-{what}", key="enrichment_table", index=False, hide_index=True, width="stretch",
+    table,
+    f"enrichment-{bundle.name}-{what}",
+    key="enrichment_table",
+    index=False,
+    hide_index=True,
+    width="stretch",
     column_config={c: st.column_config.NumberColumn(format="%.2e") for c in ("p", "q")},
 )
 
-ids = [s for s, keep in zip(pert.samples, pert.source_rows(), strict=True) if keep] if what == "consensus" else [what]
+ids = (
+    [s for s, keep in zip(pert.samples, pert.source_rows(), strict=True) if keep]
+    if what == "consensus"
+    else [what]
+)
 left_out = [Path(f).stem for f in gmt_options if f not in gmt_files]
 S.reproduce(
     {
-        "bundle": bundle.name, "genes of": what, "samples": ids, "direction": direction, "k": k, "libraries": list(libraries),
-        "offline libraries": [Path(f).stem for f in gmt_files], "threshold": threshold, "backend": backend,
-        "up": list(up), "down": list(down),
+        "bundle": bundle.name,
+        "genes of": what,
+        "samples": ids,
+        "direction": direction,
+        "k": k,
+        "libraries": list(libraries),
+        "offline libraries": [Path(f).stem for f in gmt_files],
+        "threshold": threshold,
+        "backend": backend,
+        "up": list(up),
+        "down": list(down),
     },
-    (f"# the command reads every offline library; the page left out: {', '.join(left_out)}\n" if left_out else "")
+    (
+        f"# the command reads every offline library; the page left out: {', '.join(left_out)}\n"
+        if left_out
+        else ""
+    )
     + S.command(
-        "tspg enrich", shlex.quote(bundle.name), S.data_arg(bundle, data, optional=True), "-o enrichment.csv",
-        f"--direction {direction} --k {k} --threshold {threshold:g}", "--offline" if backend == "offline" else "",
-        "--libraries", *map(shlex.quote, libraries), S.models_arg(), "--samples", *map(shlex.quote, ids),
+        "tspg enrich",
+        shlex.quote(bundle.name),
+        S.data_arg(bundle, data, optional=True),
+        "-o enrichment.csv",
+        f"--direction {direction} --k {k} --threshold {threshold:g}",
+        "--offline" if backend == "offline" else "",
+        "--libraries",
+        *map(shlex.quote, libraries),
+        S.models_arg(),
+        "--samples",
+        *map(shlex.quote, ids),
     ),
     python=(
         "from tspg.enrichment import enrich_directions\n"

@@ -18,26 +18,51 @@ k = int(st.session_state.get(S.TOP_K, 20))
 SHOWN = 25  # genes per direction in the frequency chart
 rows = pert.source_rows()
 src = pert.subset(rows)
-st.caption(f"{len(src)} perturbed samples of source classes ({sel.description}); top {k} genes per direction. Change the selection on the Perturb page.")
+st.caption(
+    f"{len(src)} perturbed samples of source classes ({sel.description}); top {k} genes per direction. Change the selection on the Perturb page."
+)
 
 # ----------------------------------------------------------------------------- frequency
 
 st.subheader("How often each gene is among a sample's top genes")
 with S.guard("Counting the top genes failed"):
     freq = consensus(src.P, src.genes, k=k)
-    shown = freq.groupby("direction", sort=False).head(SHOWN)  # the most frequent; the table has them all
-    st.caption(f"The {SHOWN} most frequent genes per direction; the table below lists all {len(freq)}.")
-    S.show_chart(charts.gene_frequency_chart(shown), f"gene-frequency-{bundle.name}", key="freq_chart")
-    S.show_table(freq, f"gene-frequency-{bundle.name}", key="freq_table", index=False, hide_index=True, width="stretch", height=240)
+    shown = freq.groupby("direction", sort=False).head(
+        SHOWN
+    )  # the most frequent; the table has them all
+    st.caption(
+        f"The {SHOWN} most frequent genes per direction; the table below lists all {len(freq)}."
+    )
+    S.show_chart(
+        charts.gene_frequency_chart(shown), f"gene-frequency-{bundle.name}", key="freq_chart"
+    )
+    S.show_table(
+        freq,
+        f"gene-frequency-{bundle.name}",
+        key="freq_table",
+        index=False,
+        hide_index=True,
+        width="stretch",
+        height=240,
+    )
 
 c = st.columns(3)
 if src.labels is not None and len(set(src.labels.tolist())) >= 1:
     with S.guard("Counting the unique genes failed"):
-        uniq = unique_top_genes(src.P, src.labels, src.genes, k=k, seed=int(st.session_state.get(S.SEL_SEED, 0)), exclude=bundle.target)
+        uniq = unique_top_genes(
+            src.P,
+            src.labels,
+            src.genes,
+            k=k,
+            seed=int(st.session_state.get(S.SEL_SEED, 0)),
+            exclude=bundle.target,
+        )
     c[0].metric("Source classes (one random sample each)", uniq["n_classes"])
     c[1].metric(f"Unique up genes (of {uniq['n_classes'] * k} picks)", uniq["up"])
     c[2].metric(f"Unique down genes (of {uniq['n_classes'] * k} picks)", uniq["down"])
-    st.caption("The paper's consistency measure: few unique genes mean every source class is moved with the same genes.")
+    st.caption(
+        "The paper's consistency measure: few unique genes mean every source class is moved with the same genes."
+    )
 else:
     st.info("Unique-gene counts need the samples' classes.")
 
@@ -56,13 +81,24 @@ if base is not None:
     with S.guard("Comparing with the baselines failed"):
         overlap = S.selection_overlap(base, src, ks)
     S.show_table(
-        overlap, f"overlap-{bundle.name}", key="overlap_table", index=False, hide_index=True, width="stretch",
+        overlap,
+        f"overlap-{bundle.name}",
+        key="overlap_table",
+        index=False,
+        hide_index=True,
+        width="stretch",
         height=38 + 35 * len(overlap),  # every row: the table is short
         column_config={
-            "n_reference": st.column_config.NumberColumn("TSPG genes", help="genes in TSPG's consensus top-k list"),
-            "n_baseline": st.column_config.NumberColumn("baseline genes", help="genes in the baseline's top-k list"),
+            "n_reference": st.column_config.NumberColumn(
+                "TSPG genes", help="genes in TSPG's consensus top-k list"
+            ),
+            "n_baseline": st.column_config.NumberColumn(
+                "baseline genes", help="genes in the baseline's top-k list"
+            ),
             "overlap": st.column_config.NumberColumn("shared", help="genes in both lists"),
-            "jaccard": st.column_config.NumberColumn("Jaccard", format="%.2f", help="shared / genes in either list"),
+            "jaccard": st.column_config.NumberColumn(
+                "Jaccard", format="%.2f", help="shared / genes in either list"
+            ),
             "genes": st.column_config.TextColumn("shared genes"),
         },
     )
@@ -91,15 +127,36 @@ with S.guard("Drawing the gene views failed"):
     ref, ref_idx = S.reference_map(bundle, data, classes, seed)
     mkey = S.map_key(bundle, data, classes, seed)
     frame = S.gene_frames(bundle, data, pert, ref, ref_idx, mkey, gene)
-    st.caption("On the map: scaled expression of the real samples (dots) and of the perturbed samples after perturbation (crosses).")
+    st.caption(
+        "On the map: scaled expression of the real samples (dots) and of the perturbed samples after perturbation (crosses)."
+    )
     S.show_chart(charts.gene_map_chart(frame["map"], gene), f"map-{gene}", key="gene_map_chart")
-    st.caption("Per class: real samples (grey), and the perturbed selection after perturbation, by source class (red).")
-    S.show_chart(charts.gene_distribution_chart(frame["distribution"], gene), f"distribution-{gene}", key="gene_dist_chart")
+    st.caption(
+        "Per class: real samples (grey), and the perturbed selection after perturbation, by source class (red)."
+    )
+    S.show_chart(
+        charts.gene_distribution_chart(frame["distribution"], gene),
+        f"distribution-{gene}",
+        key="gene_dist_chart",
+    )
 
 S.reproduce(
-    {"bundle": bundle.name, "data": data.label, "selection": sel.params, "k": k, "ks": list(ks), "gene": gene},
+    {
+        "bundle": bundle.name,
+        "data": data.label,
+        "selection": sel.params,
+        "k": k,
+        "ks": list(ks),
+        "gene": gene,
+    },
     "# the same comparisons over the bundle's whole held-out split\n"
-    + S.command("tspg evaluate", shlex.quote(bundle.name), S.data_arg(bundle, data, optional=True), f"--k {k}", S.models_arg()),
+    + S.command(
+        "tspg evaluate",
+        shlex.quote(bundle.name),
+        S.data_arg(bundle, data, optional=True),
+        f"--k {k}",
+        S.models_arg(),
+    ),
     python=(
         "from tspg.perturb import consensus, unique_top_genes\n"
         f"freq = consensus(P, genes, k={k})\n"

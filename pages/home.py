@@ -37,8 +37,12 @@ def train_demo() -> None:
 
         with S.guard("Training the demo generator failed"):
             bundle = train(
-                S.demo_adata(), label_key=DEMO_LABEL_KEY, target=DEMO_TARGET, config=config,
-                dataset=DEMO_NAME, progress=progress,
+                S.demo_adata(),
+                label_key=DEMO_LABEL_KEY,
+                target=DEMO_TARGET,
+                config=config,
+                dataset=DEMO_NAME,
+                progress=progress,
             )
             path = save_bundle(bundle, S.models_root(), overwrite=True)
         status.update(label=f"Trained {bundle.name} ({path})", state="complete")
@@ -57,11 +61,22 @@ if not bundle_name:
         f"scanpy's pbmc68k_reduced (700 blood cells, 765 genes, 10 cell types), target *CD14+ Monocyte*, "
         f"{cfg.target_epochs} target-model epochs and {cfg.epochs} generator epochs."
     )
-    st.button("Train the demo generator", type="primary", key="train_demo", icon=":material/model_training:", on_click=S.set_state, args=(TRAIN, True))
+    st.button(
+        "Train the demo generator",
+        type="primary",
+        key="train_demo",
+        icon=":material/model_training:",
+        on_click=S.set_state,
+        args=(TRAIN, True),
+    )
     if st.session_state.pop(TRAIN, False):
         train_demo()
     S.reproduce(
-        {"models folder": str(S.models_root()), "epochs": cfg.epochs, "target_epochs": cfg.target_epochs},
+        {
+            "models folder": str(S.models_root()),
+            "epochs": cfg.epochs,
+            "target_epochs": cfg.target_epochs,
+        },
         f"tspg-train --demo --epochs {cfg.epochs} --target-epochs {cfg.target_epochs} --out {S.models_root()}",
     )
     st.stop()
@@ -72,14 +87,21 @@ m = bundle.manifest
 metrics = bundle.metrics
 
 st.subheader(f"Bundle {bundle.name}")
-st.caption(f"dataset {m['dataset']['name']} · gene set {m['gene_set']['name']} · recipe {m['config'].get('recipe', '')} · created {m['created']}")
+st.caption(
+    f"dataset {m['dataset']['name']} · gene set {m['gene_set']['name']} · recipe {m['config'].get('recipe', '')} · created {m['created']}"
+)
 c = st.columns([1, 1, 2, 1.4, 1.4])
 c[0].metric("Classes", len(bundle.classes))
 c[1].metric("Genes", len(bundle.genes))
 c[2].metric("Target", bundle.target)
-c[3].metric("Target-model accuracy", f"{metrics.get('target_model_accuracy', float('nan')):.3f}", help="held-out split")
+c[3].metric(
+    "Target-model accuracy",
+    f"{metrics.get('target_model_accuracy', float('nan')):.3f}",
+    help="held-out split",
+)
 c[4].metric(
-    "Perturbation accuracy", f"{metrics.get('perturbation_accuracy_non_target', float('nan')):.3f}",
+    "Perturbation accuracy",
+    f"{metrics.get('perturbation_accuracy_non_target', float('nan')):.3f}",
     help="share of held-out samples of the other classes that the target model calls the target after perturbation",
 )
 
@@ -92,7 +114,9 @@ st.write(
     f"all {len(bundle.genes)} of the bundle's genes found."
 )
 if labels is None:
-    st.warning(f"{data.label} has no {bundle.label_key!r} column in obs: samples can be picked by id or at random, not by class.")
+    st.warning(
+        f"{data.label} has no {bundle.label_key!r} column in obs: samples can be picked by id or at random, not by class."
+    )
 else:
     counts = pd.Series(labels).value_counts().sort_index()
     st.caption("Classes: " + ", ".join(f"{k} ({v})" for k, v in counts.items()))

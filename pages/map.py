@@ -13,7 +13,9 @@ import app_state as S
 bundle, data = S.page_start("Map")
 labels = data.labels(bundle.label_key)
 if labels is None:
-    st.error(f"{data.label} has no {bundle.label_key!r} column in obs: the map needs each real sample's class.")
+    st.error(
+        f"{data.label} has no {bundle.label_key!r} column in obs: the map needs each real sample's class."
+    )
     st.stop()
 
 from tspg.embedding import MAP_MAX_CLASSES, MAP_MAX_PER_CLASS  # noqa: E402
@@ -23,13 +25,17 @@ sel, pert = S.page_perturbation(bundle, data)
 ss = st.session_state
 with S.guard("The map cannot be drawn for these data"):
     options = S.map_class_options(bundle, labels)
-    shown = S.map_classes(bundle, labels, pert.labels)[1:]  # (compared with the default of the last run)
+    shown = S.map_classes(bundle, labels, pert.labels)[
+        1:
+    ]  # (compared with the default of the last run)
     ss[S.MAP_AUTO] = S.map_classes_default(bundle, labels, pert.labels)
     ss[S.MAP_CLASSES] = shown
 c1, c2 = st.columns([4, 1])
 c1.multiselect(
-    f"Classes of the real samples besides the target, {bundle.target} (at most {MAP_MAX_CLASSES - 1})", options,
-    key=S.MAP_CLASSES, max_selections=MAP_MAX_CLASSES - 1,
+    f"Classes of the real samples besides the target, {bundle.target} (at most {MAP_MAX_CLASSES - 1})",
+    options,
+    key=S.MAP_CLASSES,
+    max_selections=MAP_MAX_CLASSES - 1,
     help="By default the source classes of the selection, then the most frequent others.",
 )
 c2.number_input("Seed", min_value=0, step=1, key=S.MAP_SEED)
@@ -43,12 +49,22 @@ joint_id = (mkey, S.bundle_key(bundle), tuple(pert.samples))
 
 b1, b2, _ = st.columns([1, 1, 3])
 b1.button(
-    "Recompute joint map", icon=":material/refresh:", key="map_joint_button", on_click=S.set_state, args=(S.MAP_JOINT, joint_id),
+    "Recompute joint map",
+    icon=":material/refresh:",
+    key="map_joint_button",
+    on_click=S.set_state,
+    args=(S.MAP_JOINT, joint_id),
     help="One t-SNE of the real and the perturbed samples together (slower; the reference map moves).",
 )
 is_joint = st.session_state.get(S.MAP_JOINT) == joint_id
 if is_joint:
-    b2.button("Back to the reference map", icon=":material/undo:", key="map_back_button", on_click=S.set_state, args=(S.MAP_JOINT, None))
+    b2.button(
+        "Back to the reference map",
+        icon=":material/undo:",
+        key="map_back_button",
+        on_click=S.set_state,
+        args=(S.MAP_JOINT, None),
+    )
 
 start = time.perf_counter()
 with S.guard("Placing the perturbed samples failed"):
@@ -64,22 +80,57 @@ with S.guard("Drawing the map failed"):
     from tspg.embedding import map_frame
 
     real_pred = S.real_predictions(bundle, data)[ref_idx]
-    frame = map_frame(shown_ref, new_xy, new_samples=pert.samples, new_source=pert.labels, new_pred=pert.pred_after, real_pred=real_pred)
+    frame = map_frame(
+        shown_ref,
+        new_xy,
+        new_samples=pert.samples,
+        new_source=pert.labels,
+        new_pred=pert.pred_after,
+        real_pred=real_pred,
+    )
     st.caption(
         f"Dots: {len(ref)} real samples of {len(set(ref.labels))} classes. Crosses: the selection's perturbed samples "
         f"({sel.description}), coloured by their source class, "
-        + ("from a joint t-SNE fit." if is_joint else f"placed on the fixed reference map in {seconds:.2f} s.")
+        + (
+            "from a joint t-SNE fit."
+            if is_joint
+            else f"placed on the fixed reference map in {seconds:.2f} s."
+        )
         + " Click a legend entry to highlight a class; hover a point for its sample, class and prediction."
     )
     S.show_chart(charts.map_chart(frame), f"map-{bundle.name}", key="map_chart")
 
-S.show_table(frame, f"map-{bundle.name}", key="map_frame", index=False, hide_index=True, width="stretch", height=240)
+S.show_table(
+    frame,
+    f"map-{bundle.name}",
+    key="map_frame",
+    index=False,
+    hide_index=True,
+    width="stretch",
+    height=240,
+)
 S.reproduce(
-    {"bundle": bundle.name, "data": data.label, "classes": classes, "n_per_class": MAP_MAX_PER_CLASS, "seed": seed, "joint": is_joint, "selection": sel.params, **ref.params},
+    {
+        "bundle": bundle.name,
+        "data": data.label,
+        "classes": classes,
+        "n_per_class": MAP_MAX_PER_CLASS,
+        "seed": seed,
+        "joint": is_joint,
+        "selection": sel.params,
+        **ref.params,
+    },
     ("# the reference map (the joint fit has no command)\n" if is_joint else "")
     + S.command(
-        "tspg map", shlex.quote(bundle.name), S.data_arg(bundle, data, optional=True), "-o map.csv",
-        "--classes", *map(shlex.quote, classes), f"--n-per-class {MAP_MAX_PER_CLASS} --seed {seed}",
-        "--samples", *map(shlex.quote, pert.samples), S.models_arg(),
+        "tspg map",
+        shlex.quote(bundle.name),
+        S.data_arg(bundle, data, optional=True),
+        "-o map.csv",
+        "--classes",
+        *map(shlex.quote, classes),
+        f"--n-per-class {MAP_MAX_PER_CLASS} --seed {seed}",
+        "--samples",
+        *map(shlex.quote, pert.samples),
+        S.models_arg(),
     ),
 )

@@ -27,12 +27,21 @@ options = S.compatible_bundles(bundle, entries)
 st.session_state[TARGET_WIDGET] = bundle.name
 left, right = st.columns([1, 2])
 left.selectbox(
-    "Target", options, key=TARGET_WIDGET, on_change=_switch_bundle,
+    "Target",
+    options,
+    key=TARGET_WIDGET,
+    on_change=_switch_bundle,
     format_func=lambda n: f"{manifests.get(n, {}).get('target', n)} ({n})",
     help="Generators trained on this gene set and these classes; choosing one switches the bundle.",
 )
 with right:
-    st.radio("Pick samples", list(S.SELECTION_MODES), key=S.SEL_MODE, format_func=S.SELECTION_MODES.get, horizontal=True)
+    st.radio(
+        "Pick samples",
+        list(S.SELECTION_MODES),
+        key=S.SEL_MODE,
+        format_func=S.SELECTION_MODES.get,
+        horizontal=True,
+    )
 
 pool = S.sample_pool(bundle, data)
 mode = st.session_state[S.SEL_MODE]
@@ -45,9 +54,13 @@ if mode == "random":
         cols[2].checkbox(f"Leave out the target class ({bundle.target})", key=S.SEL_NONTARGET)
 elif mode == "class":
     if labels is None:
-        st.error(f"{data.label} has no {bundle.label_key!r} column in obs, so samples cannot be picked by class. Pick them by id or at random.")
+        st.error(
+            f"{data.label} has no {bundle.label_key!r} column in obs, so samples cannot be picked by class. Pick them by id or at random."
+        )
         st.stop()
-    present = [c for c in bundle.classes if c in set(labels.tolist())] + sorted(set(labels.tolist()) - set(bundle.classes))
+    present = [c for c in bundle.classes if c in set(labels.tolist())] + sorted(
+        set(labels.tolist()) - set(bundle.classes)
+    )
     chosen = [c for c in st.session_state.get(S.SEL_CLASSES) or [] if c in present]
     st.session_state[S.SEL_CLASSES] = chosen or S.default_classes(bundle, labels)
     cols[0].multiselect("Source classes", present, key=S.SEL_CLASSES)
@@ -75,18 +88,40 @@ st.caption(f"{sel.description}; data: {data.label}")
 moved = float((pred["pred_after"] == bundle.target).mean())
 m = st.columns(4)
 m[0].metric("Samples", len(pert))
-m[1].metric("Called the target before", f"{float((pred['pred_before'] == bundle.target).mean()):.1%}")
+m[1].metric(
+    "Called the target before", f"{float((pred['pred_before'] == bundle.target).mean()):.1%}"
+)
 m[2].metric("Called the target after", f"{moved:.1%}")
-m[3].metric("Mean target probability", f"{pred['prob_target_after'].mean():.3f}", delta=f"{pred['prob_target_after'].mean() - pred['prob_target_before'].mean():+.3f}")
-S.show_table(pred.round(4), f"predictions-{bundle.name}", key="predictions", width="stretch", height=min(38 + 35 * len(pred), 320))
+m[3].metric(
+    "Mean target probability",
+    f"{pred['prob_target_after'].mean():.3f}",
+    delta=f"{pred['prob_target_after'].mean() - pred['prob_target_before'].mean():+.3f}",
+)
+S.show_table(
+    pred.round(4),
+    f"predictions-{bundle.name}",
+    key="predictions",
+    width="stretch",
+    height=min(38 + 35 * len(pred), 320),
+)
 
 # ----------------------------------------------------------------------------- heatmap
 
 st.subheader("Perturbation heatmap")
 c1, c2, c3 = st.columns([1.2, 1, 1.8])
-c1.radio("Show", ["mean", "sample"], key=S.HEAT_VIEW, format_func={"mean": "Selection mean", "sample": "One sample"}.get, horizontal=True)
+c1.radio(
+    "Show",
+    ["mean", "sample"],
+    key=S.HEAT_VIEW,
+    format_func={"mean": "Selection mean", "sample": "One sample"}.get,
+    horizontal=True,
+)
 c2.number_input(
-    "Genes per direction", min_value=1, max_value=min(200, len(bundle.genes)), step=1, key=S.TOP_K,
+    "Genes per direction",
+    min_value=1,
+    max_value=min(200, len(bundle.genes)),
+    step=1,
+    key=S.TOP_K,
     help="Top genes up and down, in the heatmap and the tables below (and on the Genes and Enrichment pages).",
 )
 one = st.session_state[S.HEAT_VIEW] == "sample"
@@ -109,14 +144,17 @@ with S.guard("Drawing the heatmap failed"):
     )
     S.show_chart(charts.heatmap_chart(frame, title=title), f"heatmap-{bundle.name}", key="heatmap")
     if S.target_mean(bundle, data) is None:
-        st.caption("The target mean column is empty: the bundle's training data are not available here.")
+        st.caption(
+            "The target mean column is empty: the bundle's training data are not available here."
+        )
 
 # ----------------------------------------------------------------------------- top genes
 
 st.subheader(f"Top ±{k} genes")
 st.caption(
-    f"Sample {shown.samples[0]}: its {k} genes with the largest positive and negative P." if one else
-    f"Consensus over the {len(shown)} samples: how many samples have each gene among their top {k}, and its mean P."
+    f"Sample {shown.samples[0]}: its {k} genes with the largest positive and negative P."
+    if one
+    else f"Consensus over the {len(shown)} samples: how many samples have each gene among their top {k}, and its mean P."
 )
 with S.guard("Ranking the genes failed"):
     from tspg.perturb import consensus, top_genes_df
@@ -133,30 +171,70 @@ u, d = st.columns(2)
 height = 38 + 35 * min(max(len(up), len(down)), 20)  # up to 20 rows without scrolling
 with u:
     st.markdown("**Up** (largest positive P)")
-    S.show_table(up[cols].reset_index(drop=True), f"top-up-{bundle.name}", key="top_up", index=False, hide_index=True, height=height)
+    S.show_table(
+        up[cols].reset_index(drop=True),
+        f"top-up-{bundle.name}",
+        key="top_up",
+        index=False,
+        hide_index=True,
+        height=height,
+    )
 with d:
     st.markdown("**Down** (largest negative P)")
-    S.show_table(down[cols].reset_index(drop=True), f"top-down-{bundle.name}", key="top_down", index=False, hide_index=True, height=height)
+    S.show_table(
+        down[cols].reset_index(drop=True),
+        f"top-down-{bundle.name}",
+        key="top_down",
+        index=False,
+        hide_index=True,
+        height=height,
+    )
 
 # ----------------------------------------------------------------------------- downloads
 
 st.subheader("Downloads")
 c = st.columns(3)
 c[0].download_button(
-    "Perturbed samples (.h5ad)", S.perturbed_h5ad(bundle, data, sel.samples), file_name=f"{bundle.name}-perturbed.h5ad",
-    mime="application/octet-stream", on_click="ignore", icon=":material/download:", key="dl_h5ad",
+    "Perturbed samples (.h5ad)",
+    S.perturbed_h5ad(bundle, data, sel.samples),
+    file_name=f"{bundle.name}-perturbed.h5ad",
+    mime="application/octet-stream",
+    on_click="ignore",
+    icon=":material/download:",
+    key="dl_h5ad",
 )
 c[1].download_button(
-    "P, samples x genes (CSV)", S.frame_csv(lambda: pd.DataFrame(pert.P, index=pd.Index(pert.samples, name="sample"), columns=pert.genes)),
-    file_name=f"{bundle.name}-P.csv", mime="text/csv", on_click="ignore", icon=":material/download:", key="dl_P",
+    "P, samples x genes (CSV)",
+    S.frame_csv(
+        lambda: pd.DataFrame(
+            pert.P, index=pd.Index(pert.samples, name="sample"), columns=pert.genes
+        )
+    ),
+    file_name=f"{bundle.name}-P.csv",
+    mime="text/csv",
+    on_click="ignore",
+    icon=":material/download:",
+    key="dl_P",
 )
 c[2].download_button(
-    "Top genes of every sample (CSV)", S.frame_csv(lambda: top_genes_df(pert, k=k), index=False),
-    file_name=f"{bundle.name}-top-genes.csv", mime="text/csv", on_click="ignore", icon=":material/download:", key="dl_top",
+    "Top genes of every sample (CSV)",
+    S.frame_csv(lambda: top_genes_df(pert, k=k), index=False),
+    file_name=f"{bundle.name}-top-genes.csv",
+    mime="text/csv",
+    on_click="ignore",
+    icon=":material/download:",
+    key="dl_top",
 )
 
 S.reproduce(
-    {"bundle": bundle.name, "target": bundle.target, "data": data.label, "selection": sel.params, "samples": list(sel.samples), "k": k},
+    {
+        "bundle": bundle.name,
+        "target": bundle.target,
+        "data": data.label,
+        "selection": sel.params,
+        "samples": list(sel.samples),
+        "k": k,
+    },
     f"# the .h5ad download above holds the selected samples' expression (X); perturb it again with\n"
     f"tspg perturb {shlex.quote(bundle.name)} {bundle.name}-perturbed.h5ad -o perturbed.h5ad --k {k} {S.models_arg()}",
     python=(

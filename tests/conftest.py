@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from tspg.bundle import save_bundle
+from tspg.config import TrainConfig
 from tspg.pipeline import train
-from tspg.train import TrainConfig
 
 TINY_CLASSES = ["alpha", "beta", "gamma"]
 
@@ -24,7 +24,9 @@ def make_tiny_adata(n_per_class: int = 20, n_genes: int = 30, seed: int = 0) -> 
         X.append(block)
         labels += [name] * n_per_class
     X = np.clip(np.vstack(X), 0, None).astype(np.float32)
-    obs = pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"s{i:03d}" for i in range(len(labels))])
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(labels)}, index=[f"s{i:03d}" for i in range(len(labels))]
+    )
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"G{j:02d}" for j in range(n_genes)]))
 
 
@@ -40,7 +42,14 @@ TINY_CONFIG = dict(epochs=150, target_epochs=50, batch_size=32)
 def tiny_bundle(tmp_path_factory):
     """A bundle trained on the tiny GEM (target 'beta'), saved under a temporary models folder."""
     adata = make_tiny_adata()
-    b = train(adata, label_key="cell_type", target="beta", config=TrainConfig.for_recipe("tspg+", **TINY_CONFIG), device="cpu", dataset="tiny")
+    b = train(
+        adata,
+        label_key="cell_type",
+        target="beta",
+        config=TrainConfig.for_recipe("tspg+", **TINY_CONFIG),
+        device="cpu",
+        dataset="tiny",
+    )
     save_bundle(b, tmp_path_factory.mktemp("models"))
     return b
 
@@ -51,7 +60,14 @@ def demo_models_dir(tmp_path_factory):
     from tspg.datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
 
     root = tmp_path_factory.mktemp("demo_models")
-    b = train(demo(), label_key=DEMO_LABEL_KEY, target=DEMO_TARGET, config=TrainConfig.for_recipe("tspg+", epochs=10, target_epochs=10), device="cpu", dataset="pbmc68k_reduced")
+    b = train(
+        demo(),
+        label_key=DEMO_LABEL_KEY,
+        target=DEMO_TARGET,
+        config=TrainConfig.for_recipe("tspg+", epochs=10, target_epochs=10),
+        device="cpu",
+        dataset="pbmc68k_reduced",
+    )
     save_bundle(b, root)
     return root
 
@@ -77,7 +93,13 @@ def _torch_threads():
 # seconds on 2 CPU cores, still reaching full perturbation accuracy on the tiny GEM.
 QUICK_CONFIG = dict(epochs=30, target_epochs=20, batch_size=32, g_lr=1e-3, d_lr=5e-4)
 # Much smaller networks, for tests about the loop's mechanics (seeding, sharing, recipes).
-SMALL_NETS = dict(gen_encoder=(32, 16), gen_residual=1, gen_decoder=(32,), disc_hidden=(32, 16), target_hidden=(32, 16))
+SMALL_NETS = dict(
+    gen_encoder=(32, 16),
+    gen_residual=1,
+    gen_decoder=(32,),
+    disc_hidden=(32, 16),
+    target_hidden=(32, 16),
+)
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +109,13 @@ def quick_bundle(tmp_path_factory):
     Session-wide: tests that change the saved folder must copy it first.
     """
     adata = make_tiny_adata()
-    b = train(adata, label_key="cell_type", target="beta", config=TrainConfig.for_recipe("tspg+", **QUICK_CONFIG), device="cpu", dataset="tiny")
+    b = train(
+        adata,
+        label_key="cell_type",
+        target="beta",
+        config=TrainConfig.for_recipe("tspg+", **QUICK_CONFIG),
+        device="cpu",
+        dataset="tiny",
+    )
     save_bundle(b, tmp_path_factory.mktemp("quick_models"))
     return b

@@ -24,8 +24,15 @@ from urllib.parse import parse_qs, urlparse
 
 LIBRARIES = ("GO_Biological_Process_2025", "MSigDB_Hallmark_2020", "CellMarker_2024")
 HEADER = [
-    "Term", "Overlap", "P-value", "Adjusted P-value", "Old P-value",
-    "Old Adjusted P-value", "Odds Ratio", "Combined Score", "Genes",
+    "Term",
+    "Overlap",
+    "P-value",
+    "Adjusted P-value",
+    "Old P-value",
+    "Old Adjusted P-value",
+    "Odds Ratio",
+    "Combined Score",
+    "Genes",
 ]
 #: Rows the server returns for each library in "ok" mode: (term, set size, p, n hits).
 #: The overlapping genes are the first n genes of the posted list.
@@ -132,13 +139,21 @@ class FakeEnrichr:
                     with fake._lock:
                         list_id = 1000 + len(fake.lists)
                         fake.lists[list_id] = genes
-                    self._send(200, json.dumps({"userListId": list_id, "shortId": "abc123"}), "application/json")
+                    self._send(
+                        200,
+                        json.dumps({"userListId": list_id, "shortId": "abc123"}),
+                        "application/json",
+                    )
                 elif method == "GET" and endpoint == "export":
                     if fake.mode == "garbage_export":
                         self._send(200, "\x00\x01<html>oops</html>\nnot;a;table", "text/plain")
                         return
                     genes = fake.lists.get(int(query.get("userListId", -1)), [])
-                    self._send(200, _export_tsv(query.get("backgroundType", ""), genes, fake.mode), "text/plain")
+                    self._send(
+                        200,
+                        _export_tsv(query.get("backgroundType", ""), genes, fake.mode),
+                        "text/plain",
+                    )
                 else:
                     self._send(404, "not found", "text/plain")
 
@@ -160,10 +175,21 @@ def _export_tsv(library: str, genes: list[str], mode: str) -> str:
     if mode != "nohits":
         for term, size, p, hits in ROWS.get(library, []):
             hit_genes = genes[:hits]
-            lines.append("\t".join([
-                term, f"{len(hit_genes)}/{size}", f"{p:g}", f"{min(1.0, p * 3):g}", "0", "0",
-                "12.5", "80.1", ";".join(hit_genes),
-            ]))
+            lines.append(
+                "\t".join(
+                    [
+                        term,
+                        f"{len(hit_genes)}/{size}",
+                        f"{p:g}",
+                        f"{min(1.0, p * 3):g}",
+                        "0",
+                        "0",
+                        "12.5",
+                        "80.1",
+                        ";".join(hit_genes),
+                    ]
+                )
+            )
     return "\n".join(lines) + "\n"
 
 

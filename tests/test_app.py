@@ -147,7 +147,9 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     mean_P = perturb_adata(bundle, demo_adata[ids]).P.mean(0)
     top_gene = bundle.genes[int(np.argmax(mean_P))]
     assert heat.sort_values("rank").iloc[0]["gene"] == top_gene
-    assert heat[(heat.gene == top_gene) & (heat.column == "P")]["value"].iloc[0] == pytest.approx(mean_P.max(), abs=1e-4)
+    assert heat[(heat.gene == top_gene) & (heat.column == "P")]["value"].iloc[0] == pytest.approx(
+        mean_P.max(), abs=1e-4
+    )
     # the target-mean column: the bundle's stored training-split mean of the target class
     tm = heat[heat.column == "target mean"].set_index("gene")["value"]
     stored = pd.Series(bundle.target_mean, index=bundle.genes)
@@ -166,7 +168,13 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     assert list(down_table["gene"]) == list(top.down[0])
     assert set(chart_data(charts(at)[0])["gene"]) == set(top.up[0]) | set(top.down[0])
     labels_dl = {b.label for b in at.get("download_button")}
-    assert {"Perturbed samples (.h5ad)", "P, samples x genes (CSV)", "SVG", "PNG", "CSV"} <= labels_dl
+    assert {
+        "Perturbed samples (.h5ad)",
+        "P, samples x genes (CSV)",
+        "SVG",
+        "PNG",
+        "CSV",
+    } <= labels_dl
     assert "tspg perturb" in texts(at.code)
 
 
@@ -185,7 +193,9 @@ def test_random_selection_moves_most_samples_to_the_target(models, monkeypatch):
 
 def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     bundle = the_bundle(models)
-    monkeypatch.setenv("TSPG_ENRICHR_URL", closed_port_url())  # Enrichr refuses: the offline fallback, on any machine
+    monkeypatch.setenv(
+        "TSPG_ENRICHR_URL", closed_port_url()
+    )  # Enrichr refuses: the offline fallback, on any machine
     at = ok(app(models, monkeypatch).run())
     classes = [DEMO_TARGET, "CD56+ NK", "CD19+ B"]
     at.session_state["map_classes"] = classes[1:]  # besides the target, which is always shown
@@ -197,7 +207,9 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     real, pert = frame[frame.kind == "real"], frame[frame.kind == "perturbed"]
     assert set(real["class"]) == set(classes)
     assert set(pert["class"]) == {"CD19+ B", "CD56+ NK"}
-    assert len(pert) == sum(1 for s in bundle.split["test"] if s in set(pert["sample"]))  # held-out only
+    assert len(pert) == sum(
+        1 for s in bundle.split["test"] if s in set(pert["sample"])
+    )  # held-out only
     assert {"sample", "class", "predicted", "kind", "x", "y"} <= set(frame.columns)
     spec = json.dumps(json.loads(charts(at)[0].proto.spec))
     assert '"bind": "legend"' in spec and "tooltip" in spec
@@ -214,7 +226,9 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     assert cli.main(argv) == 0
     from_cli = pd.read_csv(out)
     cols = ["sample", "class", "predicted", "kind"]
-    pd.testing.assert_frame_equal(from_cli[cols], table[cols].reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        from_cli[cols], table[cols].reset_index(drop=True), check_dtype=False
+    )
     np.testing.assert_allclose(from_cli[["x", "y"]], table[["x", "y"]], atol=1e-6)
     at.button(key="map_joint_button").click()
     ok(at.run())
@@ -237,7 +251,11 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     assert "offline" in texts(at.warning)  # Enrichr refused: the offline fallback, labelled
     assert "Enrichr could not be used" in texts(at.caption)
     table = at.dataframe[0].value
-    assert len(table) and set(table["backend"]) == {"offline"} and set(table["direction"]) <= {"up", "down"}
+    assert (
+        len(table)
+        and set(table["backend"]) == {"offline"}
+        and set(table["direction"]) <= {"up", "down"}
+    )
     bars = chart_data(charts(at)[0])  # one chart, a panel per direction
     assert len(bars) >= 1 and set(bars["direction"]) == set(table["direction"])
     assert len(charts(at)) == 1
@@ -250,7 +268,9 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     assert cli.main(argv) == 0
     from_cli = pd.read_csv(out)
     cols = ["direction", "library", "term", "n_overlap"]
-    pd.testing.assert_frame_equal(from_cli[cols], table[cols].reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        from_cli[cols], table[cols].reset_index(drop=True), check_dtype=False
+    )
     np.testing.assert_allclose(from_cli["q"], table["q"], rtol=1e-6)
 
     at.radio(key="enr_direction").set_value("up")
@@ -271,15 +291,23 @@ def test_enrichment_threshold_offline_libraries_and_retrying_enrichr(models, mon
     others = [g for g in genes if g not in up][:10]
     gmts = tmp_path / "gmts"
     gmts.mkdir()
-    (extra := gmts / "extra.gmt").write_text(f"HIT3\tmine\t{chr(9).join(up[:3] + others)}\nALL\tmine\t{chr(9).join(genes)}\n")
+    (extra := gmts / "extra.gmt").write_text(
+        f"HIT3\tmine\t{chr(9).join(up[:3] + others)}\nALL\tmine\t{chr(9).join(genes)}\n"
+    )
     monkeypatch.setenv("TSPG_GMT_DIR", str(gmts))
     at = ok(app(models, monkeypatch).run())
     ok(at.switch_page("pages/enrichment.py").run())
     pick = at.multiselect(key="enr_gmts")
     assert pick.options == ["blood_markers", "extra"]  # (labels: the library names)
-    assert [Path(f).name for f in pick.value] == ["blood_markers.gmt", "extra.gmt"]  # all, by default
+    assert [Path(f).name for f in pick.value] == [
+        "blood_markers.gmt",
+        "extra.gmt",
+    ]  # all, by default
     table = at.dataframe[0].value
-    assert set(table["backend"]) == {"offline"} and set(table["library"]) == {"blood_markers", "extra"}
+    assert set(table["backend"]) == {"offline"} and set(table["library"]) == {
+        "blood_markers",
+        "extra",
+    }
 
     # the q-value threshold: 1e-4 by default, a widget
     hit = table[(table.term == "HIT3") & (table.direction == "up")].iloc[0]
@@ -297,7 +325,9 @@ def test_enrichment_threshold_offline_libraries_and_retrying_enrichr(models, mon
     at.multiselect(key="enr_gmts").set_value([str(extra)])
     ok(at.run())
     assert set(at.dataframe[0].value["library"]) == {"extra"}
-    assert "the page left out: blood_markers" in next(c.value for c in at.code if "tspg enrich" in c.value)
+    assert "the page left out: blood_markers" in next(
+        c.value for c in at.code if "tspg enrich" in c.value
+    )
     # a library offered anew (another bundle's gene set, a new file) starts selected; the one left out stays out
     (gmts / "more.gmt").write_text(f"MORE\tmine\t{chr(9).join(up[:2] + others)}\n")
     ok(at.run())
@@ -325,11 +355,15 @@ def test_models_page_lists_an_unreadable_bundle(models, monkeypatch, tmp_path):
     (root / "broken").mkdir()
     (root / "broken" / "manifest.json").write_text("{not json")
     good = next(p for p in root.iterdir() if p.is_dir() and p.name != "broken")
-    shutil.copytree(good, cut := root / "a-cut-short")  # listed first, but its weights are truncated
+    shutil.copytree(
+        good, cut := root / "a-cut-short"
+    )  # listed first, but its weights are truncated
     weights = cut / "generator.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     at = ok(app(root, monkeypatch).run())
-    assert at.sidebar.selectbox(key="bundle").value == good.name  # the default skips unreadable bundles
+    assert (
+        at.sidebar.selectbox(key="bundle").value == good.name
+    )  # the default skips unreadable bundles
     assert metrics(at)["Target"] == DEMO_TARGET  # the readable bundle still works
     assert "2 unreadable bundle(s)" in texts(at.sidebar.caption)
     ok(at.switch_page("pages/models.py").run())
@@ -365,10 +399,16 @@ def test_uploads_and_bad_input(models, monkeypatch, tmp_path, demo_adata):
 
     import anndata as ad
 
-    wrong = ad.AnnData(np.ones((4, 3), np.float32), obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]), var=pd.DataFrame(index=["A", "B", "C"]))
+    wrong = ad.AnnData(
+        np.ones((4, 3), np.float32),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]),
+        var=pd.DataFrame(index=["A", "B", "C"]),
+    )
     path = tmp_path / "wrong.h5ad"
     wrong.write_h5ad(path)
-    at.sidebar.file_uploader(key="upload").set_value(("wrong.h5ad", path.read_bytes(), "application/octet-stream"))
+    at.sidebar.file_uploader(key="upload").set_value(
+        ("wrong.h5ad", path.read_bytes(), "application/octet-stream")
+    )
     at.switch_page("pages/perturb.py").run()
     assert not at.exception
     assert "none of the model's 765 genes are present" in texts(at.error)
@@ -377,7 +417,9 @@ def test_uploads_and_bad_input(models, monkeypatch, tmp_path, demo_adata):
     cells = demo_adata[::25].copy()
     cells.obs = cells.obs.drop(columns=[DEMO_LABEL_KEY])
     cells.write_h5ad(path := tmp_path / "cells.h5ad")
-    at.sidebar.file_uploader(key="upload").set_value(("cells.h5ad", path.read_bytes(), "application/octet-stream"))
+    at.sidebar.file_uploader(key="upload").set_value(
+        ("cells.h5ad", path.read_bytes(), "application/octet-stream")
+    )
     ok(at.run())
     pred = at.dataframe[0].value
     assert len(pred) == 20 and set(pred.index) <= set(cells.obs_names) and "label" not in pred
@@ -385,8 +427,14 @@ def test_uploads_and_bad_input(models, monkeypatch, tmp_path, demo_adata):
     tm = heat[heat.column == "target mean"].set_index("gene")["value"]
     assert tm.notna().all() and len(tm) == 40
     bundle = the_bundle(models)
-    np.testing.assert_allclose(tm.to_numpy(), pd.Series(bundle.target_mean, index=bundle.genes)[tm.index].to_numpy(), atol=1e-6)
-    assert "sel_heldout" not in [c.key for c in at.checkbox]  # held-out only applies to the bundle's own data
+    np.testing.assert_allclose(
+        tm.to_numpy(),
+        pd.Series(bundle.target_mean, index=bundle.genes)[tm.index].to_numpy(),
+        atol=1e-6,
+    )
+    assert "sel_heldout" not in [
+        c.key for c in at.checkbox
+    ]  # held-out only applies to the bundle's own data
     at.radio(key="sel_mode").set_value("class")
     at.run()
     assert not at.exception
@@ -416,7 +464,9 @@ def test_map_reuses_the_reference_map_for_a_new_selection(models, monkeypatch):
     ok(at.run())
     second = chart_data(charts(at)[0])
     real1, real2 = (f[f.kind == "real"].reset_index(drop=True) for f in (first, second))
-    pd.testing.assert_frame_equal(real1[["sample", "class", "x", "y"]], real2[["sample", "class", "x", "y"]])
+    pd.testing.assert_frame_equal(
+        real1[["sample", "class", "x", "y"]], real2[["sample", "class", "x", "y"]]
+    )
     pert1, pert2 = (set(f.loc[f.kind == "perturbed", "sample"]) for f in (first, second))
     assert len(pert1) == len(pert2) == 20 and pert1 != pert2
     assert "placed on the fixed reference map" in texts(at.caption)
@@ -428,7 +478,9 @@ def test_map_reuses_the_reference_map_for_a_new_selection(models, monkeypatch):
     assert set(widget.value) == set(real2["class"]) - {DEMO_TARGET}
 
 
-def test_sidebar_bundle_picker_demo_data_and_a_partial_upload(models, monkeypatch, tmp_path, demo_adata):
+def test_sidebar_bundle_picker_demo_data_and_a_partial_upload(
+    models, monkeypatch, tmp_path, demo_adata
+):
     root = tmp_path / "models"
     shutil.copytree(models, root)
     src = next(p for p in root.iterdir() if p.is_dir())
@@ -440,18 +492,23 @@ def test_sidebar_bundle_picker_demo_data_and_a_partial_upload(models, monkeypatc
     at = ok(app(root, monkeypatch).run())
     picker = at.sidebar.selectbox(key="bundle")
     assert picker.options == [
-        f"{DEMO_TARGET} · pbmc68k_reduced · gene set all · {src.name}", "CD19+ B · pbmc68k_reduced · gene set all · pbmc68k-reduced-cd19-b",
+        f"{DEMO_TARGET} · pbmc68k_reduced · gene set all · {src.name}",
+        "CD19+ B · pbmc68k_reduced · gene set all · pbmc68k-reduced-cd19-b",
     ]
     assert metrics(at)["Target"] == DEMO_TARGET
     picker.set_value("pbmc68k-reduced-cd19-b")
     ok(at.run())
-    assert metrics(at)["Target"] == "CD19+ B" and "Bundle pbmc68k-reduced-cd19-b" in texts(at.subheader)
+    assert metrics(at)["Target"] == "CD19+ B" and "Bundle pbmc68k-reduced-cd19-b" in texts(
+        at.subheader
+    )
 
     at.sidebar.radio(key="data_source").set_value("demo")
     ok(at.run())
     assert "demo (pbmc68k_reduced): 700 samples x 765 genes" in texts(at.markdown)
     ok(at.switch_page("pages/perturb.py").run())
-    assert at.checkbox(key="sel_heldout").value  # the demo is the demo bundle's own dataset: its split applies
+    assert at.checkbox(
+        key="sel_heldout"
+    ).value  # the demo is the demo bundle's own dataset: its split applies
     assert set(at.dataframe[0].value.index) <= set(manifest["split"]["test"])
 
     # an upload lacking 3 of the bundle's genes: the error names them
@@ -460,11 +517,15 @@ def test_sidebar_bundle_picker_demo_data_and_a_partial_upload(models, monkeypatc
     part.write_h5ad(path := tmp_path / "part.h5ad")
     at.sidebar.radio(key="data_source").set_value("upload")
     at.run()
-    at.sidebar.file_uploader(key="upload").set_value(("part.h5ad", path.read_bytes(), "application/octet-stream"))
+    at.sidebar.file_uploader(key="upload").set_value(
+        ("part.h5ad", path.read_bytes(), "application/octet-stream")
+    )
     at.run()
     assert not at.exception
     [error] = at.error
-    assert "3 of the model's 765 genes are missing" in error.value and all(g in error.value for g in dropped)
+    assert "3 of the model's 765 genes are missing" in error.value and all(
+        g in error.value for g in dropped
+    )
 
 
 def test_demo_epochs_that_are_not_a_number_are_an_error_not_a_traceback(tmp_path, monkeypatch):
@@ -489,25 +550,47 @@ def test_tspg_app_trains_the_demo_into_an_empty_folder_and_serves(tmp_path):
     empty = tmp_path / "models"
     empty.mkdir()
     port = _free_port()
-    env = dict(os.environ, TSPG_CACHE_DIR=str(tmp_path / "cache"), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    env = dict(
+        os.environ,
+        TSPG_CACHE_DIR=str(tmp_path / "cache"),
+        STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
+    )
     env.pop("TSPG_MODELS_DIR", None)
     script = Path(sys.executable).with_name("tspg")  # the console script of this environment
     assert script.exists(), f"{script} not found: install the package (pip install -e .)"
-    cmd = [str(script), "app", "--models", str(empty), "--demo-epochs", "1", "--headless", "--port", str(port)]
+    cmd = [
+        str(script),
+        "app",
+        "--models",
+        str(empty),
+        "--demo-epochs",
+        "1",
+        "--headless",
+        "--port",
+        str(port),
+    ]
     log = tmp_path / "app.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert proc.poll() is None, f"tspg app exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert proc.poll() is None, (
+                f"tspg app exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/_stcore/health", timeout=2
+                ) as r:
                     if r.status == 200 and r.read().strip() == b"ok":
                         break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, f"no answer on port {port} within 180 s:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"no answer on port {port} within 180 s:\n{log.read_text()[-3000:]}"
+            )
             time.sleep(0.5)
         [entry] = list_bundles(empty)
         assert entry.error is None and entry.manifest["target"] == DEMO_TARGET
@@ -535,7 +618,9 @@ def test_target_picker_switches_the_bundle(models, monkeypatch, tmp_path):
     shutil.copytree(models, root)
     src = next(p for p in root.iterdir() if p.is_dir())
     other = root / "pbmc-dendritic"
-    shutil.copytree(src, other)  # same genes and classes, another target (the weights do not matter here)
+    shutil.copytree(
+        src, other
+    )  # same genes and classes, another target (the weights do not matter here)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest.update(name="pbmc-dendritic", target="Dendritic")
     (other / "manifest.json").write_text(json.dumps(manifest))

@@ -17,9 +17,9 @@ from conftest import SMALL_NETS
 from test_app import app, chart_data, charts, fresh_streamlit, ok, texts  # noqa: F401 (fresh_streamlit: autouse fixture)
 
 from tspg.bundle import save_bundle
+from tspg.config import TrainConfig
 from tspg.datasets import synthetic_gem
 from tspg.pipeline import train
-from tspg.train import TrainConfig
 
 TARGET = "class-00"
 H5AD = "application/octet-stream"
@@ -30,7 +30,9 @@ def elsewhere(tmp_path_factory):
     """A bundle trained on a 12-class synthetic GEM, and that GEM as .h5ad bytes."""
     adata = synthetic_gem(n_samples=360, n_genes=40, n_classes=12, seed=1)
     config = TrainConfig.for_recipe("tspg+", epochs=5, target_epochs=5, batch_size=64, **SMALL_NETS)
-    bundle = train(adata, label_key="label", target=TARGET, config=config, device="cpu", dataset="synthetic12")
+    bundle = train(
+        adata, label_key="label", target=TARGET, config=config, device="cpu", dataset="synthetic12"
+    )
     root = tmp_path_factory.mktemp("elsewhere_models")
     save_bundle(bundle, root)
     path = tmp_path_factory.mktemp("elsewhere_data") / "synthetic12.h5ad"
@@ -38,7 +40,9 @@ def elsewhere(tmp_path_factory):
     changed = adata.copy()
     changed.X[0, 0] += 1.0  # one value differs: not the data the bundle was trained on
     changed.write_h5ad(other := path.with_name("changed.h5ad"))
-    return SimpleNamespace(root=root, bundle=bundle, adata=adata, h5ad=path.read_bytes(), changed=other.read_bytes())
+    return SimpleNamespace(
+        root=root, bundle=bundle, adata=adata, h5ad=path.read_bytes(), changed=other.read_bytes()
+    )
 
 
 def upload(at, name: str, data: bytes, source: str = "bundle"):
@@ -62,7 +66,9 @@ def test_without_its_dataset_the_app_asks_for_it_instead_of_failing(elsewhere, m
 def test_an_upload_of_its_dataset_counts_as_the_bundles_own(elsewhere, monkeypatch):
     bundle, test = elsewhere.bundle, set(elsewhere.bundle.split["test"])
     at = ok(upload(app(elsewhere.root, monkeypatch).run(), "synthetic12.h5ad", elsewhere.h5ad))
-    assert "upload synthetic12.h5ad (the bundle's dataset): 360 samples x 40 genes" in texts(at.markdown)
+    assert "upload synthetic12.h5ad (the bundle's dataset): 360 samples x 40 genes" in texts(
+        at.markdown
+    )
     assert not at.sidebar.info  # recognised: no more hint
 
     ok(at.switch_page("pages/perturb.py").run())
@@ -71,7 +77,11 @@ def test_an_upload_of_its_dataset_counts_as_the_bundles_own(elsewhere, monkeypat
     assert len(pred) == 20 and set(pred.index) <= test and (pred["label"] != TARGET).all()
     heat = chart_data(charts(at)[0])
     tm = heat[heat.column == "target mean"].set_index("gene")["value"]
-    np.testing.assert_allclose(tm.to_numpy(), pd.Series(bundle.target_mean, index=bundle.genes)[tm.index].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        tm.to_numpy(),
+        pd.Series(bundle.target_mean, index=bundle.genes)[tm.index].to_numpy(),
+        atol=1e-6,
+    )
     at.checkbox(key="sel_heldout").uncheck()
     ok(at.run())
     assert set(at.dataframe[0].value.index) - test  # training samples too, now
@@ -104,7 +114,9 @@ def test_other_data_is_not_taken_for_its_dataset(elsewhere, monkeypatch):
 
 def test_map_default_classes_follow_the_selection(elsewhere, monkeypatch):
     labels = elsewhere.adata.obs["label"].astype(str)
-    rare = list(labels.value_counts().index[-3:])  # the three smallest classes: not among the 9 most frequent others
+    rare = list(
+        labels.value_counts().index[-3:]
+    )  # the three smallest classes: not among the 9 most frequent others
     assert TARGET not in rare
     at = ok(upload(app(elsewhere.root, monkeypatch).run(), "synthetic12.h5ad", elsewhere.h5ad))
     at.session_state["sel_mode"] = "class"
@@ -114,7 +126,11 @@ def test_map_default_classes_follow_the_selection(elsewhere, monkeypatch):
     shown = set(real["class"])
     assert len(shown) == 10 and {TARGET, *rare[:2]} <= shown and rare[2] not in shown
     widget = at.multiselect(key="map_classes")
-    assert TARGET not in widget.options and len(widget.options) == 11 and widget.proto.max_selections == 9
+    assert (
+        TARGET not in widget.options
+        and len(widget.options) == 11
+        and widget.proto.max_selections == 9
+    )
     assert set(widget.value) == shown - {TARGET}
 
     at.session_state["sel_classes"] = rare[2:]  # a new selection: the default follows it

@@ -24,8 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "screenshots"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-quic",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
 ]
 READY = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 STARTUP_S = 90
@@ -34,7 +39,10 @@ STEP_MS = 90_000  # a page's first run imports torch or fits a t-SNE map on 2 sh
 pytestmark = pytest.mark.browser
 
 if not CHROMIUM.exists() and not os.environ.get("CI"):
-    pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium); CI installs it and runs this test", allow_module_level=True)
+    pytest.skip(
+        "/usr/bin/chromium is not installed (apt-get install chromium); CI installs it and runs this test",
+        allow_module_level=True,
+    )
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
@@ -54,16 +62,31 @@ def server(demo_models_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("browser_log") / "streamlit.log"
     env = dict(
-        os.environ, TSPG_MODELS_DIR=str(root), TSPG_CACHE_DIR=str(tmp_path_factory.mktemp("browser_cache")),
+        os.environ,
+        TSPG_MODELS_DIR=str(root),
+        TSPG_CACHE_DIR=str(tmp_path_factory.mktemp("browser_cache")),
         STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
         TSPG_ENRICHR_URL=closed_port_url(),  # Enrichr refuses at once: the offline fallback, on any machine
     )
     cmd = [
-        sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-        "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none",
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "streamlit_app.py",
+        "--server.headless",
+        "true",
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(port),
+        "--server.fileWatcherType",
+        "none",
     ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_S
@@ -77,7 +100,9 @@ def server(demo_models_dir, tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not answer within {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+                pytest.fail(
+                    f"streamlit did not answer within {STARTUP_S} s:\n{log.read_text()[-3000:]}"
+                )
             time.sleep(0.3)
         yield url
     finally:
@@ -92,7 +117,9 @@ def server(demo_models_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(server):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000})
             pg = context.new_page()
@@ -119,8 +146,12 @@ def shot(page, name: str) -> None:
     """A screenshot of the whole page (Streamlit scrolls inside its main block, so grow the viewport)."""
     SHOTS.mkdir(exist_ok=True)
     size = page.viewport_size
-    height = page.evaluate('() => document.querySelector(\'[data-testid="stMainBlockContainer"]\').scrollHeight')
-    page.set_viewport_size({"width": size["width"], "height": min(max(size["height"], height + 120), 6000)})
+    height = page.evaluate(
+        "() => document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight"
+    )
+    page.set_viewport_size(
+        {"width": size["width"], "height": min(max(size["height"], height + 120), 6000)}
+    )
     page.wait_for_timeout(500)  # charts re-fit the wider or taller frame
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
     page.set_viewport_size(size)
@@ -148,21 +179,32 @@ MAP_OPACITIES = """chart => {
 def legend_click_highlights(page, cls: str) -> None:
     """Click ``cls`` in the map's legend: its points stay opaque, every other class fades."""
     chart = page.locator('[data-testid="stVegaLiteChart"]').first
-    assert chart.locator("svg.marks").count() == 1, "the map is not drawn as SVG: its points cannot be read"
+    assert chart.locator("svg.marks").count() == 1, (
+        "the map is not drawn as SVG: its points cannot be read"
+    )
     before = chart.evaluate(MAP_OPACITIES)
     assert cls in before and len(before) > 2 and all(o > 0.5 for v in before.values() for o in v)
-    chart.locator("g.role-legend-label text").filter(has_text=re.compile(rf"^{re.escape(cls)}$")).click()
+    chart.locator("g.role-legend-label text").filter(
+        has_text=re.compile(rf"^{re.escape(cls)}$")
+    ).click()
     chart.element_handle().wait_for_selector('g.role-mark path[opacity="0.08"]', state="attached")
     after = chart.evaluate(MAP_OPACITIES)
     assert all(o > 0.5 for o in after[cls])
     assert all(o < 0.5 for c, v in after.items() if c != cls for o in v)
-    assert {c: len(v) for c, v in after.items()} == {c: len(v) for c, v in before.items()}  # same points, faded
+    assert {c: len(v) for c, v in after.items()} == {
+        c: len(v) for c, v in before.items()
+    }  # same points, faded
 
 
 def test_walk_home_perturb_map_genes_enrichment(page, server):
     page.goto(server)
     settle(page, "TSPG Explorer")
-    assert page.get_by_test_id("stMetric").filter(has_text="Target").first.inner_text().endswith("CD14+ Monocyte")
+    assert (
+        page.get_by_test_id("stMetric")
+        .filter(has_text="Target")
+        .first.inner_text()
+        .endswith("CD14+ Monocyte")
+    )
     assert page.get_by_text("Perturbation accuracy").first.is_visible()
     sidebar = page.get_by_test_id("stSidebar")
     bundle_box = sidebar.get_by_role("combobox", name="Bundle")
@@ -180,7 +222,10 @@ def test_walk_home_perturb_map_genes_enrichment(page, server):
     assert Path(h5ad).read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
     with page.expect_download() as dl:
         page.get_by_test_id("stDownloadButton").filter(has_text="SVG").first.click()
-    assert dl.value.suggested_filename.startswith("heatmap-") and b"<svg" in Path(dl.value.path()).read_bytes()[:2000]
+    assert (
+        dl.value.suggested_filename.startswith("heatmap-")
+        and b"<svg" in Path(dl.value.path()).read_bytes()[:2000]
+    )
     shot(page, "perturb")
 
     go(page, "Map")
@@ -199,4 +244,6 @@ def test_walk_home_perturb_map_genes_enrichment(page, server):
     assert page.get_by_text("Enrichr could not be used").first.is_visible()
     chart_drawn(page)
     shot(page, "enrichment")
-    assert "pbmc68k-reduced-cd14-monocyte" in bundle_box.input_value()  # the choice held across pages
+    assert (
+        "pbmc68k-reduced-cd14-monocyte" in bundle_box.input_value()
+    )  # the choice held across pages

@@ -62,11 +62,29 @@ def one_line_value_error(func, *args) -> str:
 def test_saved_bundle_layout(quick_bundle):
     path = quick_bundle.path
     assert sorted(p.name for p in path.iterdir()) == [
-        "discriminator.safetensors", "generator.safetensors", "manifest.json", "target_model.safetensors",
+        "discriminator.safetensors",
+        "generator.safetensors",
+        "manifest.json",
+        "target_model.safetensors",
     ]
     m = json.loads((path / "manifest.json").read_text())
-    for key in ("format_version", "created", "tspg_version", "torch_version", "dataset", "label_key", "classes",
-                "target", "genes", "gene_set", "scaler", "split", "config", "metrics", "history"):
+    for key in (
+        "format_version",
+        "created",
+        "tspg_version",
+        "torch_version",
+        "dataset",
+        "label_key",
+        "classes",
+        "target",
+        "genes",
+        "gene_set",
+        "scaler",
+        "split",
+        "config",
+        "metrics",
+        "history",
+    ):
         assert key in m, key
     assert m["classes"] == ["alpha", "beta", "gamma"] and m["target"] == "beta"
     assert m["config"]["seed"] == 0 and m["dataset"]["fingerprint"]
@@ -78,7 +96,9 @@ def test_load_in_same_process_gives_same_outputs(quick_bundle):
     assert loaded.genes == quick_bundle.genes and loaded.classes == quick_bundle.classes
     assert loaded.config == quick_bundle.config
     X = quick_bundle.scaler.transform(make_tiny_adata().X)
-    np.testing.assert_array_equal(generate_perturbed(loaded.generator, X)[0], generate_perturbed(quick_bundle.generator, X)[0])
+    np.testing.assert_array_equal(
+        generate_perturbed(loaded.generator, X)[0], generate_perturbed(quick_bundle.generator, X)[0]
+    )
 
 
 FRESH = r"""
@@ -101,19 +121,34 @@ print(json.dumps({"genes": b.genes, "accuracy": float((pred[non_target] == b.tar
 
 def test_fresh_process_loads_same_genes_same_p_same_accuracy(quick_bundle, tmp_path):
     adata = make_tiny_adata()
-    shuffled = adata[:, list(adata.var_names[::-1])].copy()  # genes in another order: matched by name
+    shuffled = adata[
+        :, list(adata.var_names[::-1])
+    ].copy()  # genes in another order: matched by name
     shuffled.write_h5ad(tmp_path / "tiny.h5ad")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", FRESH, str(quick_bundle.path), str(tmp_path / "tiny.h5ad"), str(tmp_path / "P.npy")],
-        capture_output=True, text=True, env=env, timeout=300, check=True,
+        [
+            sys.executable,
+            "-c",
+            FRESH,
+            str(quick_bundle.path),
+            str(tmp_path / "tiny.h5ad"),
+            str(tmp_path / "P.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["genes"] == quick_bundle.genes
     assert result["accuracy"] == quick_bundle.metrics["perturbation_accuracy_non_target"]
     test = adata[quick_bundle.split["test"]]
     X = quick_bundle.scaler.transform(align_genes(test, quick_bundle.genes))
-    np.testing.assert_allclose(np.load(tmp_path / "P.npy"), generate_perturbed(quick_bundle.generator, X)[0], atol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "P.npy"), generate_perturbed(quick_bundle.generator, X)[0], atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- no pickle, validation
@@ -171,7 +206,9 @@ CORRUPT_MANIFESTS = {
     "format version text": lambda m: json.dumps({**m, "format_version": "one"}),
     "format version newer": lambda m: json.dumps({**m, "format_version": 99}),
     "config wrong": lambda m: json.dumps({**m, "config": {**m["config"], "gen_encoder": "wide"}}),
-    "config word wrong": lambda m: json.dumps({**m, "config": {**m["config"], "adv_space": "prob"}}),
+    "config word wrong": lambda m: json.dumps(
+        {**m, "config": {**m["config"], "adv_space": "prob"}}
+    ),
     "no dataset": lambda m: json.dumps({k: v for k, v in m.items() if k != "dataset"}),
     "gene set not a dict": lambda m: json.dumps({**m, "gene_set": "all"}),
 }
@@ -190,14 +227,21 @@ def test_corrupt_manifest_is_a_one_line_error_naming_the_file(bundle_copy, damag
 
 def test_folder_without_manifest(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert "not a bundle (no manifest.json)" in one_line_value_error(load_bundle, tmp_path / "empty")
+    assert "not a bundle (no manifest.json)" in one_line_value_error(
+        load_bundle, tmp_path / "empty"
+    )
 
 
 # ----------------------------------------------------------------------------- atomic save
 
 
 def unsaved_copy(bundle: Bundle, **manifest_changes) -> Bundle:
-    return Bundle({**bundle.manifest, **manifest_changes}, bundle.generator, bundle.discriminator, bundle.target_model)
+    return Bundle(
+        {**bundle.manifest, **manifest_changes},
+        bundle.generator,
+        bundle.discriminator,
+        bundle.target_model,
+    )
 
 
 def test_failed_save_leaves_nothing_behind(quick_bundle, tmp_path):
@@ -214,7 +258,9 @@ def test_failed_overwrite_keeps_the_old_bundle(quick_bundle, tmp_path):
     save_bundle(unsaved_copy(quick_bundle, name="keep"), root)
     before = (root / "keep" / "manifest.json").read_text()
     with pytest.raises(TypeError):
-        save_bundle(unsaved_copy(quick_bundle, name="keep", metrics={"x": object()}), root, overwrite=True)
+        save_bundle(
+            unsaved_copy(quick_bundle, name="keep", metrics={"x": object()}), root, overwrite=True
+        )
     assert [p.name for p in root.iterdir()] == ["keep"]
     assert (root / "keep" / "manifest.json").read_text() == before
     load_bundle(root / "keep")
@@ -228,7 +274,9 @@ def test_failed_overwrite_keeps_the_old_bundle(quick_bundle, tmp_path):
         ("target_mean", np.array([0.5, -np.inf]), "target_mean[1]"),
     ],
 )
-def test_save_refuses_nan_in_the_manifest_naming_the_field(quick_bundle, tmp_path, field, value, named):
+def test_save_refuses_nan_in_the_manifest_naming_the_field(
+    quick_bundle, tmp_path, field, value, named
+):
     root = tmp_path / "models"
     bad = unsaved_copy(quick_bundle, name="nan", **{field: value})
     msg = one_line_value_error(save_bundle, bad, root)
@@ -236,7 +284,10 @@ def test_save_refuses_nan_in_the_manifest_naming_the_field(quick_bundle, tmp_pat
     assert list(root.iterdir()) == []  # nothing written
     save_bundle(unsaved_copy(quick_bundle, name="fine"), root)
     assert "NaN" not in (root / "fine" / "manifest.json").read_text()  # strict JSON
-    json.loads((root / "fine" / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in manifest"))
+    json.loads(
+        (root / "fine" / "manifest.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"{c} in manifest"),
+    )
 
 
 def test_save_refuses_existing_name_unless_overwrite(quick_bundle, tmp_path):
@@ -327,8 +378,15 @@ def test_list_bundles_checks_each_weight_file_header(quick_bundle, tmp_path, dam
     entries = {e.name: e for e in list_bundles(root)}
     assert entries["good"].error is None
     bad = entries["damaged"]
-    assert bad.manifest is None and str(file) in bad.error and reason in bad.error and "\n" not in bad.error
-    assert reason in one_line_value_error(load_bundle, root / "damaged")  # loading agrees with listing
+    assert (
+        bad.manifest is None
+        and str(file) in bad.error
+        and reason in bad.error
+        and "\n" not in bad.error
+    )
+    assert reason in one_line_value_error(
+        load_bundle, root / "damaged"
+    )  # loading agrees with listing
 
 
 def test_list_bundles_checks_shapes_against_the_manifest(quick_bundle, tmp_path):

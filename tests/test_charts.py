@@ -42,14 +42,16 @@ def rng():
 @pytest.fixture
 def map_df(rng):
     n_real, n_new = 40, 6
-    return pd.DataFrame({
-        "x": rng.normal(size=n_real + n_new),
-        "y": rng.normal(size=n_real + n_new),
-        "sample": [f"s{i}" for i in range(n_real + n_new)],
-        "class": rng.choice(["alpha", "beta", "gamma"], n_real + n_new),
-        "predicted": rng.choice(["alpha", "beta", "gamma"], n_real + n_new),
-        "kind": ["real"] * n_real + ["perturbed"] * n_new,
-    })
+    return pd.DataFrame(
+        {
+            "x": rng.normal(size=n_real + n_new),
+            "y": rng.normal(size=n_real + n_new),
+            "sample": [f"s{i}" for i in range(n_real + n_new)],
+            "class": rng.choice(["alpha", "beta", "gamma"], n_real + n_new),
+            "predicted": rng.choice(["alpha", "beta", "gamma"], n_real + n_new),
+            "kind": ["real"] * n_real + ["perturbed"] * n_new,
+        }
+    )
 
 
 # ------------------------------------------------------------------ heatmap
@@ -69,7 +71,9 @@ def test_heatmap_frame_sorted_by_P_and_trimmed():
     assert x_rows["G2"] == pytest.approx(x[2])
     small = charts.heatmap_frame(genes, x, P, x, x, n_genes=2)
     assert small.sort_values("rank")["gene"].unique().tolist() == ["G2", "G5", "G1", "G6"]
-    assert len(charts.heatmap_frame(genes, x, P, x, x, n_genes=10)) == 32  # fewer genes than 2n: all kept
+    assert (
+        len(charts.heatmap_frame(genes, x, P, x, x, n_genes=10)) == 32
+    )  # fewer genes than 2n: all kept
 
 
 def test_heatmap_frame_rejects_matrices():
@@ -82,7 +86,9 @@ def test_heatmap_frame_rejects_matrices():
 def test_heatmap_chart_scales_sort_and_tooltip():
     genes = ["A", "B", "C", "D"]
     P = np.array([0.2, -0.7, 0.5, 0.1])
-    f = charts.heatmap_frame(genes, [0.1, 0.9, 0.3, 0.5], P, [0.3, 0.2, 0.8, 0.6], [0.4, 0.1, 0.9, 0.5])
+    f = charts.heatmap_frame(
+        genes, [0.1, 0.9, 0.3, 0.5], P, [0.3, 0.2, 0.8, 0.6], [0.4, 0.1, 0.9, 0.5]
+    )
     spec = to_spec(charts.heatmap_chart(f, title="sample s1"))
     assert spec["title"] == "sample s1"
     assert spec["resolve"]["scale"]["color"] == "independent"
@@ -142,7 +148,10 @@ def test_map_chart_legend_selection_marks_and_tooltip(map_df):
 def test_map_chart_by_prediction_and_real_only(map_df):
     spec = to_spec(charts.map_chart(map_df[map_df["kind"] == "real"], color="predicted"))
     assert len(spec["layer"]) == 1  # no perturbed layer without perturbed samples
-    assert spec["params"][0]["select"]["fields"] == ["predicted"] and spec["params"][0]["bind"] == "legend"
+    assert (
+        spec["params"][0]["select"]["fields"] == ["predicted"]
+        and spec["params"][0]["bind"] == "legend"
+    )
     assert spec["layer"][0]["encoding"]["color"]["field"] == "predicted"
     with pytest.raises(ValueError, match="lacks column"):
         charts.map_chart(map_df.drop(columns="kind"))
@@ -153,7 +162,12 @@ def test_gene_map_chart(map_df, rng):
     spec = to_spec(charts.gene_map_chart(frame, "CD14"))
     assert spec["title"] == "CD14"
     enc = spec["layer"][0]["encoding"]
-    assert enc["color"] == {"field": "value", "type": "quantitative", "scale": {"scheme": charts.EXPRESSION_SCHEME}, "title": "CD14"}
+    assert enc["color"] == {
+        "field": "value",
+        "type": "quantitative",
+        "scale": {"scheme": charts.EXPRESSION_SCHEME},
+        "title": "CD14",
+    }
     assert "value" in tooltip_fields(enc)
     via_map = to_spec(charts.map_chart(frame, highlight_gene="CD14"))
     assert via_map["layer"][0]["encoding"]["color"]["field"] == "value"
@@ -163,10 +177,16 @@ def test_gene_map_chart(map_df, rng):
 
 def test_big_frame_over_altair_row_limit(rng):
     n = 7000
-    big = pd.DataFrame({
-        "x": rng.normal(size=n), "y": rng.normal(size=n), "sample": [f"s{i}" for i in range(n)],
-        "class": rng.choice(list("abc"), n), "predicted": "a", "kind": ["real"] * (n - 10) + ["perturbed"] * 10,
-    })
+    big = pd.DataFrame(
+        {
+            "x": rng.normal(size=n),
+            "y": rng.normal(size=n),
+            "sample": [f"s{i}" for i in range(n)],
+            "class": rng.choice(list("abc"), n),
+            "predicted": "a",
+            "kind": ["real"] * (n - 10) + ["perturbed"] * 10,
+        }
+    )
     chart = charts.map_chart(big)
     spec = to_spec(chart)  # no MaxRowsError, and Altair's global settings untouched
     assert len(frame_of(spec)) == n
@@ -201,25 +221,46 @@ def test_accuracy_by_source_chart():
     bars = spec["layer"][0]
     assert bars["encoding"]["x"]["scale"]["domain"] == [0, 1]
     assert bars["encoding"]["y"]["sort"] == ["c", "a", "b"]
-    assert frame_of(spec).set_index("source")["accuracy"].to_dict() == {"c": 1.0, "a": 0.9, "b": 0.5}
-    assert bars["encoding"]["y"]["axis"]["labelOverlap"] is False and spec["height"] == {"step": charts.ROW_HEIGHT}
+    assert frame_of(spec).set_index("source")["accuracy"].to_dict() == {
+        "c": 1.0,
+        "a": 0.9,
+        "b": 0.5,
+    }
+    assert bars["encoding"]["y"]["axis"]["labelOverlap"] is False and spec["height"] == {
+        "step": charts.ROW_HEIGHT
+    }
 
 
 # ------------------------------------------------------------------ genes
 
 
 def test_top_genes_chart():
-    frame = pd.DataFrame({"gene": ["d1", "u1", "u2", "d2"], "direction": ["down", "up", "up", "down"], "P": [-0.2, 0.8, 0.3, -0.6]})
+    frame = pd.DataFrame(
+        {
+            "gene": ["d1", "u1", "u2", "d2"],
+            "direction": ["down", "up", "up", "down"],
+            "P": [-0.2, 0.8, 0.3, -0.6],
+        }
+    )
     spec = to_spec(charts.top_genes_chart(frame))
     enc = spec["encoding"]
     assert spec["mark"]["type"] == "bar"
     assert enc["x"]["field"] == "P" and enc["y"]["sort"] == ["u1", "u2", "d1", "d2"]
-    assert enc["color"]["scale"] == {"domain": ["up", "down"], "range": [charts.DIRECTION_COLORS["up"], charts.DIRECTION_COLORS["down"]]}
+    assert enc["color"]["scale"] == {
+        "domain": ["up", "down"],
+        "range": [charts.DIRECTION_COLORS["up"], charts.DIRECTION_COLORS["down"]],
+    }
     assert tooltip_fields(enc) == ["gene", "direction", "P"]
 
 
 def test_gene_frequency_chart():
-    frame = pd.DataFrame({"gene": ["a", "b", "c", "d"], "direction": ["up", "up", "down", "down"], "frequency": [0.25, 0.75, 1.0, 0.5]})
+    frame = pd.DataFrame(
+        {
+            "gene": ["a", "b", "c", "d"],
+            "direction": ["up", "up", "down", "down"],
+            "frequency": [0.25, 0.75, 1.0, 0.5],
+        }
+    )
     spec = to_spec(charts.gene_frequency_chart(frame))
     assert spec["facet"]["row"]["field"] == "direction"
     enc = spec["spec"]["encoding"]
@@ -236,7 +277,12 @@ def test_gene_frequency_chart():
 def test_gene_distribution_frame():
     f = charts.gene_distribution_frame(["a", "b", "a"], [0.1, 0.5, 0.2], ["b"], [0.9])
     assert list(f.columns) == ["class", "value", "kind"]
-    assert f["kind"].tolist() == ["real"] * 3 + ["perturbed"] and f["class"].tolist() == ["a", "b", "a", "b"]
+    assert f["kind"].tolist() == ["real"] * 3 + ["perturbed"] and f["class"].tolist() == [
+        "a",
+        "b",
+        "a",
+        "b",
+    ]
     assert f["value"].tolist() == pytest.approx([0.1, 0.5, 0.2, 0.9])
     unknown = charts.gene_distribution_frame(["a"], [0.1], None, [0.3, 0.4])
     assert unknown.loc[unknown.kind == "perturbed", "class"].tolist() == ["unknown", "unknown"]
@@ -245,7 +291,13 @@ def test_gene_distribution_frame():
 
 
 def test_gene_distribution_chart():
-    frame = pd.DataFrame({"class": ["a", "a", "b", "b", "a"], "value": [0.1, 0.2, 0.6, 0.7, 0.65], "kind": ["real"] * 4 + ["perturbed"]})
+    frame = pd.DataFrame(
+        {
+            "class": ["a", "a", "b", "b", "a"],
+            "value": [0.1, 0.2, 0.6, 0.7, 0.65],
+            "kind": ["real"] * 4 + ["perturbed"],
+        }
+    )
     spec = to_spec(charts.gene_distribution_chart(frame, "CD14"))
     assert spec["mark"]["type"] == "boxplot"
     enc = spec["encoding"]
@@ -256,15 +308,20 @@ def test_gene_distribution_chart():
 
 
 def test_enrichment_chart_top_terms_and_threshold():
-    frame = pd.DataFrame({
-        "library": ["GO", "KEGG", "GO", "KEGG", "GO", "GO"],
-        "term": ["t1", "t2", "t3", "t4", "t1", "a long term name (GO:0000001)"],
-        "q": [1e-6, 0.2, 1e-3, 0.04, 0.01, 1e-4],
-        "direction": ["up", "up", "up", "up", "up", "down"],
-    })
+    frame = pd.DataFrame(
+        {
+            "library": ["GO", "KEGG", "GO", "KEGG", "GO", "GO"],
+            "term": ["t1", "t2", "t3", "t4", "t1", "a long term name (GO:0000001)"],
+            "q": [1e-6, 0.2, 1e-3, 0.04, 0.01, 1e-4],
+            "direction": ["up", "up", "up", "up", "up", "down"],
+        }
+    )
     spec = to_spec(charts.enrichment_chart(frame, top=3))
     # one panel per direction, up above down, each with its own terms
-    assert spec["facet"]["row"]["field"] == "direction" and spec["facet"]["row"]["sort"] == ["up", "down"]
+    assert spec["facet"]["row"]["field"] == "direction" and spec["facet"]["row"]["sort"] == [
+        "up",
+        "down",
+    ]
     assert spec["resolve"]["scale"]["y"] == "independent"
     assert spec["spec"]["height"] == {"step": charts.ROW_HEIGHT}
     bars, rule = spec["spec"]["layer"]
@@ -272,8 +329,14 @@ def test_enrichment_chart_top_terms_and_threshold():
     up = shown[shown["direction"] == "up"].sort_values("rank")
     assert up["term"].tolist() == ["t1", "t3", "t1"]  # the 3 smallest q of the up genes
     assert up["neg_log10_q"].tolist() == pytest.approx([6.0, 3.0, 2.0])
-    assert up["label"].tolist() == ["t1 (GO)", "t3", "t1 (GO)"]  # a term in two rows keeps both bars
-    assert shown.loc[shown["direction"] == "down", "term"].tolist() == ["a long term name (GO:0000001)"]
+    assert up["label"].tolist() == [
+        "t1 (GO)",
+        "t3",
+        "t1 (GO)",
+    ]  # a term in two rows keeps both bars
+    assert shown.loc[shown["direction"] == "down", "term"].tolist() == [
+        "a long term name (GO:0000001)"
+    ]
     assert bars["encoding"]["y"]["sort"] == {"field": "rank", "op": "min", "order": "ascending"}
     axis = bars["encoding"]["y"]["axis"]
     assert axis["labelOverlap"] is False and axis["labelLimit"] >= 400  # whole term names
@@ -293,7 +356,10 @@ def test_svg_and_png_export(map_df):
     chart = charts.map_chart(map_df)
     svg = charts.chart_to_svg(chart)
     assert svg.lstrip().startswith("<svg")
-    png = charts.chart_to_png(charts.top_genes_chart(pd.DataFrame({"gene": ["a"], "direction": ["up"], "P": [0.5]})), scale=1)
+    png = charts.chart_to_png(
+        charts.top_genes_chart(pd.DataFrame({"gene": ["a"], "direction": ["up"], "P": [0.5]})),
+        scale=1,
+    )
     assert png[:8] == PNG_MAGIC
 
 

@@ -75,21 +75,36 @@ def assert_same_gem(adata: ad.AnnData, key: str = "label"):
 def test_import_csv_with_labels(tmp_path, capsys):
     df, labels = tiny_frame()
     df.to_csv(tmp_path / "gem.csv")
-    adata = import_and_read([str(tmp_path / "gem.csv"), "--labels", str(write_labels(tmp_path / "l.txt", labels))], tmp_path / "out.h5ad", capsys)
+    adata = import_and_read(
+        [str(tmp_path / "gem.csv"), "--labels", str(write_labels(tmp_path / "l.txt", labels))],
+        tmp_path / "out.h5ad",
+        capsys,
+    )
     assert_same_gem(adata)
 
 
 def test_import_tsv_transposed_with_label_key(tmp_path, capsys):
     df, labels = tiny_frame()
     df.T.to_csv(tmp_path / "gem.tsv", sep="\t")
-    argv = [str(tmp_path / "gem.tsv"), "--transpose", "--labels", str(write_labels(tmp_path / "l.txt", labels)), "--label-key", "cell_type"]
+    argv = [
+        str(tmp_path / "gem.tsv"),
+        "--transpose",
+        "--labels",
+        str(write_labels(tmp_path / "l.txt", labels)),
+        "--label-key",
+        "cell_type",
+    ]
     assert_same_gem(import_and_read(argv, tmp_path / "out.h5ad", capsys), key="cell_type")
 
 
 def test_import_reference_text(tmp_path, capsys):
     df, labels = tiny_frame()
     df.to_csv(tmp_path / "gem.emx.txt", sep="\t")
-    argv = [str(tmp_path / "gem.emx.txt"), "--labels", str(write_labels(tmp_path / "gem.labels.txt", labels))]
+    argv = [
+        str(tmp_path / "gem.emx.txt"),
+        "--labels",
+        str(write_labels(tmp_path / "gem.labels.txt", labels)),
+    ]
     assert_same_gem(import_and_read(argv, tmp_path / "out.h5ad", capsys))
 
 
@@ -98,7 +113,13 @@ def test_import_npy_with_names_files(tmp_path, capsys):
     np.save(tmp_path / "gem.npy", df.to_numpy())
     (tmp_path / "gem.rownames.txt").write_text("\n".join(df.index))
     (tmp_path / "genes.txt").write_text("\n".join(df.columns))
-    argv = [str(tmp_path / "gem.npy"), "--col-names", str(tmp_path / "genes.txt"), "--labels", str(write_labels(tmp_path / "l.txt", labels))]
+    argv = [
+        str(tmp_path / "gem.npy"),
+        "--col-names",
+        str(tmp_path / "genes.txt"),
+        "--labels",
+        str(write_labels(tmp_path / "l.txt", labels)),
+    ]
     assert_same_gem(import_and_read(argv, tmp_path / "out.h5ad", capsys))
 
 
@@ -107,7 +128,11 @@ def test_import_h5ad_raw(tmp_path, capsys):
     src.raw = src.copy()
     src = src[:, :5].copy()
     src.write_h5ad(tmp_path / "in.h5ad")
-    adata = import_and_read([str(tmp_path / "in.h5ad"), "--use-raw", "--label-key", "cell_type"], tmp_path / "out.h5ad", capsys)
+    adata = import_and_read(
+        [str(tmp_path / "in.h5ad"), "--use-raw", "--label-key", "cell_type"],
+        tmp_path / "out.h5ad",
+        capsys,
+    )
     assert adata.n_vars == 30
     assert_same_gem(adata, key="cell_type")
 
@@ -127,7 +152,9 @@ def test_import_reports_filled_values_or_refuses_them(tmp_path, capsys):
 
 
 def test_import_usage_and_file_errors(tmp_path, capsys):
-    assert "the following arguments are required: -o/--output" in usage_error(main, ["import", "x.csv"], capsys)
+    assert "the following arguments are required: -o/--output" in usage_error(
+        main, ["import", "x.csv"], capsys
+    )
     assert main(["import", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "o.h5ad")]) == 1
     assert "nope.csv: file not found" in one_error_line(capsys.readouterr().err)
 
@@ -136,12 +163,23 @@ def test_import_unreadable_inputs_and_output_named(tmp_path, capsys):
     df, labels = tiny_frame()
     df.to_csv(tmp_path / "gem.csv")
     (tmp_path / "labels.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
-    argv = ["import", str(tmp_path / "gem.csv"), "--labels", str(tmp_path / "labels.txt"), "-o", str(tmp_path / "o.h5ad")]
+    argv = [
+        "import",
+        str(tmp_path / "gem.csv"),
+        "--labels",
+        str(tmp_path / "labels.txt"),
+        "-o",
+        str(tmp_path / "o.h5ad"),
+    ]
     assert main(argv) == 1
-    assert f"error: {tmp_path / 'labels.txt'}: cannot read labels" in one_error_line(capsys.readouterr().err)
+    assert f"error: {tmp_path / 'labels.txt'}: cannot read labels" in one_error_line(
+        capsys.readouterr().err
+    )
     out = tmp_path / "nowhere" / "o.h5ad"
     assert main(["import", str(tmp_path / "gem.csv"), "-o", str(out)]) == 1
-    assert f"error: {out}: cannot write, {out.parent} is not a folder" == one_error_line(capsys.readouterr().err)
+    assert f"error: {out}: cannot write, {out.parent} is not a folder" == one_error_line(
+        capsys.readouterr().err
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gem.csv", "labels.txt"]
 
 
@@ -150,14 +188,35 @@ def test_import_unreadable_inputs_and_output_named(tmp_path, capsys):
 
 def test_train_writes_a_bundle_and_prints_accuracies(tiny_h5ad, tmp_path, capsys):
     models = tmp_path / "models"
-    assert train_main([str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--out", str(models), *FAST]) == 0
+    assert (
+        train_main(
+            [
+                str(tiny_h5ad),
+                "--label-key",
+                "cell_type",
+                "--target",
+                "beta",
+                "--out",
+                str(models),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"bundle {models / 'tiny-beta'}" in out
     assert re.search(r"target model held-out accuracy: \d\.\d{3}", out)
-    assert re.search(r"perturbation accuracy \(held-out\): all \d\.\d{3}, non-target \d\.\d{3} \(n=8\)", out)
+    assert re.search(
+        r"perturbation accuracy \(held-out\): all \d\.\d{3}, non-target \d\.\d{3} \(n=8\)", out
+    )
     assert re.search(r"wall time: \d+\.\d s", out)
     b = load_bundle(models / "tiny-beta")
-    assert b.target == "beta" and b.config.epochs == 2 and b.config.target_epochs == 2 and b.config.recipe == "tspg+"
+    assert (
+        b.target == "beta"
+        and b.config.epochs == 2
+        and b.config.target_epochs == 2
+        and b.config.recipe == "tspg+"
+    )
     assert b.manifest["dataset"]["name"] == "tiny"
 
 
@@ -165,10 +224,18 @@ def test_train_usage_errors_exit_2(tiny_h5ad, tmp_path, capsys):
     assert "give a data file (or --demo)" in usage_error(train_main, [], capsys)
     both = [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--all-targets"]
     assert "give --target or --all-targets, not both" in usage_error(train_main, both, capsys)
-    assert "--target CLASS (or --all-targets) is required" in usage_error(train_main, [str(tiny_h5ad), "--label-key", "cell_type"], capsys)
-    assert "--label-key (or --labels) is required" in usage_error(train_main, [str(tiny_h5ad), "--target", "beta"], capsys)
-    assert "invalid choice: 'fancy'" in usage_error(train_main, [str(tiny_h5ad), "--recipe", "fancy"], capsys)
-    assert "invalid int value" in usage_error(train_main, [str(tiny_h5ad), "--epochs", "many"], capsys)
+    assert "--target CLASS (or --all-targets) is required" in usage_error(
+        train_main, [str(tiny_h5ad), "--label-key", "cell_type"], capsys
+    )
+    assert "--label-key (or --labels) is required" in usage_error(
+        train_main, [str(tiny_h5ad), "--target", "beta"], capsys
+    )
+    assert "invalid choice: 'fancy'" in usage_error(
+        train_main, [str(tiny_h5ad), "--recipe", "fancy"], capsys
+    )
+    assert "invalid int value" in usage_error(
+        train_main, [str(tiny_h5ad), "--epochs", "many"], capsys
+    )
     assert not (tmp_path / "models").exists()
 
 
@@ -193,7 +260,22 @@ def test_train_usage_errors_exit_2(tiny_h5ad, tmp_path, capsys):
 )
 def test_train_numeric_options_range_checked(tiny_h5ad, tmp_path, capsys, option, value, expected):
     models = tmp_path / "models"
-    err = usage_error(train_main, [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--out", str(models), *FAST, option, value], capsys)
+    err = usage_error(
+        train_main,
+        [
+            str(tiny_h5ad),
+            "--label-key",
+            "cell_type",
+            "--target",
+            "beta",
+            "--out",
+            str(models),
+            *FAST,
+            option,
+            value,
+        ],
+        capsys,
+    )
     assert f"error: {expected}" in err
     assert not models.exists()
 
@@ -203,18 +285,38 @@ def test_every_loss_weight_must_be_finite_and_not_negative(tiny_h5ad, capsys):
     assert {"w_gan", "w_adv", "w_norm", "w_td", "w_ed"} <= set(weights)
     for name in weights:
         option = "--" + name.replace("_", "-")
-        for value, problem in (("-0.5", "must be 0 or more"), ("nan", "must be a finite number"), ("inf", "must be a finite number")):
-            err = usage_error(train_main, [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", option, value], capsys)
+        for value, problem in (
+            ("-0.5", "must be 0 or more"),
+            ("nan", "must be a finite number"),
+            ("inf", "must be a finite number"),
+        ):
+            err = usage_error(
+                train_main,
+                [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", option, value],
+                capsys,
+            )
             assert f"error: {option} {float(value)}: {problem}" in err
 
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--label-key", "tissue", "--target", "beta"], r"tiny\.h5ad: no label column 'tissue' in obs \(columns: cell_type\)"),
-        (["--label-key", "cell_type", "--target", "delta"], r"target class 'delta' is not among the 3 classes of 'cell_type': alpha, beta, gamma"),
-        (["--label-key", "cell_type", "--target", "beta", "--gene-set", "absent.gmt:X"], r"absent\.gmt: gene-set file not found"),
-        (["--label-key", "cell_type", "--target", "beta", "--target-model", "no-such-bundle"], r"no bundle 'no-such-bundle'"),
+        (
+            ["--label-key", "tissue", "--target", "beta"],
+            r"tiny\.h5ad: no label column 'tissue' in obs \(columns: cell_type\)",
+        ),
+        (
+            ["--label-key", "cell_type", "--target", "delta"],
+            r"target class 'delta' is not among the 3 classes of 'cell_type': alpha, beta, gamma",
+        ),
+        (
+            ["--label-key", "cell_type", "--target", "beta", "--gene-set", "absent.gmt:X"],
+            r"absent\.gmt: gene-set file not found",
+        ),
+        (
+            ["--label-key", "cell_type", "--target", "beta", "--target-model", "no-such-bundle"],
+            r"no bundle 'no-such-bundle'",
+        ),
     ],
     ids=["label-key", "target", "gene-set", "target-model"],
 )
@@ -227,21 +329,68 @@ def test_train_bad_input_exit_1_one_line_no_bundle(tiny_h5ad, tmp_path, capsys, 
 
 def test_train_gene_set_folder_named(tiny_h5ad, tmp_path, capsys):
     models = tmp_path / "models"
-    assert train_main([str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--gene-set", str(tmp_path), "--out", str(models), *FAST]) == 1
-    assert one_error_line(capsys.readouterr().err) == f"error: {tmp_path}: cannot read the gene-set file (Is a directory)"
+    assert (
+        train_main(
+            [
+                str(tiny_h5ad),
+                "--label-key",
+                "cell_type",
+                "--target",
+                "beta",
+                "--gene-set",
+                str(tmp_path),
+                "--out",
+                str(models),
+                *FAST,
+            ]
+        )
+        == 1
+    )
+    assert (
+        one_error_line(capsys.readouterr().err)
+        == f"error: {tmp_path}: cannot read the gene-set file (Is a directory)"
+    )
     assert no_bundle_written(models)
 
 
 def test_train_missing_file_exit_1(tmp_path, capsys):
     models = tmp_path / "models"
-    assert train_main([str(tmp_path / "nope.h5ad"), "--label-key", "x", "--target", "a", "--out", str(models), *FAST]) == 1
+    assert (
+        train_main(
+            [
+                str(tmp_path / "nope.h5ad"),
+                "--label-key",
+                "x",
+                "--target",
+                "a",
+                "--out",
+                str(models),
+                *FAST,
+            ]
+        )
+        == 1
+    )
     assert "nope.h5ad: file not found" in one_error_line(capsys.readouterr().err)
     assert no_bundle_written(models)
 
 
 def test_all_targets_through_tspg_train(tiny_h5ad, tmp_path, capsys):
     models = tmp_path / "models"
-    assert main(["train", str(tiny_h5ad), "--label-key", "cell_type", "--all-targets", "--out", str(models), *FAST]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tiny_h5ad),
+                "--label-key",
+                "cell_type",
+                "--all-targets",
+                "--out",
+                str(models),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert sorted(p.name for p in models.iterdir()) == [f"tiny-{c}" for c in TINY_CLASSES]
     assert out.count("bundle ") == 3 and out.count("wall time") == 1
@@ -254,7 +403,22 @@ def test_target_model_reuses_a_bundle(tiny_h5ad, tmp_path, capsys):
     base = [str(tiny_h5ad), "--label-key", "cell_type", "--out", str(models), *FAST]
     assert train_main([*base, "--target", "alpha", "--name", "first", "--split-seed", "3"]) == 0
     # FAST's --target-epochs 2 is what made 'first': no conflict; the seed is the generator's own
-    assert train_main([*base, "--target", "gamma", "--name", "second", "--target-model", "first", "--seed", "5"]) == 0
+    assert (
+        train_main(
+            [
+                *base,
+                "--target",
+                "gamma",
+                "--name",
+                "second",
+                "--target-model",
+                "first",
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
     first, second = load_bundle(models / "first"), load_bundle(models / "second")
     assert second.split == first.split and second.config.split_seed == 3 and second.config.seed == 5
     assert second.manifest["target_model_from"] == "first"
@@ -262,17 +426,30 @@ def test_target_model_reuses_a_bundle(tiny_h5ad, tmp_path, capsys):
     for key, v in first.target_model.state_dict().items():
         assert torch.equal(v, second.target_model.state_dict()[key]), key
     # a path to the bundle folder works too
-    assert train_main([*base, "--target", "beta", "--name", "third", "--target-model", str(models / "first")]) == 0
+    assert (
+        train_main(
+            [*base, "--target", "beta", "--name", "third", "--target-model", str(models / "first")]
+        )
+        == 0
+    )
     assert load_bundle(models / "third").split == first.split
-    assert "--name needs a single --target" in usage_error(train_main, [*base, "--all-targets", "--name", "x"], capsys)
+    assert "--name needs a single --target" in usage_error(
+        train_main, [*base, "--all-targets", "--name", "x"], capsys
+    )
 
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--split-seed", "5"], "--split-seed 5 conflicts with --target-model first, whose target model and split were made with --split-seed 0; drop --split-seed"),
+        (
+            ["--split-seed", "5"],
+            "--split-seed 5 conflicts with --target-model first, whose target model and split were made with --split-seed 0; drop --split-seed",
+        ),
         (["--test-size", "0.3"], "--test-size 0.3 conflicts with --target-model first"),
-        (["--target-epochs", "3"], "--target-epochs 3 conflicts with --target-model first, whose target model and split were made with --target-epochs 2"),
+        (
+            ["--target-epochs", "3"],
+            "--target-epochs 3 conflicts with --target-model first, whose target model and split were made with --target-epochs 2",
+        ),
         (["--target-lr", "0.01"], "--target-lr 0.01 conflicts with --target-model first"),
         (["--gene-set", "any.gmt:X"], "--gene-set and --genes cannot be used with --target-model"),
         (["--genes", "genes.txt"], "--gene-set and --genes cannot be used with --target-model"),
@@ -283,13 +460,24 @@ def test_target_model_refuses_options_it_would_ignore(tiny_h5ad, tmp_path, capsy
     models = tmp_path / "models"
     base = [str(tiny_h5ad), "--label-key", "cell_type", "--out", str(models), *FAST]
     assert train_main([*base, "--target", "alpha", "--name", "first"]) == 0
-    err = usage_error(train_main, [*base, "--target", "gamma", "--target-model", "first", *argv], capsys)
+    err = usage_error(
+        train_main, [*base, "--target", "gamma", "--target-model", "first", *argv], capsys
+    )
     assert expected in err
     assert sorted(p.name for p in models.iterdir()) == ["first"]
 
 
 def test_existing_bundle_needs_overwrite(tiny_h5ad, tmp_path, capsys):
-    argv = [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--out", str(tmp_path / "m"), *FAST]
+    argv = [
+        str(tiny_h5ad),
+        "--label-key",
+        "cell_type",
+        "--target",
+        "beta",
+        "--out",
+        str(tmp_path / "m"),
+        *FAST,
+    ]
     assert train_main(argv) == 0
     assert train_main(argv) == 1
     assert "a bundle of that name exists" in one_error_line(capsys.readouterr().err)
@@ -307,7 +495,10 @@ def test_output_problems_stop_before_training(tiny_h5ad, tmp_path, capsys):
     (models / "tiny-gamma").mkdir(parents=True)
     assert train_main([*base, "--all-targets", "--out", str(models)]) == 1
     err = capsys.readouterr().err
-    assert one_error_line(err) == f"error: {models / 'tiny-gamma'}: a bundle of that name exists; pass --overwrite or choose --name"
+    assert (
+        one_error_line(err)
+        == f"error: {models / 'tiny-gamma'}: a bundle of that name exists; pass --overwrite or choose --name"
+    )
     assert "epoch/s" not in err
     assert sorted(p.name for p in models.iterdir()) == ["tiny-gamma"]
     afile = tmp_path / "afile"
@@ -315,21 +506,45 @@ def test_output_problems_stop_before_training(tiny_h5ad, tmp_path, capsys):
     for out in (afile, afile / "sub"):
         assert train_main([*base, "--target", "beta", "--out", str(out)]) == 1
         err = capsys.readouterr().err
-        assert one_error_line(err) == f"error: {afile}: is a file; the bundles go into a folder (--out)"
+        assert (
+            one_error_line(err)
+            == f"error: {afile}: is a file; the bundles go into a folder (--out)"
+        )
         assert "epoch/s" not in err
     assert afile.read_text() == "not a folder"
-    err = usage_error(train_main, [*base, "--target", "beta", "--name", "../up", "--out", str(models)], capsys)
+    err = usage_error(
+        train_main, [*base, "--target", "beta", "--name", "../up", "--out", str(models)], capsys
+    )
     assert "error: --name: invalid bundle name '../up'" in err and "epoch/s" not in err
 
 
 def test_progress_bars_of_both_stages_without_quiet(tiny_h5ad, tmp_path, capsys, caplog):
     models = tmp_path / "models"
     with caplog.at_level(logging.INFO):
-        assert train_main([str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--recipe", "paper", "--out", str(models), *NOT_QUIET]) == 0
+        assert (
+            train_main(
+                [
+                    str(tiny_h5ad),
+                    "--label-key",
+                    "cell_type",
+                    "--target",
+                    "beta",
+                    "--recipe",
+                    "paper",
+                    "--out",
+                    str(models),
+                    *NOT_QUIET,
+                ]
+            )
+            == 0
+        )
     captured = capsys.readouterr()
     bars = captured.err.replace("\r", "\n")
     assert re.search(r"target model: 100%.*\b2/2\b.*epoch/s, target_loss=\d", bars)
-    assert re.search(r"generator beta: 100%.*\b2/2\b.*epoch/s, gan=[\d.]+, adv=[\d.]+, norm=[\d.]+, td=[\d.]+", bars)
+    assert re.search(
+        r"generator beta: 100%.*\b2/2\b.*epoch/s, gan=[\d.]+, adv=[\d.]+, norm=[\d.]+, td=[\d.]+",
+        bars,
+    )
     assert "L_td draws from the full empirical covariance" in caplog.text
     assert "recipe paper, device cpu, L_td covariance: full" in captured.out
 
@@ -337,21 +552,53 @@ def test_progress_bars_of_both_stages_without_quiet(tiny_h5ad, tmp_path, capsys,
 def test_no_non_target_held_out_sample_prints_na(tmp_path, capsys):
     """Classes of one sample stay in training, so the held-out split can hold only the target."""
     adata = make_tiny_adata(n_per_class=10)
-    keep = (adata.obs["cell_type"] == "beta").to_numpy() | np.isin(adata.obs_names, ["s000", "s020"])
+    keep = (adata.obs["cell_type"] == "beta").to_numpy() | np.isin(
+        adata.obs_names, ["s000", "s020"]
+    )
     adata[keep].copy().write_h5ad(tmp_path / "few.h5ad")
     models = tmp_path / "models"
-    assert train_main([str(tmp_path / "few.h5ad"), "--label-key", "cell_type", "--target", "beta", "--out", str(models), *FAST]) == 0
-    assert "perturbation accuracy (held-out): all 1.000, non-target n/a (n=0)" in capsys.readouterr().out
+    assert (
+        train_main(
+            [
+                str(tmp_path / "few.h5ad"),
+                "--label-key",
+                "cell_type",
+                "--target",
+                "beta",
+                "--out",
+                str(models),
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    assert (
+        "perturbation accuracy (held-out): all 1.000, non-target n/a (n=0)"
+        in capsys.readouterr().out
+    )
     assert load_bundle(models / "few-beta").metrics["perturbation_accuracy_non_target"] is None
 
 
 def test_reference_example_end_to_end(tmp_path, capsys):
     paths = write_reference_example(tmp_path)
     h5ad = tmp_path / "x.h5ad"
-    assert main(["import", str(paths["emx"]), "--labels", str(paths["labels"]), "-o", str(h5ad)]) == 0
+    assert (
+        main(["import", str(paths["emx"]), "--labels", str(paths["labels"]), "-o", str(h5ad)]) == 0
+    )
     assert "200 samples x 60 genes" in capsys.readouterr().out
     models = tmp_path / "models"
-    argv = [str(h5ad), "--label-key", "label", "--target", "class-01", "--gene-set", f"{paths['genesets']}:gene-set-000", "--out", str(models), *FAST]
+    argv = [
+        str(h5ad),
+        "--label-key",
+        "label",
+        "--target",
+        "class-01",
+        "--gene-set",
+        f"{paths['genesets']}:gene-set-000",
+        "--out",
+        str(models),
+        *FAST,
+    ]
     assert train_main(argv) == 0
     b = load_bundle(models / "x-class-01")
     wanted = paths["genesets"].read_text().splitlines()[0].split("\t")[1:]
@@ -392,5 +639,8 @@ def test_perturb_only_the_chosen_samples(quick_bundle, tiny_h5ad, tmp_path, caps
     assert list(a.obs_names) == ["s045", "s001"] and list(a.obs["cell_type"]) == ["gamma", "alpha"]
     out.unlink()
     assert main([*argv, "--samples", "s001", "nope", "s999"]) == 1
-    assert one_error_line(capsys.readouterr().err) == f"error: {tiny_h5ad}: 2 of the 3 sample ids given are not in the data: nope, s999"
+    assert (
+        one_error_line(capsys.readouterr().err)
+        == f"error: {tiny_h5ad}: 2 of the 3 sample ids given are not in the data: nope, s999"
+    )
     assert not out.exists()

@@ -24,13 +24,17 @@ def tiny_h5ad(tmp_path):
 
 def test_perturb_writes_h5ad(quick_bundle, tiny_h5ad, tmp_path, capsys):
     out = tmp_path / "perturbed.h5ad"
-    assert main(["perturb", str(quick_bundle.path), str(tiny_h5ad), "-o", str(out), "--k", "4"]) == 0
+    assert (
+        main(["perturb", str(quick_bundle.path), str(tiny_h5ad), "-o", str(out), "--k", "4"]) == 0
+    )
     text = capsys.readouterr().out
     assert "towards 'beta'" in text and "all non-target" in text
     a = ad.read_h5ad(out)
     assert a.shape == (60, 30) and list(a.var_names) == quick_bundle.genes
     assert {"tspg_x", "tspg_perturbation", "tspg_perturbed"} <= set(a.layers)
-    assert {"cell_type", "tspg_pred_before", "tspg_pred_after", "tspg_prob_target_after"} <= set(a.obs)
+    assert {"cell_type", "tspg_pred_before", "tspg_pred_after", "tspg_prob_target_after"} <= set(
+        a.obs
+    )
     uns = a.uns["tspg"]
     assert uns["params"]["k"] == 4 and uns["params"]["bundle"] == quick_bundle.name
     assert uns["top_genes"]["up"].shape == (60, 4) and uns["top_genes"]["down_P"].shape == (60, 4)
@@ -47,27 +51,56 @@ def test_perturb_csv(quick_bundle, tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     gem.obs["cell_type"].to_csv(labels, sep="\t", header=False)
     out = tmp_path / "csv"
-    assert main(["perturb", str(quick_bundle.path), str(path), "--labels", str(labels), "--csv", "-o", str(out), "--k", "3"]) == 0
+    assert (
+        main(
+            [
+                "perturb",
+                str(quick_bundle.path),
+                str(path),
+                "--labels",
+                str(labels),
+                "--csv",
+                "-o",
+                str(out),
+                "--k",
+                "3",
+            ]
+        )
+        == 0
+    )
     P = pd.read_csv(out / "perturbation.csv", index_col=0)
     assert P.shape == (9, 30) and list(P.columns) == quick_bundle.genes
     assert pd.read_csv(out / "perturbed.csv", index_col=0).shape == (9, 30)
     pred = pd.read_csv(out / "predictions.csv", index_col=0)
     assert pred["label"].tolist() == gem.obs["cell_type"].astype(str).tolist()
     top = pd.read_csv(out / "top_genes.csv")
-    assert list(top.columns) == ["sample", "direction", "rank", "gene", "P"] and len(top) == 9 * 2 * 3
+    assert (
+        list(top.columns) == ["sample", "direction", "rank", "gene", "P"] and len(top) == 9 * 2 * 3
+    )
     assert set(pd.read_csv(out / "consensus.csv")["direction"]) == {"up", "down"}
     assert "all non-target" in capsys.readouterr().out
 
 
 def test_evaluate_json(quick_bundle, tiny_h5ad, tmp_path, capsys):
     js = tmp_path / "metrics.json"
-    assert main(["evaluate", str(quick_bundle.path), str(tiny_h5ad), "--json", str(js), "--k", "5"]) == 0
+    assert (
+        main(["evaluate", str(quick_bundle.path), str(tiny_h5ad), "--json", str(js), "--k", "5"])
+        == 0
+    )
     text = capsys.readouterr().out
-    for words in ("perturbation accuracy by source", "energy distance", "spread ratio", "discriminator", "consensus top-5 up genes"):
+    for words in (
+        "perturbation accuracy by source",
+        "energy distance",
+        "spread ratio",
+        "discriminator",
+        "consensus top-5 up genes",
+    ):
         assert words in text
     res = json.loads(js.read_text())
     assert res["bundle"]["name"] == quick_bundle.name and res["params"]["k"] == 5
-    assert res["perturbation_accuracy"]["non_target"] == pytest.approx(quick_bundle.metrics["perturbation_accuracy_non_target"])
+    assert res["perturbation_accuracy"]["non_target"] == pytest.approx(
+        quick_bundle.metrics["perturbation_accuracy_non_target"]
+    )
     assert len(res["top_genes"]["consensus_up"]) == 5
 
 
@@ -75,7 +108,9 @@ def test_errors_exit_1_with_one_line(quick_bundle, tmp_path, capsys, monkeypatch
     gem = make_tiny_adata()
     missing = tmp_path / "missing.h5ad"
     gem[:, [g for g in gem.var_names if g != "G07"]].copy().write_h5ad(missing)
-    assert main(["perturb", str(quick_bundle.path), str(missing), "-o", str(tmp_path / "o.h5ad")]) == 1
+    assert (
+        main(["perturb", str(quick_bundle.path), str(missing), "-o", str(tmp_path / "o.h5ad")]) == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith("error:") and "G07" in err and err.count("\n") == 1
     monkeypatch.setenv("TSPG_MODELS_DIR", str(tmp_path))
@@ -96,7 +131,24 @@ def test_enrich_offline(quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch):
         "alpha_block\tna\t" + "\t".join(f"G{j:02d}" for j in range(0, 5)) + "\n"
     )
     out = tmp_path / "enrich.csv"
-    code = main(["enrich", str(quick_bundle.path), str(tiny_h5ad), "--offline", "--gmt", str(gmt), "--k", "5", "--direction", "up", "--threshold", "0.05", "-o", str(out)])
+    code = main(
+        [
+            "enrich",
+            str(quick_bundle.path),
+            str(tiny_h5ad),
+            "--offline",
+            "--gmt",
+            str(gmt),
+            "--k",
+            "5",
+            "--direction",
+            "up",
+            "--threshold",
+            "0.05",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "up: backend offline" in text and "held-out non-target samples" in text
@@ -112,12 +164,32 @@ def test_enrich_offline(quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch):
     hits = [g for g in up if g in beta]
     assert len(hits) >= 3  # the generator raises the target's own genes
     first = table.iloc[0]
-    assert (first["library"], first["term"], first["overlap"]) == ("blocks", "beta_block", f"{len(hits)}/5")
+    assert (first["library"], first["term"], first["overlap"]) == (
+        "blocks",
+        "beta_block",
+        f"{len(hits)}/5",
+    )
     assert set(first["genes"].split(";")) == set(hits)
-    assert first["p"] == pytest.approx(hypergeom.sf(len(hits) - 1, 30, 5, 5), rel=1e-9)  # 30 genes, 5 in the set, 5 drawn
+    assert first["p"] == pytest.approx(
+        hypergeom.sf(len(hits) - 1, 30, 5, 5), rel=1e-9
+    )  # 30 genes, 5 in the set, 5 drawn
     assert first["q"] < 0.05 and bool(first["significant"])
     assert not table["significant"].iloc[1:].any()  # the alpha block (at most 2 genes) is not
-    assert main(["enrich", str(quick_bundle.path), str(tiny_h5ad), "--offline", "--samples", "nope", "-o", str(out)]) == 1
+    assert (
+        main(
+            [
+                "enrich",
+                str(quick_bundle.path),
+                str(tiny_h5ad),
+                "--offline",
+                "--samples",
+                "nope",
+                "-o",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert "nope" in capsys.readouterr().err
 
 
@@ -136,12 +208,41 @@ def test_map_writes_the_tidy_frame(quick_bundle, tiny_h5ad, tmp_path, capsys):
     assert np.isfinite(frame[["x", "y"]].to_numpy()).all()
 
     # chosen classes and samples, a subsample of each class
-    assert main(["map", str(quick_bundle.path), str(tiny_h5ad), "--classes", "alpha", "--n-per-class", "6", "--samples", "s000", "s045", "--seed", "1", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "map",
+                str(quick_bundle.path),
+                str(tiny_h5ad),
+                "--classes",
+                "alpha",
+                "--n-per-class",
+                "6",
+                "--samples",
+                "s000",
+                "s045",
+                "--seed",
+                "1",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     frame = pd.read_csv(out)
     real, pert = frame[frame.kind == "real"], frame[frame.kind == "perturbed"]
-    assert real["class"].value_counts().to_dict() == {"beta": 6, "alpha": 6}  # the target is always shown
-    assert pert["sample"].tolist() == ["s000", "s045"] and pert["class"].tolist() == ["alpha", "gamma"]
-    assert main(["map", str(quick_bundle.path), str(tiny_h5ad), "--classes", "delta", "-o", str(out)]) == 1
+    assert real["class"].value_counts().to_dict() == {
+        "beta": 6,
+        "alpha": 6,
+    }  # the target is always shown
+    assert pert["sample"].tolist() == ["s000", "s045"] and pert["class"].tolist() == [
+        "alpha",
+        "gamma",
+    ]
+    assert (
+        main(["map", str(quick_bundle.path), str(tiny_h5ad), "--classes", "delta", "-o", str(out)])
+        == 1
+    )
     assert "delta" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["map", str(quick_bundle.path), str(tiny_h5ad), "--n-per-class", "0", "-o", str(out)])

@@ -63,7 +63,9 @@ def test_h5ad_named_layer(tmp_path):
     src.write_h5ad(path)
     adata = read_gem(path, layer="counts", label_key="tissue")
     np.testing.assert_array_equal(adata.X, gem_frame().to_numpy() * 10)
-    with pytest.raises(ValueError, match=r"gem\.h5ad: no layer 'logcounts'; layers are \['counts'\]"):
+    with pytest.raises(
+        ValueError, match=r"gem\.h5ad: no layer 'logcounts'; layers are \['counts'\]"
+    ):
         read_gem(path, layer="logcounts")
 
 
@@ -162,7 +164,9 @@ def test_reference_plain_text_gem_and_labels(tmp_path):
 
 
 def test_labels_file_in_other_order_with_extra_samples(tmp_path):
-    path = write_labels(tmp_path / "labels.txt", samples=SAMPLES[::-1] + ["s99"], labels=LABELS[::-1] + ["c"])
+    path = write_labels(
+        tmp_path / "labels.txt", samples=SAMPLES[::-1] + ["s99"], labels=LABELS[::-1] + ["c"]
+    )
     assert list(read_labels(path, pd.Index(SAMPLES))) == LABELS
 
 
@@ -183,7 +187,9 @@ def test_labels_file_missing_a_sample_named(tmp_path):
 def test_labels_file_with_an_empty_label_named(tmp_path):
     gem = _csv(tmp_path)
     labels = tmp_path / "labels.txt"
-    labels.write_text("".join(f"{s}\t{'' if s == 's4' else c}\n" for s, c in zip(SAMPLES, LABELS, strict=True)))
+    labels.write_text(
+        "".join(f"{s}\t{'' if s == 's4' else c}\n" for s, c in zip(SAMPLES, LABELS, strict=True))
+    )
     with pytest.raises(ValueError, match=r"gem\.csv: sample 's4' has no 'label' label"):
         read_gem(gem, labels=labels)
 
@@ -196,8 +202,13 @@ def test_labels_file_listing_a_sample_twice_named(tmp_path):
 
 def test_one_column_labels_file_named(tmp_path):
     path = tmp_path / "labels.txt"
-    path.write_text("".join(f"{s},{c}\n" for s, c in zip(SAMPLES, LABELS, strict=True)))  # commas, read as tab-separated
-    with pytest.raises(ValueError, match=r"labels\.txt: expected two tab-separated columns \(sample, label\), found one"):
+    path.write_text(
+        "".join(f"{s},{c}\n" for s, c in zip(SAMPLES, LABELS, strict=True))
+    )  # commas, read as tab-separated
+    with pytest.raises(
+        ValueError,
+        match=r"labels\.txt: expected two tab-separated columns \(sample, label\), found one",
+    ):
         read_labels(path, pd.Index(SAMPLES))
 
 
@@ -237,7 +248,9 @@ def test_non_numeric_cell_names_row_and_column(tmp_path):
     df.loc["s4", "CD14"] = "n/d"
     path = tmp_path / "gem.csv"
     df.to_csv(path)
-    with pytest.raises(ValueError, match=r"gem\.csv: non-numeric value 'n/d' at row 's4', column 'CD14'"):
+    with pytest.raises(
+        ValueError, match=r"gem\.csv: non-numeric value 'n/d' at row 's4', column 'CD14'"
+    ):
         read_gem(path)
 
 
@@ -263,7 +276,9 @@ def test_duplicate_sample_named(tmp_path):
 def test_no_gene_columns_named(tmp_path):
     path = tmp_path / "gem.csv"
     path.write_text("sample\ts1\ns2\n")  # only the id column (or the wrong separator)
-    with pytest.raises(ValueError, match=r"gem\.csv: no gene columns found \(is the separator right\?\)"):
+    with pytest.raises(
+        ValueError, match=r"gem\.csv: no gene columns found \(is the separator right\?\)"
+    ):
         read_gem(path)
 
 
@@ -278,7 +293,10 @@ def test_unreadable_names_file_named(tmp_path):
     np.save(tmp_path / "m.npy", np.ones((2, 2)))
     (tmp_path / "m.rownames.txt").write_bytes(b"\xff\xfe\x00s1\n")
     (tmp_path / "m.colnames.txt").mkdir()
-    with pytest.raises(ValueError, match=r"m\.rownames\.txt: names file is not UTF-8 text \(byte 0xff at position 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"m\.rownames\.txt: names file is not UTF-8 text \(byte 0xff at position 0\)",
+    ):
         read_gem(tmp_path / "m.npy")
     (tmp_path / "m.rownames.txt").write_text("s1\ns2\n")
     with pytest.raises(ValueError, match=r"m\.colnames\.txt: cannot read the names file"):
@@ -321,11 +339,17 @@ def test_npy_with_explicit_names_files(tmp_path):
     (tmp_path / "genes.txt").write_text("\n".join(GENES))
     with pytest.raises(ValueError, match=r"m\.rownames\.txt: names file not found"):
         read_gem(tmp_path / "m.npy")
-    adata = read_gem(tmp_path / "m.npy", row_names=tmp_path / "samples.txt", col_names=tmp_path / "genes.txt")
+    adata = read_gem(
+        tmp_path / "m.npy", row_names=tmp_path / "samples.txt", col_names=tmp_path / "genes.txt"
+    )
     assert_is_gem_frame(adata)
     (tmp_path / "genes.txt").write_text("\n".join(GENES[:3]))
-    with pytest.raises(ValueError, match=r"m\.npy: matrix is 6 x 4 but names are 6 rows x 3 columns"):
-        read_gem(tmp_path / "m.npy", row_names=tmp_path / "samples.txt", col_names=tmp_path / "genes.txt")
+    with pytest.raises(
+        ValueError, match=r"m\.npy: matrix is 6 x 4 but names are 6 rows x 3 columns"
+    ):
+        read_gem(
+            tmp_path / "m.npy", row_names=tmp_path / "samples.txt", col_names=tmp_path / "genes.txt"
+        )
 
 
 def test_npy_that_needs_pickle_or_is_not_numeric_refused(tmp_path):
@@ -364,7 +388,11 @@ def test_nan_filled_with_matrix_minimum_and_counted(tmp_path, caplog):
 def test_all_values_missing_refused(tmp_path, nan):
     path = tmp_path / "gem.csv"
     gem_frame().map(lambda v: np.nan).to_csv(path)
-    message = "every value is missing" if nan == "fill" else "24 missing values, first at sample 's1', gene 'TP53'"
+    message = (
+        "every value is missing"
+        if nan == "fill"
+        else "24 missing values, first at sample 's1', gene 'TP53'"
+    )
     with pytest.raises(ValueError, match=rf"gem\.csv: {message}"):
         read_gem(path, nan=nan)
 
@@ -374,7 +402,9 @@ def test_nan_error_names_sample_and_gene(tmp_path):
     df.loc["s3", "CD14"] = np.nan
     path = tmp_path / "gem.tsv"
     df.to_csv(path, sep="\t")
-    with pytest.raises(ValueError, match=r"gem\.tsv: 1 missing values, first at sample 's3', gene 'CD14'"):
+    with pytest.raises(
+        ValueError, match=r"gem\.tsv: 1 missing values, first at sample 's3', gene 'CD14'"
+    ):
         read_gem(path, nan="error")
 
 
@@ -412,7 +442,9 @@ def test_write_gem_round_trip_leaves_no_temp_file(tmp_path):
 def test_write_gem_failing_leaves_no_temp_file(tmp_path):
     adata = labelled_adata()
     adata.uns["unstorable"] = object()
-    with pytest.raises(ValueError, match=r"out\.h5ad: cannot write \(No method registered for writing"):
+    with pytest.raises(
+        ValueError, match=r"out\.h5ad: cannot write \(No method registered for writing"
+    ):
         write_gem(adata, tmp_path / "out.h5ad")
     (tmp_path / "folder.h5ad").mkdir()  # the rename into place fails
     with pytest.raises(OSError):
@@ -517,7 +549,9 @@ def test_scaler_warns_when_new_data_fall_outside_the_training_range(caplog):
         Xs = scaler.transform(other_units, genes=genes, source="new.h5ad")
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert message.startswith("new.h5ad: 37% of the values fall outside the range of the training data")
+    assert message.startswith(
+        "new.h5ad: 37% of the values fall outside the range of the training data"
+    )
     assert "most: gene 'CD14', 100% of its values" in message
     np.testing.assert_array_equal(Xs[:, 2], 1.0)  # still clipped
     caplog.clear()

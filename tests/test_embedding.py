@@ -58,8 +58,12 @@ def test_select_explicit_classes_and_seeded_subsample():
     labels = np.array(["a"] * 50 + ["b"] * 30 + ["c"] * 20)
     idx = select_map_samples(labels, classes=["b", "a"], max_per_class=10, seed=1)
     assert len(idx) == 20 and set(labels[idx]) == {"a", "b"}
-    assert np.array_equal(idx, select_map_samples(labels, classes=["b", "a"], max_per_class=10, seed=1))
-    assert not np.array_equal(idx, select_map_samples(labels, classes=["b", "a"], max_per_class=10, seed=2))
+    assert np.array_equal(
+        idx, select_map_samples(labels, classes=["b", "a"], max_per_class=10, seed=1)
+    )
+    assert not np.array_equal(
+        idx, select_map_samples(labels, classes=["b", "a"], max_per_class=10, seed=2)
+    )
     # the target is added when the caller's classes lack it
     assert set(labels[select_map_samples(labels, classes=["a"], target="c")]) == {"a", "c"}
 
@@ -75,7 +79,9 @@ def test_map_classes_order():
 def test_fit_class_map_rows_and_subsample(tiny_map):
     _, X, labels = tiny_map
     names = np.array([f"s{i:03d}" for i in range(len(X))])
-    ref, idx = fit_class_map(X, labels, names, classes=["alpha"], target="beta", max_per_class=8, seed=3, perplexity=5)
+    ref, idx = fit_class_map(
+        X, labels, names, classes=["alpha"], target="beta", max_per_class=8, seed=3, perplexity=5
+    )
     assert len(idx) == len(ref) == 16 and (np.diff(idx) > 0).all()
     assert ref.samples == names[idx].tolist() and ref.labels == labels[idx].tolist()
     assert set(ref.labels) == {"alpha", "beta"} and ref.seed == 3 and ref.params["perplexity"] == 5
@@ -179,7 +185,14 @@ def test_map_frame(tiny_map):
     assert list(real.columns) == ["x", "y", "sample", "class", "predicted", "kind"]
     assert len(real) == len(ref) and set(real["kind"]) == {"real"}
     xy = place(ref, X[:4])
-    f = map_frame(ref, xy, new_samples=["p0", "p1", "p2", "p3"], new_source=labels[:4], new_pred=["beta"] * 4, real_pred=labels)
+    f = map_frame(
+        ref,
+        xy,
+        new_samples=["p0", "p1", "p2", "p3"],
+        new_source=labels[:4],
+        new_pred=["beta"] * 4,
+        real_pred=labels,
+    )
     assert len(f) == len(ref) + 4
     new = f[f["kind"] == "perturbed"]
     assert new["sample"].tolist() == ["p0", "p1", "p2", "p3"]
@@ -202,7 +215,11 @@ def demo_arrays():
     adata = demo()
     X = adata.X
     X = (X - X.min(0)) / np.maximum(X.max(0) - X.min(0), 1e-8)
-    return X, adata.obs[DEMO_LABEL_KEY].astype(str).to_numpy(), np.asarray(adata.obs_names).astype(str)
+    return (
+        X,
+        adata.obs[DEMO_LABEL_KEY].astype(str).to_numpy(),
+        np.asarray(adata.obs_names).astype(str),
+    )
 
 
 def test_demo_map_separates_classes(demo_arrays):

@@ -68,7 +68,9 @@ def _bh_by_hand(p):
 
 
 def test_enrichr_ok_table_and_bh(server, tmp_path):
-    res = enrich(QUERY, background=BACKGROUND, backend="enrichr", url=server.url, cache_dir=tmp_path)
+    res = enrich(
+        QUERY, background=BACKGROUND, backend="enrichr", url=server.url, cache_dir=tmp_path
+    )
     assert isinstance(res, EnrichmentResult)
     assert res.backend == "enrichr" and not res.from_cache
     assert tuple(res.table.columns) == COLUMNS
@@ -95,7 +97,9 @@ def test_enrichr_ok_table_and_bh(server, tmp_path):
 
 def test_enrichr_no_hits_is_an_empty_table(tmp_path):
     with FakeEnrichr("nohits") as fake:
-        res = enrich(QUERY, background=BACKGROUND, backend="enrichr", url=fake.url, cache_dir=tmp_path)
+        res = enrich(
+            QUERY, background=BACKGROUND, backend="enrichr", url=fake.url, cache_dir=tmp_path
+        )
     assert res.backend == "enrichr"
     assert res.table.empty and tuple(res.table.columns) == COLUMNS
 
@@ -132,8 +136,15 @@ def test_enrichr_failure_falls_back_offline_in_time(mode, tmp_path, caplog):
     with FakeEnrichr("ok" if mode == "refused" else mode, delay=6.0) as fake:
         url = closed_port_url() if mode == "refused" else fake.url
         start = time.monotonic()
-        res = enrich(QUERY, background=BACKGROUND, backend="auto", url=url, timeout=timeout,
-                     retries=1, cache_dir=tmp_path)
+        res = enrich(
+            QUERY,
+            background=BACKGROUND,
+            backend="auto",
+            url=url,
+            timeout=timeout,
+            retries=1,
+            cache_dir=tmp_path,
+        )
         elapsed = time.monotonic() - start
         assert elapsed < timeout + 2
         assert res.backend == "offline" and not res.from_cache
@@ -144,19 +155,29 @@ def test_enrichr_failure_falls_back_offline_in_time(mode, tmp_path, caplog):
         if mode == "http500":
             assert fake.count == 2  # bounded retries: one request plus one retry
         with pytest.raises(EnrichrError, match=FAILURES[mode].split()[0]):
-            enrich(QUERY, background=None, backend="enrichr", url=url, timeout=timeout,
-                   cache_dir=tmp_path / "other")
+            enrich(
+                QUERY,
+                background=None,
+                backend="enrichr",
+                url=url,
+                timeout=timeout,
+                cache_dir=tmp_path / "other",
+            )
 
 
 def test_enrichr_url_from_the_environment(server, tmp_path, monkeypatch):
     monkeypatch.setenv("TSPG_ENRICHR_URL", server.url)
     res = enrich(QUERY, background=None, backend="enrichr", cache_dir=tmp_path / "a")
-    assert res.backend == "enrichr" and res.table.iloc[0]["term"] == "Classical Monocyte Blood Human"
+    assert (
+        res.backend == "enrichr" and res.table.iloc[0]["term"] == "Classical Monocyte Blood Human"
+    )
     assert server.count > 0 and server.lists  # the list went to the server named by the variable
     # an explicit url wins over the variable
     monkeypatch.setenv("TSPG_ENRICHR_URL", closed_port_url())
     n = server.count
-    again = enrich(QUERY, background=None, backend="enrichr", url=server.url, cache_dir=tmp_path / "b")
+    again = enrich(
+        QUERY, background=None, backend="enrichr", url=server.url, cache_dir=tmp_path / "b"
+    )
     assert again.backend == "enrichr" and server.count > n
     with pytest.raises(EnrichrError, match="could not be reached"):
         enrich(QUERY, background=None, backend="enrichr", timeout=2, cache_dir=tmp_path / "c")
@@ -166,12 +187,21 @@ def test_fallback_is_logged_once_and_urllib3_retries_are_quiet(tmp_path, caplog)
     pool = logging.getLogger("urllib3.connectionpool")
     level = pool.level
     with caplog.at_level(logging.DEBUG):
-        df = enrich_directions(QUERY, ["CD3D"], background=BACKGROUND + ["CD3D"], url=closed_port_url(),
-                               timeout=2.0, retries=2, cache_dir=tmp_path)
+        df = enrich_directions(
+            QUERY,
+            ["CD3D"],
+            background=BACKGROUND + ["CD3D"],
+            url=closed_port_url(),
+            timeout=2.0,
+            retries=2,
+            cache_dir=tmp_path,
+        )
     assert df.attrs["backend"] == {"up": "offline", "down": "offline"}
     assert caplog.text.count("Enrichr could not be used") == 1  # once per call, not per direction
     assert "could not be reached" in df.attrs["messages"]["down"]  # each direction still says why
-    assert not [r for r in caplog.records if r.name.startswith("urllib3") and r.levelno >= logging.WARNING]
+    assert not [
+        r for r in caplog.records if r.name.startswith("urllib3") and r.levelno >= logging.WARNING
+    ]
     assert pool.level == level
     # urllib3's warnings from other threads still get through
     with caplog.at_level(logging.WARNING):
@@ -194,8 +224,14 @@ def test_offline_hypergeometric_and_bh_by_hand(tmp_path):
     }
     gmt = _write_gmt(tmp_path / "tiny.gmt", sets)
     query = ["G1", "G2", "G3", "G4", "G11", "NOT_IN_BACKGROUND"]  # k = 5 after the background
-    res = enrich(query, background=background, gmt_files=[gmt], backend="offline",
-                 cache_dir=tmp_path / "cache", threshold=0.05)
+    res = enrich(
+        query,
+        background=background,
+        gmt_files=[gmt],
+        backend="offline",
+        cache_dir=tmp_path / "cache",
+        threshold=0.05,
+    )
     table = res.table[res.table["library"] == "tiny"].set_index("term")
     assert set(table.index) == {"A", "B", "C"}
     assert table.loc["A", "overlap"] == "4/5"
@@ -226,14 +262,18 @@ def test_offline_correction_over_all_sets_by_hand(tmp_path):
     }
     gmt = _write_gmt(tmp_path / "tiny.gmt", sets)
     query = ["G1", "G2", "G3", "G4", "G11"]
-    kw = dict(background=background, gmt_files=[gmt], backend="offline", cache_dir=tmp_path / "cache")
+    kw = dict(
+        background=background, gmt_files=[gmt], backend="offline", cache_dir=tmp_path / "cache"
+    )
     hits = enrich(query, **kw).table.set_index("term")
     every = enrich(query, correct_over="all", **kw).table.set_index("term")
     assert set(hits.index) == set(every.index) == {"A", "B", "C"}  # the same rows, the same p
     pd.testing.assert_series_equal(hits["p"], every.loc[hits.index, "p"])
     p = list(hits.loc[["A", "B", "C"], "p"])
     for table, tests in ((hits, p), (every, p + [1.0])):  # "all": D counts as a 4th test, E not
-        np.testing.assert_allclose(table.loc[["A", "B", "C"], "q"], _bh_by_hand(tests)[:3], rtol=1e-12)
+        np.testing.assert_allclose(
+            table.loc[["A", "B", "C"], "q"], _bh_by_hand(tests)[:3], rtol=1e-12
+        )
     assert (every["q"] >= hits.loc[every.index, "q"]).all()
     message = enrich(query, correct_over="all", **kw).message
     assert "every gene set with a gene in the background" in message and "4 in tiny" in message
@@ -255,26 +295,41 @@ def test_offline_libraries_from_env_dir_and_cache(tmp_path, monkeypatch):
     assert second.from_cache and not first.from_cache
     pd.testing.assert_frame_equal(first.table, second.table)
     # a different background is a different question
-    third = enrich(QUERY, background=BACKGROUND + ["G99"], backend="offline", cache_dir=tmp_path / "c")
+    third = enrich(
+        QUERY, background=BACKGROUND + ["G99"], backend="offline", cache_dir=tmp_path / "c"
+    )
     assert not third.from_cache
 
 
 def test_enrich_directions_offline(tmp_path):
-    df = enrich_directions(QUERY[:5], ["CD3D", "CD3E", "IL7R"], background=BACKGROUND + ["CD3D", "CD3E", "IL7R"],
-                           backend="offline", cache_dir=tmp_path)
+    df = enrich_directions(
+        QUERY[:5],
+        ["CD3D", "CD3E", "IL7R"],
+        background=BACKGROUND + ["CD3D", "CD3E", "IL7R"],
+        backend="offline",
+        cache_dir=tmp_path,
+    )
     assert list(df.columns) == ["direction", *COLUMNS]
     assert set(df["direction"]) == {"up", "down"}
     assert df[df["direction"] == "up"].iloc[0]["term"] == "CD14_Monocyte"
     assert set(df.attrs["messages"]) == {"up", "down"} and df.attrs["backend"]["down"] == "offline"
-    only_up = enrich_directions(QUERY, [], background=BACKGROUND, backend="offline", cache_dir=tmp_path)
+    only_up = enrich_directions(
+        QUERY, [], background=BACKGROUND, backend="offline", cache_dir=tmp_path
+    )
     assert set(only_up["direction"]) == {"up"} and "No down" in only_up.attrs["messages"]["down"]
 
 
 def test_enrich_directions_skips_enrichr_after_a_failure(tmp_path):
     with FakeEnrichr("slow", delay=6.0) as fake:
         start = time.monotonic()
-        df = enrich_directions(QUERY, ["CD3D"], background=BACKGROUND + ["CD3D"], url=fake.url,
-                               timeout=1.0, cache_dir=tmp_path)
+        df = enrich_directions(
+            QUERY,
+            ["CD3D"],
+            background=BACKGROUND + ["CD3D"],
+            url=fake.url,
+            timeout=1.0,
+            cache_dir=tmp_path,
+        )
         assert time.monotonic() - start < 1.0 + 2  # one timeout, not two
     assert df.attrs["backend"] == {"up": "offline", "down": "offline"}
 
@@ -319,11 +374,21 @@ def pbmc():
 def test_marker_gmt_is_well_formed_and_covers_the_demo_genes(pbmc):
     lines = MARKER_GMT.read_text().splitlines()
     assert lines[0].startswith("#") and "Seurat" in "\n".join(lines[:10])
-    sets = {f[0]: f[2:] for f in (line.split("\t") for line in lines if line and not line.startswith("#"))}
+    sets = {
+        f[0]: f[2:]
+        for f in (line.split("\t") for line in lines if line and not line.startswith("#"))
+    }
     assert 12 <= len(sets) <= 16
     assert all(10 <= len(genes) <= 25 for genes in sets.values())
     demo = set(pbmc.raw.var_names)
-    for name in ["CD14_Monocyte", "FCGR3A_Monocyte", "B_cell", "NK_cell", "CD8_T", "Dendritic_cell"]:
+    for name in [
+        "CD14_Monocyte",
+        "FCGR3A_Monocyte",
+        "B_cell",
+        "NK_cell",
+        "CD8_T",
+        "Dendritic_cell",
+    ]:
         assert len(set(sets[name]) & demo) >= 8, name
 
 
@@ -334,7 +399,9 @@ def demo_bundle():
     from tspg.pipeline import train
 
     adata = demo()
-    return train(adata, label_key=DEMO_LABEL_KEY, target=DEMO_TARGET, device="cpu", dataset="pbmc68k_reduced"), adata
+    return train(
+        adata, label_key=DEMO_LABEL_KEY, target=DEMO_TARGET, device="cpu", dataset="pbmc68k_reduced"
+    ), adata
 
 
 def test_demo_generator_up_genes_rank_a_monocyte_set_first(demo_bundle, tmp_path):
@@ -363,15 +430,21 @@ def test_demo_generator_up_genes_rank_a_monocyte_set_first(demo_bundle, tmp_path
     table = res.table.set_index("term")
     monocyte = {"CD14_Monocyte", "FCGR3A_Monocyte"}
     assert res.table.iloc[0]["term"] in monocyte
-    assert res.table.iloc[0]["q"] < 1e-4 and res.table.iloc[0]["significant"]  # the default threshold
+    assert (
+        res.table.iloc[0]["q"] < 1e-4 and res.table.iloc[0]["significant"]
+    )  # the default threshold
     assert set(res.table.loc[res.table["significant"], "term"]) <= monocyte
     lymphoid = ["B_cell", "Plasma_cell", "NK_cell", "CD8_T", "CD4_T_naive", "CD4_T_memory", "Treg"]
-    assert not table.reindex(lymphoid)["q"].lt(0.05).any()  # absent (no shared gene) or far from significant
+    assert (
+        not table.reindex(lymphoid)["q"].lt(0.05).any()
+    )  # absent (no shared gene) or far from significant
     # the reported overlap is the list's genes in the set (and in the background)
     sets = read_gene_sets(MARKER_GMT)
     for term in monocyte & set(table.index):
         shared = set(up) & set(sets[term]) & set(bundle.genes)
-        assert set(table.loc[term, "genes"].split(";")) == shared and table.loc[term, "n_overlap"] == len(shared)
+        assert set(table.loc[term, "genes"].split(";")) == shared and table.loc[
+            term, "n_overlap"
+        ] == len(shared)
 
 
 def test_offline_gmt_files_for_a_bundle(demo_bundle, tmp_path, monkeypatch):
@@ -383,9 +456,16 @@ def test_offline_gmt_files_for_a_bundle(demo_bundle, tmp_path, monkeypatch):
 
     def bundle_with(selection):
         info = {"name": selection.name, "source": selection.source}
-        return Bundle({**trained.manifest, "gene_set": info}, trained.generator, trained.discriminator, trained.target_model)
+        return Bundle(
+            {**trained.manifest, "gene_set": info},
+            trained.generator,
+            trained.discriminator,
+            trained.target_model,
+        )
 
-    gmt = _write_gmt(tmp_path / "immune.gmt", {"MONO": ["LYZ", "CST3", "FCN1"], "NK": ["NKG7", "GNLY", "GZMB"]})
+    gmt = _write_gmt(
+        tmp_path / "immune.gmt", {"MONO": ["LYZ", "CST3", "FCN1"], "NK": ["NKG7", "GNLY", "GZMB"]}
+    )
     ref_list = tmp_path / "example.genesets.txt"  # the reference implementation's list format
     ref_list.write_text("mono-set\tLYZ\tCST3\tFCN1\nnk-set\tNKG7\tGNLY\n")
     plain = tmp_path / "mine.txt"  # a plain --genes list, not a gene-set file
@@ -393,7 +473,10 @@ def test_offline_gmt_files_for_a_bundle(demo_bundle, tmp_path, monkeypatch):
     extra = _write_gmt(tmp_path / "extra.gmt", {"X": ["LYZ"]})
     folder = tmp_path / "gmts"
     folder.mkdir()
-    env_b, env_a = _write_gmt(folder / "b.gmt", {"B": ["CD79A"]}), _write_gmt(folder / "a.gmt", {"A": ["CD3D"]})
+    env_b, env_a = (
+        _write_gmt(folder / "b.gmt", {"B": ["CD79A"]}),
+        _write_gmt(folder / "a.gmt", {"A": ["CD3D"]}),
+    )
     (folder / "notes.txt").write_text("not a GMT\n")
 
     gmt_bundle = bundle_with(select_genes(genes, gene_set=f"{gmt}:MONO"))
@@ -402,7 +485,10 @@ def test_offline_gmt_files_for_a_bundle(demo_bundle, tmp_path, monkeypatch):
     assert offline_gmt_files(gmt_bundle, extra=[extra]) == [MARKER_GMT, gmt, env_a, env_b, extra]
     assert offline_gmt_files(None) == offline_gmt_files() == [MARKER_GMT, env_a, env_b]
     monkeypatch.delenv("TSPG_GMT_DIR")
-    assert offline_gmt_files(bundle_with(select_genes(genes, gene_set=f"{ref_list}:nk-set"))) == [MARKER_GMT, ref_list]
+    assert offline_gmt_files(bundle_with(select_genes(genes, gene_set=f"{ref_list}:nk-set"))) == [
+        MARKER_GMT,
+        ref_list,
+    ]
     # not gene-set files of the bundle: a plain gene list, all genes, the bundled demo
     assert offline_gmt_files(bundle_with(select_genes(genes, genes_file=plain))) == [MARKER_GMT]
     assert offline_gmt_files(bundle_with(select_genes(genes))) == [MARKER_GMT]
@@ -410,20 +496,43 @@ def test_offline_gmt_files_for_a_bundle(demo_bundle, tmp_path, monkeypatch):
 
     # the offline backend reads the bundle's own file, under its stem
     files = offline_gmt_files(gmt_bundle)
-    res = enrich(["LYZ", "CST3", "FCN1", "S100A9"], background=genes, gmt_files=files, backend="offline",
-                 cache_dir=tmp_path / "cache")
+    res = enrich(
+        ["LYZ", "CST3", "FCN1", "S100A9"],
+        background=genes,
+        gmt_files=files,
+        backend="offline",
+        cache_dir=tmp_path / "cache",
+    )
     assert "immune.gmt" in res.message and "blood_markers.gmt" in res.message
     mono = res.table[(res.table["library"] == "immune") & (res.table["term"] == "MONO")].iloc[0]
     assert mono["overlap"] == "3/3"
     # the same file twice (e.g. the bundle's file is also in TSPG_GMT_DIR) is read once
-    twice = enrich(["LYZ", "CST3"], background=genes, gmt_files=files + [gmt], backend="offline", cache_dir=tmp_path / "cache")
+    twice = enrich(
+        ["LYZ", "CST3"],
+        background=genes,
+        gmt_files=files + [gmt],
+        backend="offline",
+        cache_dir=tmp_path / "cache",
+    )
     assert (twice.table["library"] == "immune").sum() == 1
     copy = folder / "immune.gmt"  # a copy with the same name: read once; a different file: an error
     copy.write_bytes(gmt.read_bytes())
-    enrich(["LYZ"], background=genes, gmt_files=files + [copy], backend="offline", cache_dir=tmp_path / "cache")
+    enrich(
+        ["LYZ"],
+        background=genes,
+        gmt_files=files + [copy],
+        backend="offline",
+        cache_dir=tmp_path / "cache",
+    )
     copy.write_text("MONO\tdesc\tLYZ\n")
     with pytest.raises(ValueError, match="both be called 'immune'"):
-        enrich(["LYZ"], background=genes, gmt_files=files + [copy], backend="offline", cache_dir=tmp_path / "cache")
+        enrich(
+            ["LYZ"],
+            background=genes,
+            gmt_files=files + [copy],
+            backend="offline",
+            cache_dir=tmp_path / "cache",
+        )
 
     # a file that moved, or no longer holds the set, is left out
     gmt.write_text("OTHER\tdesc\tLYZ\n")

@@ -42,7 +42,10 @@ def test_read_gmt_skips_description_comments_and_blank_lines(gmt):
 
 
 def test_read_reference_list_format(ref_list, tmp_path):
-    assert read_gene_sets(ref_list) == {"gene-set-000": ["TP53", "MYC", "CD14"], "gene-set-001": ["GAPDH", "ACTB", "NOTAGENE"]}
+    assert read_gene_sets(ref_list) == {
+        "gene-set-000": ["TP53", "MYC", "CD14"],
+        "gene-set-001": ["GAPDH", "ACTB", "NOTAGENE"],
+    }
     spaced = tmp_path / "spaced.txt"
     spaced.write_text("setA TP53, MYC  CD14\n")
     assert read_gene_sets(spaced) == {"setA": ["TP53", "MYC", "CD14"]}
@@ -70,7 +73,10 @@ def test_gene_set_file_errors(tmp_path):
         read_gene_sets(nothing)
     binary = tmp_path / "binary.gmt"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n")
-    with pytest.raises(ValueError, match=r"binary\.gmt: gene-set file is not UTF-8 text \(byte 0x89 at position 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"binary\.gmt: gene-set file is not UTF-8 text \(byte 0x89 at position 0\)",
+    ):
         read_gene_sets(binary)
     with pytest.raises(ValueError, match=r"cannot read the gene-set file"):
         read_gene_sets(tmp_path)  # a folder
@@ -81,7 +87,9 @@ def test_gene_set_file_errors(tmp_path):
 def test_relative_gene_set_path_is_recorded_absolute(gmt, monkeypatch):
     monkeypatch.chdir(gmt.parent)
     sel = select_genes(GEM_GENES, gene_set=f"{gmt.name}:HYPOXIA")
-    assert sel.source == str(gmt.resolve())  # so the bundle's gene set is found from any folder later
+    assert sel.source == str(
+        gmt.resolve()
+    )  # so the bundle's gene set is found from any folder later
 
 
 def test_select_file_colon_name(gmt):
@@ -114,7 +122,9 @@ def test_file_with_one_set_needs_no_name(tmp_path):
 
 
 def test_file_with_several_sets_needs_a_name(gmt):
-    with pytest.raises(ValueError, match=r"sets\.gmt: holds 3 gene sets; pick one as .*sets\.gmt:NAME"):
+    with pytest.raises(
+        ValueError, match=r"sets\.gmt: holds 3 gene sets; pick one as .*sets\.gmt:NAME"
+    ):
         select_genes(GEM_GENES, gene_set=str(gmt))
 
 

@@ -51,7 +51,10 @@ def test_perturbation_accuracy_by_hand():
     assert acc["overall"] == pytest.approx(4 / 6)
     assert acc["non_target"] == pytest.approx(3 / 5)
     assert (acc["n"], acc["n_non_target"]) == (6, 5)
-    assert acc["by_source"] == {"a": {"n": 2, "accuracy": 0.5}, "b": {"n": 3, "accuracy": pytest.approx(2 / 3)}}
+    assert acc["by_source"] == {
+        "a": {"n": 2, "accuracy": 0.5},
+        "b": {"n": 3, "accuracy": pytest.approx(2 / 3)},
+    }
     table = perturbation_accuracy_table(pred, labels, "t")
     assert table["source"].tolist() == ["a", "b", "all non-target"]
     assert table["n"].tolist() == [2, 3, 5]
@@ -136,7 +139,11 @@ def test_gene_overlap_counts_and_jaccard():
     base = {"de": {"up": ["b", "x", "a", "y"], "down": ["x", "w"]}}
     df = gene_overlap(ref, base, ks=(2, 4))
     up2 = df[(df["direction"] == "up") & (df["k"] == 2)].iloc[0]
-    assert (up2["overlap"], up2["jaccard"], up2["genes"]) == (1, pytest.approx(1 / 3), "b")  # {a,b} vs {b,x}
+    assert (up2["overlap"], up2["jaccard"], up2["genes"]) == (
+        1,
+        pytest.approx(1 / 3),
+        "b",
+    )  # {a,b} vs {b,x}
     up4 = df[(df["direction"] == "up") & (df["k"] == 4)].iloc[0]
     assert (up4["overlap"], up4["jaccard"]) == (2, pytest.approx(2 / 6))
     down4 = df[(df["direction"] == "down") & (df["k"] == 4)].iloc[0]  # lists shorter than k
@@ -147,17 +154,22 @@ def test_gene_overlap_counts_and_jaccard():
 def test_selection_overlap_by_hand():
     genes = ["A", "B", "C", "D", "E"]
     # TSPG: every sample ranks A, B up and E, D down
-    P = np.array([
-        [0.5, 0.1, 0.0, -0.2, -0.6],
-        [0.4, 0.3, 0.05, -0.1, -0.5],
-        [0.6, 0.2, 0.0, -0.3, -0.4],
-        [0.3, 0.2, 0.1, -0.2, -0.7],
-    ])
+    P = np.array(
+        [
+            [0.5, 0.1, 0.0, -0.2, -0.6],
+            [0.4, 0.3, 0.05, -0.1, -0.5],
+            [0.6, 0.2, 0.0, -0.3, -0.4],
+            [0.3, 0.2, 0.1, -0.2, -0.7],
+        ]
+    )
     shifts = pd.DataFrame(
         [[0.05, 0.3, 0.2, -0.3, -0.1], [0.4, 0.0, 0.1, -0.05, -0.2], [0.0] * 5],
-        index=pd.Index(["s", "s2", "t"], name="source"), columns=genes,
+        index=pd.Index(["s", "s2", "t"], name="source"),
+        columns=genes,
     )
-    de = pd.DataFrame({"gene": ["B", "C", "A", "D", "E"], "score": [3.0, 2.0, 1.0, -1.0, -2.0]})  # up B, C, A; down E, D, A
+    de = pd.DataFrame(
+        {"gene": ["B", "C", "A", "D", "E"], "score": [3.0, 2.0, 1.0, -1.0, -2.0]}
+    )  # up B, C, A; down E, D, A
     base = Baselines(shifts, de)
     # class "u" has no mean shift: the mean-shift lists are the consensus of the changes
     # x_ms - x of samples s, s2, s2, all at x = (0.95, 0.5, 0.5, 0.5, 0.5). Gene A is clipped
@@ -168,7 +180,16 @@ def test_selection_overlap_by_hand():
     # by its mean change (-0.167 against -0.133)
     X = np.array([[0.95, 0.5, 0.5, 0.5, 0.5]] * 4)
     df = selection_overlap(P, X, ["s", "s2", "s2", "u"], genes, base, ks=(2, 1))
-    assert list(df.columns) == ["baseline", "direction", "k", "n_reference", "n_baseline", "overlap", "jaccard", "genes"]
+    assert list(df.columns) == [
+        "baseline",
+        "direction",
+        "k",
+        "n_reference",
+        "n_baseline",
+        "overlap",
+        "jaccard",
+        "genes",
+    ]
     got = {(r.baseline, r.direction, r.k): (r.overlap, r.genes) for r in df.itertuples()}
     assert got == {
         ("differential_expression", "up", 1): (0, ""),  # {A} vs {B}
@@ -180,11 +201,20 @@ def test_selection_overlap_by_hand():
         ("mean_shift", "down", 1): (1, "E"),  # {E} vs {E}
         ("mean_shift", "down", 2): (2, "E,D"),  # {E,D} vs {E,D}
     }
-    assert df.loc[(df.baseline == "mean_shift") & (df.direction == "up") & (df.k == 2), "jaccard"].item() == pytest.approx(1 / 3)
+    assert df.loc[
+        (df.baseline == "mean_shift") & (df.direction == "up") & (df.k == 2), "jaccard"
+    ].item() == pytest.approx(1 / 3)
     # sorted: baseline, then up before down, then k
-    assert list(zip(df.baseline, df.direction, df.k, strict=True))[:4] == [("differential_expression", "up", 1), ("differential_expression", "up", 2), ("differential_expression", "down", 1), ("differential_expression", "down", 2)]
+    assert list(zip(df.baseline, df.direction, df.k, strict=True))[:4] == [
+        ("differential_expression", "up", 1),
+        ("differential_expression", "up", 2),
+        ("differential_expression", "down", 1),
+        ("differential_expression", "down", 2),
+    ]
     # no labels: no mean shift to compare with
-    assert set(selection_overlap(P, X, None, genes, base, ks=(2,))["baseline"]) == {"differential_expression"}
+    assert set(selection_overlap(P, X, None, genes, base, ks=(2,))["baseline"]) == {
+        "differential_expression"
+    }
     with pytest.raises(ValueError, match="labels for 4 samples"):
         selection_overlap(P, X, ["s"], genes, base)
     with pytest.raises(ValueError, match="shape"):
@@ -195,11 +225,20 @@ def test_training_target_mean(quick_bundle):
     adata = make_tiny_adata()
     stored = quick_bundle.target_mean
     assert stored is not None and stored.shape == (len(quick_bundle.genes),)
-    np.testing.assert_array_equal(training_target_mean(quick_bundle), stored)  # the bundle's own value, no data needed
-    older = Bundle({k: v for k, v in quick_bundle.manifest.items() if k != "target_mean"}, quick_bundle.generator, quick_bundle.discriminator, quick_bundle.target_model)
+    np.testing.assert_array_equal(
+        training_target_mean(quick_bundle), stored
+    )  # the bundle's own value, no data needed
+    older = Bundle(
+        {k: v for k, v in quick_bundle.manifest.items() if k != "target_mean"},
+        quick_bundle.generator,
+        quick_bundle.discriminator,
+        quick_bundle.target_model,
+    )
     assert older.target_mean is None and training_target_mean(older) is None
     Xs, y, _ = split_arrays(quick_bundle, adata, part="train")
-    np.testing.assert_allclose(training_target_mean(older, adata), Xs[y == "beta"].mean(0), atol=1e-6)
+    np.testing.assert_allclose(
+        training_target_mean(older, adata), Xs[y == "beta"].mean(0), atol=1e-6
+    )
     np.testing.assert_allclose(training_target_mean(older, adata), stored, atol=1e-5)
 
 
@@ -223,7 +262,12 @@ def test_evaluate_tiny_bundle(quick_bundle):
     res.pop("seconds"), again.pop("seconds")
     assert res == again  # deterministic
     n_test = len(quick_bundle.split["test"])
-    assert res["samples"] == {"train": len(quick_bundle.split["train"]), "heldout": n_test, "heldout_target": 4, "heldout_source": n_test - 4}
+    assert res["samples"] == {
+        "train": len(quick_bundle.split["train"]),
+        "heldout": n_test,
+        "heldout_target": 4,
+        "heldout_source": n_test - 4,
+    }
     acc = res["perturbation_accuracy"]
     assert set(acc["by_source"]) == {"alpha", "gamma"}
     stored = quick_bundle.metrics
@@ -242,40 +286,74 @@ def test_evaluate_tiny_bundle(quick_bundle):
     x_ms = mean_shift_perturb(Xte[non], yte[non], shifts)
     disc = res["discriminator"]
     assert set(disc) == {"real_target", "perturbed", "unperturbed", "mean_shift"}
-    assert disc["real_target"] == pytest.approx(float(discriminate(quick_bundle, Xte[is_t]).mean()), rel=1e-6)
-    assert disc["perturbed"] == pytest.approx(float(discriminate(quick_bundle, pert.x_adv[non]).mean()), rel=1e-6)
-    assert disc["mean_shift"] == pytest.approx(float(discriminate(quick_bundle, x_ms).mean()), rel=1e-6)
+    assert disc["real_target"] == pytest.approx(
+        float(discriminate(quick_bundle, Xte[is_t]).mean()), rel=1e-6
+    )
+    assert disc["perturbed"] == pytest.approx(
+        float(discriminate(quick_bundle, pert.x_adv[non]).mean()), rel=1e-6
+    )
+    assert disc["mean_shift"] == pytest.approx(
+        float(discriminate(quick_bundle, x_ms).mean()), rel=1e-6
+    )
     clf = res["independent_classifiers"]
     assert set(clf) == {"logistic_regression", "knn_15"}
     models = fit_classifiers(Xtr, ytr, seed=0)
     for name, data in (("logistic_regression", pert.x_adv[non]), ("knn_15", x_ms)):
         share = float((models[name].predict(data) == "beta").mean())
-        key = "target_share_perturbed" if name == "logistic_regression" else "target_share_mean_shift"
+        key = (
+            "target_share_perturbed" if name == "logistic_regression" else "target_share_mean_shift"
+        )
         assert clf[name][key] == pytest.approx(share)
-        assert clf[name]["heldout_accuracy"] == pytest.approx(float((models[name].predict(Xte) == yte).mean()))
-        assert clf[name]["target_share_real_target"] == pytest.approx(float((models[name].predict(Xte[is_t]) == "beta").mean()))
+        assert clf[name]["heldout_accuracy"] == pytest.approx(
+            float((models[name].predict(Xte) == yte).mean())
+        )
+        assert clf[name]["target_share_real_target"] == pytest.approx(
+            float((models[name].predict(Xte[is_t]) == "beta").mean())
+        )
     # the reference of a perfect copy: the real training target samples against the held-out ones
     T = Xtr[ytr == "beta"]
-    assert res["energy_distance"]["training_target"] == pytest.approx(energy_distance(T, Xte[is_t]), rel=1e-9)
-    assert res["spread_ratio"]["training_target"] == pytest.approx(spread_ratio(T, Xte[is_t]), rel=1e-9)
+    assert res["energy_distance"]["training_target"] == pytest.approx(
+        energy_distance(T, Xte[is_t]), rel=1e-9
+    )
+    assert res["spread_ratio"]["training_target"] == pytest.approx(
+        spread_ratio(T, Xte[is_t]), rel=1e-9
+    )
     size = res["perturbation_size"]  # both the change made
     np.testing.assert_allclose(pert.x[non] + pert.P[non], pert.x_adv[non], atol=1e-6)
-    assert size["tspg_mean_l2"] == pytest.approx(float(np.linalg.norm(pert.P[non], axis=1).mean()), rel=1e-6)
-    assert size["mean_shift_mean_l2"] == pytest.approx(float(np.linalg.norm(x_ms - Xte[non], axis=1).mean()), rel=1e-6)
+    assert size["tspg_mean_l2"] == pytest.approx(
+        float(np.linalg.norm(pert.P[non], axis=1).mean()), rel=1e-6
+    )
+    assert size["mean_shift_mean_l2"] == pytest.approx(
+        float(np.linalg.norm(x_ms - Xte[non], axis=1).mean()), rel=1e-6
+    )
 
     tg = res["top_genes"]
     assert tg["consensus_up"] == consensus_top(pert.P[non], quick_bundle.genes, k=5)["up"]
     assert len(tg["consensus_up"]) == 5 and len(tg["consensus_down"]) == 5
     assert tg["unique_n_classes"] == 2 and 5 <= tg["unique_up"] <= 10
     assert {(r["baseline"], r["direction"], r["k"]) for r in tg["overlap"]} == {
-        (b, d, k) for b in ("differential_expression", "mean_shift") for d in ("up", "down") for k in (5, 10)
+        (b, d, k)
+        for b in ("differential_expression", "mean_shift")
+        for d in ("up", "down")
+        for k in (5, 10)
     }
-    ms_up5 = next(r for r in tg["overlap"] if (r["baseline"], r["direction"], r["k"]) == ("mean_shift", "up", 5))
-    expected = [g for g in tg["consensus_up"] if g in set(consensus_top(x_ms - Xte[non], quick_bundle.genes, k=5)["up"])]
+    ms_up5 = next(
+        r
+        for r in tg["overlap"]
+        if (r["baseline"], r["direction"], r["k"]) == ("mean_shift", "up", 5)
+    )
+    expected = [
+        g
+        for g in tg["consensus_up"]
+        if g in set(consensus_top(x_ms - Xte[non], quick_bundle.genes, k=5)["up"])
+    ]
     assert ms_up5["genes"] == ",".join(expected) and ms_up5["overlap"] == len(expected)
     # beta raises genes G05..G09: TSPG finds them (30 genes: the DE top 50 is every gene here;
     # test_evaluate_demo_overlap_with_de checks the count where it is a real selection)
-    assert tg["de_top50_up"] == de_ranked(differential_expression(Xtr, ytr, quick_bundle.genes, "beta"))["up"][:50]
+    assert (
+        tg["de_top50_up"]
+        == de_ranked(differential_expression(Xtr, ytr, quick_bundle.genes, "beta"))["up"][:50]
+    )
     assert tg["overlap_up_de_top50"] == len(set(tg["consensus_up"]) & set(tg["de_top50_up"]))
     assert len(set(tg["consensus_up"]) & {f"G{j:02d}" for j in range(5, 10)}) >= 3
     table = evaluation_table(res)
@@ -285,7 +363,9 @@ def test_evaluate_tiny_bundle(quick_bundle):
 
 def test_evaluate_demo_overlap_with_de(demo_models_dir):
     """On the demo (765 genes) the DE top 50 is a real selection: count the overlap by hand."""
-    bundle = load_bundle(next(p for p in demo_models_dir.iterdir() if (p / "manifest.json").exists()))
+    bundle = load_bundle(
+        next(p for p in demo_models_dir.iterdir() if (p / "manifest.json").exists())
+    )
     adata = load_bundle_dataset(bundle)
     res = evaluate(bundle, adata, k=20, ks=(20,))
     tg = res["top_genes"]
@@ -296,7 +376,9 @@ def test_evaluate_demo_overlap_with_de(demo_models_dir):
     de50 = de_ranked(differential_expression(Xtr, ytr, bundle.genes, bundle.target))["up"][:50]
     assert tg["consensus_up"] == up and tg["de_top50_up"] == de50
     assert tg["overlap_up_de_top50"] == len(set(up) & set(de50))
-    assert tg["overlap_up_de_top50"] >= 10  # most of the generator's up genes are DE genes of the target
+    assert (
+        tg["overlap_up_de_top50"] >= 10
+    )  # most of the generator's up genes are DE genes of the target
 
 
 def test_evaluate_needs_the_split_and_labels(quick_bundle):
@@ -321,6 +403,11 @@ def test_load_bundle_dataset(quick_bundle, caplog):
     with caplog.at_level(logging.WARNING):
         load_bundle_dataset(quick_bundle, other)
     assert "differs from the data" in caplog.text
-    demo_like = Bundle({**quick_bundle.manifest, "dataset": {"name": "pbmc68k_reduced"}}, quick_bundle.generator, quick_bundle.discriminator, quick_bundle.target_model)
+    demo_like = Bundle(
+        {**quick_bundle.manifest, "dataset": {"name": "pbmc68k_reduced"}},
+        quick_bundle.generator,
+        quick_bundle.discriminator,
+        quick_bundle.target_model,
+    )
     demo = load_bundle_dataset(demo_like)
     assert demo.shape == (700, 765) and "bulk_labels" in demo.obs

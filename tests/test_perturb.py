@@ -46,7 +46,9 @@ def test_top_genes_by_hand():
 
 
 def test_top_genes_ties_k_too_large_and_one_sample():
-    top = top_genes(np.array([1.0, 1.0, 0.0]), ["x", "y", "z"], k=10)  # 1-d: one sample; k capped at 3
+    top = top_genes(
+        np.array([1.0, 1.0, 0.0]), ["x", "y", "z"], k=10
+    )  # 1-d: one sample; k capped at 3
     assert top.up.tolist() == [["x", "y", "z"]]  # the tie goes to the earlier gene
     assert top.down.tolist() == [["z", "x", "y"]]
     with pytest.raises(ValueError, match="genes"):
@@ -56,7 +58,9 @@ def test_top_genes_ties_k_too_large_and_one_sample():
 
 
 def test_top_genes_df_is_tidy(quick_bundle):
-    res = perturb_scaled(quick_bundle, np.full((2, len(quick_bundle.genes)), 0.5, np.float32), ["s1", "s2"])
+    res = perturb_scaled(
+        quick_bundle, np.full((2, len(quick_bundle.genes)), 0.5, np.float32), ["s1", "s2"]
+    )
     df = top_genes_df(res, k=3)
     assert list(df.columns) == ["sample", "direction", "rank", "gene", "P"]
     assert len(df) == 2 * 2 * 3
@@ -95,7 +99,12 @@ def test_consensus_counts_by_hand():
 def test_unique_top_genes_by_hand():
     labels = ["x", "y", "z"]  # one sample per class: the choice does not depend on the seed
     res = unique_top_genes(P3, labels, GENES, k=2, seed=123)
-    assert (res["up"], res["down"], res["n_classes"], res["k"]) == (4, 4, 3, 2)  # {A,B,C,E}, {B,C,D,E}
+    assert (res["up"], res["down"], res["n_classes"], res["k"]) == (
+        4,
+        4,
+        3,
+        2,
+    )  # {A,B,C,E}, {B,C,D,E}
     assert res["samples"] == [0, 1, 2]
     res = unique_top_genes(P3, labels, GENES, k=2, exclude="y")  # samples 0 and 2
     assert (res["up"], res["down"], res["n_classes"]) == (3, 2, 2)  # {A,E,C}, {D,B}
@@ -112,7 +121,9 @@ def test_unique_top_genes_is_seeded():
     assert first == unique_top_genes(P, labels, genes, k=5, seed=7)
     assert [labels[i] for i in first["samples"]] == ["a", "b", "c", "d"]
     picked = top_genes(P[first["samples"]], genes, k=5)
-    assert first["up"] == len(set(picked.up.ravel())) and first["down"] == len(set(picked.down.ravel()))
+    assert first["up"] == len(set(picked.up.ravel())) and first["down"] == len(
+        set(picked.down.ravel())
+    )
     with pytest.raises(ValueError, match="labels"):
         unique_top_genes(P, labels[:5], genes)
 
@@ -126,7 +137,9 @@ def test_perturb_round_trip_shuffled_genes(quick_bundle, tiny_adata):
     assert res.P.shape == res.x.shape == res.x_adv.shape == (n, g)
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     np.testing.assert_allclose(res.x_adv, res.x + res.P, atol=1e-6)  # P is the change made
-    assert list(res.labels) == tiny_adata.obs["cell_type"].astype(str).tolist()  # the bundle's label key
+    assert (
+        list(res.labels) == tiny_adata.obs["cell_type"].astype(str).tolist()
+    )  # the bundle's label key
     order = np.random.default_rng(1).permutation(tiny_adata.n_vars)
     shuffled = perturb_adata(quick_bundle, tiny_adata[:, order].copy())
     np.testing.assert_array_equal(shuffled.P, res.P)
@@ -138,14 +151,18 @@ def test_perturb_round_trip_shuffled_genes(quick_bundle, tiny_adata):
     np.testing.assert_allclose(res.x_adv, np.clip(res.x + raw, 0, 1), atol=1e-6)
     np.testing.assert_allclose(res.P, np.clip(res.x + raw, 0, 1) - res.x, atol=1e-6)
     inside = (res.x + raw >= 0) & (res.x + raw <= 1)
-    np.testing.assert_allclose(res.P[inside], raw[inside], atol=1e-6)  # where nothing is clipped, P = G(x)
+    np.testing.assert_allclose(
+        res.P[inside], raw[inside], atol=1e-6
+    )  # where nothing is clipped, P = G(x)
     assert (~inside).any() and (np.abs(res.P[~inside]) < np.abs(raw[~inside]) + 1e-6).all()
     assert (res.pred_after[res.labels != "beta"] == "beta").mean() > 0.8
 
 
 def test_perturb_errors_name_the_problem(quick_bundle, tiny_adata):
     with pytest.raises(ValueError, match="G03"):
-        perturb_adata(quick_bundle, tiny_adata[:, [g for g in tiny_adata.var_names if g != "G03"]].copy())
+        perturb_adata(
+            quick_bundle, tiny_adata[:, [g for g in tiny_adata.var_names if g != "G03"]].copy()
+        )
     with pytest.raises(ValueError, match="no layer 'counts'"):
         perturb_adata(quick_bundle, tiny_adata, layer="counts")
     with pytest.raises(ValueError, match="no column 'tissue'"):
@@ -164,7 +181,9 @@ def test_perturb_errors_name_the_problem(quick_bundle, tiny_adata):
 
 def test_predictions_not_computed_is_a_clear_error(quick_bundle, tiny_adata):
     res = perturb_adata(quick_bundle, tiny_adata)
-    bare = perturb_scaled(quick_bundle, res.x, tiny_adata.obs_names, labels=res.labels, predict=False)
+    bare = perturb_scaled(
+        quick_bundle, res.x, tiny_adata.obs_names, labels=res.labels, predict=False
+    )
     np.testing.assert_array_equal(bare.P, res.P)  # the perturbation itself is there
     assert bare.predicted is False and res.predicted is True
     for read in (lambda r: r.pred_before, lambda r: r.pred_after, lambda r: r.predictions_df()):
@@ -184,8 +203,12 @@ def test_perturb_anndata_slots_and_subset(quick_bundle):
     for when, proba in (("before", direct.proba_before), ("after", direct.proba_after)):
         pred = out.obs[f"tspg_pred_{when}"].astype(str).to_numpy()
         cls = [quick_bundle.classes.index(c) for c in pred]
-        np.testing.assert_allclose(out.obs[f"tspg_prob_pred_{when}"], proba[np.arange(len(pred)), cls])
-        np.testing.assert_allclose(out.obs[f"tspg_prob_target_{when}"], proba[:, quick_bundle.classes.index("beta")])
+        np.testing.assert_allclose(
+            out.obs[f"tspg_prob_pred_{when}"], proba[np.arange(len(pred)), cls]
+        )
+        np.testing.assert_allclose(
+            out.obs[f"tspg_prob_target_{when}"], proba[:, quick_bundle.classes.index("beta")]
+        )
     assert (out.obs["tspg_prob_pred_after"] >= out.obs["tspg_prob_target_after"]).all()
     uns = out.uns["tspg"]
     assert uns["params"]["k"] == 3 and uns["params"]["target"] == "beta"
@@ -196,7 +219,9 @@ def test_perturb_anndata_slots_and_subset(quick_bundle):
     assert list(uns["consensus"]["gene"]) == expected["gene"].tolist()
     # in place on data holding exactly the bundle's genes
     perturb(adata, quick_bundle)
-    np.testing.assert_array_equal(adata.layers["tspg_perturbation"], out.layers["tspg_perturbation"])
+    np.testing.assert_array_equal(
+        adata.layers["tspg_perturbation"], out.layers["tspg_perturbation"]
+    )
     sub = res.subset(["s005", "s001"])
     assert sub.samples == ["s005", "s001"]
     np.testing.assert_array_equal(sub.P[1], res.P[1])

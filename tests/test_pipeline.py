@@ -7,11 +7,11 @@ import pytest
 from conftest import SMALL_NETS, TINY_CLASSES, make_tiny_adata
 
 from tspg.bundle import load_bundle, save_bundle
+from tspg.config import TrainConfig
 from tspg.data import Scaler
 from tspg.genesets import select_genes
 from tspg.perturb import class_probabilities, generate_perturbed, perturb_adata
 from tspg.pipeline import heldout_metrics, prepare, train
-from tspg.train import TrainConfig
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bundle", "quick_bundle"])
@@ -46,17 +46,24 @@ def test_prepare_with_a_gene_set(tmp_path):
     adata = make_tiny_adata()
     gmt = tmp_path / "s.gmt"
     gmt.write_text("BLOCKS\td\tG09\tG02\tG05\tNOPE\n")
-    prep = prepare(adata, label_key="cell_type", genes=select_genes(adata.var_names, gene_set=f"{gmt}:BLOCKS"))
+    prep = prepare(
+        adata, label_key="cell_type", genes=select_genes(adata.var_names, gene_set=f"{gmt}:BLOCKS")
+    )
     assert prep.genes == ["G02", "G05", "G09"] and prep.X.shape == (60, 3)
     assert prep.gene_set.missing == ["NOPE"]
 
 
 def test_prepare_errors():
     adata = make_tiny_adata()
-    with pytest.raises(ValueError, match=r"tiny: no label column 'tissue' in obs \(columns: cell_type\)"):
+    with pytest.raises(
+        ValueError, match=r"tiny: no label column 'tissue' in obs \(columns: cell_type\)"
+    ):
         prepare(adata, label_key="tissue", dataset="tiny")
     prep = prepare(adata, label_key="cell_type", dataset="tiny")
-    with pytest.raises(ValueError, match="target class 'delta' is not among the 3 classes of 'cell_type': alpha, beta, gamma"):
+    with pytest.raises(
+        ValueError,
+        match="target class 'delta' is not among the 3 classes of 'cell_type': alpha, beta, gamma",
+    ):
         prep.class_index("delta")
 
 
@@ -69,7 +76,10 @@ def test_prepare_reusing_a_bundle_takes_its_split_scaler_and_genes(quick_bundle)
     assert [prep.samples[i] for i in prep.train_idx] == quick_bundle.split["train"]
     np.testing.assert_array_equal(prep.scaler.range, quick_bundle.scaler.range)
     missing = adata[adata.obs_names != quick_bundle.split["test"][0]].copy()
-    with pytest.raises(ValueError, match=f"sample '{quick_bundle.split['test'][0]}' of 'tiny-beta''s split is not in this data"):
+    with pytest.raises(
+        ValueError,
+        match=f"sample '{quick_bundle.split['test'][0]}' of 'tiny-beta''s split is not in this data",
+    ):
         prepare(missing, label_key="cell_type", reuse=quick_bundle)
 
 
@@ -78,12 +88,22 @@ def test_heldout_metrics_recomputed_by_hand(quick_bundle):
     prep = prepare(adata, label_key="cell_type", reuse=quick_bundle)
     t = quick_bundle.target_index
     m = heldout_metrics(prep, quick_bundle.target_model, quick_bundle.generator, t)
-    assert m["perturbation_accuracy_non_target"] == quick_bundle.metrics["perturbation_accuracy_non_target"]
+    assert (
+        m["perturbation_accuracy_non_target"]
+        == quick_bundle.metrics["perturbation_accuracy_non_target"]
+    )
     Xte, yte = prep.X[prep.test_idx], prep.y[prep.test_idx]
-    pred = class_probabilities(quick_bundle.target_model, np.clip(Xte + generate_perturbed(quick_bundle.generator, Xte)[0], 0, 1)).argmax(1)
+    pred = class_probabilities(
+        quick_bundle.target_model,
+        np.clip(Xte + generate_perturbed(quick_bundle.generator, Xte)[0], 0, 1),
+    ).argmax(1)
     assert m["perturbation_accuracy"] == pytest.approx((pred == t).mean())
-    assert m["perturbation_accuracy_by_source"]["alpha"] == pytest.approx((pred[yte == 0] == t).mean())
-    assert m["target_model_accuracy"] == pytest.approx((class_probabilities(quick_bundle.target_model, Xte).argmax(1) == yte).mean())
+    assert m["perturbation_accuracy_by_source"]["alpha"] == pytest.approx(
+        (pred[yte == 0] == t).mean()
+    )
+    assert m["target_model_accuracy"] == pytest.approx(
+        (class_probabilities(quick_bundle.target_model, Xte).argmax(1) == yte).mean()
+    )
 
 
 def test_train_unknown_target_is_a_clear_error():
@@ -104,26 +124,64 @@ def test_reusing_a_target_model_records_its_settings_and_loads(tmp_path):
     """The new bundle records the target model's own sizes and split settings, so it loads and
     reproduces its metrics; the new config's conflicting values (never used) are not stored."""
     adata = make_tiny_adata()
-    first_cfg = TrainConfig(epochs=2, target_epochs=20, target_lr=3e-3, batch_size=32, split_seed=4, test_size=0.25, **SMALL_NETS)
-    first = train(adata, label_key="cell_type", target="alpha", config=first_cfg, device="cpu", dataset="tiny")
+    first_cfg = TrainConfig(
+        epochs=2,
+        target_epochs=20,
+        target_lr=3e-3,
+        batch_size=32,
+        split_seed=4,
+        test_size=0.25,
+        **SMALL_NETS,
+    )
+    first = train(
+        adata, label_key="cell_type", target="alpha", config=first_cfg, device="cpu", dataset="tiny"
+    )
     save_bundle(first, tmp_path)
-    other = dict(SMALL_NETS, target_hidden=(24,), gen_encoder=(16,))  # other target model and generator sizes
-    new_cfg = TrainConfig(epochs=2, target_epochs=3, target_lr=1e-2, batch_size=32, split_seed=9, test_size=0.5, seed=7, **other)
-    second = train(adata, label_key="cell_type", target="gamma", config=new_cfg, device="cpu", dataset="tiny", target_model=load_bundle(tmp_path / "tiny-alpha"), name="second")
+    other = dict(
+        SMALL_NETS, target_hidden=(24,), gen_encoder=(16,)
+    )  # other target model and generator sizes
+    new_cfg = TrainConfig(
+        epochs=2,
+        target_epochs=3,
+        target_lr=1e-2,
+        batch_size=32,
+        split_seed=9,
+        test_size=0.5,
+        seed=7,
+        **other,
+    )
+    second = train(
+        adata,
+        label_key="cell_type",
+        target="gamma",
+        config=new_cfg,
+        device="cpu",
+        dataset="tiny",
+        target_model=load_bundle(tmp_path / "tiny-alpha"),
+        name="second",
+    )
     save_bundle(second, tmp_path)
 
     loaded = load_bundle(tmp_path / "second")
     cfg = loaded.config
     assert (cfg.target_hidden, cfg.target_epochs, cfg.target_lr) == ((32, 16), 20, 3e-3)
     assert (cfg.split_seed, cfg.test_size) == (4, 0.25)
-    assert (cfg.seed, cfg.gen_encoder, cfg.target_batch_size) == (7, (16,), first_cfg.target_batch_size)  # the generator's own
+    assert (cfg.seed, cfg.gen_encoder, cfg.target_batch_size) == (
+        7,
+        (16,),
+        first_cfg.target_batch_size,
+    )  # the generator's own
     assert loaded.split == first.split and len(first.split["test"]) == 15
     assert loaded.manifest["target_model_from"] == "tiny-alpha"
     held = perturb_adata(loaded, adata[loaded.split["test"]], label_key="cell_type")
     hit = held.pred_after == "gamma"
     assert loaded.metrics["perturbation_accuracy"] == pytest.approx(hit.mean())
-    assert loaded.metrics["perturbation_accuracy_non_target"] == pytest.approx(hit[held.labels != "gamma"].mean())
-    assert loaded.metrics["target_model_accuracy"] == pytest.approx((held.pred_before == held.labels).mean())
+    assert loaded.metrics["perturbation_accuracy_non_target"] == pytest.approx(
+        hit[held.labels != "gamma"].mean()
+    )
+    assert loaded.metrics["target_model_accuracy"] == pytest.approx(
+        (held.pred_before == held.labels).mean()
+    )
 
 
 def test_reusing_a_target_model_refuses_another_gene_set(quick_bundle, tmp_path):
@@ -131,7 +189,20 @@ def test_reusing_a_target_model_refuses_another_gene_set(quick_bundle, tmp_path)
     gmt = tmp_path / "s.gmt"
     gmt.write_text("BLOCKS\td\tG09\tG02\n")
     cfg = TrainConfig(epochs=1, **SMALL_NETS)
-    with pytest.raises(ValueError, match=r"the target model of 'tiny-beta' was trained on its own 30 genes \(gene set 'all'\); another gene set cannot be chosen"):
-        train(adata, label_key="cell_type", target="gamma", config=cfg, device="cpu", target_model=quick_bundle, genes=select_genes(adata.var_names, gene_set=f"{gmt}:BLOCKS"))
-    prep = prepare(adata, label_key="cell_type", genes=select_genes(adata.var_names), reuse=quick_bundle)  # the same genes: fine
+    with pytest.raises(
+        ValueError,
+        match=r"the target model of 'tiny-beta' was trained on its own 30 genes \(gene set 'all'\); another gene set cannot be chosen",
+    ):
+        train(
+            adata,
+            label_key="cell_type",
+            target="gamma",
+            config=cfg,
+            device="cpu",
+            target_model=quick_bundle,
+            genes=select_genes(adata.var_names, gene_set=f"{gmt}:BLOCKS"),
+        )
+    prep = prepare(
+        adata, label_key="cell_type", genes=select_genes(adata.var_names), reuse=quick_bundle
+    )  # the same genes: fine
     assert prep.genes == quick_bundle.genes

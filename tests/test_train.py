@@ -1,4 +1,4 @@
-"""Networks, losses, target draws and the training loop (tspg/nets.py, tspg/train.py)."""
+"""Networks, losses, target draws and the training loop (tspg/nets.py, tspg/training.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from tspg.nets import Discriminator, Generator, ResidualBlock, TargetClassifier, evaluating
 from tspg.pipeline import train, train_all_targets
-from tspg.train import (
+from tspg.training import (
     TargetSampler,
     TrainConfig,
     cw_loss,
@@ -87,7 +87,14 @@ def test_target_classifier_layers_and_output():
 
 
 def test_networks_follow_the_config_sizes():
-    assert linear_widths(Generator(10, encoder=(16, 8), n_residual=1, decoder=(16,))) == [16, 8, 8, 8, 16, 10]
+    assert linear_widths(Generator(10, encoder=(16, 8), n_residual=1, decoder=(16,))) == [
+        16,
+        8,
+        8,
+        8,
+        16,
+        10,
+    ]
     assert linear_widths(Discriminator(10, hidden=(6,))) == [6, 1]
     assert linear_widths(TargetClassifier(10, 3, hidden=(5,))) == [5, 3]
 
@@ -156,7 +163,9 @@ def test_energy_distance_hand_computed():
     assert energy_distance(a, a).item() == pytest.approx(0.0, abs=1e-6)
     # repulsion weights the E d(A,A') term only
     e_aa = 2 * (2 + math.sqrt(2)) / 9
-    assert energy_distance(a, b, repulsion=0.5).item() == pytest.approx(expected + 0.5 * e_aa, abs=1e-3)
+    assert energy_distance(a, b, repulsion=0.5).item() == pytest.approx(
+        expected + 0.5 * e_aa, abs=1e-3
+    )
 
 
 def test_energy_distance_gradient_finite_at_identical_points():
@@ -174,8 +183,12 @@ def test_generator_loss_is_the_weighted_sum_of_its_terms():
     P = torch.rand(5, 6) - 0.5
     x_adv = (x + P).clamp(0, 1)
     X_t = torch.rand(4, 6)
-    cfg = TrainConfig(w_gan=2.0, w_adv=3.0, w_norm=0.5, w_td=0.0, w_ed=7.0, kappa=1.0, ed_repulsion=0.8)
-    loss = generator_loss(x_adv, P, f, D, 1, cfg, sampler=None, X_t=X_t, generator=torch.Generator())
+    cfg = TrainConfig(
+        w_gan=2.0, w_adv=3.0, w_norm=0.5, w_td=0.0, w_ed=7.0, kappa=1.0, ed_repulsion=0.8
+    )
+    loss = generator_loss(
+        x_adv, P, f, D, 1, cfg, sampler=None, X_t=X_t, generator=torch.Generator()
+    )
     gan = lsgan_generator_loss(D(x_adv))
     adv = cw_loss(f(x_adv), 1, kappa=1.0)  # logits, averaged
     norm = norm_loss(P)
@@ -183,11 +196,17 @@ def test_generator_loss_is_the_weighted_sum_of_its_terms():
     for got, want in ((loss.gan, gan), (loss.adv, adv), (loss.norm, norm), (loss.ed, ed)):
         assert got.item() == pytest.approx(want.item(), rel=1e-6)
     assert loss.td.item() == 0.0  # weight 0: skipped
-    assert loss.total.item() == pytest.approx((2 * gan + 3 * adv + 0.5 * norm + 7 * ed).item(), rel=1e-6)
+    assert loss.total.item() == pytest.approx(
+        (2 * gan + 3 * adv + 0.5 * norm + 7 * ed).item(), rel=1e-6
+    )
     # the paper's form: C-W on softmax probabilities, summed; ||P_batch||_2 + 1
     paper = TrainConfig.for_recipe("paper", w_td=0.0)
-    loss = generator_loss(x_adv, P, f, D, 1, paper, sampler=None, X_t=X_t, generator=torch.Generator())
-    assert loss.adv.item() == pytest.approx(cw_loss(torch.softmax(f(x_adv), 1), 1, reduce="sum").item(), rel=1e-6)
+    loss = generator_loss(
+        x_adv, P, f, D, 1, paper, sampler=None, X_t=X_t, generator=torch.Generator()
+    )
+    assert loss.adv.item() == pytest.approx(
+        cw_loss(torch.softmax(f(x_adv), 1), 1, reduce="sum").item(), rel=1e-6
+    )
     assert loss.norm.item() == pytest.approx(torch.linalg.vector_norm(P).item() + 1.0, rel=1e-6)
     assert loss.ed.item() == 0.0
 
@@ -219,7 +238,9 @@ def test_each_step_updates_D_on_one_batch_then_G_against_D_in_inference_mode():
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
     try:
-        fit_generator(X, y, 1, f, TrainConfig.for_recipe("paper", epochs=1, batch_size=8, **SMALL_NETS))
+        fit_generator(
+            X, y, 1, f, TrainConfig.for_recipe("paper", epochs=1, batch_size=8, **SMALL_NETS)
+        )
     finally:
         handle.remove()
     # 24 samples, batches of 8 (the paper's G learns on every sample): 3 steps of (D, G)
@@ -231,23 +252,33 @@ def test_a_diverging_run_stops_with_a_clear_error():
     X = rng.random((24, 6), dtype=np.float32)
     y = np.repeat([0, 1, 2], 8)
     f = TargetClassifier(6, 3, hidden=(8,)).eval()
-    cfg = TrainConfig(epochs=3, batch_size=8, g_lr=1e30, d_lr=1e30, **SMALL_NETS)  # steps of 1e30 overflow float32
-    with pytest.raises(ValueError, match=r"training the generator diverged in epoch \d: loss \w+ is (nan|inf)"):
+    cfg = TrainConfig(
+        epochs=3, batch_size=8, g_lr=1e30, d_lr=1e30, **SMALL_NETS
+    )  # steps of 1e30 overflow float32
+    with pytest.raises(
+        ValueError, match=r"training the generator diverged in epoch \d: loss \w+ is (nan|inf)"
+    ):
         fit_generator(X, y, 1, f, cfg)
 
 
 # ----------------------------------------------------------------------------- target draws
 
 
-def target_class(n_t: int = 8, n_genes: int = 5, spread: float = 0.05, seed: int = 0) -> torch.Tensor:
+def target_class(
+    n_t: int = 8, n_genes: int = 5, spread: float = 0.05, seed: int = 0
+) -> torch.Tensor:
     """Correlated values around 0.5, narrow enough that clipping to [0, 1] hardly matters."""
     rng = np.random.default_rng(seed)
-    base = rng.normal(0, 1, (n_t, 2)) @ rng.normal(0, 1, (2, n_genes)) + rng.normal(0, 0.3, (n_t, n_genes))
+    base = rng.normal(0, 1, (n_t, 2)) @ rng.normal(0, 1, (2, n_genes)) + rng.normal(
+        0, 0.3, (n_t, n_genes)
+    )
     return torch.tensor(0.5 + spread * base, dtype=torch.float32)
 
 
 def draw(X_t: torch.Tensor, covariance: str, m: int = 40_000, seed: int = 0, **kw) -> np.ndarray:
-    sampler = TargetSampler(X_t, covariance=covariance, generator=torch.Generator().manual_seed(seed), **kw)
+    sampler = TargetSampler(
+        X_t, covariance=covariance, generator=torch.Generator().manual_seed(seed), **kw
+    )
     assert sampler.kind == covariance
     return sampler.sample(m).numpy().astype(np.float64)
 
@@ -300,8 +331,10 @@ def test_draws_are_seeded_and_auto_picks_full_for_small_classes():
 
 def test_auto_covariance_turns_lowrank_for_large_classes(monkeypatch):
     X_t = target_class(n_t=12, n_genes=20)
-    # the module, not the function tspg.train that the package exports under the same name
-    monkeypatch.setattr(sys.modules["tspg.train"], "FULL_COVARIANCE_BYTES", 12 * 20 * 4 - 1)  # one byte short of A
+    # the training module (the package exports the function tspg.train)
+    monkeypatch.setattr(
+        sys.modules["tspg.training"], "FULL_COVARIANCE_BYTES", 12 * 20 * 4 - 1
+    )  # one byte short of A
     sampler = TargetSampler(X_t, covariance="auto", generator=torch.Generator())
     assert sampler.kind == "lowrank" and "memory-safe" in sampler.describe()
     with pytest.raises(ValueError, match="unknown covariance 'fancy'"):
@@ -326,22 +359,40 @@ def test_config_refuses_values_out_of_range():
     ):
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
-    assert TrainConfig(w_norm=0.0, gen_residual=0, kappa=0.0).gen_residual == 0  # zeros where they mean "off"
+    assert (
+        TrainConfig(w_norm=0.0, gen_residual=0, kappa=0.0).gen_residual == 0
+    )  # zeros where they mean "off"
 
 
 def test_recipes():
     paper = TrainConfig.for_recipe("paper")
-    assert (paper.adv_space, paper.adv_reduce, paper.norm_form, paper.covariance) == ("probs", "sum", "batch", "auto")
+    assert (paper.adv_space, paper.adv_reduce, paper.norm_form, paper.covariance) == (
+        "probs",
+        "sum",
+        "batch",
+        "auto",
+    )
     assert paper.w_norm == 1.0 and paper.w_td == 1.0
     assert (paper.g_lr, paper.d_lr, paper.batch_size, paper.epochs) == (2e-4, 1e-4, 128, 150)
-    assert (paper.target_epochs, paper.target_batch_size) == (50, 32)  # the reference's train-target defaults
-    assert TrainConfig.for_recipe("paper", epochs=3, kappa=None).epochs == 3  # None keeps the recipe's value
+    assert (paper.target_epochs, paper.target_batch_size) == (
+        50,
+        32,
+    )  # the reference's train-target defaults
+    assert (
+        TrainConfig.for_recipe("paper", epochs=3, kappa=None).epochs == 3
+    )  # None keeps the recipe's value
     with pytest.raises(ValueError, match="unknown recipe 'fancy'"):
         TrainConfig.for_recipe("fancy")
     cfg = TrainConfig(gen_encoder=(64, 32), seed=5)
-    assert TrainConfig.from_dict(cfg.to_dict() | {"gen_encoder": [64, 32], "unknown_field": 1}) == cfg
-    older = {k: v for k, v in TrainConfig(batch_size=64).to_dict().items() if k != "target_batch_size"}
-    assert TrainConfig.from_dict(older).target_batch_size == 64  # older bundles trained f in batches of batch_size
+    assert (
+        TrainConfig.from_dict(cfg.to_dict() | {"gen_encoder": [64, 32], "unknown_field": 1}) == cfg
+    )
+    older = {
+        k: v for k, v in TrainConfig(batch_size=64).to_dict().items() if k != "target_batch_size"
+    }
+    assert (
+        TrainConfig.from_dict(older).target_batch_size == 64
+    )  # older bundles trained f in batches of batch_size
 
 
 def test_resolve_device():
@@ -357,7 +408,14 @@ def test_resolve_device():
 def tiny_train(**config):
     """Train on the tiny GEM (target 'beta') on the CPU."""
     cfg = TrainConfig.for_recipe(config.pop("recipe", "tspg+"), **config)
-    return train(make_tiny_adata(), label_key="cell_type", target="beta", config=cfg, device="cpu", dataset="tiny")
+    return train(
+        make_tiny_adata(),
+        label_key="cell_type",
+        target="beta",
+        config=cfg,
+        device="cpu",
+        dataset="tiny",
+    )
 
 
 def comparable(metrics: dict) -> dict:
@@ -386,7 +444,9 @@ def test_same_seed_same_run_other_seed_differs():
     for key, v in a.target_model.state_dict().items():
         assert torch.equal(v, b.target_model.state_dict()[key]), key
     assert a.manifest["history"] != c.manifest["history"]
-    assert not torch.equal(a.generator.state_dict()["net.0.weight"], c.generator.state_dict()["net.0.weight"])
+    assert not torch.equal(
+        a.generator.state_dict()["net.0.weight"], c.generator.state_dict()["net.0.weight"]
+    )
     # the split has its own seed, so that seeds can be compared on one split
     assert a.split == c.split
     d = tiny_train(epochs=1, target_epochs=1, batch_size=16, split_seed=1, **SMALL_NETS)
@@ -415,12 +475,16 @@ def test_paper_recipe_runs():
     assert all(np.isfinite(v).all() for v in h.values())
     assert min(h["norm"]) > 1.0  # batch form: ||P||_2 + 1
     assert min(h["td"]) > 0.0 and max(h["ed"]) == 0.0
-    assert b.config == TrainConfig.for_recipe("paper", epochs=3, target_epochs=3, batch_size=16, **SMALL_NETS)
+    assert b.config == TrainConfig.for_recipe(
+        "paper", epochs=3, target_epochs=3, batch_size=16, **SMALL_NETS
+    )
 
 
 def test_train_all_targets_shares_one_target_model():
     cfg = TrainConfig.for_recipe("tspg+", epochs=2, target_epochs=2, batch_size=16, **SMALL_NETS)
-    bundles = train_all_targets(make_tiny_adata(), label_key="cell_type", config=cfg, device="cpu", dataset="tiny")
+    bundles = train_all_targets(
+        make_tiny_adata(), label_key="cell_type", config=cfg, device="cpu", dataset="tiny"
+    )
     assert [b.target for b in bundles] == TINY_CLASSES
     assert [b.name for b in bundles] == [f"tiny-{c}" for c in TINY_CLASSES]
     first = bundles[0].target_model.state_dict()
@@ -433,7 +497,13 @@ def test_train_all_targets_shares_one_target_model():
     assert not torch.equal(g0, g1)  # one generator per target
     # reusing a bundle's target model: same split, same weights, no new target training
     again = train_all_targets(
-        make_tiny_adata(), label_key="cell_type", targets=["gamma"], config=cfg, device="cpu", dataset="tiny", target_model=bundles[0]
+        make_tiny_adata(),
+        label_key="cell_type",
+        targets=["gamma"],
+        config=cfg,
+        device="cpu",
+        dataset="tiny",
+        target_model=bundles[0],
     )[0]
     assert again.split == bundles[0].split and again.manifest["target_model_from"] == "tiny-alpha"
     assert again.metrics["train_seconds_target_model"] == 0.0
@@ -446,5 +516,7 @@ def test_fit_generator_needs_two_target_samples():
     y = np.array([0] * 9 + [1])
     f = TargetClassifier(5, 2, hidden=(4,))
     cfg = TrainConfig(epochs=1, **SMALL_NETS)
-    with pytest.raises(ValueError, match="the target class has 1 training samples; at least 2 are needed"):
+    with pytest.raises(
+        ValueError, match="the target class has 1 training samples; at least 2 are needed"
+    ):
         fit_generator(X, y, 1, f, cfg)

@@ -5,12 +5,19 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .bundle import Bundle, list_bundles, load_bundle, save_bundle  # noqa: E402
+from .config import TrainConfig  # noqa: E402
 from .data import read_gem  # noqa: E402
 from .perturb import perturb  # noqa: E402
 from .pipeline import train, train_all_targets  # noqa: E402
-from .train import TrainConfig  # noqa: E402
 
 __all__ = [
-    "Bundle", "TrainConfig", "list_bundles", "load_bundle", "perturb", "read_gem",
-    "save_bundle", "train", "train_all_targets",
+    "Bundle",
+    "TrainConfig",
+    "list_bundles",
+    "load_bundle",
+    "perturb",
+    "read_gem",
+    "save_bundle",
+    "train",
+    "train_all_targets",
 ]

@@ -32,7 +32,9 @@ from .perturb import consensus_top
 logger = logging.getLogger(__name__)
 
 
-def class_perturbations(X: np.ndarray, labels: Sequence[str], target: str, *, genes: Sequence[str] | None = None) -> pd.DataFrame:
+def class_perturbations(
+    X: np.ndarray, labels: Sequence[str], target: str, *, genes: Sequence[str] | None = None
+) -> pd.DataFrame:
     """mu_target - mu_class for every class of ``labels`` (the target's own row is zero).
 
     Returns
@@ -45,7 +47,9 @@ def class_perturbations(X: np.ndarray, labels: Sequence[str], target: str, *, ge
         raise ValueError(f"{len(labels)} labels for {len(X)} samples")
     classes = sorted(set(labels.tolist()))
     if target not in classes:
-        raise ValueError(f"target class {target!r} has no samples here; classes are {', '.join(classes)}")
+        raise ValueError(
+            f"target class {target!r} has no samples here; classes are {', '.join(classes)}"
+        )
     means = np.stack([X[labels == c].mean(0) for c in classes])
     shifts = means[classes.index(target)] - means
     columns = list(genes) if genes is not None else None
@@ -63,11 +67,18 @@ def sample_shifts(labels: Sequence[str], shifts: pd.DataFrame) -> np.ndarray:
 
 def mean_shift_perturb(X: np.ndarray, labels: Sequence[str], shifts: pd.DataFrame) -> np.ndarray:
     """x_ms = clip(x + mu_target - mu_source(x), 0, 1), float32, for scaled ``X``."""
-    return np.clip(np.asarray(X, np.float64) + sample_shifts(labels, shifts), 0.0, 1.0).astype(np.float32)
+    return np.clip(np.asarray(X, np.float64) + sample_shifts(labels, shifts), 0.0, 1.0).astype(
+        np.float32
+    )
 
 
 def differential_expression(
-    X: np.ndarray, labels: Sequence[str], genes: Sequence[str], target: str, *, method: str = "wilcoxon"
+    X: np.ndarray,
+    labels: Sequence[str],
+    genes: Sequence[str],
+    target: str,
+    *,
+    method: str = "wilcoxon",
 ) -> pd.DataFrame:
     """Target class vs the rest, per gene, with ``scanpy.tl.rank_genes_groups``.
 
@@ -85,18 +96,40 @@ def differential_expression(
 
     labels = np.asarray(labels, dtype=object).astype(str)
     if (labels == target).sum() < 2 or (labels != target).sum() < 2:
-        raise ValueError(f"differential expression needs at least 2 samples of {target!r} and 2 others")
+        raise ValueError(
+            f"differential expression needs at least 2 samples of {target!r} and 2 others"
+        )
     adata = ad.AnnData(
         X=np.asarray(X, dtype=np.float32),
-        obs=pd.DataFrame({"group": pd.Categorical(np.where(labels == target, "target", "rest"))}, index=[str(i) for i in range(len(labels))]),
+        obs=pd.DataFrame(
+            {"group": pd.Categorical(np.where(labels == target, "target", "rest"))},
+            index=[str(i) for i in range(len(labels))],
+        ),
         var=pd.DataFrame(index=[str(g) for g in genes]),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scanpy's hints about log-transformed input
-        sc.tl.rank_genes_groups(adata, "group", groups=["target"], reference="rest", method=method, n_genes=adata.n_vars, use_raw=False)
+        sc.tl.rank_genes_groups(
+            adata,
+            "group",
+            groups=["target"],
+            reference="rest",
+            method=method,
+            n_genes=adata.n_vars,
+            use_raw=False,
+        )
         df = sc.get.rank_genes_groups_df(adata, group="target")
-    df = df.rename(columns={"names": "gene", "scores": "score", "logfoldchanges": "logfoldchange", "pvals_adj": "pval_adj"})
-    df = df[["gene", "score", "logfoldchange", "pval_adj"]].astype({"gene": str, "score": float, "logfoldchange": float, "pval_adj": float})
+    df = df.rename(
+        columns={
+            "names": "gene",
+            "scores": "score",
+            "logfoldchanges": "logfoldchange",
+            "pvals_adj": "pval_adj",
+        }
+    )
+    df = df[["gene", "score", "logfoldchange", "pval_adj"]].astype(
+        {"gene": str, "score": float, "logfoldchange": float, "pval_adj": float}
+    )
     df["direction"] = np.where(df["score"] > 0, "up", "down")
     return df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
@@ -138,12 +171,31 @@ def gene_overlap(
                 in_b = set(b)
                 shared = [g for g in a if g in in_b]
                 union = len(set(a) | set(b))
-                rows.append({
-                    "baseline": name, "direction": d, "k": int(k), "n_reference": len(a), "n_baseline": len(b),
-                    "overlap": len(shared), "jaccard": len(shared) / union if union else float("nan"),
-                    "genes": ",".join(shared),
-                })
-    return pd.DataFrame(rows, columns=["baseline", "direction", "k", "n_reference", "n_baseline", "overlap", "jaccard", "genes"])
+                rows.append(
+                    {
+                        "baseline": name,
+                        "direction": d,
+                        "k": int(k),
+                        "n_reference": len(a),
+                        "n_baseline": len(b),
+                        "overlap": len(shared),
+                        "jaccard": len(shared) / union if union else float("nan"),
+                        "genes": ",".join(shared),
+                    }
+                )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "baseline",
+            "direction",
+            "k",
+            "n_reference",
+            "n_baseline",
+            "overlap",
+            "jaccard",
+            "genes",
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------- for a bundle
@@ -199,7 +251,9 @@ def selection_overlap(
     """
     P = np.asarray(P)
     if P.ndim != 2 or P.shape[1] != len(genes) or np.shape(X) != P.shape:
-        raise ValueError(f"P has shape {P.shape} and X {np.shape(X)}; both must be samples x {len(genes)} genes")
+        raise ValueError(
+            f"P has shape {P.shape} and X {np.shape(X)}; both must be samples x {len(genes)} genes"
+        )
     if list(map(str, baselines.shifts.columns)) != [str(g) for g in genes]:
         raise ValueError("the baselines' genes are not the genes of P")
     lists = {"differential_expression": de_ranked(baselines.de)}
@@ -218,25 +272,44 @@ def selection_overlap(
             lists["mean_shift"] = consensus_top(P_ms, genes, k=k)
         frames.append(gene_overlap(consensus_top(P, genes, k=k), lists, ks=[k]))
     out = pd.concat(frames, ignore_index=True)
-    return out.sort_values(["baseline", "direction", "k"], ascending=[True, False, True], ignore_index=True)
+    return out.sort_values(
+        ["baseline", "direction", "k"], ascending=[True, False, True], ignore_index=True
+    )
 
 
-def split_arrays(bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, label_key: str | None = None, part: str = "train") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def split_arrays(
+    bundle: Bundle,
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    label_key: str | None = None,
+    part: str = "train",
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Scaled expression, labels and sample ids of the bundle's ``train`` or ``test`` split."""
     label_key = label_key or bundle.label_key
     if label_key not in adata.obs:
-        raise ValueError(f"data: no label column {label_key!r} in obs (the bundle's labels); columns are {list(adata.obs.columns)}")
+        raise ValueError(
+            f"data: no label column {label_key!r} in obs (the bundle's labels); columns are {list(adata.obs.columns)}"
+        )
     ids = list(bundle.split[part])
     pos = adata.obs_names.get_indexer(ids)
     if (pos < 0).any():
         missing = [s for s, p in zip(ids, pos, strict=True) if p < 0]
-        raise ValueError(f"data: {len(missing)} sample(s) of the bundle's {part} split are missing (e.g. {missing[0]!r}); is this the data the bundle was trained on?")
+        raise ValueError(
+            f"data: {len(missing)} sample(s) of the bundle's {part} split are missing (e.g. {missing[0]!r}); is this the data the bundle was trained on?"
+        )
     sub = adata[pos]
     Xs = bundle.scaler.transform(align_genes(sub, bundle.genes, layer=layer), genes=bundle.genes)
     return Xs, sub.obs[label_key].astype(str).to_numpy(), ids
 
 
-def training_target_mean(bundle: Bundle, adata: ad.AnnData | None = None, *, layer: str | None = None, label_key: str | None = None) -> np.ndarray | None:
+def training_target_mean(
+    bundle: Bundle,
+    adata: ad.AnnData | None = None,
+    *,
+    layer: str | None = None,
+    label_key: str | None = None,
+) -> np.ndarray | None:
     """The target class's mean expression (scaled) over the bundle's training split.
 
     The value stored in the bundle (:attr:`tspg.bundle.Bundle.target_mean`) when it has one;
@@ -257,7 +330,9 @@ def training_target_mean(bundle: Bundle, adata: ad.AnnData | None = None, *, lay
     return Xs[y == bundle.target].mean(0, dtype=np.float64).astype(np.float32)
 
 
-def fit_baselines(bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, label_key: str | None = None) -> Baselines:
+def fit_baselines(
+    bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, label_key: str | None = None
+) -> Baselines:
     """Mean shifts and differential expression on the bundle's training split of ``adata``."""
     Xs, labels, _ = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="train")
     return Baselines(

@@ -25,9 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .config import TrainConfig
 from .data import Scaler
 from .nets import Discriminator, Generator, TargetClassifier
-from .train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ class Bundle:
             "classes": len(m["classes"]),
             "recipe": m["config"].get("recipe", ""),
             "target model accuracy": m.get("metrics", {}).get("target_model_accuracy"),
-            "perturbation accuracy (non-target)": m.get("metrics", {}).get("perturbation_accuracy_non_target"),
+            "perturbation accuracy (non-target)": m.get("metrics", {}).get(
+                "perturbation_accuracy_non_target"
+            ),
             "created": m["created"],
         }
 
@@ -142,14 +144,20 @@ def check_name(name: str) -> str:
     return name
 
 
-def save_bundle(bundle: Bundle, out_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
+def save_bundle(
+    bundle: Bundle, out_dir: str | Path | None = None, *, overwrite: bool = False
+) -> Path:
     """Write ``bundle`` to ``out_dir/<name>`` atomically (temporary folder, then rename)."""
     root = models_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / check_name(bundle.name)
     if final.exists() and not overwrite:
-        raise ValueError(f"{final}: a bundle of that name exists; pass --overwrite or choose --name")
-    text = manifest_json(bundle.manifest)  # before anything is written: a bad field leaves nothing behind
+        raise ValueError(
+            f"{final}: a bundle of that name exists; pass --overwrite or choose --name"
+        )
+    text = manifest_json(
+        bundle.manifest
+    )  # before anything is written: a bad field leaves nothing behind
     tmp = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.", dir=root))
     try:
         for key, fname in WEIGHT_FILES.items():
@@ -185,7 +193,9 @@ def manifest_json(manifest: dict) -> str:
         if found is None:
             raise
         field, value = found
-        raise ValueError(f"manifest field {field!r} is {value}: NaN and infinity cannot be stored in a bundle") from None
+        raise ValueError(
+            f"manifest field {field!r} is {value}: NaN and infinity cannot be stored in a bundle"
+        ) from None
 
 
 def _non_finite(obj, field: str) -> tuple[str, float] | None:
@@ -227,7 +237,19 @@ def read_manifest(path: str | Path) -> dict:
         raise ValueError(f"{mf}: unreadable ({type(err).__name__})") from err
     if not isinstance(manifest, dict):
         raise ValueError(f"{mf}: not a bundle manifest (expected a JSON object)")
-    required = ["format_version", "name", "dataset", "genes", "gene_set", "classes", "target", "label_key", "scaler", "config", "split"]
+    required = [
+        "format_version",
+        "name",
+        "dataset",
+        "genes",
+        "gene_set",
+        "classes",
+        "target",
+        "label_key",
+        "scaler",
+        "config",
+        "split",
+    ]
     missing = [k for k in required if k not in manifest]
     if missing:
         raise ValueError(f"{mf}: missing field(s) {', '.join(missing)}")
@@ -242,7 +264,9 @@ def _check_manifest(manifest: dict, mf: Path) -> None:
     if not isinstance(manifest["format_version"], int):
         raise ValueError(f"{mf}: format_version must be a whole number")
     if manifest["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{mf}: format version {manifest['format_version']} is newer than this tspg reads ({FORMAT_VERSION})")
+        raise ValueError(
+            f"{mf}: format version {manifest['format_version']} is newer than this tspg reads ({FORMAT_VERSION})"
+        )
     if manifest["target"] not in manifest["classes"]:
         raise ValueError(f"{mf}: target {manifest['target']!r} is not one of the classes")
     n = len(manifest["genes"])
@@ -265,12 +289,19 @@ def _networks(manifest: dict, path: Path, device: torch.device | str = "cpu") ->
         cfg = TrainConfig.from_dict(manifest["config"])
         with torch.device(device):
             return {
-                "generator": Generator(n_genes, encoder=cfg.gen_encoder, n_residual=cfg.gen_residual, decoder=cfg.gen_decoder),
+                "generator": Generator(
+                    n_genes,
+                    encoder=cfg.gen_encoder,
+                    n_residual=cfg.gen_residual,
+                    decoder=cfg.gen_decoder,
+                ),
                 "discriminator": Discriminator(n_genes, hidden=cfg.disc_hidden),
                 "target_model": TargetClassifier(n_genes, n_classes, hidden=cfg.target_hidden),
             }
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path / 'manifest.json'}: config does not describe valid networks ({err})") from err
+        raise ValueError(
+            f"{path / 'manifest.json'}: config does not describe valid networks ({err})"
+        ) from err
 
 
 def check_weights(path: str | Path, manifest: dict) -> None:
@@ -291,7 +322,9 @@ def check_weights(path: str | Path, manifest: dict) -> None:
             if k not in found:
                 raise ValueError(f"{file}: tensor {k!r} is missing")
             if found[k] != shape:
-                raise ValueError(f"{file}: tensor {k!r} has shape {found[k]}, the manifest implies {shape}")
+                raise ValueError(
+                    f"{file}: tensor {k!r} has shape {found[k]}, the manifest implies {shape}"
+                )
         extra = set(found) - set(expected)
         if extra:
             raise ValueError(f"{file}: unexpected tensor(s) {sorted(extra)[:3]}")
@@ -310,7 +343,9 @@ def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Bund
         except Exception as err:  # the header was fine, the data are not
             raise ValueError(f"{file}: unreadable weights ({err})") from err
         module.to(device).eval()
-    return Bundle(manifest, modules["generator"], modules["discriminator"], modules["target_model"], path)
+    return Bundle(
+        manifest, modules["generator"], modules["discriminator"], modules["target_model"], path
+    )
 
 
 @dataclass(frozen=True)

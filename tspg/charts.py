@@ -54,7 +54,9 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> pd.DataFrame:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"{what}: the frame lacks column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")
+        raise ValueError(
+            f"{what}: the frame lacks column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})"
+        )
     return frame
 
 
@@ -63,7 +65,9 @@ def _as_1d(values, n: int | None, name: str) -> np.ndarray:
     if a.ndim == 2 and a.shape[0] == 1:
         a = a[0]
     if a.ndim != 1:
-        raise ValueError(f"{name}: expected one value per gene (1-d), got shape {a.shape}; pass means for a selection")
+        raise ValueError(
+            f"{name}: expected one value per gene (1-d), got shape {a.shape}; pass means for a selection"
+        )
     if n is not None and len(a) != n:
         raise ValueError(f"{name}: {len(a)} values for {n} genes")
     return a
@@ -123,16 +127,22 @@ def heatmap_frame(genes, x, P, x_adv, target_mean, *, n_genes: int | None = None
             raise ValueError("n_genes must be at least 1")
         if 2 * n_genes < n:
             order = np.concatenate([order[:n_genes], order[-n_genes:]])
-    wide = pd.DataFrame({"gene": np.asarray(genes, dtype=object)[order], **{k: v[order] for k, v in cols.items()}})
+    wide = pd.DataFrame(
+        {"gene": np.asarray(genes, dtype=object)[order], **{k: v[order] for k, v in cols.items()}}
+    )
     wide["rank"] = np.arange(len(wide))
-    long = wide.melt(id_vars=["gene", "rank"], value_vars=HEATMAP_COLUMNS, var_name="column", value_name="value")
+    long = wide.melt(
+        id_vars=["gene", "rank"], value_vars=HEATMAP_COLUMNS, var_name="column", value_name="value"
+    )
     long["column"] = pd.Categorical(long["column"], categories=HEATMAP_COLUMNS)
     long = long.sort_values(["rank", "column"], kind="stable").reset_index(drop=True)
     long["column"] = long["column"].astype(str)
     return long[["gene", "column", "value", "rank"]]
 
 
-def heatmap_chart(frame: pd.DataFrame, *, title: str = "", row_height: int = ROW_HEIGHT, column_width: int = 70) -> alt.LayerChart:
+def heatmap_chart(
+    frame: pd.DataFrame, *, title: str = "", row_height: int = ROW_HEIGHT, column_width: int = 70
+) -> alt.LayerChart:
     """The paper's Fig. 2 (right): genes (rows, sorted by P) x columns x, P, x_adv, target mean.
 
     P has its own diverging scale (blue-white-red, domain symmetric ``[-m, m]``); the three
@@ -153,19 +163,39 @@ def heatmap_chart(frame: pd.DataFrame, *, title: str = "", row_height: int = ROW
         alt.Tooltip("column:N", title="column"),
         alt.Tooltip("value:Q", title="value", format=".3f"),
     ]
-    base = alt.Chart().mark_rect().encode(
-        x=alt.X("column:N", sort=HEATMAP_COLUMNS, scale=alt.Scale(domain=HEATMAP_COLUMNS), title=None, axis=alt.Axis(orient="top", labelAngle=0)),
-        y=alt.Y("gene:N", sort=gene_order, title=None, axis=_row_axis()),
-        tooltip=tooltip,
+    base = (
+        alt.Chart()
+        .mark_rect()
+        .encode(
+            x=alt.X(
+                "column:N",
+                sort=HEATMAP_COLUMNS,
+                scale=alt.Scale(domain=HEATMAP_COLUMNS),
+                title=None,
+                axis=alt.Axis(orient="top", labelAngle=0),
+            ),
+            y=alt.Y("gene:N", sort=gene_order, title=None, axis=_row_axis()),
+            tooltip=tooltip,
+        )
     )
     # one view, two layers: P with its own diverging scale, the expression columns with a
     # shared sequential one (independent colour scales -> two legends)
     p_layer = base.transform_filter(alt.datum.column == "P").encode(
         # labels at -m, 0, m (Vega's own ticks rounded 0.72 to 1)
-        color=alt.Color("value:Q", scale=p_scale, title="P", legend=alt.Legend(gradientLength=100, values=[-m, 0.0, m], format=".2f"))
+        color=alt.Color(
+            "value:Q",
+            scale=p_scale,
+            title="P",
+            legend=alt.Legend(gradientLength=100, values=[-m, 0.0, m], format=".2f"),
+        )
     )
     expr_layer = base.transform_filter(alt.datum.column != "P").encode(
-        color=alt.Color("value:Q", scale=expr_scale, title="expression (scaled)", legend=alt.Legend(gradientLength=100))
+        color=alt.Color(
+            "value:Q",
+            scale=expr_scale,
+            title="expression (scaled)",
+            legend=alt.Legend(gradientLength=100),
+        )
     )
     chart = (
         alt.layer(expr_layer, p_layer, data=_data(frame))
@@ -190,7 +220,9 @@ def _map_tooltip(frame: pd.DataFrame, extra: Sequence[alt.Tooltip] = ()) -> list
 
 def _map_layers(frame: pd.DataFrame, color, tooltip, *, params=(), opacity=None) -> alt.LayerChart:
     """Real samples as filled circles, perturbed samples as larger crosses with a black outline."""
-    shape = alt.Shape("kind:N", scale=alt.Scale(domain=KINDS, range=["circle", "cross"]), title="sample")
+    shape = alt.Shape(
+        "kind:N", scale=alt.Scale(domain=KINDS, range=["circle", "cross"]), title="sample"
+    )
     base_enc = dict(
         x=alt.X("x:Q", axis=None, title=None),
         y=alt.Y("y:Q", axis=None, title=None),
@@ -246,18 +278,25 @@ def map_chart(
     pick = alt.selection_point(fields=[color], bind="legend", name=LEGEND_SELECTION)
     domain = sorted(pd.unique(frame[color].dropna().astype(str)).tolist())
     col = alt.Color(
-        f"{color}:N", title="predicted class" if color == "predicted" else "class",
+        f"{color}:N",
+        title="predicted class" if color == "predicted" else "class",
         scale=alt.Scale(domain=domain, scheme="tableau10" if len(domain) <= 10 else "tableau20"),
-        legend=alt.Legend(labelLimit=GENE_LABEL_LIMIT + 60),  # whole class names ("CD8+/CD45RA+ Naive Cytotoxic")
+        legend=alt.Legend(
+            labelLimit=GENE_LABEL_LIMIT + 60
+        ),  # whole class names ("CD8+/CD45RA+ Naive Cytotoxic")
     )
     opacity = alt.condition(pick, alt.value(0.9), alt.value(0.08))
     chart = _map_layers(frame, col, _map_tooltip(frame), params=[pick], opacity=opacity)
     return chart.properties(width=width, height=height, **_title(title))
 
 
-def gene_map_chart(frame: pd.DataFrame, gene: str, *, width: int = 520, height: int = 440, title: str = "") -> alt.LayerChart:
+def gene_map_chart(
+    frame: pd.DataFrame, gene: str, *, width: int = 520, height: int = 440, title: str = ""
+) -> alt.LayerChart:
     """The t-SNE map coloured by one gene's expression (frame: map frame + ``value`` column)."""
-    frame = _require(pd.DataFrame(frame), ["x", "y", "sample", "class", "kind", "value"], "gene_map_chart")
+    frame = _require(
+        pd.DataFrame(frame), ["x", "y", "sample", "class", "kind", "value"], "gene_map_chart"
+    )
     col = alt.Color("value:Q", scale=alt.Scale(scheme=EXPRESSION_SCHEME), title=str(gene))
     tooltip = _map_tooltip(frame, [alt.Tooltip("value:Q", title=str(gene), format=".3f")])
     chart = _map_layers(frame, col, tooltip)
@@ -272,13 +311,23 @@ def loss_frame(history: Mapping[str, Sequence[float]]) -> pd.DataFrame:
     rows = []
     for name, values in history.items():
         v = np.asarray(list(values), dtype=np.float64).ravel()
-        rows.append(pd.DataFrame({"epoch": np.arange(1, len(v) + 1), "loss": str(name), "value": v}))
+        rows.append(
+            pd.DataFrame({"epoch": np.arange(1, len(v) + 1), "loss": str(name), "value": v})
+        )
     if not rows:
-        return pd.DataFrame({"epoch": pd.Series(dtype=int), "loss": pd.Series(dtype=str), "value": pd.Series(dtype=float)})
+        return pd.DataFrame(
+            {
+                "epoch": pd.Series(dtype=int),
+                "loss": pd.Series(dtype=str),
+                "value": pd.Series(dtype=float),
+            }
+        )
     return pd.concat(rows, ignore_index=True)
 
 
-def loss_chart(history: Mapping[str, Sequence[float]], *, width: int = 520, height: int = 280, title: str = "") -> alt.Chart:
+def loss_chart(
+    history: Mapping[str, Sequence[float]], *, width: int = 520, height: int = 280, title: str = ""
+) -> alt.Chart:
     """Loss per epoch, one line per loss term, on a log scale.
 
     A log scale cannot show zero or negative values (e.g. a Carlini-Wagner loss that has
@@ -290,7 +339,10 @@ def loss_chart(history: Mapping[str, Sequence[float]], *, width: int = 520, heig
     dropped = int((~keep).sum())
     frame = frame[keep].reset_index(drop=True)
     if dropped:
-        logger.info("loss_chart: %d zero, negative or non-finite value(s) not shown on the log scale", dropped)
+        logger.info(
+            "loss_chart: %d zero, negative or non-finite value(s) not shown on the log scale",
+            dropped,
+        )
     pick = alt.selection_point(fields=["loss"], bind="legend", name=LEGEND_SELECTION)
     chart = (
         alt.Chart(_data(frame))
@@ -300,31 +352,56 @@ def loss_chart(history: Mapping[str, Sequence[float]], *, width: int = 520, heig
             y=alt.Y("value:Q", scale=alt.Scale(type="log"), title="loss (log scale)"),
             color=alt.Color("loss:N", title="loss"),
             opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
-            tooltip=[alt.Tooltip("loss:N"), alt.Tooltip("epoch:Q"), alt.Tooltip("value:Q", format=".4g")],
+            tooltip=[
+                alt.Tooltip("loss:N"),
+                alt.Tooltip("epoch:Q"),
+                alt.Tooltip("value:Q", format=".4g"),
+            ],
         )
         .add_params(pick)
     )
     subtitle = f"{dropped} zero or negative value(s) not shown" if dropped else alt.Undefined
-    return chart.properties(width=width, height=height, title=alt.Title(title or "training loss", subtitle=subtitle))
+    return chart.properties(
+        width=width, height=height, title=alt.Title(title or "training loss", subtitle=subtitle)
+    )
 
 
 def accuracy_frame(per_source: Mapping[str, float]) -> pd.DataFrame:
     """``source`` (class), ``accuracy``: one row per source class, highest first."""
-    frame = pd.DataFrame({"source": [str(k) for k in per_source], "accuracy": [float(v) for v in per_source.values()]})
-    return frame.sort_values(["accuracy", "source"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    frame = pd.DataFrame(
+        {
+            "source": [str(k) for k in per_source],
+            "accuracy": [float(v) for v in per_source.values()],
+        }
+    )
+    return frame.sort_values(
+        ["accuracy", "source"], ascending=[False, True], kind="stable"
+    ).reset_index(drop=True)
 
 
-def accuracy_by_source_chart(per_source: Mapping[str, float], *, width: int = 420, title: str = "") -> alt.LayerChart:
+def accuracy_by_source_chart(
+    per_source: Mapping[str, float], *, width: int = 420, title: str = ""
+) -> alt.LayerChart:
     """Perturbation accuracy per source class: horizontal bars on [0, 1], labelled in %."""
     frame = accuracy_frame(per_source)
     base = alt.Chart(_data(frame)).encode(
         y=alt.Y("source:N", sort=frame["source"].tolist(), title="source class", axis=_row_axis()),
-        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="perturbation accuracy"),
-        tooltip=[alt.Tooltip("source:N", title="source class"), alt.Tooltip("accuracy:Q", format=".1%")],
+        x=alt.X(
+            "accuracy:Q",
+            scale=alt.Scale(domain=[0, 1]),
+            axis=alt.Axis(format="%"),
+            title="perturbation accuracy",
+        ),
+        tooltip=[
+            alt.Tooltip("source:N", title="source class"),
+            alt.Tooltip("accuracy:Q", format=".1%"),
+        ],
     )
     bars = base.mark_bar(color="#4c78a8")
     text = base.mark_text(align="left", dx=3).encode(text=alt.Text("accuracy:Q", format=".0%"))
-    return alt.layer(bars, text).properties(width=width, height=alt.Step(ROW_HEIGHT), **_title(title))
+    return alt.layer(bars, text).properties(
+        width=width, height=alt.Step(ROW_HEIGHT), **_title(title)
+    )
 
 
 # --------------------------------------------------------------------------- genes
@@ -344,32 +421,63 @@ def top_genes_chart(frame: pd.DataFrame, *, width: int = 420, title: str = "") -
         .encode(
             y=alt.Y("gene:N", sort=frame["gene"].tolist(), title=None),
             x=alt.X("P:Q", title="perturbation P"),
-            color=alt.Color("direction:N", scale=alt.Scale(domain=DIRECTIONS, range=[DIRECTION_COLORS[d] for d in DIRECTIONS]), title="direction"),
-            tooltip=[alt.Tooltip("gene:N"), alt.Tooltip("direction:N"), alt.Tooltip("P:Q", format=".3f")],
+            color=alt.Color(
+                "direction:N",
+                scale=alt.Scale(domain=DIRECTIONS, range=[DIRECTION_COLORS[d] for d in DIRECTIONS]),
+                title="direction",
+            ),
+            tooltip=[
+                alt.Tooltip("gene:N"),
+                alt.Tooltip("direction:N"),
+                alt.Tooltip("P:Q", format=".3f"),
+            ],
         )
         .properties(width=width, height=max(60, 14 * len(frame)), **_title(title))
     )
 
 
-def gene_frequency_chart(frame: pd.DataFrame, *, width: int = 420, row_height: int = ROW_HEIGHT, title: str = "") -> alt.FacetChart:
+def gene_frequency_chart(
+    frame: pd.DataFrame, *, width: int = 420, row_height: int = ROW_HEIGHT, title: str = ""
+) -> alt.FacetChart:
     """How often each gene is among a sample's top genes (frame: ``gene``, ``direction``, ``frequency``).
 
     One panel per direction (up, down), each with its own genes, ``row_height`` pixels per
     gene and every gene labelled; bars sorted by frequency.
     """
-    frame = _require(pd.DataFrame(frame), ["gene", "direction", "frequency"], "gene_frequency_chart").copy()
+    frame = _require(
+        pd.DataFrame(frame), ["gene", "direction", "frequency"], "gene_frequency_chart"
+    ).copy()
     frame["gene"] = frame["gene"].astype(str)
-    frame = frame.sort_values(["direction", "frequency", "gene"], ascending=[True, False, True], kind="stable").reset_index(drop=True)
+    frame = frame.sort_values(
+        ["direction", "frequency", "gene"], ascending=[True, False, True], kind="stable"
+    ).reset_index(drop=True)
     is_fraction = bool(len(frame)) and float(frame["frequency"].max()) <= 1.0
-    x = alt.X("frequency:Q", title="fraction of samples" if is_fraction else "samples", axis=alt.Axis(format="%") if is_fraction else alt.Undefined)
+    x = alt.X(
+        "frequency:Q",
+        title="fraction of samples" if is_fraction else "samples",
+        axis=alt.Axis(format="%") if is_fraction else alt.Undefined,
+    )
     return (
         alt.Chart(_data(frame))
         .mark_bar()
         .encode(
-            y=alt.Y("gene:N", sort=alt.EncodingSortField("frequency", order="descending"), title=None, axis=_row_axis()),
+            y=alt.Y(
+                "gene:N",
+                sort=alt.EncodingSortField("frequency", order="descending"),
+                title=None,
+                axis=_row_axis(),
+            ),
             x=x,
-            color=alt.Color("direction:N", scale=alt.Scale(domain=DIRECTIONS, range=[DIRECTION_COLORS[d] for d in DIRECTIONS]), legend=None),
-            tooltip=[alt.Tooltip("gene:N"), alt.Tooltip("direction:N"), alt.Tooltip("frequency:Q", format=".3g")],
+            color=alt.Color(
+                "direction:N",
+                scale=alt.Scale(domain=DIRECTIONS, range=[DIRECTION_COLORS[d] for d in DIRECTIONS]),
+                legend=None,
+            ),
+            tooltip=[
+                alt.Tooltip("gene:N"),
+                alt.Tooltip("direction:N"),
+                alt.Tooltip("frequency:Q", format=".3g"),
+            ],
         )
         .properties(width=width, height=alt.Step(row_height))
         .facet(row=alt.Row("direction:N", sort=DIRECTIONS, title=None, header=_direction_header()))
@@ -380,10 +488,19 @@ def gene_frequency_chart(frame: pd.DataFrame, *, width: int = 420, row_height: i
 
 def _direction_header() -> alt.Header:
     """Facet headers "up genes" / "down genes", above each panel."""
-    return alt.Header(labelExpr="datum.value + ' genes'", labelAngle=0, labelOrient="top", labelAnchor="start", labelFontWeight="bold", labelFontSize=12)
+    return alt.Header(
+        labelExpr="datum.value + ' genes'",
+        labelAngle=0,
+        labelOrient="top",
+        labelAnchor="start",
+        labelFontWeight="bold",
+        labelFontSize=12,
+    )
 
 
-def gene_distribution_frame(real_class, real_value, perturbed_class, perturbed_value) -> pd.DataFrame:
+def gene_distribution_frame(
+    real_class, real_value, perturbed_class, perturbed_value
+) -> pd.DataFrame:
     """Long frame for :func:`gene_distribution_chart`: one gene's values of real samples (by
     class) and of perturbed samples (by source class; ``unknown`` when ``perturbed_class`` is None).
 
@@ -396,22 +513,31 @@ def gene_distribution_frame(real_class, real_value, perturbed_class, perturbed_v
     if perturbed_class is None:
         perturbed_class = np.full(len(perturbed_value), "unknown", dtype=object)
     parts = []
-    for kind, cls, val in (("real", real_class, real_value), ("perturbed", perturbed_class, perturbed_value)):
+    for kind, cls, val in (
+        ("real", real_class, real_value),
+        ("perturbed", perturbed_class, perturbed_value),
+    ):
         cls = np.asarray(cls, dtype=object).astype(str).reshape(-1)
         if len(cls) != len(val):
-            raise ValueError(f"gene_distribution_frame: {len(cls)} {kind} classes for {len(val)} values")
+            raise ValueError(
+                f"gene_distribution_frame: {len(cls)} {kind} classes for {len(val)} values"
+            )
         parts.append(pd.DataFrame({"class": cls, "value": val, "kind": kind}))
     return pd.concat(parts, ignore_index=True)
 
 
-def gene_distribution_chart(frame: pd.DataFrame, gene: str, *, column_width: int = 56, height: int = 260, title: str = "") -> alt.Chart:
+def gene_distribution_chart(
+    frame: pd.DataFrame, gene: str, *, column_width: int = 56, height: int = 260, title: str = ""
+) -> alt.Chart:
     """Expression of one gene per class: a box per class for real samples, with the perturbed
     samples' values (grouped by source class) beside it; ``column_width`` pixels per class,
     every class labelled.
 
     Frame columns: ``class``, ``value``, ``kind`` (``real`` / ``perturbed``).
     """
-    frame = _require(pd.DataFrame(frame), ["class", "value", "kind"], "gene_distribution_chart").copy()
+    frame = _require(
+        pd.DataFrame(frame), ["class", "value", "kind"], "gene_distribution_chart"
+    ).copy()
     frame["class"] = frame["class"].astype(str)
     frame["kind"] = frame["kind"].astype(str)
     classes = sorted(frame["class"].unique().tolist())
@@ -419,13 +545,24 @@ def gene_distribution_chart(frame: pd.DataFrame, gene: str, *, column_width: int
         alt.Chart(_data(frame))
         .mark_boxplot(extent=1.5, size=12, outliers=alt.MarkConfig(size=8))
         .encode(
-            x=alt.X("class:N", sort=classes, title="class (perturbed: source class)", axis=alt.Axis(labelAngle=-40, labelOverlap=False, labelLimit=GENE_LABEL_LIMIT)),
+            x=alt.X(
+                "class:N",
+                sort=classes,
+                title="class (perturbed: source class)",
+                axis=alt.Axis(labelAngle=-40, labelOverlap=False, labelLimit=GENE_LABEL_LIMIT),
+            ),
             xOffset=alt.XOffset("kind:N", sort=KINDS, scale=alt.Scale(domain=KINDS)),
             y=alt.Y("value:Q", title=f"{gene} expression"),
-            color=alt.Color("kind:N", scale=alt.Scale(domain=KINDS, range=["#9e9e9e", "#d62728"]), title="sample"),
+            color=alt.Color(
+                "kind:N",
+                scale=alt.Scale(domain=KINDS, range=["#9e9e9e", "#d62728"]),
+                title="sample",
+            ),
         )
     )
-    return chart.properties(width=max(240, column_width * len(classes)), height=height, title=title or str(gene))
+    return chart.properties(
+        width=max(240, column_width * len(classes)), height=height, title=title or str(gene)
+    )
 
 
 def enrichment_chart(
@@ -451,30 +588,60 @@ def enrichment_chart(
         frame["direction"] = "all"
     frame["direction"] = frame["direction"].astype(str)
     frame = frame[np.isfinite(pd.to_numeric(frame["q"], errors="coerce"))]
-    frame = frame.sort_values(["q", "term"], kind="stable").groupby("direction", sort=False).head(top).reset_index(drop=True)
+    frame = (
+        frame.sort_values(["q", "term"], kind="stable")
+        .groupby("direction", sort=False)
+        .head(top)
+        .reset_index(drop=True)
+    )
     frame["neg_log10_q"] = -np.log10(np.clip(frame["q"].to_numpy(dtype=np.float64), 1e-300, 1.0))
     frame["rank"] = frame.groupby("direction").cumcount()
     frame["label"] = frame["term"].astype(str)
-    dup = frame.duplicated(["direction", "label"], keep=False)  # one term from two libraries: say which
-    frame.loc[dup, "label"] = frame.loc[dup, "term"].astype(str) + " (" + frame.loc[dup, "library"].astype(str) + ")"
+    dup = frame.duplicated(
+        ["direction", "label"], keep=False
+    )  # one term from two libraries: say which
+    frame.loc[dup, "label"] = (
+        frame.loc[dup, "term"].astype(str) + " (" + frame.loc[dup, "library"].astype(str) + ")"
+    )
     frame["threshold"] = -np.log10(q_threshold)
-    frame = frame[["direction", "library", "term", "q", "neg_log10_q", "rank", "label", "threshold"]]
+    frame = frame[
+        ["direction", "library", "term", "q", "neg_log10_q", "rank", "label", "threshold"]
+    ]
     directions = [d for d in [*DIRECTIONS, "all"] if d in set(frame["direction"])]
     directions += sorted(set(frame["direction"]) - set(directions))
     bars = (
         alt.Chart()
         .mark_bar()
         .encode(
-            y=alt.Y("label:N", sort=alt.EncodingSortField("rank", op="min", order="ascending"), title=None, axis=_row_axis(label_limit)),
+            y=alt.Y(
+                "label:N",
+                sort=alt.EncodingSortField("rank", op="min", order="ascending"),
+                title=None,
+                axis=_row_axis(label_limit),
+            ),
             x=alt.X("neg_log10_q:Q", title="-log10(q)"),
-            color=alt.Color("library:N", title="library", legend=alt.Legend(orient="bottom", columns=1, labelLimit=label_limit)),
-            tooltip=[alt.Tooltip("term:N"), alt.Tooltip("library:N"), alt.Tooltip("direction:N"), alt.Tooltip("q:Q", format=".3g")],
+            color=alt.Color(
+                "library:N",
+                title="library",
+                legend=alt.Legend(orient="bottom", columns=1, labelLimit=label_limit),
+            ),
+            tooltip=[
+                alt.Tooltip("term:N"),
+                alt.Tooltip("library:N"),
+                alt.Tooltip("direction:N"),
+                alt.Tooltip("q:Q", format=".3g"),
+            ],
         )
     )
     rule = (
         alt.Chart()
         .mark_rule(color="black", strokeDash=[4, 3])
-        .encode(x=alt.X("max(threshold):Q"), tooltip=[alt.Tooltip("max(threshold):Q", title=f"-log10(q = {q_threshold:g})", format=".2f")])
+        .encode(
+            x=alt.X("max(threshold):Q"),
+            tooltip=[
+                alt.Tooltip("max(threshold):Q", title=f"-log10(q = {q_threshold:g})", format=".2f")
+            ],
+        )
     )
     return (
         alt.layer(bars, rule, data=_data(frame))

@@ -17,43 +17,18 @@ from pathlib import Path
 
 logger = logging.getLogger("tspg")
 
-# Help for each TrainConfig field that is a command-line option (--field-name).
-CONFIG_HELP = {
-    "seed": "seed of initialisation, batches and draws",
-    "split_seed": "seed of the stratified train/held-out split",
-    "test_size": "share of each class held out from every model",
-    "target_epochs": "epochs of the target model",
-    "target_lr": "Adam learning rate of the target model",
-    "target_batch_size": "batch size of the target model",
-    "epochs": "epochs of the generator and discriminator",
-    "batch_size": "batch size of the generator and discriminator",
-    "g_lr": "Adam learning rate of the generator",
-    "d_lr": "Adam learning rate of the discriminator",
-    "w_gan": "weight of the least-squares GAN loss",
-    "w_adv": "weight of the Carlini-Wagner loss",
-    "w_norm": "weight of the L2 norm of the generator's output G(x)",
-    "w_td": "weight of the L1 distance to a draw of the target distribution",
-    "w_ed": "weight of the energy distance between x_adv and real target samples",
-    "ed_repulsion": "weight of the x_adv-to-x_adv term inside the energy distance (<1 draws x_adv to the target's core)",
-    "kappa": "Carlini-Wagner confidence margin",
-    "adv_space": "take the Carlini-Wagner margin on logits or softmax probabilities",
-    "adv_reduce": "average or sum the Carlini-Wagner loss over the batch",
-    "norm_form": "sample: mean ||G(x_i)||_2; batch: ||G(x)_batch||_2 + 1",
-    "covariance": "covariance of the target distribution for L_td (auto: full unless too large, then lowrank)",
-    "cov_rank": "rank of the lowrank covariance",
-    "disc_real": "what the discriminator sees as real: target-class samples, or all samples",
-    "train_on": "samples the generator learns to perturb",
-}
-
 
 def config_options() -> list[str]:
     """The TrainConfig fields that are command-line options (--field-name): every number or word but the recipe."""
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     base = TrainConfig()
     return [
-        f.name for f in fields(TrainConfig)
-        if f.name != "recipe" and isinstance(getattr(base, f.name), int | float | str) and not isinstance(getattr(base, f.name), bool)
+        f.name
+        for f in fields(TrainConfig)
+        if f.name != "recipe"
+        and isinstance(getattr(base, f.name), int | float | str)
+        and not isinstance(getattr(base, f.name), bool)
     ]
 
 
@@ -68,56 +43,104 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def _add_data_args(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
     g = p.add_argument_group("input GEM")
-    g.add_argument("data", nargs=None if data_required else "?", help="GEM file: .h5ad, .csv, .tsv, .txt or .npy")
-    g.add_argument("--label-key", help="obs column (h5ad) holding each sample's class; name given to --labels")
-    g.add_argument("--labels", help="labels file: sample <tab> label per line (reference format) or CSV with header")
+    g.add_argument(
+        "data",
+        nargs=None if data_required else "?",
+        help="GEM file: .h5ad, .csv, .tsv, .txt or .npy",
+    )
+    g.add_argument(
+        "--label-key", help="obs column (h5ad) holding each sample's class; name given to --labels"
+    )
+    g.add_argument(
+        "--labels",
+        help="labels file: sample <tab> label per line (reference format) or CSV with header",
+    )
     g.add_argument("--layer", help="h5ad: read this layer instead of .X")
     g.add_argument("--use-raw", action="store_true", help="h5ad: read .raw instead of .X")
     g.add_argument("--transpose", action="store_true", help="the file is genes x samples")
     g.add_argument("--row-names", help=".npy: sample names file (default <stem>.rownames.txt)")
     g.add_argument("--col-names", help=".npy: gene names file (default <stem>.colnames.txt)")
-    g.add_argument("--nan", choices=["fill", "error"], default="fill", help="missing values: fill with the matrix minimum, or refuse")
+    g.add_argument(
+        "--nan",
+        choices=["fill", "error"],
+        default="fill",
+        help="missing values: fill with the matrix minimum, or refuse",
+    )
 
 
 def _read_data(args):
     from .data import read_gem
 
     return read_gem(
-        args.data, label_key=args.label_key, labels=args.labels, layer=args.layer, use_raw=args.use_raw,
-        transpose=args.transpose, nan=args.nan, row_names=args.row_names, col_names=args.col_names,
+        args.data,
+        label_key=args.label_key,
+        labels=args.labels,
+        layer=args.layer,
+        use_raw=args.use_raw,
+        transpose=args.transpose,
+        nan=args.nan,
+        row_names=args.row_names,
+        col_names=args.col_names,
     )
 
 
 def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
-    from .train import CHOICES, TrainConfig
+    from .config import CHOICES, TrainConfig, config_fields
 
     p = argparse.ArgumentParser(
-        prog=prog, formatter_class=_Formatter,
+        prog=prog,
+        formatter_class=_Formatter,
         description="Train a TSPG target model and generator on a labelled GEM and write a bundle.",
         epilog="examples:\n  tspg-train --demo\n  tspg-train gem.h5ad --label-key tissue --target Heart --gene-set hallmark.gmt:HALLMARK_HYPOXIA",
     )
     _add_data_args(p, data_required=False)
-    p.add_argument("--demo", action="store_true", help="train on scanpy's pbmc68k_reduced (label bulk_labels)")
+    p.add_argument(
+        "--demo", action="store_true", help="train on scanpy's pbmc68k_reduced (label bulk_labels)"
+    )
     g = p.add_argument_group("what to train")
     g.add_argument("--target", help="target class (demo default: CD14+ Monocyte)")
-    g.add_argument("--all-targets", action="store_true", help="one generator per class, sharing one target model")
-    g.add_argument("--gene-set", help="FILE.gmt:NAME (or a list file in the reference format); default all genes")
+    g.add_argument(
+        "--all-targets",
+        action="store_true",
+        help="one generator per class, sharing one target model",
+    )
+    g.add_argument(
+        "--gene-set",
+        help="FILE.gmt:NAME (or a list file in the reference format); default all genes",
+    )
     g.add_argument("--genes", help="file with one gene per line")
     g.add_argument("--target-model", help="reuse the target model, split and scaler of this bundle")
-    g.add_argument("--recipe", choices=CHOICES["recipe"], default="tspg+", help="loss recipe; options below override it")
+    g.add_argument(
+        "--recipe",
+        choices=CHOICES["recipe"],
+        default="tspg+",
+        help="loss recipe; options below override it",
+    )
     h = p.add_argument_group("hyper-parameters (default: the recipe's value)")
     base, paper = TrainConfig.for_recipe("tspg+"), TrainConfig.for_recipe("paper")
     for name in config_options():
         a, b = getattr(base, name), getattr(paper, name)
         default = f"tspg+: {a}" + (f", paper: {b}" if a != b else "")
         h.add_argument(
-            "--" + name.replace("_", "-"), type=type(a), default=None, choices=CHOICES.get(name),
-            help=f"{CONFIG_HELP.get(name, 'see tspg.TrainConfig')} ({default})",
+            "--" + name.replace("_", "-"),
+            type=type(a),
+            default=None,
+            choices=CHOICES.get(name),
+            help=f"{config_fields()[name].metadata['help']} ({default})",
         )
     o = p.add_argument_group("output")
-    o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
-    o.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, one per core)")
-    o.add_argument("--out", default=None, help="bundle folder (default: $TSPG_MODELS_DIR or ./models)")
+    o.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train"
+    )
+    o.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice, one per core)",
+    )
+    o.add_argument(
+        "--out", default=None, help="bundle folder (default: $TSPG_MODELS_DIR or ./models)"
+    )
     o.add_argument("--name", help="bundle name (default: <dataset>-<target>)")
     o.add_argument("--overwrite", action="store_true", help="replace a bundle of the same name")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -142,7 +165,9 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.target_model and (args.gene_set or args.genes):
-        parser.error("--gene-set and --genes cannot be used with --target-model: the reused target model fixes the genes")
+        parser.error(
+            "--gene-set and --genes cannot be used with --target-model: the reused target model fixes the genes"
+        )
     if args.name and args.all_targets:
         parser.error("--name needs a single --target")
     if args.name:
@@ -152,7 +177,7 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
             check_name(args.name)
         except ValueError as err:
             parser.error(f"--name: {err}")
-    from .train import config_problem
+    from .config import config_problem
 
     for name in config_options():
         value = getattr(args, name)
@@ -181,18 +206,26 @@ def _error_line(err: Exception) -> str:
 
 def _train(args, parser, start: float) -> int:
     from .bundle import load_bundle, models_dir, resolve_bundle, save_bundle
+    from .config import TrainConfig
     from .data import validate_labels
     from .datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
     from .genesets import select_genes
     from .pipeline import TARGET_MODEL_FIELDS, default_names, train_all_targets
-    from .train import TrainConfig
 
-    reuse = load_bundle(resolve_bundle(args.target_model, args.out, allow_path=True)) if args.target_model else None
-    for name in TARGET_MODEL_FIELDS if reuse else ():  # the reused bundle's settings are kept: refuse others
+    reuse = (
+        load_bundle(resolve_bundle(args.target_model, args.out, allow_path=True))
+        if args.target_model
+        else None
+    )
+    for name in (
+        TARGET_MODEL_FIELDS if reuse else ()
+    ):  # the reused bundle's settings are kept: refuse others
         given, used = getattr(args, name, None), getattr(reuse.config, name)
         if given is not None and given != used:
             option = "--" + name.replace("_", "-")
-            parser.error(f"{option} {given} conflicts with --target-model {args.target_model}, whose target model and split were made with {option} {used}; drop {option}")
+            parser.error(
+                f"{option} {given} conflicts with --target-model {args.target_model}, whose target model and split were made with {option} {used}; drop {option}"
+            )
     if args.demo:
         adata, dataset = demo(), "pbmc68k_reduced"
         label_key = args.label_key or DEMO_LABEL_KEY
@@ -205,14 +238,22 @@ def _train(args, parser, start: float) -> int:
         target = args.target
         if not target and not args.all_targets:
             parser.error("--target CLASS (or --all-targets) is required")
-    config = TrainConfig.for_recipe(args.recipe, **{name: getattr(args, name) for name in config_options()})
-    genes = None if reuse else select_genes(adata.var_names, gene_set=args.gene_set, genes_file=args.genes)
+    config = TrainConfig.for_recipe(
+        args.recipe, **{name: getattr(args, name) for name in config_options()}
+    )
+    genes = (
+        None
+        if reuse
+        else select_genes(adata.var_names, gene_set=args.gene_set, genes_file=args.genes)
+    )
     # everything that can stop the run after training is checked before it
     validate_labels(adata, label_key, source=dataset)
     if target:
         targets = [target]
     else:
-        targets = list(reuse.classes) if reuse else sorted(adata.obs[label_key].astype(str).unique())
+        targets = (
+            list(reuse.classes) if reuse else sorted(adata.obs[label_key].astype(str).unique())
+        )
     names = [args.name] if args.name else default_names(dataset, targets)
     root = models_dir(args.out)
     blocking = next((p for p in (root, *root.parents) if p.exists()), None)
@@ -220,7 +261,9 @@ def _train(args, parser, start: float) -> int:
         raise ValueError(f"{blocking}: is a file; the bundles go into a folder (--out)")
     for name in names:
         if (root / name).exists() and not args.overwrite:
-            raise ValueError(f"{root / name}: a bundle of that name exists; pass --overwrite or choose --name")
+            raise ValueError(
+                f"{root / name}: a bundle of that name exists; pass --overwrite or choose --name"
+            )
     what = f"the genes, split and target model of {reuse.name!r}" if reuse else genes.summary()
     logger.info("data: %s, %d samples x %d genes; %s", dataset, adata.n_obs, adata.n_vars, what)
     logger.info("config: %s", config.to_dict())
@@ -234,14 +277,25 @@ def _train(args, parser, start: float) -> int:
         if stage not in bars:
             bars[stage] = tqdm(total=n, desc=stage, unit="epoch", leave=True, file=sys.stderr)
         bar = bars[stage]
-        bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "total" and v}, refresh=False)
+        bar.set_postfix(
+            {k: f"{v:.3g}" for k, v in losses.items() if k != "total" and v}, refresh=False
+        )
         bar.update(1)
         if step == n:
             bar.close()
 
     bundles = train_all_targets(
-        adata, label_key=label_key, targets=targets, config=config, genes=genes, layer=None,
-        dataset=dataset, target_model=reuse, device=args.device, names=names, progress=progress,
+        adata,
+        label_key=label_key,
+        targets=targets,
+        config=config,
+        genes=genes,
+        layer=None,
+        dataset=dataset,
+        target_model=reuse,
+        device=args.device,
+        names=names,
+        progress=progress,
     )
     for b in bundles:
         path = save_bundle(b, args.out, overwrite=args.overwrite)
@@ -249,9 +303,13 @@ def _train(args, parser, start: float) -> int:
         non_target = m["perturbation_accuracy_non_target"]
         print(f"bundle {path}")
         cov = f", L_td covariance: {b.manifest['covariance_used']}" if used.w_td else ""
-        print(f"  target {b.target!r}, {len(b.genes)} genes, recipe {used.recipe}, device {m['device']}{cov}")
+        print(
+            f"  target {b.target!r}, {len(b.genes)} genes, recipe {used.recipe}, device {m['device']}{cov}"
+        )
         print(f"  target model held-out accuracy: {m['target_model_accuracy']:.3f}")
-        print(f"  perturbation accuracy (held-out): all {m['perturbation_accuracy']:.3f}, non-target {'n/a' if non_target is None else f'{non_target:.3f}'} (n={m['n_test_non_target']})")
+        print(
+            f"  perturbation accuracy (held-out): all {m['perturbation_accuracy']:.3f}, non-target {'n/a' if non_target is None else f'{non_target:.3f}'} (n={m['n_test_non_target']})"
+        )
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -264,25 +322,45 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tspg", formatter_class=_Formatter, description="TSPG Explorer command line.")
+    p = argparse.ArgumentParser(
+        prog="tspg", formatter_class=_Formatter, description="TSPG Explorer command line."
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
     sub.add_parser("train", help="train a generator (same as tspg-train)", add_help=False)
 
-    imp = sub.add_parser("import", formatter_class=_Formatter, help="read a GEM into .h5ad", description="Read a GEM (text, .npy or .h5ad) and its labels into one .h5ad file.")
+    imp = sub.add_parser(
+        "import",
+        formatter_class=_Formatter,
+        help="read a GEM into .h5ad",
+        description="Read a GEM (text, .npy or .h5ad) and its labels into one .h5ad file.",
+    )
     _add_data_args(imp)
     imp.add_argument("-o", "--output", required=True, help="output .h5ad")
 
-    ls = sub.add_parser("list", formatter_class=_Formatter, help="list the bundles in the models folder")
-    ls.add_argument("--models", default=None, help="models folder (default: $TSPG_MODELS_DIR or ./models)")
+    ls = sub.add_parser(
+        "list", formatter_class=_Formatter, help="list the bundles in the models folder"
+    )
+    ls.add_argument(
+        "--models", default=None, help="models folder (default: $TSPG_MODELS_DIR or ./models)"
+    )
     _add_analysis_parsers(sub)
 
     app = sub.add_parser(
-        "app", formatter_class=_Formatter, help="open the dashboard (trains the demo generator first if there is no bundle)",
+        "app",
+        formatter_class=_Formatter,
+        help="open the dashboard (trains the demo generator first if there is no bundle)",
         description="Start the TSPG Explorer dashboard (streamlit run streamlit_app.py). If the models folder holds no readable bundle, the demo generator is trained first (as tspg-train --demo).",
     )
-    app.add_argument("--models", default=None, help="models folder (default: $TSPG_MODELS_DIR or ./models)")
+    app.add_argument(
+        "--models", default=None, help="models folder (default: $TSPG_MODELS_DIR or ./models)"
+    )
     app.add_argument("--port", type=int, default=8501, help="port the dashboard listens on")
-    app.add_argument("--demo-epochs", type=int, default=None, help="generator epochs of the demo, if it must be trained (default: the recipe's; target-model epochs are capped at this)")
+    app.add_argument(
+        "--demo-epochs",
+        type=int,
+        default=None,
+        help="generator epochs of the demo, if it must be trained (default: the recipe's; target-model epochs are capped at this)",
+    )
     app.add_argument("--headless", action="store_true", help="do not open a browser window")
     return p
 
@@ -310,7 +388,10 @@ def _import(args, parser) -> int:
     adata = _read_data(args)
     out = write_gem(adata, args.output)
     n_filled = adata.uns["tspg_import"]["n_missing_filled"]
-    print(f"wrote {out}: {adata.n_obs} samples x {adata.n_vars} genes" + (f", {n_filled} missing values filled" if n_filled else ""))
+    print(
+        f"wrote {out}: {adata.n_obs} samples x {adata.n_vars} genes"
+        + (f", {n_filled} missing values filled" if n_filled else "")
+    )
     return 0
 
 
@@ -327,7 +408,9 @@ def _list(args, parser) -> int:
             m = e.manifest
             acc = m.get("metrics", {}).get("perturbation_accuracy_non_target")
             acc = f"{acc:.3f}" if isinstance(acc, (int, float)) else "n/a"
-            print(f"{e.name}\t{m.get('dataset', {}).get('name', '?')}\t{m['target']}\t{len(m['genes'])} genes\tperturbation accuracy {acc}")
+            print(
+                f"{e.name}\t{m.get('dataset', {}).get('name', '?')}\t{m['target']}\t{len(m['genes'])} genes\tperturbation accuracy {acc}"
+            )
     return 0
 
 
@@ -367,7 +450,7 @@ def _app(args, parser) -> int:
         print(f"no readable bundle in {root}: training the demo generator first", file=sys.stderr)
         train_argv = ["--demo", "--out", str(root), "--overwrite"]
         if args.demo_epochs:
-            from .train import TrainConfig
+            from .config import TrainConfig
 
             target_epochs = min(TrainConfig().target_epochs, args.demo_epochs)
             train_argv += ["--epochs", str(args.demo_epochs), "--target-epochs", str(target_epochs)]
@@ -393,7 +476,9 @@ def _add_analysis_parsers(sub) -> None:
     bundle_help = "bundle name in the models folder, or the path of a bundle folder"
 
     pt = sub.add_parser(
-        "perturb", formatter_class=_Formatter, help="perturb every sample of a GEM towards a bundle's target",
+        "perturb",
+        formatter_class=_Formatter,
+        help="perturb every sample of a GEM towards a bundle's target",
         description="Perturb a GEM with a bundle (genes matched by name, scaled with the bundle's scaler) and write "
         "x, P, x_adv, the target model's predictions and each sample's top genes.",
         epilog="examples:\n  tspg perturb pbmc68k-reduced-cd14-monocyte new_cells.h5ad -o perturbed.h5ad\n"
@@ -402,13 +487,24 @@ def _add_analysis_parsers(sub) -> None:
     pt.add_argument("bundle", help=bundle_help)
     _add_data_args(pt)
     pt.add_argument("-o", "--output", required=True, help="output .h5ad (with --csv: a folder)")
-    pt.add_argument("--samples", nargs="+", metavar="ID", help="perturb only these sample ids (default: every sample)")
+    pt.add_argument(
+        "--samples",
+        nargs="+",
+        metavar="ID",
+        help="perturb only these sample ids (default: every sample)",
+    )
     pt.add_argument("--k", type=int, default=20, help="top genes per direction and sample")
-    pt.add_argument("--csv", action="store_true", help="write CSV files into the --output folder instead: perturbation.csv (P), perturbed.csv (x_adv), predictions.csv, top_genes.csv, consensus.csv")
+    pt.add_argument(
+        "--csv",
+        action="store_true",
+        help="write CSV files into the --output folder instead: perturbation.csv (P), perturbed.csv (x_adv), predictions.csv, top_genes.csv, consensus.csv",
+    )
     pt.add_argument("--models", default=None, help=models_help)
 
     ev = sub.add_parser(
-        "evaluate", formatter_class=_Formatter, help="perturbation accuracy and realism metrics of a bundle",
+        "evaluate",
+        formatter_class=_Formatter,
+        help="perturbation accuracy and realism metrics of a bundle",
         description="Evaluate a bundle on the held-out split of its own dataset: perturbation accuracy (overall, "
         "non-target, per source class), independent classifiers, energy distance and spread against real target "
         "samples, discriminator scores, next to the mean-shift baseline; consensus top genes and their overlap "
@@ -422,26 +518,61 @@ def _add_analysis_parsers(sub) -> None:
     ev.add_argument("--models", default=None, help=models_help)
 
     en = sub.add_parser(
-        "enrich", formatter_class=_Formatter, help="functional enrichment of a bundle's consensus top genes",
+        "enrich",
+        formatter_class=_Formatter,
+        help="functional enrichment of a bundle's consensus top genes",
         description="Profile the consensus top-k up and down genes of chosen samples (default: the held-out "
         "non-target samples of the bundle's dataset) with Enrichr, or offline with GMT gene sets and the bundle's "
         "genes as background. DATA may be omitted for the demo.",
     )
     en.add_argument("bundle", help=bundle_help)
     _add_data_args(en, data_required=False)
-    en.add_argument("-o", "--output", required=True, help="output CSV (one row per direction and term)")
-    en.add_argument("--samples", nargs="+", metavar="ID", help="sample ids whose consensus top genes to profile")
-    en.add_argument("--direction", choices=["up", "down", "both"], default="both", help="which top genes")
+    en.add_argument(
+        "-o", "--output", required=True, help="output CSV (one row per direction and term)"
+    )
+    en.add_argument(
+        "--samples", nargs="+", metavar="ID", help="sample ids whose consensus top genes to profile"
+    )
+    en.add_argument(
+        "--direction", choices=["up", "down", "both"], default="both", help="which top genes"
+    )
     en.add_argument("--k", type=int, default=20, help="consensus top genes per direction")
-    en.add_argument("--libraries", nargs="+", metavar="NAME", help="Enrichr libraries (default: tspg.enrichment.DEFAULT_LIBRARIES)")
-    en.add_argument("--gmt", nargs="+", metavar="FILE", default=[], help="GMT files for the offline backend, besides the bundled blood-cell markers, the bundle's own gene-set file and every GMT in $TSPG_GMT_DIR")
-    en.add_argument("--offline", action="store_true", help="never contact Enrichr: hypergeometric test against GMT gene sets")
-    en.add_argument("--threshold", type=float, default=1e-4, help="q-value below which a term counts as significant")
-    en.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Enrichr before answering offline")
+    en.add_argument(
+        "--libraries",
+        nargs="+",
+        metavar="NAME",
+        help="Enrichr libraries (default: tspg.enrichment.DEFAULT_LIBRARIES)",
+    )
+    en.add_argument(
+        "--gmt",
+        nargs="+",
+        metavar="FILE",
+        default=[],
+        help="GMT files for the offline backend, besides the bundled blood-cell markers, the bundle's own gene-set file and every GMT in $TSPG_GMT_DIR",
+    )
+    en.add_argument(
+        "--offline",
+        action="store_true",
+        help="never contact Enrichr: hypergeometric test against GMT gene sets",
+    )
+    en.add_argument(
+        "--threshold",
+        type=float,
+        default=1e-4,
+        help="q-value below which a term counts as significant",
+    )
+    en.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for Enrichr before answering offline",
+    )
     en.add_argument("--models", default=None, help=models_help)
 
     mp = sub.add_parser(
-        "map", formatter_class=_Formatter, help="the t-SNE map of real samples with perturbed samples placed on it",
+        "map",
+        formatter_class=_Formatter,
+        help="the t-SNE map of real samples with perturbed samples placed on it",
         description="Fit the reference t-SNE map of the real samples of some classes (the target first; at most "
         "--n-per-class each, seeded subsample), perturb the chosen samples (default: the held-out non-target samples "
         "of DATA, or all its non-target samples when it holds none of the bundle's held-out split) and place them on "
@@ -452,10 +583,19 @@ def _add_analysis_parsers(sub) -> None:
     mp.add_argument("bundle", help=bundle_help)
     _add_data_args(mp, data_required=False)
     mp.add_argument("-o", "--output", required=True, help="output CSV (one row per point)")
-    mp.add_argument("--classes", nargs="+", metavar="CLASS", help="classes of the real samples (the target is always added); default: the target and the most frequent, 10 in all")
-    mp.add_argument("--n-per-class", type=int, default=300, help="at most this many real samples per class")
+    mp.add_argument(
+        "--classes",
+        nargs="+",
+        metavar="CLASS",
+        help="classes of the real samples (the target is always added); default: the target and the most frequent, 10 in all",
+    )
+    mp.add_argument(
+        "--n-per-class", type=int, default=300, help="at most this many real samples per class"
+    )
     mp.add_argument("--samples", nargs="+", metavar="ID", help="sample ids to perturb and place")
-    mp.add_argument("--seed", type=int, default=0, help="seed of the subsample and of the t-SNE fit")
+    mp.add_argument(
+        "--seed", type=int, default=0, help="seed of the subsample and of the t-SNE fit"
+    )
     mp.add_argument("--models", default=None, help=models_help)
 
 
@@ -486,8 +626,12 @@ def _chosen_samples(adata, samples: list[str], source: str) -> list[str]:
     ids = list(dict.fromkeys(samples))
     unknown = [s for s in ids if s not in adata.obs_names]
     if unknown:
-        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-        raise ValueError(f"{source}: {len(unknown)} of the {len(ids)} sample ids given are not in the data: {shown}")
+        shown = ", ".join(unknown[:10]) + (
+            f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        )
+        raise ValueError(
+            f"{source}: {len(unknown)} of the {len(ids)} sample ids given are not in the data: {shown}"
+        )
     return ids
 
 
@@ -518,23 +662,37 @@ def _perturb(args, parser) -> int:
         result = perturb_adata(bundle, adata, label_key=label_key, source=str(args.data))
         out.mkdir(parents=True, exist_ok=True)
         index = pd.Index(result.samples, name="sample")
-        pd.DataFrame(result.P, index=index, columns=bundle.genes).to_csv(out / "perturbation.csv", float_format="%.6g")
-        pd.DataFrame(result.x_adv, index=index, columns=bundle.genes).to_csv(out / "perturbed.csv", float_format="%.6g")
+        pd.DataFrame(result.P, index=index, columns=bundle.genes).to_csv(
+            out / "perturbation.csv", float_format="%.6g"
+        )
+        pd.DataFrame(result.x_adv, index=index, columns=bundle.genes).to_csv(
+            out / "perturbed.csv", float_format="%.6g"
+        )
         result.predictions_df().to_csv(out / "predictions.csv")
         top_genes_df(result, k=args.k).to_csv(out / "top_genes.csv", index=False)
-        consensus(result.P[result.source_rows()], bundle.genes, k=args.k).to_csv(out / "consensus.csv", index=False)
+        consensus(result.P[result.source_rows()], bundle.genes, k=args.k).to_csv(
+            out / "consensus.csv", index=False
+        )
         pred_after, labels = result.pred_after, result.labels
-        print(f"wrote {out}/: perturbation.csv, perturbed.csv, predictions.csv, top_genes.csv, consensus.csv")
+        print(
+            f"wrote {out}/: perturbation.csv, perturbed.csv, predictions.csv, top_genes.csv, consensus.csv"
+        )
     else:
         if out.suffix.lower() != ".h5ad":
             parser.error("--output must end in .h5ad (or add --csv to write a folder of CSV files)")
-        result = perturb(adata, bundle, label_key=label_key, k=args.k, source=str(args.data), copy=True)
+        result = perturb(
+            adata, bundle, label_key=label_key, k=args.k, source=str(args.data), copy=True
+        )
         write_gem(result, out)
         pred_after = result.obs["tspg_pred_after"].astype(str).to_numpy()
         labels = result.obs[label_key].astype(str).to_numpy() if label_key else None
-        print(f"wrote {out}: layers tspg_x, tspg_perturbation, tspg_perturbed; obs tspg_pred_before/after; uns['tspg'] (top genes, consensus)")
+        print(
+            f"wrote {out}: layers tspg_x, tspg_perturbation, tspg_perturbed; obs tspg_pred_before/after; uns['tspg'] (top genes, consensus)"
+        )
     n_target = int((pred_after == bundle.target).sum())
-    print(f"{len(pred_after)} samples x {len(bundle.genes)} genes perturbed towards {bundle.target!r}: {n_target} now predicted {bundle.target!r}")
+    print(
+        f"{len(pred_after)} samples x {len(bundle.genes)} genes perturbed towards {bundle.target!r}: {n_target} now predicted {bundle.target!r}"
+    )
     if labels is not None and (labels != bundle.target).any():
         table = perturbation_accuracy_table(pred_after, labels, bundle.target)
         print("perturbation accuracy by source class:")
@@ -551,20 +709,28 @@ def _evaluate(args, parser) -> int:
     bundle = _load_cli_bundle(args)
     adata, label_key = _cli_data(args, bundle, own=True)
     if label_key is None:
-        raise ValueError(f"data: no label column {args.label_key or bundle.label_key!r} in obs; give --label-key (or --labels)")
+        raise ValueError(
+            f"data: no label column {args.label_key or bundle.label_key!r} in obs; give --label-key (or --labels)"
+        )
     result = evaluate(bundle, adata, label_key=label_key, k=args.k, seed=args.seed)
     b = result["bundle"]
-    print(f"bundle {b['name']}: target {b['target']!r}, {b['genes']} genes, {b['classes']} classes, dataset {b['dataset']}")
+    print(
+        f"bundle {b['name']}: target {b['target']!r}, {b['genes']} genes, {b['classes']} classes, dataset {b['dataset']}"
+    )
     section = None
     for row in evaluation_table(result).itertuples(index=False):
         if row.section != section:
             section = row.section
             print(f"\n{section}")
         value = row.value
-        text = "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        text = (
+            "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        )
         print(f"  {row.metric:<62} {text}")
     tg = result["top_genes"]
-    print(f"\nconsensus top-{tg['k']} up genes (held-out non-target samples): {', '.join(tg['consensus_up'])}")
+    print(
+        f"\nconsensus top-{tg['k']} up genes (held-out non-target samples): {', '.join(tg['consensus_up'])}"
+    )
     print(f"consensus top-{tg['k']} down genes: {', '.join(tg['consensus_down'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))
@@ -596,7 +762,9 @@ def _enrich(args, parser) -> int:
         else:
             what += " samples"
         if not ids:
-            raise ValueError("no samples to profile: every selected sample is of the target class; give --samples")
+            raise ValueError(
+                "no samples to profile: every selected sample is of the target class; give --samples"
+            )
     result = perturb_adata(bundle, adata[ids], label_key=label_key)
     lists = consensus_top(result.P, bundle.genes, k=args.k)
     up = lists["up"] if args.direction in ("up", "both") else None
@@ -607,8 +775,14 @@ def _enrich(args, parser) -> int:
             print(f"  {d}: {', '.join(genes)}")
     try:
         table = enrich_directions(
-            up, down, background=list(bundle.genes), libraries=args.libraries, gmt_files=offline_gmt_files(bundle, extra=args.gmt),
-            backend="offline" if args.offline else "auto", threshold=args.threshold, timeout=args.timeout,
+            up,
+            down,
+            background=list(bundle.genes),
+            libraries=args.libraries,
+            gmt_files=offline_gmt_files(bundle, extra=args.gmt),
+            backend="offline" if args.offline else "auto",
+            threshold=args.threshold,
+            timeout=args.timeout,
         )
     except EnrichrError as err:
         raise ValueError(f"enrichment failed: {err}") from err
@@ -620,7 +794,9 @@ def _enrich(args, parser) -> int:
     n_sig = int(table["significant"].sum()) if len(table) else 0
     print(f"wrote {out}: {len(table)} terms, {n_sig} significant (q < {args.threshold:g})")
     for d in ("up", "down"):
-        top = table[(table["direction"] == d) & table["significant"]].head(3) if len(table) else table
+        top = (
+            table[(table["direction"] == d) & table["significant"]].head(3) if len(table) else table
+        )
         for r in top.itertuples(index=False):
             print(f"  {d}: {r.library} / {r.term} (q={r.q:.2g}, {r.overlap})")
     return 0
@@ -638,7 +814,9 @@ def _map(args, parser) -> int:
     bundle = _load_cli_bundle(args)
     adata, label_key = _cli_data(args, bundle, own=False)
     if label_key is None:
-        raise ValueError(f"data: no label column {args.label_key or bundle.label_key!r} in obs; the map colours real samples by class (give --label-key or --labels)")
+        raise ValueError(
+            f"data: no label column {args.label_key or bundle.label_key!r} in obs; the map colours real samples by class (give --label-key or --labels)"
+        )
     labels = adata.obs[label_key].astype(str).to_numpy()
     names = np.asarray(adata.obs_names).astype(str)
     if args.samples:
@@ -651,24 +829,53 @@ def _map(args, parser) -> int:
             rows, what = np.ones(len(names), bool), "non-target samples"
         ids = names[rows & (labels != bundle.target)].tolist()
         if not ids:
-            raise ValueError("no samples to place: every candidate is of the target class; give --samples")
+            raise ValueError(
+                "no samples to place: every candidate is of the target class; give --samples"
+            )
     source = _data_name(args, bundle)
-    Xs = bundle.scaler.transform(align_genes(adata, bundle.genes, source=source), genes=bundle.genes, source=source)
-    ref, idx = fit_class_map(
-        Xs, labels, names, classes=args.classes, target=bundle.target,
-        max_classes=None if args.classes else MAP_MAX_CLASSES, max_per_class=args.n_per_class, seed=args.seed,
+    Xs = bundle.scaler.transform(
+        align_genes(adata, bundle.genes, source=source), genes=bundle.genes, source=source
     )
-    real_pred = np.asarray(bundle.classes, dtype=object)[class_probabilities(bundle.target_model, Xs[idx]).argmax(1)]
+    ref, idx = fit_class_map(
+        Xs,
+        labels,
+        names,
+        classes=args.classes,
+        target=bundle.target,
+        max_classes=None if args.classes else MAP_MAX_CLASSES,
+        max_per_class=args.n_per_class,
+        seed=args.seed,
+    )
+    real_pred = np.asarray(bundle.classes, dtype=object)[
+        class_probabilities(bundle.target_model, Xs[idx]).argmax(1)
+    ]
     result = perturb_adata(bundle, adata[ids], label_key=label_key)
-    frame = map_frame(ref, place(ref, result.x_adv), new_samples=result.samples, new_source=result.labels, new_pred=result.pred_after, real_pred=real_pred)
+    frame = map_frame(
+        ref,
+        place(ref, result.x_adv),
+        new_samples=result.samples,
+        new_source=result.labels,
+        new_pred=result.pred_after,
+        real_pred=real_pred,
+    )
     frame.to_csv(args.output, index=False)
     n_target = int((result.pred_after == bundle.target).sum())
-    print(f"map of {len(ref)} real samples of {len(set(ref.labels))} classes; {len(ids)} {what} placed, {n_target} now predicted {bundle.target!r}")
+    print(
+        f"map of {len(ref)} real samples of {len(set(ref.labels))} classes; {len(ids)} {what} placed, {n_target} now predicted {bundle.target!r}"
+    )
     print(f"wrote {args.output}: {len(frame)} rows (x, y, sample, class, predicted, kind)")
     return 0
 
 
-COMMANDS = {"import": _import, "list": _list, "app": _app, "perturb": _perturb, "evaluate": _evaluate, "enrich": _enrich, "map": _map}
+COMMANDS = {
+    "import": _import,
+    "list": _list,
+    "app": _app,
+    "perturb": _perturb,
+    "evaluate": _evaluate,
+    "enrich": _enrich,
+    "map": _map,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -93,7 +93,9 @@ def read_gem(
         label_key = label_key or "label"
         adata.obs[label_key] = read_labels(labels, adata.obs_names)
     adata.X = _dense_float(adata.X, path)
-    n_filled = fill_missing(adata.X, nan=nan, source=path, samples=adata.obs_names, genes=adata.var_names)
+    n_filled = fill_missing(
+        adata.X, nan=nan, source=path, samples=adata.obs_names, genes=adata.var_names
+    )
     _check_names(adata, path)
     if label_key is not None:
         validate_labels(adata, label_key, source=path)
@@ -111,7 +113,9 @@ def _read_h5ad(path: Path, *, layer: str | None, use_raw: bool) -> ad.AnnData:
     if use_raw:
         if adata.raw is None:
             raise ValueError(f"{path}: has no .raw; drop --use-raw to read .X")
-        return ad.AnnData(X=adata.raw.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.raw.var_names))
+        return ad.AnnData(
+            X=adata.raw.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.raw.var_names)
+        )
     if layer:
         if layer not in adata.layers:
             raise ValueError(f"{path}: no layer {layer!r}; layers are {list(adata.layers)}")
@@ -123,8 +127,12 @@ def _read_text(path: Path, sep: str) -> ad.AnnData:
     try:
         df = pd.read_csv(path, sep=sep, dtype={0: str})  # ids stay text: "001" is not 1
     except Exception as err:
-        raise ValueError(f"{path}: cannot parse as {'comma' if sep == ',' else 'tab'}-separated text ({err})") from err
-    if isinstance(df.index, pd.RangeIndex):  # else pandas took the first column as the index (header one short)
+        raise ValueError(
+            f"{path}: cannot parse as {'comma' if sep == ',' else 'tab'}-separated text ({err})"
+        ) from err
+    if isinstance(
+        df.index, pd.RangeIndex
+    ):  # else pandas took the first column as the index (header one short)
         df = df.set_index(df.columns[0])
     if df.shape[1] == 0:
         raise ValueError(f"{path}: no gene columns found (is the separator right?)")
@@ -143,13 +151,21 @@ def _read_text(path: Path, sep: str) -> ad.AnnData:
         if not len(bad):  # no rows at all: reported as an empty matrix
             continue
         i = int(bad[0])
-        raise ValueError(f"{path}: non-numeric value {column.iloc[i]!r} at row {df.index[i]!r}, column {df.columns[j]!r}")
+        raise ValueError(
+            f"{path}: non-numeric value {column.iloc[i]!r} at row {df.index[i]!r}, column {df.columns[j]!r}"
+        )
     df.index = df.index.astype(str)
     df.columns = df.columns.astype(str)
-    return ad.AnnData(X=df.to_numpy(dtype=np.float32), obs=pd.DataFrame(index=df.index), var=pd.DataFrame(index=df.columns))
+    return ad.AnnData(
+        X=df.to_numpy(dtype=np.float32),
+        obs=pd.DataFrame(index=df.index),
+        var=pd.DataFrame(index=df.columns),
+    )
 
 
-def _read_npy(path: Path, *, row_names: str | Path | None, col_names: str | Path | None) -> ad.AnnData:
+def _read_npy(
+    path: Path, *, row_names: str | Path | None, col_names: str | Path | None
+) -> ad.AnnData:
     try:
         X = np.load(path, allow_pickle=False)
     except Exception as err:  # corrupt file, or an object array that would need pickle
@@ -162,8 +178,12 @@ def _read_npy(path: Path, *, row_names: str | Path | None, col_names: str | Path
     rows = _read_names(Path(row_names) if row_names else Path(f"{stem}.rownames.txt"))
     cols = _read_names(Path(col_names) if col_names else Path(f"{stem}.colnames.txt"))
     if len(rows) != X.shape[0] or len(cols) != X.shape[1]:
-        raise ValueError(f"{path}: matrix is {X.shape[0]} x {X.shape[1]} but names are {len(rows)} rows x {len(cols)} columns")
-    return ad.AnnData(X=X.astype(np.float32), obs=pd.DataFrame(index=rows), var=pd.DataFrame(index=cols))
+        raise ValueError(
+            f"{path}: matrix is {X.shape[0]} x {X.shape[1]} but names are {len(rows)} rows x {len(cols)} columns"
+        )
+    return ad.AnnData(
+        X=X.astype(np.float32), obs=pd.DataFrame(index=rows), var=pd.DataFrame(index=cols)
+    )
 
 
 def _read_names(path: Path) -> list[str]:
@@ -177,7 +197,9 @@ def read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: {what} is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start})") from err
+        raise ValueError(
+            f"{path}: {what} is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start})"
+        ) from err
     except OSError as err:
         raise ValueError(f"{path}: cannot read the {what} ({err.strerror})") from err
 
@@ -197,12 +219,16 @@ def read_labels(path: str | Path, samples: pd.Index) -> pd.Categorical:
     except Exception as err:  # empty or unparsable file
         raise ValueError(f"{path}: cannot read labels ({err})") from err
     if df.shape[1] < 2:
-        raise ValueError(f"{path}: expected two {'comma' if sep == ',' else 'tab'}-separated columns (sample, label), found one")
+        raise ValueError(
+            f"{path}: expected two {'comma' if sep == ',' else 'tab'}-separated columns (sample, label), found one"
+        )
     series = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str))
     if series.index[0] not in set(samples) and len(series) == len(samples) + 1:
         series = series.iloc[1:]  # header row
     if series.index.duplicated().any():
-        raise ValueError(f"{path}: sample {series.index[series.index.duplicated()][0]!r} is listed twice")
+        raise ValueError(
+            f"{path}: sample {series.index[series.index.duplicated()][0]!r} is listed twice"
+        )
     missing = [s for s in samples if s not in series.index]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -219,7 +245,9 @@ def _dense_float(X, source: Path) -> np.ndarray:
     return np.ascontiguousarray(X, dtype=np.float32)
 
 
-def fill_missing(X: np.ndarray, *, nan: NanPolicy = "fill", source: str | Path = "data", samples=None, genes=None) -> int:
+def fill_missing(
+    X: np.ndarray, *, nan: NanPolicy = "fill", source: str | Path = "data", samples=None, genes=None
+) -> int:
     """Fill NaN in place with the matrix minimum (``nan="fill"``) or refuse them.
 
     Infinite values are always refused. Returns the number of values filled.
@@ -227,14 +255,18 @@ def fill_missing(X: np.ndarray, *, nan: NanPolicy = "fill", source: str | Path =
     bad = np.isinf(X)
     if bad.any():
         i, j = map(int, np.argwhere(bad)[0])
-        raise ValueError(f"{source}: infinite value at sample {_name(samples, i)!r}, gene {_name(genes, j)!r}")
+        raise ValueError(
+            f"{source}: infinite value at sample {_name(samples, i)!r}, gene {_name(genes, j)!r}"
+        )
     missing = np.isnan(X)
     n = int(missing.sum())
     if n == 0:
         return 0
     if nan == "error":
         i, j = map(int, np.argwhere(missing)[0])
-        raise ValueError(f"{source}: {n} missing values, first at sample {_name(samples, i)!r}, gene {_name(genes, j)!r} (use --nan fill to fill them with the minimum)")
+        raise ValueError(
+            f"{source}: {n} missing values, first at sample {_name(samples, i)!r}, gene {_name(genes, j)!r} (use --nan fill to fill them with the minimum)"
+        )
     if n == X.size:
         raise ValueError(f"{source}: every value is missing")
     X[missing] = np.nanmin(X)
@@ -259,18 +291,24 @@ def _check_names(adata: ad.AnnData, source: Path) -> None:
         raise ValueError(f"{source}: empty matrix ({adata.n_obs} samples x {adata.n_vars} genes)")
 
 
-def validate_labels(adata: ad.AnnData, label_key: str, *, source: str | Path = "data", min_classes: int = 2) -> None:
+def validate_labels(
+    adata: ad.AnnData, label_key: str, *, source: str | Path = "data", min_classes: int = 2
+) -> None:
     """Check that ``obs[label_key]`` exists, has no missing labels and at least two classes."""
     if label_key not in adata.obs:
         cols = ", ".join(map(str, adata.obs.columns)) or "none"
         raise ValueError(f"{source}: no label column {label_key!r} in obs (columns: {cols})")
     labels = adata.obs[label_key]
     if labels.isna().any():
-        raise ValueError(f"{source}: sample {labels.index[labels.isna()][0]!r} has no {label_key!r} label")
+        raise ValueError(
+            f"{source}: sample {labels.index[labels.isna()][0]!r} has no {label_key!r} label"
+        )
     adata.obs[label_key] = labels.astype(str).astype("category")
     n = adata.obs[label_key].nunique()
     if n < min_classes:
-        raise ValueError(f"{source}: {label_key!r} has {n} class; at least {min_classes} are needed")
+        raise ValueError(
+            f"{source}: {label_key!r} has {n} class; at least {min_classes} are needed"
+        )
 
 
 def expression(adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
@@ -279,16 +317,24 @@ def expression(adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
     return _dense_float(X, Path("data"))
 
 
-def align_genes(adata: ad.AnnData, genes, *, layer: str | None = None, source: str = "data") -> np.ndarray:
+def align_genes(
+    adata: ad.AnnData, genes, *, layer: str | None = None, source: str = "data"
+) -> np.ndarray:
     """Expression of ``genes`` in that order; a clear error when any is missing."""
     genes = pd.Index(genes)
     present = genes.isin(adata.var_names)
     if not present.all():
         missing = list(genes[~present])
         if not present.any():
-            raise ValueError(f"{source}: none of the model's {len(genes)} genes are present (e.g. {missing[:3]})")
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise ValueError(f"{source}: {len(missing)} of the model's {len(genes)} genes are missing: {shown}")
+            raise ValueError(
+                f"{source}: none of the model's {len(genes)} genes are present (e.g. {missing[:3]})"
+            )
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        raise ValueError(
+            f"{source}: {len(missing)} of the model's {len(genes)} genes are missing: {shown}"
+        )
     idx = adata.var_names.get_indexer(genes)
     X = expression(adata, layer=layer)
     return np.ascontiguousarray(X[:, idx])
@@ -328,7 +374,10 @@ class Scaler:
             logger.warning(
                 "%s: %.0f%% of the values fall outside the range of the training data and are clipped to [0, 1] "
                 "(most: gene %s, %.0f%% of its values); are the data in other units or normalised differently?",
-                source, 100 * share, gene, 100 * per_gene[j],
+                source,
+                100 * share,
+                gene,
+                100 * per_gene[j],
             )
         return np.clip(Xs, 0.0, 1.0).astype(np.float32)
 
@@ -336,7 +385,9 @@ class Scaler:
         return (Xs * self.range + self.minimum).astype(np.float32)
 
 
-def stratified_split(labels, *, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels, *, test_size: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split: ``round(n_c * test_size)`` samples of each class go to test.
 
     Every class with two or more samples keeps at least one sample on each side; a class

@@ -33,7 +33,12 @@ def demo() -> ad.AnnData:
 
 
 def synthetic_gem(
-    n_samples: int = 11_688, n_genes: int = 4_386, n_classes: int = 53, *, seed: int = 0, label_key: str = "label"
+    n_samples: int = 11_688,
+    n_genes: int = 4_386,
+    n_classes: int = 53,
+    *,
+    seed: int = 0,
+    label_key: str = "label",
 ) -> ad.AnnData:
     """A GTEx-sized GEM (defaults: 11,688 samples x 4,386 genes, 53 classes) for benchmarks.
 
@@ -44,14 +49,31 @@ def synthetic_gem(
     weights = rng.uniform(0.3, 1.7, n_classes)
     y = rng.choice(n_classes, size=n_samples, p=weights / weights.sum())
     base = rng.gamma(2.0, 2.0, n_genes).astype(np.float32)
-    shift = np.where(rng.random((n_classes, n_genes)) < 0.05, rng.normal(0, 3, (n_classes, n_genes)), 0).astype(np.float32)
-    X = np.clip(base + shift[y] + rng.normal(0, 1, (n_samples, n_genes)).astype(np.float32), 0, None)
-    obs = pd.DataFrame({label_key: pd.Categorical([f"class-{c:02d}" for c in y])}, index=[f"sample-{i:06d}" for i in range(n_samples)])
-    return ad.AnnData(X=X.astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"gene-{j:05d}" for j in range(n_genes)]))
+    shift = np.where(
+        rng.random((n_classes, n_genes)) < 0.05, rng.normal(0, 3, (n_classes, n_genes)), 0
+    ).astype(np.float32)
+    X = np.clip(
+        base + shift[y] + rng.normal(0, 1, (n_samples, n_genes)).astype(np.float32), 0, None
+    )
+    obs = pd.DataFrame(
+        {label_key: pd.Categorical([f"class-{c:02d}" for c in y])},
+        index=[f"sample-{i:06d}" for i in range(n_samples)],
+    )
+    return ad.AnnData(
+        X=X.astype(np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=[f"gene-{j:05d}" for j in range(n_genes)]),
+    )
 
 
 def write_reference_example(
-    out_dir: str | Path, *, n_samples: int = 200, n_genes: int = 60, n_classes: int = 3, n_sets: int = 5, seed: int = 0
+    out_dir: str | Path,
+    *,
+    n_samples: int = 200,
+    n_genes: int = 60,
+    n_classes: int = 3,
+    n_sets: int = 5,
+    seed: int = 0,
 ) -> dict[str, Path]:
     """Write inputs in the reference implementation's plain-text formats, as its example maker does.
 
@@ -67,18 +89,28 @@ def write_reference_example(
     samples = [f"sample-{i:08d}" for i in range(n_samples)]
     genes = [f"gene-{j:06d}" for j in range(n_genes)]
     paths = {k: out / f"example.{k}.txt" for k in ("emx", "labels", "genesets")}
-    pd.DataFrame(x, index=samples, columns=genes).to_csv(paths["emx"], sep="\t", float_format="%.8f")
-    pd.Series([f"class-{c:02d}" for c in y], index=samples).to_csv(paths["labels"], sep="\t", header=False)
+    pd.DataFrame(x, index=samples, columns=genes).to_csv(
+        paths["emx"], sep="\t", float_format="%.8f"
+    )
+    pd.Series([f"class-{c:02d}" for c in y], index=samples).to_csv(
+        paths["labels"], sep="\t", header=False
+    )
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n_sets):
         k = int(rng.integers(5, max(10, n_genes // 10) + 1))
-        lines.append("\t".join([f"gene-set-{i:03d}", *rng.choice(genes, size=min(k, n_genes), replace=False)]))
+        lines.append(
+            "\t".join(
+                [f"gene-set-{i:03d}", *rng.choice(genes, size=min(k, n_genes), replace=False)]
+            )
+        )
     paths["genesets"].write_text("\n".join(lines) + "\n")
     return paths
 
 
-def load_bundle_dataset(bundle, data: ad.AnnData | str | Path | None = None, *, layer: str | None = None) -> ad.AnnData:
+def load_bundle_dataset(
+    bundle, data: ad.AnnData | str | Path | None = None, *, layer: str | None = None
+) -> ad.AnnData:
     """The dataset a bundle was trained on, for evaluating it on its own held-out split.
 
     Parameters
@@ -108,10 +140,18 @@ def load_bundle_dataset(bundle, data: ad.AnnData | str | Path | None = None, *, 
     expected = info.get("fingerprint")
     if expected:
         try:
-            found = fingerprint(align_genes(adata, bundle.genes, layer=layer), bundle.genes, list(adata.obs_names))
+            found = fingerprint(
+                align_genes(adata, bundle.genes, layer=layer), bundle.genes, list(adata.obs_names)
+            )
         except ValueError as err:  # genes missing: callers say so with their own message
             log.warning("cannot check the dataset fingerprint: %s", err)
         else:
             if found != expected:
-                log.warning("this data differs from the data bundle %r was trained on (%s, fingerprint %s, found %s)", bundle.name, name, expected, found)
+                log.warning(
+                    "this data differs from the data bundle %r was trained on (%s, fingerprint %s, found %s)",
+                    bundle.name,
+                    name,
+                    expected,
+                    found,
+                )
     return adata

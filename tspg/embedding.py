@@ -39,7 +39,13 @@ GradientMethod = Literal["fft", "bh"]
 
 # Placement (as openTSNE's ``transform``). On the demo map (1,000 samples) 50 iterations
 # end within 0.01 (map units, span ~100) of where 250 do, at ~0.1 s CPU for 100 points.
-PLACE_DEFAULTS: dict[str, Any] = {"perplexity": 5, "k": 15, "n_iter": 50, "learning_rate": 0.1, "early_exaggeration_iter": 0}
+PLACE_DEFAULTS: dict[str, Any] = {
+    "perplexity": 5,
+    "k": 15,
+    "n_iter": 50,
+    "learning_rate": 0.1,
+    "early_exaggeration_iter": 0,
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,7 +126,9 @@ MAP_MAX_CLASSES = 10  # the paper's map shows 10 classes
 MAP_MAX_PER_CLASS = 300  # real samples per class on a map (seeded subsample beyond that)
 
 
-def map_classes(labels, *, classes=None, max_classes: int | None = MAP_MAX_CLASSES, target: str | None = None) -> list[str]:
+def map_classes(
+    labels, *, classes=None, max_classes: int | None = MAP_MAX_CLASSES, target: str | None = None
+) -> list[str]:
     """The classes a map shows, in order: the target first, then ``classes`` (default: the
     most frequent classes of ``labels``), at most ``max_classes``.
 
@@ -209,9 +217,20 @@ def fit_class_map(
     labels = np.asarray(labels).astype(str)
     samples = np.asarray(samples).astype(str)
     if not (len(labels) == len(samples) == len(X)):
-        raise ValueError(f"{len(X)} samples in X, but {len(samples)} names and {len(labels)} labels")
-    idx = select_map_samples(labels, classes=classes, max_classes=max_classes, max_per_class=max_per_class, target=target, seed=seed)
-    ref = fit_reference_map(np.asarray(X)[idx], samples=samples[idx], labels=labels[idx], seed=seed, **tsne)
+        raise ValueError(
+            f"{len(X)} samples in X, but {len(samples)} names and {len(labels)} labels"
+        )
+    idx = select_map_samples(
+        labels,
+        classes=classes,
+        max_classes=max_classes,
+        max_per_class=max_per_class,
+        target=target,
+        seed=seed,
+    )
+    ref = fit_reference_map(
+        np.asarray(X)[idx], samples=samples[idx], labels=labels[idx], seed=seed, **tsne
+    )
     return ref, idx
 
 
@@ -286,7 +305,9 @@ def fit_reference_map(
     samples = [str(s) for s in samples]
     labels = [str(c) for c in labels]
     if not (len(samples) == len(labels) == len(X)):
-        raise ValueError(f"{len(X)} samples in X, but {len(samples)} names and {len(labels)} labels")
+        raise ValueError(
+            f"{len(X)} samples in X, but {len(samples)} names and {len(labels)} labels"
+        )
     if len(X) < 5:
         raise ValueError(f"a t-SNE map needs at least 5 samples, got {len(X)}")
     pca = None
@@ -308,7 +329,9 @@ def fit_reference_map(
         "n_genes": X.shape[1],
         "n_jobs": n_jobs,
     }
-    return ReferenceMap(np.asarray(emb, dtype=np.float64).copy(), samples, labels, seed, params, pca, emb)
+    return ReferenceMap(
+        np.asarray(emb, dtype=np.float64).copy(), samples, labels, seed, params, pca, emb
+    )
 
 
 def place(
@@ -338,19 +361,35 @@ def place(
     if len(Z) == 0:
         return np.zeros((0, 2))
     opts = dict(PLACE_DEFAULTS)
-    opts.update({key: v for key, v in {"n_iter": n_iter, "perplexity": perplexity, "k": k}.items() if v is not None})
+    opts.update(
+        {
+            key: v
+            for key, v in {"n_iter": n_iter, "perplexity": perplexity, "k": k}.items()
+            if v is not None
+        }
+    )
     k_eff = int(min(opts["k"], len(ref) - 1))
     perp = float(min(opts["perplexity"], max(1.0, (k_eff - 1) / 3.0)))
     partial = ref.embedding.prepare_partial(Z, initialization="median", k=k_eff, perplexity=perp)
     if opts["early_exaggeration_iter"]:
         partial.optimize(
-            n_iter=opts["early_exaggeration_iter"], learning_rate=opts["learning_rate"], exaggeration=4,
-            momentum=0.8, max_grad_norm=0.25, inplace=True, n_jobs=n_jobs,
+            n_iter=opts["early_exaggeration_iter"],
+            learning_rate=opts["learning_rate"],
+            exaggeration=4,
+            momentum=0.8,
+            max_grad_norm=0.25,
+            inplace=True,
+            n_jobs=n_jobs,
         )
     if opts["n_iter"]:
         partial.optimize(
-            n_iter=opts["n_iter"], learning_rate=opts["learning_rate"], exaggeration=1.5,
-            momentum=0.8, max_grad_norm=0.25, inplace=True, n_jobs=n_jobs,
+            n_iter=opts["n_iter"],
+            learning_rate=opts["learning_rate"],
+            exaggeration=1.5,
+            momentum=0.8,
+            max_grad_norm=0.25,
+            inplace=True,
+            n_jobs=n_jobs,
         )
     return np.asarray(partial, dtype=np.float64).copy()
 
@@ -446,7 +485,11 @@ def map_frame(
         return real
     new_coords = np.asarray(new_coords, dtype=np.float64).reshape(-1, 2)
     m = len(new_coords)
-    names = [f"perturbed-{i}" for i in range(m)] if new_samples is None else _column(new_samples, m, "new_samples")
+    names = (
+        [f"perturbed-{i}" for i in range(m)]
+        if new_samples is None
+        else _column(new_samples, m, "new_samples")
+    )
     new = pd.DataFrame(
         {
             "x": new_coords[:, 0],

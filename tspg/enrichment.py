@@ -93,7 +93,15 @@ MARKER_GMT: Path = Path(__file__).parent / "data" / "blood_markers.gmt"
 
 #: Columns of :attr:`EnrichmentResult.table`, in this order.
 COLUMNS: tuple[str, ...] = (
-    "library", "term", "overlap", "n_overlap", "p", "q", "genes", "backend", "significant",
+    "library",
+    "term",
+    "overlap",
+    "n_overlap",
+    "p",
+    "q",
+    "genes",
+    "backend",
+    "significant",
 )
 _CACHE_VERSION = 1
 _Q_OVERLAPPING = "q: Benjamini-Hochberg per library over the terms sharing a gene with the list."
@@ -212,14 +220,25 @@ def enrich(
         ``backend="enrichr"`` and Enrichr could not be used.
     """
     result, _ = _enrich(
-        genes, background=background, libraries=libraries, gmt_files=gmt_files,
-        backend=backend, threshold=threshold, correct_over=correct_over, timeout=timeout,
-        retries=retries, cache_dir=cache_dir, url=url, known_failure=None,
+        genes,
+        background=background,
+        libraries=libraries,
+        gmt_files=gmt_files,
+        backend=backend,
+        threshold=threshold,
+        correct_over=correct_over,
+        timeout=timeout,
+        retries=retries,
+        cache_dir=cache_dir,
+        url=url,
+        known_failure=None,
     )
     return result
 
 
-def offline_gmt_files(bundle: Bundle | None = None, *, extra: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
+def offline_gmt_files(
+    bundle: Bundle | None = None, *, extra: Sequence[str | os.PathLike[str]] = ()
+) -> list[Path]:
     """The gene-set files the offline backend should read for a bundle.
 
     Parameters
@@ -292,7 +311,10 @@ def enrich_directions(
     offline at once (cached Enrichr results are still used) instead of waiting for the
     timeout a second time, and the failure is logged once.
     """
-    lists = {"up": _as_gene_list(up, allow_empty=True), "down": _as_gene_list(down, allow_empty=True)}
+    lists = {
+        "up": _as_gene_list(up, allow_empty=True),
+        "down": _as_gene_list(down, allow_empty=True),
+    }
     if not lists["up"] and not lists["down"]:
         raise ValueError("Both the up and the down gene lists are empty; nothing to enrich.")
     frames: list[pd.DataFrame] = []
@@ -373,8 +395,14 @@ def _enrich(
             raise ValueError("No Enrichr library was named.")
         try:
             result = _enrich_online(
-                gene_list, libraries, url=url, timeout=timeout, retries=int(retries),
-                cache=cache, threshold=threshold, skip_reason=known_failure,
+                gene_list,
+                libraries,
+                url=url,
+                timeout=timeout,
+                retries=int(retries),
+                cache=cache,
+                threshold=threshold,
+                skip_reason=known_failure,
             )
             return result, None
         except EnrichrError as exc:
@@ -382,11 +410,18 @@ def _enrich(
                 raise
             failure = str(exc)
             if known_failure is None:
-                logger.warning("Enrichr could not be used (%s); falling back to offline gene sets.", failure)
+                logger.warning(
+                    "Enrichr could not be used (%s); falling back to offline gene sets.", failure
+                )
 
     result = _enrich_offline(
-        gene_list, bg_list, gmt_files=gmt_files, cache=cache, threshold=threshold,
-        correct_over=correct_over, failure=failure,
+        gene_list,
+        bg_list,
+        gmt_files=gmt_files,
+        cache=cache,
+        threshold=threshold,
+        correct_over=correct_over,
+        failure=failure,
     )
     return result, failure
 
@@ -411,7 +446,10 @@ def _enrich_online(
         logger.info("Enrichr results for %d libraries read from the cache.", len(libraries))
         table = _finish(list(tables.values()), threshold)
         return EnrichmentResult(
-            table, "enrichr", f"Enrichr results ({', '.join(libraries)}), from the cache. {_Q_OVERLAPPING}", True,
+            table,
+            "enrichr",
+            f"Enrichr results ({', '.join(libraries)}), from the cache. {_Q_OVERLAPPING}",
+            True,
         )
     if skip_reason is not None:
         raise EnrichrError(skip_reason)
@@ -452,7 +490,9 @@ def _enrich_offline(
     if outside:
         logger.info(
             "%d of %d query genes are not in the background and are ignored offline: %s",
-            len(outside), len(genes), ", ".join(outside[:10]),
+            len(outside),
+            len(genes),
+            ", ".join(outside[:10]),
         )
     bg_hash = _sha256(sorted(bg_set))
     tables: list[pd.DataFrame] = []
@@ -463,7 +503,9 @@ def _enrich_offline(
         sets = _read_gmt(path)
         if correct_over == "all":
             n_tests[name] = _n_testable(sets, bg_set)
-        key = _cache_key(genes, name, "offline", background=bg_hash, gmt=_sha256(sorted(sets.items())))
+        key = _cache_key(
+            genes, name, "offline", background=bg_hash, gmt=_sha256(sorted(sets.items()))
+        )
         cache_path = cache / f"{key}.csv"
         table = _cache_read(cache_path)
         if table is None:
@@ -521,8 +563,13 @@ class _DeadlineSession(requests.Session):
         super().__init__()
         self.deadline = deadline
         policy = Retry(
-            total=retries, connect=retries, read=retries, status=retries, other=0,
-            backoff_factor=0.2, status_forcelist=(500, 502, 503, 504),
+            total=retries,
+            connect=retries,
+            read=retries,
+            status=retries,
+            other=0,
+            backoff_factor=0.2,
+            status_forcelist=(500, 502, 503, 504),
             allowed_methods=frozenset({"GET", "POST"}),
             raise_on_status=False,  # hand back the last 5xx response: clearer than RetryError
             respect_retry_after_header=False,
@@ -531,7 +578,9 @@ class _DeadlineSession(requests.Session):
         self.mount("http://", adapter)
         self.mount("https://", adapter)
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # noqa: D102
+    def request(
+        self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
+    ) -> requests.Response:  # noqa: D102
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise requests.exceptions.Timeout(f"time limit reached before {method} {url}")
@@ -540,7 +589,12 @@ class _DeadlineSession(requests.Session):
 
 
 def _query_enrichr(
-    genes: list[str], libraries: list[str], *, url: str, timeout: float, retries: int,
+    genes: list[str],
+    libraries: list[str],
+    *,
+    url: str,
+    timeout: float,
+    retries: int,
 ) -> tuple[pd.DataFrame | None, list[str]]:
     """Run gseapy's Enrichr client against ``url``; at most ``timeout`` seconds in total.
 
@@ -566,7 +620,9 @@ def _query_enrichr(
 
     def work() -> None:
         try:
-            box["value"] = _gseapy_enrichr(genes, libraries, url=url, deadline=deadline, retries=retries)
+            box["value"] = _gseapy_enrichr(
+                genes, libraries, url=url, deadline=deadline, retries=retries
+            )
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
 
@@ -581,7 +637,12 @@ def _query_enrichr(
 
 
 def _gseapy_enrichr(
-    genes: list[str], libraries: list[str], *, url: str, deadline: float, retries: int,
+    genes: list[str],
+    libraries: list[str],
+    *,
+    url: str,
+    deadline: float,
+    retries: int,
 ) -> tuple[pd.DataFrame | None, list[str]]:
     from gseapy.enrichr import Enrichr, EnrichrValidationError
 
@@ -589,9 +650,13 @@ def _gseapy_enrichr(
     try:
         # outdir=None: no files, no plots. Built directly (not gseapy.enrichr()) so that
         # set_organism() does not reset base_url to maayanlab.cloud.
-        with Enrichr(gene_list=list(genes), gene_sets=list(libraries), outdir=None, no_plot=True) as enr:
+        with Enrichr(
+            gene_list=list(genes), gene_sets=list(libraries), outdir=None, no_plot=True
+        ) as enr:
             if not all(hasattr(enr, a) for a in ("_session", "base_url", "_logger")):
-                raise EnrichrError("this gseapy version has no Enrichr._session/base_url to configure")
+                raise EnrichrError(
+                    "this gseapy version has no Enrichr._session/base_url to configure"
+                )
             enr.close()  # drop the stderr handler gseapy gives each client; log through ours
             enr._logger = logging.getLogger(f"{__name__}.gseapy")
             enr._session.close()
@@ -685,7 +750,11 @@ def _n_testable(sets: dict[str, list[str]], background: set[str]) -> int:
 
 
 def _offline_library(
-    genes: list[str], sets: dict[str, list[str]], *, name: str, background: set[str],
+    genes: list[str],
+    sets: dict[str, list[str]],
+    *,
+    name: str,
+    background: set[str],
 ) -> pd.DataFrame:
     """gseapy's hypergeometric test of ``genes`` against one library (gene sets cut to the background)."""
     import gseapy
@@ -696,8 +765,13 @@ def _offline_library(
     query = {g.upper() for g in genes} & {g.upper() for g in background}
     if not any(query & {g.upper() for g in members} for members in sets.values()):
         return _empty()
-    enr = gseapy.enrich(gene_list=list(genes), gene_sets=sets, background=sorted(background),
-                        outdir=None, no_plot=True)
+    enr = gseapy.enrich(
+        gene_list=list(genes),
+        gene_sets=sets,
+        background=sorted(background),
+        outdir=None,
+        no_plot=True,
+    )
     try:
         raw = enr.res2d
     finally:
@@ -712,13 +786,19 @@ def _offline_library(
 
 
 def _empty() -> pd.DataFrame:
-    return pd.DataFrame({
-        "library": pd.Series(dtype=object), "term": pd.Series(dtype=object),
-        "overlap": pd.Series(dtype=object), "n_overlap": pd.Series(dtype=int),
-        "p": pd.Series(dtype=float), "q": pd.Series(dtype=float),
-        "genes": pd.Series(dtype=object), "backend": pd.Series(dtype=object),
-        "significant": pd.Series(dtype=bool),
-    })
+    return pd.DataFrame(
+        {
+            "library": pd.Series(dtype=object),
+            "term": pd.Series(dtype=object),
+            "overlap": pd.Series(dtype=object),
+            "n_overlap": pd.Series(dtype=int),
+            "p": pd.Series(dtype=float),
+            "q": pd.Series(dtype=float),
+            "genes": pd.Series(dtype=object),
+            "backend": pd.Series(dtype=object),
+            "significant": pd.Series(dtype=bool),
+        }
+    )
 
 
 def _from_gseapy(raw: pd.DataFrame | None, *, backend: str) -> pd.DataFrame:
@@ -728,24 +808,30 @@ def _from_gseapy(raw: pd.DataFrame | None, *, backend: str) -> pd.DataFrame:
     needed = ["Gene_set", "Term", "Overlap", "P-value", "Genes"]
     lacking = [c for c in needed if c not in raw.columns]
     if lacking:
-        raise EnrichrError(f"unexpected result table: no column {', '.join(lacking)} "
-                           f"(got {', '.join(map(str, raw.columns[:8]))})")
+        raise EnrichrError(
+            f"unexpected result table: no column {', '.join(lacking)} "
+            f"(got {', '.join(map(str, raw.columns[:8]))})"
+        )
     overlap = raw["Overlap"].astype(str)
     parsed = overlap.str.extract(_OVERLAP_RE)
     p = pd.to_numeric(raw["P-value"], errors="coerce")
     if parsed.isna().any().any() or p.isna().any() or not p.between(0, 1).all():
-        raise EnrichrError("unexpected result table: Overlap must read like '5/20' and P-value be in [0, 1]")
-    table = pd.DataFrame({
-        "library": raw["Gene_set"].astype(str).to_numpy(),
-        "term": raw["Term"].astype(str).to_numpy(),
-        "overlap": overlap.str.strip().to_numpy(),
-        "n_overlap": parsed[0].astype(int).to_numpy(),
-        "p": p.astype(float).to_numpy(),
-        "q": np.nan,
-        "genes": raw["Genes"].fillna("").astype(str).to_numpy(),
-        "backend": backend,
-        "significant": False,
-    })
+        raise EnrichrError(
+            "unexpected result table: Overlap must read like '5/20' and P-value be in [0, 1]"
+        )
+    table = pd.DataFrame(
+        {
+            "library": raw["Gene_set"].astype(str).to_numpy(),
+            "term": raw["Term"].astype(str).to_numpy(),
+            "overlap": overlap.str.strip().to_numpy(),
+            "n_overlap": parsed[0].astype(int).to_numpy(),
+            "p": p.astype(float).to_numpy(),
+            "q": np.nan,
+            "genes": raw["Genes"].fillna("").astype(str).to_numpy(),
+            "backend": backend,
+            "significant": False,
+        }
+    )
     return table
 
 
@@ -767,7 +853,9 @@ def _bh(p: np.ndarray, n_tests: int | None = None) -> np.ndarray:
     return out
 
 
-def _finish(tables: list[pd.DataFrame], threshold: float, *, n_tests: dict[str, int] | None = None) -> pd.DataFrame:
+def _finish(
+    tables: list[pd.DataFrame], threshold: float, *, n_tests: dict[str, int] | None = None
+) -> pd.DataFrame:
     """Concatenate per-library tables, recompute q per library, flag, sort.
 
     ``n_tests``: per library, the number of sets to correct over (default: its rows).
@@ -790,10 +878,18 @@ def _finish(tables: list[pd.DataFrame], threshold: float, *, n_tests: dict[str, 
 # --------------------------------------------------------------------------------------
 
 
-def _as_gene_list(genes: Iterable[str] | None, *, what: str = "gene list", allow_empty: bool = False) -> list[str]:
+def _as_gene_list(
+    genes: Iterable[str] | None, *, what: str = "gene list", allow_empty: bool = False
+) -> list[str]:
     if isinstance(genes, (str, bytes)):
-        raise ValueError(f"The {what} must be a list of gene symbols, not a single string ({genes[:40]!r}).")
-    out = list(dict.fromkeys(str(g).strip() for g in (genes if genes is not None else ()) if str(g).strip()))
+        raise ValueError(
+            f"The {what} must be a list of gene symbols, not a single string ({genes[:40]!r})."
+        )
+    out = list(
+        dict.fromkeys(
+            str(g).strip() for g in (genes if genes is not None else ()) if str(g).strip()
+        )
+    )
     if not out and not allow_empty:
         raise ValueError(f"The {what} is empty; give at least one gene symbol.")
     return out
@@ -812,8 +908,15 @@ def _sha256(obj: Any) -> str:
 
 def _cache_key(genes: list[str], library: str, backend: str, **extra: str) -> str:
     """sha256 of the sorted genes, library, backend and (offline) background/GMT hashes."""
-    return _sha256({"v": _CACHE_VERSION, "genes": sorted(genes), "library": library,
-                    "backend": backend, **extra})
+    return _sha256(
+        {
+            "v": _CACHE_VERSION,
+            "genes": sorted(genes),
+            "library": library,
+            "backend": backend,
+            **extra,
+        }
+    )
 
 
 def _cache_read(path: Path) -> pd.DataFrame | None:
@@ -821,7 +924,9 @@ def _cache_read(path: Path) -> pd.DataFrame | None:
         return None
     try:
         table = pd.read_csv(
-            path, keep_default_na=False, na_values={"p": [""], "q": [""]},
+            path,
+            keep_default_na=False,
+            na_values={"p": [""], "q": [""]},
             dtype={"library": str, "term": str, "overlap": str, "genes": str, "backend": str},
         )
         if list(table.columns) != list(COLUMNS[:-1]):

@@ -45,7 +45,11 @@ def read_gene_sets(path: str | Path) -> dict[str, list[str]]:
 def write_gmt(sets: dict[str, list[str]], path: str | Path, *, description: str = "tspg") -> Path:
     """Write gene sets as GMT."""
     path = Path(path)
-    path.write_text("".join(f"{name}\t{description}\t" + "\t".join(genes) + "\n" for name, genes in sets.items()))
+    path.write_text(
+        "".join(
+            f"{name}\t{description}\t" + "\t".join(genes) + "\n" for name, genes in sets.items()
+        )
+    )
     return path
 
 
@@ -54,7 +58,13 @@ def read_gene_list(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: gene list not found")
-    genes = [g for line in read_text(path, "gene list").splitlines() if not line.startswith("#") for g in re.split(r"[\s,]+", line.strip()) if g]
+    genes = [
+        g
+        for line in read_text(path, "gene list").splitlines()
+        if not line.startswith("#")
+        for g in re.split(r"[\s,]+", line.strip())
+        if g
+    ]
     if not genes:
         raise ValueError(f"{path}: no genes found")
     return list(dict.fromkeys(genes))
@@ -118,5 +128,9 @@ def select_genes(
         raise ValueError(f"{source}: none of the {len(wanted)} genes of {name!r} are in the GEM")
     genes = [g for g in gem_genes if g in present]
     if missing:
-        logger.warning("%s: %d of %d genes of %r are not in the GEM", source, len(missing), len(wanted), name)
-    return GeneSelection(name, genes, len(wanted), missing, str(Path(source).resolve()))  # found from any folder later
+        logger.warning(
+            "%s: %d of %d genes of %r are not in the GEM", source, len(missing), len(wanted), name
+        )
+    return GeneSelection(
+        name, genes, len(wanted), missing, str(Path(source).resolve())
+    )  # found from any folder later

@@ -67,16 +67,21 @@ def perturbation_accuracy(pred_after: Sequence[str], labels: Sequence[str], targ
         "n_non_target": int(non.sum()),
         "by_source": {
             c: {"n": int((labels == c).sum()), "accuracy": _mean(hit[labels == c])}
-            for c in sorted(set(labels.tolist())) if c != target
+            for c in sorted(set(labels.tolist()))
+            if c != target
         },
     }
 
 
-def perturbation_accuracy_table(pred_after: Sequence[str], labels: Sequence[str], target: str) -> pd.DataFrame:
+def perturbation_accuracy_table(
+    pred_after: Sequence[str], labels: Sequence[str], target: str
+) -> pd.DataFrame:
     """The paper's Table 1: ``source``, ``n``, ``accuracy`` per source class, then all non-target."""
     acc = perturbation_accuracy(pred_after, labels, target)
     rows = [{"source": c, **v} for c, v in acc["by_source"].items()]
-    rows.append({"source": "all non-target", "n": acc["n_non_target"], "accuracy": acc["non_target"]})
+    rows.append(
+        {"source": "all non-target", "n": acc["n_non_target"], "accuracy": acc["non_target"]}
+    )
     return pd.DataFrame(rows, columns=["source", "n", "accuracy"])
 
 
@@ -116,7 +121,11 @@ def _small_blas(X: np.ndarray):
 
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(1, user_api="blas") if np.asarray(X).size <= _SMALL_BLAS else nullcontext()
+    return (
+        threadpool_limits(1, user_api="blas")
+        if np.asarray(X).size <= _SMALL_BLAS
+        else nullcontext()
+    )
 
 
 # ----------------------------------------------------------------------------- distances
@@ -242,9 +251,13 @@ def evaluate(
     - ``params``: k, ks, seed, layer, label key; ``seconds``: wall time
     """
     start = time.perf_counter()
-    n_threads = torch.get_num_threads()  # scikit-learn's thread pools change torch's; restored below
+    n_threads = (
+        torch.get_num_threads()
+    )  # scikit-learn's thread pools change torch's; restored below
     try:
-        return _evaluate(bundle, adata, layer=layer, label_key=label_key, k=k, ks=ks, seed=seed, start=start)
+        return _evaluate(
+            bundle, adata, layer=layer, label_key=label_key, k=k, ks=ks, seed=seed, start=start
+        )
     finally:
         torch.set_num_threads(n_threads)
 
@@ -256,18 +269,35 @@ def _evaluate(bundle, adata, *, layer, label_key, k, ks, seed, start) -> dict:
     Xte, yte, te_ids = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="test")
     unknown = sorted(set(yte.tolist()) - set(bundle.classes))
     if unknown:
-        raise ValueError(f"data: label {unknown[0]!r} is not one of the bundle's classes; is {label_key!r} the right label column?")
+        raise ValueError(
+            f"data: label {unknown[0]!r} is not one of the bundle's classes; is {label_key!r} the right label column?"
+        )
     pert = perturb_scaled(bundle, Xte, te_ids, labels=yte)
     is_t, non = yte == target, yte != target
     if not non.any():
         raise ValueError("the held-out split has no source (non-target) samples to perturb")
-    base = Baselines(class_perturbations(Xtr, ytr, target, genes=bundle.genes), differential_expression(Xtr, ytr, bundle.genes, target))
-    sets = {"perturbed": pert.x_adv[non], "unperturbed": Xte[non], "mean_shift": base.mean_shift(Xte[non], yte[non])}
+    base = Baselines(
+        class_perturbations(Xtr, ytr, target, genes=bundle.genes),
+        differential_expression(Xtr, ytr, bundle.genes, target),
+    )
+    sets = {
+        "perturbed": pert.x_adv[non],
+        "unperturbed": Xte[non],
+        "mean_shift": base.mean_shift(Xte[non], yte[non]),
+    }
     real_t = Xte[is_t]
 
     with _small_blas(Xtr):
-        result = _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, k=k, ks=ks, seed=seed)
-    result["params"] = {"k": k, "ks": list(ks), "seed": seed, "layer": layer, "label_key": label_key}
+        result = _evaluate_arrays(
+            bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, k=k, ks=ks, seed=seed
+        )
+    result["params"] = {
+        "k": k,
+        "ks": list(ks),
+        "seed": seed,
+        "layer": layer,
+        "label_key": label_key,
+    }
     result["seconds"] = round(time.perf_counter() - start, 3)
     return _plain(result)
 
@@ -292,15 +322,32 @@ def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k,
     unique = unique_top_genes(P_src, yte[non], bundle.genes, k=k, seed=seed)
 
     return {
-        "bundle": {"name": bundle.name, "dataset": bundle.manifest.get("dataset", {}).get("name"), "target": target, "genes": len(bundle.genes), "classes": len(bundle.classes)},
-        "samples": {"train": len(ytr), "heldout": len(yte), "heldout_target": int(is_t.sum()), "heldout_source": int(non.sum())},
+        "bundle": {
+            "name": bundle.name,
+            "dataset": bundle.manifest.get("dataset", {}).get("name"),
+            "target": target,
+            "genes": len(bundle.genes),
+            "classes": len(bundle.classes),
+        },
+        "samples": {
+            "train": len(ytr),
+            "heldout": len(yte),
+            "heldout_target": int(is_t.sum()),
+            "heldout_source": int(non.sum()),
+        },
         "target_model": {"heldout_accuracy": _mean(pert.pred_before == yte)},
         "perturbation_accuracy": perturbation_accuracy(pert.pred_after, yte, target),
         "independent_classifiers": classifiers,
         "energy_distance": {s: energy_distance(X, real_t) for s, X in references.items()},
         "spread_ratio": {s: spread_ratio(X, real_t) for s, X in references.items()},
-        "discriminator": {"real_target": _mean(discriminate(bundle, real_t)), **{s: _mean(discriminate(bundle, X)) for s, X in sets.items()}},
-        "perturbation_size": {"tspg_mean_l2": float(np.linalg.norm(P_src, axis=1).mean()), "mean_shift_mean_l2": float(np.linalg.norm(P_ms, axis=1).mean())},
+        "discriminator": {
+            "real_target": _mean(discriminate(bundle, real_t)),
+            **{s: _mean(discriminate(bundle, X)) for s, X in sets.items()},
+        },
+        "perturbation_size": {
+            "tspg_mean_l2": float(np.linalg.norm(P_src, axis=1).mean()),
+            "mean_shift_mean_l2": float(np.linalg.norm(P_ms, axis=1).mean()),
+        },
         "top_genes": {
             "k": k,
             "consensus_up": top_k["up"],
@@ -337,17 +384,37 @@ def evaluation_table(result: dict) -> pd.DataFrame:
     for name, vals in result["independent_classifiers"].items():
         for m, v in vals.items():
             add(f"independent classifier {name.replace('_', ' ')}", m.replace("_", " "), v)
-    for key, label in (("energy_distance", "energy distance to real held-out target"), ("spread_ratio", "spread ratio vs real held-out target"), ("discriminator", "discriminator mean score")):
+    for key, label in (
+        ("energy_distance", "energy distance to real held-out target"),
+        ("spread_ratio", "spread ratio vs real held-out target"),
+        ("discriminator", "discriminator mean score"),
+    ):
         for m, v in result[key].items():
             add(label, m.replace("_", " "), v)
     for m, v in result["perturbation_size"].items():
         add("perturbation size", m.replace("_", " "), v)
     tg = result["top_genes"]
-    add("top genes", f"unique up genes, one sample per source class ({tg['unique_n_classes']} classes, k={tg['k']})", tg["unique_up"])
-    add("top genes", f"unique down genes ({tg['unique_n_classes']} classes, k={tg['k']})", tg["unique_down"])
-    add("top genes", f"consensus top-{tg['k']} up genes among the DE top 50", tg["overlap_up_de_top50"])
+    add(
+        "top genes",
+        f"unique up genes, one sample per source class ({tg['unique_n_classes']} classes, k={tg['k']})",
+        tg["unique_up"],
+    )
+    add(
+        "top genes",
+        f"unique down genes ({tg['unique_n_classes']} classes, k={tg['k']})",
+        tg["unique_down"],
+    )
+    add(
+        "top genes",
+        f"consensus top-{tg['k']} up genes among the DE top 50",
+        tg["overlap_up_de_top50"],
+    )
     for r in tg["overlap"]:
-        add("top-gene overlap with baselines", f"{r['baseline'].replace('_', ' ')} {r['direction']} top-{r['k']}", f"{r['overlap']} ({_fmt(r['jaccard'])})")
+        add(
+            "top-gene overlap with baselines",
+            f"{r['baseline'].replace('_', ' ')} {r['direction']} top-{r['k']}",
+            f"{r['overlap']} ({_fmt(r['jaccard'])})",
+        )
     add("run", "seconds", result.get("seconds"))
     return pd.DataFrame(rows, columns=["section", "metric", "value"])
 

@@ -23,8 +23,11 @@ class ResidualBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(),
-            nn.Linear(width, width), nn.BatchNorm1d(width),
+            nn.Linear(width, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.BatchNorm1d(width),
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -94,7 +97,9 @@ class TargetClassifier(nn.Module):
         layers.append(nn.Linear(width, n_classes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, n_genes) -> (batch, n_classes) logits
+    def forward(
+        self, x: torch.Tensor
+    ) -> torch.Tensor:  # (batch, n_genes) -> (batch, n_classes) logits
         return self.net(x)
 
 

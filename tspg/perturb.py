@@ -40,7 +40,10 @@ def _forward(module: torch.nn.Module, X: np.ndarray, fn=None) -> np.ndarray:
     fn = fn or (lambda m, x: m(x))
     X = np.ascontiguousarray(X, dtype=np.float32)
     with evaluating(module), torch.inference_mode():
-        out = [fn(module, torch.from_numpy(X[i : i + _CHUNK])).numpy() for i in range(0, len(X), _CHUNK)]
+        out = [
+            fn(module, torch.from_numpy(X[i : i + _CHUNK])).numpy()
+            for i in range(0, len(X), _CHUNK)
+        ]
     return out[0] if len(out) == 1 else np.concatenate(out)
 
 
@@ -136,14 +139,23 @@ class Perturbation:
             pos = {s: i for i, s in enumerate(self.samples)}
             missing = [s for s in idx.tolist() if s not in pos]
             if missing:
-                raise ValueError(f"sample(s) not in the perturbed data: {', '.join(map(str, missing[:5]))}")
+                raise ValueError(
+                    f"sample(s) not in the perturbed data: {', '.join(map(str, missing[:5]))}"
+                )
             idx = np.array([pos[s] for s in idx.tolist()], dtype=int)
         elif idx.dtype == bool:
             idx = np.flatnonzero(idx)
         idx = idx.astype(int).reshape(-1)
         return Perturbation(
-            [self.samples[i] for i in idx], self.genes, self.classes, self.target,
-            self.x[idx], self.P[idx], self.x_adv[idx], self.proba_before[idx], self.proba_after[idx],
+            [self.samples[i] for i in idx],
+            self.genes,
+            self.classes,
+            self.target,
+            self.x[idx],
+            self.P[idx],
+            self.x_adv[idx],
+            self.proba_before[idx],
+            self.proba_after[idx],
             None if self.labels is None else self.labels[idx],
         )
 
@@ -184,7 +196,9 @@ class Perturbation:
         return df
 
 
-def perturb_scaled(bundle: Bundle, Xs: np.ndarray, samples=None, *, labels=None, predict: bool = True) -> Perturbation:
+def perturb_scaled(
+    bundle: Bundle, Xs: np.ndarray, samples=None, *, labels=None, predict: bool = True
+) -> Perturbation:
     """Perturb already-scaled data whose columns are the bundle's genes.
 
     With ``predict=False`` the target model is not run: ``proba_*`` are empty (n, 0) arrays
@@ -192,15 +206,28 @@ def perturb_scaled(bundle: Bundle, Xs: np.ndarray, samples=None, *, labels=None,
     """
     Xs = np.ascontiguousarray(Xs, dtype=np.float32)
     if Xs.ndim != 2 or Xs.shape[1] != len(bundle.genes):
-        raise ValueError(f"expected a samples x {len(bundle.genes)} genes matrix, got shape {Xs.shape}")
+        raise ValueError(
+            f"expected a samples x {len(bundle.genes)} genes matrix, got shape {Xs.shape}"
+        )
     P, x_adv = generate_perturbed(bundle.generator, Xs)
     samples = [str(s) for s in samples] if samples is not None else [str(i) for i in range(len(Xs))]
     if predict and len(Xs):
-        before, after = class_probabilities(bundle.target_model, Xs), class_probabilities(bundle.target_model, x_adv)
+        before, after = (
+            class_probabilities(bundle.target_model, Xs),
+            class_probabilities(bundle.target_model, x_adv),
+        )
     else:
         before = after = np.zeros((len(Xs), len(bundle.classes) if predict else 0), np.float32)
     return Perturbation(
-        samples, list(bundle.genes), list(bundle.classes), bundle.target, Xs, P, x_adv, before, after,
+        samples,
+        list(bundle.genes),
+        list(bundle.classes),
+        bundle.target,
+        Xs,
+        P,
+        x_adv,
+        before,
+        after,
         None if labels is None else np.asarray(labels, dtype=object),
     )
 
@@ -222,12 +249,21 @@ def perturb_adata(
     X = align_genes(adata, bundle.genes, layer=layer, source=source)
     if not np.isfinite(X).all():
         i, j = map(int, np.argwhere(~np.isfinite(X))[0])
-        raise ValueError(f"{source}: missing or infinite value at sample {adata.obs_names[i]!r}, gene {bundle.genes[j]!r}")
+        raise ValueError(
+            f"{source}: missing or infinite value at sample {adata.obs_names[i]!r}, gene {bundle.genes[j]!r}"
+        )
     if label_key is not None and label_key not in adata.obs:
-        raise ValueError(f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}")
+        raise ValueError(
+            f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}"
+        )
     key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
     labels = adata.obs[key].astype(str).to_numpy() if key else None
-    return perturb_scaled(bundle, bundle.scaler.transform(X, genes=bundle.genes, source=source), adata.obs_names, labels=labels)
+    return perturb_scaled(
+        bundle,
+        bundle.scaler.transform(X, genes=bundle.genes, source=source),
+        adata.obs_names,
+        labels=labels,
+    )
 
 
 def perturb(
@@ -288,7 +324,9 @@ def perturb(
       not the target (all samples when labels are unknown or all of the target), as arrays
     """
     if not copy and list(adata.var_names) != list(bundle.genes):
-        raise ValueError(f"{source}: in-place perturbation needs exactly the bundle's genes in order; use copy=True")
+        raise ValueError(
+            f"{source}: in-place perturbation needs exactly the bundle's genes in order; use copy=True"
+        )
     result = perturb_adata(bundle, adata, layer=layer, label_key=label_key, source=source)
     out = adata[:, bundle.genes].copy() if copy else adata
     out.layers[f"{key_added}_x"] = result.x
@@ -296,7 +334,9 @@ def perturb(
     out.layers[f"{key_added}_perturbed"] = result.x_adv
     pred = result.predictions_df()
     for col in ("pred_before", "pred_after"):
-        out.obs[f"{key_added}_{col}"] = pd.Categorical(pred[col].to_numpy(), categories=bundle.classes)
+        out.obs[f"{key_added}_{col}"] = pd.Categorical(
+            pred[col].to_numpy(), categories=bundle.classes
+        )
     for col in ("prob_before", "prob_after"):
         out.obs[f"{key_added}_prob_pred_{col.removeprefix('prob_')}"] = pred[col].to_numpy()
     for col in ("prob_target_before", "prob_target_after"):
@@ -304,9 +344,22 @@ def perturb(
     top = top_genes(result.P, bundle.genes, k=k)
     cons = consensus(result.P[result.source_rows()], bundle.genes, k=k)
     out.uns[key_added] = {
-        "params": {"bundle": bundle.name, "target": bundle.target, "layer": layer or "X", "k": int(top.k)},
-        "top_genes": {"up": top.up.astype(str), "down": top.down.astype(str), "up_P": top.up_P, "down_P": top.down_P},
-        "consensus": {c: (cons[c].to_numpy().astype(str) if cons[c].dtype == object else cons[c].to_numpy()) for c in cons.columns},
+        "params": {
+            "bundle": bundle.name,
+            "target": bundle.target,
+            "layer": layer or "X",
+            "k": int(top.k),
+        },
+        "top_genes": {
+            "up": top.up.astype(str),
+            "down": top.down.astype(str),
+            "up_P": top.up_P,
+            "down_P": top.down_P,
+        },
+        "consensus": {
+            c: (cons[c].to_numpy().astype(str) if cons[c].dtype == object else cons[c].to_numpy())
+            for c in cons.columns
+        },
     }
     return out if copy else None
 
@@ -365,8 +418,12 @@ def top_genes(P: np.ndarray, genes: Sequence[str], k: int = 20) -> TopGenes:
     up = np.argsort(-P, axis=1, kind="stable")[:, :k]
     down = np.argsort(P, axis=1, kind="stable")[:, :k]
     return TopGenes(
-        names[up], names[down], up, down,
-        np.take_along_axis(P, up, 1), np.take_along_axis(P, down, 1),
+        names[up],
+        names[down],
+        up,
+        down,
+        np.take_along_axis(P, up, 1),
+        np.take_along_axis(P, down, 1),
     )
 
 
@@ -377,13 +434,15 @@ def top_genes_df(perturbation: Perturbation, k: int = 20) -> pd.DataFrame:
     """
     top = top_genes(perturbation.P, perturbation.genes, k=k)
     n, k = top.up.shape
-    return pd.DataFrame({
-        "sample": np.repeat(np.asarray(perturbation.samples, dtype=object), 2 * k),
-        "direction": np.tile(np.repeat(np.array(DIRECTIONS, dtype=object), k), n),
-        "rank": np.tile(np.concatenate([np.arange(1, k + 1)] * 2), n),
-        "gene": np.concatenate([top.up, top.down], axis=1).reshape(-1),
-        "P": np.concatenate([top.up_P, top.down_P], axis=1).reshape(-1).astype(float),
-    })
+    return pd.DataFrame(
+        {
+            "sample": np.repeat(np.asarray(perturbation.samples, dtype=object), 2 * k),
+            "direction": np.tile(np.repeat(np.array(DIRECTIONS, dtype=object), k), n),
+            "rank": np.tile(np.concatenate([np.arange(1, k + 1)] * 2), n),
+            "gene": np.concatenate([top.up, top.down], axis=1).reshape(-1),
+            "P": np.concatenate([top.up_P, top.down_P], axis=1).reshape(-1).astype(float),
+        }
+    )
 
 
 def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
@@ -408,10 +467,17 @@ def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
         count = np.bincount(getattr(top, f"{d}_index").reshape(-1), minlength=len(genes))
         idx = np.flatnonzero(count)
         idx = idx[np.lexsort((idx, sign * mean_P[idx], -count[idx]))]
-        frames.append(pd.DataFrame({
-            "gene": names[idx], "direction": d, "count": count[idx].astype(int),
-            "frequency": count[idx] / len(P), "mean_P": mean_P[idx],
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "gene": names[idx],
+                    "direction": d,
+                    "count": count[idx].astype(int),
+                    "frequency": count[idx] / len(P),
+                    "mean_P": mean_P[idx],
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -455,11 +521,18 @@ def unique_top_genes(
     if len(labels) != len(P):
         raise ValueError(f"{len(labels)} labels for {len(P)} samples")
     rng = np.random.default_rng(seed)
-    picks = [int(rng.choice(np.flatnonzero(labels == c))) for c in sorted(set(labels.tolist())) if c != exclude]
+    picks = [
+        int(rng.choice(np.flatnonzero(labels == c)))
+        for c in sorted(set(labels.tolist()))
+        if c != exclude
+    ]
     if not picks:
         raise ValueError("no source class to sample from")
     top = top_genes(P[picks], genes, k=k)
     return {
-        "up": int(len(np.unique(top.up_index))), "down": int(len(np.unique(top.down_index))),
-        "n_classes": len(picks), "k": k, "samples": picks,
+        "up": int(len(np.unique(top.up_index))),
+        "down": int(len(np.unique(top.down_index))),
+        "n_classes": len(picks),
+        "k": k,
+        "samples": picks,
     }

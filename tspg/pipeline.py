@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from .bundle import Bundle, new_manifest, slug
+from .config import TrainConfig
 from .data import Scaler, align_genes, fingerprint, stratified_split, validate_labels
 from .genesets import GeneSelection, select_genes
 from .perturb import class_probabilities, generate_perturbed
-from .train import TrainConfig, fit_generator, fit_target, resolve_device
+from .training import fit_generator, fit_target, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,10 @@ Progress = Callable[[str, int, int, dict[str, float]], None]
 
 # The settings that made a target model and its split: with a reused target model they
 # are that bundle's, whatever the new run's config says (so the new bundle can be loaded)
-TARGET_MODEL_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name.startswith("target_")) + ("split_seed", "test_size")
+TARGET_MODEL_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name.startswith("target_")) + (
+    "split_seed",
+    "test_size",
+)
 
 
 @dataclass
@@ -49,7 +53,9 @@ class Prepared:
 
     def class_index(self, name: str) -> int:
         if name not in self.classes:
-            raise ValueError(f"target class {name!r} is not among the {len(self.classes)} classes of {self.label_key!r}: {', '.join(self.classes)}")
+            raise ValueError(
+                f"target class {name!r} is not among the {len(self.classes)} classes of {self.label_key!r}: {', '.join(self.classes)}"
+            )
         return self.classes.index(name)
 
 
@@ -78,7 +84,13 @@ def prepare(
         )
     genes = genes or select_genes(adata.var_names)
     if reuse is not None:
-        genes = GeneSelection(reuse.manifest["gene_set"]["name"], list(reuse.genes), len(reuse.genes), [], reuse.manifest["gene_set"].get("source"))
+        genes = GeneSelection(
+            reuse.manifest["gene_set"]["name"],
+            list(reuse.genes),
+            len(reuse.genes),
+            [],
+            reuse.manifest["gene_set"].get("source"),
+        )
     X = align_genes(adata, genes.genes, layer=layer, source=dataset)
     labels = adata.obs[label_key].astype(str).to_numpy()
     samples = list(adata.obs_names)
@@ -86,11 +98,15 @@ def prepare(
         classes = list(reuse.classes)
         unknown = sorted(set(labels) - set(classes))
         if unknown:
-            raise ValueError(f"{dataset}: class {unknown[0]!r} is unknown to the target model of {reuse.name!r}")
+            raise ValueError(
+                f"{dataset}: class {unknown[0]!r} is unknown to the target model of {reuse.name!r}"
+            )
         pos = {s: i for i, s in enumerate(samples)}
         missing = [s for s in reuse.split["train"] + reuse.split["test"] if s not in pos]
         if missing:
-            raise ValueError(f"{dataset}: sample {missing[0]!r} of {reuse.name!r}'s split is not in this data; the target model cannot be reused")
+            raise ValueError(
+                f"{dataset}: sample {missing[0]!r} of {reuse.name!r}'s split is not in this data; the target model cannot be reused"
+            )
         train_idx = np.array([pos[s] for s in reuse.split["train"]])
         test_idx = np.array([pos[s] for s in reuse.split["test"]])
         scaler = reuse.scaler
@@ -98,12 +114,24 @@ def prepare(
         classes = sorted(set(labels))
         train_idx, test_idx = stratified_split(labels, test_size=test_size, seed=seed)
         if not len(test_idx):
-            raise ValueError(f"{dataset}: no class has two samples, so nothing can be held out for testing")
+            raise ValueError(
+                f"{dataset}: no class has two samples, so nothing can be held out for testing"
+            )
         scaler = Scaler.fit(X[train_idx])
     y = np.array([classes.index(c) for c in labels])
     return Prepared(
-        dataset, label_key, classes, list(genes.genes), genes, samples, y, scaler.transform(X, genes=genes.genes, source=dataset), scaler,
-        train_idx, test_idx, fingerprint(X, genes.genes, samples),
+        dataset,
+        label_key,
+        classes,
+        list(genes.genes),
+        genes,
+        samples,
+        y,
+        scaler.transform(X, genes=genes.genes, source=dataset),
+        scaler,
+        train_idx,
+        test_idx,
+        fingerprint(X, genes.genes, samples),
     )
 
 
@@ -125,7 +153,11 @@ def heldout_metrics(prep: Prepared, f, G, target: int) -> dict:
     _, x_adv = generate_perturbed(G, Xte)
     hit = class_probabilities(f, x_adv).argmax(1) == target
     non = yte != target
-    per_source = {prep.classes[c]: float(hit[yte == c].mean()) for c in sorted(set(yte.tolist())) if c != target}
+    per_source = {
+        prep.classes[c]: float(hit[yte == c].mean())
+        for c in sorted(set(yte.tolist()))
+        if c != target
+    }
     return {
         "target_model_accuracy": acc,
         "perturbation_accuracy": float(hit.mean()),
@@ -144,7 +176,14 @@ def _stage(progress: Progress | None, stage: str):
 
 def _fit_target_model(prep: Prepared, config: TrainConfig, device, progress) -> torch.nn.Module:
     tr = prep.train_idx
-    return fit_target(prep.X[tr], prep.y[tr], len(prep.classes), config, device=device, callback=_stage(progress, "target model"))
+    return fit_target(
+        prep.X[tr],
+        prep.y[tr],
+        len(prep.classes),
+        config,
+        device=device,
+        callback=_stage(progress, "target model"),
+    )
 
 
 def train(
@@ -183,8 +222,16 @@ def train(
         Called after every epoch as ``progress(stage, epoch, n_epochs, losses)``.
     """
     return train_all_targets(
-        adata, label_key=label_key, targets=[target], config=config, genes=genes, layer=layer,
-        dataset=dataset, target_model=target_model, device=device, names=[name] if name else None,
+        adata,
+        label_key=label_key,
+        targets=[target],
+        config=config,
+        genes=genes,
+        layer=layer,
+        dataset=dataset,
+        target_model=target_model,
+        device=device,
+        names=[name] if name else None,
         progress=progress,
     )[0]
 
@@ -208,7 +255,16 @@ def train_all_targets(
     if target_model is not None:
         config = reused_config(config, target_model)
     dev = resolve_device(device)
-    prep = prepare(adata, label_key=label_key, genes=genes, layer=layer, test_size=config.test_size, seed=config.split_seed, dataset=dataset, reuse=target_model)
+    prep = prepare(
+        adata,
+        label_key=label_key,
+        genes=genes,
+        layer=layer,
+        test_size=config.test_size,
+        seed=config.split_seed,
+        dataset=dataset,
+        reuse=target_model,
+    )
     targets = list(targets) if targets else list(prep.classes)
     target_idx = [prep.class_index(t) for t in targets]
     names = names or default_names(prep.dataset, targets)
@@ -223,20 +279,44 @@ def train_all_targets(
     bundles = []
     for t_name, t, bname in zip(targets, target_idx, names, strict=True):
         tr = prep.train_idx
-        fit = fit_generator(prep.X[tr], prep.y[tr], t, f, config, device=dev, callback=_stage(progress, f"generator {t_name}"))
+        fit = fit_generator(
+            prep.X[tr],
+            prep.y[tr],
+            t,
+            f,
+            config,
+            device=dev,
+            callback=_stage(progress, f"generator {t_name}"),
+        )
         metrics = heldout_metrics(prep, f.cpu(), fit.generator.cpu(), t)
         f.to(dev)
-        metrics.update(train_seconds_target_model=target_seconds, train_seconds_generator=fit.seconds, device=str(dev))
+        metrics.update(
+            train_seconds_target_model=target_seconds,
+            train_seconds_generator=fit.seconds,
+            device=str(dev),
+        )
         manifest = new_manifest(
             name=bname,
-            dataset={"name": prep.dataset, "fingerprint": prep.fingerprint, "n_samples": len(prep.samples)},
+            dataset={
+                "name": prep.dataset,
+                "fingerprint": prep.fingerprint,
+                "n_samples": len(prep.samples),
+            },
             label_key=prep.label_key,
             classes=prep.classes,
             target=t_name,
             genes=prep.genes,
-            gene_set={"name": prep.gene_set.name, "source": prep.gene_set.source, "n_requested": prep.gene_set.n_requested, "n_missing": len(prep.gene_set.missing)},
+            gene_set={
+                "name": prep.gene_set.name,
+                "source": prep.gene_set.source,
+                "n_requested": prep.gene_set.n_requested,
+                "n_missing": len(prep.gene_set.missing),
+            },
             scaler={"minimum": prep.scaler.minimum.tolist(), "range": prep.scaler.range.tolist()},
-            split={"train": [prep.samples[i] for i in prep.train_idx], "test": [prep.samples[i] for i in prep.test_idx]},
+            split={
+                "train": [prep.samples[i] for i in prep.train_idx],
+                "test": [prep.samples[i] for i in prep.test_idx],
+            },
             config=config.to_dict(),
             target_mean=prep.X[tr][prep.y[tr] == t].mean(0).tolist(),
             covariance_used=fit.covariance,
@@ -244,7 +324,14 @@ def train_all_targets(
             metrics=metrics,
             history=fit.history,
         )
-        bundles.append(Bundle(manifest, fit.generator, fit.discriminator, f.cpu() if len(targets) == 1 else _copy_of(f)))
+        bundles.append(
+            Bundle(
+                manifest,
+                fit.generator,
+                fit.discriminator,
+                f.cpu() if len(targets) == 1 else _copy_of(f),
+            )
+        )
     return bundles
 
 

@@ -11,126 +11,19 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from .config import TrainConfig
+from .errors import UserError
 from .nets import Discriminator, Generator, TargetClassifier, evaluating
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[int, int, dict[str, float]], None]
-RECIPES = ("tspg+", "paper")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every hyper-parameter of a run; saved in the bundle so the run can be rebuilt.
-
-    Defaults are the ``tspg+`` recipe; ``TrainConfig.for_recipe("paper")`` gives the
-    paper's (Targonski et al. 2019) exactly. See the README for why they differ.
-    """
-
-    recipe: str = "tspg+"
-    seed: int = 0  # seeds initialisation, batches and draws
-    split_seed: int = 0  # seeds the train/held-out split, apart, so seeds can be compared on one split
-    test_size: float = 0.2  # share of each class held out from every model
-    # target model f
-    target_epochs: int = 30
-    target_lr: float = 1e-3
-    target_batch_size: int = 128
-    target_hidden: tuple[int, ...] = (1024, 512, 128)
-    # generator G and discriminator D
-    epochs: int = 60
-    batch_size: int = 128
-    g_lr: float = 2e-4
-    d_lr: float = 1e-4
-    gen_encoder: tuple[int, ...] = (512, 256, 128)
-    gen_residual: int = 3
-    gen_decoder: tuple[int, ...] = (256, 512)
-    disc_hidden: tuple[int, ...] = (512, 256, 128)
-    # generator loss L = w_gan L_gan + w_adv L_adv + w_norm L_norm + w_td L_td + w_ed L_ed
-    w_gan: float = 1.0
-    w_adv: float = 3.0
-    w_norm: float = 0.0
-    w_td: float = 0.0
-    w_ed: float = 30.0
-    ed_repulsion: float = 0.8  # weight of E d(x_adv, x_adv') inside L_ed; < 1 draws x_adv to the target's core
-    kappa: float = 2.0  # Carlini-Wagner confidence margin (on logits for tspg+)
-    adv_space: Literal["logits", "probs"] = "logits"  # where the C-W margin is taken
-    adv_reduce: Literal["mean", "sum"] = "mean"  # over the batch
-    norm_form: Literal["sample", "batch"] = "sample"  # of G's output g: mean ||g_i||_2, or ||g_batch||_2 + 1
-    covariance: Literal["auto", "full", "diagonal", "lowrank"] = "auto"  # of r_t in L_td
-    cov_rank: int = 64  # rank for covariance="lowrank"
-    disc_real: Literal["target", "all"] = "target"  # what D is shown as real
-    train_on: Literal["non-target", "all"] = "non-target"  # samples G learns to perturb
-
-    def __post_init__(self):
-        for f in fields(self):
-            problem = config_problem(f.name, getattr(self, f.name))
-            if problem:
-                raise ValueError(f"{f.name} = {getattr(self, f.name)!r}: {problem}")
-
-    @classmethod
-    def for_recipe(cls, recipe: str = "tspg+", **overrides) -> TrainConfig:
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        base = cls(**PAPER) if recipe == "paper" else cls()
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-        if "target_batch_size" not in kw:  # bundles older than the field trained f in batches of batch_size
-            kw["target_batch_size"] = kw.get("batch_size", cls.batch_size)
-        return cls(**kw)
-
-
-# The allowed words of the TrainConfig fields that take one
-CHOICES = {
-    "recipe": list(RECIPES), "adv_space": ["logits", "probs"], "adv_reduce": ["mean", "sum"],
-    "norm_form": ["sample", "batch"], "covariance": ["auto", "full", "diagonal", "lowrank"],
-    "disc_real": ["target", "all"], "train_on": ["non-target", "all"],
-}
-
-
-def config_problem(name: str, value) -> str | None:
-    """Why ``value`` is out of range for TrainConfig field ``name``; None when it is fine."""
-    if isinstance(value, str):
-        return None if value in CHOICES.get(name, [value]) else f"choose one of {', '.join(CHOICES[name])}"
-    if isinstance(value, tuple):
-        return None if all(isinstance(w, int) and w >= 1 for w in value) else "widths must be at least 1"
-    if not math.isfinite(value):
-        return "must be a finite number"
-    if name == "test_size":
-        return None if 0 < value < 1 else "must be between 0 and 1 (exclusive)"
-    if name == "ed_repulsion":
-        return None if 0 <= value <= 1 else "must be between 0 and 1"
-    if name.endswith("seed") or name.startswith("w_") or name == "kappa" or name == "gen_residual":
-        return None if value >= 0 else "must be 0 or more"
-    if name.endswith("_lr"):
-        return None if value > 0 else "must be more than 0"
-    if isinstance(value, int):  # epochs, batch sizes, ranks
-        return None if value >= 1 else "must be at least 1"
-    return None
-
-
-# The paper's recipe, as the reference implementation computes it (DESIGN.md); its target
-# model trains for 50 epochs in batches of 32 (the reference's train-target defaults).
-# covariance "auto" draws from the full empirical covariance whenever it fits in memory.
-PAPER = dict(
-    recipe="paper", epochs=150, target_epochs=50, target_batch_size=32,
-    w_gan=1.0, w_adv=1.0, w_norm=1.0, w_td=1.0, w_ed=0.0, ed_repulsion=1.0, kappa=0.0,
-    adv_space="probs", adv_reduce="sum", norm_form="batch", covariance="auto",
-    disc_real="all", train_on="all",
-)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -142,11 +35,13 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available on this machine")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps: Apple MPS is not available on this machine")
+        raise UserError("--device cuda: no CUDA GPU is available on this machine")
+    if device == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise UserError("--device mps: Apple MPS is not available on this machine")
     if device not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
     return torch.device(device)
 
 
@@ -216,7 +111,11 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor, *, repulsion: float = 1.0)
     ``repulsion`` < 1 weakens the E d(A,A') term, so A settles nearer B's dense core than
     B's own spread (1 is the proper E-distance).
     """
-    return 2 * pairwise_distances(a, b).mean() - repulsion * pairwise_distances(a, a).mean() - pairwise_distances(b, b).mean()
+    return (
+        2 * pairwise_distances(a, b).mean()
+        - repulsion * pairwise_distances(a, a).mean()
+        - pairwise_distances(b, b).mean()
+    )
 
 
 # ----------------------------------------------------------------------------- target draws
@@ -235,7 +134,14 @@ class TargetSampler:
     A fits in 256 MB, ``lowrank`` beyond.
     """
 
-    def __init__(self, X_t: torch.Tensor, *, covariance: str = "auto", rank: int = 64, generator: torch.Generator):
+    def __init__(
+        self,
+        X_t: torch.Tensor,
+        *,
+        covariance: str = "auto",
+        rank: int = 64,
+        generator: torch.Generator,
+    ):
         n_t, n = X_t.shape
         self.mu = X_t.mean(0)
         A = (X_t - self.mu) / math.sqrt(max(n_t - 1, 1))
@@ -260,7 +166,9 @@ class TargetSampler:
             var = A.pow(2).sum(0) - self.V.pow(2).sum(0)
             self.resid_sd = var.clamp_min(0).sqrt()
         else:
-            raise ValueError(f"unknown covariance {covariance!r}; use auto, full, diagonal or lowrank")
+            raise UserError(
+                f"unknown covariance {covariance!r}; use auto, full, diagonal or lowrank"
+            )
 
     def describe(self) -> str:
         return {
@@ -299,7 +207,7 @@ def _check_finite(losses: dict[str, float], stage: str, epoch: int) -> None:
     """Stop with a clear message as soon as a loss is NaN or infinite."""
     bad = [k for k, v in losses.items() if not math.isfinite(v)]
     if bad:
-        raise ValueError(
+        raise UserError(
             f"training the {stage} diverged in epoch {epoch + 1}: loss {bad[0]} is {losses[bad[0]]}; "
             "lower the learning rates or the loss weights, and check the data for extreme values"
         )
@@ -370,7 +278,12 @@ def fit_generator(
     device = torch.device(device)
     gen = seed_everything(config.seed + 1)
     n_genes = X.shape[1]
-    G = Generator(n_genes, encoder=config.gen_encoder, n_residual=config.gen_residual, decoder=config.gen_decoder).to(device)
+    G = Generator(
+        n_genes,
+        encoder=config.gen_encoder,
+        n_residual=config.gen_residual,
+        decoder=config.gen_decoder,
+    ).to(device)
     D = Discriminator(n_genes, hidden=config.disc_hidden).to(device)
     f = target_model.to(device).eval()
     for p in f.parameters():
@@ -382,11 +295,13 @@ def fit_generator(
     is_target = torch.from_numpy(y == target).to(device)
     X_t = Xall[is_target]
     if len(X_t) < 2:
-        raise ValueError(f"the target class has {len(X_t)} training samples; at least 2 are needed")
+        raise UserError(f"the target class has {len(X_t)} training samples; at least 2 are needed")
     X_src = Xall[~is_target] if config.train_on == "non-target" else Xall
     sampler = None
     if config.w_td:
-        sampler = TargetSampler(X_t, covariance=config.covariance, rank=config.cov_rank, generator=gen)
+        sampler = TargetSampler(
+            X_t, covariance=config.covariance, rank=config.cov_rank, generator=gen
+        )
         logger.info("L_td draws from the %s", sampler.describe())
 
     history: dict[str, list[float]] = {}
@@ -397,7 +312,11 @@ def fit_generator(
         for idx in _batches(len(X_src), config.batch_size, gen):
             x = X_src[idx.to(device)]  # (batch, n_genes)
             m = len(x)
-            real = x if config.disc_real == "all" else X_t[torch.randint(len(X_t), (m,), generator=gen).to(device)]
+            real = (
+                x
+                if config.disc_real == "all"
+                else X_t[torch.randint(len(X_t), (m,), generator=gen).to(device)]
+            )
 
             # 1. discriminator: real -> 1, x_adv (from G in inference mode) -> 0, one batch
             G.eval()
@@ -414,7 +333,9 @@ def fit_generator(
             g = G(x)
             x_adv = (x + g).clamp(0.0, 1.0)
             with evaluating(D):
-                loss = generator_loss(x_adv, g, f, D, target, config, sampler=sampler, X_t=X_t, generator=gen)
+                loss = generator_loss(
+                    x_adv, g, f, D, target, config, sampler=sampler, X_t=X_t, generator=gen
+                )
             opt_g.zero_grad()
             loss.total.backward()
             opt_g.step()
@@ -430,7 +351,9 @@ def fit_generator(
             callback(epoch + 1, config.epochs, epoch_losses)
     G.eval()
     D.eval()
-    return GeneratorFit(G, D, history, sampler.kind if sampler else "none (L_td off)", time.perf_counter() - start)
+    return GeneratorFit(
+        G, D, history, sampler.kind if sampler else "none (L_td off)", time.perf_counter() - start
+    )
 
 
 def generator_loss(
@@ -455,14 +378,26 @@ def generator_loss(
     out = f(x_adv)
     if config.adv_space == "probs":
         out = torch.softmax(out, dim=1)
-    adv = cw_loss(out, target, kappa=config.kappa, reduce=config.adv_reduce) if config.w_adv else zero
+    adv = (
+        cw_loss(out, target, kappa=config.kappa, reduce=config.adv_reduce) if config.w_adv else zero
+    )
     norm = norm_loss(g, form=config.norm_form) if config.w_norm else zero
     td = td_loss(x_adv, sampler.sample(m)) if config.w_td else zero
     if config.w_ed:
         # real target samples: all of them when they fit in a batch, else a random batch
-        ref = X_t if len(X_t) <= m else X_t[torch.randperm(len(X_t), generator=generator)[:m].to(X_t.device)]
+        ref = (
+            X_t
+            if len(X_t) <= m
+            else X_t[torch.randperm(len(X_t), generator=generator)[:m].to(X_t.device)]
+        )
         ed = energy_distance(x_adv, ref, repulsion=config.ed_repulsion)
     else:
         ed = zero
-    total = config.w_gan * gan + config.w_adv * adv + config.w_norm * norm + config.w_td * td + config.w_ed * ed
+    total = (
+        config.w_gan * gan
+        + config.w_adv * adv
+        + config.w_norm * norm
+        + config.w_td * td
+        + config.w_ed * ed
+    )
     return GeneratorLoss(total, gan, adv, norm, td, ed)

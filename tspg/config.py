@@ -1,0 +1,248 @@
+"""The training configuration: every hyper-parameter of a run, its help, range and default.
+
+``TrainConfig`` is a frozen dataclass; each field carries its own help text, allowed words
+or numeric range in its metadata, so the command line (``tspg-train --help``), the
+dashboard's "equivalent command" and the validation all read one source. Importing this
+module does not import torch (the command line's ``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from .errors import UserError
+
+RECIPES = ("tspg+", "paper")
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds; larger values overflow
+MAX_BATCH = 2**20
+MAX_WIDTH = 2**16
+
+
+def _opt(default, help: str, *, choices=None, low=None, high=None, low_open=False, high_open=False):
+    """A TrainConfig field: default, help text, and its allowed words or numeric range."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyper-parameter of a run; saved in the bundle so the run can be rebuilt.
+
+    Defaults are the ``tspg+`` recipe; ``TrainConfig.for_recipe("paper")`` gives the
+    paper's (Targonski et al. 2019) exactly. See the README for why they differ. Each
+    field's help, allowed words and range are in its metadata (:func:`config_fields`).
+    """
+
+    recipe: str = _opt("tspg+", "loss recipe; the other options override it", choices=RECIPES)
+    seed: int = _opt(0, "seed of initialisation, batches and draws", low=0, high=MAX_SEED)
+    split_seed: int = _opt(
+        0,
+        "seed of the stratified train/held-out split (apart, so seeds compare on one split)",
+        low=0,
+        high=MAX_SEED,
+    )
+    test_size: float = _opt(
+        0.2,
+        "share of each class held out from every model",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+    )
+    # target model f
+    target_epochs: int = _opt(30, "epochs of the target model", low=1, high=MAX_EPOCHS)
+    target_lr: float = _opt(1e-3, "Adam learning rate of the target model", low=0, low_open=True)
+    target_batch_size: int = _opt(128, "batch size of the target model", low=1, high=MAX_BATCH)
+    target_hidden: tuple[int, ...] = _opt(
+        (1024, 512, 128), "widths of the target model's hidden layers", low=1, high=MAX_WIDTH
+    )
+    # generator G and discriminator D
+    epochs: int = _opt(60, "epochs of the generator and discriminator", low=1, high=MAX_EPOCHS)
+    batch_size: int = _opt(
+        128, "batch size of the generator and discriminator", low=1, high=MAX_BATCH
+    )
+    g_lr: float = _opt(2e-4, "Adam learning rate of the generator", low=0, low_open=True)
+    d_lr: float = _opt(1e-4, "Adam learning rate of the discriminator", low=0, low_open=True)
+    gen_encoder: tuple[int, ...] = _opt(
+        (512, 256, 128), "widths of the generator's encoder layers", low=1, high=MAX_WIDTH
+    )
+    gen_residual: int = _opt(
+        3, "residual blocks of the generator (at the encoder's last width)", low=0, high=64
+    )
+    gen_decoder: tuple[int, ...] = _opt(
+        (256, 512), "widths of the generator's decoder layers", low=1, high=MAX_WIDTH
+    )
+    disc_hidden: tuple[int, ...] = _opt(
+        (512, 256, 128), "widths of the discriminator's hidden layers", low=1, high=MAX_WIDTH
+    )
+    # generator loss L = w_gan L_gan + w_adv L_adv + w_norm L_norm + w_td L_td + w_ed L_ed
+    w_gan: float = _opt(1.0, "weight of the least-squares GAN loss", low=0)
+    w_adv: float = _opt(3.0, "weight of the Carlini-Wagner loss", low=0)
+    w_norm: float = _opt(0.0, "weight of the L2 norm of the generator's output G(x)", low=0)
+    w_td: float = _opt(0.0, "weight of the L1 distance to a draw of the target distribution", low=0)
+    w_ed: float = _opt(
+        30.0, "weight of the energy distance between x_adv and real target samples", low=0
+    )
+    ed_repulsion: float = _opt(
+        0.8,
+        "weight of the x_adv-to-x_adv term inside the energy distance (<1 draws x_adv to the target's core)",
+        low=0,
+        high=1,
+    )
+    kappa: float = _opt(2.0, "Carlini-Wagner confidence margin", low=0)
+    adv_space: Literal["logits", "probs"] = _opt(
+        "logits",
+        "take the Carlini-Wagner margin on logits or softmax probabilities",
+        choices=("logits", "probs"),
+    )
+    adv_reduce: Literal["mean", "sum"] = _opt(
+        "mean", "average or sum the Carlini-Wagner loss over the batch", choices=("mean", "sum")
+    )
+    norm_form: Literal["sample", "batch"] = _opt(
+        "sample",
+        "sample: mean ||G(x_i)||_2; batch: ||G(x)_batch||_2 + 1",
+        choices=("sample", "batch"),
+    )
+    covariance: Literal["auto", "full", "diagonal", "lowrank"] = _opt(
+        "auto",
+        "covariance of the target distribution for L_td (auto: full unless too large, then lowrank)",
+        choices=("auto", "full", "diagonal", "lowrank"),
+    )
+    cov_rank: int = _opt(64, "rank of the lowrank covariance", low=1, high=MAX_WIDTH)
+    disc_real: Literal["target", "all"] = _opt(
+        "target",
+        "what the discriminator sees as real: target-class samples, or all samples",
+        choices=("target", "all"),
+    )
+    train_on: Literal["non-target", "all"] = _opt(
+        "non-target", "samples the generator learns to perturb", choices=("non-target", "all")
+    )
+
+    def __post_init__(self):
+        for f in fields(self):
+            problem = config_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise UserError(f"{f.name} = {getattr(self, f.name)!r}: {problem}")
+        if not (self.w_gan or self.w_adv or self.w_norm or self.w_td or self.w_ed):
+            raise UserError(
+                "every loss weight (w_gan, w_adv, w_norm, w_td, w_ed) is 0: the generator would learn nothing"
+            )
+
+    @classmethod
+    def for_recipe(cls, recipe: str = "tspg+", **overrides) -> TrainConfig:
+        """The defaults of ``recipe`` (``tspg+`` or ``paper``), with ``overrides`` (None ones ignored)."""
+        if recipe not in RECIPES:
+            raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        base = PAPER if recipe == "paper" else {}
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """A config from a manifest's ``config``; unknown keys are ignored, lists become tuples."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        if (
+            "target_batch_size" not in kw
+        ):  # bundles older than the field trained f in batches of batch_size
+            kw["target_batch_size"] = kw.get("batch_size", cls.batch_size)
+        return cls(**kw)
+
+
+# The paper's recipe, as the reference implementation computes it (DESIGN.md); its target
+# model trains for 50 epochs in batches of 32 (the reference's train-target defaults).
+# covariance "auto" draws from the full empirical covariance whenever it fits in memory.
+PAPER: dict[str, Any] = dict(
+    recipe="paper",
+    epochs=150,
+    target_epochs=50,
+    target_batch_size=32,
+    w_gan=1.0,
+    w_adv=1.0,
+    w_norm=1.0,
+    w_td=1.0,
+    w_ed=0.0,
+    ed_repulsion=1.0,
+    kappa=0.0,
+    adv_space="probs",
+    adv_reduce="sum",
+    norm_form="batch",
+    covariance="auto",
+    disc_real="all",
+    train_on="all",
+)
+
+
+def config_fields() -> dict[str, Field]:
+    """TrainConfig's fields by name (each with ``metadata``: help, choices, low, high)."""
+    return {f.name: f for f in fields(TrainConfig)}
+
+
+def field_default(name: str, recipe: str = "tspg+"):
+    """The default of field ``name`` in ``recipe``."""
+    if recipe == "paper" and name in PAPER:
+        return PAPER[name]
+    f = config_fields()[name]
+    return f.default if f.default is not MISSING else None
+
+
+# The allowed words of the TrainConfig fields that take one
+CHOICES = {
+    name: list(f.metadata["choices"])
+    for name, f in config_fields().items()
+    if f.metadata.get("choices")
+}
+
+
+def config_problem(name: str, value) -> str | None:
+    """Why ``value`` is out of range for TrainConfig field ``name``; None when it is fine."""
+    meta = config_fields()[name].metadata
+    if meta.get("choices"):
+        return None if value in meta["choices"] else f"choose one of {', '.join(meta['choices'])}"
+    if isinstance(value, tuple | list):
+        if not value:
+            return "give at least one width"
+        for w in value:
+            if isinstance(w, bool) or not isinstance(w, int):
+                return "widths must be whole numbers"
+            problem = _range_problem(w, meta)
+            if problem:
+                return f"widths must be {problem}"
+        return None
+    default = field_default(name)
+    integer = isinstance(default, int) and not isinstance(default, bool)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "must be a whole number" if integer else "must be a number"
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if integer and not isinstance(value, int):
+        return "must be a whole number"
+    problem = _range_problem(value, meta)
+    return f"must be {problem}" if problem else None
+
+
+def _range_problem(v, meta: dict) -> str | None:
+    """What ``v`` must be to fit the range in ``meta`` (None when it fits)."""
+    low, high = meta.get("low"), meta.get("high")
+    lo_open, hi_open = meta.get("low_open"), meta.get("high_open")
+    too_low = low is not None and (v <= low if lo_open else v < low)
+    too_high = high is not None and (v >= high if hi_open else v > high)
+    if not (too_low or too_high):
+        return None
+    if low is not None and high is not None and high <= 1:  # shares and weights in [0, 1]
+        return f"between {low:g} and {high:g}" + (" (exclusive)" if lo_open and hi_open else "")
+    if too_low:
+        return f"more than {low:g}" if lo_open else "0 or more" if low == 0 else f"at least {low:g}"
+    return f"less than {high:g}" if hi_open else f"at most {high:g}"
