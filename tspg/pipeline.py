@@ -174,14 +174,22 @@ def _stage(progress: Progress | None, stage: str):
     return lambda step, n, losses: progress(stage, step, n, losses)
 
 
-def _fit_target_model(prep: Prepared, config: TrainConfig, device, progress) -> torch.nn.Module:
+def fit_target_model(
+    prep: Prepared,
+    config: TrainConfig,
+    *,
+    device: str | torch.device = "auto",
+    progress: Progress | None = None,
+) -> torch.nn.Module:
+    """Train the target model f on the training split of ``prep``; returns it in eval mode."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     tr = prep.train_idx
     return fit_target(
         prep.X[tr],
         prep.y[tr],
         len(prep.classes),
         config,
-        device=device,
+        device=dev,
         callback=_stage(progress, "target model"),
     )
 
@@ -266,7 +274,8 @@ def train_all_targets(
         reuse=target_model,
     )
     targets = list(targets) if targets else list(prep.classes)
-    target_idx = [prep.class_index(t) for t in targets]
+    for t in targets:  # an unknown target fails before anything trains
+        prep.class_index(t)
     names = names or default_names(prep.dataset, targets)
 
     start = time.perf_counter()
@@ -274,65 +283,109 @@ def train_all_targets(
         f = target_model.target_model.to(dev)
         target_seconds = 0.0
     else:
-        f = _fit_target_model(prep, config, dev, progress)
+        f = fit_target_model(prep, config, device=dev, progress=progress)
         target_seconds = time.perf_counter() - start
-    bundles = []
-    for t_name, t, bname in zip(targets, target_idx, names, strict=True):
-        tr = prep.train_idx
-        fit = fit_generator(
-            prep.X[tr],
-            prep.y[tr],
-            t,
-            f,
-            config,
-            device=dev,
-            callback=_stage(progress, f"generator {t_name}"),
-        )
-        metrics = heldout_metrics(prep, f.cpu(), fit.generator.cpu(), t)
-        f.to(dev)
-        metrics.update(
-            train_seconds_target_model=target_seconds,
-            train_seconds_generator=fit.seconds,
-            device=str(dev),
-        )
-        manifest = new_manifest(
-            name=bname,
-            dataset={
-                "name": prep.dataset,
-                "fingerprint": prep.fingerprint,
-                "n_samples": len(prep.samples),
-            },
-            label_key=prep.label_key,
-            classes=prep.classes,
+    return [
+        train_generator(
+            prep,
+            f if len(targets) == 1 else _copy_of(f),
             target=t_name,
-            genes=prep.genes,
-            gene_set={
-                "name": prep.gene_set.name,
-                "source": prep.gene_set.source,
-                "n_requested": prep.gene_set.n_requested,
-                "n_missing": len(prep.gene_set.missing),
-            },
-            scaler={"minimum": prep.scaler.minimum.tolist(), "range": prep.scaler.range.tolist()},
-            split={
-                "train": [prep.samples[i] for i in prep.train_idx],
-                "test": [prep.samples[i] for i in prep.test_idx],
-            },
-            config=config.to_dict(),
-            target_mean=prep.X[tr][prep.y[tr] == t].mean(0).tolist(),
-            covariance_used=fit.covariance,
+            config=config,
+            name=bname,
+            device=dev,
+            target_seconds=target_seconds,
             target_model_from=target_model.name if target_model is not None else None,
-            metrics=metrics,
-            history=fit.history,
+            progress=progress,
         )
-        bundles.append(
-            Bundle(
-                manifest,
-                fit.generator,
-                fit.discriminator,
-                f.cpu() if len(targets) == 1 else _copy_of(f),
-            )
-        )
-    return bundles
+        for t_name, bname in zip(targets, names, strict=True)
+    ]
+
+
+def train_generator(
+    prep: Prepared,
+    target_model: torch.nn.Module,
+    *,
+    target: str,
+    config: TrainConfig,
+    name: str,
+    device: str | torch.device = "auto",
+    target_seconds: float = 0.0,
+    target_model_from: str | None = None,
+    progress: Progress | None = None,
+) -> Bundle:
+    """Train the generator (and discriminator) for ``target`` against a trained target model.
+
+    Parameters
+    ----------
+    prep
+        The prepared data (:func:`prepare`) the target model was trained on.
+    target_model
+        The target model f; it becomes the new bundle's target model (pass a copy to keep
+        using it elsewhere).
+    target
+        The target class.
+    config
+        The run's settings (with the target model's own, see :func:`reused_config`).
+    name
+        The bundle's name.
+    target_seconds
+        Seconds the target model took to train (stored in the metrics).
+    target_model_from
+        Name of the bundle whose target model is reused, if any.
+
+    Returns
+    -------
+    An unsaved :class:`~tspg.bundle.Bundle`, its held-out metrics in ``metrics``.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    t = prep.class_index(target)
+    tr = prep.train_idx
+    fit = fit_generator(
+        prep.X[tr],
+        prep.y[tr],
+        t,
+        target_model,
+        config,
+        device=dev,
+        callback=_stage(progress, f"generator {target}"),
+    )
+    f = target_model.cpu().eval()
+    metrics = heldout_metrics(prep, f, fit.generator.cpu(), t)
+    metrics.update(
+        train_seconds_target_model=target_seconds,
+        train_seconds_generator=fit.seconds,
+        device=str(dev),
+    )
+    manifest = new_manifest(
+        name=name,
+        dataset={
+            "name": prep.dataset,
+            "fingerprint": prep.fingerprint,
+            "n_samples": len(prep.samples),
+        },
+        label_key=prep.label_key,
+        classes=prep.classes,
+        target=target,
+        genes=prep.genes,
+        gene_set={
+            "name": prep.gene_set.name,
+            "source": prep.gene_set.source,
+            "n_requested": prep.gene_set.n_requested,
+            "n_missing": len(prep.gene_set.missing),
+        },
+        scaler={"minimum": prep.scaler.minimum.tolist(), "range": prep.scaler.range.tolist()},
+        split={
+            "train": [prep.samples[i] for i in prep.train_idx],
+            "test": [prep.samples[i] for i in prep.test_idx],
+        },
+        config=config.to_dict(),
+        target_mean=prep.X[tr][prep.y[tr] == t].mean(0).tolist(),
+        covariance_used=fit.covariance,
+        target_model_from=target_model_from,
+        metrics=metrics,
+        history=fit.history,
+    )
+    return Bundle(manifest, fit.generator, fit.discriminator, f)
 
 
 def _copy_of(f):
