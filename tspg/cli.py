@@ -84,9 +84,51 @@ def _read_data(args):
     )
 
 
-def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """``--recipe`` and one option per TrainConfig number or word (default: the recipe's value)."""
     from .config import CHOICES, TrainConfig, config_fields
 
+    h = p.add_argument_group("hyper-parameters (default: the recipe's value)")
+    h.add_argument(
+        "--recipe",
+        choices=CHOICES["recipe"],
+        default="tspg+",
+        help="loss recipe; the options below override it",
+    )
+    base, paper = TrainConfig.for_recipe("tspg+"), TrainConfig.for_recipe("paper")
+    for name in config_options():
+        a, b = getattr(base, name), getattr(paper, name)
+        default = f"tspg+: {a}" + (f", paper: {b}" if a != b else "")
+        h.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(a),
+            default=None,
+            choices=CHOICES.get(name),
+            help=f"{config_fields()[name].metadata['help']} ({default})",
+        )
+
+
+def check_config_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse (parser.error) a hyper-parameter option outside its range."""
+    from .config import config_problem
+
+    for name in config_options():
+        value = getattr(args, name)
+        problem = None if value is None else config_problem(name, value)
+        if problem:
+            parser.error(f"--{name.replace('_', '-')} {value}: {problem}")
+
+
+def config_from_args(args):
+    """The TrainConfig of ``--recipe`` and the hyper-parameter options given."""
+    from .config import TrainConfig
+
+    return TrainConfig.for_recipe(
+        args.recipe, **{name: getattr(args, name) for name in config_options()}
+    )
+
+
+def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         formatter_class=_Formatter,
@@ -110,24 +152,7 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
     )
     g.add_argument("--genes", help="file with one gene per line")
     g.add_argument("--target-model", help="reuse the target model, split and scaler of this bundle")
-    g.add_argument(
-        "--recipe",
-        choices=CHOICES["recipe"],
-        default="tspg+",
-        help="loss recipe; options below override it",
-    )
-    h = p.add_argument_group("hyper-parameters (default: the recipe's value)")
-    base, paper = TrainConfig.for_recipe("tspg+"), TrainConfig.for_recipe("paper")
-    for name in config_options():
-        a, b = getattr(base, name), getattr(paper, name)
-        default = f"tspg+: {a}" + (f", paper: {b}" if a != b else "")
-        h.add_argument(
-            "--" + name.replace("_", "-"),
-            type=type(a),
-            default=None,
-            choices=CHOICES.get(name),
-            help=f"{config_fields()[name].metadata['help']} ({default})",
-        )
+    add_config_args(p)
     o = p.add_argument_group("output")
     o.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train"
@@ -177,13 +202,7 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
             check_name(args.name)
         except ValueError as err:
             parser.error(f"--name: {err}")
-    from .config import config_problem
-
-    for name in config_options():
-        value = getattr(args, name)
-        problem = None if value is None else config_problem(name, value)
-        if problem:
-            parser.error(f"--{name.replace('_', '-')} {value}: {problem}")
+    check_config_args(parser, args)
     _setup_logging(args.quiet)
     if args.threads:
         import torch
@@ -206,7 +225,6 @@ def _error_line(err: Exception) -> str:
 
 def _train(args, parser, start: float) -> int:
     from .bundle import load_bundle, models_dir, resolve_bundle, save_bundle
-    from .config import TrainConfig
     from .data import validate_labels
     from .datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo
     from .genesets import select_genes
@@ -238,9 +256,7 @@ def _train(args, parser, start: float) -> int:
         target = args.target
         if not target and not args.all_targets:
             parser.error("--target CLASS (or --all-targets) is required")
-    config = TrainConfig.for_recipe(
-        args.recipe, **{name: getattr(args, name) for name in config_options()}
-    )
+    config = config_from_args(args)
     genes = (
         None
         if reuse
@@ -344,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", default=None, help="models folder (default: $TSPG_MODELS_DIR or ./models)"
     )
     _add_analysis_parsers(sub)
+    add_sweep_parser(sub)
 
     app = sub.add_parser(
         "app",
@@ -867,6 +884,236 @@ def _map(args, parser) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- sweep
+
+
+def add_sweep_parser(sub) -> argparse.ArgumentParser:
+    """``tspg sweep``: every gene set x target on Dask (the optional extra ``tspg[sweep]``)."""
+    from .sweep import JOBQUEUES
+
+    sw = sub.add_parser(
+        "sweep",
+        formatter_class=_Formatter,
+        help="train a generator for every gene set x target, in parallel on Dask",
+        description="Train one target model per gene set and one generator per gene set and target, each a "
+        "task on Dask: a local cluster by default, a running scheduler (--scheduler) or batch jobs "
+        "(--jobqueue). Finished bundles are skipped on a rerun; failures are recorded and summarised. "
+        "Writes the bundles and the results table sweep.csv (and sweep.parquet) into --out. "
+        'Needs pip install "tspg[sweep]".',
+        epilog="examples:\n"
+        "  tspg sweep gem.h5ad --label-key tissue --gene-sets h.all.v2023.gmt --out sweep-hallmark\n"
+        "  tspg sweep gem.h5ad --label-key tissue --gene-sets h.all.gmt --sets 'HALLMARK_*' --targets Heart Lung --workers 4\n"
+        "  tspg sweep gem.h5ad --label-key tissue --gene-sets h.all.gmt --jobqueue slurm --jobs 10 --device cuda",
+    )
+    _add_data_args(sw)
+    g = sw.add_argument_group("grid")
+    g.add_argument(
+        "--gene-sets",
+        nargs="+",
+        metavar="FILE",
+        help="GMT files and/or reference-format list files (default: one set of all genes)",
+    )
+    g.add_argument(
+        "--sets",
+        nargs="+",
+        metavar="NAME",
+        help="only the gene sets of these names (shell patterns allowed, e.g. 'HALLMARK_*')",
+    )
+    g.add_argument(
+        "--min-genes", type=int, help="only gene sets with at least this many genes in the GEM"
+    )
+    g.add_argument(
+        "--max-genes", type=int, help="only gene sets with at most this many genes in the GEM"
+    )
+    g.add_argument(
+        "--targets",
+        nargs="+",
+        metavar="CLASS",
+        default=["all"],
+        help="target classes, or all",
+    )
+    add_config_args(sw)
+    e = sw.add_argument_group("engine (Dask)")
+    e.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes of the local cluster (default: cores / --threads)",
+    )
+    e.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per task (default: the cores divided among the workers' task slots)",
+    )
+    e.add_argument(
+        "--scheduler", metavar="ADDRESS", help="run on this Dask scheduler (tcp://host:8786)"
+    )
+    e.add_argument(
+        "--jobqueue",
+        choices=sorted(JOBQUEUES),
+        help="run on batch jobs configured in Dask's jobqueue config (~/.config/dask/jobqueue.yaml)",
+    )
+    e.add_argument("--jobs", type=int, default=1, help="batch jobs to submit (with --jobqueue)")
+    e.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="retries of a task that crashed (a bad input or setting is not retried)",
+    )
+    e.add_argument(
+        "--tasks-per-gpu",
+        type=int,
+        default=4,
+        help="with --device cuda: tasks sharing one GPU (each asks for 1/N of a GPU resource)",
+    )
+    o = sw.add_argument_group("output")
+    o.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where each task trains (chosen on the worker)",
+    )
+    o.add_argument(
+        "--out",
+        default=None,
+        help="folder of the bundles and sweep.csv (default: $TSPG_MODELS_DIR or ./models); "
+        "every worker must see it",
+    )
+    o.add_argument("--k", type=int, default=20, help="top genes per direction in the table")
+    o.add_argument(
+        "--overwrite", action="store_true", help="retrain finished bundles too (default: skip)"
+    )
+    o.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would run (and the batch job script with --jobqueue); start nothing",
+    )
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return sw
+
+
+def run_sweep(args, parser) -> int:
+    """``tspg sweep``: parse -> :func:`tspg.sweep.sweep` -> a summary; 1 when anything failed."""
+    for option in ("workers", "threads", "jobs", "tasks_per_gpu", "k"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    for option in ("retries", "min_genes", "max_genes"):
+        value = getattr(args, option)
+        if value is not None and value < 0:
+            parser.error(f"--{option.replace('_', '-')} must be 0 or more")
+    if (
+        args.min_genes is not None
+        and args.max_genes is not None
+        and args.min_genes > args.max_genes
+    ):
+        parser.error("--min-genes is more than --max-genes")
+    if args.scheduler and args.jobqueue:
+        parser.error("give --scheduler or --jobqueue, not both")
+    if args.workers and (args.scheduler or args.jobqueue):
+        parser.error(
+            "--workers sizes the local cluster; with --scheduler or --jobqueue the workers are theirs"
+        )
+    if args.jobs != 1 and not args.jobqueue:
+        parser.error("--jobs needs --jobqueue")
+    if (
+        args.sets or args.min_genes is not None or args.max_genes is not None
+    ) and not args.gene_sets:
+        parser.error("--sets, --min-genes and --max-genes filter --gene-sets: give the files")
+    if not args.label_key and not args.labels:
+        parser.error("--label-key (or --labels) is required")
+    if "all" in args.targets and len(args.targets) > 1:
+        parser.error("--targets: give all, or a list of classes")
+    check_config_args(parser, args)
+    _setup_logging(args.quiet)
+    from .sweep import jobqueue_cluster, quiet_dask, read_gene_set_files, sweep
+
+    quiet_dask()
+
+    start = time.perf_counter()
+    adata = _read_data(args)
+    gene_sets = (
+        read_gene_set_files(
+            args.gene_sets,
+            names=args.sets,
+            min_genes=args.min_genes,
+            max_genes=args.max_genes,
+            gem_genes=adata.var_names,
+        )
+        if args.gene_sets
+        else None
+    )
+    bar = None
+
+    def progress(row, counts):
+        nonlocal bar
+        if args.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if bar is None:
+            bar = tqdm(total=counts["total"], desc="sweep", unit="generator", file=sys.stderr)
+        if row is not None:
+            bar.update(1)
+        left = counts["total"] - counts["trained"] - counts["failed"]
+        bar.set_postfix(trained=counts["trained"], failed=counts["failed"], left=left)
+
+    try:
+        table = sweep(
+            adata,
+            label_key=args.label_key or "label",
+            gene_sets=gene_sets,
+            targets="all" if args.targets == ["all"] else args.targets,
+            config=config_from_args(args),
+            out=args.out,
+            dataset=Path(args.data).stem,
+            device=args.device,
+            workers=args.workers,
+            threads=args.threads,
+            scheduler=args.scheduler,
+            jobqueue=args.jobqueue,
+            jobs=args.jobs,
+            retries=args.retries,
+            tasks_per_gpu=args.tasks_per_gpu,
+            k=args.k,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    n_sets, n_targets = table["gene_set"].nunique(), table["target"].nunique()
+    counts = table["status"].value_counts()
+    if args.dry_run:
+        print(
+            f"dry run: {n_sets} gene sets x {n_targets} targets: {counts.get('to train', 0)} to train, "
+            f"{counts.get('skipped', 0)} finished earlier, {counts.get('failed', 0)} cannot run"
+        )
+        for r in table[table["status"] == "failed"].itertuples(index=False):
+            print(f"  cannot run: {r.gene_set} / {r.target}: {r.error}")
+        if args.jobqueue:
+            cluster = jobqueue_cluster(args.jobqueue)
+            try:
+                print(f"\nthe {args.jobqueue} job script ({args.jobs} job(s) would be submitted):")
+                print(cluster.job_script())
+            finally:
+                cluster.close()
+        return 0
+    print(
+        f"sweep of {n_sets} gene sets x {n_targets} targets: {counts.get('trained', 0)} trained, "
+        f"{counts.get('skipped', 0)} skipped (finished earlier), {counts.get('failed', 0)} failed; "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    if "path" in table.attrs:
+        print(f"results: {table.attrs['path']}")
+    failed = table[table["status"] == "failed"]
+    for r in failed.head(20).itertuples(index=False):
+        print(f"  failed: {r.gene_set} / {r.target}: {r.error}")
+    if len(failed) > 20:
+        print(f"  ... and {len(failed) - 20} more (see the results table)")
+    return 1 if len(failed) else 0
+
+
 COMMANDS = {
     "import": _import,
     "list": _list,
@@ -875,6 +1122,7 @@ COMMANDS = {
     "evaluate": _evaluate,
     "enrich": _enrich,
     "map": _map,
+    "sweep": run_sweep,
 }
 
 if __name__ == "__main__":
