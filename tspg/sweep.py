@@ -641,7 +641,7 @@ def local_cluster(workers: int | None = None, threads: int | None = None, *, gpu
         n_workers=workers,
         threads_per_worker=1,  # one task per worker process; torch gets `threads` threads
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",
         resources={"GPU": 1} if gpu else None,
     )
     return cluster, threads
