@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -32,6 +33,13 @@ from tspg.sweep import (  # noqa: E402
     sweep_genes_df,
 )
 
+try:
+    import pyarrow  # noqa: F401
+
+    HAVE_PYARROW = True  # the results table is also written as parquet
+except ImportError:
+    HAVE_PYARROW = False
+RESULTS = ["sweep.csv", "sweep.parquet"] if HAVE_PYARROW else ["sweep.csv"]
 CONFIG = TrainConfig.for_recipe("tspg+", epochs=2, target_epochs=2, batch_size=32, **SMALL_NETS)
 TARGETS = ["class-00", "class-01", "class-02"]
 
@@ -125,7 +133,8 @@ def gs_genes(adata):
 
 def test_results_table_is_read_back(finished):
     out, table, _ = finished
-    assert (out / "sweep.csv").exists() and (out / "sweep.parquet").exists()
+    assert (out / "sweep.csv").exists()
+    assert (out / "sweep.parquet").exists() == HAVE_PYARROW
     back = read_results(out)
     assert list(back.columns) == COLUMNS
     pd.testing.assert_series_equal(back["bundle"], table["bundle"])
@@ -134,12 +143,13 @@ def test_results_table_is_read_back(finished):
     long = sweep_genes_df(back)
     assert set(long.columns) == {"gene_set", "target", "direction", "rank", "gene"}
     assert len(long) == 2 * back["top_up"].map(len).sum()
-    os.rename(out / "sweep.parquet", out / "hidden.parquet")  # the CSV alone reads the same
-    try:
-        csv = read_results(out)
-    finally:
-        os.rename(out / "hidden.parquet", out / "sweep.parquet")
-    pd.testing.assert_frame_equal(csv, back)
+    if HAVE_PYARROW:
+        os.rename(out / "sweep.parquet", out / "hidden.parquet")  # the CSV alone reads the same
+        try:
+            csv = read_results(out)
+        finally:
+            os.rename(out / "hidden.parquet", out / "sweep.parquet")
+        pd.testing.assert_frame_equal(csv, back)
 
 
 def test_a_rerun_does_nothing(finished, gem, client):
@@ -220,9 +230,7 @@ def test_a_worker_killed_in_a_task_leaves_no_half_bundle(gem, client, tmp_path):
     assert (table["status"] == "trained").all(), table[["bundle", "error"]]
     for name in table["bundle"]:
         load_bundle(out / name)
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*table["bundle"], "sweep.csv", "sweep.parquet"]
-    )
+    assert sorted(p.name for p in out.iterdir()) == sorted([*table["bundle"], *RESULTS])
 
 
 def test_a_bad_gene_set_is_reported_and_the_rest_finish(client, tmp_path):
@@ -244,11 +252,7 @@ def test_a_bad_gene_set_is_reported_and_the_rest_finish(client, tmp_path):
     )
     assert rows.loc[("GOOD", "rare"), "status"] == "failed"
     assert len(keys) == 3  # GOOD's target model and 2 generators; a bad input is not retried
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "sweep.csv",
-        "sweep.parquet",
-        "syn-good-class-00",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*RESULTS, "syn-good-class-00"])
 
 
 def test_cuda_tasks_ask_for_a_gpu_resource(gem, client, tmp_path):
@@ -347,39 +351,71 @@ def test_dry_run_plans_and_starts_nothing(gem, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_jobqueue_cluster_is_built_from_dasks_config_without_submitting():
-    """SLURM cannot run here: build the SLURMCluster object from a config and read its job
-    script (no job is submitted until cluster.scale)."""
+def readme_jobqueue_examples() -> list[dict]:
+    """The YAML blocks of the README's Sweeps section (the SLURM examples)."""
+    import yaml
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Sweeps") :]
+    section = section[: section.index("\n## ", 1)]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    return [yaml.safe_load(b) for b in blocks]
+
+
+@pytest.mark.parametrize("example", [0, 1], ids=["cpu", "gpu"])
+def test_the_readmes_slurm_examples_build_a_cluster_without_submitting(example):
+    """SLURM cannot run here: build the SLURMCluster object from the README's configuration
+    and read its job script (no job is submitted until cluster.scale)."""
     dask_jobqueue = pytest.importorskip("dask_jobqueue")
     import dask
 
-    slurm = {
-        "cores": 8,
-        "processes": 8,
-        "memory": "32GB",
-        "walltime": "04:00:00",
-        "queue": "gpu",
-        "job-extra-directives": ["--gres=gpu:1"],
-        "worker-extra-args": ["--resources", "GPU=1"],
-    }
-    # the jobqueue reads its config again for each job (script), as from jobqueue.yaml
-    with dask.config.set({f"jobqueue.slurm.{k}": v for k, v in slurm.items()}):
+    config = readme_jobqueue_examples()[example]["jobqueue"]["slurm"]
+    # dask-jobqueue reads its config again for each job (script), as from jobqueue.yaml
+    with dask.config.set({f"jobqueue.slurm.{k}": v for k, v in config.items()}):
         cluster = jobqueue_cluster("slurm", scheduler_options={"dashboard_address": ":0"})
         try:
             assert isinstance(cluster, dask_jobqueue.SLURMCluster) and not cluster.workers
             script = cluster.job_script()
         finally:
             cluster.close()
-    for line in (
-        "#SBATCH -p gpu",
-        "#SBATCH --cpus-per-task=8",
-        "#SBATCH -t 04:00:00",
-        "#SBATCH --gres=gpu:1",
-    ):
-        assert line in script
-    assert "--nthreads 1" in script and "--nworkers 8" in script and "--resources GPU=1" in script
+    cores, processes = config["cores"], config["processes"]
+    assert f"#SBATCH -p {config['queue']}" in script
+    assert f"#SBATCH --cpus-per-task={cores}" in script
+    assert f"#SBATCH -t {config['walltime']}" in script
+    assert config["job-script-prologue"][0] in script
+    assert f"--nthreads {cores // processes}" in script and f"--nworkers {processes}" in script
+    for directive in config.get("job-extra-directives", []):
+        assert f"#SBATCH {directive}" in script
+    if example == 1:
+        assert "--resources GPU=1" in script
+
+
+def test_a_jobqueue_without_configuration_is_a_clear_error():
+    pytest.importorskip("dask_jobqueue")
+    import dask
+
     with (
         dask.config.set({"jobqueue.slurm.cores": None}),
-        pytest.raises(UserError, match="jobqueue.slurm"),
+        pytest.raises(
+            UserError,
+            match=r"--jobqueue slurm: .* \(set jobqueue.slurm in ~/.config/dask/jobqueue.yaml\)",
+        ),
     ):
         jobqueue_cluster("slurm")
+
+
+def test_the_command_lines_dry_run_shows_the_plan_and_the_job_script(gem, tmp_path, capsys):
+    pytest.importorskip("dask_jobqueue")
+    import dask
+
+    data, out = tmp_path / "syn.h5ad", tmp_path / "models"
+    gem.write_h5ad(data)
+    config = readme_jobqueue_examples()[1]["jobqueue"]["slurm"]
+    argv = ["sweep", str(data), "--label-key", "label", "--out", str(out), "--dry-run"]
+    with dask.config.set({f"jobqueue.slurm.{k}": v for k, v in config.items()}):
+        assert main([*argv, "--jobqueue", "slurm", "--jobs", "3", "--device", "cuda"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run: 1 gene sets x 3 targets: 3 to train, 0 finished earlier, 0 cannot run" in text
+    assert "the slurm job script (3 job(s) would be submitted):" in text
+    assert "#SBATCH --gres=gpu:1" in text and "--resources GPU=1" in text
+    assert not out.exists()

@@ -613,9 +613,10 @@ def jobqueue_cluster(kind: str, **options):
         ) from err
     try:
         return getattr(dask_jobqueue, JOBQUEUES[kind])(**options)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:  # no cores or memory set, no such interface
+        line = " ".join(str(err).split())  # one line
         raise UserError(
-            f"--jobqueue {kind}: {err} (set jobqueue.{kind} in ~/.config/dask/jobqueue.yaml)"
+            f"--jobqueue {kind}: {line} (set jobqueue.{kind} in ~/.config/dask/jobqueue.yaml)"
         ) from err
 
 
