@@ -390,6 +390,13 @@ def test_the_readmes_slurm_examples_build_a_cluster_without_submitting(example):
         assert "--resources GPU=1" in script
 
 
+def test_the_command_line_offers_every_jobqueue():
+    from tspg.cli import SWEEP_JOBQUEUES
+    from tspg.sweep import JOBQUEUES
+
+    assert SWEEP_JOBQUEUES == sorted(JOBQUEUES)
+
+
 def test_a_jobqueue_without_configuration_is_a_clear_error():
     pytest.importorskip("dask_jobqueue")
     import dask

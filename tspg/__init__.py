@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import sweep  # noqa: E402  (a module you can call: tspg.sweep(adata, ...))
 from .bundle import Bundle, list_bundles, load_bundle, save_bundle  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .data import read_gem  # noqa: E402
@@ -18,6 +19,7 @@ __all__ = [
     "perturb",
     "read_gem",
     "save_bundle",
+    "sweep",
     "train",
     "train_all_targets",
 ]

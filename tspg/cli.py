@@ -887,10 +887,11 @@ def _map(args, parser) -> int:
 # ----------------------------------------------------------------------------- sweep
 
 
+SWEEP_JOBQUEUES = ["lsf", "pbs", "sge", "slurm"]  # tspg.sweep.JOBQUEUES (no import for --help)
+
+
 def add_sweep_parser(sub) -> argparse.ArgumentParser:
     """``tspg sweep``: every gene set x target on Dask (the optional extra ``tspg[sweep]``)."""
-    from .sweep import JOBQUEUES
-
     sw = sub.add_parser(
         "sweep",
         formatter_class=_Formatter,
@@ -942,14 +943,15 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
     e.add_argument(
         "--threads",
         type=int,
-        help="torch threads per task (default: the cores divided among the workers' task slots)",
+        help="torch threads per task (default: cores / --workers on the local cluster; "
+        "elsewhere the workers' OMP_NUM_THREADS, 1 under Dask)",
     )
     e.add_argument(
         "--scheduler", metavar="ADDRESS", help="run on this Dask scheduler (tcp://host:8786)"
     )
     e.add_argument(
         "--jobqueue",
-        choices=sorted(JOBQUEUES),
+        choices=SWEEP_JOBQUEUES,
         help="run on batch jobs configured in Dask's jobqueue config (~/.config/dask/jobqueue.yaml)",
     )
     e.add_argument("--jobs", type=int, default=1, help="batch jobs to submit (with --jobqueue)")

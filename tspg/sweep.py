@@ -34,8 +34,10 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -1108,3 +1110,14 @@ def sweep_genes_df(results: pd.DataFrame) -> pd.DataFrame:
         frames.append(long)
     out = pd.concat(frames, ignore_index=True)
     return out[["gene_set", "target", "direction", "rank", "gene"]]
+
+
+class _SweepModule(types.ModuleType):
+    """``tspg.sweep`` is this module and, called, :func:`sweep`: ``tspg.sweep(adata, ...)``
+    runs a sweep, ``tspg.sweep.read_results(folder)`` reads one."""
+
+    def __call__(self, *args, **kwargs) -> pd.DataFrame:
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _SweepModule

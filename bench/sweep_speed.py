@@ -1,0 +1,327 @@
+"""Sweep speed on Dask: generators per hour with 1 and 2 workers, the engine's overhead per
+task against calling ``tspg.train`` in a loop, and a projection of the paper's full grid.
+
+A GTEx-like synthetic GEM (``tspg.datasets.synthetic_gem``: 53 classes, unequal class sizes)
+and Hallmark-like gene sets (random genes, 30-200 per set), scaled down to finish in a few
+minutes on 2 CPU cores: by default 2,000 samples x 3,000 genes, 4 gene sets x 4 targets
+(16 generators and 4 target models per run), the tspg+ recipe with few epochs.
+
+Each repeat runs, back to back: the loop (per gene set, ``tspg.train`` of the first target,
+then ``tspg.train(..., target_model=<that bundle>)`` for the others, each bundle saved; in
+this process, 1 torch thread), then the sweep on a warm local cluster of 1 worker (1 torch
+thread, then 2) and of 2 workers (1 thread each). Ratios are taken within each repeat, then
+the median over repeats. The clusters are started and warmed up (torch and tspg imported,
+one optimiser step) before the timing, which is reported apart.
+
+    python bench/sweep_speed.py                      # 3 repeats, a few minutes
+    python bench/sweep_speed.py --repeats 1 --sets 2 --targets 3   # a quick look
+
+The projection of the paper's grid (53 targets x 50 gene sets: 50 target models and 2,650
+generators) on 1, 2 and 64 workers scales the measured seconds per epoch to GTEx's 11,688
+samples (linearly in samples) and the tspg+ recipe's 60 generator and 30 target-model epochs,
+adds the measured per-task overhead, and schedules the tasks as Dask does here (target
+models first, each generator after its gene set's target model) on workers that each have
+their own core, slowed by the parallel efficiency measured with 2 workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GTEX_SAMPLES, GRID_SETS, GRID_TARGETS = 11_688, 50, 53
+
+
+def warm() -> float:
+    """Import torch and tspg and take one optimiser step (a worker's one-time start-up)."""
+    start = time.perf_counter()
+    import torch
+
+    import tspg.metrics  # noqa: F401
+    import tspg.pipeline  # noqa: F401
+
+    m = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.zeros(2, 4)).sum().backward()
+    opt.step()
+    return time.perf_counter() - start
+
+
+def make_grid(args):
+    from tspg.datasets import synthetic_gem
+    from tspg.sweep import GeneSet
+
+    adata = synthetic_gem(args.samples, args.genes, 53, seed=0)
+    rng = np.random.default_rng(1)
+    genes = np.asarray(adata.var_names)
+    sizes = np.linspace(30, 200, args.sets).round().astype(int)  # Hallmark-like: 30-200 genes
+    sets = [
+        GeneSet(f"HALLMARK_LIKE_{i:02d}", tuple(rng.choice(genes, size=n, replace=False)))
+        for i, n in enumerate(sizes)
+    ]
+    classes = sorted(adata.obs["label"].astype(str).unique())
+    targets = classes[: args.targets]
+    return adata, sets, targets
+
+
+def run_loop(adata, sets, targets, config, out: Path) -> float:
+    """The grid with tspg.train in a loop (1 torch thread, this process); wall seconds."""
+    import torch
+
+    import tspg
+    from tspg.genesets import match_gene_set
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    for gs in sets:
+        genes = match_gene_set(gs.name, gs.genes, adata.var_names)
+        first = None
+        for t in targets:
+            b = tspg.train(
+                adata,
+                label_key="label",
+                target=t,
+                config=config,
+                genes=None if first else genes,
+                target_model=first,
+                dataset="bench",
+                device="cpu",
+                name=f"loop-{gs.name}-{t}".lower(),
+            )
+            tspg.save_bundle(b, out)
+            first = first or b
+    return time.perf_counter() - start
+
+
+def run_sweep(
+    adata, sets, targets, config, out: Path, client, threads: int
+) -> tuple[float, object]:
+    from tspg.sweep import sweep
+
+    start = time.perf_counter()
+    table = sweep(
+        adata,
+        label_key="label",
+        gene_sets=sets,
+        targets=targets,
+        config=config,
+        out=out,
+        dataset="bench",
+        device="cpu",
+        client=client,
+        threads=threads,
+    )
+    wall = time.perf_counter() - start
+    bad = table[table["status"] != "trained"]
+    if len(bad):
+        raise SystemExit(f"sweep failed: {bad[['bundle', 'error']].to_string()}")
+    return wall, table
+
+
+def summaries_seconds(out: Path, adata) -> float:
+    """Median seconds of the results table's extra work per generator (top genes, energy
+    distances), timed on the loop's bundles in this process."""
+    import tspg
+    from tspg.pipeline import prepare
+    from tspg.sweep import sweep_summaries
+
+    times = []
+    for path in sorted(out.iterdir())[:4]:
+        b = tspg.load_bundle(path)
+        prep = prepare(adata, label_key="label", reuse=b, dataset="bench")
+        start = time.perf_counter()
+        sweep_summaries(b, prep)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def schedule(n_workers: int, tm: float, gen: float, n_sets: int, n_targets: int) -> float:
+    """Wall time of the grid on ``n_workers`` single-task workers: target models first (as
+    their priority makes Dask run them), each generator once its target model is done."""
+    import heapq
+
+    free = [0.0] * n_workers  # when each worker is next free
+    ready = []  # when each gene set's target model is done
+    for _ in range(n_sets):
+        t = heapq.heappop(free)
+        ready.append(t + tm)
+        heapq.heappush(free, t + tm)
+    end = 0.0
+    for s in sorted(ready):
+        for _ in range(n_targets):
+            t = max(heapq.heappop(free), s)
+            heapq.heappush(free, t + gen)
+            end = max(end, t + gen)
+    return end
+
+
+def fmt_time(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 2 * 3600:
+        return f"{s / 60:.0f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--genes", type=int, default=3000)
+    p.add_argument("--sets", type=int, default=4, help="gene sets (sizes 30-200)")
+    p.add_argument("--targets", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=4, help="generator epochs")
+    p.add_argument("--target-epochs", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    import distributed
+
+    from tspg.bundle import read_manifest
+    from tspg.config import TrainConfig
+    from tspg.sweep import quiet_dask
+
+    quiet_dask()
+    adata, sets, targets = make_grid(args)
+    config = TrainConfig(epochs=args.epochs, target_epochs=args.target_epochs)
+    n_gen = len(sets) * len(targets)
+    load_start = os.getloadavg()[0]
+
+    t0 = time.perf_counter()
+    clusters = {
+        w: distributed.LocalCluster(
+            n_workers=w, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
+        for w in (1, 2)
+    }
+    clients = {w: distributed.Client(c) for w, c in clusters.items()}
+    for c in clients.values():
+        c.run(warm)
+    warm_up = time.perf_counter() - t0
+    warm()  # this process too, for the loop
+
+    settings = [("loop", None, 1), ("sweep", 1, 1), ("sweep", 1, 2), ("sweep", 2, 1)]
+    walls = {s: [] for s in settings}
+    per_epoch = {"gen": [], "tm": []}
+    root = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
+    try:
+        for rep in range(args.repeats):
+            for s in settings:
+                kind, workers, threads = s
+                out = root / f"{kind}-{workers}-{threads}-{rep}"
+                if kind == "loop":
+                    wall = run_loop(adata, sets, targets, config, out)
+                    if rep == 0:
+                        summ = summaries_seconds(out, adata)
+                else:
+                    wall, table = run_sweep(
+                        adata, sets, targets, config, out, clients[workers], threads
+                    )
+                    if s == ("sweep", 1, 1):
+                        per_epoch["gen"] += [
+                            read_manifest(out / b)["metrics"]["train_seconds_generator"]
+                            / args.epochs
+                            for b in table["bundle"]
+                        ]
+                        per_epoch["tm"] += list(
+                            (
+                                table.groupby("gene_set")["target_model_seconds"].first()
+                                / args.target_epochs
+                            ).to_numpy()
+                        )
+                walls[s].append(wall)
+                shutil.rmtree(out, ignore_errors=True)
+                print(
+                    f"repeat {rep + 1}: {kind} {workers or ''} {threads}: {wall:.1f} s",
+                    file=sys.stderr,
+                )
+    finally:
+        for c in clients.values():
+            c.close()
+        for c in clusters.values():
+            c.close()
+        shutil.rmtree(root, ignore_errors=True)
+    load_end = os.getloadavg()[0]
+
+    med = {s: statistics.median(v) for s, v in walls.items()}
+    ratio = lambda a, b: statistics.median(x / y for x, y in zip(walls[a], walls[b], strict=True))  # noqa: E731
+    loop, one, one2, two = settings
+    print(
+        f"machine: {os.cpu_count()} cores, shared with other sessions (load average {load_start:.1f} "
+        f"at the start, {load_end:.1f} at the end); torch {__import__('torch').__version__}"
+    )
+    print(
+        f"grid: {len(sets)} gene sets ({', '.join(str(len(s.genes)) for s in sets)} genes) x "
+        f"{len(targets)} targets = {n_gen} generators and {len(sets)} target models; GEM "
+        f"{args.samples} samples x {args.genes} genes, 53 classes; tspg+ with {args.epochs} "
+        f"generator and {args.target_epochs} target-model epochs; {args.repeats} repeats, medians\n"
+    )
+    print("| setting | wall s | generators / hour | speed vs the loop |")
+    print("|---|---|---|---|")
+    names = {
+        loop: "tspg.train in a loop, 1 thread",
+        one: "sweep, 1 worker x 1 thread",
+        one2: "sweep, 1 worker x 2 threads",
+        two: "sweep, 2 workers x 1 thread",
+    }
+    for s in settings:
+        speed = "1" if s == loop else f"{ratio(loop, s):.2f}"
+        print(f"| {names[s]} | {med[s]:.1f} | {3600 * n_gen / med[s]:.0f} | {speed} |")
+    r21, r2best = (
+        ratio(one, two),
+        statistics.median(
+            min(a, b) / c for a, b, c in zip(walls[one], walls[one2], walls[two], strict=True)
+        ),
+    )
+    over = statistics.median(
+        (s - lp) / n_gen for s, lp in zip(walls[one], walls[loop], strict=True)
+    )
+    per_gen_loop = med[loop] / n_gen
+    print(
+        f"\n2 workers / 1 worker (1 thread each): {r21:.2f}x; against the faster 1-worker "
+        f"setting: {r2best:.2f}x (goal >= 1.8x)"
+    )
+    print(
+        f"engine overhead per generator (sweep on 1 worker minus the loop, per generator): "
+        f"{over:.2f} s = {100 * over / per_gen_loop:.1f}% of the loop's {per_gen_loop:.2f} s "
+        f"per generator (goal <= 10%); of it, the results table's top genes and energy "
+        f"distances: {summ:.2f} s"
+    )
+    print(f"cluster start and worker warm-up (not in the times above): {warm_up:.1f} s")
+
+    # projection of the paper's grid
+    scale = GTEX_SAMPLES / args.samples
+    g_epoch, tm_epoch = statistics.median(per_epoch["gen"]), statistics.median(per_epoch["tm"])
+    cfg = TrainConfig()
+    gen = g_epoch * scale * cfg.epochs + max(over, 0.0)
+    tm = tm_epoch * scale * cfg.target_epochs + max(over, 0.0)
+    eff = min(1.0, r21 / 2)
+    print(
+        f"\nprojection, the paper's grid ({GRID_TARGETS} targets x {GRID_SETS} gene sets: "
+        f"{GRID_SETS} target models, {GRID_SETS * GRID_TARGETS} generators), GTEx's "
+        f"{GTEX_SAMPLES} samples, tspg+ ({cfg.epochs} + {cfg.target_epochs} epochs): "
+        f"{gen:.0f} s per generator, {tm:.0f} s per target model on one core (measured per "
+        f"epoch here, scaled by samples), parallel efficiency {eff:.2f} (measured with 2 workers)"
+    )
+    print("| workers | wall time |")
+    print("|---|---|")
+    for w in (1, 2, 64):
+        slow = 1.0 if w == 1 else 1 / eff
+        wall = schedule(w, tm * slow, gen * slow, GRID_SETS, GRID_TARGETS)
+        print(f"| {w} | {fmt_time(wall)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
