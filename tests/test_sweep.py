@@ -219,6 +219,9 @@ class KillOnce(distributed.WorkerPlugin):
 def test_a_worker_killed_in_a_task_leaves_no_half_bundle(gem, client, tmp_path):
     out, marker = tmp_path / "killed", tmp_path / "killed.marker"
     slow = replace(CONFIG, epochs=40)
+    stale = out / ".syn-set-a-class-01.x1y2z3"  # what an earlier killed run left half written
+    stale.mkdir(parents=True)
+    (stale / "generator.safetensors").write_bytes(b"half")
     client.register_plugin(KillOnce(str(marker), 0.3), name="kill-once")
     try:
         table = run(gem, out, client, config=slow, gene_sets=gene_sets(gem)[:1])

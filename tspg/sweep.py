@@ -273,12 +273,9 @@ def _plan(
     config: TrainConfig,
     out: Path,
     overwrite: bool,
-) -> tuple[list[_SetPlan], dict[str, np.ndarray]]:
-    """Match every set to the GEM, name its bundles and find those already finished.
-
-    Returns the plans and each trainable set's slice of the GEM (samples x its genes).
-    """
-    plans, slices, owner = [], {}, {}
+) -> list[_SetPlan]:
+    """Match every set to the GEM, name its bundles and find those already finished."""
+    plans, owner = [], {}
     for gs in gene_sets:
         names = {t: bundle_name(dataset, gs.name, t) for t in targets}
         for t, name in names.items():
@@ -309,9 +306,7 @@ def _plan(
                 )
                 if manifest is not None:
                     plan.finished[t] = manifest
-        if plan.todo:
-            slices[gs.name] = X
-    return plans, slices
+    return plans
 
 
 # ----------------------------------------------------------------------------- rows
@@ -817,7 +812,7 @@ def sweep(
         raise UserError(f"{blocking}: is a file; the bundles go into a folder (out)")
 
     sets = _gene_sets(gene_sets, adata.var_names)
-    plans, slices = _plan(
+    plans = _plan(
         adata,
         sets,
         targets=targets,
@@ -857,9 +852,10 @@ def sweep(
             )
             _run(
                 todo,
-                slices,
+                adata,
                 obs,
                 rows,
+                layer=layer,
                 root=root,
                 label_key=label_key,
                 dataset=dataset,
@@ -889,10 +885,11 @@ def sweep(
 
 def _run(
     todo: list[tuple[_SetPlan, str]],
-    slices: dict[str, np.ndarray],
+    adata: ad.AnnData,
     obs: pd.DataFrame,
     rows: list[dict],
     *,
+    layer: str | None,
     root: Path,
     label_key: str,
     dataset: str,
@@ -917,10 +914,15 @@ def _run(
             logger.info("engine: %s", what)
             if resources:
                 _check_gpu_workers(client)
+            for plan, t in todo:  # what a killed earlier run left half written: never a bundle
+                for tmp in root.glob(f".{plan.names[t]}.*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
             run = uuid.uuid4().hex[:8]
             for set_name in plans:
                 plan = by_name[set_name]
-                plan.data_file = _write_slice(staging, plan, slices.pop(set_name), obs)
+                X = align_genes(adata, plan.selection.genes, layer=layer, source=dataset)
+                plan.data_file = _write_slice(staging, plan, X, obs)
+                del X
                 finished = next(iter(plan.finished.values()), None)
                 reuse = str(root / finished["name"]) if finished else None
                 tm = client.submit(
@@ -957,20 +959,24 @@ def _run(
                 del tm  # the scheduler keeps it while its generators need it
             if progress:
                 progress(None, dict(counts))
-            for fut in distributed.as_completed(list(futures)):
-                plan, t = futures.pop(fut)
-                try:
-                    row = fut.result()
-                except Exception as err:  # retries spent, or the workers running it died
-                    row = _failed_row(plan, t, _error_text(err), dataset)
-                if row["status"] == "failed":  # the plan knows the gene set's side
-                    where = {c: row.get(c) for c in ("worker", "host", "wall_seconds")}
-                    row = _failed_row(plan, t, row["error"], dataset, **where)
-                rows.append(row)
-                counts["trained" if row["status"] == "trained" else "failed"] += 1
-                fut.release()
-                if progress:
-                    progress(row, dict(counts))
+            try:
+                for fut in distributed.as_completed(list(futures)):
+                    plan, t = futures.pop(fut)
+                    try:
+                        row = fut.result()
+                    except Exception as err:  # retries spent, or the workers running it died
+                        row = _failed_row(plan, t, _error_text(err), dataset)
+                    if row["status"] == "failed":  # the plan knows the gene set's side
+                        where = {c: row.get(c) for c in ("worker", "host", "wall_seconds")}
+                        row = _failed_row(plan, t, row["error"], dataset, **where)
+                    rows.append(row)
+                    counts["trained" if row["status"] == "trained" else "failed"] += 1
+                    fut.release()
+                    if progress:
+                        progress(row, dict(counts))
+            except BaseException:  # interrupted: stop what has not finished
+                client.cancel(list(futures))
+                raise
     finally:
         for plan, t in futures.values():  # interrupted: what never finished
             rows.append(
