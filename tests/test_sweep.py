@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -429,3 +430,19 @@ def test_the_command_lines_dry_run_shows_the_plan_and_the_job_script(gem, tmp_pa
     assert "the slurm job script (3 job(s) would be submitted):" in text
     assert "#SBATCH --gres=gpu:1" in text and "--resources GPU=1" in text
     assert not out.exists()
+
+
+def test_an_interrupted_sweep_writes_what_finished(gem, client, tmp_path):
+    def stop(row, counts):
+        if row is not None:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(gem, tmp_path, client, gene_sets=gene_sets(gem)[:1], progress=stop)
+    table = read_results(tmp_path)
+    assert sorted(table["status"]) == ["failed", "failed", "trained"]
+    stopped = table[table["status"] == "failed"]
+    assert stopped["error"].eq("the sweep stopped before this task finished").all()
+    assert not list(tmp_path.glob(".sweep-*"))  # the staging folder is gone
+    while client.processing() and any(client.processing().values()):  # let cancelled tasks end
+        time.sleep(0.1)
