@@ -5,7 +5,8 @@ chosen targets. :func:`sweep` runs such a grid on ``dask.distributed``: one targ
 gene set (a task), shared by that gene set's generators (one task each, depending on it).
 It runs on a local Dask cluster by default, on an existing scheduler, or on a batch cluster
 (SLURM, PBS, SGE, LSF) through ``dask-jobqueue``; Dask is the optional extra
-``pip install "tspg[sweep]"``.
+``pip install "tspg[sweep]"``. The module itself can be called: ``tspg.sweep(adata, ...)``
+is :func:`sweep`.
 
 How the data travel: the client reads the GEM once, cuts out each gene set's columns and
 writes them as a small ``.h5ad`` into a staging folder inside the output folder; the task
@@ -214,7 +215,6 @@ class _SetPlan:
     error: str | None = None  # why the set cannot be trained at all
     fingerprint: str | None = None
     finished: dict[str, dict] | None = None  # target -> manifest of its finished bundle
-    data_file: Path | None = None
 
     @property
     def todo(self) -> list[str]:
@@ -918,32 +918,34 @@ def _run(
                 for tmp in root.glob(f".{plan.names[t]}.*"):
                     shutil.rmtree(tmp, ignore_errors=True)
             run = uuid.uuid4().hex[:8]
-            for set_name in plans:
+            target_models = {}
+            for set_name in plans:  # target models first: they unlock the generators
                 plan = by_name[set_name]
                 X = align_genes(adata, plan.selection.genes, layer=layer, source=dataset)
-                plan.data_file = _write_slice(staging, plan, X, obs)
+                data_file = _write_slice(staging, plan, X, obs)
                 del X
                 finished = next(iter(plan.finished.values()), None)
-                reuse = str(root / finished["name"]) if finished else None
-                tm = client.submit(
+                target_models[set_name] = client.submit(
                     train_target_model_task,
-                    str(plan.data_file),
+                    str(data_file),
                     plan.selection,
                     label_key=label_key,
                     dataset=dataset,
                     config=config,
                     device=device,
                     threads=threads,
-                    reuse=reuse,
+                    reuse=str(root / finished["name"]) if finished else None,
                     key=f"tspg-target-model-{slug(set_name)}-{run}",
                     retries=retries,
                     resources=resources,
-                    priority=10,  # target models first: they unlock the generators
+                    priority=10,
                 )
+            for set_name in plans:
+                plan = by_name[set_name]
                 for t in plan.todo:
                     fut = client.submit(
                         train_generator_task,
-                        tm,
+                        target_models[set_name],
                         target=t,
                         name=plan.names[t],
                         out=str(root),
@@ -956,7 +958,7 @@ def _run(
                         resources=resources,
                     )
                     futures[fut] = (plan, t)
-                del tm  # the scheduler keeps it while its generators need it
+            del target_models  # the scheduler keeps each while its generators need it
             if progress:
                 progress(None, dict(counts))
             try:
