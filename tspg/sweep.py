@@ -880,6 +880,13 @@ def sweep(
         table = _table(rows)
         if len(table) and root.is_dir():
             table.attrs["path"] = write_results(table, root)
+    n_failed = int((table["status"] == "failed").sum()) if len(table) else 0
+    if n_failed:
+        logger.warning(
+            "%d of %d generators failed; the results table's error column says why",
+            n_failed,
+            len(table),
+        )
     return table
 
 
