@@ -516,7 +516,7 @@ def default_classes(bundle, labels) -> list[str]:
 
 @st.cache_data(show_spinner="Perturbing…", max_entries=32)
 def _perturbation(bkey: str, dkey: str, samples: tuple[str, ...], _bundle, _adata):
-    from tspg.perturb import perturb_adata
+    from tspg.perturbation import perturb_adata
 
     return perturb_adata(_bundle, _adata[list(samples)], source="data")
 
@@ -530,7 +530,7 @@ def perturbation(bundle, data: Data, samples):
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _perturbed_h5ad(bkey: str, dkey: str, samples: tuple[str, ...], _bundle, _adata) -> bytes:
-    from tspg.perturb import perturb
+    from tspg.perturbation import perturb
 
     out = perturb(_adata[list(samples)], _bundle, copy=True)
     with tempfile.TemporaryDirectory(prefix="tspg-h5ad-") as tmp:
@@ -797,7 +797,7 @@ def joint(ref_idx, mkey: str, bundle, data: Data, pert, seed: int):
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _real_pred(bkey: str, dkey: str, _bundle, _adata) -> np.ndarray:
-    from tspg.perturb import class_probabilities
+    from tspg.perturbation import class_probabilities
 
     Xs = scaled_expression(bkey, dkey, _bundle, _adata)
     return np.asarray(_bundle.classes, dtype=object)[

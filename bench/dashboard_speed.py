@@ -54,9 +54,9 @@ def rerender(bundle, ref, Xsel, samples, source, tmean):
     """What the app redoes for a new selection: perturb, place, map frame, map and heatmap dicts."""
     from tspg import charts
     from tspg.embedding import map_frame, place
-    from tspg.perturb import perturb_scaled
+    from tspg.perturbation import perturb_scaled
 
-    pert = perturb_scaled(bundle, Xsel, samples)
+    pert = perturb_scaled(Xsel, bundle, samples=samples)
     xy = place(ref, pert.x_adv)
     frame = map_frame(
         ref, xy, new_samples=pert.samples, new_source=source, new_pred=pert.pred_after
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     from tspg.data import align_genes
     from tspg.datasets import DEMO_LABEL_KEY, demo
     from tspg.embedding import fit_reference_map, map_frame, place
-    from tspg.perturb import perturb_scaled
+    from tspg.perturbation import perturb_scaled
 
     bundle = get_bundle(args.bundle)
     adata = demo()
@@ -211,13 +211,13 @@ def main(argv=None) -> int:
             ref = ref or res[3]
 
     source = np.flatnonzero(labels != bundle.target)
-    perturb_scaled(bundle, Xs[:10].astype(np.float32))  # warm-up: torch's first call allocates
+    perturb_scaled(Xs[:10].astype(np.float32), bundle)  # warm-up: torch's first call allocates
     tmean = Xs[labels == bundle.target].mean(0)
     for m in args.selections:
         sel = rng.choice(len(source), size=min(m, len(source)), replace=False)
         Xsel = Xs[source[sel]].astype(np.float32)
 
-        pert = perturb_scaled(bundle, Xsel, names[source[sel]])
+        pert = perturb_scaled(Xsel, bundle, samples=names[source[sel]])
         add(
             "re-render after a new selection (all below)",
             m,

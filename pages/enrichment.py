@@ -13,7 +13,7 @@ bundle, data = S.page_start("Enrichment")
 sel, pert = S.page_perturbation(bundle, data)
 
 from tspg.enrichment import DEFAULT_LIBRARIES  # noqa: E402
-from tspg.perturb import consensus_top, top_genes  # noqa: E402
+from tspg.perturbation import consensus_top, top_genes  # noqa: E402
 
 k = int(st.session_state.get(S.TOP_K, 20))
 whats = ["consensus", *pert.samples]

@@ -12,7 +12,7 @@ bundle, data = S.page_start("Genes")
 sel, pert = S.page_perturbation(bundle, data)
 
 from tspg import charts  # noqa: E402
-from tspg.perturb import consensus, consensus_top, unique_top_genes  # noqa: E402
+from tspg.perturbation import consensus, consensus_top, unique_top_genes  # noqa: E402
 
 k = int(st.session_state.get(S.TOP_K, 20))
 SHOWN = 25  # genes per direction in the frequency chart
@@ -158,7 +158,7 @@ S.reproduce(
         S.models_arg(),
     ),
     python=(
-        "from tspg.perturb import consensus, unique_top_genes\n"
+        "from tspg.perturbation import consensus, unique_top_genes\n"
         f"freq = consensus(P, genes, k={k})\n"
         f"uniq = unique_top_genes(P, labels, genes, k={k}, exclude={bundle.target!r})"
     ),

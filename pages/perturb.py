@@ -157,7 +157,7 @@ st.caption(
     else f"Consensus over the {len(shown)} samples: how many samples have each gene among their top {k}, and its mean P."
 )
 with S.guard("Ranking the genes failed"):
-    from tspg.perturb import consensus, top_genes_df
+    from tspg.perturbation import consensus, top_genes_df
 
     if one:
         top = top_genes_df(shown, k=k)

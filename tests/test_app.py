@@ -133,9 +133,9 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
 
     pred = at.dataframe[0].value
     assert list(pred.index) == ids
-    from tspg.perturb import perturb_adata
+    from tspg.perturbation import perturb_adata
 
-    expected = perturb_adata(bundle, demo_adata[ids]).predictions_df()
+    expected = perturb_adata(demo_adata[ids], bundle).predictions_df()
     assert list(pred["pred_after"]) == list(expected["pred_after"])
     np.testing.assert_allclose(pred["prob_target_after"], expected["prob_target_after"], atol=1e-3)
     assert list(pred["label"]) == list(labels[ids])
@@ -144,7 +144,7 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     heat = chart_data(charts(at)[0])
     assert set(heat["column"]) == {"x", "P", "x_adv", "target mean"}
     assert heat["gene"].nunique() == 40
-    mean_P = perturb_adata(bundle, demo_adata[ids]).P.mean(0)
+    mean_P = perturb_adata(demo_adata[ids], bundle).P.mean(0)
     top_gene = bundle.genes[int(np.argmax(mean_P))]
     assert heat.sort_values("rank").iloc[0]["gene"] == top_gene
     assert heat[(heat.gene == top_gene) & (heat.column == "P")]["value"].iloc[0] == pytest.approx(
@@ -159,9 +159,9 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     at.radio(key="heat_view").set_value("sample")
     at.session_state["heat_sample"] = ids[2]
     ok(at.run())
-    from tspg.perturb import top_genes
+    from tspg.perturbation import top_genes
 
-    P = perturb_adata(bundle, demo_adata[[ids[2]]]).P
+    P = perturb_adata(demo_adata[[ids[2]]], bundle).P
     top = top_genes(P, bundle.genes, k=20)
     up_table, down_table = at.dataframe[1].value, at.dataframe[2].value
     assert list(up_table["gene"]) == list(top.up[0])
@@ -609,7 +609,7 @@ def test_cli_app_without_streamlit_app_is_a_clear_error(models, monkeypatch, tmp
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "pkg" / "tspg" / "cli.py"))
-    assert cli.main(["app", "--models", str(models)]) == 1
+    assert cli.main(["app", "--models", str(models)]) == 2
     assert "streamlit_app.py not found" in capsys.readouterr().err
 
 

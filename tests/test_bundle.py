@@ -27,7 +27,7 @@ from tspg.bundle import (
     slug,
 )
 from tspg.data import align_genes
-from tspg.perturb import generate_perturbed
+from tspg.perturbation import generate_perturbed
 
 
 class _Trap:
@@ -106,7 +106,7 @@ import json, sys
 import numpy as np, anndata as ad
 from tspg.bundle import load_bundle
 from tspg.data import align_genes
-from tspg.perturb import class_probabilities, generate_perturbed
+from tspg.perturbation import class_probabilities, generate_perturbed
 b = load_bundle(sys.argv[1])
 adata = ad.read_h5ad(sys.argv[2])
 test = adata[b.split["test"]]

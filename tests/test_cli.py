@@ -13,7 +13,8 @@ import torch
 from conftest import TINY_CLASSES, make_tiny_adata
 
 from tspg.bundle import load_bundle
-from tspg.cli import config_options, main, train_main
+from tspg.cli import main, train_main
+from tspg.config import config_options
 from tspg.datasets import write_reference_example
 
 # the paper's networks, trained for a moment: these tests are about the command, not the science
@@ -145,7 +146,7 @@ def test_import_reports_filled_values_or_refuses_them(tmp_path, capsys):
     assert main(["import", str(tmp_path / "gem.csv"), "-o", str(out)]) == 0
     assert "1 missing values filled" in capsys.readouterr().out
     out.unlink()
-    assert main(["import", str(tmp_path / "gem.csv"), "--nan", "error", "-o", str(out)]) == 1
+    assert main(["import", str(tmp_path / "gem.csv"), "--nan", "error", "-o", str(out)]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "sample 's003', gene 'G04'" in line
     assert not out.exists()
@@ -155,7 +156,7 @@ def test_import_usage_and_file_errors(tmp_path, capsys):
     assert "the following arguments are required: -o/--output" in usage_error(
         main, ["import", "x.csv"], capsys
     )
-    assert main(["import", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "o.h5ad")]) == 1
+    assert main(["import", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "o.h5ad")]) == 2
     assert "nope.csv: file not found" in one_error_line(capsys.readouterr().err)
 
 
@@ -171,12 +172,12 @@ def test_import_unreadable_inputs_and_output_named(tmp_path, capsys):
         "-o",
         str(tmp_path / "o.h5ad"),
     ]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert f"error: {tmp_path / 'labels.txt'}: cannot read labels" in one_error_line(
         capsys.readouterr().err
     )
     out = tmp_path / "nowhere" / "o.h5ad"
-    assert main(["import", str(tmp_path / "gem.csv"), "-o", str(out)]) == 1
+    assert main(["import", str(tmp_path / "gem.csv"), "-o", str(out)]) == 2
     assert f"error: {out}: cannot write, {out.parent} is not a folder" == one_error_line(
         capsys.readouterr().err
     )
@@ -320,9 +321,9 @@ def test_every_loss_weight_must_be_finite_and_not_negative(tiny_h5ad, capsys):
     ],
     ids=["label-key", "target", "gene-set", "target-model"],
 )
-def test_train_bad_input_exit_1_one_line_no_bundle(tiny_h5ad, tmp_path, capsys, argv, expected):
+def test_train_bad_input_exit_2_one_line_no_bundle(tiny_h5ad, tmp_path, capsys, argv, expected):
     models = tmp_path / "models"
-    assert train_main([str(tiny_h5ad), *argv, "--out", str(models), *FAST]) == 1
+    assert train_main([str(tiny_h5ad), *argv, "--out", str(models), *FAST]) == 2
     assert re.search(expected, one_error_line(capsys.readouterr().err))
     assert no_bundle_written(models)
 
@@ -344,7 +345,7 @@ def test_train_gene_set_folder_named(tiny_h5ad, tmp_path, capsys):
                 *FAST,
             ]
         )
-        == 1
+        == 2
     )
     assert (
         one_error_line(capsys.readouterr().err)
@@ -353,7 +354,7 @@ def test_train_gene_set_folder_named(tiny_h5ad, tmp_path, capsys):
     assert no_bundle_written(models)
 
 
-def test_train_missing_file_exit_1(tmp_path, capsys):
+def test_train_missing_file_exit_2(tmp_path, capsys):
     models = tmp_path / "models"
     assert (
         train_main(
@@ -368,7 +369,7 @@ def test_train_missing_file_exit_1(tmp_path, capsys):
                 *FAST,
             ]
         )
-        == 1
+        == 2
     )
     assert "nope.h5ad: file not found" in one_error_line(capsys.readouterr().err)
     assert no_bundle_written(models)
@@ -479,7 +480,7 @@ def test_existing_bundle_needs_overwrite(tiny_h5ad, tmp_path, capsys):
         *FAST,
     ]
     assert train_main(argv) == 0
-    assert train_main(argv) == 1
+    assert train_main(argv) == 2
     assert "a bundle of that name exists" in one_error_line(capsys.readouterr().err)
     assert train_main([*argv, "--overwrite"]) == 0
 
@@ -493,7 +494,7 @@ def test_output_problems_stop_before_training(tiny_h5ad, tmp_path, capsys):
     base = [str(tiny_h5ad), "--label-key", "cell_type", *NOT_QUIET]
     models = tmp_path / "models"
     (models / "tiny-gamma").mkdir(parents=True)
-    assert train_main([*base, "--all-targets", "--out", str(models)]) == 1
+    assert train_main([*base, "--all-targets", "--out", str(models)]) == 2
     err = capsys.readouterr().err
     assert (
         one_error_line(err)
@@ -504,7 +505,7 @@ def test_output_problems_stop_before_training(tiny_h5ad, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
     for out in (afile, afile / "sub"):
-        assert train_main([*base, "--target", "beta", "--out", str(out)]) == 1
+        assert train_main([*base, "--target", "beta", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert (
             one_error_line(err)
@@ -638,7 +639,7 @@ def test_perturb_only_the_chosen_samples(quick_bundle, tiny_h5ad, tmp_path, caps
     a = ad.read_h5ad(out)
     assert list(a.obs_names) == ["s045", "s001"] and list(a.obs["cell_type"]) == ["gamma", "alpha"]
     out.unlink()
-    assert main([*argv, "--samples", "s001", "nope", "s999"]) == 1
+    assert main([*argv, "--samples", "s001", "nope", "s999"]) == 2
     assert (
         one_error_line(capsys.readouterr().err)
         == f"error: {tiny_h5ad}: 2 of the 3 sample ids given are not in the data: nope, s999"

@@ -10,7 +10,7 @@ from tspg.bundle import load_bundle, save_bundle
 from tspg.config import TrainConfig
 from tspg.data import Scaler
 from tspg.genesets import select_genes
-from tspg.perturb import class_probabilities, generate_perturbed, perturb_adata
+from tspg.perturbation import class_probabilities, generate_perturbed, perturb_adata
 from tspg.pipeline import heldout_metrics, prepare, train
 
 
@@ -173,7 +173,7 @@ def test_reusing_a_target_model_records_its_settings_and_loads(tmp_path):
     )  # the generator's own
     assert loaded.split == first.split and len(first.split["test"]) == 15
     assert loaded.manifest["target_model_from"] == "tiny-alpha"
-    held = perturb_adata(loaded, adata[loaded.split["test"]], label_key="cell_type")
+    held = perturb_adata(adata[loaded.split["test"]], loaded, label_key="cell_type")
     hit = held.pred_after == "gamma"
     assert loaded.metrics["perturbation_accuracy"] == pytest.approx(hit.mean())
     assert loaded.metrics["perturbation_accuracy_non_target"] == pytest.approx(

@@ -9,10 +9,27 @@ module does not import torch (the command line's ``--help`` stays fast).
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import UserError
+
+__all__ = [
+    "CHOICES",
+    "PAPER",
+    "RECIPES",
+    "TrainConfig",
+    "config_argv",
+    "config_fields",
+    "config_options",
+    "config_problem",
+    "field_default",
+    "field_kind",
+    "format_option",
+    "option_name",
+    "parse_option",
+]
 
 RECIPES = ("tspg+", "paper")
 MAX_EPOCHS = 100_000
@@ -222,6 +239,10 @@ def config_problem(name: str, value) -> str | None:
                 return f"widths must be {problem}"
         return None
     default = field_default(name)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if value is None and field_kind(name)[1]:
+        return None  # an optional setting left unset
     integer = isinstance(default, int) and not isinstance(default, bool)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "must be a whole number" if integer else "must be a number"
@@ -246,3 +267,82 @@ def _range_problem(v, meta: dict) -> str | None:
     if too_low:
         return f"more than {low:g}" if lo_open else "0 or more" if low == 0 else f"at least {low:g}"
     return f"less than {high:g}" if hi_open else f"at most {high:g}"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def option_name(name: str) -> str:
+    """The command-line option of TrainConfig field ``name``: ``target_hidden`` -> ``--target-hidden``."""
+    return "--" + name.replace("_", "-")
+
+
+def config_options() -> list[str]:
+    """The TrainConfig fields that are hyper-parameter options of ``tspg-train``: all but the recipe."""
+    return [name for name in config_fields() if name != "recipe"]
+
+
+def field_kind(name: str) -> tuple[str, bool]:
+    """(kind, optional) of TrainConfig field ``name``, from its type annotation.
+
+    kind is ``"bool"``, ``"int"``, ``"float"``, ``"str"`` (words, ``Literal[...]``) or
+    ``"widths"`` (``tuple[int, ...]``); optional is True for ``X | None``.
+    """
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args  # X | None
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return "widths", optional
+    if origin is Literal:
+        return "str", optional
+    for kind in (bool, int, float, str):
+        if hint is kind:
+            return kind.__name__, optional
+    raise TypeError(f"TrainConfig.{name}: no command-line form for {hint!r}")
+
+
+def parse_option(name: str, text: str):
+    """The value of TrainConfig field ``name`` from its command-line text (inverse of
+    :func:`format_option`); ValueError when the text is not of the field's kind.
+
+    Widths are whole numbers joined by commas (``512,256,128``); an optional field takes
+    ``none``. The range is checked apart, by :func:`config_problem`.
+    """
+    kind, optional = field_kind(name)
+    if optional and text.strip().lower() == "none":
+        return None
+    if kind == "widths":
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise ValueError(f"{text!r} is not a list of widths (e.g. 512,256,128)")
+        return tuple(int(p) for p in parts)
+    if kind == "bool":
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if text.strip().lower() not in words:
+            raise ValueError(f"{text!r} is not true or false")
+        return words[text.strip().lower()]
+    return {"int": int, "float": float, "str": str}[kind](text)
+
+
+def format_option(value) -> str:
+    """A TrainConfig value as the command line writes it (widths joined by commas)."""
+    if isinstance(value, tuple | list):
+        return ",".join(str(int(w)) for w in value)
+    if value is None:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def config_argv(config: TrainConfig) -> list[str]:
+    """The ``tspg-train`` options that rebuild ``config``: ``--recipe`` unless it is
+    ``tspg+``, then every field whose value differs from that recipe's default."""
+    base = TrainConfig.for_recipe(config.recipe)
+    argv = [] if config.recipe == "tspg+" else [option_name("recipe"), config.recipe]
+    for name in config_options():
+        value = getattr(config, name)
+        if value != getattr(base, name):
+            argv += [option_name(name), format_option(value)]
+    return argv

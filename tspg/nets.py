@@ -36,7 +36,7 @@ class ResidualBlock(nn.Module):
 
 class Generator(nn.Module):
     """G(x) in [-1, 1]^n_genes, the raw perturbation (the change it makes is
-    P = clip(x + G(x), 0, 1) - x, see :mod:`tspg.perturb`).
+    P = clip(x + G(x), 0, 1) - x, see :mod:`tspg.perturbation`).
 
     Dense 512-256-128 (each + BatchNorm + ReLU), residual blocks of width 128,
     Dense 256-512 (+ BN + ReLU), Dense n_genes + tanh.
