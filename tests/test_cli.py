@@ -645,3 +645,88 @@ def test_perturb_only_the_chosen_samples(quick_bundle, tiny_h5ad, tmp_path, caps
         == f"error: {tiny_h5ad}: 2 of the 3 sample ids given are not in the data: nope, s999"
     )
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- errors, --debug, --help
+
+
+def test_help_imports_neither_torch_nor_anndata():
+    """``tspg --help`` and ``tspg-train --help`` answer without the heavy libraries."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from tspg.cli import main, train_main\n"
+        "for f, argv in ((main, ['--help']), (main, ['perturb', '--help']), (train_main, ['--help'])):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        f(argv)\n"
+        "heavy = [m for m in ('torch', 'anndata', 'scanpy', 'streamlit', 'pandas') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "import tspg\n"
+        "assert 'torch' not in sys.modules and callable(tspg.train)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_top_level_names_are_the_functions_not_modules():
+    import tspg
+    import tspg.metrics  # noqa: F401  (imports the submodule tspg.perturbation)
+    import tspg.training  # noqa: F401
+    from tspg.perturbation import perturb
+
+    assert tspg.perturb is perturb and tspg.train.__module__ == "tspg.pipeline"
+    assert tspg.evaluate.__module__ == "tspg.metrics" and set(tspg.__all__) <= set(dir(tspg))
+    with pytest.raises(AttributeError):
+        tspg.no_such_name  # noqa: B018
+
+
+def test_widths_options_and_their_errors(tiny_h5ad, tmp_path, capsys):
+    models = tmp_path / "models"
+    argv = [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--out", str(models)]
+    nets = ["--target-hidden", "16,8", "--gen-encoder", "16", "--gen-decoder", "16,16"]
+    nets += ["--disc-hidden", "8", "--gen-residual", "0"]
+    assert train_main([*argv, *FAST, *nets]) == 0
+    c = load_bundle(models / "tiny-beta").config
+    assert (c.target_hidden, c.gen_encoder, c.gen_decoder, c.disc_hidden, c.gen_residual) == (
+        (16, 8),
+        (16,),
+        (16, 16),
+        (8,),
+        0,
+    )
+    err = usage_error(train_main, [*argv, "--target-hidden", "16,x"], capsys)
+    assert "argument --target-hidden: invalid literal for int()" in err
+    err = usage_error(train_main, [*argv, "--gen-encoder", "16,0"], capsys)
+    assert "error: --gen-encoder 16,0: widths must be at least 1" in err
+    err = usage_error(train_main, [*argv, "--disc-hidden", "16,,8"], capsys)
+    assert "argument --disc-hidden: '16,,8' is not a list of widths" in err
+
+
+def test_user_error_one_line_exit_2_debug_adds_the_traceback(tmp_path, capsys):
+    argv = ["import", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "o.h5ad")]
+    assert main(argv) == 2
+    assert one_error_line(capsys.readouterr().err).endswith("nope.csv: file not found")
+    assert main([*argv, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UserError" in err and err.strip().endswith("file not found")
+
+
+def test_a_bug_is_not_dressed_as_a_user_error(tiny_h5ad, tmp_path, monkeypatch):
+    """Any exception but UserError keeps its traceback (here: a ValueError inside the reader)."""
+    import tspg.data
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal: something tspg did wrong")
+
+    monkeypatch.setattr(tspg.data, "read_gem", broken)
+    with pytest.raises(ValueError, match="internal"):
+        main(["import", str(tiny_h5ad), "-o", str(tmp_path / "o.h5ad")])
+
+
+def test_output_file_os_errors_name_the_file(quick_bundle, tiny_h5ad, tmp_path, capsys):
+    target = tmp_path / "no-such-folder" / "metrics.json"
+    argv = ["evaluate", str(quick_bundle.path), str(tiny_h5ad), "--k", "3", "--json", str(target)]
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"error: {target}: cannot write (No such file or directory)"
