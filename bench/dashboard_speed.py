@@ -83,7 +83,7 @@ def app_reruns(bundle, sizes, runs: int, seed: int) -> list[tuple[str, int, tupl
     from tspg.bundle import save_bundle
 
     root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))  # the app imports app_state from its own folder
+    sys.path.insert(0, str(root))  # the app imports tspg from this tree
     out = []
     with tempfile.TemporaryDirectory(prefix="tspg-bench-models-") as tmp:
         save_bundle(bundle, tmp)
@@ -103,7 +103,7 @@ def app_reruns(bundle, sizes, runs: int, seed: int) -> list[tuple[str, int, tupl
                     f"the page drew no chart: {[e.value for e in [*at.warning, *at.info]]}"
                 )
 
-        for page in ("pages/perturb.py", "pages/map.py"):
+        for page in ("app_pages/perturb.py", "app_pages/map.py"):
             for m in sizes:
                 at.session_state["sel_mode"], at.session_state["sel_n"] = "random", m
                 at.switch_page(page).run()  # untimed: loads the page (and fits the map once)

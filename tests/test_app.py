@@ -128,7 +128,7 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     at = ok(app(models, monkeypatch).run())
     at.session_state["sel_mode"] = "id"
     at.session_state["sel_ids"] = ids
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     assert at.multiselect(key="sel_ids").value == ids
 
     pred = at.dataframe[0].value
@@ -180,7 +180,7 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
 
 def test_random_selection_moves_most_samples_to_the_target(models, monkeypatch):
     at = ok(app(models, monkeypatch).run())
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     pred = at.dataframe[0].value
     assert len(pred) == 20  # default: 20 held-out non-target samples, seed 0
     assert (pred["label"] != DEMO_TARGET).all()
@@ -202,7 +202,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     at.session_state["sel_mode"] = "class"
     at.session_state["sel_classes"] = ["CD19+ B", "CD56+ NK"]
 
-    ok(at.switch_page("pages/map.py").run())
+    ok(at.switch_page("app_pages/map.py").run())
     frame = chart_data(charts(at)[0])
     real, pert = frame[frame.kind == "real"], frame[frame.kind == "perturbed"]
     assert set(real["class"]) == set(classes)
@@ -234,7 +234,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     ok(at.run())
     assert "from a joint t-SNE fit" in texts(at.caption)
 
-    ok(at.switch_page("pages/genes.py").run())
+    ok(at.switch_page("app_pages/genes.py").run())
     m = metrics(at)
     assert m["Source classes (one random sample each)"] == "2"
     assert 20 <= int(m["Unique up genes (of 40 picks)"]) <= 40
@@ -247,7 +247,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     assert len(gene_map) == len(frame) and gene_map["value"].between(0, 1).all()
     assert set(dist["kind"]) == {"real", "perturbed"}
 
-    ok(at.switch_page("pages/enrichment.py").run())
+    ok(at.switch_page("app_pages/enrichment.py").run())
     assert "offline" in texts(at.warning)  # Enrichr refused: the offline fallback, labelled
     assert "Enrichr could not be used" in texts(at.caption)
     table = at.dataframe[0].value
@@ -281,7 +281,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
 def test_enrichment_threshold_offline_libraries_and_retrying_enrichr(models, monkeypatch, tmp_path):
     monkeypatch.setenv("TSPG_ENRICHR_URL", closed_port_url())
     at = ok(app(models, monkeypatch).run())
-    ok(at.switch_page("pages/enrichment.py").run())
+    ok(at.switch_page("app_pages/enrichment.py").run())
     caption = next(c.value for c in at.caption if c.value.startswith("Up: "))
     up = caption.split("\n")[0].removeprefix("Up: ").strip().split(", ")
     assert len(up) == 20
@@ -296,7 +296,7 @@ def test_enrichment_threshold_offline_libraries_and_retrying_enrichr(models, mon
     )
     monkeypatch.setenv("TSPG_GMT_DIR", str(gmts))
     at = ok(app(models, monkeypatch).run())
-    ok(at.switch_page("pages/enrichment.py").run())
+    ok(at.switch_page("app_pages/enrichment.py").run())
     pick = at.multiselect(key="enr_gmts")
     assert pick.options == ["blood_markers", "extra"]  # (labels: the library names)
     assert [Path(f).name for f in pick.value] == [
@@ -366,7 +366,7 @@ def test_models_page_lists_an_unreadable_bundle(models, monkeypatch, tmp_path):
     )  # the default skips unreadable bundles
     assert metrics(at)["Target"] == DEMO_TARGET  # the readable bundle still works
     assert "2 unreadable bundle(s)" in texts(at.sidebar.caption)
-    ok(at.switch_page("pages/models.py").run())
+    ok(at.switch_page("app_pages/models.py").run())
     table = at.dataframe[0].value
     assert table.loc["broken", "status"] == "unreadable"
     assert "not valid JSON" in table.loc["broken", "error"]
@@ -409,7 +409,7 @@ def test_uploads_and_bad_input(models, monkeypatch, tmp_path, demo_adata):
     at.sidebar.file_uploader(key="upload").set_value(
         ("wrong.h5ad", path.read_bytes(), "application/octet-stream")
     )
-    at.switch_page("pages/perturb.py").run()
+    at.switch_page("app_pages/perturb.py").run()
     assert not at.exception
     assert "none of the model's 765 genes are present" in texts(at.error)
 
@@ -458,7 +458,7 @@ def test_no_bundle_home_trains_the_demo(tmp_path, monkeypatch):
 
 def test_map_reuses_the_reference_map_for_a_new_selection(models, monkeypatch):
     at = ok(app(models, monkeypatch).run())
-    ok(at.switch_page("pages/map.py").run())
+    ok(at.switch_page("app_pages/map.py").run())
     first = chart_data(charts(at)[0])
     at.session_state["sel_seed"] = 1  # another random selection (the Perturb page's seed)
     ok(at.run())
@@ -505,7 +505,7 @@ def test_sidebar_bundle_picker_demo_data_and_a_partial_upload(
     at.sidebar.radio(key="data_source").set_value("demo")
     ok(at.run())
     assert "demo (pbmc68k_reduced): 700 samples x 765 genes" in texts(at.markdown)
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     assert at.checkbox(
         key="sel_heldout"
     ).value  # the demo is the demo bundle's own dataset: its split applies
@@ -625,7 +625,7 @@ def test_target_picker_switches_the_bundle(models, monkeypatch, tmp_path):
     manifest.update(name="pbmc-dendritic", target="Dendritic")
     (other / "manifest.json").write_text(json.dumps(manifest))
     at = ok(app(root, monkeypatch).run())
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     picker = at.selectbox(key="perturb_target")
     assert set(picker.options) == {f"{DEMO_TARGET} ({src.name})", "Dendritic (pbmc-dendritic)"}
     picker.set_value("pbmc-dendritic")
