@@ -248,13 +248,6 @@ def main(argv=None) -> int:
     full_heat = charts.heatmap_frame(
         pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tmean
     )
-    top = pd.DataFrame(
-        {
-            "gene": bundle.genes[:40],
-            "direction": ["up"] * 20 + ["down"] * 20,
-            "P": np.r_[np.linspace(0.5, 0.1, 20), np.linspace(-0.1, -0.5, 20)],
-        }
-    )
     dist = pd.concat(
         [
             pd.DataFrame({"class": labels, "value": Xs[:, j], "kind": "real"}),
@@ -287,7 +280,6 @@ def main(argv=None) -> int:
         f"heatmap chart, all {len(bundle.genes)} genes": lambda: charts.heatmap_chart(
             full_heat
         ).to_dict(),
-        "top genes chart (20 + 20)": lambda: charts.top_genes_chart(top).to_dict(),
         f"gene distribution chart ({len(dist)} values)": lambda: charts.gene_distribution_chart(
             dist, bundle.genes[j]
         ).to_dict(),

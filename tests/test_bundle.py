@@ -134,7 +134,7 @@ P = generate_perturbed(b.generator, X)[0]
 pred = class_probabilities(b.target_model, np.clip(X + P, 0, 1)).argmax(1)
 non_target = (test.obs[b.label_key].astype(str) != b.target).to_numpy()
 np.save(sys.argv[3], P)
-print(json.dumps({"genes": b.genes, "accuracy": float((pred[non_target] == b.target_index).mean())}))
+print(json.dumps({"genes": b.genes, "accuracy": float((pred[non_target] == b.classes.index(b.target)).mean())}))
 """
 
 

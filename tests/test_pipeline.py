@@ -86,7 +86,7 @@ def test_prepare_reusing_a_bundle_takes_its_split_scaler_and_genes(quick_bundle)
 def test_heldout_metrics_recomputed_by_hand(quick_bundle):
     adata = make_tiny_adata()
     prep = prepare(adata, label_key="cell_type", reuse=quick_bundle)
-    t = quick_bundle.target_index
+    t = quick_bundle.classes.index(quick_bundle.target)
     m = heldout_metrics(prep, quick_bundle.target_model, quick_bundle.generator, t)
     assert (
         m["perturbation_accuracy_non_target"]

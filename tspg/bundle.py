@@ -98,10 +98,6 @@ class Bundle:
         return self.manifest["target"]
 
     @property
-    def target_index(self) -> int:
-        return self.classes.index(self.target)
-
-    @property
     def label_key(self) -> str:
         return self.manifest["label_key"]
 

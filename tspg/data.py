@@ -21,6 +21,23 @@ import scipy.sparse as sp
 
 from .errors import UserError
 
+__all__ = [
+    "OUT_OF_RANGE_WARNING",
+    "RANGE_TOLERANCE",
+    "TEXT_SUFFIXES",
+    "align_genes",
+    "expression",
+    "fill_missing",
+    "fingerprint",
+    "read_gem",
+    "read_labels",
+    "read_text",
+    "Scaler",
+    "stratified_split",
+    "validate_labels",
+    "write_gem",
+]
+
 logger = logging.getLogger(__name__)
 
 NanPolicy = Literal["fill", "error"]

@@ -10,6 +10,16 @@ import pandas as pd
 
 from .errors import UserError
 
+__all__ = [
+    "DEMO_LABEL_KEY",
+    "DEMO_NAME",
+    "DEMO_TARGET",
+    "demo",
+    "load_bundle_dataset",
+    "synthetic_gem",
+    "write_reference_example",
+]
+
 DEMO_NAME = "pbmc68k_reduced"
 DEMO_LABEL_KEY = "bulk_labels"
 DEMO_TARGET = "CD14+ Monocyte"

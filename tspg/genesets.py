@@ -12,6 +12,14 @@ import pandas as pd
 from .data import read_text
 from .errors import UserError
 
+__all__ = [
+    "GeneSelection",
+    "read_gene_list",
+    "read_gene_sets",
+    "select_genes",
+    "write_gmt",
+]
+
 logger = logging.getLogger(__name__)
 
 

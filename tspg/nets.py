@@ -8,6 +8,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+__all__ = [
+    "Discriminator",
+    "evaluating",
+    "Generator",
+    "ResidualBlock",
+    "TargetClassifier",
+]
+
 
 def _dense(n_in: int, n_out: int, act: nn.Module, *, batchnorm: bool = True) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Linear(n_in, n_out)]

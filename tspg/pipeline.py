@@ -22,6 +22,17 @@ from .genesets import GeneSelection, select_genes
 from .perturbation import class_probabilities, generate_perturbed
 from .training import fit_generator, fit_target, resolve_device
 
+__all__ = [
+    "TARGET_MODEL_FIELDS",
+    "default_names",
+    "heldout_metrics",
+    "prepare",
+    "Prepared",
+    "reused_config",
+    "train",
+    "train_all_targets",
+]
+
 logger = logging.getLogger(__name__)
 
 # progress(stage, step, n_steps, losses); stage is "target model" or "generator <target>"
