@@ -633,3 +633,20 @@ def test_target_picker_switches_the_bundle(models, monkeypatch, tmp_path):
     assert at.sidebar.selectbox(key="bundle").value == "pbmc-dendritic"
     assert at.subheader[0].value == "20 samples → Dendritic"
     assert (at.dataframe[0].value["label"] != "Dendritic").all()
+
+
+def test_cli_app_listens_on_this_machine_unless_told(models, monkeypatch, caplog):
+    """``tspg app`` passes 127.0.0.1 to streamlit; --address 0.0.0.0 exposes it, with a warning."""
+    from tspg import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_exec", lambda cmd, env, cwd: calls.append((cmd, env)) or 0)
+    assert cli.main(["app", "--models", str(models), "--headless"]) == 0
+    cmd, env = calls[-1]
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert env["TSPG_MODELS_DIR"] == str(models.resolve())
+    with caplog.at_level("WARNING", logger="tspg"):
+        assert cli.main(["app", "--models", str(models), "--address", "0.0.0.0"]) == 0
+    cmd, _ = calls[-1]
+    assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0"
+    assert "anyone who can reach this machine" in caplog.text
