@@ -162,14 +162,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from tspg import charts
-    from tspg.data import align_genes
     from tspg.datasets import DEMO_LABEL_KEY, demo
     from tspg.embedding import fit_reference_map, map_frame, place
     from tspg.perturbation import perturb_scaled
 
     bundle = get_bundle(args.bundle)
     adata = demo()
-    Xs = bundle.scaler.transform(align_genes(adata, bundle.genes)).astype(np.float64)
+    Xs = bundle.scale(adata).astype(np.float64)
     labels = adata.obs[DEMO_LABEL_KEY].astype(str).to_numpy()
     names = np.asarray(adata.obs_names).astype(str)
     rng = np.random.default_rng(args.seed)
