@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pandas as pd
 import streamlit as st
 
@@ -78,7 +80,7 @@ if not bundle_name:
             "epochs": cfg.epochs,
             "target_epochs": cfg.target_epochs,
         },
-        " ".join(["tspg-train --demo", *config_argv(cfg), f"--out {L.models_root()}"]),
+        shlex.join(["tspg-train", "--demo", *config_argv(cfg), "--out", str(L.models_root())]),
     )
     st.stop()
 

@@ -32,6 +32,7 @@ from tspg.config import (
     config_fields,
     config_options,
     config_problem,
+    field_kind,
     format_option,
     option_name,
 )
@@ -547,7 +548,9 @@ def _every_field_changed(recipe: str) -> TrainConfig:
     for name in config_options():
         f, v = config_fields()[name], getattr(base, name)
         meta = f.metadata
-        if meta.get("choices"):
+        if v is None:  # an optional setting, unset by default
+            new = {"int": 1, "float": 0.5}[field_kind(name)[0]]
+        elif meta.get("choices"):
             new = next(c for c in meta["choices"] if c != v)
         elif isinstance(v, bool):
             new = not v

@@ -343,6 +343,10 @@ def config_argv(config: TrainConfig) -> list[str]:
     argv = [] if config.recipe == "tspg+" else [option_name("recipe"), config.recipe]
     for name in config_options():
         value = getattr(config, name)
-        if value != getattr(base, name):
+        if value == getattr(base, name):
+            continue
+        if isinstance(value, bool):  # a switch: --name / --no-name
+            argv.append(option_name(name) if value else "--no-" + option_name(name)[2:])
+        else:
             argv += [option_name(name), format_option(value)]
     return argv
