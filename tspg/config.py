@@ -8,6 +8,7 @@ module does not import torch (the command line's ``--help`` stays fast).
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
@@ -226,24 +227,33 @@ CHOICES = {
 def config_problem(name: str, value) -> str | None:
     """Why ``value`` is out of range for TrainConfig field ``name``; None when it is fine."""
     meta = config_fields()[name].metadata
+    kind, optional = field_kind(name)
+    if value is None and optional:
+        return None  # an optional setting left unset
     if meta.get("choices"):
         return None if value in meta["choices"] else f"choose one of {', '.join(meta['choices'])}"
-    if isinstance(value, tuple | list):
-        if not value:
-            return "give at least one width"
-        for w in value:
-            if isinstance(w, bool) or not isinstance(w, int):
-                return "widths must be whole numbers"
-            problem = _range_problem(w, meta)
-            if problem:
-                return f"widths must be {problem}"
-        return None
-    default = field_default(name)
-    if isinstance(default, bool):
+    if kind == "widths":
+        return _widths_problem(value, meta)
+    if kind == "bool":
         return None if isinstance(value, bool) else "must be true or false"
-    if value is None and field_kind(name)[1]:
-        return None  # an optional setting left unset
-    integer = isinstance(default, int) and not isinstance(default, bool)
+    if kind == "str":
+        return None if isinstance(value, str) else "must be a word"
+    return _number_problem(value, meta, integer=kind == "int")
+
+
+def _widths_problem(value, meta: dict) -> str | None:
+    if not isinstance(value, tuple | list) or not value:
+        return "give at least one width"
+    for w in value:
+        if isinstance(w, bool) or not isinstance(w, int):
+            return "widths must be whole numbers"
+        problem = _range_problem(w, meta)
+        if problem:
+            return f"widths must be {problem}"
+    return None
+
+
+def _number_problem(value, meta: dict, *, integer: bool) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "must be a whole number" if integer else "must be a number"
     if not math.isfinite(value):
@@ -282,6 +292,7 @@ def config_options() -> list[str]:
     return [name for name in config_fields() if name != "recipe"]
 
 
+@functools.cache
 def field_kind(name: str) -> tuple[str, bool]:
     """(kind, optional) of TrainConfig field ``name``, from its type annotation.
 
