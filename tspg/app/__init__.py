@@ -14,4 +14,6 @@ Only this package imports streamlit inside ``tspg``; importing ``tspg.app`` itse
 
 from __future__ import annotations
 
-__all__ = ["loaders", "render", "selection", "state", "views"]
+__all__: list[
+    str
+] = []  # import the submodules themselves (star-importing them would load streamlit)
