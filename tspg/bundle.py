@@ -8,6 +8,7 @@ unpickles anything and checks every tensor's shape against the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -153,8 +154,8 @@ def save_bundle(
     """Write ``bundle`` to ``out_dir/<name>`` atomically (temporary folder, then rename).
 
     Nothing is written when the manifest breaks the schema (:mod:`tspg.manifest`) or a
-    weight is not finite. The temporary folder names its writer (process id and host), so
-    a later save or listing can tell a killed save's leftovers from a live one
+    weight is not finite. The temporary folder's name holds its writer's process id and
+    host, so a later save or listing can tell a killed save's leftovers from a live one
     (:func:`clean_leftovers`). The bundle's folder and files get the modes the user's umask
     gives new ones: readable by the group and others as far as it allows.
     """
@@ -164,6 +165,8 @@ def save_bundle(
     text = manifest_json(bundle.manifest)
     validate_manifest(json.loads(text), f"bundle {bundle.name!r}: manifest")
     tensors = {key: _state_tensors(bundle, key) for key in WEIGHT_FILES}
+    if os.path.lexists(root) and not root.is_dir():
+        raise UserError(f"{_shown(root)}: cannot write a bundle here (not a folder)")
     try:
         root.mkdir(parents=True, exist_ok=True)
         clean_leftovers(root)
@@ -171,17 +174,22 @@ def save_bundle(
             raise UserError(
                 f"{_shown(final)}: a bundle of that name exists; pass --overwrite or choose --name"
             )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.", dir=root))
+        prefix = f".{bundle.name}.tmp-{os.getpid()}-{_HOST}-"
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     except OSError as err:
         raise UserError(f"{_shown(root)}: cannot write a bundle here ({_why(err)})") from None
     try:
-        file_mode, dir_mode = _claim(tmp)
+        fd = os.open(tmp / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            file_mode = os.fstat(fh.fileno()).st_mode & 0o777  # 0o666 less the umask
+        # a folder also gets x where the umask leaves r (umask 022: 0o644 -> 0o755)
+        dir_mode = file_mode | (file_mode & 0o444) >> 2
         for key, fname in WEIGHT_FILES.items():
             save_file(tensors[key], str(tmp / fname))
-        (tmp / "manifest.json").write_text(text, encoding="utf-8")
         for file in tmp.iterdir():
             file.chmod(file_mode)
-        tmp.chmod(dir_mode)
+        tmp.chmod(dir_mode)  # (mkdtemp made it 0o700)
         if os.path.lexists(final):
             old = root / f".{bundle.name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -194,7 +202,6 @@ def save_bundle(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-        (final / WRITER_FILE).unlink(missing_ok=True)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{_shown(final)}: cannot write the bundle ({_why(err)})") from None
@@ -220,48 +227,42 @@ def _state_tensors(bundle: Bundle, key: str) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- leftovers
 
-WRITER_FILE = ".tspg-writer"  # in a temporary folder while it is written: {"pid", "host"}
-STALE_AFTER_S = 30 * 60  # a temporary folder untouched this long has no live writer
-_BUNDLE_FILES = frozenset({"manifest.json", WRITER_FILE, *WEIGHT_FILES.values()})
-# ".<name>.<8 characters of tempfile.mkdtemp>" while saving, ".<name>.old" while replacing
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<tag>[a-z0-9_]{8}|old)")
+STALE_AFTER_S = 30 * 60  # a leftover whose writer cannot be asked is stale after this idle time
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+# while saving: ".<name>.tmp-<pid>-<host>-<8 characters of mkdtemp>" (the writer is in the
+# name, so no moment exists when a temporary folder does not say who writes it); earlier
+# versions of tspg wrote ".<name>.<8 characters>"; while replacing: ".<name>.old"
+_TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]{8}")
+_OLDER_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
+_PREVIOUS = re.compile(r"\.(?P<name>.+)\.old")
+_BUNDLE_FILES = frozenset({"manifest.json", *WEIGHT_FILES.values()})
+_SAVER_TEMP_FILE = re.compile(r"\.tmp\w+")  # safetensors writes a file under such a name first
 
 
-def _claim(tmp: Path) -> tuple[int, int]:
-    """Write the writer file into ``tmp``; return the modes a new file and folder get here."""
-    fd = os.open(tmp / WRITER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
-        file_mode = os.fstat(fh.fileno()).st_mode & 0o777  # 0o666 less the umask
-    # a folder also gets x where the umask leaves r (umask 022: 0o644 -> 0o755)
-    return file_mode, file_mode | (file_mode & 0o444) >> 2
-
-
-def _writer_alive(folder: Path) -> bool | None:
-    """Whether the process named in ``folder``'s writer file runs; None when unknown
-    (no or unreadable writer file, another host, or Windows)."""
-    try:
-        writer = json.loads((folder / WRITER_FILE).read_text(encoding="utf-8"))
-        pid, host = int(writer["pid"]), str(writer["host"])
-    except (OSError, ValueError, KeyError, TypeError):
+def _writer_alive(pid: int, host: str) -> bool | None:
+    """Whether process ``pid`` of ``host`` runs; None when that cannot be told here
+    (another host, or Windows, where ``os.kill(pid, 0)`` would stop the process)."""
+    if host != _HOST or os.name == "nt" or pid <= 0:
         return None
-    if host != socket.gethostname() or os.name == "nt" or pid <= 0:
-        return None  # (on Windows os.kill(pid, 0) would stop the process)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # it exists but is another user's
+    except OSError:  # it runs, as another user
         return True
     return True
 
 
 def _leftover_files(folder: Path) -> list[Path] | None:
     """The files of a leftover folder, or None when it holds anything a save never writes
-    (a sub-folder, a link, another file): such a folder is never removed."""
+    (a sub-folder, a link, another file): such a folder is never touched."""
     try:
         files = list(folder.iterdir())
-        ok = all(f.name in _BUNDLE_FILES and stat.S_ISREG(f.lstat().st_mode) for f in files)
+        ok = all(
+            (f.name in _BUNDLE_FILES or _SAVER_TEMP_FILE.fullmatch(f.name))
+            and stat.S_ISREG(f.lstat().st_mode)
+            for f in files
+        )
     except OSError:
         return None
     return files if ok else None
@@ -270,41 +271,44 @@ def _leftover_files(folder: Path) -> list[Path] | None:
 def clean_leftovers(root: str | Path | None = None) -> list[Path]:
     """Remove what killed saves left in the models folder; return the folders removed.
 
-    A temporary folder ``.<name>.XXXXXXXX`` is removed when its writer process is gone (same
-    host), or, when that cannot be told, after :data:`STALE_AFTER_S` seconds without a
-    change. A ``.<name>.old`` folder (the previous bundle while an overwrite renames the new
-    one into place) is removed when ``<name>`` exists, and renamed back to ``<name>`` when
-    the save was killed before the new bundle got there; never while a live save of
-    ``<name>`` runs. Only folders holding nothing but a bundle's files are touched; failures
-    (another user's folder, say) are logged and skipped.
+    A temporary folder is removed when its writer process is gone (same host), or, when
+    that cannot be told (another host; a folder of an older tspg, whose name does not say),
+    after :data:`STALE_AFTER_S` seconds without a change. A ``.<name>.old`` folder (the
+    previous bundle, while an overwrite renames the new one into place) is removed when
+    ``<name>`` exists, and renamed back to ``<name>`` when the save was killed before the
+    new bundle got there; never while a live save of ``<name>`` runs. Only folders holding
+    nothing but a bundle's files are touched; failures (another user's folder, say) are
+    logged and skipped.
     """
     root = models_dir(root)
     try:
-        hidden = sorted(p for p in root.iterdir() if _LEFTOVER.fullmatch(p.name))
+        hidden = sorted(p for p in root.iterdir() if p.name.startswith("."))
     except OSError:
         return []
-    removed, busy, olds = [], set(), []
+    removed, busy, previous = [], set(), []
     now = time.time()
     for folder in hidden:
-        m = _LEFTOVER.fullmatch(folder.name)
-        if folder.is_symlink() or not folder.is_dir():
+        temp = _TEMP.fullmatch(folder.name) or _OLDER_TEMP.fullmatch(folder.name)
+        prev = _PREVIOUS.fullmatch(folder.name)
+        if not (temp or prev) or folder.is_symlink() or not folder.is_dir():
             continue
         files = _leftover_files(folder)
         if files is None:
             continue
-        if m["tag"] == "old":
-            olds.append((folder, m["name"]))
+        if prev:
+            previous.append((folder, prev["name"]))
             continue
-        alive = _writer_alive(folder)
+        pid = temp.groupdict().get("pid")
+        alive = _writer_alive(int(pid), temp["host"]) if pid else None
         try:
             idle = now - max(p.lstat().st_mtime for p in [folder, *files])
         except OSError:
             idle = 0.0
         if alive or (alive is None and idle < STALE_AFTER_S):
-            busy.add(m["name"])
+            busy.add(temp["name"])
         elif _remove(folder):
             removed.append(folder)
-    for folder, name in olds:
+    for folder, name in previous:
         if name in busy:
             continue
         if os.path.lexists(root / name):
@@ -523,7 +527,7 @@ def _non_finite_tensor(real: Path) -> str | None:
     """What is wrong with the values of a weight file (its header already checked), or None."""
     try:
         with safe_open(str(real), framework="numpy") as f:
-            for k in f.keys():
+            for k in sorted(f.keys()):
                 t = f.get_tensor(k)
                 if t.dtype.kind == "f" and not np.isfinite(t).all():
                     return f"tensor {k!r} holds NaN or infinite values"
@@ -571,7 +575,7 @@ def load_bundle(
         bad = next(
             (
                 k
-                for k, t in tensors.items()
+                for k, t in sorted(tensors.items())
                 if t.is_floating_point() and not bool(torch.isfinite(t).all())
             ),
             None,

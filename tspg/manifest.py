@@ -117,8 +117,8 @@ def parse_manifest(data: bytes | str, source: str) -> dict:
         raise UserError(f"{source}: key {err.args[0]!r} appears twice in one object") from None
     except RecursionError:
         raise UserError(f"{source}: not valid JSON (nested too deeply)") from None
-    except ValueError as err:  # e.g. an integer with too many digits
-        raise UserError(f"{source}: not valid JSON ({err})") from None
+    except ValueError:  # the only other ValueError: int() of a number with > 4300 digits
+        raise UserError(f"{source}: not valid JSON (a number with too many digits)") from None
     found = find_value(manifest, lambda v: isinstance(v, _NonFinite))
     if found is not None:
         field, value = found

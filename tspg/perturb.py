@@ -246,13 +246,16 @@ def perturb_scaled(
     # a NaN anywhere is an error naming the bundle, never "100% called the target" (the
     # argmax of NaN probabilities is class 0)
     require_finite(
-        Xs, f"scaling the data for bundle {bundle.name!r}", samples, "values too large to scale"
+        Xs,
+        f"scaling the data for bundle {bundle.name!r}",
+        samples,
+        "the bundle's scaler is damaged or the data hold values too large",
     )
     P, x_adv = generate_perturbed(
-        bundle.generator, Xs, what=f"bundle {bundle.name!r}'s generator", samples=samples
+        bundle.generator, Xs, what=f"the generator of bundle {bundle.name!r}", samples=samples
     )
     if predict and len(Xs):
-        what = f"bundle {bundle.name!r}'s target model"
+        what = f"the target model of bundle {bundle.name!r}"
         before, after = (
             class_probabilities(bundle.target_model, Xs, what=what, samples=samples),
             class_probabilities(bundle.target_model, x_adv, what=what, samples=samples),
