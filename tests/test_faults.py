@@ -255,6 +255,18 @@ FAULTS: list[Fault] = [
         "{bad}/manifest.json: field 'history.total[0]' is 1e999: a manifest holds finite numbers only",
     ),
     Fault(
+        "1E+400 in the scaler",
+        2,
+        lambda c: c.replace_text('"minimum": [', '"minimum": [1E+400, '),
+        "{bad}/manifest.json: field 'scaler.minimum[0]' is 1E+400: a manifest holds finite numbers only",
+    ),
+    Fault(
+        "NaN in a field tspg does not know",
+        2,
+        lambda c: c.replace_text('"genes": [', '"notes": {"seen": [1, NaN]}, "genes": ['),
+        "{bad}/manifest.json: field 'notes.seen[1]' is NaN: a manifest holds finite numbers only",
+    ),
+    Fault(
         "NaN in the config",
         2,
         lambda c: c.replace_text('"g_lr": ', '"g_lr": NaN, "was": '),

@@ -2,8 +2,13 @@
 
 A bundle carries everything needed to perturb new data: genes (ordered), classes
 (ordered), target, scaler, the split, the training config and seed, metrics and the loss
-history. Saving writes a temporary folder and renames it into place; loading never
-unpickles anything and checks every tensor's shape against the manifest.
+history. Saving writes a temporary folder and renames it into place (the folder's name
+says which process writes it, so leftovers of a killed save can be cleaned safely), with
+the modes the user's umask gives. Reading checks everything: the manifest's JSON and
+schema (:mod:`tspg.manifest`), every tensor's name, shape, type and finiteness, and the
+rule for links (every path read resolves inside the models folder); it never unpickles
+anything. Listing checks the same as loading and never fails for one bad folder: it
+lists it with the reason (:class:`BundleEntry`).
 """
 
 from __future__ import annotations

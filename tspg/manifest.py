@@ -82,11 +82,6 @@ class _DuplicateKey(Exception):
     pass
 
 
-def _parse_float(text: str):
-    value = float(text)
-    return value if math.isfinite(value) else _NonFinite(text)
-
-
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     out = {}
     for key, value in pairs:
@@ -101,13 +96,20 @@ def parse_manifest(data: bytes | str, source: str) -> dict:
 
     ``source`` (the file) starts every error message.
     """
+    non_finite: list[str] = []
+
+    def constant(text: str) -> _NonFinite:  # NaN, Infinity, -Infinity
+        non_finite.append(text)
+        return _NonFinite(text)
+
+    def number(text: str) -> float | _NonFinite:
+        value = float(text)
+        return value if math.isfinite(value) else constant(text)
+
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         manifest = json.loads(
-            text,
-            parse_constant=_NonFinite,
-            parse_float=_parse_float,
-            object_pairs_hook=_unique_keys,
+            text, parse_constant=constant, parse_float=number, object_pairs_hook=_unique_keys
         )
     except json.JSONDecodeError as err:
         raise UserError(f"{source}: not valid JSON ({err.msg}, line {err.lineno})") from None
@@ -119,9 +121,8 @@ def parse_manifest(data: bytes | str, source: str) -> dict:
         raise UserError(f"{source}: not valid JSON (nested too deeply)") from None
     except ValueError:  # the only other ValueError: int() of a number with > 4300 digits
         raise UserError(f"{source}: not valid JSON (a number with too many digits)") from None
-    found = find_value(manifest, lambda v: isinstance(v, _NonFinite))
-    if found is not None:
-        field, value = found
+    if non_finite:
+        field, value = find_value(manifest, lambda v: isinstance(v, _NonFinite))
         raise UserError(
             f"{source}: field {field!r} is {str(value)}: a manifest holds finite numbers only"
         )
@@ -155,6 +156,17 @@ def _kind(v) -> str:
 
 def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+_NUMBER_TYPES = frozenset({int, float})  # (what json.loads makes of numbers)
+
+
+def _first_not_text(v: list) -> int | None:
+    return next((i for i, x in enumerate(v) if not isinstance(x, str)), None)
+
+
+def _first_not_number(v: list) -> int | None:
+    return next((i for i, x in enumerate(v) if not _is_number(x)), None)
 
 
 def _field(m: dict, path: str):
@@ -210,7 +222,7 @@ def texts(*, at_least: int = 0, unique: bool = True) -> Check:
     def check(v, m):
         if not isinstance(v, list):
             return f"must be a list of text values, not {_kind(v)}"
-        i = next((i for i, x in enumerate(v) if not isinstance(x, str)), None)
+        i = None if all(type(x) is str for x in v) else _first_not_text(v)
         if i is not None:
             return f"must hold text values only, not {_kind(v[i])} ([{i}] = {v[i]!r})"
         if len(v) < at_least:
@@ -230,7 +242,7 @@ def numbers(*, per: str | None = None, positive: bool = False) -> Check:
     def check(v, m):
         if not isinstance(v, list):
             return f"must be a list of numbers, not {_kind(v)}"
-        i = next((i for i, x in enumerate(v) if not _is_number(x)), None)
+        i = None if all(type(x) in _NUMBER_TYPES for x in v) else _first_not_number(v)
         if i is not None:
             return f"must hold numbers only, not {_kind(v[i])} ([{i}] = {v[i]!r})"
         if per is not None and len(v) != len(_field(m, per)):
