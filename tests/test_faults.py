@@ -210,6 +210,12 @@ FAULTS: list[Fault] = [
         "{bad}: missing generator.safetensors",
     ),
     Fault(
+        "manifest of 513 MiB (a sparse file)",
+        1,
+        lambda c: os.truncate(c.mf, 513 * 2**20),
+        "{bad}/manifest.json: unreadable (513 MiB, larger than any manifest tspg writes: at most 512 MiB)",
+    ),
+    Fault(
         "manifest not UTF-8",
         1,
         lambda c: c.write(MF, b"\xff\xfe\x00garbage"),
@@ -653,8 +659,8 @@ def snapshot(*folders: Path) -> dict:
                 p = Path(dirpath) / name
                 st = p.lstat()
                 content = None
-                if stat.S_ISREG(st.st_mode):
-                    content = p.read_bytes()
+                if stat.S_ISREG(st.st_mode):  # (a large file: its size and time)
+                    content = p.read_bytes() if st.st_size < 2**24 else st.st_mtime_ns
                 elif stat.S_ISLNK(st.st_mode):
                     content = os.readlink(p)
                 out[str(p)] = (stat.S_IFMT(st.st_mode), st.st_mode & 0o7777, content)
@@ -712,6 +718,13 @@ def test_a_link_inside_the_models_folder_is_fine(ctx_for):
     assert entries["alias"].error is None and entries["bad"].error is None
     assert load_bundle(resolve_bundle("alias", ctx.root)).target == "beta"
     assert load_bundle(ctx.bad).target == "beta"
+
+
+def test_a_folder_outside_the_models_folder_is_refused(ctx_for):
+    ctx = ctx_for("bad")
+    with pytest.raises(UserError) as err:
+        load_bundle(ctx.outside / "bundle", root=ctx.root)
+    assert str(err.value) == f"{ctx.outside}/bundle: outside the models folder {ctx.root}: refused"
 
 
 # ----------------------------------------------------------------------------- permission denied

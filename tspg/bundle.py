@@ -375,10 +375,8 @@ def _inside(path: Path, root: Path) -> Path:
     except OSError as err:
         raise UserError(f"{_shown(path)}: unreadable ({_why(err)})") from None
     if real != root and root not in real.parents:
-        raise UserError(
-            f"{_shown(path)}: a link to {_shown(real)}, outside the models folder "
-            f"{_shown(root)}: refused"
-        )
+        link = "" if real == Path(os.path.abspath(path)) else f"a link to {_shown(real)}, "
+        raise UserError(f"{_shown(path)}: {link}outside the models folder {_shown(root)}: refused")
     return real
 
 
@@ -431,6 +429,11 @@ def _folder(path: Path, root: Path) -> Path:
     return real
 
 
+# A manifest holds a few numbers per gene and an id per sample: tens of MB for a million
+# samples. A larger file is not read (it could exhaust the memory of a listing).
+MAX_MANIFEST_BYTES = 512 * 2**20
+
+
 def read_manifest(path: str | Path, *, root: str | Path | None = None) -> dict:
     """Read and check a bundle's manifest.json (:func:`tspg.manifest.parse_manifest`).
 
@@ -444,6 +447,12 @@ def read_manifest(path: str | Path, *, root: str | Path | None = None) -> dict:
     fd = _open(mf, _inside(mf, real_root), f"{_shown(path)}: not a bundle (no manifest.json)")
     try:
         with os.fdopen(fd, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise UserError(
+                    f"{_shown(mf)}: unreadable ({size / 2**20:,.0f} MiB, larger than any "
+                    f"manifest tspg writes: at most {MAX_MANIFEST_BYTES // 2**20} MiB)"
+                )
             data = fh.read()
     except OSError as err:
         raise UserError(f"{_shown(mf)}: unreadable ({_why(err)})") from None
