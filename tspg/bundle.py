@@ -460,8 +460,7 @@ def read_manifest(path: str | Path, *, root: str | Path | None = None) -> dict:
 
 
 def _networks(manifest: dict, path: Path, device: torch.device | str = "cpu") -> dict:
-    """The three networks the manifest's gene count, class count and config describe
-    (on the ``meta`` device: shapes only, no memory)."""
+    """The three networks the manifest's gene count, class count and config describe."""
     n_genes, n_classes = len(manifest["genes"]), len(manifest["classes"])
     try:
         cfg = TrainConfig.from_dict(manifest["config"])
@@ -482,18 +481,37 @@ def _networks(manifest: dict, path: Path, device: torch.device | str = "cpu") ->
         ) from None
 
 
+def _expected_tensors(manifest: dict, path: Path) -> dict[str, dict[str, tuple]]:
+    """Per network, ``{tensor name: (shape, safetensors dtype)}`` the manifest implies
+    (networks of one shape are built once, on the ``meta`` device: no memory)."""
+    cfg = TrainConfig.from_dict(manifest["config"])
+    shape = (cfg.gen_encoder, cfg.gen_residual, cfg.gen_decoder, cfg.disc_hidden, cfg.target_hidden)
+    key = (len(manifest["genes"]), len(manifest["classes"]), shape)
+    if key not in _EXPECTED:
+        nets = _networks(manifest, path, "meta")
+        if len(_EXPECTED) > 256:
+            _EXPECTED.clear()
+        _EXPECTED[key] = {
+            name: {
+                k: (tuple(v.shape), _DTYPES.get(v.dtype, str(v.dtype)))
+                for k, v in net.state_dict().items()
+            }
+            for name, net in nets.items()
+        }
+    return _EXPECTED[key]
+
+
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.int64: "I64"}
 # Files whose every value was read and found finite (or not), by the file's identity: a
 # listing reads each version of a weight file once, later listings only stat it.
 _VALUES_CHECKED: dict[tuple, str | None] = {}
+_EXPECTED: dict[tuple, dict[str, dict[str, tuple]]] = {}
 
 
-def _weight_file(
-    path: Path, key: str, module: torch.nn.Module, root: Path, *, values: bool
-) -> Path:
+def _weight_file(path: Path, key: str, expected: dict, root: Path, *, values: bool) -> Path:
     """Check weight file ``key`` of the bundle at ``path``; return its resolved path.
 
-    It must be a regular file inside ``root`` holding exactly the tensors of ``module``
+    It must be a regular file inside ``root`` holding exactly the ``expected`` tensors
     (names, shapes, types; read from the header only) and, with ``values``, finite values.
     """
     file = path / WEIGHT_FILES[key]
@@ -510,10 +528,6 @@ def _weight_file(
             }
     except Exception as err:  # safetensors raises its own error type for a bad header
         raise UserError(f"{_shown(file)}: unreadable weights ({_shown(err)})") from None
-    expected = {
-        k: (tuple(v.shape), _DTYPES.get(v.dtype, str(v.dtype)))
-        for k, v in module.state_dict().items()
-    }
     for k, (shape, dtype) in expected.items():
         if k not in found:
             raise UserError(f"{_shown(file)}: tensor {k!r} is missing")
@@ -561,8 +575,8 @@ def check_weights(path: str | Path, manifest: dict, *, root: str | Path | None =
     """
     path = Path(path)
     real_root = _models_root(path, root)
-    for key, module in _networks(manifest, path, "meta").items():
-        _weight_file(path, key, module, real_root, values=True)
+    for key, expected in _expected_tensors(manifest, path).items():
+        _weight_file(path, key, expected, real_root, values=True)
 
 
 def load_bundle(
@@ -578,10 +592,11 @@ def load_bundle(
     path = Path(path)
     real_root = _models_root(path, root)
     manifest = read_manifest(path, root=real_root)
+    expected = _expected_tensors(manifest, path)
     modules = _networks(manifest, path)
     for key, module in modules.items():
         file = path / WEIGHT_FILES[key]
-        real = _weight_file(path, key, module, real_root, values=False)
+        real = _weight_file(path, key, expected[key], real_root, values=False)
         try:
             tensors = load_file(str(real))
         except Exception as err:  # the header was fine, the data are not
