@@ -307,7 +307,7 @@ FAULTS: list[Fault] = [
         "manifest cut short",
         3,
         lambda c: c.write(MF, c.mf.read_text()[:200]),
-        "{bad}/manifest.json: not valid JSON (Unterminated string starting at, line 9)",
+        "{bad}/manifest.json: not valid JSON ({any}, line {any})",  # (where it stops varies)
     ),
     Fault(
         "manifest nested too deeply",
