@@ -54,9 +54,9 @@ def rerender(bundle, ref, Xsel, samples, source, tmean):
     """What the app redoes for a new selection: perturb, place, map frame, map and heatmap dicts."""
     from tspg import charts
     from tspg.embedding import map_frame, place
-    from tspg.perturb import perturb_scaled
+    from tspg.perturbation import perturb_scaled
 
-    pert = perturb_scaled(bundle, Xsel, samples)
+    pert = perturb_scaled(Xsel, bundle, samples=samples)
     xy = place(ref, pert.x_adv)
     frame = map_frame(
         ref, xy, new_samples=pert.samples, new_source=source, new_pred=pert.pred_after
@@ -83,7 +83,7 @@ def app_reruns(bundle, sizes, runs: int, seed: int) -> list[tuple[str, int, tupl
     from tspg.bundle import save_bundle
 
     root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))  # the app imports app_state from its own folder
+    sys.path.insert(0, str(root))  # the app imports tspg from this tree
     out = []
     with tempfile.TemporaryDirectory(prefix="tspg-bench-models-") as tmp:
         save_bundle(bundle, tmp)
@@ -103,7 +103,7 @@ def app_reruns(bundle, sizes, runs: int, seed: int) -> list[tuple[str, int, tupl
                     f"the page drew no chart: {[e.value for e in [*at.warning, *at.info]]}"
                 )
 
-        for page in ("pages/perturb.py", "pages/map.py"):
+        for page in ("app_pages/perturb.py", "app_pages/map.py"):
             for m in sizes:
                 at.session_state["sel_mode"], at.session_state["sel_n"] = "random", m
                 at.switch_page(page).run()  # untimed: loads the page (and fits the map once)
@@ -162,14 +162,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from tspg import charts
-    from tspg.data import align_genes
     from tspg.datasets import DEMO_LABEL_KEY, demo
     from tspg.embedding import fit_reference_map, map_frame, place
-    from tspg.perturb import perturb_scaled
+    from tspg.perturbation import perturb_scaled
 
     bundle = get_bundle(args.bundle)
     adata = demo()
-    Xs = bundle.scaler.transform(align_genes(adata, bundle.genes)).astype(np.float64)
+    Xs = bundle.scale(adata).astype(np.float64)
     labels = adata.obs[DEMO_LABEL_KEY].astype(str).to_numpy()
     names = np.asarray(adata.obs_names).astype(str)
     rng = np.random.default_rng(args.seed)
@@ -211,13 +210,13 @@ def main(argv=None) -> int:
             ref = ref or res[3]
 
     source = np.flatnonzero(labels != bundle.target)
-    perturb_scaled(bundle, Xs[:10].astype(np.float32))  # warm-up: torch's first call allocates
+    perturb_scaled(Xs[:10].astype(np.float32), bundle)  # warm-up: torch's first call allocates
     tmean = Xs[labels == bundle.target].mean(0)
     for m in args.selections:
         sel = rng.choice(len(source), size=min(m, len(source)), replace=False)
         Xsel = Xs[source[sel]].astype(np.float32)
 
-        pert = perturb_scaled(bundle, Xsel, names[source[sel]])
+        pert = perturb_scaled(Xsel, bundle, samples=names[source[sel]])
         add(
             "re-render after a new selection (all below)",
             m,
@@ -247,13 +246,6 @@ def main(argv=None) -> int:
     gene_frame = frame.assign(value=np.concatenate([X_map[:, j], pert.x_adv[:, j]]))
     full_heat = charts.heatmap_frame(
         pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tmean
-    )
-    top = pd.DataFrame(
-        {
-            "gene": bundle.genes[:40],
-            "direction": ["up"] * 20 + ["down"] * 20,
-            "P": np.r_[np.linspace(0.5, 0.1, 20), np.linspace(-0.1, -0.5, 20)],
-        }
     )
     dist = pd.concat(
         [
@@ -287,7 +279,6 @@ def main(argv=None) -> int:
         f"heatmap chart, all {len(bundle.genes)} genes": lambda: charts.heatmap_chart(
             full_heat
         ).to_dict(),
-        "top genes chart (20 + 20)": lambda: charts.top_genes_chart(top).to_dict(),
         f"gene distribution chart ({len(dist)} values)": lambda: charts.gene_distribution_chart(
             dist, bundle.genes[j]
         ).to_dict(),

@@ -20,7 +20,7 @@ import torch
 
 from tspg.bundle import Bundle
 from tspg.nets import Discriminator, Generator, TargetClassifier
-from tspg.perturb import generate_perturbed, perturb_scaled
+from tspg.perturbation import generate_perturbed, perturb_scaled
 
 
 def timed(fn, runs: int) -> tuple[float, float]:
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
 
     steps = {
         "perturbation: G(x) + clip (tspg.perturb)": lambda: generate_perturbed(G, X),
-        "perturbation + target model before/after": lambda: perturb_scaled(bundle, X),
+        "perturbation + target model before/after": lambda: perturb_scaled(X, bundle),
         "floor: the two large matmuls of G alone": lambda: (gemm_a @ gemm_w1.T, h @ gemm_w2.T),
     }
     default_threads = torch.get_num_threads()

@@ -66,7 +66,7 @@ def run_one(adata, target: str, overrides: dict, seed: int) -> dict:
         dataset="pbmc68k_reduced",
     )
     seconds = time.perf_counter() - start
-    ev = evaluate(bundle, adata)
+    ev = evaluate(adata, bundle)
     clf = ev["independent_classifiers"]
     return {
         "f": ev["perturbation_accuracy"]["non_target"],

@@ -128,14 +128,14 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     at = ok(app(models, monkeypatch).run())
     at.session_state["sel_mode"] = "id"
     at.session_state["sel_ids"] = ids
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     assert at.multiselect(key="sel_ids").value == ids
 
     pred = at.dataframe[0].value
     assert list(pred.index) == ids
-    from tspg.perturb import perturb_adata
+    from tspg.perturbation import perturb_adata
 
-    expected = perturb_adata(bundle, demo_adata[ids]).predictions_df()
+    expected = perturb_adata(demo_adata[ids], bundle).predictions_df()
     assert list(pred["pred_after"]) == list(expected["pred_after"])
     np.testing.assert_allclose(pred["prob_target_after"], expected["prob_target_after"], atol=1e-3)
     assert list(pred["label"]) == list(labels[ids])
@@ -144,7 +144,7 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     heat = chart_data(charts(at)[0])
     assert set(heat["column"]) == {"x", "P", "x_adv", "target mean"}
     assert heat["gene"].nunique() == 40
-    mean_P = perturb_adata(bundle, demo_adata[ids]).P.mean(0)
+    mean_P = perturb_adata(demo_adata[ids], bundle).P.mean(0)
     top_gene = bundle.genes[int(np.argmax(mean_P))]
     assert heat.sort_values("rank").iloc[0]["gene"] == top_gene
     assert heat[(heat.gene == top_gene) & (heat.column == "P")]["value"].iloc[0] == pytest.approx(
@@ -159,9 +159,9 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     at.radio(key="heat_view").set_value("sample")
     at.session_state["heat_sample"] = ids[2]
     ok(at.run())
-    from tspg.perturb import top_genes
+    from tspg.perturbation import top_genes
 
-    P = perturb_adata(bundle, demo_adata[[ids[2]]]).P
+    P = perturb_adata(demo_adata[[ids[2]]], bundle).P
     top = top_genes(P, bundle.genes, k=20)
     up_table, down_table = at.dataframe[1].value, at.dataframe[2].value
     assert list(up_table["gene"]) == list(top.up[0])
@@ -180,7 +180,7 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
 
 def test_random_selection_moves_most_samples_to_the_target(models, monkeypatch):
     at = ok(app(models, monkeypatch).run())
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     pred = at.dataframe[0].value
     assert len(pred) == 20  # default: 20 held-out non-target samples, seed 0
     assert (pred["label"] != DEMO_TARGET).all()
@@ -202,7 +202,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     at.session_state["sel_mode"] = "class"
     at.session_state["sel_classes"] = ["CD19+ B", "CD56+ NK"]
 
-    ok(at.switch_page("pages/map.py").run())
+    ok(at.switch_page("app_pages/map.py").run())
     frame = chart_data(charts(at)[0])
     real, pert = frame[frame.kind == "real"], frame[frame.kind == "perturbed"]
     assert set(real["class"]) == set(classes)
@@ -234,7 +234,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     ok(at.run())
     assert "from a joint t-SNE fit" in texts(at.caption)
 
-    ok(at.switch_page("pages/genes.py").run())
+    ok(at.switch_page("app_pages/genes.py").run())
     m = metrics(at)
     assert m["Source classes (one random sample each)"] == "2"
     assert 20 <= int(m["Unique up genes (of 40 picks)"]) <= 40
@@ -247,7 +247,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     assert len(gene_map) == len(frame) and gene_map["value"].between(0, 1).all()
     assert set(dist["kind"]) == {"real", "perturbed"}
 
-    ok(at.switch_page("pages/enrichment.py").run())
+    ok(at.switch_page("app_pages/enrichment.py").run())
     assert "offline" in texts(at.warning)  # Enrichr refused: the offline fallback, labelled
     assert "Enrichr could not be used" in texts(at.caption)
     table = at.dataframe[0].value
@@ -281,7 +281,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
 def test_enrichment_threshold_offline_libraries_and_retrying_enrichr(models, monkeypatch, tmp_path):
     monkeypatch.setenv("TSPG_ENRICHR_URL", closed_port_url())
     at = ok(app(models, monkeypatch).run())
-    ok(at.switch_page("pages/enrichment.py").run())
+    ok(at.switch_page("app_pages/enrichment.py").run())
     caption = next(c.value for c in at.caption if c.value.startswith("Up: "))
     up = caption.split("\n")[0].removeprefix("Up: ").strip().split(", ")
     assert len(up) == 20
@@ -296,7 +296,7 @@ def test_enrichment_threshold_offline_libraries_and_retrying_enrichr(models, mon
     )
     monkeypatch.setenv("TSPG_GMT_DIR", str(gmts))
     at = ok(app(models, monkeypatch).run())
-    ok(at.switch_page("pages/enrichment.py").run())
+    ok(at.switch_page("app_pages/enrichment.py").run())
     pick = at.multiselect(key="enr_gmts")
     assert pick.options == ["blood_markers", "extra"]  # (labels: the library names)
     assert [Path(f).name for f in pick.value] == [
@@ -366,7 +366,7 @@ def test_models_page_lists_an_unreadable_bundle(models, monkeypatch, tmp_path):
     )  # the default skips unreadable bundles
     assert metrics(at)["Target"] == DEMO_TARGET  # the readable bundle still works
     assert "2 unreadable bundle(s)" in texts(at.sidebar.caption)
-    ok(at.switch_page("pages/models.py").run())
+    ok(at.switch_page("app_pages/models.py").run())
     table = at.dataframe[0].value
     assert table.loc["broken", "status"] == "unreadable"
     assert "not valid JSON" in table.loc["broken", "error"]
@@ -409,7 +409,7 @@ def test_uploads_and_bad_input(models, monkeypatch, tmp_path, demo_adata):
     at.sidebar.file_uploader(key="upload").set_value(
         ("wrong.h5ad", path.read_bytes(), "application/octet-stream")
     )
-    at.switch_page("pages/perturb.py").run()
+    at.switch_page("app_pages/perturb.py").run()
     assert not at.exception
     assert "none of the model's 765 genes are present" in texts(at.error)
 
@@ -458,7 +458,7 @@ def test_no_bundle_home_trains_the_demo(tmp_path, monkeypatch):
 
 def test_map_reuses_the_reference_map_for_a_new_selection(models, monkeypatch):
     at = ok(app(models, monkeypatch).run())
-    ok(at.switch_page("pages/map.py").run())
+    ok(at.switch_page("app_pages/map.py").run())
     first = chart_data(charts(at)[0])
     at.session_state["sel_seed"] = 1  # another random selection (the Perturb page's seed)
     ok(at.run())
@@ -505,7 +505,7 @@ def test_sidebar_bundle_picker_demo_data_and_a_partial_upload(
     at.sidebar.radio(key="data_source").set_value("demo")
     ok(at.run())
     assert "demo (pbmc68k_reduced): 700 samples x 765 genes" in texts(at.markdown)
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     assert at.checkbox(
         key="sel_heldout"
     ).value  # the demo is the demo bundle's own dataset: its split applies
@@ -609,7 +609,7 @@ def test_cli_app_without_streamlit_app_is_a_clear_error(models, monkeypatch, tmp
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "pkg" / "tspg" / "cli.py"))
-    assert cli.main(["app", "--models", str(models)]) == 1
+    assert cli.main(["app", "--models", str(models)]) == 2
     assert "streamlit_app.py not found" in capsys.readouterr().err
 
 
@@ -625,7 +625,7 @@ def test_target_picker_switches_the_bundle(models, monkeypatch, tmp_path):
     manifest.update(name="pbmc-dendritic", target="Dendritic")
     (other / "manifest.json").write_text(json.dumps(manifest))
     at = ok(app(root, monkeypatch).run())
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     picker = at.selectbox(key="perturb_target")
     assert set(picker.options) == {f"{DEMO_TARGET} ({src.name})", "Dendritic (pbmc-dendritic)"}
     picker.set_value("pbmc-dendritic")
@@ -633,3 +633,20 @@ def test_target_picker_switches_the_bundle(models, monkeypatch, tmp_path):
     assert at.sidebar.selectbox(key="bundle").value == "pbmc-dendritic"
     assert at.subheader[0].value == "20 samples → Dendritic"
     assert (at.dataframe[0].value["label"] != "Dendritic").all()
+
+
+def test_cli_app_listens_on_this_machine_unless_told(models, monkeypatch, caplog):
+    """``tspg app`` passes 127.0.0.1 to streamlit; --address 0.0.0.0 exposes it, with a warning."""
+    from tspg import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_exec", lambda cmd, env, cwd: calls.append((cmd, env)) or 0)
+    assert cli.main(["app", "--models", str(models), "--headless"]) == 0
+    cmd, env = calls[-1]
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert env["TSPG_MODELS_DIR"] == str(models.resolve())
+    with caplog.at_level("WARNING", logger="tspg"):
+        assert cli.main(["app", "--models", str(models), "--address", "0.0.0.0"]) == 0
+    cmd, _ = calls[-1]
+    assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0"
+    assert "anyone who can reach this machine" in caplog.text

@@ -58,7 +58,7 @@ def test_without_its_dataset_the_app_asks_for_it_instead_of_failing(elsewhere, m
     hint = "was trained on synthetic12 (360 samples), which is not stored with the bundle: upload that .h5ad file"
     assert hint in texts(at.sidebar.info) and hint in texts(at.info)
     assert at.sidebar.file_uploader(key="upload")  # the upload is right there
-    for page in ("pages/perturb.py", "pages/map.py", "pages/genes.py"):
+    for page in ("app_pages/perturb.py", "app_pages/map.py", "app_pages/genes.py"):
         ok(at.switch_page(page).run())
         assert hint in texts(at.info)
 
@@ -71,7 +71,7 @@ def test_an_upload_of_its_dataset_counts_as_the_bundles_own(elsewhere, monkeypat
     )
     assert not at.sidebar.info  # recognised: no more hint
 
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     assert at.checkbox(key="sel_heldout").value
     pred = at.dataframe[0].value
     assert len(pred) == 20 and set(pred.index) <= test and (pred["label"] != TARGET).all()
@@ -86,14 +86,14 @@ def test_an_upload_of_its_dataset_counts_as_the_bundles_own(elsewhere, monkeypat
     ok(at.run())
     assert set(at.dataframe[0].value.index) - test  # training samples too, now
 
-    ok(at.switch_page("pages/genes.py").run())
+    ok(at.switch_page("app_pages/genes.py").run())
     overlap = next(d.value for d in at.dataframe if "baseline" in d.value)
     assert set(overlap["baseline"]) == {"differential expression", "mean shift"}
     assert "Baselines need" not in texts(at.info)
 
     # the same file under "Upload a .h5ad file" is still recognised
     at.sidebar.radio(key="data_source").set_value("upload")
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     at.checkbox(key="sel_heldout").check()
     ok(at.run())
     assert set(at.dataframe[0].value.index) <= test
@@ -105,10 +105,10 @@ def test_other_data_is_not_taken_for_its_dataset(elsewhere, monkeypatch):
     assert "changed.h5ad is not synthetic12, the dataset" in texts(at.error)
 
     at = ok(upload(at, "changed.h5ad", elsewhere.changed, source="upload"))
-    ok(at.switch_page("pages/perturb.py").run())
+    ok(at.switch_page("app_pages/perturb.py").run())
     assert "sel_heldout" not in [c.key for c in at.checkbox]  # not its data: no split
     assert len(at.dataframe[0].value) == 20
-    ok(at.switch_page("pages/genes.py").run())
+    ok(at.switch_page("app_pages/genes.py").run())
     assert "Baselines need the bundle's own training data" in texts(at.info)
 
 
@@ -121,7 +121,7 @@ def test_map_default_classes_follow_the_selection(elsewhere, monkeypatch):
     at = ok(upload(app(elsewhere.root, monkeypatch).run(), "synthetic12.h5ad", elsewhere.h5ad))
     at.session_state["sel_mode"] = "class"
     at.session_state["sel_classes"] = rare[:2]
-    ok(at.switch_page("pages/map.py").run())
+    ok(at.switch_page("app_pages/map.py").run())
     real = chart_data(charts(at)[0]).query("kind == 'real'")
     shown = set(real["class"])
     assert len(shown) == 10 and {TARGET, *rare[:2]} <= shown and rare[2] not in shown

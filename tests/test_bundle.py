@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_adata
+from conftest import QUICK_CONFIG, make_tiny_adata
 from safetensors.torch import load_file, save_file
 
 from tspg.bundle import (
@@ -25,9 +25,20 @@ from tspg.bundle import (
     resolve_bundle,
     save_bundle,
     slug,
+    train_command,
+)
+from tspg.config import (
+    TrainConfig,
+    config_fields,
+    config_options,
+    config_problem,
+    field_kind,
+    format_option,
+    option_name,
 )
 from tspg.data import align_genes
-from tspg.perturb import generate_perturbed
+from tspg.errors import UserError
+from tspg.perturbation import class_probabilities, generate_perturbed
 
 
 class _Trap:
@@ -105,8 +116,17 @@ FRESH = r"""
 import json, sys
 import numpy as np, anndata as ad
 from tspg.bundle import load_bundle
+from tspg.config import (
+    TrainConfig,
+    config_fields,
+    config_options,
+    config_problem,
+    format_option,
+    option_name,
+)
 from tspg.data import align_genes
-from tspg.perturb import class_probabilities, generate_perturbed
+from tspg.errors import UserError
+from tspg.perturbation import class_probabilities, generate_perturbed
 b = load_bundle(sys.argv[1])
 adata = ad.read_h5ad(sys.argv[2])
 test = adata[b.split["test"]]
@@ -115,7 +135,7 @@ P = generate_perturbed(b.generator, X)[0]
 pred = class_probabilities(b.target_model, np.clip(X + P, 0, 1)).argmax(1)
 non_target = (test.obs[b.label_key].astype(str) != b.target).to_numpy()
 np.save(sys.argv[3], P)
-print(json.dumps({"genes": b.genes, "accuracy": float((pred[non_target] == b.target_index).mean())}))
+print(json.dumps({"genes": b.genes, "accuracy": float((pred[non_target] == b.classes.index(b.target)).mean())}))
 """
 
 
@@ -249,7 +269,7 @@ def test_failed_save_leaves_nothing_behind(quick_bundle, tmp_path):
     bad = unsaved_copy(quick_bundle, name="half", metrics={"not json": object()})
     with pytest.raises(TypeError, match="cannot store object in a manifest"):
         save_bundle(bad, root)
-    assert list(root.iterdir()) == []  # no bundle, no temporary folder
+    assert not root.exists()  # checked before anything is written: no folder at all
     assert list_bundles(root) == []
 
 
@@ -281,7 +301,7 @@ def test_save_refuses_nan_in_the_manifest_naming_the_field(
     bad = unsaved_copy(quick_bundle, name="nan", **{field: value})
     msg = one_line_value_error(save_bundle, bad, root)
     assert f"manifest field {named!r}" in msg and ("nan" in msg or "inf" in msg)
-    assert list(root.iterdir()) == []  # nothing written
+    assert not root.exists()  # nothing written
     save_bundle(unsaved_copy(quick_bundle, name="fine"), root)
     assert "NaN" not in (root / "fine" / "manifest.json").read_text()  # strict JSON
     json.loads(
@@ -436,3 +456,181 @@ def test_slug_and_check_name():
     assert slug("CD14+ Monocyte") == "cd14-monocyte"
     assert slug("  ") == "bundle"
     assert check_name("pbmc-cd14_v2+") == "pbmc-cd14_v2+"
+
+
+# ----------------------------------------------------------------------------- one home per operation
+
+
+def test_scale_matches_genes_by_name_and_names_the_fault(quick_bundle):
+    adata = make_tiny_adata()
+    Xs = quick_bundle.scale(adata)
+    expected = quick_bundle.scaler.transform(align_genes(adata, quick_bundle.genes))
+    np.testing.assert_array_equal(Xs, expected)
+    assert Xs.dtype == np.float32 and Xs.min() >= 0 and Xs.max() <= 1
+    shuffled = adata[:, list(adata.var_names[::-1])].copy()
+    np.testing.assert_array_equal(quick_bundle.scale(shuffled), Xs)  # order of the bundle's genes
+    broken = adata.copy()
+    broken.X[3, 7] = np.nan
+    with pytest.raises(
+        UserError, match=r"^new\.h5ad: missing or infinite value at sample 's003', gene 'G07'"
+    ):
+        quick_bundle.scale(broken, source="new.h5ad")
+    with pytest.raises(UserError, match="no layer 'counts'"):
+        quick_bundle.scale(adata, layer="counts")
+
+
+def test_predict_is_the_target_models_argmax(quick_bundle):
+    Xs = quick_bundle.scale(make_tiny_adata())
+    proba = class_probabilities(quick_bundle.target_model, Xs)
+    np.testing.assert_array_equal(quick_bundle.predict_proba(Xs), proba)
+    assert list(quick_bundle.predict(Xs)) == [quick_bundle.classes[i] for i in proba.argmax(1)]
+    assert quick_bundle.predict(Xs[:0]).shape == (0,)
+    assert quick_bundle.predict_proba(Xs[:0]).shape == (0, len(quick_bundle.classes))
+
+
+def test_sample_pool_and_source_samples_one_fallback_rule(quick_bundle):
+    adata = make_tiny_adata()
+    labels = adata.obs["cell_type"].astype(str)
+    test = quick_bundle.split["test"]
+    held = [s for s in adata.obs_names if s in set(test)]
+    assert quick_bundle.sample_pool(adata) == held  # in the data's order
+    assert quick_bundle.sample_pool(adata, heldout=False) == list(adata.obs_names)
+    choice = quick_bundle.source_samples(adata)
+    assert choice.description == "held-out non-target samples"
+    assert choice.ids == [s for s in held if labels[s] != "beta"] and len(choice) == 8
+    # other data (none of the held-out samples): every sample, still without the target class
+    other = adata[[s for s in adata.obs_names if s not in set(test)]].copy()
+    assert quick_bundle.sample_pool(other) == list(other.obs_names)
+    choice = quick_bundle.source_samples(other)
+    assert choice.description == "non-target samples"
+    assert choice.ids == [s for s in other.obs_names if labels[s] != "beta"]
+    # unknown labels: nothing is left out; chosen ids are checked
+    bare = adata.copy()
+    del bare.obs["cell_type"]
+    assert quick_bundle.source_samples(bare).ids == held
+    assert quick_bundle.source_samples(bare).description == "held-out samples"
+    chosen = quick_bundle.source_samples(adata, samples=["s045", "s001", "s045"])
+    assert chosen.ids == ["s045", "s001"] and chosen.description == "chosen samples"
+    with pytest.raises(
+        UserError, match=r"^x\.h5ad: 1 of the 2 sample ids given are not in the data: nope$"
+    ):
+        quick_bundle.source_samples(adata, samples=["s001", "nope"], source="x.h5ad")
+    only_target = adata[labels.to_numpy() == "beta"].copy()
+    with pytest.raises(UserError, match="every candidate sample is of the target class 'beta'"):
+        quick_bundle.source_samples(only_target)
+
+
+def test_is_own_dataset_by_fingerprint(quick_bundle):
+    adata = make_tiny_adata()
+    assert quick_bundle.is_own_dataset(adata) is True
+    changed = adata.copy()
+    changed.X[0, 0] += 1
+    assert quick_bundle.is_own_dataset(changed) is False
+    assert quick_bundle.is_own_dataset(adata[:-1].copy()) is False  # a sample less
+    assert quick_bundle.is_own_dataset(adata[:, 1:].copy()) is None  # a gene missing: cannot tell
+
+
+def test_summary_is_one_row_for_bundles_and_listed_folders(quick_bundle, tmp_path):
+    s = quick_bundle.summary()
+    assert s["name"] == quick_bundle.name and s["target"] == "beta" and s["genes"] == 30
+    assert s["perturbation accuracy"] == quick_bundle.metrics["perturbation_accuracy_non_target"]
+    shutil.copytree(quick_bundle.path, tmp_path / "good")
+    (tmp_path / "bad").mkdir()
+    bad, good = list_bundles(tmp_path)
+    assert good.summary() == {**s, "name": "good", "status": "ok", "error": ""}
+    assert bad.summary()["status"] == "unreadable" and "no manifest.json" in bad.summary()["error"]
+
+
+def _every_field_changed(recipe: str) -> TrainConfig:
+    """A config of ``recipe`` whose every field (but the recipe) differs from the recipe's default."""
+    base = TrainConfig.for_recipe(recipe)
+    changed = {}
+    for name in config_options():
+        f, v = config_fields()[name], getattr(base, name)
+        meta = f.metadata
+        if v is None:  # an optional setting, unset by default
+            new = {"int": 1, "float": 0.5}[field_kind(name)[0]]
+        elif meta.get("choices"):
+            new = next(c for c in meta["choices"] if c != v)
+        elif isinstance(v, bool):
+            new = not v
+        elif isinstance(v, tuple):
+            new = tuple(max(1, w // 2 + 1) for w in v) + (3,)
+        elif isinstance(v, int):
+            new = v + 1
+        else:
+            high = meta.get("high")
+            new = v * 1.5 + 0.25
+            if high is not None and new >= high:
+                new = (v + (meta.get("low") or 0.0)) / 2
+        assert config_problem(name, new) is None, (name, new)
+        changed[name] = new
+    config = TrainConfig.for_recipe(recipe, **changed)
+    assert all(getattr(config, n) != getattr(base, n) for n in config_options())
+    return config
+
+
+@pytest.mark.parametrize("recipe", ["tspg+", "paper"])
+def test_every_generated_train_command_parses_back_into_the_same_config(recipe, tmp_path):
+    import json
+    import shlex
+
+    from tspg.cli import build_train_parser, config_from_args
+
+    config = _every_field_changed(recipe)
+    manifests = [
+        {"dataset": {"name": "my gem"}, "label_key": "tissue type", "gene_set": {"name": "all"}},
+        {
+            "dataset": {"name": "pbmc68k_reduced"},
+            "label_key": "bulk_labels",
+            "gene_set": {"name": "all"},
+        },
+        {
+            "dataset": {"name": "gem"},
+            "label_key": "tissue",
+            "gene_set": {"name": "HALLMARK_HYPOXIA", "source": "/data/h all.gmt"},
+        },
+        {
+            "dataset": {"name": "gem"},
+            "label_key": "tissue",
+            "gene_set": {"name": "mine", "source": "/data/mine.txt"},
+        },
+    ]
+    for extra in manifests:
+        manifest = json.loads(  # as a manifest stores it: tuples become lists
+            json.dumps(
+                {"name": "a b", "target": "CD14+ Monocyte", "config": config.to_dict(), **extra}
+            )
+        )
+        command = train_command(manifest, out=tmp_path / "my models")
+        argv = shlex.split(command)
+        assert argv[0] == "tspg-train"
+        args = build_train_parser().parse_args(argv[1:])
+        assert config_from_args(args) == config, command
+        assert (args.target, args.name, args.out) == (
+            "CD14+ Monocyte",
+            "a b",
+            str(tmp_path / "my models"),
+        )
+        for name in config_options():  # every field is written out, widths included
+            assert option_name(name) in argv
+    assert args.genes == "/data/mine.txt"
+    demo_args = build_train_parser().parse_args(
+        shlex.split(train_command({**manifest, **manifests[1]}))[1:]
+    )
+    assert demo_args.demo and demo_args.data is None
+    hypoxia = build_train_parser().parse_args(
+        shlex.split(train_command({**manifest, **manifests[2]}))[1:]
+    )
+    assert hypoxia.gene_set == "/data/h all.gmt:HALLMARK_HYPOXIA"
+    reused = train_command({**manifest, "target_model_from": "gem-heart"})
+    assert "--target-model gem-heart" in reused and "--gene-set" not in reused
+
+
+def test_bundle_train_command_of_a_trained_bundle(quick_bundle):
+    """The quick bundle's own command: the options that differ from the tspg+ recipe."""
+    command = quick_bundle.train_command()
+    assert command.startswith("tspg-train tiny.h5ad --label-key cell_type --target beta ")
+    for name, value in QUICK_CONFIG.items():
+        assert f"{option_name(name)} {format_option(value)}" in command
+    assert "--gen-residual" not in command  # the recipe's value is not repeated

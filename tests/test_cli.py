@@ -13,7 +13,8 @@ import torch
 from conftest import TINY_CLASSES, make_tiny_adata
 
 from tspg.bundle import load_bundle
-from tspg.cli import config_options, main, train_main
+from tspg.cli import main, train_main
+from tspg.config import config_options
 from tspg.datasets import write_reference_example
 
 # the paper's networks, trained for a moment: these tests are about the command, not the science
@@ -145,7 +146,7 @@ def test_import_reports_filled_values_or_refuses_them(tmp_path, capsys):
     assert main(["import", str(tmp_path / "gem.csv"), "-o", str(out)]) == 0
     assert "1 missing values filled" in capsys.readouterr().out
     out.unlink()
-    assert main(["import", str(tmp_path / "gem.csv"), "--nan", "error", "-o", str(out)]) == 1
+    assert main(["import", str(tmp_path / "gem.csv"), "--nan", "error", "-o", str(out)]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "sample 's003', gene 'G04'" in line
     assert not out.exists()
@@ -155,7 +156,7 @@ def test_import_usage_and_file_errors(tmp_path, capsys):
     assert "the following arguments are required: -o/--output" in usage_error(
         main, ["import", "x.csv"], capsys
     )
-    assert main(["import", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "o.h5ad")]) == 1
+    assert main(["import", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "o.h5ad")]) == 2
     assert "nope.csv: file not found" in one_error_line(capsys.readouterr().err)
 
 
@@ -171,12 +172,12 @@ def test_import_unreadable_inputs_and_output_named(tmp_path, capsys):
         "-o",
         str(tmp_path / "o.h5ad"),
     ]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert f"error: {tmp_path / 'labels.txt'}: cannot read labels" in one_error_line(
         capsys.readouterr().err
     )
     out = tmp_path / "nowhere" / "o.h5ad"
-    assert main(["import", str(tmp_path / "gem.csv"), "-o", str(out)]) == 1
+    assert main(["import", str(tmp_path / "gem.csv"), "-o", str(out)]) == 2
     assert f"error: {out}: cannot write, {out.parent} is not a folder" == one_error_line(
         capsys.readouterr().err
     )
@@ -320,9 +321,9 @@ def test_every_loss_weight_must_be_finite_and_not_negative(tiny_h5ad, capsys):
     ],
     ids=["label-key", "target", "gene-set", "target-model"],
 )
-def test_train_bad_input_exit_1_one_line_no_bundle(tiny_h5ad, tmp_path, capsys, argv, expected):
+def test_train_bad_input_exit_2_one_line_no_bundle(tiny_h5ad, tmp_path, capsys, argv, expected):
     models = tmp_path / "models"
-    assert train_main([str(tiny_h5ad), *argv, "--out", str(models), *FAST]) == 1
+    assert train_main([str(tiny_h5ad), *argv, "--out", str(models), *FAST]) == 2
     assert re.search(expected, one_error_line(capsys.readouterr().err))
     assert no_bundle_written(models)
 
@@ -344,7 +345,7 @@ def test_train_gene_set_folder_named(tiny_h5ad, tmp_path, capsys):
                 *FAST,
             ]
         )
-        == 1
+        == 2
     )
     assert (
         one_error_line(capsys.readouterr().err)
@@ -353,7 +354,7 @@ def test_train_gene_set_folder_named(tiny_h5ad, tmp_path, capsys):
     assert no_bundle_written(models)
 
 
-def test_train_missing_file_exit_1(tmp_path, capsys):
+def test_train_missing_file_exit_2(tmp_path, capsys):
     models = tmp_path / "models"
     assert (
         train_main(
@@ -368,7 +369,7 @@ def test_train_missing_file_exit_1(tmp_path, capsys):
                 *FAST,
             ]
         )
-        == 1
+        == 2
     )
     assert "nope.h5ad: file not found" in one_error_line(capsys.readouterr().err)
     assert no_bundle_written(models)
@@ -479,7 +480,7 @@ def test_existing_bundle_needs_overwrite(tiny_h5ad, tmp_path, capsys):
         *FAST,
     ]
     assert train_main(argv) == 0
-    assert train_main(argv) == 1
+    assert train_main(argv) == 2
     assert "a bundle of that name exists" in one_error_line(capsys.readouterr().err)
     assert train_main([*argv, "--overwrite"]) == 0
 
@@ -493,7 +494,7 @@ def test_output_problems_stop_before_training(tiny_h5ad, tmp_path, capsys):
     base = [str(tiny_h5ad), "--label-key", "cell_type", *NOT_QUIET]
     models = tmp_path / "models"
     (models / "tiny-gamma").mkdir(parents=True)
-    assert train_main([*base, "--all-targets", "--out", str(models)]) == 1
+    assert train_main([*base, "--all-targets", "--out", str(models)]) == 2
     err = capsys.readouterr().err
     assert (
         one_error_line(err)
@@ -504,7 +505,7 @@ def test_output_problems_stop_before_training(tiny_h5ad, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
     for out in (afile, afile / "sub"):
-        assert train_main([*base, "--target", "beta", "--out", str(out)]) == 1
+        assert train_main([*base, "--target", "beta", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert (
             one_error_line(err)
@@ -638,9 +639,94 @@ def test_perturb_only_the_chosen_samples(quick_bundle, tiny_h5ad, tmp_path, caps
     a = ad.read_h5ad(out)
     assert list(a.obs_names) == ["s045", "s001"] and list(a.obs["cell_type"]) == ["gamma", "alpha"]
     out.unlink()
-    assert main([*argv, "--samples", "s001", "nope", "s999"]) == 1
+    assert main([*argv, "--samples", "s001", "nope", "s999"]) == 2
     assert (
         one_error_line(capsys.readouterr().err)
         == f"error: {tiny_h5ad}: 2 of the 3 sample ids given are not in the data: nope, s999"
     )
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- errors, --debug, --help
+
+
+def test_help_imports_neither_torch_nor_anndata():
+    """``tspg --help`` and ``tspg-train --help`` answer without the heavy libraries."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from tspg.cli import main, train_main\n"
+        "for f, argv in ((main, ['--help']), (main, ['perturb', '--help']), (train_main, ['--help'])):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        f(argv)\n"
+        "heavy = [m for m in ('torch', 'anndata', 'scanpy', 'streamlit', 'pandas') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "import tspg\n"
+        "assert 'torch' not in sys.modules and callable(tspg.train)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_top_level_names_are_the_functions_not_modules():
+    import tspg
+    import tspg.metrics  # noqa: F401  (imports the submodule tspg.perturbation)
+    import tspg.training  # noqa: F401
+    from tspg.perturbation import perturb
+
+    assert tspg.perturb is perturb and tspg.train.__module__ == "tspg.pipeline"
+    assert tspg.evaluate.__module__ == "tspg.metrics" and set(tspg.__all__) <= set(dir(tspg))
+    with pytest.raises(AttributeError):
+        tspg.no_such_name  # noqa: B018
+
+
+def test_widths_options_and_their_errors(tiny_h5ad, tmp_path, capsys):
+    models = tmp_path / "models"
+    argv = [str(tiny_h5ad), "--label-key", "cell_type", "--target", "beta", "--out", str(models)]
+    nets = ["--target-hidden", "16,8", "--gen-encoder", "16", "--gen-decoder", "16,16"]
+    nets += ["--disc-hidden", "8", "--gen-residual", "0"]
+    assert train_main([*argv, *FAST, *nets]) == 0
+    c = load_bundle(models / "tiny-beta").config
+    assert (c.target_hidden, c.gen_encoder, c.gen_decoder, c.disc_hidden, c.gen_residual) == (
+        (16, 8),
+        (16,),
+        (16, 16),
+        (8,),
+        0,
+    )
+    err = usage_error(train_main, [*argv, "--target-hidden", "16,x"], capsys)
+    assert "argument --target-hidden: invalid literal for int()" in err
+    err = usage_error(train_main, [*argv, "--gen-encoder", "16,0"], capsys)
+    assert "error: --gen-encoder 16,0: widths must be at least 1" in err
+    err = usage_error(train_main, [*argv, "--disc-hidden", "16,,8"], capsys)
+    assert "argument --disc-hidden: '16,,8' is not a list of widths" in err
+
+
+def test_user_error_one_line_exit_2_debug_adds_the_traceback(tmp_path, capsys):
+    argv = ["import", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "o.h5ad")]
+    assert main(argv) == 2
+    assert one_error_line(capsys.readouterr().err).endswith("nope.csv: file not found")
+    assert main([*argv, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UserError" in err and err.strip().endswith("file not found")
+
+
+def test_a_bug_is_not_dressed_as_a_user_error(tiny_h5ad, tmp_path, monkeypatch):
+    """Any exception but UserError keeps its traceback (here: a ValueError inside the reader)."""
+    import tspg.data
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal: something tspg did wrong")
+
+    monkeypatch.setattr(tspg.data, "read_gem", broken)
+    with pytest.raises(ValueError, match="internal"):
+        main(["import", str(tiny_h5ad), "-o", str(tmp_path / "o.h5ad")])
+
+
+def test_output_file_os_errors_name_the_file(quick_bundle, tiny_h5ad, tmp_path, capsys):
+    target = tmp_path / "no-such-folder" / "metrics.json"
+    argv = ["evaluate", str(quick_bundle.path), str(tiny_h5ad), "--k", "3", "--json", str(target)]
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"error: {target}: cannot write (No such file or directory)"

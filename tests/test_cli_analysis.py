@@ -12,7 +12,7 @@ from conftest import make_tiny_adata
 from scipy.stats import hypergeom
 
 from tspg.cli import main
-from tspg.perturb import consensus_top, perturb_adata
+from tspg.perturbation import consensus_top, perturb_adata
 
 
 @pytest.fixture
@@ -104,19 +104,19 @@ def test_evaluate_json(quick_bundle, tiny_h5ad, tmp_path, capsys):
     assert len(res["top_genes"]["consensus_up"]) == 5
 
 
-def test_errors_exit_1_with_one_line(quick_bundle, tmp_path, capsys, monkeypatch):
+def test_errors_exit_2_with_one_line(quick_bundle, tmp_path, capsys, monkeypatch):
     gem = make_tiny_adata()
     missing = tmp_path / "missing.h5ad"
     gem[:, [g for g in gem.var_names if g != "G07"]].copy().write_h5ad(missing)
     assert (
-        main(["perturb", str(quick_bundle.path), str(missing), "-o", str(tmp_path / "o.h5ad")]) == 1
+        main(["perturb", str(quick_bundle.path), str(missing), "-o", str(tmp_path / "o.h5ad")]) == 2
     )
     err = capsys.readouterr().err
     assert err.startswith("error:") and "G07" in err and err.count("\n") == 1
     monkeypatch.setenv("TSPG_MODELS_DIR", str(tmp_path))
-    assert main(["evaluate", "no-such-bundle"]) == 1
+    assert main(["evaluate", "no-such-bundle"]) == 2
     assert "no bundle 'no-such-bundle'" in capsys.readouterr().err
-    assert main(["evaluate", str(quick_bundle.path)]) == 1  # not the demo: DATA is needed
+    assert main(["evaluate", str(quick_bundle.path)]) == 2  # not the demo: DATA is needed
     assert "give that data file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["perturb", str(quick_bundle.path), str(missing), "-o", str(tmp_path / "o.txt")])
@@ -158,7 +158,7 @@ def test_enrich_offline(quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch):
     adata = make_tiny_adata()
     held_out = adata[quick_bundle.split["test"]]
     sources = held_out[held_out.obs["cell_type"].astype(str) != "beta"]
-    up = consensus_top(perturb_adata(quick_bundle, sources).P, quick_bundle.genes, k=5)["up"]
+    up = consensus_top(perturb_adata(sources, quick_bundle).P, quick_bundle.genes, k=5)["up"]
     assert all(g in text for g in up)  # the list it enriched is shown
     beta = {f"G{j:02d}" for j in range(5, 10)}
     hits = [g for g in up if g in beta]
@@ -188,7 +188,7 @@ def test_enrich_offline(quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch):
                 str(out),
             ]
         )
-        == 1
+        == 2
     )
     assert "nope" in capsys.readouterr().err
 
@@ -241,7 +241,7 @@ def test_map_writes_the_tidy_frame(quick_bundle, tiny_h5ad, tmp_path, capsys):
     ]
     assert (
         main(["map", str(quick_bundle.path), str(tiny_h5ad), "--classes", "delta", "-o", str(out)])
-        == 1
+        == 2
     )
     assert "delta" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -418,12 +418,12 @@ def test_demo_generator_up_genes_rank_a_monocyte_set_first(demo_bundle, tmp_path
     """
     from tspg.datasets import DEMO_TARGET
     from tspg.genesets import read_gene_sets
-    from tspg.perturb import consensus_top, perturb_adata
+    from tspg.perturbation import consensus_top, perturb_adata
 
     bundle, adata = demo_bundle
     held_out = adata[bundle.split["test"]]
     sources = held_out[held_out.obs[bundle.label_key].astype(str) != DEMO_TARGET]
-    up = consensus_top(perturb_adata(bundle, sources).P, bundle.genes, k=20)["up"]
+    up = consensus_top(perturb_adata(sources, bundle).P, bundle.genes, k=20)["up"]
     assert len(up) == 20
 
     res = enrich(up, background=bundle.genes, backend="offline", cache_dir=tmp_path)

@@ -39,7 +39,7 @@ from tspg.metrics import (
     spread_ratio,
     target_share,
 )
-from tspg.perturb import consensus_top, discriminate, perturb_scaled
+from tspg.perturbation import consensus_top, discriminate, perturb_scaled
 
 # ----------------------------------------------------------------------------- accuracy
 
@@ -226,7 +226,7 @@ def test_training_target_mean(quick_bundle):
     stored = quick_bundle.target_mean
     assert stored is not None and stored.shape == (len(quick_bundle.genes),)
     np.testing.assert_array_equal(
-        training_target_mean(quick_bundle), stored
+        training_target_mean(None, quick_bundle), stored
     )  # the bundle's own value, no data needed
     older = Bundle(
         {k: v for k, v in quick_bundle.manifest.items() if k != "target_mean"},
@@ -234,12 +234,12 @@ def test_training_target_mean(quick_bundle):
         quick_bundle.discriminator,
         quick_bundle.target_model,
     )
-    assert older.target_mean is None and training_target_mean(older) is None
-    Xs, y, _ = split_arrays(quick_bundle, adata, part="train")
+    assert older.target_mean is None and training_target_mean(None, older) is None
+    Xs, y, _ = split_arrays(adata, quick_bundle, part="train")
     np.testing.assert_allclose(
-        training_target_mean(older, adata), Xs[y == "beta"].mean(0), atol=1e-6
+        training_target_mean(adata, older), Xs[y == "beta"].mean(0), atol=1e-6
     )
-    np.testing.assert_allclose(training_target_mean(older, adata), stored, atol=1e-5)
+    np.testing.assert_allclose(training_target_mean(adata, older), stored, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -256,9 +256,9 @@ def test_classifiers_are_deterministic():
 
 def test_evaluate_tiny_bundle(quick_bundle):
     adata = make_tiny_adata()
-    res = evaluate(quick_bundle, adata, k=5, ks=(5, 10))
+    res = evaluate(adata, quick_bundle, k=5, ks=(5, 10))
     json.dumps(res, allow_nan=False)  # plain JSON
-    again = evaluate(quick_bundle, adata, k=5, ks=(5, 10))
+    again = evaluate(adata, quick_bundle, k=5, ks=(5, 10))
     res.pop("seconds"), again.pop("seconds")
     assert res == again  # deterministic
     n_test = len(quick_bundle.split["test"])
@@ -278,22 +278,22 @@ def test_evaluate_tiny_bundle(quick_bundle):
     assert res["energy_distance"]["unperturbed"] > res["energy_distance"]["mean_shift"] >= 0
 
     # the same numbers by hand, from the bundle's split
-    Xtr, ytr, _ = split_arrays(quick_bundle, adata, part="train")
-    Xte, yte, ids = split_arrays(quick_bundle, adata, part="test")
+    Xtr, ytr, _ = split_arrays(adata, quick_bundle, part="train")
+    Xte, yte, ids = split_arrays(adata, quick_bundle, part="test")
     is_t, non = yte == "beta", yte != "beta"
-    pert = perturb_scaled(quick_bundle, Xte, ids, labels=yte)
+    pert = perturb_scaled(Xte, quick_bundle, samples=ids, labels=yte)
     shifts = class_perturbations(Xtr, ytr, "beta", genes=quick_bundle.genes)
     x_ms = mean_shift_perturb(Xte[non], yte[non], shifts)
     disc = res["discriminator"]
     assert set(disc) == {"real_target", "perturbed", "unperturbed", "mean_shift"}
     assert disc["real_target"] == pytest.approx(
-        float(discriminate(quick_bundle, Xte[is_t]).mean()), rel=1e-6
+        float(discriminate(Xte[is_t], quick_bundle).mean()), rel=1e-6
     )
     assert disc["perturbed"] == pytest.approx(
-        float(discriminate(quick_bundle, pert.x_adv[non]).mean()), rel=1e-6
+        float(discriminate(pert.x_adv[non], quick_bundle).mean()), rel=1e-6
     )
     assert disc["mean_shift"] == pytest.approx(
-        float(discriminate(quick_bundle, x_ms).mean()), rel=1e-6
+        float(discriminate(x_ms, quick_bundle).mean()), rel=1e-6
     )
     clf = res["independent_classifiers"]
     assert set(clf) == {"logistic_regression", "knn_15"}
@@ -367,12 +367,12 @@ def test_evaluate_demo_overlap_with_de(demo_models_dir):
         next(p for p in demo_models_dir.iterdir() if (p / "manifest.json").exists())
     )
     adata = load_bundle_dataset(bundle)
-    res = evaluate(bundle, adata, k=20, ks=(20,))
+    res = evaluate(adata, bundle, k=20, ks=(20,))
     tg = res["top_genes"]
-    Xtr, ytr, _ = split_arrays(bundle, adata, part="train")
-    Xte, yte, ids = split_arrays(bundle, adata, part="test")
+    Xtr, ytr, _ = split_arrays(adata, bundle, part="train")
+    Xte, yte, ids = split_arrays(adata, bundle, part="test")
     non = yte != bundle.target
-    up = consensus_top(perturb_scaled(bundle, Xte[non], predict=False).P, bundle.genes, k=20)["up"]
+    up = consensus_top(perturb_scaled(Xte[non], bundle, predict=False).P, bundle.genes, k=20)["up"]
     de50 = de_ranked(differential_expression(Xtr, ytr, bundle.genes, bundle.target))["up"][:50]
     assert tg["consensus_up"] == up and tg["de_top50_up"] == de50
     assert tg["overlap_up_de_top50"] == len(set(up) & set(de50))
@@ -384,10 +384,10 @@ def test_evaluate_demo_overlap_with_de(demo_models_dir):
 def test_evaluate_needs_the_split_and_labels(quick_bundle):
     adata = make_tiny_adata()
     with pytest.raises(ValueError, match="split are missing"):
-        evaluate(quick_bundle, adata[5:].copy())
+        evaluate(adata[5:].copy(), quick_bundle)
     with pytest.raises(ValueError, match="no label column 'tissue'"):
-        evaluate(quick_bundle, adata, label_key="tissue")
-    base = fit_baselines(quick_bundle, adata)
+        evaluate(adata, quick_bundle, label_key="tissue")
+    base = fit_baselines(adata, quick_bundle)
     assert base.shifts.index.tolist() == ["alpha", "beta", "gamma"]
     assert base.de["gene"].iloc[0] in {f"G{j:02d}" for j in range(5, 10)}
 

@@ -10,7 +10,7 @@ from tspg.bundle import load_bundle, save_bundle
 from tspg.config import TrainConfig
 from tspg.data import Scaler
 from tspg.genesets import select_genes
-from tspg.perturb import class_probabilities, generate_perturbed, perturb_adata
+from tspg.perturbation import class_probabilities, generate_perturbed, perturb_adata
 from tspg.pipeline import heldout_metrics, prepare, train
 
 
@@ -86,7 +86,7 @@ def test_prepare_reusing_a_bundle_takes_its_split_scaler_and_genes(quick_bundle)
 def test_heldout_metrics_recomputed_by_hand(quick_bundle):
     adata = make_tiny_adata()
     prep = prepare(adata, label_key="cell_type", reuse=quick_bundle)
-    t = quick_bundle.target_index
+    t = quick_bundle.classes.index(quick_bundle.target)
     m = heldout_metrics(prep, quick_bundle.target_model, quick_bundle.generator, t)
     assert (
         m["perturbation_accuracy_non_target"]
@@ -173,7 +173,7 @@ def test_reusing_a_target_model_records_its_settings_and_loads(tmp_path):
     )  # the generator's own
     assert loaded.split == first.split and len(first.split["test"]) == 15
     assert loaded.manifest["target_model_from"] == "tiny-alpha"
-    held = perturb_adata(loaded, adata[loaded.split["test"]], label_key="cell_type")
+    held = perturb_adata(adata[loaded.split["test"]], loaded, label_key="cell_type")
     hit = held.pred_after == "gamma"
     assert loaded.metrics["perturbation_accuracy"] == pytest.approx(hit.mean())
     assert loaded.metrics["perturbation_accuracy_non_target"] == pytest.approx(

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -18,7 +19,7 @@ from conftest import SMALL_NETS
 
 distributed = pytest.importorskip("distributed")
 
-from tspg.bundle import load_bundle  # noqa: E402
+from tspg.bundle import _HOST, load_bundle  # noqa: E402
 from tspg.cli import main  # noqa: E402
 from tspg.config import TrainConfig  # noqa: E402
 from tspg.datasets import synthetic_gem  # noqa: E402
@@ -220,7 +221,10 @@ class KillOnce(distributed.WorkerPlugin):
 def test_a_worker_killed_in_a_task_leaves_no_half_bundle(gem, client, tmp_path):
     out, marker = tmp_path / "killed", tmp_path / "killed.marker"
     slow = replace(CONFIG, epochs=40)
-    stale = out / ".syn-set-a-class-01.x1y2z3"  # what an earlier killed run left half written
+    gone = subprocess.Popen(["true"])  # a process id that no longer runs
+    gone.wait()
+    # what a save killed in an earlier run left half written (its writer's pid and host)
+    stale = out / f".syn-set-a-class-01.tmp-{gone.pid}-{_HOST}-abcd1234"
     stale.mkdir(parents=True)
     (stale / "generator.safetensors").write_bytes(b"half")
     client.register_plugin(KillOnce(str(marker), 0.3), name="kill-once")

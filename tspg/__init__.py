@@ -1,25 +1,63 @@
-"""TSPG Explorer: train transcriptome state perturbation generators and read what they learned."""
+"""TSPG Explorer: train transcriptome state perturbation generators and read what they learned.
+
+The names below are imported on first use (PEP 562), so ``import tspg`` and the command
+line's ``--help`` do not import torch, anndata or scanpy::
+
+    import tspg
+
+    adata = tspg.read_gem("gem.h5ad", label_key="tissue")
+    bundle = tspg.train(adata, label_key="tissue", target="Heart")
+    tspg.save_bundle(bundle)
+    out = tspg.perturb(adata, bundle, copy=True)
+    metrics = tspg.evaluate(adata, bundle)
+    table = tspg.sweep(adata, label_key="tissue", gene_sets=sets)  # needs tspg[sweep]
+
+Modules: ``tspg.config`` (TrainConfig), ``tspg.data`` (GEM readers, scaler, split),
+``tspg.genesets``, ``tspg.nets``, ``tspg.training`` (losses and loops), ``tspg.pipeline``
+(AnnData -> bundle), ``tspg.bundle``, ``tspg.perturb``, ``tspg.baselines``,
+``tspg.metrics``, ``tspg.embedding``, ``tspg.enrichment``, ``tspg.charts``,
+``tspg.datasets``, ``tspg.errors``, ``tspg.cli``, ``tspg.sweep`` (gene sets x targets on
+Dask; a module you can call) and the dashboard glue ``tspg.app``.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from . import sweep  # noqa: E402  (a module you can call: tspg.sweep(adata, ...))
-from .bundle import Bundle, list_bundles, load_bundle, save_bundle  # noqa: E402
-from .config import TrainConfig  # noqa: E402
-from .data import read_gem  # noqa: E402
-from .perturb import perturb  # noqa: E402
-from .pipeline import train, train_all_targets  # noqa: E402
+# public name -> module that defines it
+_EXPORTS = {
+    "Bundle": "bundle",
+    "list_bundles": "bundle",
+    "load_bundle": "bundle",
+    "save_bundle": "bundle",
+    "TrainConfig": "config",
+    "UserError": "errors",
+    "read_gem": "data",
+    "perturb": "perturbation",
+    "perturb_adata": "perturbation",
+    "train": "pipeline",
+    "train_all_targets": "pipeline",
+    "evaluate": "metrics",
+}
 
-__all__ = [
-    "Bundle",
-    "TrainConfig",
-    "list_bundles",
-    "load_bundle",
-    "perturb",
-    "read_gem",
-    "save_bundle",
-    "sweep",
-    "train",
-    "train_all_targets",
-]
+# modules that are public names themselves: tspg.sweep(...) runs a sweep (the module is callable)
+_MODULES = {"sweep"}
+
+__all__ = sorted([*_EXPORTS, *_MODULES])
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)  # which also sets the attribute
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tspg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS, *_MODULES])

@@ -20,16 +20,33 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .bundle import Bundle
-from .data import align_genes
-from .perturb import consensus_top
+from .errors import UserError
+from .perturbation import consensus_top
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Baselines",
+    "class_perturbations",
+    "de_ranked",
+    "differential_expression",
+    "fit_baselines",
+    "gene_overlap",
+    "mean_shift_perturb",
+    "sample_shifts",
+    "selection_overlap",
+    "split_arrays",
+    "training_target_mean",
+]
 
 
 def class_perturbations(
@@ -47,7 +64,7 @@ def class_perturbations(
         raise ValueError(f"{len(labels)} labels for {len(X)} samples")
     classes = sorted(set(labels.tolist()))
     if target not in classes:
-        raise ValueError(
+        raise UserError(
             f"target class {target!r} has no samples here; classes are {', '.join(classes)}"
         )
     means = np.stack([X[labels == c].mean(0) for c in classes])
@@ -61,7 +78,7 @@ def sample_shifts(labels: Sequence[str], shifts: pd.DataFrame) -> np.ndarray:
     labels = np.asarray(labels, dtype=object).astype(str)
     unknown = sorted(set(labels.tolist()) - set(shifts.index))
     if unknown:
-        raise ValueError(f"class {unknown[0]!r} has no mean shift (it has no training samples)")
+        raise UserError(f"class {unknown[0]!r} has no mean shift (it has no training samples)")
     return shifts.to_numpy(dtype=np.float64)[shifts.index.get_indexer(labels)]
 
 
@@ -96,7 +113,7 @@ def differential_expression(
 
     labels = np.asarray(labels, dtype=object).astype(str)
     if (labels == target).sum() < 2 or (labels != target).sum() < 2:
-        raise ValueError(
+        raise UserError(
             f"differential expression needs at least 2 samples of {target!r} and 2 others"
         )
     adata = ad.AnnData(
@@ -223,7 +240,7 @@ def selection_overlap(
 ) -> pd.DataFrame:
     """Overlap of some samples' consensus top-k genes with both baselines' top-k, per k.
 
-    For each k, TSPG's consensus top-k lists of ``P`` (:func:`tspg.perturb.consensus_top`)
+    For each k, TSPG's consensus top-k lists of ``P`` (:func:`tspg.perturbation.consensus_top`)
     meet the first k genes of the differential-expression ranking and the consensus top-k
     of the mean-shift perturbations of the same samples, x_ms - x: both sides ranked the
     same way, by the change each makes.
@@ -278,34 +295,33 @@ def selection_overlap(
 
 
 def split_arrays(
-    bundle: Bundle,
     adata: ad.AnnData,
+    bundle: Bundle,
     *,
     layer: str | None = None,
     label_key: str | None = None,
     part: str = "train",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Scaled expression, labels and sample ids of the bundle's ``train`` or ``test`` split."""
+    """Scaled expression, labels and sample ids of the bundle's ``train`` or ``test`` split of ``adata``."""
     label_key = label_key or bundle.label_key
     if label_key not in adata.obs:
-        raise ValueError(
+        raise UserError(
             f"data: no label column {label_key!r} in obs (the bundle's labels); columns are {list(adata.obs.columns)}"
         )
     ids = list(bundle.split[part])
     pos = adata.obs_names.get_indexer(ids)
     if (pos < 0).any():
         missing = [s for s, p in zip(ids, pos, strict=True) if p < 0]
-        raise ValueError(
+        raise UserError(
             f"data: {len(missing)} sample(s) of the bundle's {part} split are missing (e.g. {missing[0]!r}); is this the data the bundle was trained on?"
         )
     sub = adata[pos]
-    Xs = bundle.scaler.transform(align_genes(sub, bundle.genes, layer=layer), genes=bundle.genes)
-    return Xs, sub.obs[label_key].astype(str).to_numpy(), ids
+    return bundle.scale(sub, layer=layer), sub.obs[label_key].astype(str).to_numpy(), ids
 
 
 def training_target_mean(
+    adata: ad.AnnData | None,
     bundle: Bundle,
-    adata: ad.AnnData | None = None,
     *,
     layer: str | None = None,
     label_key: str | None = None,
@@ -324,17 +340,17 @@ def training_target_mean(
         return stored
     if adata is None:
         return None
-    Xs, y, _ = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="train")
+    Xs, y, _ = split_arrays(adata, bundle, layer=layer, label_key=label_key, part="train")
     if not (y == bundle.target).any():
-        raise ValueError(f"the training split has no sample of the target class {bundle.target!r}")
+        raise UserError(f"the training split has no sample of the target class {bundle.target!r}")
     return Xs[y == bundle.target].mean(0, dtype=np.float64).astype(np.float32)
 
 
 def fit_baselines(
-    bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, label_key: str | None = None
+    adata: ad.AnnData, bundle: Bundle, *, layer: str | None = None, label_key: str | None = None
 ) -> Baselines:
     """Mean shifts and differential expression on the bundle's training split of ``adata``."""
-    Xs, labels, _ = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="train")
+    Xs, labels, _ = split_arrays(adata, bundle, layer=layer, label_key=label_key, part="train")
     return Baselines(
         class_perturbations(Xs, labels, bundle.target, genes=bundle.genes),
         differential_expression(Xs, labels, bundle.genes, bundle.target),

@@ -19,6 +19,34 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+__all__ = [
+    "DIRECTION_COLORS",
+    "DIRECTIONS",
+    "DIVERGING_RANGE",
+    "EXPRESSION_SCHEME",
+    "GENE_LABEL_LIMIT",
+    "HEATMAP_COLUMNS",
+    "KINDS",
+    "LEGEND_SELECTION",
+    "MAX_ROWS",
+    "ROW_HEIGHT",
+    "TERM_LABEL_LIMIT",
+    "accuracy_by_source_chart",
+    "accuracy_frame",
+    "chart_to_png",
+    "chart_to_svg",
+    "enrichment_chart",
+    "gene_distribution_chart",
+    "gene_distribution_frame",
+    "gene_frequency_chart",
+    "gene_map_chart",
+    "heatmap_chart",
+    "heatmap_frame",
+    "loss_chart",
+    "loss_frame",
+    "map_chart",
+]
+
 logger = logging.getLogger(__name__)
 
 HEATMAP_COLUMNS = ["x", "P", "x_adv", "target mean"]
@@ -405,35 +433,6 @@ def accuracy_by_source_chart(
 
 
 # --------------------------------------------------------------------------- genes
-
-
-def top_genes_chart(frame: pd.DataFrame, *, width: int = 420, title: str = "") -> alt.Chart:
-    """Horizontal bars of P for the top up and down genes (frame: ``gene``, ``direction``, ``P``).
-
-    Rows sorted by P (most positive on top); red for up, blue for down.
-    """
-    frame = _require(pd.DataFrame(frame), ["gene", "direction", "P"], "top_genes_chart").copy()
-    frame = frame.sort_values("P", ascending=False, kind="stable").reset_index(drop=True)
-    frame["gene"] = frame["gene"].astype(str)
-    return (
-        alt.Chart(_data(frame))
-        .mark_bar()
-        .encode(
-            y=alt.Y("gene:N", sort=frame["gene"].tolist(), title=None),
-            x=alt.X("P:Q", title="perturbation P"),
-            color=alt.Color(
-                "direction:N",
-                scale=alt.Scale(domain=DIRECTIONS, range=[DIRECTION_COLORS[d] for d in DIRECTIONS]),
-                title="direction",
-            ),
-            tooltip=[
-                alt.Tooltip("gene:N"),
-                alt.Tooltip("direction:N"),
-                alt.Tooltip("P:Q", format=".3f"),
-            ],
-        )
-        .properties(width=width, height=max(60, 14 * len(frame)), **_title(title))
-    )
 
 
 def gene_frequency_chart(

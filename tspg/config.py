@@ -8,11 +8,29 @@ module does not import torch (the command line's ``--help`` stays fast).
 
 from __future__ import annotations
 
+import functools
 import math
+import typing
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import UserError
+
+__all__ = [
+    "CHOICES",
+    "PAPER",
+    "RECIPES",
+    "TrainConfig",
+    "config_argv",
+    "config_fields",
+    "config_options",
+    "config_problem",
+    "field_default",
+    "field_kind",
+    "format_option",
+    "option_name",
+    "parse_option",
+]
 
 RECIPES = ("tspg+", "paper")
 MAX_EPOCHS = 100_000
@@ -209,20 +227,35 @@ CHOICES = {
 def config_problem(name: str, value) -> str | None:
     """Why ``value`` is out of range for TrainConfig field ``name``; None when it is fine."""
     meta = config_fields()[name].metadata
+    kind, optional = field_kind(name)
+    if value is None and optional:
+        return None  # an optional setting left unset
     if meta.get("choices"):
         return None if value in meta["choices"] else f"choose one of {', '.join(meta['choices'])}"
-    if isinstance(value, tuple | list):
-        if not value:
-            return "give at least one width"
-        for w in value:
-            if isinstance(w, bool) or not isinstance(w, int):
-                return "widths must be whole numbers"
-            problem = _range_problem(w, meta)
-            if problem:
-                return f"widths must be {problem}"
-        return None
-    default = field_default(name)
-    integer = isinstance(default, int) and not isinstance(default, bool)
+    if kind == "widths":
+        return _widths_problem(value, meta)
+    if kind == "bool":
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind == "str":
+        return None if isinstance(value, str) else "must be a word"
+    return _number_problem(value, meta, integer=kind == "int")
+
+
+def _widths_problem(value, meta: dict) -> str | None:
+    if not isinstance(value, tuple | list):
+        return "must be a list of whole numbers (layer widths)"
+    if not value:
+        return "give at least one width"
+    for w in value:
+        if isinstance(w, bool) or not isinstance(w, int):
+            return "widths must be whole numbers"
+        problem = _range_problem(w, meta)
+        if problem:
+            return f"widths must be {problem}"
+    return None
+
+
+def _number_problem(value, meta: dict, *, integer: bool) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "must be a whole number" if integer else "must be a number"
     if not math.isfinite(value):
@@ -246,3 +279,87 @@ def _range_problem(v, meta: dict) -> str | None:
     if too_low:
         return f"more than {low:g}" if lo_open else "0 or more" if low == 0 else f"at least {low:g}"
     return f"less than {high:g}" if hi_open else f"at most {high:g}"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def option_name(name: str) -> str:
+    """The command-line option of TrainConfig field ``name``: ``target_hidden`` -> ``--target-hidden``."""
+    return "--" + name.replace("_", "-")
+
+
+def config_options() -> list[str]:
+    """The TrainConfig fields that are hyper-parameter options of ``tspg-train``: all but the recipe."""
+    return [name for name in config_fields() if name != "recipe"]
+
+
+@functools.cache
+def field_kind(name: str) -> tuple[str, bool]:
+    """(kind, optional) of TrainConfig field ``name``, from its type annotation.
+
+    kind is ``"bool"``, ``"int"``, ``"float"``, ``"str"`` (words, ``Literal[...]``) or
+    ``"widths"`` (``tuple[int, ...]``); optional is True for ``X | None``.
+    """
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args  # X | None
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return "widths", optional
+    if origin is Literal:
+        return "str", optional
+    for kind in (bool, int, float, str):
+        if hint is kind:
+            return kind.__name__, optional
+    raise TypeError(f"TrainConfig.{name}: no command-line form for {hint!r}")
+
+
+def parse_option(name: str, text: str):
+    """The value of TrainConfig field ``name`` from its command-line text (inverse of
+    :func:`format_option`); ValueError when the text is not of the field's kind.
+
+    Widths are whole numbers joined by commas (``512,256,128``); an optional field takes
+    ``none``. The range is checked apart, by :func:`config_problem`.
+    """
+    kind, optional = field_kind(name)
+    if optional and text.strip().lower() == "none":
+        return None
+    if kind == "widths":
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise ValueError(f"{text!r} is not a list of widths (e.g. 512,256,128)")
+        return tuple(int(p) for p in parts)
+    if kind == "bool":
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if text.strip().lower() not in words:
+            raise ValueError(f"{text!r} is not true or false")
+        return words[text.strip().lower()]
+    return {"int": int, "float": float, "str": str}[kind](text)
+
+
+def format_option(value) -> str:
+    """A TrainConfig value as the command line writes it (widths joined by commas)."""
+    if isinstance(value, tuple | list):
+        return ",".join(str(int(w)) for w in value)
+    if value is None:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def config_argv(config: TrainConfig) -> list[str]:
+    """The ``tspg-train`` options that rebuild ``config``: ``--recipe`` unless it is
+    ``tspg+``, then every field whose value differs from that recipe's default."""
+    base = TrainConfig.for_recipe(config.recipe)
+    argv = [] if config.recipe == "tspg+" else [option_name("recipe"), config.recipe]
+    for name in config_options():
+        value = getattr(config, name)
+        if value == getattr(base, name):
+            continue
+        if isinstance(value, bool):  # a switch: --name / --no-name
+            argv.append(option_name(name) if value else "--no-" + option_name(name)[2:])
+        else:
+            argv += [option_name(name), format_option(value)]
+    return argv

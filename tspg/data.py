@@ -2,7 +2,7 @@
 
 A GEM is samples x genes. Every reader returns an :class:`anndata.AnnData` with
 ``obs_names`` = sample ids, ``var_names`` = genes and, when labels are known, a
-categorical ``obs[label_key]``. Errors are ``ValueError`` with one line naming the file,
+categorical ``obs[label_key]``. Errors are :class:`tspg.errors.UserError` with one line naming the file,
 sample or gene at fault.
 """
 
@@ -18,6 +18,25 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from .errors import UserError
+
+__all__ = [
+    "OUT_OF_RANGE_WARNING",
+    "RANGE_TOLERANCE",
+    "TEXT_SUFFIXES",
+    "align_genes",
+    "expression",
+    "fill_missing",
+    "fingerprint",
+    "read_gem",
+    "read_labels",
+    "read_text",
+    "Scaler",
+    "stratified_split",
+    "validate_labels",
+    "write_gem",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +94,7 @@ def read_gem(
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: file not found")
+        raise UserError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if suffix == ".h5ad":
         adata = _read_h5ad(path, layer=layer, use_raw=use_raw)
@@ -84,7 +103,7 @@ def read_gem(
     elif suffix == ".npy":
         adata = _read_npy(path, row_names=row_names, col_names=col_names)
     else:
-        raise ValueError(
+        raise UserError(
             f"{path}: unsupported file type {suffix!r}; use .h5ad, .csv, .tsv, .txt or .npy"
         )
     if transpose:
@@ -107,18 +126,18 @@ def _read_h5ad(path: Path, *, layer: str | None, use_raw: bool) -> ad.AnnData:
     try:
         adata = ad.read_h5ad(path)
     except Exception as err:  # h5py/anndata raise many types for a corrupt file
-        raise ValueError(f"{path}: not a readable .h5ad file ({err})") from err
+        raise UserError(f"{path}: not a readable .h5ad file ({err})") from err
     if use_raw and layer:
-        raise ValueError(f"{path}: choose either a layer or .raw, not both")
+        raise UserError(f"{path}: choose either a layer or .raw, not both")
     if use_raw:
         if adata.raw is None:
-            raise ValueError(f"{path}: has no .raw; drop --use-raw to read .X")
+            raise UserError(f"{path}: has no .raw; drop --use-raw to read .X")
         return ad.AnnData(
             X=adata.raw.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.raw.var_names)
         )
     if layer:
         if layer not in adata.layers:
-            raise ValueError(f"{path}: no layer {layer!r}; layers are {list(adata.layers)}")
+            raise UserError(f"{path}: no layer {layer!r}; layers are {list(adata.layers)}")
         return ad.AnnData(X=adata.layers[layer], obs=adata.obs.copy(), var=adata.var.copy())
     return adata
 
@@ -127,7 +146,7 @@ def _read_text(path: Path, sep: str) -> ad.AnnData:
     try:
         df = pd.read_csv(path, sep=sep, dtype={0: str})  # ids stay text: "001" is not 1
     except Exception as err:
-        raise ValueError(
+        raise UserError(
             f"{path}: cannot parse as {'comma' if sep == ',' else 'tab'}-separated text ({err})"
         ) from err
     if isinstance(
@@ -135,7 +154,7 @@ def _read_text(path: Path, sep: str) -> ad.AnnData:
     ):  # else pandas took the first column as the index (header one short)
         df = df.set_index(df.columns[0])
     if df.shape[1] == 0:
-        raise ValueError(f"{path}: no gene columns found (is the separator right?)")
+        raise UserError(f"{path}: no gene columns found (is the separator right?)")
     # pandas renames repeated header names ("G1" -> "G1.1"); restore them so that a
     # repeated gene (or, transposed, sample) is reported instead of silently kept twice.
     with open(path, newline="", encoding="utf-8") as fh:
@@ -151,7 +170,7 @@ def _read_text(path: Path, sep: str) -> ad.AnnData:
         if not len(bad):  # no rows at all: reported as an empty matrix
             continue
         i = int(bad[0])
-        raise ValueError(
+        raise UserError(
             f"{path}: non-numeric value {column.iloc[i]!r} at row {df.index[i]!r}, column {df.columns[j]!r}"
         )
     df.index = df.index.astype(str)
@@ -169,16 +188,16 @@ def _read_npy(
     try:
         X = np.load(path, allow_pickle=False)
     except Exception as err:  # corrupt file, or an object array that would need pickle
-        raise ValueError(f"{path}: not a readable .npy matrix ({err})") from err
+        raise UserError(f"{path}: not a readable .npy matrix ({err})") from err
     if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
-        raise ValueError(f"{path}: expression values are not numeric (dtype {X.dtype})")
+        raise UserError(f"{path}: expression values are not numeric (dtype {X.dtype})")
     if X.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-d matrix, got shape {X.shape}")
+        raise UserError(f"{path}: expected a 2-d matrix, got shape {X.shape}")
     stem = path.with_suffix("")
     rows = _read_names(Path(row_names) if row_names else Path(f"{stem}.rownames.txt"))
     cols = _read_names(Path(col_names) if col_names else Path(f"{stem}.colnames.txt"))
     if len(rows) != X.shape[0] or len(cols) != X.shape[1]:
-        raise ValueError(
+        raise UserError(
             f"{path}: matrix is {X.shape[0]} x {X.shape[1]} but names are {len(rows)} rows x {len(cols)} columns"
         )
     return ad.AnnData(
@@ -188,7 +207,7 @@ def _read_npy(
 
 def _read_names(path: Path) -> list[str]:
     if not path.exists():
-        raise ValueError(f"{path}: names file not found (needed beside a .npy matrix)")
+        raise UserError(f"{path}: names file not found (needed beside a .npy matrix)")
     return [line.strip() for line in read_text(path, "names file").splitlines() if line.strip()]
 
 
@@ -197,11 +216,11 @@ def read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(
+        raise UserError(
             f"{path}: {what} is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start})"
         ) from err
     except OSError as err:
-        raise ValueError(f"{path}: cannot read the {what} ({err.strerror})") from err
+        raise UserError(f"{path}: cannot read the {what} ({err.strerror})") from err
 
 
 def read_labels(path: str | Path, samples: pd.Index) -> pd.Categorical:
@@ -212,27 +231,27 @@ def read_labels(path: str | Path, samples: pd.Index) -> pd.Categorical:
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: labels file not found")
+        raise UserError(f"{path}: labels file not found")
     sep = "," if path.suffix.lower() == ".csv" else "\t"
     try:
         df = pd.read_csv(path, sep=sep, header=None, dtype=str)  # ids stay text: "001" is not 1
     except Exception as err:  # empty or unparsable file
-        raise ValueError(f"{path}: cannot read labels ({err})") from err
+        raise UserError(f"{path}: cannot read labels ({err})") from err
     if df.shape[1] < 2:
-        raise ValueError(
+        raise UserError(
             f"{path}: expected two {'comma' if sep == ',' else 'tab'}-separated columns (sample, label), found one"
         )
     series = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str))
     if series.index[0] not in set(samples) and len(series) == len(samples) + 1:
         series = series.iloc[1:]  # header row
     if series.index.duplicated().any():
-        raise ValueError(
+        raise UserError(
             f"{path}: sample {series.index[series.index.duplicated()][0]!r} is listed twice"
         )
     missing = [s for s in samples if s not in series.index]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ValueError(f"{path}: no label for sample {missing[0]!r}{more}")
+        raise UserError(f"{path}: no label for sample {missing[0]!r}{more}")
     return pd.Categorical(series.loc[list(samples)].to_numpy())
 
 
@@ -241,7 +260,7 @@ def _dense_float(X, source: Path) -> np.ndarray:
         X = X.toarray()
     X = np.asarray(X)
     if not np.issubdtype(X.dtype, np.number):
-        raise ValueError(f"{source}: expression values are not numeric (dtype {X.dtype})")
+        raise UserError(f"{source}: expression values are not numeric (dtype {X.dtype})")
     return np.ascontiguousarray(X, dtype=np.float32)
 
 
@@ -255,7 +274,7 @@ def fill_missing(
     bad = np.isinf(X)
     if bad.any():
         i, j = map(int, np.argwhere(bad)[0])
-        raise ValueError(
+        raise UserError(
             f"{source}: infinite value at sample {_name(samples, i)!r}, gene {_name(genes, j)!r}"
         )
     missing = np.isnan(X)
@@ -264,11 +283,11 @@ def fill_missing(
         return 0
     if nan == "error":
         i, j = map(int, np.argwhere(missing)[0])
-        raise ValueError(
+        raise UserError(
             f"{source}: {n} missing values, first at sample {_name(samples, i)!r}, gene {_name(genes, j)!r} (use --nan fill to fill them with the minimum)"
         )
     if n == X.size:
-        raise ValueError(f"{source}: every value is missing")
+        raise UserError(f"{source}: every value is missing")
     X[missing] = np.nanmin(X)
     logger.warning("%s: filled %d missing values with the matrix minimum", source, n)
     return n
@@ -283,12 +302,12 @@ def _check_names(adata: ad.AnnData, source: Path) -> None:
     adata.var_names = adata.var_names.astype(str)
     dup = adata.var_names[adata.var_names.duplicated()]
     if len(dup):
-        raise ValueError(f"{source}: gene {dup[0]!r} appears more than once")
+        raise UserError(f"{source}: gene {dup[0]!r} appears more than once")
     dup = adata.obs_names[adata.obs_names.duplicated()]
     if len(dup):
-        raise ValueError(f"{source}: sample {dup[0]!r} appears more than once")
+        raise UserError(f"{source}: sample {dup[0]!r} appears more than once")
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"{source}: empty matrix ({adata.n_obs} samples x {adata.n_vars} genes)")
+        raise UserError(f"{source}: empty matrix ({adata.n_obs} samples x {adata.n_vars} genes)")
 
 
 def validate_labels(
@@ -297,18 +316,16 @@ def validate_labels(
     """Check that ``obs[label_key]`` exists, has no missing labels and at least two classes."""
     if label_key not in adata.obs:
         cols = ", ".join(map(str, adata.obs.columns)) or "none"
-        raise ValueError(f"{source}: no label column {label_key!r} in obs (columns: {cols})")
+        raise UserError(f"{source}: no label column {label_key!r} in obs (columns: {cols})")
     labels = adata.obs[label_key]
     if labels.isna().any():
-        raise ValueError(
+        raise UserError(
             f"{source}: sample {labels.index[labels.isna()][0]!r} has no {label_key!r} label"
         )
     adata.obs[label_key] = labels.astype(str).astype("category")
     n = adata.obs[label_key].nunique()
     if n < min_classes:
-        raise ValueError(
-            f"{source}: {label_key!r} has {n} class; at least {min_classes} are needed"
-        )
+        raise UserError(f"{source}: {label_key!r} has {n} class; at least {min_classes} are needed")
 
 
 def expression(adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
@@ -326,13 +343,13 @@ def align_genes(
     if not present.all():
         missing = list(genes[~present])
         if not present.any():
-            raise ValueError(
+            raise UserError(
                 f"{source}: none of the model's {len(genes)} genes are present (e.g. {missing[:3]})"
             )
         shown = ", ".join(missing[:10]) + (
             f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         )
-        raise ValueError(
+        raise UserError(
             f"{source}: {len(missing)} of the model's {len(genes)} genes are missing: {shown}"
         )
     idx = adata.var_names.get_indexer(genes)
@@ -394,7 +411,7 @@ def stratified_split(
     with a single sample stays in training. Returns sorted integer index arrays.
     """
     if not 0 < test_size < 1:
-        raise ValueError(f"test_size must be between 0 and 1, got {test_size}")
+        raise UserError(f"test_size must be between 0 and 1, got {test_size}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     test = []
@@ -423,7 +440,7 @@ def write_gem(adata: ad.AnnData, path: str | Path) -> Path:
     """Write ``adata`` as .h5ad (via a temporary file, so a crash leaves no half file)."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise ValueError(f"{path}: cannot write, {path.parent} is not a folder")
+        raise UserError(f"{path}: cannot write, {path.parent} is not a folder")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         adata.write_h5ad(tmp)
@@ -431,7 +448,7 @@ def write_gem(adata: ad.AnnData, path: str | Path) -> Path:
     except OSError:
         raise
     except Exception as err:  # anndata cannot store something in the AnnData
-        raise ValueError(f"{path}: cannot write ({str(err).splitlines()[0]})") from err
+        raise UserError(f"{path}: cannot write ({str(err).splitlines()[0]})") from err
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; a leftover after a failure
     return path

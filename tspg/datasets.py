@@ -8,6 +8,18 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .errors import UserError
+
+__all__ = [
+    "DEMO_LABEL_KEY",
+    "DEMO_NAME",
+    "DEMO_TARGET",
+    "demo",
+    "load_bundle_dataset",
+    "synthetic_gem",
+    "write_reference_example",
+]
+
 DEMO_NAME = "pbmc68k_reduced"
 DEMO_LABEL_KEY = "bulk_labels"
 DEMO_TARGET = "CD14+ Monocyte"
@@ -127,7 +139,7 @@ def load_bundle_dataset(
     """
     import logging
 
-    from .data import align_genes, fingerprint, read_gem
+    from .data import read_gem
 
     log = logging.getLogger(__name__)
     info = bundle.manifest.get("dataset", {})
@@ -135,23 +147,13 @@ def load_bundle_dataset(
     if data is None:
         if name == DEMO_NAME:
             return demo()
-        raise ValueError(f"bundle {bundle.name!r} was trained on {name!r}: give that data file")
+        raise UserError(f"bundle {bundle.name!r} was trained on {name!r}: give that data file")
     adata = read_gem(data) if isinstance(data, str | Path) else data
-    expected = info.get("fingerprint")
-    if expected:
-        try:
-            found = fingerprint(
-                align_genes(adata, bundle.genes, layer=layer), bundle.genes, list(adata.obs_names)
-            )
-        except ValueError as err:  # genes missing: callers say so with their own message
-            log.warning("cannot check the dataset fingerprint: %s", err)
-        else:
-            if found != expected:
-                log.warning(
-                    "this data differs from the data bundle %r was trained on (%s, fingerprint %s, found %s)",
-                    bundle.name,
-                    name,
-                    expected,
-                    found,
-                )
+    if bundle.is_own_dataset(adata, layer=layer) is False:
+        log.warning(
+            "this data differs from the data bundle %r was trained on (%s, fingerprint %s)",
+            bundle.name,
+            name,
+            info.get("fingerprint"),
+        )
     return adata

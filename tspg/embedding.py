@@ -8,9 +8,14 @@ the reference never moves. Before t-SNE the data are reduced to at most ``n_pcs`
 
 Typical use::
 
-    ref, idx = fit_class_map(Xs, labels, names, target="beta")  # select_map_samples + fit_reference_map
-    xy = place(ref, result.x_adv)
-    frame = map_frame(ref, xy, new_samples=result.samples, new_source=..., new_pred=result.pred_after)
+    result = perturbation_map(adata, bundle)  # the held-out non-target samples on a map
+    result.frame  # x, y, sample, class, predicted, kind (real / perturbed)
+
+or step by step (the dashboard caches each step)::
+
+    ref, rows = class_map(adata, bundle)  # select_map_samples + fit_reference_map
+    pert = perturb_adata(adata[ids], bundle)
+    frame = perturbation_map_frame(ref, pert, real_pred=bundle.predict(Xs[rows]))
 
 The openTSNE embedding object is kept in memory only (the app caches the map with
 ``st.cache_resource``); pickling a :class:`ReferenceMap` drops it, and :func:`place` then
@@ -21,12 +26,36 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .errors import UserError
+from .perturbation import Perturbation, perturb_adata
+
+if TYPE_CHECKING:
+    from .bundle import Bundle, SampleChoice
+
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MAP_MAX_CLASSES",
+    "MAP_MAX_PER_CLASS",
+    "PerturbationMap",
+    "ReferenceMap",
+    "class_map",
+    "fit_class_map",
+    "fit_joint_map",
+    "fit_reference_map",
+    "map_classes",
+    "map_frame",
+    "perturbation_map",
+    "perturbation_map_frame",
+    "place",
+    "select_map_samples",
+]
 
 # Threads: openTSNE's OpenMP threads spin while they wait. On a busy machine (a shared
 # 2-core server) that made 2-thread fits 3-30x slower than 1-thread ones, so the default is
@@ -142,14 +171,14 @@ def map_classes(
         order = [str(c) for c in classes]
         unknown = [c for c in order if c not in present.index]
         if unknown:
-            raise ValueError(f"class(es) not in the data: {', '.join(unknown[:5])}")
+            raise UserError(f"class(es) not in the data: {', '.join(unknown[:5])}")
     if target is not None:
         target = str(target)
         if target not in present.index:
-            raise ValueError(f"target class {target!r} is not in the data")
+            raise UserError(f"target class {target!r} is not in the data")
         order = [target] + [c for c in order if c != target]
     if max_classes is not None and max_classes < 1:
-        raise ValueError("max_classes must be at least 1")
+        raise UserError("max_classes must be at least 1")
     return list(dict.fromkeys(order))[: max_classes or None]
 
 
@@ -309,7 +338,7 @@ def fit_reference_map(
             f"{len(X)} samples in X, but {len(samples)} names and {len(labels)} labels"
         )
     if len(X) < 5:
-        raise ValueError(f"a t-SNE map needs at least 5 samples, got {len(X)}")
+        raise UserError(f"a t-SNE map needs at least 5 samples, got {len(X)}")
     pca = None
     if n_pcs is not None and min(X.shape) > n_pcs:
         pca = PCAProjection.fit(X, n_pcs)
@@ -423,7 +452,7 @@ def fit_joint_map(
     else:
         Z = np.vstack([X_real, X_new])
     if len(Z) < 5:
-        raise ValueError(f"a t-SNE map needs at least 5 samples, got {len(Z)}")
+        raise UserError(f"a t-SNE map needs at least 5 samples, got {len(Z)}")
     tsne, _ = _tsne(seed, perplexity, n_jobs, n_iter, len(Z), negative_gradient_method)
     coords = np.asarray(tsne.fit(np.ascontiguousarray(Z)), dtype=np.float64)
     n = len(X_real)
@@ -501,3 +530,126 @@ def map_frame(
         }
     )
     return pd.concat([real, new], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- a bundle's map
+
+
+def class_map(
+    adata: ad.AnnData,
+    bundle: Bundle,
+    *,
+    label_key: str | None = None,
+    classes=None,
+    max_per_class: int | None = MAP_MAX_PER_CLASS,
+    seed: int = 0,
+    Xs: np.ndarray | None = None,
+    source: str = "data",
+) -> tuple[ReferenceMap, np.ndarray]:
+    """The reference map of ``adata``'s real samples, in the bundle's scaled space.
+
+    Parameters
+    ----------
+    adata
+        Real samples with their class in ``obs[label_key]``.
+    bundle
+        Its genes and scaler place the samples; its target class is always on the map.
+    label_key
+        Column of ``obs`` with the classes (default: the bundle's).
+    classes
+        Classes besides the target (default: the most frequent, :data:`MAP_MAX_CLASSES` in all).
+    max_per_class
+        At most this many samples per class (seeded subsample).
+    seed
+        Seed of the subsample and of the t-SNE fit.
+    Xs
+        ``bundle.scale(adata)`` when already computed (the dashboard caches it).
+    source
+        How error messages name the data.
+
+    Returns
+    -------
+    ``(map, rows)``, as :func:`fit_class_map`.
+    """
+    key = label_key or bundle.label_key
+    if key not in adata.obs:
+        raise UserError(
+            f"{source}: no label column {key!r} in obs; the map colours real samples by class (give the label column)"
+        )
+    Xs = bundle.scale(adata, source=source) if Xs is None else Xs
+    return fit_class_map(
+        Xs,
+        adata.obs[key].astype(str).to_numpy(),
+        np.asarray(adata.obs_names).astype(str),
+        classes=classes,
+        target=bundle.target,
+        max_classes=None if classes else MAP_MAX_CLASSES,
+        max_per_class=max_per_class,
+        seed=seed,
+    )
+
+
+def perturbation_map_frame(
+    ref: ReferenceMap, pert: Perturbation, *, coords=None, real_pred=None
+) -> pd.DataFrame:
+    """:func:`map_frame` of a reference map with a perturbation's x_adv on it.
+
+    ``coords``: the perturbed samples' coordinates (default: :func:`place` of x_adv);
+    ``real_pred``: the target model's class for each real sample of the map.
+    """
+    coords = place(ref, pert.x_adv) if coords is None else coords
+    return map_frame(
+        ref,
+        coords,
+        new_samples=pert.samples,
+        new_source=pert.labels,
+        new_pred=pert.pred_after,
+        real_pred=real_pred,
+    )
+
+
+@dataclass
+class PerturbationMap:
+    """:func:`perturbation_map`'s result: the tidy frame and what it was made of."""
+
+    frame: pd.DataFrame  # x, y, sample, class, predicted, kind
+    ref: ReferenceMap
+    rows: np.ndarray  # rows of the real samples in the data
+    perturbation: Perturbation
+    samples: SampleChoice
+
+
+def perturbation_map(
+    adata: ad.AnnData,
+    bundle: Bundle,
+    *,
+    samples=None,
+    label_key: str | None = None,
+    classes=None,
+    max_per_class: int | None = MAP_MAX_PER_CLASS,
+    seed: int = 0,
+    source: str = "data",
+) -> PerturbationMap:
+    """The paper's map: real samples of some classes, and perturbed samples placed on it.
+
+    The samples perturbed are ``samples``, or by default the held-out non-target samples
+    (:meth:`tspg.bundle.Bundle.source_samples`); the map is :func:`class_map`; each real
+    sample carries the target model's class (``predicted``), each perturbed one its class
+    after perturbation.
+    """
+    key = label_key or bundle.label_key
+    Xs = bundle.scale(adata, source=source)
+    ref, rows = class_map(
+        adata,
+        bundle,
+        label_key=key,
+        classes=classes,
+        max_per_class=max_per_class,
+        seed=seed,
+        Xs=Xs,
+        source=source,
+    )
+    choice = bundle.source_samples(adata, samples=samples, label_key=key, source=source)
+    pert = perturb_adata(adata[choice.ids], bundle, label_key=key, source=source)
+    frame = perturbation_map_frame(ref, pert, real_pred=bundle.predict(Xs[rows]))
+    return PerturbationMap(frame, ref, rows, pert, choice)

@@ -63,6 +63,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     from .bundle import Bundle
 
@@ -316,7 +318,7 @@ def enrich_directions(
         "down": _as_gene_list(down, allow_empty=True),
     }
     if not lists["up"] and not lists["down"]:
-        raise ValueError("Both the up and the down gene lists are empty; nothing to enrich.")
+        raise UserError("Both the up and the down gene lists are empty; nothing to enrich.")
     frames: list[pd.DataFrame] = []
     messages: dict[str, str] = {}
     backends: dict[str, str] = {}
@@ -364,20 +366,20 @@ def _enrich(
     """
     gene_list = _as_gene_list(genes)
     if backend not in ("auto", "enrichr", "offline"):
-        raise ValueError(f"backend must be 'auto', 'enrichr' or 'offline', not {backend!r}.")
+        raise UserError(f"backend must be 'auto', 'enrichr' or 'offline', not {backend!r}.")
     if correct_over not in ("overlapping", "all"):
-        raise ValueError(f"correct_over must be 'overlapping' or 'all', not {correct_over!r}.")
+        raise UserError(f"correct_over must be 'overlapping' or 'all', not {correct_over!r}.")
     if correct_over == "all" and backend != "offline":
-        raise ValueError(
+        raise UserError(
             "correct_over='all' needs backend='offline': Enrichr reports only the terms that "
             "share a gene with the list, so the number of terms it tested is not known."
         )
     if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], not {threshold!r}.")
+        raise UserError(f"threshold must be in (0, 1], not {threshold!r}.")
     if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}.")
+        raise UserError(f"timeout must be a positive number of seconds, not {timeout!r}.")
     if int(retries) != retries or retries < 0:
-        raise ValueError(f"retries must be a whole number >= 0, not {retries!r}.")
+        raise UserError(f"retries must be a whole number >= 0, not {retries!r}.")
     bg_list: list[str] = []
     if backend != "enrichr":
         bg_list = _as_gene_list(background, what="background")
@@ -392,7 +394,7 @@ def _enrich(
     failure: str | None = None
     if backend in ("auto", "enrichr"):
         if not libraries:
-            raise ValueError("No Enrichr library was named.")
+            raise UserError("No Enrichr library was named.")
         try:
             result = _enrich_online(
                 gene_list,
@@ -716,16 +718,16 @@ def _offline_libraries(gmt_files: Sequence[str | os.PathLike[str]] | None) -> di
         gmt_files = (gmt_files,)
     paths = offline_gmt_files() if gmt_files is None else [Path(p) for p in gmt_files]
     if not paths:
-        raise ValueError("no offline gene-set files given")
+        raise UserError("no offline gene-set files given")
     libs: dict[str, Path] = {}
     for path in paths:
         if not path.is_file():
-            raise ValueError(f"GMT file not found: {path}")
+            raise UserError(f"GMT file not found: {path}")
         other = libs.get(path.stem)
         if other is not None:
             if other.resolve() == path.resolve() or other.read_bytes() == path.read_bytes():
                 continue
-            raise ValueError(
+            raise UserError(
                 f"Two GMT files would both be called {path.stem!r}: {other} and {path}. Rename one."
             )
         libs[path.stem] = path
@@ -882,7 +884,7 @@ def _as_gene_list(
     genes: Iterable[str] | None, *, what: str = "gene list", allow_empty: bool = False
 ) -> list[str]:
     if isinstance(genes, (str, bytes)):
-        raise ValueError(
+        raise UserError(
             f"The {what} must be a list of gene symbols, not a single string ({genes[:40]!r})."
         )
     out = list(
@@ -891,7 +893,7 @@ def _as_gene_list(
         )
     )
     if not out and not allow_empty:
-        raise ValueError(f"The {what} is empty; give at least one gene symbol.")
+        raise UserError(f"The {what} is empty; give at least one gene symbol.")
     return out
 
 

@@ -10,6 +10,16 @@ from pathlib import Path
 import pandas as pd
 
 from .data import read_text
+from .errors import UserError
+
+__all__ = [
+    "GeneSelection",
+    "match_gene_set",
+    "read_gene_list",
+    "read_gene_sets",
+    "select_genes",
+    "write_gmt",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +33,7 @@ def read_gene_sets(path: str | Path) -> dict[str, list[str]]:
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: gene-set file not found")
+        raise UserError(f"{path}: gene-set file not found")
     is_gmt = path.suffix.lower() == ".gmt"
     sets: dict[str, list[str]] = {}
     for lineno, line in enumerate(read_text(path, "gene-set file").splitlines(), start=1):
@@ -33,12 +43,12 @@ def read_gene_sets(path: str | Path) -> dict[str, list[str]]:
         genes = [g.strip() for g in fields[2 if is_gmt else 1 :] if g.strip()]
         name = fields[0].strip()
         if not name or not genes:
-            raise ValueError(f"{path}, line {lineno}: expected a name followed by genes")
+            raise UserError(f"{path}, line {lineno}: expected a name followed by genes")
         if name in sets:
-            raise ValueError(f"{path}, line {lineno}: gene set {name!r} appears twice")
+            raise UserError(f"{path}, line {lineno}: gene set {name!r} appears twice")
         sets[name] = list(dict.fromkeys(genes))
     if not sets:
-        raise ValueError(f"{path}: no gene sets found")
+        raise UserError(f"{path}: no gene sets found")
     return sets
 
 
@@ -57,7 +67,7 @@ def read_gene_list(path: str | Path) -> list[str]:
     """Read genes, one per line (or separated by tabs, spaces or commas)."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: gene list not found")
+        raise UserError(f"{path}: gene list not found")
     genes = [
         g
         for line in read_text(path, "gene list").splitlines()
@@ -66,7 +76,7 @@ def read_gene_list(path: str | Path) -> list[str]:
         if g
     ]
     if not genes:
-        raise ValueError(f"{path}: no genes found")
+        raise UserError(f"{path}: no genes found")
     return list(dict.fromkeys(genes))
 
 
@@ -105,7 +115,7 @@ def select_genes(
     """
     gem_genes = pd.Index(gem_genes)
     if gene_set and genes_file:
-        raise ValueError("give either a gene set or a gene list, not both")
+        raise UserError("give either a gene set or a gene list, not both")
     if not gene_set and not genes_file:
         return GeneSelection("all", list(gem_genes), len(gem_genes), [])
     if genes_file:
@@ -117,10 +127,10 @@ def select_genes(
         sets = read_gene_sets(file)
         if not name:
             if len(sets) != 1:
-                raise ValueError(f"{file}: holds {len(sets)} gene sets; pick one as {file}:NAME")
+                raise UserError(f"{file}: holds {len(sets)} gene sets; pick one as {file}:NAME")
             name = next(iter(sets))
         if name not in sets:
-            raise ValueError(f"{file}: no gene set {name!r} (sets: {', '.join(list(sets)[:10])})")
+            raise UserError(f"{file}: no gene set {name!r} (sets: {', '.join(list(sets)[:10])})")
         wanted, source = sets[name], file
     return match_gene_set(name, wanted, gem_genes, source=source)
 
@@ -139,7 +149,7 @@ def match_gene_set(
     missing = [g for g in wanted if g not in present]
     where = f"{source}: " if source else ""
     if not present:
-        raise ValueError(f"{where}none of the {len(wanted)} genes of {name!r} are in the GEM")
+        raise UserError(f"{where}none of the {len(wanted)} genes of {name!r} are in the GEM")
     genes = [g for g in gem_genes if g in present]
     if missing:
         logger.warning(

@@ -18,24 +18,35 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
-from .baselines import (
-    Baselines,
-    class_perturbations,
-    de_ranked,
-    differential_expression,
-    selection_overlap,
-    split_arrays,
-)
-from .bundle import Bundle
-from .perturb import consensus_top, discriminate, perturb_scaled, unique_top_genes
+from .baselines import de_ranked, fit_baselines, selection_overlap, split_arrays
+from .errors import UserError
+from .perturbation import consensus_top, discriminate, perturb_scaled, unique_top_genes
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KNN_NEIGHBOURS",
+    "energy_distance",
+    "evaluate",
+    "evaluation_table",
+    "fit_classifiers",
+    "mean_pairwise_distance",
+    "pairwise_distances",
+    "perturbation_accuracy",
+    "perturbation_accuracy_table",
+    "spread_ratio",
+    "target_share",
+]
 
 KNN_NEIGHBOURS = 15
 _SMALL_BLAS = 4_000_000  # values (samples x genes) up to which sklearn runs on one BLAS thread
@@ -198,8 +209,8 @@ def spread_ratio(A: np.ndarray, reference: np.ndarray) -> float:
 
 
 def evaluate(
-    bundle: Bundle,
     adata: ad.AnnData,
+    bundle: Bundle,
     *,
     layer: str | None = None,
     label_key: str | None = None,
@@ -211,11 +222,11 @@ def evaluate(
 
     Parameters
     ----------
-    bundle
-        A loaded bundle; ``bundle.split`` names the training and held-out samples.
     adata
         The bundle's dataset (see :func:`tspg.datasets.load_bundle_dataset`): every sample
         of the split, the bundle's genes, labels in ``obs[label_key]``.
+    bundle
+        A loaded bundle; ``bundle.split`` names the training and held-out samples.
     label_key
         Default: the bundle's label key.
     k
@@ -256,30 +267,27 @@ def evaluate(
     )  # scikit-learn's thread pools change torch's; restored below
     try:
         return _evaluate(
-            bundle, adata, layer=layer, label_key=label_key, k=k, ks=ks, seed=seed, start=start
+            adata, bundle, layer=layer, label_key=label_key, k=k, ks=ks, seed=seed, start=start
         )
     finally:
         torch.set_num_threads(n_threads)
 
 
-def _evaluate(bundle, adata, *, layer, label_key, k, ks, seed, start) -> dict:
+def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start) -> dict:
     label_key = label_key or bundle.label_key
     target = bundle.target
-    Xtr, ytr, _ = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="train")
-    Xte, yte, te_ids = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="test")
+    Xtr, ytr, _ = split_arrays(adata, bundle, layer=layer, label_key=label_key, part="train")
+    Xte, yte, te_ids = split_arrays(adata, bundle, layer=layer, label_key=label_key, part="test")
     unknown = sorted(set(yte.tolist()) - set(bundle.classes))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"data: label {unknown[0]!r} is not one of the bundle's classes; is {label_key!r} the right label column?"
         )
-    pert = perturb_scaled(bundle, Xte, te_ids, labels=yte)
+    pert = perturb_scaled(Xte, bundle, samples=te_ids, labels=yte)
     is_t, non = yte == target, yte != target
     if not non.any():
-        raise ValueError("the held-out split has no source (non-target) samples to perturb")
-    base = Baselines(
-        class_perturbations(Xtr, ytr, target, genes=bundle.genes),
-        differential_expression(Xtr, ytr, bundle.genes, target),
-    )
+        raise UserError("the held-out split has no source (non-target) samples to perturb")
+    base = fit_baselines(adata, bundle, layer=layer, label_key=label_key)
     sets = {
         "perturbed": pert.x_adv[non],
         "unperturbed": Xte[non],
@@ -341,8 +349,8 @@ def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k,
         "energy_distance": {s: energy_distance(X, real_t) for s, X in references.items()},
         "spread_ratio": {s: spread_ratio(X, real_t) for s, X in references.items()},
         "discriminator": {
-            "real_target": _mean(discriminate(bundle, real_t)),
-            **{s: _mean(discriminate(bundle, X)) for s, X in sets.items()},
+            "real_target": _mean(discriminate(real_t, bundle)),
+            **{s: _mean(discriminate(X, bundle)) for s, X in sets.items()},
         },
         "perturbation_size": {
             "tspg_mean_l2": float(np.linalg.norm(P_src, axis=1).mean()),

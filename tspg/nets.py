@@ -8,6 +8,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+__all__ = [
+    "Discriminator",
+    "evaluating",
+    "Generator",
+    "ResidualBlock",
+    "TargetClassifier",
+]
+
 
 def _dense(n_in: int, n_out: int, act: nn.Module, *, batchnorm: bool = True) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Linear(n_in, n_out)]
@@ -36,7 +44,7 @@ class ResidualBlock(nn.Module):
 
 class Generator(nn.Module):
     """G(x) in [-1, 1]^n_genes, the raw perturbation (the change it makes is
-    P = clip(x + G(x), 0, 1) - x, see :mod:`tspg.perturb`).
+    P = clip(x + G(x), 0, 1) - x, see :mod:`tspg.perturbation`).
 
     Dense 512-256-128 (each + BatchNorm + ReLU), residual blocks of width 128,
     Dense 256-512 (+ BN + ReLU), Dense n_genes + tanh.

@@ -17,9 +17,23 @@ import torch
 from .bundle import Bundle, new_manifest, slug
 from .config import TrainConfig
 from .data import Scaler, align_genes, fingerprint, stratified_split, validate_labels
+from .errors import UserError
 from .genesets import GeneSelection, select_genes
-from .perturb import class_probabilities, generate_perturbed
+from .perturbation import class_probabilities, generate_perturbed
 from .training import fit_generator, fit_target, resolve_device
+
+__all__ = [
+    "TARGET_MODEL_FIELDS",
+    "default_names",
+    "fit_target_model",
+    "heldout_metrics",
+    "prepare",
+    "Prepared",
+    "reused_config",
+    "train",
+    "train_all_targets",
+    "train_generator",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +67,7 @@ class Prepared:
 
     def class_index(self, name: str) -> int:
         if name not in self.classes:
-            raise ValueError(
+            raise UserError(
                 f"target class {name!r} is not among the {len(self.classes)} classes of {self.label_key!r}: {', '.join(self.classes)}"
             )
         return self.classes.index(name)
@@ -78,7 +92,7 @@ def prepare(
     dataset = dataset or adata.uns.get("tspg_import", {}).get("source") or "data"
     validate_labels(adata, label_key, source=dataset)
     if reuse is not None and genes is not None and list(genes.genes) != list(reuse.genes):
-        raise ValueError(
+        raise UserError(
             f"the target model of {reuse.name!r} was trained on its own {len(reuse.genes)} genes "
             f"(gene set {reuse.manifest['gene_set']['name']!r}); another gene set cannot be chosen with it"
         )
@@ -98,13 +112,13 @@ def prepare(
         classes = list(reuse.classes)
         unknown = sorted(set(labels) - set(classes))
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"{dataset}: class {unknown[0]!r} is unknown to the target model of {reuse.name!r}"
             )
         pos = {s: i for i, s in enumerate(samples)}
         missing = [s for s in reuse.split["train"] + reuse.split["test"] if s not in pos]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{dataset}: sample {missing[0]!r} of {reuse.name!r}'s split is not in this data; the target model cannot be reused"
             )
         train_idx = np.array([pos[s] for s in reuse.split["train"]])
@@ -114,7 +128,7 @@ def prepare(
         classes = sorted(set(labels))
         train_idx, test_idx = stratified_split(labels, test_size=test_size, seed=seed)
         if not len(test_idx):
-            raise ValueError(
+            raise UserError(
                 f"{dataset}: no class has two samples, so nothing can be held out for testing"
             )
         scaler = Scaler.fit(X[train_idx])

@@ -50,11 +50,35 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .bundle import check_weights, models_dir, read_manifest, slug
+from .bundle import check_weights, clean_leftovers, models_dir, read_manifest, slug
 from .config import TrainConfig
 from .data import align_genes, fingerprint, validate_labels
 from .errors import UserError
 from .genesets import GeneSelection, match_gene_set, read_gene_sets
+
+__all__ = [
+    "COLUMNS",
+    "GeneSet",
+    "JOBQUEUES",
+    "RESULTS_CSV",
+    "RESULTS_PARQUET",
+    "STATUSES",
+    "TargetModelFailure",
+    "TargetModelResult",
+    "bundle_name",
+    "jobqueue_cluster",
+    "local_cluster",
+    "quiet_dask",
+    "read_gene_set_files",
+    "read_results",
+    "sweep",
+    "sweep_genes_df",
+    "sweep_summaries",
+    "train_generator_task",
+    "train_target_model_task",
+    "usable_cores",
+    "write_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -481,7 +505,7 @@ def sweep_summaries(bundle, prep, *, k: int = 20, seed: int = 0) -> dict:
     down to :data:`E_DISTANCE_SAMPLES` samples (seeded).
     """
     from .metrics import energy_distance
-    from .perturb import consensus_top, generate_perturbed
+    from .perturbation import consensus_top, generate_perturbed
 
     t = prep.class_index(bundle.target)
     test = np.asarray(prep.test_idx)
@@ -921,9 +945,7 @@ def _run(
             logger.info("engine: %s", what)
             if resources:
                 _check_gpu_workers(client)
-            for plan, t in todo:  # what a killed earlier run left half written: never a bundle
-                for tmp in root.glob(f".{plan.names[t]}.*"):
-                    shutil.rmtree(tmp, ignore_errors=True)
+            clean_leftovers(root)  # what killed saves of an earlier run left (never a bundle)
             run = uuid.uuid4().hex[:8]
             target_models = {}
             for set_name in plans:  # target models first: they unlock the generators
@@ -986,6 +1008,7 @@ def _run(
             except BaseException:  # interrupted: stop what has not finished
                 client.cancel(list(futures))
                 raise
+        clean_leftovers(root)  # a worker killed while saving: its temporary folder
     finally:
         for plan, t in futures.values():  # interrupted: what never finished
             rows.append(

@@ -21,6 +21,25 @@ from .config import TrainConfig
 from .errors import UserError
 from .nets import Discriminator, Generator, TargetClassifier, evaluating
 
+__all__ = [
+    "FULL_COVARIANCE_BYTES",
+    "cw_loss",
+    "energy_distance",
+    "fit_generator",
+    "fit_target",
+    "generator_loss",
+    "GeneratorFit",
+    "GeneratorLoss",
+    "lsgan_discriminator_loss",
+    "lsgan_generator_loss",
+    "norm_loss",
+    "pairwise_distances",
+    "resolve_device",
+    "seed_everything",
+    "TargetSampler",
+    "td_loss",
+]
+
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[int, int, dict[str, float]], None]

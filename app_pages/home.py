@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pandas as pd
 import streamlit as st
 
-import app_state as S
+from tspg.app import loaders as L
+from tspg.app import render as R
+from tspg.app import state as S
+from tspg.app.views import models_arg
+from tspg.bundle import save_bundle
+from tspg.config import config_argv
+from tspg.datasets import DEMO_LABEL_KEY, DEMO_NAME, DEMO_TARGET
+from tspg.pipeline import train
 
-S.ensure_router()
 st.title("TSPG Explorer")
 st.markdown(
     "A **transcriptome state perturbation generator** (TSPG; Targonski et al., 2019) learns, for one "
@@ -18,13 +26,8 @@ st.markdown(
 )
 
 
-def train_demo() -> None:
+def train_demo(config) -> None:
     """Train the demo generator with a progress bar, save it, and rerun."""
-    from tspg.bundle import save_bundle
-    from tspg.datasets import DEMO_LABEL_KEY, DEMO_NAME, DEMO_TARGET
-    from tspg.pipeline import train
-
-    config = S.demo_config()
     total = config.target_epochs + config.epochs
     done = {"n": 0}
     with st.status("Training the demo generator…", expanded=True) as status:
@@ -35,16 +38,16 @@ def train_demo() -> None:
             shown = ", ".join(f"{k} {v:.3g}" for k, v in losses.items() if k != "total" and v)
             bar.progress(min(done["n"] / total, 1.0), text=f"{stage}: epoch {step}/{n}  {shown}")
 
-        with S.guard("Training the demo generator failed"):
+        with R.guard("Training the demo generator failed"):
             bundle = train(
-                S.demo_adata(),
+                L.demo_adata(),
                 label_key=DEMO_LABEL_KEY,
                 target=DEMO_TARGET,
                 config=config,
                 dataset=DEMO_NAME,
                 progress=progress,
             )
-            path = save_bundle(bundle, S.models_root(), overwrite=True)
+            path = save_bundle(bundle, L.models_root(), overwrite=True)
         status.update(label=f"Trained {bundle.name} ({path})", state="complete")
     st.session_state[S.BUNDLE] = bundle.name
     st.rerun()
@@ -53,11 +56,11 @@ def train_demo() -> None:
 TRAIN = "train_demo_requested"
 bundle_name = st.session_state.get(S.BUNDLE)
 if not bundle_name:
-    with S.guard("The demo's training settings are wrong"):
-        cfg = S.demo_config()
+    with R.guard("The demo's training settings are wrong"):
+        cfg = L.demo_config()
     st.subheader("No trained generator yet")
     st.write(
-        f"The models folder `{S.models_root()}` holds no readable bundle. Train the demo generator: "
+        f"The models folder `{L.models_root()}` holds no readable bundle. Train the demo generator: "
         f"scanpy's pbmc68k_reduced (700 blood cells, 765 genes, 10 cell types), target *CD14+ Monocyte*, "
         f"{cfg.target_epochs} target-model epochs and {cfg.epochs} generator epochs."
     )
@@ -70,44 +73,48 @@ if not bundle_name:
         args=(TRAIN, True),
     )
     if st.session_state.pop(TRAIN, False):
-        train_demo()
-    S.reproduce(
+        train_demo(cfg)
+    R.reproduce(
         {
-            "models folder": str(S.models_root()),
+            "models folder": str(L.models_root()),
             "epochs": cfg.epochs,
             "target_epochs": cfg.target_epochs,
         },
-        f"tspg-train --demo --epochs {cfg.epochs} --target-epochs {cfg.target_epochs} --out {S.models_root()}",
+        shlex.join(["tspg-train", "--demo", *config_argv(cfg), "--out", str(L.models_root())]),
     )
     st.stop()
 
-with S.guard("Loading the bundle failed"):
-    bundle = S.current_bundle()
-m = bundle.manifest
-metrics = bundle.metrics
+with R.guard("Loading the bundle failed"):
+    bundle = L.current_bundle()
+summary = bundle.summary()
+
+
+def share(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
 
 st.subheader(f"Bundle {bundle.name}")
 st.caption(
-    f"dataset {m['dataset']['name']} · gene set {m['gene_set']['name']} · recipe {m['config'].get('recipe', '')} · created {m['created']}"
+    f"dataset {summary['dataset']} · gene set {summary['gene set']} · recipe {summary['recipe']} · created {summary['created']}"
 )
 c = st.columns([1, 1, 2, 1.4, 1.4])
-c[0].metric("Classes", len(bundle.classes))
-c[1].metric("Genes", len(bundle.genes))
-c[2].metric("Target", bundle.target)
+c[0].metric("Classes", summary["classes"])
+c[1].metric("Genes", summary["genes"])
+c[2].metric("Target", summary["target"])
 c[3].metric(
     "Target-model accuracy",
-    f"{metrics.get('target_model_accuracy', float('nan')):.3f}",
+    share(summary["target-model accuracy"]),
     help="held-out split",
 )
 c[4].metric(
     "Perturbation accuracy",
-    f"{metrics.get('perturbation_accuracy_non_target', float('nan')):.3f}",
+    share(summary["perturbation accuracy"]),
     help="share of held-out samples of the other classes that the target model calls the target after perturbation",
 )
 
-with S.guard("The chosen data cannot be used"):
-    data = S.current_data(bundle)
-    S.check_genes(bundle, data)
+with R.guard("The chosen data cannot be used"):
+    data = L.current_data(bundle)
+    L.check_genes(bundle, data)
 labels = data.labels(bundle.label_key)
 st.write(
     f"**Data to perturb:** {data.label}: {data.adata.n_obs} samples x {data.adata.n_vars} genes; "
@@ -121,7 +128,7 @@ else:
     counts = pd.Series(labels).value_counts().sort_index()
     st.caption("Classes: " + ", ".join(f"{k} ({v})" for k, v in counts.items()))
 
-S.reproduce(
-    {"bundle": bundle.name, "models folder": str(S.models_root()), "data": data.label},
-    f"tspg list {S.models_arg()}\n{S.train_command(m)}",
+R.reproduce(
+    {"bundle": bundle.name, "models folder": str(L.models_root()), "data": data.label},
+    f"tspg list {models_arg(L.models_root())}\n{bundle.train_command(out=L.models_root())}",
 )

@@ -7,9 +7,20 @@ import shlex
 import pandas as pd
 import streamlit as st
 
-import app_state as S
+from tspg import charts
+from tspg.app import loaders as L
+from tspg.app import render as R
+from tspg.app import state as S
+from tspg.app.selection import (
+    SELECTION_MODES,
+    compatible_bundles,
+    default_classes,
+    present_classes,
+)
+from tspg.app.views import heatmap_frame, models_arg
+from tspg.perturbation import consensus, top_genes_df
 
-bundle, data = S.page_start("Perturb")
+bundle, data = R.page_start("Perturb")
 labels = data.labels(bundle.label_key)
 
 # ----------------------------------------------------------------------------- target and samples
@@ -21,9 +32,9 @@ def _switch_bundle() -> None:
     st.session_state[S.BUNDLE] = st.session_state[TARGET_WIDGET]
 
 
-entries = S.bundle_entries()
+entries = L.bundle_entries()
 manifests = {e.name: e.manifest for e in entries if e.error is None}
-options = S.compatible_bundles(bundle, entries)
+options = compatible_bundles(bundle, entries)
 st.session_state[TARGET_WIDGET] = bundle.name
 left, right = st.columns([1, 2])
 left.selectbox(
@@ -37,13 +48,13 @@ left.selectbox(
 with right:
     st.radio(
         "Pick samples",
-        list(S.SELECTION_MODES),
+        list(SELECTION_MODES),
         key=S.SEL_MODE,
-        format_func=S.SELECTION_MODES.get,
+        format_func=SELECTION_MODES.get,
         horizontal=True,
     )
 
-pool = S.sample_pool(bundle, data)
+pool = L.sample_pool(bundle, data)
 mode = st.session_state[S.SEL_MODE]
 cols = st.columns(3)
 if mode == "random":
@@ -58,11 +69,11 @@ elif mode == "class":
             f"{data.label} has no {bundle.label_key!r} column in obs, so samples cannot be picked by class. Pick them by id or at random."
         )
         st.stop()
-    present = [c for c in bundle.classes if c in set(labels.tolist())] + sorted(
-        set(labels.tolist()) - set(bundle.classes)
-    )
+    present = present_classes(bundle.classes, labels)
     chosen = [c for c in st.session_state.get(S.SEL_CLASSES) or [] if c in present]
-    st.session_state[S.SEL_CLASSES] = chosen or S.default_classes(bundle, labels)
+    st.session_state[S.SEL_CLASSES] = chosen or default_classes(
+        bundle.classes, labels, bundle.target
+    )
     cols[0].multiselect("Source classes", present, key=S.SEL_CLASSES)
 else:
     known = set(map(str, data.adata.obs_names))
@@ -72,13 +83,13 @@ else:
 if data.own:
     st.checkbox("Held-out samples only (never seen in training)", key=S.SEL_HELDOUT)
 
-with S.guard("Selecting samples failed"):
-    sel = S.selection(bundle, data)
+with R.guard("Selecting samples failed"):
+    sel = L.current_selection(bundle, data)
 if not sel.samples:
     st.warning("No samples selected.")
     st.stop()
-with S.guard("Perturbation failed"):
-    pert = S.perturbation(bundle, data, sel.samples)
+with R.guard("Perturbation failed"):
+    pert = L.perturbation(bundle, data, sel.samples)
 pred = pert.predictions_df()
 
 # ----------------------------------------------------------------------------- before / after
@@ -97,7 +108,7 @@ m[3].metric(
     f"{pred['prob_target_after'].mean():.3f}",
     delta=f"{pred['prob_target_after'].mean() - pred['prob_target_before'].mean():+.3f}",
 )
-S.show_table(
+R.show_table(
     pred.round(4),
     f"predictions-{bundle.name}",
     key="predictions",
@@ -131,10 +142,9 @@ if one:
     c3.selectbox("Sample", pert.samples, key=S.HEAT_SAMPLE)
 shown = pert.subset([st.session_state[S.HEAT_SAMPLE]]) if one else pert
 k = int(st.session_state.get(S.TOP_K, 20))
-with S.guard("Drawing the heatmap failed"):
-    from tspg import charts
-
-    frame = S.heatmap_frame(bundle, data, shown, n_genes=k)
+with R.guard("Drawing the heatmap failed"):
+    target_mean = L.target_mean(bundle, data)
+    frame = heatmap_frame(shown, target_mean, n_genes=k)
     title = f"sample {shown.samples[0]}" if one else f"mean of {len(shown)} samples"
     st.caption(
         f"The {k} genes with the largest positive and the {k} with the largest negative P, sorted by P"
@@ -142,8 +152,8 @@ with S.guard("Drawing the heatmap failed"):
         + ". Columns: x, the scaled expression before; P, the perturbation (the change the generator makes); x_adv = x + P, after; "
         "target mean, the target class's mean over the training split."
     )
-    S.show_chart(charts.heatmap_chart(frame, title=title), f"heatmap-{bundle.name}", key="heatmap")
-    if S.target_mean(bundle, data) is None:
+    R.show_chart(charts.heatmap_chart(frame, title=title), f"heatmap-{bundle.name}", key="heatmap")
+    if target_mean is None:
         st.caption(
             "The target mean column is empty: the bundle's training data are not available here."
         )
@@ -156,9 +166,7 @@ st.caption(
     if one
     else f"Consensus over the {len(shown)} samples: how many samples have each gene among their top {k}, and its mean P."
 )
-with S.guard("Ranking the genes failed"):
-    from tspg.perturb import consensus, top_genes_df
-
+with R.guard("Ranking the genes failed"):
     if one:
         top = top_genes_df(shown, k=k)
         up, down = top[top.direction == "up"], top[top.direction == "down"]
@@ -171,7 +179,7 @@ u, d = st.columns(2)
 height = 38 + 35 * min(max(len(up), len(down)), 20)  # up to 20 rows without scrolling
 with u:
     st.markdown("**Up** (largest positive P)")
-    S.show_table(
+    R.show_table(
         up[cols].reset_index(drop=True),
         f"top-up-{bundle.name}",
         key="top_up",
@@ -181,7 +189,7 @@ with u:
     )
 with d:
     st.markdown("**Down** (largest negative P)")
-    S.show_table(
+    R.show_table(
         down[cols].reset_index(drop=True),
         f"top-down-{bundle.name}",
         key="top_down",
@@ -196,7 +204,7 @@ st.subheader("Downloads")
 c = st.columns(3)
 c[0].download_button(
     "Perturbed samples (.h5ad)",
-    S.perturbed_h5ad(bundle, data, sel.samples),
+    L.perturbed_h5ad(bundle, data, sel.samples),
     file_name=f"{bundle.name}-perturbed.h5ad",
     mime="application/octet-stream",
     on_click="ignore",
@@ -205,7 +213,7 @@ c[0].download_button(
 )
 c[1].download_button(
     "P, samples x genes (CSV)",
-    S.frame_csv(
+    R.frame_csv(
         lambda: pd.DataFrame(
             pert.P, index=pd.Index(pert.samples, name="sample"), columns=pert.genes
         )
@@ -218,7 +226,7 @@ c[1].download_button(
 )
 c[2].download_button(
     "Top genes of every sample (CSV)",
-    S.frame_csv(lambda: top_genes_df(pert, k=k), index=False),
+    R.frame_csv(lambda: top_genes_df(pert, k=k), index=False),
     file_name=f"{bundle.name}-top-genes.csv",
     mime="text/csv",
     on_click="ignore",
@@ -226,7 +234,7 @@ c[2].download_button(
     key="dl_top",
 )
 
-S.reproduce(
+R.reproduce(
     {
         "bundle": bundle.name,
         "target": bundle.target,
@@ -236,7 +244,7 @@ S.reproduce(
         "k": k,
     },
     f"# the .h5ad download above holds the selected samples' expression (X); perturb it again with\n"
-    f"tspg perturb {shlex.quote(bundle.name)} {bundle.name}-perturbed.h5ad -o perturbed.h5ad --k {k} {S.models_arg()}",
+    f"tspg perturb {shlex.quote(bundle.name)} {bundle.name}-perturbed.h5ad -o perturbed.h5ad --k {k} {models_arg(L.models_root())}",
     python=(
         "import tspg\nfrom tspg.bundle import load_bundle, resolve_bundle\n"
         f"bundle = load_bundle(resolve_bundle({bundle.name!r}))\n"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_adata
 
-from tspg.perturb import (
+from tspg.perturbation import (
     consensus,
     consensus_top,
     generate_perturbed,
@@ -59,7 +59,7 @@ def test_top_genes_ties_k_too_large_and_one_sample():
 
 def test_top_genes_df_is_tidy(quick_bundle):
     res = perturb_scaled(
-        quick_bundle, np.full((2, len(quick_bundle.genes)), 0.5, np.float32), ["s1", "s2"]
+        np.full((2, len(quick_bundle.genes)), 0.5, np.float32), quick_bundle, samples=["s1", "s2"]
     )
     df = top_genes_df(res, k=3)
     assert list(df.columns) == ["sample", "direction", "rank", "gene", "P"]
@@ -132,7 +132,7 @@ def test_unique_top_genes_is_seeded():
 
 
 def test_perturb_round_trip_shuffled_genes(quick_bundle, tiny_adata):
-    res = perturb_adata(quick_bundle, tiny_adata)
+    res = perturb_adata(tiny_adata, quick_bundle)
     n, g = tiny_adata.n_obs, len(quick_bundle.genes)
     assert res.P.shape == res.x.shape == res.x_adv.shape == (n, g)
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
@@ -141,7 +141,7 @@ def test_perturb_round_trip_shuffled_genes(quick_bundle, tiny_adata):
         list(res.labels) == tiny_adata.obs["cell_type"].astype(str).tolist()
     )  # the bundle's label key
     order = np.random.default_rng(1).permutation(tiny_adata.n_vars)
-    shuffled = perturb_adata(quick_bundle, tiny_adata[:, order].copy())
+    shuffled = perturb_adata(tiny_adata[:, order].copy(), quick_bundle)
     np.testing.assert_array_equal(shuffled.P, res.P)
     np.testing.assert_array_equal(shuffled.proba_after, res.proba_after)
     # the same numbers as a plain forward pass of the generator, clipped to the data range
@@ -161,14 +161,14 @@ def test_perturb_round_trip_shuffled_genes(quick_bundle, tiny_adata):
 def test_perturb_errors_name_the_problem(quick_bundle, tiny_adata):
     with pytest.raises(ValueError, match="G03"):
         perturb_adata(
-            quick_bundle, tiny_adata[:, [g for g in tiny_adata.var_names if g != "G03"]].copy()
+            tiny_adata[:, [g for g in tiny_adata.var_names if g != "G03"]].copy(), quick_bundle
         )
     with pytest.raises(ValueError, match="no layer 'counts'"):
-        perturb_adata(quick_bundle, tiny_adata, layer="counts")
+        perturb_adata(tiny_adata, quick_bundle, layer="counts")
     with pytest.raises(ValueError, match="no column 'tissue'"):
-        perturb_adata(quick_bundle, tiny_adata, label_key="tissue")
+        perturb_adata(tiny_adata, quick_bundle, label_key="tissue")
     with pytest.raises(ValueError, match="genes matrix"):
-        perturb_scaled(quick_bundle, np.zeros((3, 4), np.float32))
+        perturb_scaled(np.zeros((3, 4), np.float32), quick_bundle)
     with pytest.raises(ValueError, match="in-place"):
         perturb(tiny_adata[:, ::-1].copy(), quick_bundle)
     # perturb() names the data as the caller says (e.g. the file it was read from)
@@ -180,9 +180,9 @@ def test_perturb_errors_name_the_problem(quick_bundle, tiny_adata):
 
 
 def test_predictions_not_computed_is_a_clear_error(quick_bundle, tiny_adata):
-    res = perturb_adata(quick_bundle, tiny_adata)
+    res = perturb_adata(tiny_adata, quick_bundle)
     bare = perturb_scaled(
-        quick_bundle, res.x, tiny_adata.obs_names, labels=res.labels, predict=False
+        res.x, quick_bundle, samples=tiny_adata.obs_names, labels=res.labels, predict=False
     )
     np.testing.assert_array_equal(bare.P, res.P)  # the perturbation itself is there
     assert bare.predicted is False and res.predicted is True
@@ -199,7 +199,7 @@ def test_perturb_anndata_slots_and_subset(quick_bundle):
     assert {"tspg_x", "tspg_perturbation", "tspg_perturbed"} <= set(out.layers)
     assert out.obs["tspg_pred_after"].cat.categories.tolist() == quick_bundle.classes
     # probabilities of the predicted class and of the target, from the target model itself
-    direct = perturb_adata(quick_bundle, adata)
+    direct = perturb_adata(adata, quick_bundle)
     for when, proba in (("before", direct.proba_before), ("after", direct.proba_after)):
         pred = out.obs[f"tspg_pred_{when}"].astype(str).to_numpy()
         cls = [quick_bundle.classes.index(c) for c in pred]
@@ -213,7 +213,7 @@ def test_perturb_anndata_slots_and_subset(quick_bundle):
     uns = out.uns["tspg"]
     assert uns["params"]["k"] == 3 and uns["params"]["target"] == "beta"
     assert uns["top_genes"]["up"].shape == (12, 3)
-    res = perturb_adata(quick_bundle, adata)
+    res = perturb_adata(adata, quick_bundle)
     src = res.labels != "beta"
     expected = consensus(res.P[src], quick_bundle.genes, k=3)
     assert list(uns["consensus"]["gene"]) == expected["gene"].tolist()
@@ -231,7 +231,7 @@ def test_perturb_anndata_slots_and_subset(quick_bundle):
     assert res.subset(~src).source_rows().all() and len(res.subset(~src)) == 4
     bare = adata.copy()
     bare.obs = bare.obs[[]]
-    unlabelled = perturb_adata(quick_bundle, bare)
+    unlabelled = perturb_adata(bare, quick_bundle)
     assert unlabelled.labels is None and unlabelled.source_rows().all()
     with pytest.raises(ValueError, match="nope"):
         res.subset(["nope"])
@@ -242,7 +242,9 @@ def test_perturb_anndata_slots_and_subset(quick_bundle):
 def test_generate_perturbed_chunks_and_empty(quick_bundle):
     import importlib
 
-    tp = importlib.import_module("tspg.perturb")  # (tspg.perturb the attribute is the function)
+    tp = importlib.import_module(
+        "tspg.perturbation"
+    )  # (tspg.perturb the attribute is the function)
 
     X = np.random.default_rng(0).random((5, len(quick_bundle.genes)), dtype=np.float32)
     P, x_adv = generate_perturbed(quick_bundle.generator, X)
@@ -262,5 +264,5 @@ def test_generate_perturbed_chunks_and_empty(quick_bundle):
         assert quick_bundle.generator.training  # the previous mode is restored
     finally:
         quick_bundle.generator.eval()
-    empty = perturb_scaled(quick_bundle, X[:0])
+    empty = perturb_scaled(X[:0], quick_bundle)
     assert empty.proba_after.shape == (0, len(quick_bundle.classes))

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 
 import streamlit as st
 
-import app_state as S
+from tspg import charts
+from tspg.app import loaders as L
+from tspg.app import render as R
+from tspg.app import state as S
+from tspg.app.selection import picked_map_classes
+from tspg.app.views import command, data_arg, gene_frames, models_arg
+from tspg.baselines import selection_overlap
+from tspg.errors import UserError
+from tspg.perturbation import consensus, consensus_top, unique_top_genes
 
-bundle, data = S.page_start("Genes")
-sel, pert = S.page_perturbation(bundle, data)
-
-from tspg import charts  # noqa: E402
-from tspg.perturb import consensus, consensus_top, unique_top_genes  # noqa: E402
+bundle, data = R.page_start("Genes")
+sel, pert = R.page_perturbation(bundle, data)
 
 k = int(st.session_state.get(S.TOP_K, 20))
 SHOWN = 25  # genes per direction in the frequency chart
@@ -25,7 +31,7 @@ st.caption(
 # ----------------------------------------------------------------------------- frequency
 
 st.subheader("How often each gene is among a sample's top genes")
-with S.guard("Counting the top genes failed"):
+with R.guard("Counting the top genes failed"):
     freq = consensus(src.P, src.genes, k=k)
     shown = freq.groupby("direction", sort=False).head(
         SHOWN
@@ -33,10 +39,10 @@ with S.guard("Counting the top genes failed"):
     st.caption(
         f"The {SHOWN} most frequent genes per direction; the table below lists all {len(freq)}."
     )
-    S.show_chart(
+    R.show_chart(
         charts.gene_frequency_chart(shown), f"gene-frequency-{bundle.name}", key="freq_chart"
     )
-    S.show_table(
+    R.show_table(
         freq,
         f"gene-frequency-{bundle.name}",
         key="freq_table",
@@ -48,7 +54,7 @@ with S.guard("Counting the top genes failed"):
 
 c = st.columns(3)
 if src.labels is not None and len(set(src.labels.tolist())) >= 1:
-    with S.guard("Counting the unique genes failed"):
+    with R.guard("Counting the unique genes failed"):
         uniq = unique_top_genes(
             src.P,
             src.labels,
@@ -72,15 +78,19 @@ st.subheader("TSPG vs mean shift vs differential expression")
 ks = tuple(sorted({10, k, 50}))
 base = None
 try:
-    base = S.baselines(bundle, data)
-except ValueError as err:  # the bundle's own data are needed for the baselines
+    base = L.baselines(bundle, data)
+except UserError as err:  # the bundle's own data are needed for the baselines
     st.info(f"Baselines need the bundle's own training data: {err}")
-except Exception as err:  # any other backend error: a message, and the rest of the page still works
-    st.error(f"Fitting the baselines failed: {err}")
+except Exception as err:  # a bug: a message, and the rest of the page still works
+    logging.getLogger("tspg.app").exception("fitting the baselines failed")
+    st.error(
+        f"Fitting the baselines failed: an internal error in tspg ({type(err).__name__}: {err})"
+    )
 if base is not None:
-    with S.guard("Comparing with the baselines failed"):
-        overlap = S.selection_overlap(base, src, ks)
-    S.show_table(
+    with R.guard("Comparing with the baselines failed"):
+        overlap = selection_overlap(src.P, src.x, src.labels, src.genes, base, ks=ks)
+        overlap["baseline"] = overlap["baseline"].str.replace("_", " ")
+    R.show_table(
         overlap,
         f"overlap-{bundle.name}",
         key="overlap_table",
@@ -121,26 +131,31 @@ labels = data.labels(bundle.label_key)
 if labels is None:
     st.info(f"{data.label} has no {bundle.label_key!r} column: the per-class views need labels.")
     st.stop()
-with S.guard("Drawing the gene views failed"):
-    classes = S.map_classes(bundle, labels, pert.labels)
-    seed = int(st.session_state.get(S.MAP_SEED, 0))
-    ref, ref_idx = S.reference_map(bundle, data, classes, seed)
-    mkey = S.map_key(bundle, data, classes, seed)
-    frame = S.gene_frames(bundle, data, pert, ref, ref_idx, mkey, gene)
+with R.guard("Drawing the gene views failed"):
+    ss = st.session_state
+    classes = picked_map_classes(
+        labels, bundle.target, pert.labels, ss.get(S.MAP_CLASSES), ss.get(S.MAP_AUTO)
+    )
+    seed = int(ss.get(S.MAP_SEED, 0))
+    ref, ref_idx = L.reference_map(bundle, data, classes, seed)
+    mkey = L.map_key(bundle, data, classes, seed)
+    Xs = L.scaled_expression(L.bundle_key(bundle), data.key, bundle, data.adata)
+    coords = L.placed(ref, mkey, bundle, pert)
+    frame = gene_frames(ref, coords, pert, Xs, ref_idx, labels, gene)
     st.caption(
         "On the map: scaled expression of the real samples (dots) and of the perturbed samples after perturbation (crosses)."
     )
-    S.show_chart(charts.gene_map_chart(frame["map"], gene), f"map-{gene}", key="gene_map_chart")
+    R.show_chart(charts.gene_map_chart(frame["map"], gene), f"map-{gene}", key="gene_map_chart")
     st.caption(
         "Per class: real samples (grey), and the perturbed selection after perturbation, by source class (red)."
     )
-    S.show_chart(
+    R.show_chart(
         charts.gene_distribution_chart(frame["distribution"], gene),
         f"distribution-{gene}",
         key="gene_dist_chart",
     )
 
-S.reproduce(
+R.reproduce(
     {
         "bundle": bundle.name,
         "data": data.label,
@@ -150,15 +165,15 @@ S.reproduce(
         "gene": gene,
     },
     "# the same comparisons over the bundle's whole held-out split\n"
-    + S.command(
+    + command(
         "tspg evaluate",
         shlex.quote(bundle.name),
-        S.data_arg(bundle, data, optional=True),
+        data_arg(bundle, data, optional=True),
         f"--k {k}",
-        S.models_arg(),
+        models_arg(L.models_root()),
     ),
     python=(
-        "from tspg.perturb import consensus, unique_top_genes\n"
+        "from tspg.perturbation import consensus, unique_top_genes\n"
         f"freq = consensus(P, genes, k={k})\n"
         f"uniq = unique_top_genes(P, labels, genes, k={k}, exclude={bundle.target!r})"
     ),

@@ -16,17 +16,38 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
-from .bundle import Bundle
-from .data import align_genes
+from .errors import UserError, user_file
 from .nets import evaluating
 
+if TYPE_CHECKING:
+    from .bundle import Bundle
+
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DIRECTIONS",
+    "Perturbation",
+    "TopGenes",
+    "class_probabilities",
+    "consensus",
+    "consensus_top",
+    "discriminate",
+    "generate_perturbed",
+    "perturb",
+    "perturb_adata",
+    "perturb_scaled",
+    "top_genes",
+    "top_genes_df",
+    "unique_top_genes",
+]
 
 DIRECTIONS = ("up", "down")
 _CHUNK = 2048  # rows per forward pass: bounds the activations' memory, costs nothing in speed
@@ -47,34 +68,66 @@ def _forward(module: torch.nn.Module, X: np.ndarray, fn=None) -> np.ndarray:
     return out[0] if len(out) == 1 else np.concatenate(out)
 
 
-def generate_perturbed(G: torch.nn.Module, Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def require_finite(
+    a: np.ndarray,
+    what: str,
+    samples=None,
+    why: str = "its weights are damaged or the data lie far outside their range",
+) -> None:
+    """UserError when ``a`` (samples x ...) holds NaN or infinity: ``what`` gave it, for how
+    many samples, the first one named (by ``samples``, else by row number), and ``why``.
+
+    The common case costs one float64 sum and no array as large as ``a``.
+    """
+    if a.size == 0 or np.isfinite(a.sum(dtype=np.float64)):
+        return
+    bad = np.array([not np.isfinite(row).all() for row in a.reshape(len(a), -1)])
+    if not bad.any():  # the sum overflowed, the values are fine
+        return
+    i = int(np.argmax(bad))
+    first = repr(str(samples[i])) if samples is not None else f"row {i + 1}"
+    raise UserError(
+        f"{what} gave NaN or infinite values for {int(bad.sum())} of {len(a)} sample(s) "
+        f"(first: {first}): {why}"
+    )
+
+
+def generate_perturbed(
+    G: torch.nn.Module, Xs: np.ndarray, *, what: str = "the generator", samples=None
+) -> tuple[np.ndarray, np.ndarray]:
     """P = x_adv - x and x_adv = clip(x + G(x), 0, 1) for scaled, gene-aligned ``Xs``.
 
     One forward pass in inference mode (no autograd bookkeeping) on float32, C-contiguous
     data; x + G(x) is computed and clipped in G's output buffer, and the results are handed
-    to numpy without a copy.
+    to numpy without a copy. A non-finite x_adv is a UserError naming ``what`` and the
+    first sample (of ``samples``, else by row number).
     """
     Xs = np.ascontiguousarray(Xs, dtype=np.float32)
     Ps, advs = [], []
     with evaluating(G), torch.inference_mode():
         for i in range(0, len(Xs), _CHUNK):
             x = torch.from_numpy(Xs[i : i + _CHUNK])
-            x_adv = G(x).add_(x).clamp_(0.0, 1.0)
+            x_adv = G(x).add_(x).clamp_(0.0, 1.0)  # clamp keeps NaN: checked below
             Ps.append(torch.sub(x_adv, x).numpy())
             advs.append(x_adv.numpy())
-    if len(Ps) == 1:
-        return Ps[0], advs[0]
     if not Ps:
         return np.zeros_like(Xs), np.zeros_like(Xs)
-    return np.concatenate(Ps), np.concatenate(advs)
+    P, x_adv = (Ps[0], advs[0]) if len(Ps) == 1 else (np.concatenate(Ps), np.concatenate(advs))
+    require_finite(x_adv, what, samples)
+    return P, x_adv
 
 
-def class_probabilities(f: torch.nn.Module, Xs: np.ndarray) -> np.ndarray:
-    """Softmax probabilities (samples, classes) of the target model for scaled ``Xs`` (one row at least)."""
-    return _forward(f, Xs, lambda m, x: torch.softmax(m(x), 1))
+def class_probabilities(
+    f: torch.nn.Module, Xs: np.ndarray, *, what: str = "the target model", samples=None
+) -> np.ndarray:
+    """Softmax probabilities (samples, classes) of the target model for scaled ``Xs`` (one row
+    at least); non-finite ones are a UserError naming ``what`` and the first sample."""
+    proba = _forward(f, Xs, lambda m, x: torch.softmax(m(x), 1))
+    require_finite(proba, what, samples)
+    return proba
 
 
-def discriminate(bundle: Bundle, Xs: np.ndarray) -> np.ndarray:
+def discriminate(Xs: np.ndarray, bundle: Bundle) -> np.ndarray:
     """The discriminator's score D(x) in (0, 1) per sample (1 = looks like real target data)."""
     if len(Xs) == 0:
         return np.zeros(0, np.float32)
@@ -139,7 +192,7 @@ class Perturbation:
             pos = {s: i for i, s in enumerate(self.samples)}
             missing = [s for s in idx.tolist() if s not in pos]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"sample(s) not in the perturbed data: {', '.join(map(str, missing[:5]))}"
                 )
             idx = np.array([pos[s] for s in idx.tolist()], dtype=int)
@@ -195,29 +248,80 @@ class Perturbation:
             df.insert(0, "label", self.labels)
         return df
 
+    def to_csv(self, folder: str | Path, *, k: int = 20) -> list[Path]:
+        """Write the perturbation as flat files into ``folder`` (created if needed).
+
+        ``perturbation.csv`` (P) and ``perturbed.csv`` (x_adv): samples x genes;
+        ``predictions.csv``: :meth:`predictions_df`; ``top_genes.csv``: :func:`top_genes_df`
+        with ``k`` genes per direction; ``consensus.csv``: :func:`consensus` of the source
+        samples (:meth:`source_rows`). Returns the paths written; UserError naming the
+        folder or file that cannot be written.
+        """
+        out = Path(folder)
+        index = pd.Index(self.samples, name="sample")
+        frames = {
+            "perturbation.csv": (pd.DataFrame(self.P, index=index, columns=self.genes), True),
+            "perturbed.csv": (pd.DataFrame(self.x_adv, index=index, columns=self.genes), True),
+            "predictions.csv": (self.predictions_df(), True),
+            "top_genes.csv": (top_genes_df(self, k=k), False),
+            "consensus.csv": (consensus(self.P[self.source_rows()], self.genes, k=k), False),
+        }
+        with user_file(out, "create the folder"):
+            out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, (frame, index_col) in frames.items():
+            with user_file(out / name, "write"):
+                frame.to_csv(out / name, index=index_col, float_format="%.6g")
+            paths.append(out / name)
+        return paths
+
 
 def perturb_scaled(
-    bundle: Bundle, Xs: np.ndarray, samples=None, *, labels=None, predict: bool = True
+    Xs: np.ndarray,
+    bundle: Bundle,
+    *,
+    samples: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    predict: bool = True,
 ) -> Perturbation:
     """Perturb already-scaled data whose columns are the bundle's genes.
 
-    With ``predict=False`` the target model is not run: ``proba_*`` are empty (n, 0) arrays
-    and reading the predictions (``pred_*``, ``predictions_df``) raises a ValueError.
+    Parameters
+    ----------
+    Xs
+        Samples x the bundle's genes, in the bundle's scaled space (:meth:`Bundle.scale`).
+    bundle
+        A loaded bundle.
+    samples
+        Sample ids (default ``0, 1, ...``).
+    labels
+        Each sample's class, when known.
+    predict
+        Run the target model on x and x_adv. Without, ``proba_*`` are empty (n, 0) arrays
+        and reading the predictions (``pred_*``, ``predictions_df``) raises a ValueError.
     """
     Xs = np.ascontiguousarray(Xs, dtype=np.float32)
     if Xs.ndim != 2 or Xs.shape[1] != len(bundle.genes):
         raise ValueError(
             f"expected a samples x {len(bundle.genes)} genes matrix, got shape {Xs.shape}"
         )
-    P, x_adv = generate_perturbed(bundle.generator, Xs)
     samples = [str(s) for s in samples] if samples is not None else [str(i) for i in range(len(Xs))]
-    if predict and len(Xs):
-        before, after = (
-            class_probabilities(bundle.target_model, Xs),
-            class_probabilities(bundle.target_model, x_adv),
-        )
+    # a NaN anywhere is an error naming the bundle, never "100% called the target" (the
+    # argmax of NaN probabilities is class 0)
+    require_finite(
+        Xs,
+        f"scaling the data for bundle {bundle.name!r}",
+        samples,
+        "the bundle's scaler is damaged or the data hold values too large",
+    )
+    P, x_adv = generate_perturbed(
+        bundle.generator, Xs, what=f"the generator of bundle {bundle.name!r}", samples=samples
+    )
+    if predict:
+        before = bundle.predict_proba(Xs, samples=samples)
+        after = bundle.predict_proba(x_adv, samples=samples)
     else:
-        before = after = np.zeros((len(Xs), len(bundle.classes) if predict else 0), np.float32)
+        before = after = np.zeros((len(Xs), 0), np.float32)
     return Perturbation(
         samples,
         list(bundle.genes),
@@ -233,37 +337,40 @@ def perturb_scaled(
 
 
 def perturb_adata(
-    bundle: Bundle,
     adata: ad.AnnData,
+    bundle: Bundle,
     *,
     layer: str | None = None,
     label_key: str | None = None,
     source: str = "data",
 ) -> Perturbation:
-    """Match genes by name, scale with the bundle's scaler, and perturb.
+    """Perturb every sample of ``adata``: genes matched by name, scaled with the bundle's
+    scaler (:meth:`tspg.bundle.Bundle.scale`); the result as a :class:`Perturbation`.
 
-    Labels are read from ``obs[label_key]`` (default: the bundle's label key, when present).
+    :func:`perturb` writes the same into AnnData slots.
+
+    Parameters
+    ----------
+    adata
+        Samples x genes, raw values.
+    bundle
+        A loaded bundle.
+    layer
+        Read ``adata.layers[layer]`` instead of ``X``.
+    label_key
+        Column of ``obs`` with each sample's class (default: the bundle's label key, when
+        present).
+    source
+        How error messages name the data.
     """
-    if layer is not None and layer not in adata.layers:
-        raise ValueError(f"{source}: no layer {layer!r}; layers are {list(adata.layers) or 'none'}")
-    X = align_genes(adata, bundle.genes, layer=layer, source=source)
-    if not np.isfinite(X).all():
-        i, j = map(int, np.argwhere(~np.isfinite(X))[0])
-        raise ValueError(
-            f"{source}: missing or infinite value at sample {adata.obs_names[i]!r}, gene {bundle.genes[j]!r}"
-        )
     if label_key is not None and label_key not in adata.obs:
-        raise ValueError(
+        raise UserError(
             f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}"
         )
+    Xs = bundle.scale(adata, layer=layer, source=source)
     key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
     labels = adata.obs[key].astype(str).to_numpy() if key else None
-    return perturb_scaled(
-        bundle,
-        bundle.scaler.transform(X, genes=bundle.genes, source=source),
-        adata.obs_names,
-        labels=labels,
-    )
+    return perturb_scaled(Xs, bundle, samples=adata.obs_names, labels=labels)
 
 
 def perturb(
@@ -324,10 +431,10 @@ def perturb(
       not the target (all samples when labels are unknown or all of the target), as arrays
     """
     if not copy and list(adata.var_names) != list(bundle.genes):
-        raise ValueError(
+        raise UserError(
             f"{source}: in-place perturbation needs exactly the bundle's genes in order; use copy=True"
         )
-    result = perturb_adata(bundle, adata, layer=layer, label_key=label_key, source=source)
+    result = perturb_adata(adata, bundle, layer=layer, label_key=label_key, source=source)
     out = adata[:, bundle.genes].copy() if copy else adata
     out.layers[f"{key_added}_x"] = result.x
     out.layers[f"{key_added}_perturbation"] = result.P
@@ -393,7 +500,7 @@ def _check_P(P: np.ndarray, genes: Sequence[str], k: int) -> tuple[np.ndarray, i
     if P.ndim != 2 or P.shape[1] != len(genes):
         raise ValueError(f"P has shape {P.shape}, expected samples x {len(genes)} genes")
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise UserError(f"k must be at least 1, got {k}")
     return P, min(int(k), P.shape[1])
 
 
@@ -458,7 +565,7 @@ def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
     """
     P, k = _check_P(P, genes, k)
     if len(P) == 0:
-        raise ValueError("no samples selected: the consensus needs at least one sample")
+        raise UserError("no samples selected: the consensus needs at least one sample")
     top = top_genes(P, genes, k=k)
     mean_P = P.mean(0, dtype=np.float64)
     names = np.asarray(genes, dtype=object)
@@ -527,7 +634,7 @@ def unique_top_genes(
         if c != exclude
     ]
     if not picks:
-        raise ValueError("no source class to sample from")
+        raise UserError("no source class to sample from")
     top = top_genes(P[picks], genes, k=k)
     return {
         "up": int(len(np.unique(top.up_index))),

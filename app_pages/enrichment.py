@@ -7,13 +7,16 @@ from pathlib import Path
 
 import streamlit as st
 
-import app_state as S
+from tspg import charts
+from tspg.app import loaders as L
+from tspg.app import render as R
+from tspg.app import state as S
+from tspg.app.views import command, data_arg, models_arg
+from tspg.enrichment import DEFAULT_LIBRARIES, EnrichrError
+from tspg.perturbation import consensus_top, top_genes
 
-bundle, data = S.page_start("Enrichment")
-sel, pert = S.page_perturbation(bundle, data)
-
-from tspg.enrichment import DEFAULT_LIBRARIES  # noqa: E402
-from tspg.perturb import consensus_top, top_genes  # noqa: E402
+bundle, data = R.page_start("Enrichment")
+sel, pert = R.page_perturbation(bundle, data)
 
 k = int(st.session_state.get(S.TOP_K, 20))
 whats = ["consensus", *pert.samples]
@@ -40,8 +43,8 @@ c[2].radio(
     horizontal=True,
     help="auto: Enrichr, or the offline GMT gene sets when Enrichr cannot be reached.",
 )
-with S.guard("Finding the offline gene-set files failed"):
-    gmt_options = S.offline_gmt_files(bundle)
+with R.guard("Finding the offline gene-set files failed"):
+    gmt_options = L.offline_gmt_files(bundle)
 offered = st.session_state.get(S.ENR_GMTS_OFFERED, [])
 chosen = st.session_state.get(S.ENR_GMTS, gmt_options)
 st.session_state[S.ENR_GMTS] = [
@@ -73,7 +76,7 @@ c[2].select_slider(
 
 what = st.session_state[S.ENR_WHAT]
 direction = st.session_state[S.ENR_DIRECTION]
-with S.guard("Ranking the genes failed"):
+with R.guard("Ranking the genes failed"):
     if what == "consensus":
         rows = pert.source_rows()
         lists = consensus_top(pert.P[rows], pert.genes, k=k)
@@ -91,8 +94,8 @@ threshold = float(st.session_state[S.ENR_THRESHOLD])
 if backend != "enrichr" and not gmt_files:
     st.warning("Pick at least one offline gene-set library: the offline backend needs one.")
     st.stop()
-with S.guard("Enrichment failed"):
-    table, attrs = S.enrichment(
+with R.guard("Enrichment failed", expected=(EnrichrError,)):
+    table, attrs = L.enrichment_table(
         up, down, tuple(bundle.genes), libraries, backend, gmt_files, threshold
     )
 
@@ -113,7 +116,7 @@ else:
         st.button(
             "Try Enrichr again",
             key="enr_retry",
-            on_click=S.enrichment.clear,
+            on_click=L.enrichment_table.clear,
             help="A fallback is kept for 5 minutes; this asks Enrichr now.",
         )
 for msg, directions in {
@@ -124,18 +127,16 @@ for msg, directions in {
 if table.empty:
     st.info("No gene set shares a gene with these lists.")
 else:
-    with S.guard("Drawing the enrichment chart failed"):
-        from tspg import charts
-
+    with R.guard("Drawing the enrichment chart failed"):
         st.markdown(
             f"The 10 terms with the smallest q per direction (dashed line: q = {threshold:g}, below which a term counts as significant)"
         )
-        S.show_chart(
+        R.show_chart(
             charts.enrichment_chart(table, q_threshold=threshold),
             f"enrichment-{bundle.name}-{what}",
             key="enrichment_chart",
         )
-S.show_table(
+R.show_table(
     table,
     f"enrichment-{bundle.name}-{what}",
     key="enrichment_table",
@@ -151,7 +152,7 @@ ids = (
     else [what]
 )
 left_out = [Path(f).stem for f in gmt_options if f not in gmt_files]
-S.reproduce(
+R.reproduce(
     {
         "bundle": bundle.name,
         "genes of": what,
@@ -170,16 +171,16 @@ S.reproduce(
         if left_out
         else ""
     )
-    + S.command(
+    + command(
         "tspg enrich",
         shlex.quote(bundle.name),
-        S.data_arg(bundle, data, optional=True),
+        data_arg(bundle, data, optional=True),
         "-o enrichment.csv",
         f"--direction {direction} --k {k} --threshold {threshold:g}",
         "--offline" if backend == "offline" else "",
         "--libraries",
         *map(shlex.quote, libraries),
-        S.models_arg(),
+        models_arg(L.models_root()),
         "--samples",
         *map(shlex.quote, ids),
     ),

@@ -8,9 +8,15 @@ import time
 
 import streamlit as st
 
-import app_state as S
+from tspg import charts
+from tspg.app import loaders as L
+from tspg.app import render as R
+from tspg.app import state as S
+from tspg.app.selection import map_class_options, map_classes_default, picked_map_classes
+from tspg.app.views import command, data_arg, models_arg
+from tspg.embedding import MAP_MAX_CLASSES, MAP_MAX_PER_CLASS, perturbation_map_frame
 
-bundle, data = S.page_start("Map")
+bundle, data = R.page_start("Map")
 labels = data.labels(bundle.label_key)
 if labels is None:
     st.error(
@@ -18,17 +24,16 @@ if labels is None:
     )
     st.stop()
 
-from tspg.embedding import MAP_MAX_CLASSES, MAP_MAX_PER_CLASS  # noqa: E402
-
-sel, pert = S.page_perturbation(bundle, data)
+sel, pert = R.page_perturbation(bundle, data)
 
 ss = st.session_state
-with S.guard("The map cannot be drawn for these data"):
-    options = S.map_class_options(bundle, labels)
-    shown = S.map_classes(bundle, labels, pert.labels)[
-        1:
-    ]  # (compared with the default of the last run)
-    ss[S.MAP_AUTO] = S.map_classes_default(bundle, labels, pert.labels)
+with R.guard("The map cannot be drawn for these data"):
+    options = map_class_options(labels, bundle.target)
+    # the classes shown (compared with the default of the last run, then remembered)
+    shown = picked_map_classes(
+        labels, bundle.target, pert.labels, ss.get(S.MAP_CLASSES), ss.get(S.MAP_AUTO)
+    )[1:]
+    ss[S.MAP_AUTO] = map_classes_default(labels, bundle.target, pert.labels)
     ss[S.MAP_CLASSES] = shown
 c1, c2 = st.columns([4, 1])
 c1.multiselect(
@@ -39,13 +44,15 @@ c1.multiselect(
     help="By default the source classes of the selection, then the most frequent others.",
 )
 c2.number_input("Seed", min_value=0, step=1, key=S.MAP_SEED)
-classes = S.map_classes(bundle, labels, pert.labels)
+classes = picked_map_classes(
+    labels, bundle.target, pert.labels, ss.get(S.MAP_CLASSES), ss.get(S.MAP_AUTO)
+)
 seed = int(ss[S.MAP_SEED])
 
-with S.guard("Fitting the t-SNE map failed"):
-    ref, ref_idx = S.reference_map(bundle, data, classes, seed)
-mkey = S.map_key(bundle, data, classes, seed)
-joint_id = (mkey, S.bundle_key(bundle), tuple(pert.samples))
+with R.guard("Fitting the t-SNE map failed"):
+    ref, ref_idx = L.reference_map(bundle, data, classes, seed)
+mkey = L.map_key(bundle, data, classes, seed)
+joint_id = (mkey, L.bundle_key(bundle), tuple(pert.samples))
 
 b1, b2, _ = st.columns([1, 1, 3])
 b1.button(
@@ -67,27 +74,17 @@ if is_joint:
     )
 
 start = time.perf_counter()
-with S.guard("Placing the perturbed samples failed"):
+with R.guard("Placing the perturbed samples failed"):
     if is_joint:
-        real_xy, new_xy = S.joint(ref_idx, mkey, bundle, data, pert, seed)
+        real_xy, new_xy = L.joint(ref_idx, mkey, bundle, data, pert, seed)
         shown_ref = dataclasses.replace(ref, coords=real_xy, embedding=None)
     else:
-        new_xy, shown_ref = S.placed(ref, mkey, bundle, pert), ref
+        new_xy, shown_ref = L.placed(ref, mkey, bundle, pert), ref
 seconds = time.perf_counter() - start
 
-with S.guard("Drawing the map failed"):
-    from tspg import charts
-    from tspg.embedding import map_frame
-
-    real_pred = S.real_predictions(bundle, data)[ref_idx]
-    frame = map_frame(
-        shown_ref,
-        new_xy,
-        new_samples=pert.samples,
-        new_source=pert.labels,
-        new_pred=pert.pred_after,
-        real_pred=real_pred,
-    )
+with R.guard("Drawing the map failed"):
+    real_pred = L.real_predictions(bundle, data)[ref_idx]
+    frame = perturbation_map_frame(shown_ref, pert, coords=new_xy, real_pred=real_pred)
     st.caption(
         f"Dots: {len(ref)} real samples of {len(set(ref.labels))} classes. Crosses: the selection's perturbed samples "
         f"({sel.description}), coloured by their source class, "
@@ -98,9 +95,9 @@ with S.guard("Drawing the map failed"):
         )
         + " Click a legend entry to highlight a class; hover a point for its sample, class and prediction."
     )
-    S.show_chart(charts.map_chart(frame), f"map-{bundle.name}", key="map_chart")
+    R.show_chart(charts.map_chart(frame), f"map-{bundle.name}", key="map_chart")
 
-S.show_table(
+R.show_table(
     frame,
     f"map-{bundle.name}",
     key="map_frame",
@@ -109,7 +106,7 @@ S.show_table(
     width="stretch",
     height=240,
 )
-S.reproduce(
+R.reproduce(
     {
         "bundle": bundle.name,
         "data": data.label,
@@ -121,16 +118,16 @@ S.reproduce(
         **ref.params,
     },
     ("# the reference map (the joint fit has no command)\n" if is_joint else "")
-    + S.command(
+    + command(
         "tspg map",
         shlex.quote(bundle.name),
-        S.data_arg(bundle, data, optional=True),
+        data_arg(bundle, data, optional=True),
         "-o map.csv",
         "--classes",
         *map(shlex.quote, classes),
         f"--n-per-class {MAP_MAX_PER_CLASS} --seed {seed}",
         "--samples",
         *map(shlex.quote, pert.samples),
-        S.models_arg(),
+        models_arg(L.models_root()),
     ),
 )

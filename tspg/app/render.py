@@ -1,0 +1,151 @@
+"""What every page draws the same way: the error guard, charts and tables with downloads,
+the "parameters and equivalent command" box, and the start of each analysis page."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pandas as pd
+import streamlit as st
+
+from .. import charts
+from ..errors import UserError
+from . import loaders as L
+
+__all__ = [
+    "frame_csv",
+    "guard",
+    "page_perturbation",
+    "page_start",
+    "reproduce",
+    "show_chart",
+    "show_table",
+]
+
+logger = logging.getLogger("tspg.app")
+
+
+@contextmanager
+def guard(what: str, *, expected: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Run a backend step; on failure show a message on the page and stop it.
+
+    A :class:`tspg.errors.UserError` (or one of ``expected``) is the user's to fix: its
+    message. Anything else is a bug in tspg: said so, with the traceback in the server log;
+    never a traceback on the page.
+    """
+    try:
+        yield
+    except L.Waiting as msg:
+        st.info(str(msg))
+        st.stop()
+    except (UserError, *expected) as err:
+        logger.info("%s: %s", what, err)
+        st.error(f"{what}: {err}")
+        st.stop()
+    except Exception as err:
+        logger.exception("%s: a bug in tspg", what)
+        st.error(
+            f"{what}: an internal error in tspg ({type(err).__name__}: {err}). "
+            "Please report it; the details are in the server's log."
+        )
+        st.stop()
+
+
+def page_start(title: str):
+    """Every analysis page's start: the title, the sidebar's bundle and data.
+
+    Stops the page with a message when there is no bundle or the data cannot be used.
+    """
+    st.title(title)
+    with guard("Loading the bundle failed"):
+        bundle = L.current_bundle()
+    if bundle is None:
+        st.info("No trained generator yet: train the demo on the Home page.")
+        st.stop()
+    with guard("The chosen data cannot be used"):
+        data = L.current_data(bundle)
+        L.check_genes(bundle, data)
+    return bundle, data
+
+
+def page_perturbation(bundle, data):
+    """The Perturb page's sample selection and its perturbation (stops the page when it is empty)."""
+    with guard("Selecting samples failed"):
+        sel = L.current_selection(bundle, data)
+    if not sel.samples:
+        st.warning("No samples selected: pick some on the Perturb page.")
+        st.stop()
+    with guard("Perturbation failed"):
+        pert = L.perturbation(bundle, data, sel.samples)
+    return sel, pert
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "chart"
+
+
+def show_chart(chart, name: str, *, key: str | None = None, on_select=None, selection_mode=None):
+    """``st.altair_chart`` plus SVG and PNG downloads (rendered only when clicked)."""
+    kw = {"on_select": on_select, "selection_mode": selection_mode} if on_select else {}
+    # Streamlit fits a chart into its given height (axes included) unless told to pad: small
+    # charts (a few bars, a short heatmap) would be squashed. Drawn at the builder's size.
+    result = st.altair_chart(chart.properties(autosize="pad"), width="content", key=key, **kw)
+    fname = _slug(name)
+    row = st.container(horizontal=True)
+    row.download_button(
+        "SVG",
+        lambda: charts.chart_to_svg(chart),
+        file_name=f"{fname}.svg",
+        mime="image/svg+xml",
+        key=f"svg-{key or fname}",
+        on_click="ignore",
+        icon=":material/download:",
+    )
+    row.download_button(
+        "PNG",
+        lambda: charts.chart_to_png(chart),
+        file_name=f"{fname}.png",
+        mime="image/png",
+        key=f"png-{key or fname}",
+        on_click="ignore",
+        icon=":material/download:",
+    )
+    return result
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _csv(df: pd.DataFrame, index: bool) -> bytes:
+    return df.to_csv(index=index).encode()
+
+
+def show_table(
+    df: pd.DataFrame, name: str, *, key: str | None = None, index: bool = True, **kw
+) -> None:
+    """``st.dataframe`` plus a CSV download."""
+    st.dataframe(df, **kw)
+    st.download_button(
+        "CSV",
+        _csv(df, index),
+        file_name=f"{_slug(name)}.csv",
+        mime="text/csv",
+        key=f"csv-{key or _slug(name)}",
+        on_click="ignore",
+        icon=":material/download:",
+    )
+
+
+def frame_csv(make: Callable[[], pd.DataFrame], *, index: bool = True) -> Callable[[], bytes]:
+    """A callable for a deferred CSV download of the frame ``make()`` builds."""
+    return lambda: make().to_csv(index=index).encode()
+
+
+def reproduce(params: dict, command: str, *, python: str | None = None) -> None:
+    """The page's parameters and the equivalent command, in a closed expander (long lists of
+    samples or genes start folded; long commands wrap)."""
+    with st.expander("Parameters and the equivalent command"):
+        st.json(params, expanded=1)
+        st.code(command, language="bash", wrap_lines=True)
+        if python:
+            st.code(python, language="python", wrap_lines=True)

@@ -1,0 +1,136 @@
+"""What the pages show, assembled from tspg's results: pure functions, no streamlit.
+
+Frames for the charts, labels for pickers, and the "equivalent command" of a page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+
+import numpy as np
+import pandas as pd
+
+from ..charts import gene_distribution_frame
+from ..charts import heatmap_frame as _heatmap_frame
+from ..datasets import DEMO_NAME
+from ..embedding import map_frame
+from ..errors import UserError
+from .selection import Data
+
+__all__ = [
+    "bundle_label",
+    "cache_key",
+    "command",
+    "data_arg",
+    "demo_epochs",
+    "gene_frames",
+    "heatmap_frame",
+    "is_demo",
+    "models_arg",
+    "own_dataset_hint",
+    "scaler_key",
+]
+
+
+def is_demo(manifest: dict) -> bool:
+    """Whether a bundle was trained on the demo data (the only dataset tspg can find itself)."""
+    return manifest["dataset"]["name"] == DEMO_NAME
+
+
+def bundle_label(name: str, manifest: dict) -> str:
+    """A bundle as the picker shows it: target, dataset, gene set, then its folder name."""
+    return f"{manifest['target']} · {manifest['dataset']['name']} · gene set {manifest['gene_set']['name']} · {name}"
+
+
+def own_dataset_hint(manifest: dict) -> str:
+    """Where to find a bundle's own dataset (for a bundle that is not the demo's)."""
+    ds = manifest["dataset"]
+    n = f" ({ds['n_samples']} samples)" if ds.get("n_samples") else ""
+    return (
+        f"{manifest['name']} was trained on {ds['name']}{n}, which is not stored with the bundle: upload that .h5ad file "
+        "in the sidebar to perturb its held-out samples (it is recognised by its fingerprint), or choose other data."
+    )
+
+
+def demo_epochs(raw) -> int | None:
+    """The demo's generator epochs from a setting (session or ``$TSPG_DEMO_EPOCHS``); None
+    when unset, UserError when it is not a whole number of at least 1."""
+    if raw is None or raw == "":
+        return None
+    try:
+        epochs = int(raw)
+    except ValueError:
+        raise UserError(f"TSPG_DEMO_EPOCHS={raw!r} is not a whole number of epochs") from None
+    if epochs < 1:
+        raise UserError(f"TSPG_DEMO_EPOCHS={raw!r}: the demo needs at least 1 epoch")
+    return epochs
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def heatmap_frame(pert, target_mean, *, n_genes: int) -> pd.DataFrame:
+    """:func:`tspg.charts.heatmap_frame` of a perturbation: one sample, or the mean x, P and
+    x_adv of a selection; the target mean column empty (NaN) when ``target_mean`` is None."""
+    tm = np.full(len(pert.genes), np.nan) if target_mean is None else target_mean
+    return _heatmap_frame(
+        pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tm, n_genes=n_genes
+    )
+
+
+def gene_frames(ref, coords, pert, Xs, rows, labels, gene: str) -> dict[str, pd.DataFrame]:
+    """One gene's scaled expression for ``charts.gene_map_chart`` (``"map"``: the map frame
+    with ``value``) and ``charts.gene_distribution_chart`` (``"distribution"``: every real
+    sample by class, and the perturbed samples by source class).
+
+    ``ref``/``rows``: the reference map and its rows in ``Xs`` (the data, scaled);
+    ``coords``: the perturbed samples' places on it; ``labels``: every sample's class.
+    """
+    j = list(pert.genes).index(gene)
+    frame = map_frame(ref, coords, new_samples=pert.samples, new_source=pert.labels)
+    frame["value"] = np.concatenate([Xs[rows, j], pert.x_adv[:, j]])
+    dist = gene_distribution_frame(labels, Xs[:, j], pert.labels, pert.x_adv[:, j])
+    return {"map": frame, "distribution": dist}
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def command(*parts: str) -> str:
+    """A command line from its parts, empty parts (an omitted DATA) left out."""
+    return " ".join(p for p in parts if p)
+
+
+def data_arg(bundle, data: Data, *, optional: bool) -> str:
+    """The DATA argument of a ``tspg`` command for ``data`` ("" where the command finds it itself)."""
+    if data.key == "demo" or (data.own and is_demo(bundle.manifest)):
+        return "" if optional else "demo.h5ad"
+    if data.key.startswith("upload:"):
+        return shlex.quote(str(data.adata.uns.get("tspg_import", {}).get("source", "upload.h5ad")))
+    return shlex.quote(f"{bundle.manifest['dataset']['name']}.h5ad")
+
+
+def models_arg(root) -> str:
+    """``--models ROOT``."""
+    return f"--models {shlex.quote(str(root))}"
+
+
+# ----------------------------------------------------------------------------- cache keys
+
+
+def cache_key(*parts) -> str:
+    """A short hash of plain values (cache keys of maps)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def scaler_key(bundle) -> str:
+    """Names the bundle's gene set and scaling (bundles that share them share a map)."""
+    s = bundle.manifest["scaler"]
+    return cache_key(
+        tuple(bundle.genes), tuple(np.round(s["minimum"], 6)), tuple(np.round(s["range"], 6))
+    )
