@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -450,3 +451,15 @@ def test_an_interrupted_sweep_writes_what_finished(gem, client, tmp_path):
     assert not list(tmp_path.glob(".sweep-*"))  # the staging folder is gone
     while client.processing() and any(client.processing().values()):  # let cancelled tasks end
         time.sleep(0.1)
+
+
+def test_sweep_help_imports_neither_torch_nor_dask():
+    code = (
+        "import sys, contextlib, io\n"
+        "from tspg.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['sweep', '--help'])\n"
+        "heavy = [m for m in ('torch', 'anndata', 'pandas', 'distributed') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
