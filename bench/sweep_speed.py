@@ -230,6 +230,11 @@ def main() -> int:
         c.run(warm)
     warm_up = time.perf_counter() - t0
     warm()  # this process too, for the loop
+    # the idle cluster's own CPU use (heartbeats, monitors): part of the engine's cost,
+    # which grows with the wall time (and so with a busy machine)
+    before, t1 = cluster_cpu(clients[1]), time.perf_counter()
+    time.sleep(10)
+    idle_rate = (cluster_cpu(clients[1]) - before) / (time.perf_counter() - t1)
 
     settings = [("loop", None, 1), ("sweep", 1, 1), ("sweep", 2, 1)]
     if args.two_threads:
@@ -339,6 +344,10 @@ def main() -> int:
         f"the same in CPU seconds (all processes of the sweep, less sensitive to a busy "
         f"machine): {over_cpu:.2f} s = {100 * over_cpu / per_gen_cpu:.1f}% of the loop's "
         f"{per_gen_cpu:.2f} CPU s per generator"
+    )
+    print(
+        f"of which the idle cluster's background CPU ({idle_rate:.3f} CPU s per wall s, "
+        f"times the sweep's wall time): {idle_rate * med[one] / n_gen:.2f} s per generator"
     )
     print(f"cluster start and worker warm-up (not in the times above): {warm_up:.1f} s")
 
