@@ -310,8 +310,18 @@ def _train(args, parser, start: float) -> int:
         print(
             f"  perturbation accuracy (held-out): all {m['perturbation_accuracy']:.3f}, non-target {'n/a' if non_target is None else f'{non_target:.3f}'} (n={m['n_test_non_target']})"
         )
+        _print_verdict(b.manifest.get("verdict"), indent="  ")
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _print_verdict(verdict: dict | None, *, indent: str = "", **kwargs) -> None:
+    """Print a verdict (tspg.verdict.verdict_lines); nothing for a bundle without one."""
+    from .verdict import verdict_lines
+
+    if verdict:
+        for line in verdict_lines(verdict, **kwargs):
+            print(indent + line)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -669,13 +679,14 @@ def _perturb(args, parser) -> int:
             out / "perturbed.csv", float_format="%.6g"
         )
         result.predictions_df().to_csv(out / "predictions.csv")
+        verdict = _write_verdict_json(bundle, result, out / "verdict.json")
         top_genes_df(result, k=args.k).to_csv(out / "top_genes.csv", index=False)
         consensus(result.P[result.source_rows()], bundle.genes, k=args.k).to_csv(
             out / "consensus.csv", index=False
         )
         pred_after, labels = result.pred_after, result.labels
         print(
-            f"wrote {out}/: perturbation.csv, perturbed.csv, predictions.csv, top_genes.csv, consensus.csv"
+            f"wrote {out}/: perturbation.csv, perturbed.csv, predictions.csv, top_genes.csv, consensus.csv, verdict.json"
         )
     else:
         if out.suffix.lower() != ".h5ad":
@@ -684,10 +695,11 @@ def _perturb(args, parser) -> int:
             adata, bundle, label_key=label_key, k=args.k, source=str(args.data), copy=True
         )
         write_gem(result, out)
+        verdict = result.uns["tspg"]["verdict"]
         pred_after = result.obs["tspg_pred_after"].astype(str).to_numpy()
         labels = result.obs[label_key].astype(str).to_numpy() if label_key else None
         print(
-            f"wrote {out}: layers tspg_x, tspg_perturbation, tspg_perturbed; obs tspg_pred_before/after; uns['tspg'] (top genes, consensus)"
+            f"wrote {out}: layers tspg_x, tspg_perturbation, tspg_perturbed; obs tspg_pred_before/after; uns['tspg'] (top genes, consensus, verdict)"
         )
     n_target = int((pred_after == bundle.target).sum())
     print(
@@ -697,7 +709,19 @@ def _perturb(args, parser) -> int:
         table = perturbation_accuracy_table(pred_after, labels, bundle.target)
         print("perturbation accuracy by source class:")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    _print_verdict(verdict, only=("fail", "caution"))
     return 0
+
+
+def _write_verdict_json(bundle, result, path: Path) -> dict:
+    """The selection's verdict (tspg.verdict.selection_verdict), written as JSON; returned."""
+    import json
+
+    from .verdict import selection_verdict
+
+    verdict = selection_verdict(bundle, result)
+    path.write_text(json.dumps(verdict, indent=1, allow_nan=False))
+    return verdict
 
 
 def _evaluate(args, parser) -> int:
@@ -732,6 +756,8 @@ def _evaluate(args, parser) -> int:
         f"\nconsensus top-{tg['k']} up genes (held-out non-target samples): {', '.join(tg['consensus_up'])}"
     )
     print(f"consensus top-{tg['k']} down genes: {', '.join(tg['consensus_down'])}")
+    print()
+    _print_verdict(result["verdict"], figures=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))
         print(f"wrote {args.json}")

@@ -104,6 +104,8 @@ class Perturbation:
     proba_before: np.ndarray  # (samples, classes)
     proba_after: np.ndarray
     labels: np.ndarray | None = field(default=None)
+    # how the data fit the bundle (tspg.verdict.data_fit_figures), when read from raw data
+    data_fit: dict | None = field(default=None)
 
     @property
     def predicted(self) -> bool:
@@ -258,11 +260,28 @@ def perturb_adata(
         )
     key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
     labels = adata.obs[key].astype(str).to_numpy() if key else None
-    return perturb_scaled(
+    result = perturb_scaled(
         bundle,
         bundle.scaler.transform(X, genes=bundle.genes, source=source),
         adata.obs_names,
         labels=labels,
+    )
+    result.data_fit = _data_fit(bundle, X)
+    return result
+
+
+def _data_fit(bundle: Bundle, X: np.ndarray) -> dict:
+    """How raw, gene-aligned ``X`` fits the bundle (for the verdict's data-fit check)."""
+    from .verdict import data_fit_figures, outside_range
+
+    fit = outside_range(X, bundle.scaler)
+    worst = fit["worst_gene"]
+    return data_fit_figures(
+        n_genes=len(bundle.genes),
+        n_samples=len(X),
+        outside_share=fit["outside_share"],
+        worst_gene=None if worst is None else str(bundle.genes[worst]),
+        worst_gene_share=fit["worst_gene_share"],
     )
 
 
@@ -322,11 +341,15 @@ def perturb(
     - ``uns[key_added]["consensus"]``: the columns of :func:`consensus` (``gene``,
       ``direction``, ``count``, ``frequency``, ``mean_P``) over the samples whose label is
       not the target (all samples when labels are unknown or all of the target), as arrays
+    - ``uns[key_added]["verdict"]``: :func:`tspg.verdict.selection_verdict`: the bundle's
+      stored verdict plus how these samples moved and how the data fit the bundle
     """
     if not copy and list(adata.var_names) != list(bundle.genes):
         raise ValueError(
             f"{source}: in-place perturbation needs exactly the bundle's genes in order; use copy=True"
         )
+    from .verdict import selection_verdict
+
     result = perturb_adata(bundle, adata, layer=layer, label_key=label_key, source=source)
     out = adata[:, bundle.genes].copy() if copy else adata
     out.layers[f"{key_added}_x"] = result.x
@@ -360,6 +383,7 @@ def perturb(
             c: (cons[c].to_numpy().astype(str) if cons[c].dtype == object else cons[c].to_numpy())
             for c in cons.columns
         },
+        "verdict": selection_verdict(bundle, result),
     }
     return out if copy else None
 
