@@ -297,10 +297,27 @@ def test_grade_healthy_figures_ok_and_each_rule_trips():
     farther = grade(heldout=_heldout(energy_distance={"perturbed": 1.6}))
     assert (
         _levels(farther)["realism"] == "fail"
-        and "farther" in farther["checks"]["realism"]["reason"]
+        and "no nearer" in farther["checks"]["realism"]["reason"]
     )
     halfway = grade(heldout=_heldout(energy_distance={"perturbed": 1.2}))
     assert _levels(halfway)["realism"] == "caution"
+    # when even the mean shift gets no nearer, the reference cannot judge (too few / no target)
+    blind = grade(heldout=_heldout(energy_distance={"perturbed": 1.6, "mean_shift": 1.55}))
+    assert _levels(blind)["realism"] == "caution"
+    assert "cannot judge" in blind["checks"]["realism"]["reason"]
+    unrecognised = grade(
+        heldout=_heldout(
+            independent_classifiers={
+                "logistic_regression": {
+                    "target_share_perturbed": 1.0,
+                    "target_share_real_target": 0.0,
+                },
+                "knn_15": {"target_share_perturbed": 0.9, "target_share_real_target": 0.25},
+            }
+        )
+    )
+    assert _levels(unrecognised)["agreement"] == "caution"
+    assert "do not recognise the real" in unrecognised["checks"]["agreement"]["reason"]
     disagree = grade(
         heldout=_heldout(
             independent_classifiers={

@@ -231,10 +231,14 @@ def _target_model(tm: Mapping, t: str) -> dict:
     }
     skills = [_skill(recall, chance), _skill(precision if n_called else 0.0, prevalence)]
     skill = min(s for s in skills if _finite(s)) if any(_finite(s) for s in skills) else math.nan
-    what = (
-        f"recognises {_count(recall, n_t)} of {n_t} held-out {t} samples (recall {_f(recall)}, "
-        f"a guess {_f(chance)}); {_f(precision)} of those it calls {t} are (a guess {_f(prevalence)})"
-    )
+    what = f"recognises {_count(recall, n_t)} of {n_t} held-out {t} samples (recall {_f(recall)}; a guess: {_f(chance)})"
+    if n_called:
+        what += (
+            f"; of the {n_called} it calls {t}, {_count(precision, n_called)} are "
+            f"(precision {_f(precision)}; a guess: {_f(prevalence)})"
+        )
+    elif n_called == 0:
+        what += f" and calls no held-out sample {t}"
     if not _finite(skill):
         return _check(
             "target_model",
@@ -391,7 +395,7 @@ def _realism(ed: Mapping, samples: Mapping, t: str) -> dict:
         return _check(
             "realism",
             "fail",
-            f"x_adv lands farther from the real {t} samples than where the samples started ({text})",
+            f"x_adv lands no nearer the real {t} samples than where the samples started ({text})",
             figures,
         )
     if _finite(progress) and progress < PROGRESS_CAUTION:
@@ -532,9 +536,15 @@ def _data_fit(d: Mapping) -> dict:
         )
     parts = []
     if outside > OUTSIDE_CAUTION:
+        worst = d.get("worst_gene")
+        most = (
+            f"; most: gene {worst} ({100 * float(d['worst_gene_share']):.0f}% of its values)"
+            if worst is not None and d.get("worst_gene_share") is not None
+            else ""
+        )
         parts.append(
             f"{100 * outside:.0f}% of the values fall outside the training range and are clipped "
-            "(other units or another normalisation?)"
+            f"(other units or another normalisation?{most})"
         )
     if gene_share > GENES_CAUTION:
         parts.append(
