@@ -13,10 +13,13 @@ Prints Markdown tables:
    classes and 10,000 genes (80 samples), where its generator collapses, next to tspg+.
 4. ``timing``: ``tspg-train --demo`` (CD14+ Monocyte) a few times: training seconds and
    the seconds the verdict adds.
+5. ``large`` (not in the default run): the seconds of the training-time verdict on a
+   GTEx-sized GEM, where it grades seeded subsamples.
 
     python bench/verdicts.py                       # everything, one thread (~6 min quiet)
     python bench/verdicts.py --cases demo bad      # some of it
     python bench/verdicts.py --models /tmp/vm      # keep the demo bundles; reuse them next time
+    python bench/verdicts.py --cases large         # the verdict's cost at GTEx size
 """
 
 from __future__ import annotations
@@ -209,6 +212,54 @@ def timing(adata, runs: int) -> None:
     )
 
 
+def large(n_samples: int, n_genes: int, n_classes: int) -> None:
+    """Seconds of the training-time verdict on a GTEx-sized GEM (untrained networks: the
+    cost of grading does not depend on what the networks learned)."""
+    from tspg.bundle import new_manifest
+    from tspg.metrics import fit_classifiers, stratified_subsample
+    from tspg.nets import Discriminator, Generator, TargetClassifier
+    from tspg.pipeline import prepare
+    from tspg.verdict import MAX_HELDOUT, MAX_TRAIN, heldout_verdict
+
+    print(
+        f"## The training-time verdict on {n_samples:,} samples x {n_genes:,} genes, {n_classes} classes\n"
+    )
+    adata = synthetic_gem(n_samples, n_genes, n_classes, seed=0)
+    prep = prepare(adata, label_key="label", dataset="synthetic")
+    names = np.asarray(prep.classes, dtype=object)
+    tr, te = prep.train_idx, prep.test_idx
+    ytr, yte = names[prep.y[tr]], names[prep.y[te]]
+    target = prep.classes[0]
+    torch.manual_seed(0)
+    manifest = new_manifest(
+        name="large",
+        classes=prep.classes,
+        target=target,
+        genes=prep.genes,
+        config=TrainConfig().to_dict(),
+        target_mean=prep.X[tr][ytr == target].mean(0).tolist(),
+    )
+    bundle = Bundle(
+        manifest,
+        Generator(n_genes).eval(),
+        Discriminator(n_genes).eval(),
+        TargetClassifier(n_genes, n_classes).eval(),
+    )
+    print("| step | seconds | samples |")
+    print("|---|---|---|")
+    start = time.perf_counter()
+    fit = stratified_subsample(ytr, MAX_TRAIN)
+    classifiers = fit_classifiers(prep.X[tr][fit], ytr[fit])
+    print(
+        f"| fit the classifiers | {time.perf_counter() - start:.1f} | {len(fit)} of {len(tr)} training |"
+    )
+    start = time.perf_counter()
+    heldout_verdict(bundle, prep.X[tr], ytr, prep.X[te], yte, classifiers=classifiers)
+    print(
+        f"| grade the held-out split | {time.perf_counter() - start:.1f} | {min(MAX_HELDOUT, len(te))} of {len(te)} held-out |\n"
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,6 +269,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--collapse-genes", type=int, default=10_000)
     p.add_argument("--timing-runs", type=int, default=3)
+    p.add_argument(
+        "--large",
+        default="11688,4386,53",
+        help="samples,genes,classes of the 'large' case (GTEx-sized by default)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)\n")
@@ -232,6 +288,8 @@ def main(argv=None) -> int:
         collapse(args.collapse_genes)
     if "timing" in args.cases:
         timing(adata, args.timing_runs)
+    if "large" in args.cases:
+        large(*(int(x) for x in args.large.split(",")))
     return 0
 
 

@@ -18,6 +18,7 @@ A verdict is a plain JSON-able dict::
 
     {"level": "ok" | "caution" | "fail",        # the worst check
      "summary": "one line",
+     "target": "the target class" or None,
      "checks": {name: {"title": ..., "level": ..., "reason": "one line in plain words",
                        "scope": "held-out" | "selection" | "seeds",
                        "figures": {key: {"label": ..., "value": number, "n": samples}}}},
@@ -114,7 +115,7 @@ def grade(
         The bundle's training config (``manifest["config"]``): says why a generator of the
         paper's recipe collapsed.
     target
-        The target class, named in the reasons (default: the one in ``heldout``, if any).
+        The target class, named in the reasons (default: the stored verdict's, if any).
 
     Returns
     -------
