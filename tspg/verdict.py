@@ -335,14 +335,14 @@ def _agreement(clf: Mapping, samples: Mapping, t: str) -> dict:
         figures[f"{name}_real_target"] = _fig(f"{label}: real target samples called it", real, n_t)
         if not (_finite(pert) and _finite(real)):
             continue
-        parts.append(f"{label} {_f(pert)} (real {t} samples {_f(real)})")
+        parts.append(f"{label} {_f(pert)} / {_f(real)}")
         if real >= REAL_RECOGNISED_MIN:
             ratios[name] = pert / real
         else:
             weak.append(label)
     if not parts:
         return _check("agreement", "caution", f"no held-out {t} sample to compare with", figures)
-    text = "share called the target: " + ", ".join(parts)
+    text = f"share of x_adv / of the real {t} samples called {t}: " + ", ".join(parts)
     if not ratios:
         return _check(
             "agreement",
@@ -356,10 +356,10 @@ def _agreement(clf: Mapping, samples: Mapping, t: str) -> dict:
     elif any(r < AGREEMENT_CAUTION for r in ratios.values()):
         level, reason = "caution", f"independent classifiers partly disagree: {text}"
     else:
-        level, reason = "ok", f"x_adv {text}"
+        level, reason = "ok", text
     if weak and level == "ok":
         level = "caution"
-        reason += f"; {' and '.join(weak)} recognise(s) fewer than half the real {t} samples, so says little"
+        reason += f"; {' and '.join(weak)} recognise fewer than half the real {t} samples, which weakens the comparison"
     return _check("agreement", level, reason, figures)
 
 
