@@ -539,13 +539,13 @@ def _data_fit(d: Mapping) -> dict:
     if outside > OUTSIDE_CAUTION:
         worst = d.get("worst_gene")
         most = (
-            f"; most: gene {worst} ({100 * float(d['worst_gene_share']):.0f}% of its values)"
+            f" (most: gene {worst}, {100 * float(d['worst_gene_share']):.0f}% of its values)"
             if worst is not None and d.get("worst_gene_share") is not None
             else ""
         )
         parts.append(
-            f"{100 * outside:.0f}% of the values fall outside the training range and are clipped "
-            f"(other units or another normalisation?{most})"
+            f"{100 * outside:.0f}% of the values fall outside the training range and are "
+            f"clipped{most}: other units or another normalisation?"
         )
     if gene_share > GENES_CAUTION:
         parts.append(
