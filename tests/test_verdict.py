@@ -469,3 +469,14 @@ def test_bundle_without_a_stored_verdict_grades_the_selection_only(quick_bundle)
     v = selection_verdict(b, perturb_adata(b, make_tiny_adata()))
     assert set(v["checks"]) == {"moved_selection", "data_fit"} and v["level"] == "ok"
     assert not math.isnan(v["checks"]["moved_selection"]["figures"]["reach"]["value"])
+
+
+def test_target_margin_is_the_logit_gap():
+    from tspg.metrics import target_margin
+
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0], [40.0, 0.0, 0.0]])
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(target_margin(proba, 0), [0.0, 3.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(target_margin(proba, 2), [3.0, 2.0, 40.0], atol=1e-6)
+    # a probability that underflowed to 0 caps the margin instead of giving infinity
+    assert math.isfinite(target_margin(np.array([[1.0, 0.0]], np.float32), 1)[0])
