@@ -256,7 +256,7 @@ def large(n_samples: int, n_genes: int, n_classes: int) -> None:
     start = time.perf_counter()
     heldout_verdict(bundle, prep.X[tr], ytr, prep.X[te], yte, classifiers=classifiers)
     print(
-        f"| grade the held-out split | {time.perf_counter() - start:.1f} | {min(MAX_HELDOUT, len(te))} of {len(te)} held-out |\n"
+        f"| grade the held-out split | {time.perf_counter() - start:.1f} | at most {MAX_HELDOUT} source and {MAX_HELDOUT} target of {len(te)} held-out scored |\n"
     )
 
 

@@ -222,12 +222,15 @@ def test_heldout_figures_by_hand(quick_bundle):
     assert mv["mean_abs_P"] == pytest.approx(np.abs(res.P[non]).mean(), rel=1e-6)
     gap = np.abs(quick_bundle.target_mean - res.x[non]).mean()
     assert mv["reach"] == pytest.approx(mv["mean_abs_P"] / gap, rel=1e-6)
-    # capped: a stratified subsample, and the counts say so
+    # capped: stratified subsamples for the classifiers and the energy distances, and the
+    # counts say so; the target model's figures still rest on every held-out sample
     small = heldout_figures(quick_bundle, Xtr, ytr, Xte, yte, ids, max_train=24, max_heldout=6)
-    assert small["samples"]["heldout_graded"] == 6 and small["samples"]["classifier_train"] == 24
-    assert small["samples"]["heldout_target"] == 2
+    assert small["samples"]["classifier_train"] == 24
+    assert (small["samples"]["graded_source"], small["samples"]["graded_target"]) == (6, 4)
+    assert small["target_model"] == fig["target_model"] and small["movement"] == fig["movement"]
     v = grade(heldout=small, target="beta")
-    assert "subsample of 6 of 12" in v["checks"]["sample_size"]["reason"]
+    assert "subsample of 10 of 12 held-out samples" in v["checks"]["sample_size"]["reason"]
+    assert v["checks"]["realism"]["figures"]["perturbed"]["n"] == 6
 
 
 # ----------------------------------------------------------------------------- grading rules

@@ -390,26 +390,31 @@ def heldout_arrays(
     seed
         Seed of the classifiers and of the subsamples.
     max_train, max_heldout
-        At most about this many training samples fit the classifiers and this many
-        held-out samples are graded (seeded, stratified subsamples; None: all). The
-        figures' sample counts say what was used.
+        At most about this many training samples fit the classifiers, and this many
+        held-out source and this many held-out target samples are scored by them and by
+        the energy distances (seeded, stratified subsamples; None: all); the target
+        model's figures and the movement use every held-out sample. ``samples`` in the
+        figures says what was used.
     """
     target = bundle.target
     ytr = np.asarray(ytr, dtype=object).astype(str)
     yte = np.asarray(yte, dtype=object).astype(str)
-    n_train, n_heldout = len(ytr), len(yte)
-    keep = stratified_subsample(yte, max_heldout, seed=seed)
-    Xte, yte = np.asarray(Xte)[keep], yte[keep]
-    samples = None if samples is None else [str(s) for s in np.asarray(samples)[keep]]
+    Xte = np.asarray(Xte)
     pert = perturb_scaled(bundle, Xte, samples, labels=yte)
     is_t, non = yte == target, yte != target
+    # the classifiers' shares and the energy distances (O(n^2)) on at most max_heldout
+    # source and max_heldout target samples; everything else on the whole split
+    t_idx, s_idx = np.flatnonzero(is_t), np.flatnonzero(non)
+    t_idx = t_idx[stratified_subsample(yte[t_idx], max_heldout, seed=seed)]
+    s_idx = s_idx[stratified_subsample(yte[s_idx], max_heldout, seed=seed)]
+    graded = np.sort(np.concatenate([t_idx, s_idx]))
     shifts = class_perturbations(Xtr, ytr, target, genes=bundle.genes)
     sets = {
-        "perturbed": pert.x_adv[non],
-        "unperturbed": Xte[non],
-        "mean_shift": mean_shift_perturb(Xte[non], yte[non], shifts),
+        "perturbed": pert.x_adv[s_idx],
+        "unperturbed": Xte[s_idx],
+        "mean_shift": mean_shift_perturb(Xte[s_idx], yte[s_idx], shifts),
     }
-    real_t = Xte[is_t]
+    real_t = Xte[t_idx]
     target_mean = bundle.target_mean
     if target_mean is None and (ytr == target).any():
         target_mean = Xtr[ytr == target].mean(0)
@@ -417,16 +422,17 @@ def heldout_arrays(
         fit = stratified_subsample(ytr, max_train, seed=seed)
         classifiers = fit_classifiers(np.asarray(Xtr)[fit], ytr[fit], seed=seed)
     # samples the classifiers were fit on (the k-NN remembers them)
-    n_fit = max(getattr(m, "n_samples_fit_", 0) for m in classifiers.values()) or n_train
+    n_fit = max(getattr(m, "n_samples_fit_", 0) for m in classifiers.values()) or len(ytr)
     before, after = pert.pred_before, pert.pred_after
     margin = target_margin(pert.proba_before[non], bundle.target_index)
     figures = {
         "samples": {
-            "train": n_train,
-            "heldout": n_heldout,
+            "train": len(ytr),
+            "heldout": len(yte),
             "heldout_target": int(is_t.sum()),
             "heldout_source": int(non.sum()),
-            "heldout_graded": int(len(yte)),
+            "graded_target": len(t_idx),
+            "graded_source": len(s_idx),
             "classifier_train": n_fit,
         },
         "target_model": {
@@ -437,7 +443,9 @@ def heldout_arrays(
         "movement": movement_figures(
             pert.P[non], Xte[non], target_mean, before[non], after[non], target
         ),
-        "independent_classifiers": classifier_shares(classifiers, Xte, yte, sets, real_t, target),
+        "independent_classifiers": classifier_shares(
+            classifiers, Xte[graded], yte[graded], sets, real_t, target
+        ),
         "energy_distance": {s: energy_distance(X, real_t) for s, X in sets.items()},
     }
     return HeldOut(pert, Xte, yte, shifts, sets, real_t, _plain(figures))
