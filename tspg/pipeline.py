@@ -358,7 +358,7 @@ def _store_verdict(bundle: Bundle, prep: Prepared, classifiers: dict | None) -> 
         [prep.samples[i] for i in te],
         classifiers=classifiers,
     )
-    bundle.manifest["metrics"]["verdict_seconds"] = time.perf_counter() - start
+    bundle.manifest["metrics"]["train_seconds_verdict"] = time.perf_counter() - start
     return classifiers
 
 
