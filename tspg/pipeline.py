@@ -288,7 +288,7 @@ def train_all_targets(
     else:
         f = _fit_target_model(prep, config, dev, progress)
         target_seconds = time.perf_counter() - start
-    bundles = []
+    bundles, classifiers = [], None
     for t_name, t, bname in zip(targets, target_idx, names, strict=True):
         tr = prep.train_idx
         fit = fit_generator(
@@ -336,15 +336,42 @@ def train_all_targets(
             metrics=metrics,
             history=fit.history,
         )
-        bundles.append(
-            Bundle(
-                manifest,
-                fit.generator,
-                fit.discriminator,
-                f.cpu() if len(targets) == 1 else _copy_of(f),
-            )
+        bundle = Bundle(
+            manifest,
+            fit.generator,
+            fit.discriminator,
+            f.cpu() if len(targets) == 1 else _copy_of(f),
         )
+        classifiers = _store_verdict(bundle, prep, classifiers)
+        bundles.append(bundle)
     return bundles
+
+
+def _store_verdict(bundle: Bundle, prep: Prepared, classifiers: dict | None) -> dict:
+    """Grade the new bundle on its held-out split into ``manifest["verdict"]`` (and the
+    seconds it took into its metrics); returns the independent classifiers, fit once per
+    run on a seeded subsample of the training split (see :mod:`tspg.verdict`)."""
+    from .metrics import fit_classifiers, stratified_subsample
+    from .verdict import MAX_TRAIN, heldout_verdict
+
+    start = time.perf_counter()
+    names = np.asarray(prep.classes, dtype=object)
+    tr, te = prep.train_idx, prep.test_idx
+    ytr = names[prep.y[tr]]
+    if classifiers is None:
+        fit = stratified_subsample(ytr, MAX_TRAIN)
+        classifiers = fit_classifiers(prep.X[tr][fit], ytr[fit])
+    bundle.manifest["verdict"] = heldout_verdict(
+        bundle,
+        prep.X[tr],
+        ytr,
+        prep.X[te],
+        names[prep.y[te]],
+        [prep.samples[i] for i in te],
+        classifiers=classifiers,
+    )
+    bundle.manifest["metrics"]["train_seconds_verdict"] = time.perf_counter() - start
+    return classifiers
 
 
 def _copy_of(f):
