@@ -142,7 +142,9 @@ def test_results_table_is_read_back(finished):
     assert list(back.columns) == COLUMNS
     pd.testing.assert_series_equal(back["bundle"], table["bundle"])
     assert back["top_up"].map(len).tolist() == [min(20, n) for n in table["genes"]]
-    assert back["perturbation_accuracy"].dtype == float and back["verdict"].eq("").all()
+    assert back["perturbation_accuracy"].dtype == float
+    levels = [load_bundle(out / b).manifest["verdict"]["level"] for b in back["bundle"]]
+    assert back["verdict"].tolist() == levels and set(levels) <= {"ok", "caution", "fail"}
     long = sweep_genes_df(back)
     assert set(long.columns) == {"gene_set", "target", "direction", "rank", "gene"}
     assert len(long) == 2 * back["top_up"].map(len).sum()

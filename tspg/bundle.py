@@ -155,6 +155,16 @@ class Bundle:
         float32 array, samples x the bundle's genes, in [0, 1]. UserError naming the gene(s)
         or the sample when genes are missing or a value is missing or infinite.
         """
+        return self.scale_and_fit(adata, layer=layer, source=source)[0]
+
+    def scale_and_fit(
+        self, adata: ad.AnnData, *, layer: str | None = None, source: str = "data"
+    ) -> tuple[np.ndarray, dict]:
+        """:meth:`scale`, and how the data fit the bundle: the data-fit figures of the
+        verdict (:func:`tspg.verdict.data_fit_figures`: share of values outside the training
+        range, the most affected gene)."""
+        from .verdict import data_fit_figures, outside_range
+
         if layer is not None and layer not in adata.layers:
             raise UserError(
                 f"{source}: no layer {layer!r}; layers are {list(adata.layers) or 'none'}"
@@ -165,7 +175,16 @@ class Bundle:
             raise UserError(
                 f"{source}: missing or infinite value at sample {adata.obs_names[i]!r}, gene {self.genes[j]!r}"
             )
-        return self.scaler.transform(X, genes=self.genes, source=source)
+        fit = outside_range(X, self.scaler)
+        worst = fit["worst_gene"]
+        figures = data_fit_figures(
+            n_genes=len(self.genes),
+            n_samples=len(X),
+            outside_share=fit["outside_share"],
+            worst_gene=None if worst is None else str(self.genes[worst]),
+            worst_gene_share=fit["worst_gene_share"],
+        )
+        return self.scaler.transform(X, genes=self.genes, source=source), figures
 
     def predict_proba(self, Xs: np.ndarray, *, samples=None) -> np.ndarray:
         """The target model's class probabilities (samples x classes) for scaled ``Xs``;

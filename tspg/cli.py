@@ -408,6 +408,16 @@ def _print_trained(b, path: Path) -> None:
         f"  perturbation accuracy (held-out): all {m['perturbation_accuracy']:.3f}, non-target "
         f"{'n/a' if non_target is None else f'{non_target:.3f}'} (n={m['n_test_non_target']})"
     )
+    _print_verdict(b.manifest.get("verdict"), indent="  ")
+
+
+def _print_verdict(verdict: dict | None, *, indent: str = "", **kwargs) -> None:
+    """Print a verdict (tspg.verdict.verdict_lines); nothing for a bundle without one."""
+    from .verdict import verdict_lines
+
+    if verdict:
+        for line in verdict_lines(verdict, **kwargs):
+            print(indent + line)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -701,18 +711,21 @@ def _perturb(args, parser) -> int:
     if args.csv:
         result = perturb_adata(adata, bundle, label_key=key, source=name)
         written = result.to_csv(out, k=args.k)
-        print(f"wrote {out}/: {', '.join(p.name for p in written)}")
+        verdict = _write_verdict_json(bundle, result, out / "verdict.json")
+        print(f"wrote {out}/: {', '.join(p.name for p in written)}, verdict.json")
         pred_after, labels = result.pred_after, result.labels
     else:
         result = perturb(adata, bundle, label_key=key, k=args.k, source=name, copy=True)
         write_gem(result, out)
         print(
             f"wrote {out}: layers tspg_x, tspg_perturbation, tspg_perturbed; obs tspg_pred_before/after; "
-            "uns['tspg'] (top genes, consensus)"
+            "uns['tspg'] (top genes, consensus, verdict)"
         )
+        verdict = result.uns["tspg"]["verdict"]
         pred_after = result.obs["tspg_pred_after"].astype(str).to_numpy()
         labels = result.obs[key].astype(str).to_numpy() if key else None
     _print_accuracy(bundle, pred_after, labels)
+    _print_verdict(verdict, only=("fail", "caution"))
     return 0
 
 
@@ -730,6 +743,17 @@ def _print_accuracy(bundle, pred_after, labels) -> None:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
+def _write_verdict_json(bundle, result, path: Path) -> dict:
+    """The selection's verdict (tspg.verdict.selection_verdict), written as JSON; returned."""
+    import json
+
+    from .verdict import selection_verdict
+
+    verdict = selection_verdict(bundle, result)
+    path.write_text(json.dumps(verdict, indent=1, allow_nan=False))
+    return verdict
+
+
 def _evaluate(args, parser) -> int:
     import json
 
@@ -743,6 +767,8 @@ def _evaluate(args, parser) -> int:
         )
     result = evaluate(adata, bundle, label_key=key, k=args.k, seed=args.seed)
     _print_evaluation(result)
+    print()
+    _print_verdict(result["verdict"], figures=True)
     if args.json:
         with user_file(args.json):
             Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))

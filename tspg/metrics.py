@@ -18,6 +18,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anndata as ad
@@ -25,9 +26,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .baselines import de_ranked, fit_baselines, selection_overlap, split_arrays
+from .baselines import (
+    class_perturbations,
+    de_ranked,
+    fit_baselines,
+    mean_shift_perturb,
+    selection_overlap,
+    split_arrays,
+)
 from .errors import UserError
-from .perturbation import consensus_top, discriminate, perturb_scaled, unique_top_genes
+from .perturbation import (
+    Perturbation,
+    consensus_top,
+    discriminate,
+    perturb_scaled,
+    unique_top_genes,
+)
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -51,6 +65,7 @@ __all__ = [
 KNN_NEIGHBOURS = 15
 _SMALL_BLAS = 4_000_000  # values (samples x genes) up to which sklearn runs on one BLAS thread
 _ROWS = 1024  # row block for distance sums: memory O(_ROWS * n), never n x n
+_SAMPLE_KEYS = ("train", "heldout", "heldout_target", "heldout_source")
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -101,6 +116,92 @@ def target_share(pred: Sequence[str], target: str) -> float:
     return _mean(np.asarray(pred, dtype=object).astype(str) == target)
 
 
+def target_model_figures(
+    pred: Sequence[str], labels: Sequence[str], target: str, *, n_classes: int
+) -> dict:
+    """How well the target model tells the classes, and the target class, apart.
+
+    Returns
+    -------
+    ``heldout_accuracy`` over ``n`` samples; ``majority_rate`` (the accuracy of always
+    answering the most frequent class) and ``chance`` (1 / ``n_classes``), what guessing
+    reaches; ``target_recall`` (share of the ``n_target`` target samples called the target),
+    ``target_precision`` (share of the ``n_called_target`` samples called the target that
+    are), and ``target_prevalence`` (share of target samples, the precision of a guess).
+    Shares over no samples are NaN.
+    """
+    pred = np.asarray(pred, dtype=object).astype(str)
+    labels = np.asarray(labels, dtype=object).astype(str)
+    if len(pred) != len(labels):
+        raise ValueError(f"{len(pred)} predictions for {len(labels)} labels")
+    is_t, called = labels == target, pred == target
+    counts = np.unique(labels, return_counts=True)[1]
+    return {
+        "heldout_accuracy": _mean(pred == labels),
+        "n": int(len(labels)),
+        "majority_rate": float(counts.max() / len(labels)) if len(labels) else float("nan"),
+        "chance": 1.0 / n_classes,
+        "target_recall": _mean(called[is_t]),
+        "n_target": int(is_t.sum()),
+        "target_precision": _mean(is_t[called]),
+        "n_called_target": int(called.sum()),
+        "target_prevalence": _mean(is_t),
+    }
+
+
+def target_margin(proba: np.ndarray, target_index: int) -> np.ndarray:
+    """Per sample, the target model's logit of its call minus its logit of the target.
+
+    Computed as log p_call - log p_target from the softmax probabilities (equal to the
+    logit difference); 0 for samples called the target. A probability that underflowed
+    to 0 counts as the smallest float32, so the margin is capped at about 104. A large
+    margin means a saturated softmax: p_target and its gradient are practically 0.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    logp = np.log(np.clip(proba, tiny, None))
+    return logp.max(1) - logp[:, target_index] if len(proba) else np.zeros(0)
+
+
+def movement_figures(
+    P: np.ndarray,
+    x: np.ndarray,
+    target_mean: np.ndarray | None,
+    pred_before: Sequence[str],
+    pred_after: Sequence[str],
+    target: str,
+) -> dict:
+    """How far the generator moved some samples, and whether their call changed.
+
+    Returns
+    -------
+    ``mean_abs_P``: mean |P| over samples and genes (scaled units); ``mean_abs_gap``: mean
+    |target mean - x|, how far the samples are from the target class's training mean;
+    ``reach``: their ratio (0 when nothing moved, about 0.5-1 when a generator moves the
+    samples most of the way); ``changed_share``: share of the ``n_not_target_before``
+    samples the target model did not call the target before whose call changed;
+    ``n``: samples. NaN where a share rests on no sample (or no target mean is known).
+    """
+    P = np.asarray(P, dtype=np.float64)
+    before = np.asarray(pred_before, dtype=object).astype(str)
+    after = np.asarray(pred_after, dtype=object).astype(str)
+    mean_abs_P = float(np.abs(P).mean()) if P.size else float("nan")
+    gap = (
+        float(np.abs(np.asarray(target_mean, np.float64) - np.asarray(x, np.float64)).mean())
+        if target_mean is not None and P.size
+        else float("nan")
+    )
+    not_t = before != target
+    return {
+        "mean_abs_P": mean_abs_P,
+        "mean_abs_gap": gap,
+        "reach": mean_abs_P / gap if gap > 0 else float("nan"),
+        "changed_share": _mean(after[not_t] != before[not_t]),
+        "n": int(len(P)),
+        "n_not_target_before": int(not_t.sum()),
+    }
+
+
 def fit_classifiers(X: np.ndarray, labels: Sequence[str], *, seed: int = 0) -> dict:
     """Classifiers independent of TSPG, fit on (scaled) training data.
 
@@ -137,6 +238,35 @@ def _small_blas(X: np.ndarray):
         if np.asarray(X).size <= _SMALL_BLAS
         else nullcontext()
     )
+
+
+def classifier_shares(
+    classifiers: dict,
+    Xte: np.ndarray,
+    yte: Sequence[str],
+    sets: dict[str, np.ndarray],
+    real_target: np.ndarray,
+    target: str,
+) -> dict:
+    """Per classifier: its held-out accuracy, and the share of each set it calls ``target``.
+
+    Returns
+    -------
+    ``{name: {"heldout_accuracy", "target_share_<set>" for each of ``sets``,
+    "target_share_real_target"}}``; NaN for an empty set.
+    """
+    yte = np.asarray(yte, dtype=object).astype(str)
+
+    def share(model, X):
+        return target_share(model.predict(X), target) if len(X) else float("nan")
+
+    out = {}
+    for name, model in classifiers.items():
+        out[name] = {"heldout_accuracy": _mean(model.predict(Xte) == yte) if len(Xte) else math.nan}
+        for s, X in sets.items():
+            out[name][f"target_share_{s}"] = share(model, X)
+        out[name]["target_share_real_target"] = share(model, real_target)
+    return out
 
 
 # ----------------------------------------------------------------------------- distances
@@ -205,6 +335,149 @@ def spread_ratio(A: np.ndarray, reference: np.ndarray) -> float:
     return mean_pairwise_distance(A) / ref if ref > 0 else float("nan")
 
 
+# ----------------------------------------------------------------------------- held-out figures
+
+
+@dataclass
+class HeldOut:
+    """The held-out split of a bundle, perturbed, with the figures its verdict grades.
+
+    ``sets`` holds the source (non-target) samples perturbed (x_adv), unperturbed (x) and
+    mean-shifted; ``real_target`` the real held-out target samples; ``figures`` the dict of
+    :func:`heldout_figures`.
+    """
+
+    perturbation: Perturbation
+    Xte: np.ndarray
+    yte: np.ndarray
+    shifts: pd.DataFrame
+    sets: dict[str, np.ndarray]
+    real_target: np.ndarray
+    figures: dict
+
+
+def stratified_subsample(labels: Sequence[str], cap: int | None, *, seed: int = 0) -> np.ndarray:
+    """Sorted positions of at most about ``cap`` samples, each class in proportion (at least one).
+
+    All positions when ``cap`` is None or not smaller than the number of samples.
+    """
+    labels = np.asarray(labels, dtype=object).astype(str)
+    n = len(labels)
+    if cap is None or n <= cap:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == c)
+        m = max(1, int(round(cap * len(idx) / n)))
+        keep.append(rng.choice(idx, size=min(m, len(idx)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def heldout_arrays(
+    bundle: Bundle,
+    Xtr: np.ndarray,
+    ytr: Sequence[str],
+    Xte: np.ndarray,
+    yte: Sequence[str],
+    samples: Sequence[str] | None = None,
+    *,
+    classifiers: dict | None = None,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_heldout: int | None = None,
+) -> HeldOut:
+    """Perturb the held-out split and compute the figures the verdict grades.
+
+    The one place these figures are computed: :func:`evaluate` reports them and
+    :func:`tspg.verdict.grade` grades them, at training time and in ``tspg evaluate``.
+
+    Parameters
+    ----------
+    bundle
+        The bundle (its generator, target model, target and target mean).
+    Xtr, ytr
+        Scaled training split and its labels (for the independent classifiers and the
+        mean shift).
+    Xte, yte, samples
+        Scaled held-out split, its labels and sample ids.
+    classifiers
+        Already fitted :func:`fit_classifiers` (on ``Xtr``), e.g. shared by the targets
+        of one run; fitted here when None.
+    seed
+        Seed of the classifiers and of the subsamples.
+    max_train, max_heldout
+        At most about this many training samples fit the classifiers, and this many
+        held-out source and this many held-out target samples are scored by them and by
+        the energy distances (seeded, stratified subsamples; None: all); the target
+        model's figures and the movement use every held-out sample. ``samples`` in the
+        figures says what was used.
+    """
+    target = bundle.target
+    ytr = np.asarray(ytr, dtype=object).astype(str)
+    yte = np.asarray(yte, dtype=object).astype(str)
+    Xte = np.asarray(Xte)
+    pert = perturb_scaled(Xte, bundle, samples=samples, labels=yte)
+    is_t, non = yte == target, yte != target
+    # the classifiers' shares and the energy distances (O(n^2)) on at most max_heldout
+    # source and max_heldout target samples; everything else on the whole split
+    t_idx, s_idx = np.flatnonzero(is_t), np.flatnonzero(non)
+    t_idx = t_idx[stratified_subsample(yte[t_idx], max_heldout, seed=seed)]
+    s_idx = s_idx[stratified_subsample(yte[s_idx], max_heldout, seed=seed)]
+    graded = np.sort(np.concatenate([t_idx, s_idx]))
+    shifts = class_perturbations(Xtr, ytr, target, genes=bundle.genes)
+    sets = {
+        "perturbed": pert.x_adv[s_idx],
+        "unperturbed": Xte[s_idx],
+        "mean_shift": mean_shift_perturb(Xte[s_idx], yte[s_idx], shifts),
+    }
+    real_t = Xte[t_idx]
+    target_mean = bundle.target_mean
+    if target_mean is None and (ytr == target).any():
+        target_mean = Xtr[ytr == target].mean(0)
+    if classifiers is None:
+        fit = stratified_subsample(ytr, max_train, seed=seed)
+        classifiers = fit_classifiers(np.asarray(Xtr)[fit], ytr[fit], seed=seed)
+    # samples the classifiers were fit on (the k-NN remembers them)
+    n_fit = max(getattr(m, "n_samples_fit_", 0) for m in classifiers.values()) or len(ytr)
+    before, after = pert.pred_before, pert.pred_after
+    margin = target_margin(pert.proba_before[non], bundle.classes.index(bundle.target))
+    figures = {
+        "samples": {
+            "train": len(ytr),
+            "heldout": len(yte),
+            "heldout_target": int(is_t.sum()),
+            "heldout_source": int(non.sum()),
+            "graded_target": len(t_idx),
+            "graded_source": len(s_idx),
+            "classifier_train": n_fit,
+        },
+        "target_model": {
+            **target_model_figures(before, yte, target, n_classes=len(bundle.classes)),
+            "margin_source_median": float(np.median(margin)) if len(margin) else math.nan,
+        },
+        "perturbation_accuracy": perturbation_accuracy(after, yte, target),
+        "movement": movement_figures(
+            pert.P[non], Xte[non], target_mean, before[non], after[non], target
+        ),
+        "independent_classifiers": classifier_shares(
+            classifiers, Xte[graded], yte[graded], sets, real_t, target
+        ),
+        "energy_distance": {s: energy_distance(X, real_t) for s, X in sets.items()},
+    }
+    return HeldOut(pert, Xte, yte, shifts, sets, real_t, _plain(figures))
+
+
+def heldout_figures(bundle: Bundle, Xtr, ytr, Xte, yte, samples=None, **kwargs) -> dict:
+    """The figures of :func:`heldout_arrays` alone (plain JSON types, NaN as None)."""
+    n_threads = torch.get_num_threads()
+    try:
+        with _small_blas(Xtr):
+            return heldout_arrays(bundle, Xtr, ytr, Xte, yte, samples, **kwargs).figures
+    finally:
+        torch.set_num_threads(n_threads)
+
+
 # ----------------------------------------------------------------------------- evaluate
 
 
@@ -243,8 +516,12 @@ def evaluate(
 
     - ``bundle``: name, dataset, target, genes, classes
     - ``samples``: numbers of training, held-out, held-out target and source samples
-    - ``target_model``: held-out accuracy
+    - ``target_model``: held-out accuracy, the target's recall and precision, and what
+      guessing reaches (:func:`target_model_figures`), and the median logit margin of the
+      source samples over the target (:func:`target_margin`)
     - ``perturbation_accuracy``: overall, non_target, by_source (n, accuracy)
+    - ``movement``: mean |P| of the sources, how far they are from the target mean, and
+      the share whose call changed (:func:`movement_figures`)
     - ``independent_classifiers``: per classifier its held-out accuracy and the share of
       perturbed / unperturbed / mean-shift samples it calls the target, and of the real
       held-out target samples (``target_share_real_target``: what real cells reach)
@@ -259,6 +536,7 @@ def evaluate(
       the differential-expression and mean-shift top genes (a list of records, see
       :func:`tspg.baselines.selection_overlap`), and ``overlap_up_de_top50``: how many of the
       consensus top-k up genes are among the 50 highest differential-expression scores
+    - ``verdict``: :func:`tspg.verdict.grade` of these figures (ok / caution / fail)
     - ``params``: k, ks, seed, layer, label key; ``seconds``: wall time
     """
     start = time.perf_counter()
@@ -283,22 +561,17 @@ def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start) -> dict:
         raise UserError(
             f"data: label {unknown[0]!r} is not one of the bundle's classes; is {label_key!r} the right label column?"
         )
-    pert = perturb_scaled(Xte, bundle, samples=te_ids, labels=yte)
-    is_t, non = yte == target, yte != target
-    if not non.any():
+    if not (yte != target).any():
         raise UserError("the held-out split has no source (non-target) samples to perturb")
-    base = fit_baselines(adata, bundle, layer=layer, label_key=label_key)
-    sets = {
-        "perturbed": pert.x_adv[non],
-        "unperturbed": Xte[non],
-        "mean_shift": base.mean_shift(Xte[non], yte[non]),
-    }
-    real_t = Xte[is_t]
-
     with _small_blas(Xtr):
-        result = _evaluate_arrays(
-            bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, k=k, ks=ks, seed=seed
-        )
+        held = heldout_arrays(bundle, Xtr, ytr, Xte, yte, te_ids, seed=seed)
+        base = fit_baselines(adata, bundle, layer=layer, label_key=label_key)
+        result = _evaluate_arrays(bundle, held, base, Xtr, ytr, k=k, ks=ks, seed=seed)
+    from .verdict import grade
+
+    result["verdict"] = grade(
+        heldout=held.figures, config=bundle.manifest.get("config"), target=target
+    )
     result["params"] = {
         "k": k,
         "ks": list(ks),
@@ -310,15 +583,17 @@ def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start) -> dict:
     return _plain(result)
 
 
-def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k, ks, seed) -> dict:
+def _evaluate_arrays(bundle, held: HeldOut, base, Xtr, ytr, *, k, ks, seed) -> dict:
     target = bundle.target
-    is_t, non = yte == target, yte != target
-    classifiers = {}
-    for name, model in fit_classifiers(Xtr, ytr, seed=seed).items():
-        classifiers[name] = {"heldout_accuracy": _mean(model.predict(Xte) == yte)}
-        for s, X in sets.items():
-            classifiers[name][f"target_share_{s}"] = target_share(model.predict(X), target)
-        classifiers[name]["target_share_real_target"] = target_share(model.predict(real_t), target)
+    pert, Xte, yte, sets, real_t = (
+        held.perturbation,
+        held.Xte,
+        held.yte,
+        held.sets,
+        held.real_target,
+    )
+    fig = held.figures
+    non = yte != target
     references = {**sets, "training_target": Xtr[ytr == target]}
 
     P_src = pert.P[non]
@@ -337,16 +612,15 @@ def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k,
             "genes": len(bundle.genes),
             "classes": len(bundle.classes),
         },
-        "samples": {
-            "train": len(ytr),
-            "heldout": len(yte),
-            "heldout_target": int(is_t.sum()),
-            "heldout_source": int(non.sum()),
+        "samples": {k_: fig["samples"][k_] for k_ in _SAMPLE_KEYS},
+        "target_model": fig["target_model"],
+        "perturbation_accuracy": fig["perturbation_accuracy"],
+        "movement": fig["movement"],
+        "independent_classifiers": fig["independent_classifiers"],
+        "energy_distance": {
+            **fig["energy_distance"],
+            "training_target": energy_distance(references["training_target"], real_t),
         },
-        "target_model": {"heldout_accuracy": _mean(pert.pred_before == yte)},
-        "perturbation_accuracy": perturbation_accuracy(pert.pred_after, yte, target),
-        "independent_classifiers": classifiers,
-        "energy_distance": {s: energy_distance(X, real_t) for s, X in references.items()},
         "spread_ratio": {s: spread_ratio(X, real_t) for s, X in references.items()},
         "discriminator": {
             "real_target": _mean(discriminate(real_t, bundle)),
@@ -381,8 +655,8 @@ def evaluation_table(result: dict) -> pd.DataFrame:
     def add(section, metric, value):
         rows.append({"section": section, "metric": metric, "value": value})
 
-    for key in ("samples", "target_model"):
-        for m, v in result[key].items():
+    for key in ("samples", "target_model", "movement"):
+        for m, v in result.get(key, {}).items():
             add(key.replace("_", " "), m.replace("_", " "), v)
     acc = result["perturbation_accuracy"]
     add("perturbation accuracy", "all held-out", acc["overall"])

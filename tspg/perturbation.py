@@ -157,6 +157,8 @@ class Perturbation:
     proba_before: np.ndarray  # (samples, classes)
     proba_after: np.ndarray
     labels: np.ndarray | None = field(default=None)
+    # how the data fit the bundle (tspg.verdict.data_fit_figures), when read from raw data
+    data_fit: dict | None = field(default=None)
 
     @property
     def predicted(self) -> bool:
@@ -367,10 +369,12 @@ def perturb_adata(
         raise UserError(
             f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}"
         )
-    Xs = bundle.scale(adata, layer=layer, source=source)
+    Xs, data_fit = bundle.scale_and_fit(adata, layer=layer, source=source)
     key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
     labels = adata.obs[key].astype(str).to_numpy() if key else None
-    return perturb_scaled(Xs, bundle, samples=adata.obs_names, labels=labels)
+    result = perturb_scaled(Xs, bundle, samples=adata.obs_names, labels=labels)
+    result.data_fit = data_fit
+    return result
 
 
 def perturb(
@@ -429,11 +433,15 @@ def perturb(
     - ``uns[key_added]["consensus"]``: the columns of :func:`consensus` (``gene``,
       ``direction``, ``count``, ``frequency``, ``mean_P``) over the samples whose label is
       not the target (all samples when labels are unknown or all of the target), as arrays
+    - ``uns[key_added]["verdict"]``: :func:`tspg.verdict.selection_verdict`: the bundle's
+      stored verdict plus how these samples moved and how the data fit the bundle
     """
     if not copy and list(adata.var_names) != list(bundle.genes):
         raise UserError(
             f"{source}: in-place perturbation needs exactly the bundle's genes in order; use copy=True"
         )
+    from .verdict import selection_verdict
+
     result = perturb_adata(adata, bundle, layer=layer, label_key=label_key, source=source)
     out = adata[:, bundle.genes].copy() if copy else adata
     out.layers[f"{key_added}_x"] = result.x
@@ -467,6 +475,7 @@ def perturb(
             c: (cons[c].to_numpy().astype(str) if cons[c].dtype == object else cons[c].to_numpy())
             for c in cons.columns
         },
+        "verdict": selection_verdict(bundle, result),
     }
     return out if copy else None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import anndata as ad
 import numpy as np
@@ -33,6 +33,7 @@ __all__ = [
     "train",
     "train_all_targets",
     "train_generator",
+    "verdict_classifiers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class Prepared:
     train_idx: np.ndarray
     test_idx: np.ndarray
     fingerprint: str
+    # the verdict's independent classifiers, fit on first use (verdict_classifiers)
+    classifiers: dict | None = field(default=None, repr=False)
 
     def class_index(self, name: str) -> int:
         if name not in self.classes:
@@ -399,7 +402,46 @@ def train_generator(
         metrics=metrics,
         history=fit.history,
     )
-    return Bundle(manifest, fit.generator, fit.discriminator, f)
+    bundle = Bundle(manifest, fit.generator, fit.discriminator, f)
+    _store_verdict(bundle, prep)
+    return bundle
+
+
+def verdict_classifiers(prep: Prepared) -> dict:
+    """The verdict's independent classifiers, fit on a seeded subsample of the training split
+    (at most :data:`tspg.verdict.MAX_TRAIN` samples); kept on ``prep`` so that every
+    generator trained on it shares them (fit once per run, or per gene set in a sweep)."""
+    if prep.classifiers is None:
+        from .metrics import fit_classifiers, stratified_subsample
+        from .verdict import MAX_TRAIN
+
+        names = np.asarray(prep.classes, dtype=object)
+        tr = prep.train_idx
+        ytr = names[prep.y[tr]]
+        fit = stratified_subsample(ytr, MAX_TRAIN)
+        prep.classifiers = fit_classifiers(prep.X[tr][fit], ytr[fit])
+    return prep.classifiers
+
+
+def _store_verdict(bundle: Bundle, prep: Prepared) -> None:
+    """Grade the new bundle on its held-out split into ``manifest["verdict"]`` (and the
+    seconds it took, the classifiers' fit included when this bundle needed it, into its
+    metrics); see :mod:`tspg.verdict`."""
+    from .verdict import heldout_verdict
+
+    start = time.perf_counter()
+    names = np.asarray(prep.classes, dtype=object)
+    tr, te = prep.train_idx, prep.test_idx
+    bundle.manifest["verdict"] = heldout_verdict(
+        bundle,
+        prep.X[tr],
+        names[prep.y[tr]],
+        prep.X[te],
+        names[prep.y[te]],
+        [prep.samples[i] for i in te],
+        classifiers=verdict_classifiers(prep),
+    )
+    bundle.manifest["metrics"]["train_seconds_verdict"] = time.perf_counter() - start
 
 
 def _copy_of(f):

@@ -470,7 +470,7 @@ def train_target_model_task(
     as a :class:`TargetModelFailure`; any other exception is raised, for Dask to retry.
     """
     from .bundle import load_bundle
-    from .pipeline import fit_target_model, prepare, reused_config
+    from .pipeline import fit_target_model, prepare, reused_config, verdict_classifiers
 
     try:
         _use_threads(threads)
@@ -479,6 +479,7 @@ def train_target_model_task(
         if reuse:
             bundle = load_bundle(reuse)
             prep = prepare(adata, label_key=label_key, dataset=dataset, reuse=bundle)
+            verdict_classifiers(prep)
             return TargetModelResult(
                 prep, bundle.target_model.cpu(), reused_config(config, bundle), 0.0, bundle.name
             )
@@ -491,7 +492,9 @@ def train_target_model_task(
             dataset=dataset,
         )
         f = fit_target_model(prep, config, device=device)
-        return TargetModelResult(prep, f.cpu(), config, time.perf_counter() - start, None)
+        seconds = time.perf_counter() - start
+        verdict_classifiers(prep)  # fit once here, shared by the gene set's generator tasks
+        return TargetModelResult(prep, f.cpu(), config, seconds, None)
     except ValueError as err:
         return TargetModelFailure(_error_text(err))
 
