@@ -143,8 +143,8 @@ def run_sweep(
 
 
 def summaries_seconds(out: Path, adata) -> float:
-    """Median seconds of the results table's extra work per generator (top genes, energy
-    distances), timed on the loop's bundles in this process."""
+    """Median seconds of the results table's extra work per generator (the consensus top
+    genes), timed on the loop's bundles in this process."""
     import tspg
     from tspg.pipeline import prepare
     from tspg.sweep import sweep_summaries
@@ -337,8 +337,7 @@ def main() -> int:
     print(
         f"engine overhead per generator (sweep on 1 worker minus the loop, per generator): "
         f"{over:.2f} s = {100 * over / per_gen_loop:.1f}% of the loop's {per_gen_loop:.2f} s "
-        f"per generator (goal <= 10%); of it, the results table's top genes and energy "
-        f"distances: {summ:.2f} s"
+        f"per generator (goal <= 10%); of it, the results table's top genes: {summ:.2f} s"
     )
     print(
         f"the same in CPU seconds (all processes of the sweep, less sensitive to a busy "

@@ -115,6 +115,9 @@ def test_every_bundle_is_written_and_loadable(finished, gem, client):
         assert b.genes == [g for g in gem.var_names if g in dict(gs_genes(gem))[row.gene_set]]
         assert row.genes == len(b.genes) and row.worker in workers
         assert row.target_model_accuracy == b.metrics["target_model_accuracy"]
+        realism = b.manifest["verdict"]["checks"]["realism"]["figures"]
+        assert row.e_distance == realism["perturbed"]["value"]
+        assert row.e_distance_mean_shift == realism["mean_shift"]["value"]
         assert row.top_up.split(";") == b.manifest["sweep"]["top_up"]
         assert len(row.top_up.split(";")) == min(20, len(b.genes)) and row.wall_seconds > 0
         by_set.setdefault(row.gene_set, []).append(b)

@@ -86,7 +86,6 @@ RESULTS_CSV = "sweep.csv"
 RESULTS_PARQUET = "sweep.parquet"
 JOBQUEUES = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
 STATUSES = ("trained", "skipped", "failed")  # skipped: finished by an earlier run
-E_DISTANCE_SAMPLES = 1000  # at most this many samples per side of the energy distance
 _GENE_SEP = ";"  # how the top-gene lists are joined in the results files
 
 # The results table: one row per gene set x target.
@@ -102,8 +101,10 @@ COLUMNS = [
     "perturbation_accuracy",  # held-out samples f labels the target after perturbation
     "perturbation_accuracy_non_target",  # the same, non-target samples only
     "verdict",  # the bundle's trust verdict (ok / caution / fail), empty if it has none
-    "e_distance",  # energy distance of x_adv (held-out non-target) to the real held-out target
-    "e_distance_unperturbed",  # the same for the unperturbed x: how far they started
+    # energy distances to the real held-out target samples, from the verdict's realism check:
+    "e_distance",  # of x_adv of the held-out non-target samples
+    "e_distance_unperturbed",  # of their x: how far they started
+    "e_distance_mean_shift",  # of the mean-shift baseline: how near a trivial move gets
     "top_up",  # consensus top-k raised genes of the held-out non-target samples
     "top_down",  # consensus top-k lowered genes
     "wall_seconds",  # the generator task's wall time (training, metrics)
@@ -121,6 +122,7 @@ _NUMERIC = [
     "perturbation_accuracy_non_target",
     "e_distance",
     "e_distance_unperturbed",
+    "e_distance_mean_shift",
     "wall_seconds",
     "target_model_seconds",
 ]
@@ -346,6 +348,7 @@ def _row_from_manifest(manifest: dict, *, status: str) -> dict:
     """The results row of a finished bundle, read from its manifest alone."""
     metrics, info = manifest.get("metrics") or {}, manifest.get("sweep") or {}
     verdict = manifest.get("verdict")
+    realism = _verdict_figures(verdict, "realism")
     return _row(
         dataset=manifest["dataset"].get("name"),
         gene_set=manifest["gene_set"]["name"],
@@ -358,8 +361,9 @@ def _row_from_manifest(manifest: dict, *, status: str) -> dict:
         perturbation_accuracy=metrics.get("perturbation_accuracy"),
         perturbation_accuracy_non_target=metrics.get("perturbation_accuracy_non_target"),
         verdict=verdict.get("level", "") if isinstance(verdict, dict) else "",
-        e_distance=info.get("e_distance"),
-        e_distance_unperturbed=info.get("e_distance_unperturbed"),
+        e_distance=realism.get("perturbed"),
+        e_distance_unperturbed=realism.get("unperturbed"),
+        e_distance_mean_shift=realism.get("mean_shift"),
         top_up=_GENE_SEP.join(info.get("top_up", [])),
         top_down=_GENE_SEP.join(info.get("top_down", [])),
         wall_seconds=info.get("wall_seconds"),
@@ -369,6 +373,15 @@ def _row_from_manifest(manifest: dict, *, status: str) -> dict:
         device=metrics.get("device", ""),
         error="",
     )
+
+
+def _verdict_figures(verdict, check: str) -> dict:
+    """{figure: value} of one check of a manifest's verdict ({} when there is none)."""
+    try:
+        figures = verdict["checks"][check]["figures"]
+        return {k: f.get("value") for k, f in figures.items() if isinstance(f, dict)}
+    except (KeyError, TypeError):
+        return {}
 
 
 def _failed_row(plan: _SetPlan, target: str, error: str, dataset: str, **extra) -> dict:
@@ -499,42 +512,20 @@ def train_target_model_task(
         return TargetModelFailure(_error_text(err))
 
 
-def sweep_summaries(bundle, prep, *, k: int = 20, seed: int = 0) -> dict:
-    """Top genes and energy distances of a freshly trained bundle, on its held-out split.
-
-    Returns ``top_up`` / ``top_down`` (consensus top-``k`` of the held-out non-target
-    samples), ``e_distance`` (x_adv of those samples against the real held-out target
-    samples) and ``e_distance_unperturbed`` (their x against the same), each side drawn
-    down to :data:`E_DISTANCE_SAMPLES` samples (seeded).
+def sweep_summaries(bundle, prep, *, k: int = 20) -> dict:
+    """The consensus top-``k`` raised and lowered genes (``top_up`` / ``top_down``) of the
+    held-out non-target samples of a freshly trained bundle (empty lists when there are none).
     """
-    from .metrics import energy_distance
     from .perturbation import consensus_top, generate_perturbed
 
     t = prep.class_index(bundle.target)
     test = np.asarray(prep.test_idx)
-    src, ref = test[prep.y[test] != t], test[prep.y[test] == t]
-    out: dict[str, Any] = {
-        "top_up": [],
-        "top_down": [],
-        "e_distance": None,
-        "e_distance_unperturbed": None,
-    }
+    src = test[prep.y[test] != t]
     if not len(src):
-        return out
-    P, x_adv = generate_perturbed(bundle.generator, prep.X[src])
+        return {"top_up": [], "top_down": []}
+    P, _ = generate_perturbed(bundle.generator, prep.X[src])
     top = consensus_top(P, prep.genes, k=k)
-    out["top_up"], out["top_down"] = top["up"], top["down"]
-    if len(ref):
-        rng = np.random.default_rng(seed)
-        rows = np.arange(len(src))
-        if len(rows) > E_DISTANCE_SAMPLES:
-            rows = np.sort(rng.choice(rows, E_DISTANCE_SAMPLES, replace=False))
-        if len(ref) > E_DISTANCE_SAMPLES:
-            ref = np.sort(rng.choice(ref, E_DISTANCE_SAMPLES, replace=False))
-        for key, A in (("e_distance", x_adv[rows]), ("e_distance_unperturbed", prep.X[src][rows])):
-            e = energy_distance(A, prep.X[ref])
-            out[key] = float(e) if math.isfinite(e) else None
-    return out
+    return {"top_up": top["up"], "top_down": top["down"]}
 
 
 def train_generator_task(
@@ -585,7 +576,7 @@ def train_generator_task(
             target_seconds=tm.seconds,
             target_model_from=tm.reused_from,
         )
-        info = sweep_summaries(bundle, prep, k=k, seed=tm.config.seed)
+        info = sweep_summaries(bundle, prep, k=k)
         info.update(where, wall_seconds=time.perf_counter() - start)
         bundle.manifest["sweep"] = info
         save_bundle(bundle, out, overwrite=overwrite)
