@@ -110,8 +110,10 @@ def test_h5ad_sparse_x(tmp_path):
     path = tmp_path / "sparse.h5ad"
     src.write_h5ad(path)
     adata = read_gem(path, label_key="tissue")
-    assert isinstance(adata.X, np.ndarray)
-    assert_is_gem_frame(adata)
+    assert sp.issparse(adata.X) and adata.X.format == "csr"  # kept sparse until genes are chosen
+    assert adata.X.dtype == np.float32
+    np.testing.assert_array_equal(adata.X.toarray(), gem_frame().to_numpy())
+    np.testing.assert_array_equal(align_genes(adata, GENES), gem_frame().to_numpy())
 
 
 def test_h5ad_missing_label_key_names_file_and_columns(tmp_path):

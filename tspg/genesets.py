@@ -1,4 +1,5 @@
-"""Gene sets: GMT and the reference implementation's list format; filtering to a GEM's genes."""
+"""Gene sets: GMT and the reference implementation's list format; filtering to a GEM's genes;
+the highly variable genes of a GEM's training split."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pandas as pd
 
-from .data import read_text
+from .data import read_text, rows_matrix
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +27,7 @@ def read_gene_sets(path: str | Path) -> dict[str, list[str]]:
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: gene-set file not found")
+        raise UserError(f"{path}: gene-set file not found")
     is_gmt = path.suffix.lower() == ".gmt"
     sets: dict[str, list[str]] = {}
     for lineno, line in enumerate(read_text(path, "gene-set file").splitlines(), start=1):
@@ -33,12 +37,12 @@ def read_gene_sets(path: str | Path) -> dict[str, list[str]]:
         genes = [g.strip() for g in fields[2 if is_gmt else 1 :] if g.strip()]
         name = fields[0].strip()
         if not name or not genes:
-            raise ValueError(f"{path}, line {lineno}: expected a name followed by genes")
+            raise UserError(f"{path}, line {lineno}: expected a name followed by genes")
         if name in sets:
-            raise ValueError(f"{path}, line {lineno}: gene set {name!r} appears twice")
+            raise UserError(f"{path}, line {lineno}: gene set {name!r} appears twice")
         sets[name] = list(dict.fromkeys(genes))
     if not sets:
-        raise ValueError(f"{path}: no gene sets found")
+        raise UserError(f"{path}: no gene sets found")
     return sets
 
 
@@ -57,7 +61,7 @@ def read_gene_list(path: str | Path) -> list[str]:
     """Read genes, one per line (or separated by tabs, spaces or commas)."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: gene list not found")
+        raise UserError(f"{path}: gene list not found")
     genes = [
         g
         for line in read_text(path, "gene list").splitlines()
@@ -66,7 +70,7 @@ def read_gene_list(path: str | Path) -> list[str]:
         if g
     ]
     if not genes:
-        raise ValueError(f"{path}: no genes found")
+        raise UserError(f"{path}: no genes found")
     return list(dict.fromkeys(genes))
 
 
@@ -105,7 +109,7 @@ def select_genes(
     """
     gem_genes = pd.Index(gem_genes)
     if gene_set and genes_file:
-        raise ValueError("give either a gene set or a gene list, not both")
+        raise UserError("give either a gene set or a gene list, not both")
     if not gene_set and not genes_file:
         return GeneSelection("all", list(gem_genes), len(gem_genes), [])
     if genes_file:
@@ -117,15 +121,15 @@ def select_genes(
         sets = read_gene_sets(file)
         if not name:
             if len(sets) != 1:
-                raise ValueError(f"{file}: holds {len(sets)} gene sets; pick one as {file}:NAME")
+                raise UserError(f"{file}: holds {len(sets)} gene sets; pick one as {file}:NAME")
             name = next(iter(sets))
         if name not in sets:
-            raise ValueError(f"{file}: no gene set {name!r} (sets: {', '.join(list(sets)[:10])})")
+            raise UserError(f"{file}: no gene set {name!r} (sets: {', '.join(list(sets)[:10])})")
         wanted, source = sets[name], file
     present = set(wanted) & set(gem_genes)
     missing = [g for g in wanted if g not in present]
     if not present:
-        raise ValueError(f"{source}: none of the {len(wanted)} genes of {name!r} are in the GEM")
+        raise UserError(f"{source}: none of the {len(wanted)} genes of {name!r} are in the GEM")
     genes = [g for g in gem_genes if g in present]
     if missing:
         logger.warning(
@@ -134,3 +138,61 @@ def select_genes(
     return GeneSelection(
         name, genes, len(wanted), missing, str(Path(source).resolve())
     )  # found from any folder later
+
+
+# scanpy's flavour for highly variable genes: "cell_ranger" expects log-normalised data
+# (log1p), as atlases and our GEMs hold, and works on the sparse matrix as it is (per-gene
+# mean and variance, dispersion normalised within bins of mean expression). "seurat" also
+# expects log data but first copies the whole matrix to undo the log (expm1); "seurat_v3"
+# and "pearson_residuals" expect raw counts.
+HVG_FLAVOR = "cell_ranger"
+
+
+def highly_variable_genes(
+    adata: ad.AnnData,
+    n_top_genes: int,
+    *,
+    rows=None,
+    layer: str | None = None,
+    source: str = "data",
+) -> GeneSelection:
+    """The ``n_top_genes`` most variable genes, by scanpy's ``highly_variable_genes``
+    (flavour :data:`HVG_FLAVOR`), computed on the samples at ``rows`` only (the training
+    split: held-out samples must not choose the genes).
+
+    Works on the matrix as stored: those rows of a sparse matrix (in memory or on disk)
+    are read into one sparse matrix, never dense. Gene order is the GEM's.
+    """
+    import warnings
+
+    import scanpy as sc
+
+    if n_top_genes < 1:
+        raise UserError(f"--n-top-genes must be at least 1, got {n_top_genes}")
+    genes = pd.Index(adata.var_names.astype(str))
+    name = f"top {n_top_genes} highly variable genes"
+    if n_top_genes >= len(genes):
+        logger.warning(
+            "%s: --n-top-genes %d is not below the %d genes of the GEM: all genes are used",
+            source,
+            n_top_genes,
+            len(genes),
+        )
+        return GeneSelection(name, list(genes), n_top_genes, [])
+    X = rows_matrix(adata, rows, layer=layer)
+    tmp = ad.AnnData(X=X, var=pd.DataFrame(index=genes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scanpy's notes on flavours and data
+        table = sc.pp.highly_variable_genes(
+            tmp, flavor=HVG_FLAVOR, n_top_genes=n_top_genes, inplace=False
+        )
+    del tmp, X
+    chosen = np.asarray(table["highly_variable"], dtype=bool)
+    logger.info(
+        "%s: %d highly variable genes (scanpy, flavour %s) chosen on %s samples",
+        source,
+        int(chosen.sum()),
+        HVG_FLAVOR,
+        "all" if rows is None else len(rows),
+    )
+    return GeneSelection(name, list(genes[chosen]), n_top_genes, [])
