@@ -107,12 +107,14 @@ def test_evaluate_json(quick_bundle, tiny_h5ad, tmp_path, capsys):
 def test_errors_exit_1_with_one_line(quick_bundle, tmp_path, capsys, monkeypatch):
     gem = make_tiny_adata()
     missing = tmp_path / "missing.h5ad"
-    gem[:, [g for g in gem.var_names if g != "G07"]].copy().write_h5ad(missing)
+    # 3 of 30 genes missing: more than the 5% that perturbing fills
+    gem[:, [g for g in gem.var_names if g not in ("G07", "G08", "G09")]].copy().write_h5ad(missing)
     assert (
         main(["perturb", str(quick_bundle.path), str(missing), "-o", str(tmp_path / "o.h5ad")]) == 1
     )
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "G07" in err and err.count("\n") == 1
+    assert err.startswith("error:") and "G07, G08, G09" in err and err.count("\n") == 1
+    assert "3 of the model's 30 genes are missing" in err
     monkeypatch.setenv("TSPG_MODELS_DIR", str(tmp_path))
     assert main(["evaluate", "no-such-bundle"]) == 1
     assert "no bundle 'no-such-bundle'" in capsys.readouterr().err

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .bundle import Bundle
-from .data import align_genes
+from .data import align_genes, subsample
 from .perturb import consensus_top
 
 logger = logging.getLogger(__name__)
@@ -284,8 +284,15 @@ def split_arrays(
     layer: str | None = None,
     label_key: str | None = None,
     part: str = "train",
+    max_samples: int | None = None,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Scaled expression, labels and sample ids of the bundle's ``train`` or ``test`` split."""
+    """Scaled expression, labels and sample ids of the bundle's ``train`` or ``test`` split.
+
+    With ``max_samples``, a fixed, seeded, class-stratified subsample of that size when
+    the split is larger (:func:`tspg.data.subsample`), in split order. Only the bundle's
+    genes of those samples are read (a chunk at a time).
+    """
     label_key = label_key or bundle.label_key
     if label_key not in adata.obs:
         raise ValueError(
@@ -298,9 +305,14 @@ def split_arrays(
         raise ValueError(
             f"data: {len(missing)} sample(s) of the bundle's {part} split are missing (e.g. {missing[0]!r}); is this the data the bundle was trained on?"
         )
-    sub = adata[pos]
-    Xs = bundle.scaler.transform(align_genes(sub, bundle.genes, layer=layer), genes=bundle.genes)
-    return Xs, sub.obs[label_key].astype(str).to_numpy(), ids
+    labels = adata.obs[label_key].astype(str).to_numpy()[pos]
+    keep = subsample(labels, max_samples, seed=seed)
+    if len(keep) < len(pos):
+        pos, labels, ids = pos[keep], labels[keep], [ids[i] for i in keep]
+    Xs = bundle.scaler.transform(
+        align_genes(adata, bundle.genes, layer=layer, rows=pos), genes=bundle.genes
+    )
+    return Xs, labels, ids
 
 
 def training_target_mean(
@@ -330,11 +342,30 @@ def training_target_mean(
     return Xs[y == bundle.target].mean(0, dtype=np.float64).astype(np.float32)
 
 
+# Baselines on a big training split: a fixed, seeded, class-stratified subsample of this size
+BASELINE_MAX_SAMPLES = 20_000
+
+
 def fit_baselines(
-    bundle: Bundle, adata: ad.AnnData, *, layer: str | None = None, label_key: str | None = None
+    bundle: Bundle,
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    label_key: str | None = None,
+    max_samples: int | None = BASELINE_MAX_SAMPLES,
+    seed: int = 0,
 ) -> Baselines:
-    """Mean shifts and differential expression on the bundle's training split of ``adata``."""
-    Xs, labels, _ = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="train")
+    """Mean shifts and differential expression on the bundle's training split of ``adata``
+    (at most ``max_samples`` of it: a seeded, class-stratified subsample)."""
+    Xs, labels, _ = split_arrays(
+        bundle,
+        adata,
+        layer=layer,
+        label_key=label_key,
+        part="train",
+        max_samples=max_samples,
+        seed=seed,
+    )
     return Baselines(
         class_perturbations(Xs, labels, bundle.target, genes=bundle.genes),
         differential_expression(Xs, labels, bundle.genes, bundle.target),

@@ -81,6 +81,7 @@ def _read_data(args):
         nan=args.nan,
         row_names=args.row_names,
         col_names=args.col_names,
+        backed=getattr(args, "backed", None),
     )
 
 
@@ -109,6 +110,21 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
         help="FILE.gmt:NAME (or a list file in the reference format); default all genes",
     )
     g.add_argument("--genes", help="file with one gene per line")
+    # big data (issue 14): choose genes on the sparse / on-disk matrix before anything is dense
+    g.add_argument(
+        "--n-top-genes",
+        type=int,
+        metavar="N",
+        help="train on the N highly variable genes of the training split (scanpy's "
+        "highly_variable_genes, flavour cell_ranger: for log-normalised data)",
+    )
+    g.add_argument(
+        "--backed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=".h5ad: leave the matrix on disk and read the chosen genes a chunk at a time "
+        "(default: when it would take more than a quarter of the memory available)",
+    )
     g.add_argument("--target-model", help="reuse the target model, split and scaler of this bundle")
     g.add_argument(
         "--recipe",
@@ -164,10 +180,14 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
         parser.error("give --gene-set or --genes, not both")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
-    if args.target_model and (args.gene_set or args.genes):
+    if args.target_model and (args.gene_set or args.genes or args.n_top_genes):
         parser.error(
-            "--gene-set and --genes cannot be used with --target-model: the reused target model fixes the genes"
+            "--gene-set, --genes and --n-top-genes cannot be used with --target-model: the reused target model fixes the genes"
         )
+    if args.n_top_genes is not None and (args.gene_set or args.genes):
+        parser.error("give --gene-set, --genes or --n-top-genes, not two of them")
+    if args.n_top_genes is not None and args.n_top_genes < 1:
+        parser.error("--n-top-genes must be at least 1")
     if args.name and args.all_targets:
         parser.error("--name needs a single --target")
     if args.name:
@@ -243,7 +263,7 @@ def _train(args, parser, start: float) -> int:
     )
     genes = (
         None
-        if reuse
+        if reuse or args.n_top_genes
         else select_genes(adata.var_names, gene_set=args.gene_set, genes_file=args.genes)
     )
     # everything that can stop the run after training is checked before it
@@ -264,7 +284,13 @@ def _train(args, parser, start: float) -> int:
             raise ValueError(
                 f"{root / name}: a bundle of that name exists; pass --overwrite or choose --name"
             )
-    what = f"the genes, split and target model of {reuse.name!r}" if reuse else genes.summary()
+    what = (
+        f"the genes, split and target model of {reuse.name!r}"
+        if reuse
+        else f"the {args.n_top_genes} highly variable genes of the training split"
+        if args.n_top_genes
+        else genes.summary()
+    )
     logger.info("data: %s, %d samples x %d genes; %s", dataset, adata.n_obs, adata.n_vars, what)
     logger.info("config: %s", config.to_dict())
     bars: dict = {}
@@ -290,6 +316,7 @@ def _train(args, parser, start: float) -> int:
         targets=targets,
         config=config,
         genes=genes,
+        n_top_genes=args.n_top_genes,
         layer=None,
         dataset=dataset,
         target_model=reuse,
@@ -310,6 +337,10 @@ def _train(args, parser, start: float) -> int:
         print(
             f"  perturbation accuracy (held-out): all {m['perturbation_accuracy']:.3f}, non-target {'n/a' if non_target is None else f'{non_target:.3f}'} (n={m['n_test_non_target']})"
         )
+        if m.get("n_test_total", m["n_test"]) > m["n_test"]:
+            print(
+                f"  (on a seeded subsample of {m['n_test']} of the {m['n_test_total']} held-out samples)"
+            )
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -717,6 +748,15 @@ def _evaluate(args, parser) -> int:
     print(
         f"bundle {b['name']}: target {b['target']!r}, {b['genes']} genes, {b['classes']} classes, dataset {b['dataset']}"
     )
+    n = result["samples"]
+    for part, used, total in (
+        ("training", n["train"], n["train_total"]),
+        ("held-out", n["heldout"], n["heldout_total"]),
+    ):
+        if used < total:
+            print(
+                f"on a seeded subsample of {used} of the {total} {part} samples (--seed {args.seed})"
+            )
     section = None
     for row in evaluation_table(result).itertuples(index=False):
         if row.section != section:
@@ -765,6 +805,15 @@ def _enrich(args, parser) -> int:
             raise ValueError(
                 "no samples to profile: every selected sample is of the target class; give --samples"
             )
+        from .data import subsample
+        from .pipeline import HELDOUT_MAX_SAMPLES
+
+        keep = subsample(
+            adata[ids].obs[label_key] if label_key else np.zeros(len(ids)), HELDOUT_MAX_SAMPLES
+        )
+        if len(keep) < len(ids):
+            what += f" (a seeded subsample of {len(keep)} of {len(ids)})"
+            ids = [ids[i] for i in keep]
     result = perturb_adata(bundle, adata[ids], label_key=label_key)
     lists = consensus_top(result.P, bundle.genes, k=args.k)
     up = lists["up"] if args.direction in ("up", "both") else None
@@ -805,8 +854,15 @@ def _enrich(args, parser) -> int:
 def _map(args, parser) -> int:
     import numpy as np
 
-    from .data import align_genes
-    from .embedding import MAP_MAX_CLASSES, fit_class_map, map_frame, place
+    from .data import align_genes, subsample
+    from .embedding import (
+        MAP_MAX_CLASSES,
+        MAP_MAX_PLACED,
+        fit_reference_map,
+        map_frame,
+        place,
+        select_map_samples,
+    )
     from .perturb import class_probabilities, perturb_adata
 
     if args.n_per_class < 1:
@@ -827,27 +883,33 @@ def _map(args, parser) -> int:
         what = "held-out non-target samples"
         if not rows.any():
             rows, what = np.ones(len(names), bool), "non-target samples"
-        ids = names[rows & (labels != bundle.target)].tolist()
-        if not ids:
+        rows &= labels != bundle.target
+        if not rows.any():
             raise ValueError(
                 "no samples to place: every candidate is of the target class; give --samples"
             )
+        keep = np.flatnonzero(rows)[subsample(labels[rows], MAP_MAX_PLACED, seed=args.seed)]
+        if len(keep) < rows.sum():
+            what += f" (a seeded subsample of {len(keep)} of {int(rows.sum())})"
+        ids = names[keep].tolist()
     source = _data_name(args, bundle)
-    Xs = bundle.scaler.transform(
-        align_genes(adata, bundle.genes, source=source), genes=bundle.genes, source=source
-    )
-    ref, idx = fit_class_map(
-        Xs,
+    # only the map's real samples (at most --n-per-class per class) are read and scaled
+    idx = select_map_samples(
         labels,
-        names,
         classes=args.classes,
         target=bundle.target,
         max_classes=None if args.classes else MAP_MAX_CLASSES,
         max_per_class=args.n_per_class,
         seed=args.seed,
     )
+    Xs = bundle.scaler.transform(
+        align_genes(adata, bundle.genes, source=source, rows=idx),
+        genes=bundle.genes,
+        source=source,
+    )
+    ref = fit_reference_map(Xs, samples=names[idx], labels=labels[idx], seed=args.seed)
     real_pred = np.asarray(bundle.classes, dtype=object)[
-        class_probabilities(bundle.target_model, Xs[idx]).argmax(1)
+        class_probabilities(bundle.target_model, Xs).argmax(1)
     ]
     result = perturb_adata(bundle, adata[ids], label_key=label_key)
     frame = map_frame(

@@ -1015,33 +1015,77 @@ class ScalingReport:
 
     Attributes
     ----------
-    n_values
-        Values scaled (samples x genes).
-    n_outside
-        Values outside the training range (by more than :data:`RANGE_TOLERANCE`), clipped.
-    most_affected_gene
-        The gene with the largest share of values outside (its name when known, else
-        ``"#j"``); None when no value is outside.
-    most_affected_share
-        That gene's share of values outside.
+    n_samples
+        Samples scaled.
+    outside_by_gene
+        Per gene, how many of its values fell outside the training range (by more than
+        :data:`RANGE_TOLERANCE`) and were clipped.
+    genes
+        Gene names (None: genes are named ``#1``, ``#2``, ... by column).
+
+    Properties: ``n_values``, ``n_outside``, ``outside_share`` (of all values),
+    ``most_affected_gene`` (None when no value is outside), ``most_affected_share`` (that
+    gene's share of values outside), ``warned`` (above :data:`OUT_OF_RANGE_WARNING`).
     """
 
-    n_values: int
-    n_outside: int
-    most_affected_gene: str | None
-    most_affected_share: float
+    n_samples: int
+    outside_by_gene: np.ndarray
+    genes: Sequence[str] | None = None
+
+    @property
+    def n_values(self) -> int:
+        return self.n_samples * len(self.outside_by_gene)
+
+    @property
+    def n_outside(self) -> int:
+        return int(self.outside_by_gene.sum())
 
     @property
     def outside_share(self) -> float:
-        """Share of all values outside the training range."""
         return self.n_outside / self.n_values if self.n_values else 0.0
 
     @property
+    def most_affected_gene(self) -> str | None:
+        if self.n_outside == 0:
+            return None
+        j = int(self.outside_by_gene.argmax())
+        return str(self.genes[j]) if self.genes is not None else f"#{j + 1}"
+
+    @property
+    def most_affected_share(self) -> float:
+        if self.n_outside == 0:
+            return 0.0
+        return float(self.outside_by_gene.max() / self.n_samples)
+
+    @property
     def warned(self) -> bool:
-        """Above :data:`OUT_OF_RANGE_WARNING`: data in other units or normalised differently?"""
+        """More than :data:`OUT_OF_RANGE_WARNING` outside: other units or another normalisation?"""
         return self.outside_share > OUT_OF_RANGE_WARNING
 
+    def merge(self, other: ScalingReport) -> ScalingReport:
+        """The report of both sets of samples (same genes)."""
+        return ScalingReport(
+            self.n_samples + other.n_samples,
+            self.outside_by_gene + other.outside_by_gene,
+            self.genes if self.genes is not None else other.genes,
+        )
+
+    def warn(self, source: str = "data") -> None:
+        """Log the warning users see when :attr:`warned`."""
+        if not self.warned:
+            return
+        gene = self.most_affected_gene
+        logger.warning(
+            "%s: %.0f%% of the values fall outside the range of the training data and are clipped to [0, 1] "
+            "(most: gene %s, %.0f%% of its values); are the data in other units or normalised differently?",
+            source,
+            100 * self.outside_share,
+            repr(gene) if self.genes is not None else gene,
+            100 * self.most_affected_share,
+        )
+
     def to_dict(self) -> dict:
+        """Plain JSON types (for ``uns``, a manifest or the dashboard)."""
         return {
             "n_values": self.n_values,
             "n_outside": self.n_outside,
@@ -1108,8 +1152,9 @@ class Scaler:
         """
         return self.transform_report(X, genes=genes, source=source)[0]
 
-    def transform_report(self, X, *, genes=None, source: str = "data"):
-        """:meth:`transform`, and a :class:`ScalingReport` of the values outside the training range."""
+    def transform_report(self, X, *, genes=None, source: str = "data", warn: bool = True):
+        """:meth:`transform`, and a :class:`ScalingReport` of the values outside the training
+        range (``warn=False``: no warning logged; merge the reports of chunks, then warn once)."""
         n, g = X.shape
         if sp.issparse(X) and self.keeps_sparse:
             Xs, per_gene = self._transform_sparse(sp.csr_matrix(X))
@@ -1134,16 +1179,9 @@ class Scaler:
                     n,
                     g,
                 )
-        report = self._report(per_gene, n, genes)
-        if report.warned:
-            logger.warning(
-                "%s: %.0f%% of the values fall outside the range of the training data and are clipped to [0, 1] "
-                "(most: gene %s, %.0f%% of its values); are the data in other units or normalised differently?",
-                source,
-                100 * report.outside_share,
-                repr(report.most_affected_gene) if genes is not None else report.most_affected_gene,
-                100 * report.most_affected_share,
-            )
+        report = ScalingReport(n, per_gene, None if genes is None else list(genes))
+        if warn:
+            report.warn(source)
         return Xs, report
 
     def _transform_sparse(self, X: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -1166,15 +1204,6 @@ class Scaler:
             per_gene += np.where(zero_outside, n - stored, 0)
         Xs = sp.csr_matrix((data, X.indices, X.indptr), shape=(n, g), copy=False)
         return Xs, per_gene
-
-    @staticmethod
-    def _report(per_gene: np.ndarray, n: int, genes) -> ScalingReport:
-        total = int(per_gene.sum())
-        if total == 0 or n == 0:
-            return ScalingReport(n * len(per_gene), 0, None, 0.0)
-        j = int(per_gene.argmax())
-        gene = str(genes[j]) if genes is not None else f"#{j + 1}"
-        return ScalingReport(n * len(per_gene), total, gene, float(per_gene[j] / n))
 
     def inverse_transform(self, Xs: np.ndarray) -> np.ndarray:
         return (Xs * self.range + self.minimum).astype(np.float32)

@@ -124,6 +124,7 @@ class ReferenceMap:
 
 MAP_MAX_CLASSES = 10  # the paper's map shows 10 classes
 MAP_MAX_PER_CLASS = 300  # real samples per class on a map (seeded subsample beyond that)
+MAP_MAX_PLACED = 2_000  # perturbed samples placed on a map by default (seeded subsample beyond)
 
 
 def map_classes(

@@ -38,6 +38,10 @@ from .perturb import consensus_top, discriminate, perturb_scaled, unique_top_gen
 logger = logging.getLogger(__name__)
 
 KNN_NEIGHBOURS = 15
+# evaluate() on big data: at most this many training / held-out samples (a fixed, seeded,
+# class-stratified subsample). The held-out cap bounds the energy distances (all pairs).
+EVAL_MAX_TRAIN = 20_000
+EVAL_MAX_HELDOUT = 5_000
 _SMALL_BLAS = 4_000_000  # values (samples x genes) up to which sklearn runs on one BLAS thread
 _ROWS = 1024  # row block for distance sums: memory O(_ROWS * n), never n x n
 
@@ -206,8 +210,15 @@ def evaluate(
     k: int = 20,
     ks: Sequence[int] = (10, 20, 50),
     seed: int = 0,
+    max_train: int | None = EVAL_MAX_TRAIN,
+    max_heldout: int | None = EVAL_MAX_HELDOUT,
 ) -> dict:
     """All metrics of a bundle on the held-out split of the data it was trained on.
+
+    On big data, on a fixed subsample: at most ``max_train`` training samples (baselines,
+    independent classifiers) and ``max_heldout`` held-out samples (seeded with ``seed``,
+    class-stratified, :func:`tspg.data.subsample`); ``samples`` reports the numbers used
+    and the split sizes. None uses every sample.
 
     Parameters
     ----------
@@ -223,15 +234,16 @@ def evaluate(
     ks
         List lengths for the overlap with the baselines' top genes.
     seed
-        Seed of the one random choice (one sample per source class for the unique-gene
-        count); everything else is deterministic.
+        Seed of the random choices: the subsamples of big splits and one sample per
+        source class for the unique-gene count; everything else is deterministic.
 
     Returns
     -------
     dict of sections, all values plain JSON types (NaN becomes None):
 
     - ``bundle``: name, dataset, target, genes, classes
-    - ``samples``: numbers of training, held-out, held-out target and source samples
+    - ``samples``: numbers of training, held-out, held-out target and source samples used,
+      and ``train_total`` / ``heldout_total``: the sizes of the splits (larger when subsampled)
     - ``target_model``: held-out accuracy
     - ``perturbation_accuracy``: overall, non_target, by_source (n, accuracy)
     - ``independent_classifiers``: per classifier its held-out accuracy and the share of
@@ -256,17 +268,45 @@ def evaluate(
     )  # scikit-learn's thread pools change torch's; restored below
     try:
         return _evaluate(
-            bundle, adata, layer=layer, label_key=label_key, k=k, ks=ks, seed=seed, start=start
+            bundle,
+            adata,
+            layer=layer,
+            label_key=label_key,
+            k=k,
+            ks=ks,
+            seed=seed,
+            start=start,
+            caps=(max_train, max_heldout),
         )
     finally:
         torch.set_num_threads(n_threads)
 
 
-def _evaluate(bundle, adata, *, layer, label_key, k, ks, seed, start) -> dict:
+def _evaluate(bundle, adata, *, layer, label_key, k, ks, seed, start, caps) -> dict:
     label_key = label_key or bundle.label_key
     target = bundle.target
-    Xtr, ytr, _ = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="train")
-    Xte, yte, te_ids = split_arrays(bundle, adata, layer=layer, label_key=label_key, part="test")
+    Xtr, ytr, _ = split_arrays(
+        bundle,
+        adata,
+        layer=layer,
+        label_key=label_key,
+        part="train",
+        max_samples=caps[0],
+        seed=seed,
+    )
+    Xte, yte, te_ids = split_arrays(
+        bundle, adata, layer=layer, label_key=label_key, part="test", max_samples=caps[1], seed=seed
+    )
+    for part, n, cap in (("training", len(ytr), caps[0]), ("held-out", len(yte), caps[1])):
+        total = len(bundle.split["train" if part == "training" else "test"])
+        if n < total:
+            logger.info(
+                "evaluating on a seeded subsample of %d of the %d %s samples (cap %d)",
+                n,
+                total,
+                part,
+                cap,
+            )
     unknown = sorted(set(yte.tolist()) - set(bundle.classes))
     if unknown:
         raise ValueError(
@@ -297,6 +337,8 @@ def _evaluate(bundle, adata, *, layer, label_key, k, ks, seed, start) -> dict:
         "seed": seed,
         "layer": layer,
         "label_key": label_key,
+        "max_train": caps[0],
+        "max_heldout": caps[1],
     }
     result["seconds"] = round(time.perf_counter() - start, 3)
     return _plain(result)
@@ -334,6 +376,8 @@ def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k,
             "heldout": len(yte),
             "heldout_target": int(is_t.sum()),
             "heldout_source": int(non.sum()),
+            "train_total": len(bundle.split["train"]),
+            "heldout_total": len(bundle.split["test"]),
         },
         "target_model": {"heldout_accuracy": _mean(pert.pred_before == yte)},
         "perturbation_accuracy": perturbation_accuracy(pert.pred_after, yte, target),

@@ -23,7 +23,18 @@ import pandas as pd
 import torch
 
 from .bundle import Bundle
-from .data import align_genes
+from .data import (
+    MAX_MISSING_SHARE,
+    GeneMatch,
+    ScalingReport,
+    align_genes,
+    gene_matrix,
+    is_backed,
+    is_sparse,
+    match_genes,
+    missing_gene_fill,
+)
+from .errors import UserError
 from .nets import evaluating
 
 logger = logging.getLogger(__name__)
@@ -92,6 +103,10 @@ class Perturbation:
     classes); (samples x 0) when it was not run (``perturb_scaled(..., predict=False)``),
     and then every reading of the predictions raises a ValueError.
     ``labels`` holds each sample's class when the data had the bundle's label column.
+    ``gene_match`` (:class:`tspg.data.GeneMatch`) and ``scaling``
+    (:class:`tspg.data.ScalingReport`) say how well new data fit the bundle (set by
+    :func:`perturb_adata`): genes missing, matched ignoring case or by a ``var`` column, and
+    the share of values outside the training range.
     """
 
     samples: list[str]
@@ -104,6 +119,8 @@ class Perturbation:
     proba_before: np.ndarray  # (samples, classes)
     proba_after: np.ndarray
     labels: np.ndarray | None = field(default=None)
+    gene_match: GeneMatch | None = field(default=None)  # how the data's genes were matched
+    scaling: ScalingReport | None = field(default=None)  # how the data fit the training range
 
     @property
     def predicted(self) -> bool:
@@ -157,6 +174,8 @@ class Perturbation:
             self.proba_before[idx],
             self.proba_after[idx],
             None if self.labels is None else self.labels[idx],
+            self.gene_match,
+            self.scaling,
         )
 
     def source_rows(self) -> np.ndarray:
@@ -239,31 +258,97 @@ def perturb_adata(
     layer: str | None = None,
     label_key: str | None = None,
     source: str = "data",
+    max_missing: float = MAX_MISSING_SHARE,
+    var_column: str | None = None,
 ) -> Perturbation:
     """Match genes by name, scale with the bundle's scaler, and perturb.
 
+    Genes are matched by :func:`tspg.data.match_genes`: exactly, then ignoring case, then
+    by the symbols of a ``var`` column when ``var_names`` are ids (``var_column``, else
+    one of :data:`tspg.data.SYMBOL_COLUMNS`). Up to ``max_missing`` of the bundle's genes
+    may be missing (default :data:`tspg.data.MAX_MISSING_SHARE`; 0 refuses any): they are
+    filled by :func:`tspg.data.missing_gene_fill` (the training mean). The result's
+    ``gene_match`` and ``scaling`` report all of it.
+
     Labels are read from ``obs[label_key]`` (default: the bundle's label key, when present).
+    The data are read, scaled and perturbed a chunk of samples at a time: only the
+    bundle's genes of these samples are ever dense.
     """
     if layer is not None and layer not in adata.layers:
-        raise ValueError(f"{source}: no layer {layer!r}; layers are {list(adata.layers) or 'none'}")
-    X = align_genes(adata, bundle.genes, layer=layer, source=source)
-    if not np.isfinite(X).all():
-        i, j = map(int, np.argwhere(~np.isfinite(X))[0])
-        raise ValueError(
-            f"{source}: missing or infinite value at sample {adata.obs_names[i]!r}, gene {bundle.genes[j]!r}"
-        )
+        raise UserError(f"{source}: no layer {layer!r}; layers are {list(adata.layers) or 'none'}")
     if label_key is not None and label_key not in adata.obs:
-        raise ValueError(
+        raise UserError(
             f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}"
         )
+    fill, how = missing_gene_fill(bundle.scaler, bundle.manifest.get("training_mean"))
+    match = match_genes(
+        adata,
+        bundle.genes,
+        max_missing=max_missing,
+        var_column=var_column,
+        fill=how,
+        source=source,
+    )
     key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
     labels = adata.obs[key].astype(str).to_numpy() if key else None
-    return perturb_scaled(
-        bundle,
-        bundle.scaler.transform(X, genes=bundle.genes, source=source),
-        adata.obs_names,
-        labels=labels,
+    n, g, k = adata.n_obs, len(bundle.genes), len(bundle.classes)
+    x, P, x_adv = (np.empty((n, g), dtype=np.float32) for _ in range(3))
+    before, after = (np.empty((n, k), dtype=np.float32) for _ in range(2))
+    scaling = None
+    step = max(_CHUNK, (64 * 2**20) // (4 * max(g, 1)))
+    for a in range(0, n, step):
+        rows = np.arange(a, min(a + step, n))
+        X = align_genes(
+            adata, bundle.genes, layer=layer, source=source, rows=rows, match=match, fill=fill
+        )
+        if not np.isfinite(X).all():
+            i, j = map(int, np.argwhere(~np.isfinite(X))[0])
+            raise UserError(
+                f"{source}: missing or infinite value at sample {adata.obs_names[a + i]!r}, gene {bundle.genes[j]!r}"
+            )
+        xs, report = bundle.scaler.transform_report(
+            X, genes=bundle.genes, source=source, warn=False
+        )
+        del X
+        scaling = report if scaling is None else scaling.merge(report)
+        x[rows] = xs
+        P[rows], x_adv[rows] = generate_perturbed(bundle.generator, xs)
+        before[rows] = class_probabilities(bundle.target_model, xs)
+        after[rows] = class_probabilities(bundle.target_model, x_adv[rows])
+    if scaling is not None:
+        scaling.warn(source)
+    return Perturbation(
+        [str(s) for s in adata.obs_names],
+        list(bundle.genes),
+        list(bundle.classes),
+        bundle.target,
+        x,
+        P,
+        x_adv,
+        before,
+        after,
+        None if labels is None else np.asarray(labels, dtype=object),
+        match,
+        scaling,
     )
+
+
+def _output_matrix(adata: ad.AnnData, bundle: Bundle, match: GeneMatch, layer: str | None):
+    """The data's own values of the bundle's genes (missing ones filled), as stored: sparse
+    data stay sparse, dense stays dense."""
+    import scipy.sparse as sp
+
+    fill, _ = missing_gene_fill(bundle.scaler, bundle.manifest.get("training_mean"))
+    if not is_sparse(adata, layer=layer):
+        return align_genes(adata, bundle.genes, layer=layer, match=match, fill=fill)
+    present = np.flatnonzero(match.index >= 0)
+    X = gene_matrix(adata, [adata.var_names[j] for j in match.index[present]], layer=layer)
+    if len(present) == len(bundle.genes):
+        return X
+    absent = np.flatnonzero(match.index < 0)
+    filled = np.broadcast_to(fill[absent], (adata.n_obs, len(absent)))
+    X = sp.hstack([sp.csr_matrix(X), sp.csr_matrix(filled)], format="csr")
+    return X[:, np.argsort(np.concatenate([present, absent]))]
 
 
 def perturb(
@@ -275,6 +360,7 @@ def perturb(
     k: int = 20,
     key_added: str = "tspg",
     source: str = "data",
+    max_missing: float = MAX_MISSING_SHARE,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Perturb every sample of ``adata`` towards the bundle's target class.
@@ -299,6 +385,8 @@ def perturb(
         Prefix of the slots written.
     source
         Name of the data in error messages, e.g. its file name.
+    max_missing
+        Share of the bundle's genes that may be missing (filled, see :func:`perturb_adata`).
     copy
         Return a new AnnData instead of writing into ``adata``.
 
@@ -319,16 +407,33 @@ def perturb(
       None), ``k``
     - ``uns[key_added]["top_genes"]``: ``up`` / ``down`` (samples x k gene names, rank order)
       and ``up_P`` / ``down_P`` (their P)
+    - ``uns[key_added]["gene_match"]``, ``uns[key_added]["scaling"]``: how the data's genes
+      were found and filled (:class:`tspg.data.GeneMatch`) and how many values fell outside
+      the training range (:class:`tspg.data.ScalingReport`), as plain dicts
+    - with ``copy=True``, ``var[f"{key_added}_data_name"]``: each gene's name in the data
+      ("" when missing and filled)
     - ``uns[key_added]["consensus"]``: the columns of :func:`consensus` (``gene``,
       ``direction``, ``count``, ``frequency``, ``mean_P``) over the samples whose label is
       not the target (all samples when labels are unknown or all of the target), as arrays
     """
     if not copy and list(adata.var_names) != list(bundle.genes):
-        raise ValueError(
+        raise UserError(
             f"{source}: in-place perturbation needs exactly the bundle's genes in order; use copy=True"
         )
-    result = perturb_adata(bundle, adata, layer=layer, label_key=label_key, source=source)
-    out = adata[:, bundle.genes].copy() if copy else adata
+    result = perturb_adata(
+        bundle, adata, layer=layer, label_key=label_key, source=source, max_missing=max_missing
+    )
+    if copy:
+        match = result.gene_match
+        names = [adata.var_names[j] if j >= 0 else "" for j in match.index]
+        out = ad.AnnData(
+            X=_output_matrix(adata, bundle, match, layer),
+            obs=adata.obs.copy(),
+            var=pd.DataFrame({f"{key_added}_data_name": names}, index=list(bundle.genes)),
+            obsm=None if is_backed(adata) else dict(adata.obsm),
+        )
+    else:
+        out = adata
     out.layers[f"{key_added}_x"] = result.x
     out.layers[f"{key_added}_perturbation"] = result.P
     out.layers[f"{key_added}_perturbed"] = result.x_adv
@@ -360,6 +465,8 @@ def perturb(
             c: (cons[c].to_numpy().astype(str) if cons[c].dtype == object else cons[c].to_numpy())
             for c in cons.columns
         },
+        "gene_match": _uns_safe(result.gene_match.to_dict()),
+        "scaling": _uns_safe(result.scaling.to_dict()) if result.scaling else {},
     }
     return out if copy else None
 
@@ -415,8 +522,13 @@ def top_genes(P: np.ndarray, genes: Sequence[str], k: int = 20) -> TopGenes:
     """
     P, k = _check_P(P, genes, k)
     names = np.asarray(genes, dtype=object)
-    up = np.argsort(-P, axis=1, kind="stable")[:, :k]
-    down = np.argsort(P, axis=1, kind="stable")[:, :k]
+    up = np.empty((len(P), k), dtype=np.int64)
+    down = np.empty((len(P), k), dtype=np.int64)
+    step = max(1, (32 * 2**20) // (8 * max(P.shape[1], 1)))  # rows a sort: bounded memory
+    for i in range(0, len(P), step):
+        block = P[i : i + step]
+        up[i : i + step] = np.argsort(-block, axis=1, kind="stable")[:, :k]
+        down[i : i + step] = np.argsort(block, axis=1, kind="stable")[:, :k]
     return TopGenes(
         names[up],
         names[down],
@@ -536,3 +648,13 @@ def unique_top_genes(
         "k": k,
         "samples": picks,
     }
+
+
+def _uns_safe(d: dict) -> dict:
+    """A report's dict as h5ad can store it in ``uns`` (no None, lists as string arrays)."""
+    out = {}
+    for k, v in d.items():
+        if v is None:
+            continue
+        out[k] = np.asarray(v, dtype=str) if isinstance(v, list) else v
+    return out
