@@ -141,6 +141,14 @@ def read_gem(
         )
     if transpose:
         adata = adata.T.copy()
+    try:
+        return _finish_import(adata, path, label_key=label_key, labels=labels, nan=nan)
+    except BaseException:
+        close_backed(adata)  # a failed read leaves no open file behind
+        raise
+
+
+def _finish_import(adata: ad.AnnData, path: Path, *, label_key, labels, nan) -> ad.AnnData:
     if labels is not None:
         label_key = label_key or "label"
         adata.obs[label_key] = read_labels(labels, adata.obs_names)
@@ -549,6 +557,15 @@ def validate_labels(
 
 
 # ----------------------------------------------------------------------------- reading rows
+
+
+def close_backed(adata: ad.AnnData) -> None:
+    """Close the file a backed AnnData (``read_gem(..., backed=True)``) reads from; no-op otherwise."""
+    X = adata.X
+    if _is_sparse_dataset(X):
+        X.group.file.close()
+    elif is_backed_matrix(X):
+        X.file.close()
 
 
 def _is_sparse_dataset(X) -> bool:

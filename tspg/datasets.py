@@ -215,10 +215,14 @@ def _alias_table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _log1p_normalised(counts: sp.csr_matrix) -> sp.csr_matrix:
     """scanpy's ``normalize_total`` (to 10,000 per cell) then ``log1p``, on a CSR matrix."""
+    import warnings
+
     import scanpy as sc
 
     tmp = ad.AnnData(X=counts)
-    sc.pp.normalize_total(tmp, target_sum=1e4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Some cells have zero counts")  # they stay zero
+        sc.pp.normalize_total(tmp, target_sum=1e4)
     sc.pp.log1p(tmp)
     return sp.csr_matrix(tmp.X, dtype=np.float32)
 
@@ -482,7 +486,7 @@ def load_bundle_dataset(
     """
     import logging
 
-    from .data import align_genes, fingerprint, read_gem
+    from .data import dataset_fingerprint, read_gem
 
     log = logging.getLogger(__name__)
     info = bundle.manifest.get("dataset", {})
@@ -495,9 +499,7 @@ def load_bundle_dataset(
     expected = info.get("fingerprint")
     if expected:
         try:
-            found = fingerprint(
-                align_genes(adata, bundle.genes, layer=layer), bundle.genes, list(adata.obs_names)
-            )
+            found = dataset_fingerprint(adata, bundle.genes, layer=layer)  # streamed
         except ValueError as err:  # genes missing: callers say so with their own message
             log.warning("cannot check the dataset fingerprint: %s", err)
         else:
