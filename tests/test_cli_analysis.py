@@ -315,11 +315,22 @@ def test_perturb_new_data_with_other_gene_names(quick_bundle, tmp_path, capsys):
         match = res.uns["tspg"]["gene_match"]
         assert match["n_missing"] == 0
         assert match[key] == (30 if key == "n_case_matched" else "feature_name")
+        printed = capsys.readouterr().out
+        assert (
+            "genes: 30 of the model's 30 genes found; 30 only when ignoring case" in printed
+            if name == "lower"
+            else "genes: 30 of the model's 30 genes found; by the symbols in var['feature_name']"
+            in printed
+        )
     lacking = gem[:, [g for g in gem.var_names if g != "G03"]].copy()
     path = tmp_path / "lacking.h5ad"
     lacking.write_h5ad(path)
     out = tmp_path / "lacking-out.h5ad"
     assert main(["perturb", str(quick_bundle.path), str(path), "-o", str(out)]) == 0
+    assert (
+        "genes: 29 of the model's 30 genes found; 1 missing (3.3%), filled with the training mean: G03"
+        in capsys.readouterr().out
+    )
     res = ad.read_h5ad(out)
     match = res.uns["tspg"]["gene_match"]
     assert match["n_missing"] == 1 and list(match["missing"]) == ["G03"]

@@ -679,7 +679,7 @@ def _check_k(parser, k: int) -> None:
 def _perturb(args, parser) -> int:
     import pandas as pd
 
-    from .data import write_gem
+    from .data import gene_match_summary, write_gem
     from .metrics import perturbation_accuracy_table
     from .perturb import consensus, perturb, perturb_adata, top_genes_df
 
@@ -705,6 +705,7 @@ def _perturb(args, parser) -> int:
             out / "consensus.csv", index=False
         )
         pred_after, labels = result.pred_after, result.labels
+        match = result.gene_match.to_dict()
         print(
             f"wrote {out}/: perturbation.csv, perturbed.csv, predictions.csv, top_genes.csv, consensus.csv"
         )
@@ -717,10 +718,13 @@ def _perturb(args, parser) -> int:
         write_gem(result, out)
         pred_after = result.obs["tspg_pred_after"].astype(str).to_numpy()
         labels = result.obs[label_key].astype(str).to_numpy() if label_key else None
+        match = result.uns["tspg"]["gene_match"]
         print(
             f"wrote {out}: layers tspg_x, tspg_perturbation, tspg_perturbed; obs tspg_pred_before/after; uns['tspg'] (top genes, consensus)"
         )
     n_target = int((pred_after == bundle.target).sum())
+    if match.get("n_missing") or match.get("n_case_matched") or match.get("from_var_column"):
+        print(f"genes: {gene_match_summary(match)}")  # matched ignoring case, by var, or filled
     print(
         f"{len(pred_after)} samples x {len(bundle.genes)} genes perturbed towards {bundle.target!r}: {n_target} now predicted {bundle.target!r}"
     )

@@ -804,17 +804,7 @@ class GeneMatch:
 
     def summary(self) -> str:
         """One line for users: what was matched how, and what was filled."""
-        parts = [f"{self.n_genes - self.n_missing} of the model's {self.n_genes} genes found"]
-        if self.from_var_column:
-            parts.append(f"by the symbols in var[{self.from_var_column!r}]")
-        if self.case_matched:
-            parts.append(f"{len(self.case_matched)} only when ignoring case")
-        if self.missing:
-            parts.append(
-                f"{self.n_missing} missing ({100 * self.missing_share:.1f}%), filled with the "
-                f"{self.fill}: {_shown(self.missing)}"
-            )
-        return "; ".join(parts)
+        return gene_match_summary(self.to_dict())
 
     def to_dict(self) -> dict:
         """Plain JSON types (for ``uns``, a manifest or the dashboard)."""
@@ -829,6 +819,22 @@ class GeneMatch:
             "fill": self.fill,
             "max_missing": self.max_missing,
         }
+
+
+def gene_match_summary(match: dict) -> str:
+    """One line from :meth:`GeneMatch.to_dict` (e.g. as stored in ``uns["tspg"]["gene_match"]``)."""
+    n, missing = int(match["n_genes"]), list(match.get("missing", []))
+    parts = [f"{n - len(missing)} of the model's {n} genes found"]
+    if match.get("from_var_column"):
+        parts.append(f"by the symbols in var[{match['from_var_column']!r}]")
+    if match.get("n_case_matched"):
+        parts.append(f"{match['n_case_matched']} only when ignoring case")
+    if missing:
+        parts.append(
+            f"{len(missing)} missing ({100 * len(missing) / max(n, 1):.1f}%), filled with the "
+            f"{match.get('fill')}: {_shown(missing)}"
+        )
+    return "; ".join(parts)
 
 
 def _shown(names: Sequence[str], n: int = 10) -> str:
