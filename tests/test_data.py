@@ -833,3 +833,24 @@ def test_subsample_is_seeded_stratified_and_keeps_small_classes():
     assert np.all(np.diff(keep) > 0)
     counts = {c: int((labels[keep] == c).sum()) for c in "abc"}
     assert counts == {"a": 90, "b": 10, "c": 2}  # in proportion, small classes kept
+
+
+def test_write_gem_streams_a_matrix_read_on_disk(tmp_path, small_chunks):
+    src = sparse_gem()
+    src.X.data[4] = np.nan
+    for name, X in (("sparse", src.X), ("dense", src.X.toarray())):
+        path = tmp_path / f"{name}.h5ad"
+        ad.AnnData(X=X, obs=src.obs, var=src.var).write_h5ad(path)
+        in_memory = read_gem(path, label_key="tissue", backed=False)
+        out = write_gem(
+            read_gem(path, label_key="tissue", backed=True), tmp_path / f"{name}-copy.h5ad"
+        )
+        back = ad.read_h5ad(out)
+        assert sp.issparse(back.X) == (name == "sparse") and back.X.dtype == np.float32
+        got = back.X.toarray() if sp.issparse(back.X) else back.X
+        want = in_memory.X.toarray() if sp.issparse(in_memory.X) else in_memory.X
+        np.testing.assert_array_equal(got, want)  # missing value filled as in memory
+        assert list(back.obs["tissue"]) == list(src.obs["tissue"])
+        assert back.uns["tspg_import"]["n_missing_filled"] == 1
+        assert "backed" not in back.uns["tspg_import"]
+    assert not list(tmp_path.glob(".*"))

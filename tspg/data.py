@@ -1327,14 +1327,18 @@ def dataset_fingerprint(
 def write_gem(adata: ad.AnnData, path: str | Path) -> Path:
     """Write ``adata`` as .h5ad (via a temporary file, so a crash leaves no half file).
 
-    A matrix on disk (``backed``) is copied chunk by chunk by anndata.
+    A matrix read on disk (``backed``) is copied a chunk of rows at a time (as float32,
+    missing values filled), never whole in memory; only ``obs``, ``var`` and ``uns`` go with it.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path}: cannot write, {path.parent} is not a folder")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        adata.write_h5ad(tmp)
+        if is_backed_matrix(adata.X):
+            _write_backed(adata, tmp)
+        else:
+            adata.write_h5ad(tmp)
         tmp.replace(path)
     except OSError:
         raise
@@ -1343,3 +1347,30 @@ def write_gem(adata: ad.AnnData, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; a leftover after a failure
     return path
+
+
+def _write_backed(adata: ad.AnnData, path: Path) -> None:
+    """``adata`` whose X is on disk, streamed into a new .h5ad."""
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    uns = dict(adata.uns)
+    if "tspg_import" in uns:  # the copy is an ordinary file, its missing values filled
+        uns["tspg_import"] = {
+            k: v for k, v in uns["tspg_import"].items() if k not in ("backed", "nan_fill_value")
+        }
+    ad.AnnData(obs=adata.obs, var=adata.var, uns=uns).write_h5ad(path)
+    X, nan_fill = adata.X, _nan_fill(adata)
+    with h5py.File(path, "a") as f:
+        if _is_sparse_dataset(X):
+            for start, block in _blocks(X, None, None, nan_fill=nan_fill):
+                if start == 0:
+                    write_elem(f, "X", block)
+                    out = sparse_dataset(f["X"])
+                else:
+                    out.append(block)
+        else:
+            out = f.create_dataset("X", shape=X.shape, dtype=np.float32)
+            out.attrs["encoding-type"], out.attrs["encoding-version"] = "array", "0.2.0"
+            for start, block in _blocks(X, None, None, nan_fill=nan_fill):
+                out[start : start + block.shape[0]] = block
