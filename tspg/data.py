@@ -724,8 +724,10 @@ def rows_matrix(
     nan_fill = _nan_fill(adata)
     if _is_sparse_dataset(X):
         return _backed_csr_rows(X, rows, nan_fill=nan_fill)
-    sparse = sp.issparse(X)
-    return _read_in_order(X, None, rows, nan_fill=nan_fill, dense=not sparse)
+    if not is_backed_matrix(X):  # in memory: one copy of the rows (none for all rows)
+        X = _float_matrix(X, "data")
+        return X if rows is None else X[rows]
+    return _read_in_order(X, None, rows, nan_fill=nan_fill, dense=True)
 
 
 def _backed_csr_rows(X, rows: np.ndarray | None, *, nan_fill) -> sp.csr_matrix:
