@@ -679,9 +679,9 @@ def _check_k(parser, k: int) -> None:
 def _perturb(args, parser) -> int:
     import pandas as pd
 
-    from .data import gene_match_summary, write_gem
+    from .data import gene_match_summary
     from .metrics import perturbation_accuracy_table
-    from .perturb import consensus, perturb, perturb_adata, top_genes_df
+    from .perturb import consensus, perturb_adata, top_genes_df, write_perturbed
 
     _check_k(parser, args.k)
     bundle = _load_cli_bundle(args)
@@ -712,10 +712,9 @@ def _perturb(args, parser) -> int:
     else:
         if out.suffix.lower() != ".h5ad":
             parser.error("--output must end in .h5ad (or add --csv to write a folder of CSV files)")
-        result = perturb(
-            adata, bundle, label_key=label_key, k=args.k, source=str(args.data), copy=True
+        result = write_perturbed(  # a chunk of samples at a time, straight into the file
+            adata, bundle, out, label_key=label_key, k=args.k, source=str(args.data)
         )
-        write_gem(result, out)
         pred_after = result.obs["tspg_pred_after"].astype(str).to_numpy()
         labels = result.obs[label_key].astype(str).to_numpy() if label_key else None
         match = result.uns["tspg"]["gene_match"]

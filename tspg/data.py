@@ -323,10 +323,10 @@ def _header(path: Path, sep: str) -> list[str]:
 
 def _check_numeric(df: pd.DataFrame, path: Path, columns: Sequence[str]) -> None:
     """One line naming the first non-numeric value's row and column."""
-    for j in range(df.shape[1]):
-        column = df.iloc[:, j]
-        if pd.api.types.is_numeric_dtype(column):
+    for j, dtype in enumerate(df.dtypes):
+        if pd.api.types.is_numeric_dtype(dtype):
             continue
+        column = df.iloc[:, j]
         values = pd.to_numeric(column, errors="coerce")
         bad = np.flatnonzero(values.isna().to_numpy() & column.notna().to_numpy())
         if not len(bad):  # no rows at all: reported as an empty matrix
@@ -684,11 +684,11 @@ def _read_in_order(X, cols, rows, *, nan_fill, dense: bool):
         for start, block in _blocks(X, cols, rows, nan_fill=nan_fill):
             out[start : start + block.shape[0]] = block.toarray() if sp.issparse(block) else block
     else:
-        out = _stack_csr([b for _, b in _blocks(X, cols, rows, nan_fill=nan_fill)], n_out)
+        out = vstack_csr([b for _, b in _blocks(X, cols, rows, nan_fill=nan_fill)], n_out)
     return out if order is None else out[order]
 
 
-def _stack_csr(blocks: list[sp.csr_matrix], n_cols: int) -> sp.csr_matrix:
+def vstack_csr(blocks: list[sp.csr_matrix], n_cols: int) -> sp.csr_matrix:
     """Row blocks as one CSR matrix, each index array copied once."""
     if not blocks:
         return sp.csr_matrix((0, n_cols), dtype=np.float32)

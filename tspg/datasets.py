@@ -291,7 +291,7 @@ def atlas_gem(
     ``gene-00000`` ..., and ``uns["truth"]``: each class's up and down program genes.
     To write one too big for memory, use :func:`write_atlas_gem`.
     """
-    from .data import _stack_csr
+    from .data import vstack_csr
 
     obs, var, truth, chunks = _count_gem_chunks(
         n_cells,
@@ -304,7 +304,7 @@ def atlas_gem(
         seed=seed,
         label_key=label_key,
     )
-    X = _stack_csr(list(chunks), n_genes)
+    X = vstack_csr(list(chunks), n_genes)
     return ad.AnnData(X=X, obs=obs, var=var, uns={"truth": truth})
 
 
@@ -377,7 +377,7 @@ def planted_gem(
     (``type-00`` ...) and ``uns["truth"]`` = ``{"up": {class: [genes]}, "down": {class:
     [genes]}, "label_key", "median_library_size"}``; :func:`planted_truth` reads it as a table.
     """
-    from .data import _stack_csr
+    from .data import vstack_csr
 
     obs, var, truth, chunks = _count_gem_chunks(
         n_samples,
@@ -390,7 +390,7 @@ def planted_gem(
         seed=seed,
         label_key=label_key,
     )
-    X = _stack_csr(list(chunks), n_genes)
+    X = vstack_csr(list(chunks), n_genes)
     return ad.AnnData(X=X if sparse else X.toarray(), obs=obs, var=var, uns={"truth": truth})
 
 

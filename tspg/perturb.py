@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from .bundle import Bundle
@@ -28,11 +30,11 @@ from .data import (
     GeneMatch,
     ScalingReport,
     align_genes,
-    gene_matrix,
     is_backed,
     is_sparse,
     match_genes,
     missing_gene_fill,
+    vstack_csr,
 )
 from .errors import UserError
 from .nets import evaluating
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("up", "down")
 _CHUNK = 2048  # rows per forward pass: bounds the activations' memory, costs nothing in speed
+_CHUNK_BYTES = 64 * 2**20  # data perturbed a chunk of samples at a time: x of a chunk ~ this
 
 
 # ----------------------------------------------------------------------------- forward passes
@@ -251,6 +254,79 @@ def perturb_scaled(
     )
 
 
+class _Perturber:
+    """Perturbing data with a bundle a chunk of samples at a time: genes matched once, then
+    per chunk the raw values of the bundle's genes, x, P, x_adv and the target model's
+    probabilities before and after. ``scaling`` is complete after the last chunk."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        adata: ad.AnnData,
+        *,
+        layer: str | None,
+        label_key: str | None,
+        source: str,
+        max_missing: float,
+        var_column: str | None = None,
+    ):
+        if layer is not None and layer not in adata.layers:
+            raise UserError(
+                f"{source}: no layer {layer!r}; layers are {list(adata.layers) or 'none'}"
+            )
+        if label_key is not None and label_key not in adata.obs:
+            raise UserError(
+                f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}"
+            )
+        self.bundle, self.adata, self.layer, self.source = bundle, adata, layer, source
+        self.fill, how = missing_gene_fill(bundle.scaler, bundle.manifest.get("training_mean"))
+        self.match = match_genes(
+            adata,
+            bundle.genes,
+            max_missing=max_missing,
+            var_column=var_column,
+            fill=how,
+            source=source,
+        )
+        key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
+        self.labels = (
+            np.asarray(adata.obs[key].astype(str).to_numpy(), dtype=object) if key else None
+        )
+        self.scaling: ScalingReport | None = None
+
+    def chunks(self):
+        """(rows, X, x, P, x_adv, proba_before, proba_after) per chunk of rows, in order."""
+        bundle, adata, g = self.bundle, self.adata, len(self.bundle.genes)
+        n = adata.n_obs
+        step = max(1, _CHUNK_BYTES // (4 * max(g, 1)))
+        for a in range(0, n, step):
+            rows = slice(a, min(a + step, n))
+            X = align_genes(
+                adata,
+                bundle.genes,
+                layer=self.layer,
+                source=self.source,
+                rows=np.arange(rows.start, rows.stop),
+                match=self.match,
+                fill=self.fill,
+            )
+            if not np.isfinite(X).all():
+                i, j = map(int, np.argwhere(~np.isfinite(X))[0])
+                raise UserError(
+                    f"{self.source}: missing or infinite value at sample {adata.obs_names[a + i]!r}, gene {bundle.genes[j]!r}"
+                )
+            x, report = bundle.scaler.transform_report(
+                X, genes=bundle.genes, source=self.source, warn=False
+            )
+            self.scaling = report if self.scaling is None else self.scaling.merge(report)
+            P, x_adv = generate_perturbed(bundle.generator, x)
+            before = class_probabilities(bundle.target_model, x)
+            after = class_probabilities(bundle.target_model, x_adv)
+            yield rows, X, x, P, x_adv, before, after
+        if self.scaling is not None:
+            self.scaling.warn(self.source)
+
+
 def perturb_adata(
     bundle: Bundle,
     adata: ad.AnnData,
@@ -274,49 +350,21 @@ def perturb_adata(
     The data are read, scaled and perturbed a chunk of samples at a time: only the
     bundle's genes of these samples are ever dense.
     """
-    if layer is not None and layer not in adata.layers:
-        raise UserError(f"{source}: no layer {layer!r}; layers are {list(adata.layers) or 'none'}")
-    if label_key is not None and label_key not in adata.obs:
-        raise UserError(
-            f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}"
-        )
-    fill, how = missing_gene_fill(bundle.scaler, bundle.manifest.get("training_mean"))
-    match = match_genes(
+    p = _Perturber(
+        bundle,
         adata,
-        bundle.genes,
+        layer=layer,
+        label_key=label_key,
+        source=source,
         max_missing=max_missing,
         var_column=var_column,
-        fill=how,
-        source=source,
     )
-    key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
-    labels = adata.obs[key].astype(str).to_numpy() if key else None
-    n, g, k = adata.n_obs, len(bundle.genes), len(bundle.classes)
+    n, g, c = adata.n_obs, len(bundle.genes), len(bundle.classes)
     x, P, x_adv = (np.empty((n, g), dtype=np.float32) for _ in range(3))
-    before, after = (np.empty((n, k), dtype=np.float32) for _ in range(2))
-    scaling = None
-    step = max(_CHUNK, (64 * 2**20) // (4 * max(g, 1)))
-    for a in range(0, n, step):
-        rows = np.arange(a, min(a + step, n))
-        X = align_genes(
-            adata, bundle.genes, layer=layer, source=source, rows=rows, match=match, fill=fill
-        )
-        if not np.isfinite(X).all():
-            i, j = map(int, np.argwhere(~np.isfinite(X))[0])
-            raise UserError(
-                f"{source}: missing or infinite value at sample {adata.obs_names[a + i]!r}, gene {bundle.genes[j]!r}"
-            )
-        xs, report = bundle.scaler.transform_report(
-            X, genes=bundle.genes, source=source, warn=False
-        )
-        del X
-        scaling = report if scaling is None else scaling.merge(report)
-        x[rows] = xs
-        P[rows], x_adv[rows] = generate_perturbed(bundle.generator, xs)
-        before[rows] = class_probabilities(bundle.target_model, xs)
-        after[rows] = class_probabilities(bundle.target_model, x_adv[rows])
-    if scaling is not None:
-        scaling.warn(source)
+    before, after = (np.empty((n, c), dtype=np.float32) for _ in range(2))
+    for rows, _, *parts in p.chunks():
+        for out, part in zip((x, P, x_adv, before, after), parts, strict=True):
+            out[rows] = part
     return Perturbation(
         [str(s) for s in adata.obs_names],
         list(bundle.genes),
@@ -327,28 +375,10 @@ def perturb_adata(
         x_adv,
         before,
         after,
-        None if labels is None else np.asarray(labels, dtype=object),
-        match,
-        scaling,
+        p.labels,
+        p.match,
+        p.scaling,
     )
-
-
-def _output_matrix(adata: ad.AnnData, bundle: Bundle, match: GeneMatch, layer: str | None):
-    """The data's own values of the bundle's genes (missing ones filled), as stored: sparse
-    data stay sparse, dense stays dense."""
-    import scipy.sparse as sp
-
-    fill, _ = missing_gene_fill(bundle.scaler, bundle.manifest.get("training_mean"))
-    if not is_sparse(adata, layer=layer):
-        return align_genes(adata, bundle.genes, layer=layer, match=match, fill=fill)
-    present = np.flatnonzero(match.index >= 0)
-    X = gene_matrix(adata, [adata.var_names[j] for j in match.index[present]], layer=layer)
-    if len(present) == len(bundle.genes):
-        return X
-    absent = np.flatnonzero(match.index < 0)
-    filled = np.broadcast_to(fill[absent], (adata.n_obs, len(absent)))
-    X = sp.hstack([sp.csr_matrix(X), sp.csr_matrix(filled)], format="csr")
-    return X[:, np.argsort(np.concatenate([present, absent]))]
 
 
 def perturb(
@@ -420,55 +450,225 @@ def perturb(
         raise UserError(
             f"{source}: in-place perturbation needs exactly the bundle's genes in order; use copy=True"
         )
-    result = perturb_adata(
+    p = _Perturber(
         bundle, adata, layer=layer, label_key=label_key, source=source, max_missing=max_missing
     )
+    out = _perturb_into(
+        _MemorySink(adata, bundle, key_added, keep_X=copy), p, k=k, key_added=key_added
+    )
     if copy:
-        match = result.gene_match
-        names = [adata.var_names[j] if j >= 0 else "" for j in match.index]
-        out = ad.AnnData(
-            X=_output_matrix(adata, bundle, match, layer),
-            obs=adata.obs.copy(),
-            var=pd.DataFrame({f"{key_added}_data_name": names}, index=list(bundle.genes)),
-            obsm=None if is_backed(adata) else dict(adata.obsm),
+        return out
+    for name, values in out.layers.items():
+        adata.layers[name] = values
+    for col in out.obs.columns.difference(adata.obs.columns, sort=False):
+        adata.obs[col] = out.obs[col]
+    adata.uns[key_added] = out.uns[key_added]
+    return None
+
+
+def write_perturbed(
+    adata: ad.AnnData,
+    bundle: Bundle,
+    path: str | Path,
+    *,
+    layer: str | None = None,
+    label_key: str | None = None,
+    k: int = 20,
+    key_added: str = "tspg",
+    source: str = "data",
+    max_missing: float = MAX_MISSING_SHARE,
+) -> ad.AnnData:
+    """``perturb(adata, bundle, copy=True)`` written to ``path`` (.h5ad) a chunk of samples
+    at a time: memory holds one chunk, never the result's matrices (X, x, P, x_adv).
+
+    The file holds what :func:`perturb` returns. It is written to a temporary file and
+    renamed into place, so a failure leaves no half file. Returns the result's ``obs`` and
+    ``uns`` as an AnnData without matrices (for a summary).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: cannot write, {path.parent} is not a folder")
+    p = _Perturber(
+        bundle, adata, layer=layer, label_key=label_key, source=source, max_missing=max_missing
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with _FileSink(tmp, adata, bundle, p.match, key_added) as sink:
+            summary = _perturb_into(sink, p, k=k, key_added=key_added)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return summary
+
+
+LAYERS = ("x", "perturbation", "perturbed")  # the layers perturb() writes, after key_added
+
+
+def _var(adata: ad.AnnData, bundle: Bundle, match: GeneMatch, key_added: str) -> pd.DataFrame:
+    names = [adata.var_names[j] if j >= 0 else "" for j in match.index]
+    return pd.DataFrame({f"{key_added}_data_name": names}, index=list(bundle.genes))
+
+
+def _obsm(adata: ad.AnnData) -> dict | None:
+    return None if is_backed(adata) else {k: np.asarray(v) for k, v in adata.obsm.items()}
+
+
+class _MemorySink:
+    """The result in memory: x, P, x_adv, and for a copy X as the data store it (dense, or
+    CSR for sparse data)."""
+
+    def __init__(self, adata: ad.AnnData, bundle: Bundle, key_added: str, *, keep_X: bool):
+        n, g = adata.n_obs, len(bundle.genes)
+        self.adata, self.bundle, self.key, self.keep_X = adata, bundle, key_added, keep_X
+        self.layers = {f"{key_added}_{name}": np.empty((n, g), np.float32) for name in LAYERS}
+        self.sparse = is_sparse(adata)
+        self.blocks: list = []
+        self.X = np.empty((n, g), np.float32) if keep_X and not self.sparse else None
+
+    def write(self, rows: slice, X, x, P, x_adv) -> None:
+        for name, part in zip(LAYERS, (x, P, x_adv), strict=True):
+            self.layers[f"{self.key}_{name}"][rows] = part
+        if self.keep_X and self.sparse:
+            self.blocks.append(sp.csr_matrix(X))
+        elif self.keep_X:
+            self.X[rows] = X
+
+    def finish(self, obs: pd.DataFrame, uns: dict, match: GeneMatch) -> ad.AnnData:
+        X = vstack_csr(self.blocks, len(self.bundle.genes)) if self.blocks else self.X
+        return ad.AnnData(
+            X=X,
+            obs=obs,
+            var=_var(self.adata, self.bundle, match, self.key),
+            obsm=_obsm(self.adata) if self.keep_X else None,
+            layers=self.layers,
+            uns=uns,
         )
-    else:
-        out = adata
-    out.layers[f"{key_added}_x"] = result.x
-    out.layers[f"{key_added}_perturbation"] = result.P
-    out.layers[f"{key_added}_perturbed"] = result.x_adv
-    pred = result.predictions_df()
-    for col in ("pred_before", "pred_after"):
-        out.obs[f"{key_added}_{col}"] = pd.Categorical(
-            pred[col].to_numpy(), categories=bundle.classes
-        )
-    for col in ("prob_before", "prob_after"):
-        out.obs[f"{key_added}_prob_pred_{col.removeprefix('prob_')}"] = pred[col].to_numpy()
-    for col in ("prob_target_before", "prob_target_after"):
-        out.obs[f"{key_added}_{col}"] = pred[col].to_numpy()
-    top = top_genes(result.P, bundle.genes, k=k)
-    cons = consensus(result.P[result.source_rows()], bundle.genes, k=k)
-    out.uns[key_added] = {
-        "params": {
-            "bundle": bundle.name,
-            "target": bundle.target,
-            "layer": layer or "X",
-            "k": int(top.k),
-        },
-        "top_genes": {
-            "up": top.up.astype(str),
-            "down": top.down.astype(str),
-            "up_P": top.up_P,
-            "down_P": top.down_P,
-        },
-        "consensus": {
-            c: (cons[c].to_numpy().astype(str) if cons[c].dtype == object else cons[c].to_numpy())
-            for c in cons.columns
-        },
-        "gene_match": _uns_safe(result.gene_match.to_dict()),
-        "scaling": _uns_safe(result.scaling.to_dict()) if result.scaling else {},
+
+
+class _FileSink:
+    """The result written into an .h5ad as it is computed (anndata's on-disk format)."""
+
+    def __init__(self, path: Path, adata: ad.AnnData, bundle: Bundle, match: GeneMatch, key: str):
+        import h5py
+
+        self.shape = (adata.n_obs, len(bundle.genes))
+        self.sparse, self.X = is_sparse(adata), None
+        ad.AnnData(
+            obs=adata.obs.copy(), var=_var(adata, bundle, match, key), obsm=_obsm(adata)
+        ).write_h5ad(path)
+        self.f = h5py.File(path, "a")
+        self.layers = [self._dense(f"layers/{key}_{name}") for name in LAYERS]
+
+    def _dense(self, key: str):
+        n, g = self.shape
+        d = self.f.create_dataset(key, shape=self.shape, dtype=np.float32, chunks=(min(n, 64), g))
+        d.attrs["encoding-type"], d.attrs["encoding-version"] = "array", "0.2.0"
+        return d
+
+    def write(self, rows: slice, X, x, P, x_adv) -> None:
+        from anndata.io import sparse_dataset, write_elem
+
+        for d, part in zip(self.layers, (x, P, x_adv), strict=True):
+            d[rows] = part
+        if self.sparse and self.X is None:
+            write_elem(self.f, "X", sp.csr_matrix(X))
+            self.X = sparse_dataset(self.f["X"])
+        elif self.sparse:
+            self.X.append(sp.csr_matrix(X))
+        else:
+            if self.X is None:
+                self.X = self._dense("X")
+            self.X[rows] = X
+
+    def finish(self, obs: pd.DataFrame, uns: dict, match: GeneMatch) -> ad.AnnData:
+        from anndata.io import write_elem
+
+        for key, value in (("obs", obs), ("uns", uns)):
+            del self.f[key]
+            write_elem(self.f, key, value)
+        return ad.AnnData(obs=obs, uns=uns)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def _perturb_into(sink, p: _Perturber, *, k: int, key_added: str) -> ad.AnnData:
+    """Run the perturber into ``sink``: the layers chunk by chunk, with the predictions, the
+    top genes and the consensus over the source samples accumulated on the way; then obs
+    and uns as :func:`perturb` documents them."""
+    bundle, genes = p.bundle, p.bundle.genes
+    n, g = p.adata.n_obs, len(genes)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    k = min(int(k), g)
+    source = _source_mask(p.labels, bundle.target, n)
+    proba = {w: np.empty((n, len(bundle.classes)), np.float32) for w in ("before", "after")}
+    top_idx = {d: np.empty((n, k), dtype=np.int64) for d in DIRECTIONS}
+    top_P = {d: np.empty((n, k), dtype=np.float32) for d in DIRECTIONS}
+    counts = {d: np.zeros(g, dtype=np.int64) for d in DIRECTIONS}
+    sum_P = np.zeros(g, dtype=np.float64)
+    for rows, X, x, P, x_adv, before, after in p.chunks():
+        sink.write(rows, X, x, P, x_adv)
+        proba["before"][rows], proba["after"][rows] = before, after
+        top = top_genes(P, genes, k=k)
+        src = source[rows]
+        for d in DIRECTIONS:
+            idx = getattr(top, f"{d}_index")
+            top_idx[d][rows], top_P[d][rows] = idx, getattr(top, f"{d}_P")
+            counts[d] += np.bincount(idx[src].reshape(-1), minlength=g)
+        sum_P += P[src].sum(0, dtype=np.float64)
+    n_src = int(source.sum())
+    cons = _consensus_frame(counts, sum_P / max(n_src, 1), n_src, genes)
+    names = np.asarray(genes).astype(str)
+    uns = {
+        key_added: {
+            "params": {
+                "bundle": bundle.name,
+                "target": bundle.target,
+                "layer": p.layer or "X",
+                "k": k,
+            },
+            "top_genes": {
+                "up": names[top_idx["up"]],
+                "down": names[top_idx["down"]],
+                "up_P": top_P["up"],
+                "down_P": top_P["down"],
+            },
+            "consensus": {
+                c: (
+                    cons[c].to_numpy().astype(str)
+                    if cons[c].dtype == object
+                    else cons[c].to_numpy()
+                )
+                for c in cons.columns
+            },
+            "gene_match": _uns_safe(p.match.to_dict()),
+            "scaling": _uns_safe(p.scaling.to_dict()) if p.scaling else {},
+        }
     }
-    return out if copy else None
+    obs = p.adata.obs.copy()
+    classes = np.asarray(bundle.classes, dtype=object)
+    t = bundle.classes.index(bundle.target)
+    for when in ("before", "after"):
+        obs[f"{key_added}_pred_{when}"] = pd.Categorical(
+            classes[proba[when].argmax(1)], categories=bundle.classes
+        )
+    for when in ("before", "after"):
+        obs[f"{key_added}_prob_pred_{when}"] = proba[when].max(1, initial=0.0)
+    for when in ("before", "after"):
+        obs[f"{key_added}_prob_target_{when}"] = proba[when][:, t]
+    return sink.finish(obs, uns, p.match)
+
+
+def _source_mask(labels, target: str, n: int) -> np.ndarray:
+    """The source samples (label not the target); all when unknown or all of the target."""
+    if labels is None:
+        return np.ones(n, bool)
+    rows = np.asarray(labels).astype(str) != target
+    return rows if rows.any() else np.ones(n, bool)
 
 
 # ----------------------------------------------------------------------------- top genes
@@ -572,11 +772,19 @@ def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
     if len(P) == 0:
         raise ValueError("no samples selected: the consensus needs at least one sample")
     top = top_genes(P, genes, k=k)
-    mean_P = P.mean(0, dtype=np.float64)
+    counts = {
+        d: np.bincount(getattr(top, f"{d}_index").reshape(-1), minlength=len(genes))
+        for d in DIRECTIONS
+    }
+    return _consensus_frame(counts, P.mean(0, dtype=np.float64), len(P), genes)
+
+
+def _consensus_frame(counts: dict, mean_P: np.ndarray, n: int, genes) -> pd.DataFrame:
+    """:func:`consensus`'s frame from the top-k counts per direction and the mean P per gene."""
     names = np.asarray(genes, dtype=object)
     frames = []
     for d, sign in (("up", -1.0), ("down", 1.0)):
-        count = np.bincount(getattr(top, f"{d}_index").reshape(-1), minlength=len(genes))
+        count = counts[d]
         idx = np.flatnonzero(count)
         idx = idx[np.lexsort((idx, sign * mean_P[idx], -count[idx]))]
         frames.append(
@@ -585,7 +793,7 @@ def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
                     "gene": names[idx],
                     "direction": d,
                     "count": count[idx].astype(int),
-                    "frequency": count[idx] / len(P),
+                    "frequency": count[idx] / n,
                     "mean_P": mean_P[idx],
                 }
             )
