@@ -63,9 +63,9 @@ for line in p.stderr:
             marks[m] = time.perf_counter() - t0
     sys.stderr.write(line)
 p.wait(); t.join()
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"rc": p.returncode, "wall": time.perf_counter() - t0, "peak": peak,
-                  "marks": marks, "stdout": "".join(lines)[-2000:]}))
+use = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": p.returncode, "wall": time.perf_counter() - t0, "peak": use.ru_maxrss * 1024,
+                  "cpu": use.ru_utime + use.ru_stime, "marks": marks, "stdout": "".join(lines)[-2000:]}))
 """
 
 # Train through the CLI with a marker printed when the target model's training begins
@@ -165,14 +165,19 @@ def hvg_list(data: Path, n: int, out: Path) -> None:
 
 
 def train_case(tree: Path, data: Path, label: str, extra: list[str], workdir: Path) -> dict:
-    name = f"bench-{label}"
+    name = "bench-" + "".join(c if c.isalnum() else "-" for c in label).strip("-")
     out = workdir / "models"
     args = [
         "-c", TRAIN_DRIVER, str(data), "--label-key", "cell_type", "--target", "type-00",
         "--threads", "1", "--out", str(out), "--name", name, "--overwrite", "-q", *extra,
     ]  # fmt: skip
     r = run(tree, args, markers=[FIRST_STEP], log=workdir / f"{name}.log")
-    row = {"case": label, "peak GB": gb(r["peak"]), "wall s": f"{r['wall']:.0f}"}
+    row = {
+        "case": label,
+        "peak GB": gb(r["peak"]),
+        "wall s": f"{r['wall']:.0f}",
+        "CPU s": f"{r['cpu']:.0f}",
+    }
     first = r["marks"].get(FIRST_STEP)
     row["first step s"] = f"{first:.1f}" if first is not None else "n/a"
     manifest = out / name / "manifest.json"
@@ -273,6 +278,7 @@ def atlas(args) -> None:
         "f s/1k steps",
         "G s/1k steps",
         "wall s",
+        "CPU s",
     ]
     print(table(rows, cols + (["note"] if any("note" in r for r in rows) else [])))
 
@@ -333,6 +339,7 @@ def memory(args) -> None:
                 "code": name,
                 "peak GB (median)": gb(statistics.median(r["peak"] for r in rs)),
                 "wall s (median)": f"{statistics.median(r['wall'] for r in rs):.1f}",
+                "CPU s (median)": f"{statistics.median(r['cpu'] for r in rs):.1f}",
                 "runs": len(rs),
                 "output GB": gb(rs[-1]["size"]),
                 "exit": ",".join(str(r["rc"]) for r in rs),
