@@ -180,9 +180,13 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
         parser.error("give --gene-set or --genes, not both")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
-    if args.target_model and (args.gene_set or args.genes or args.n_top_genes):
+    if args.target_model and (args.gene_set or args.genes):
         parser.error(
-            "--gene-set, --genes and --n-top-genes cannot be used with --target-model: the reused target model fixes the genes"
+            "--gene-set and --genes cannot be used with --target-model: the reused target model fixes the genes"
+        )
+    if args.target_model and args.n_top_genes:
+        parser.error(
+            "--n-top-genes cannot be used with --target-model: the reused target model fixes the genes"
         )
     if args.n_top_genes is not None and (args.gene_set or args.genes):
         parser.error("give --gene-set, --genes or --n-top-genes, not two of them")
