@@ -163,6 +163,7 @@ def highly_variable_genes(
     Works on the matrix as stored: those rows of a sparse matrix (in memory or on disk)
     are read into one sparse matrix, never dense. Gene order is the GEM's.
     """
+    import gc
     import warnings
 
     import scanpy as sc
@@ -187,6 +188,7 @@ def highly_variable_genes(
             tmp, flavor=HVG_FLAVOR, n_top_genes=n_top_genes, inplace=False
         )
     del tmp, X
+    gc.collect()  # AnnData holds reference cycles: free the training rows now, not later
     chosen = np.asarray(table["highly_variable"], dtype=bool)
     logger.info(
         "%s: %d highly variable genes (scanpy, flavour %s) chosen on %s samples",
