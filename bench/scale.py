@@ -26,7 +26,7 @@ budget of the training loops to use ``--steps``).
 
 Examples::
 
-    python bench/scale.py atlas --before /tmp/tspg_scale/before --after /tmp/tspg_scale/merged
+    python bench/scale.py atlas --before /tmp/tspg_scale/before --after /tmp/tspg_scale/merged --steps 300
     python bench/scale.py memory --before /tmp/tspg_scale/before --repeats 3
 """
 
@@ -70,8 +70,11 @@ print(json.dumps({"rc": p.returncode, "wall": time.perf_counter() - t0, "peak": 
 
 # Train through the CLI with a marker printed when the target model's training begins
 TRAIN_DRIVER = r"""
-import sys
+import os, sys
 import tspg.pipeline as P
+if os.environ.get("TSPG_BENCH_CSR"):  # the training loops keep a sparse matrix sparse on the CPU
+    import tspg.training as T
+    T.device_budget = lambda device: 0
 _fit = P.fit_target
 def marked(*a, **k):
     print("TSPG_BENCH first training step", file=sys.stderr, flush=True)
@@ -84,9 +87,11 @@ sys.exit(train_main(sys.argv[1:]))
 FIRST_STEP = "TSPG_BENCH first training step"
 
 
-def run(tree: Path, args: list[str], *, markers=(), log: Path | None = None) -> dict:
+def run(
+    tree: Path, args: list[str], *, markers=(), log: Path | None = None, env: dict | None = None
+) -> dict:
     """Run ``python args...`` with ``tree`` first on PYTHONPATH, measured; returns the figures."""
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1", **(env or {}))
     cmd = ["nice", "-n", "10", sys.executable, "-c", WRAPPER, json.dumps(list(markers))]
     cmd += [sys.executable, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
@@ -164,14 +169,16 @@ def hvg_list(data: Path, n: int, out: Path) -> None:
     )
 
 
-def train_case(tree: Path, data: Path, label: str, extra: list[str], workdir: Path) -> dict:
+def train_case(
+    tree: Path, data: Path, label: str, extra: list[str], workdir: Path, env: dict | None = None
+) -> dict:
     name = "bench-" + "".join(c if c.isalnum() else "-" for c in label).strip("-")
     out = workdir / "models"
     args = [
         "-c", TRAIN_DRIVER, str(data), "--label-key", "cell_type", "--target", "type-00",
         "--threads", "1", "--out", str(out), "--name", name, "--overwrite", "-q", *extra,
     ]  # fmt: skip
-    r = run(tree, args, markers=[FIRST_STEP], log=workdir / f"{name}.log")
+    r = run(tree, args, markers=[FIRST_STEP], log=workdir / f"{name}.log", env=env)
     row = {
         "case": label,
         "peak GB": gb(r["peak"]),
@@ -232,15 +239,18 @@ def atlas(args) -> None:
         else ["--epochs", "1", "--target-epochs", "1"]
     )
     after = Path(args.after)
-    rows.append(
-        train_case(
-            after,
-            big,
-            f"sparse on disk, {args.cells} x {args.genes}",
-            ["--n-top-genes", str(args.n_top_genes), "--backed", *budget],
-            work,
+    for csr in (False, True) if args.csr_too else (False,):
+        rows.append(
+            train_case(
+                after,
+                big,
+                f"sparse on disk, {args.cells} x {args.genes}"
+                + (", CSR in training" if csr else ""),
+                ["--n-top-genes", str(args.n_top_genes), "--backed", *budget],
+                work,
+                env={"TSPG_BENCH_CSR": "1"} if csr else None,
+            )
         )
-    )
     if args.dense_cells:
         sub = work / f"atlas_{args.dense_cells // 1000}k_{args.genes}.h5ad"
         make_subset(big, sub, args.dense_cells)
@@ -362,7 +372,13 @@ def main(argv=None) -> None:
     a.add_argument("--genes", type=int, default=20_000)
     a.add_argument("--n-top-genes", type=int, default=2000)
     a.add_argument("--steps", type=int, default=0, help="step budget (needs the engine's loops)")
-    a.add_argument("--dense-cells", type=int, default=30_000)
+    a.add_argument("--dense-cells", type=int, default=30_000, help="0: no dense comparison")
+    a.add_argument(
+        "--csr-too",
+        action="store_true",
+        help="also with the training loops keeping the matrix sparse on the CPU (the engine's "
+        "'csr' mode, forced by a zero device budget)",
+    )
     m = sub.add_parser("memory")
     m.add_argument("--samples", type=int, default=20_000)
     m.add_argument("--genes", type=int, default=5_000)
