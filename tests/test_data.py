@@ -677,6 +677,10 @@ def test_missing_values_of_sparse_and_backed_data(tmp_path, small_chunks):
     assert on_disk.uns["tspg_import"]["n_missing_filled"] == 2
     assert on_disk.uns["tspg_import"]["nan_fill_value"] == 0.0
     np.testing.assert_array_equal(align_genes(on_disk, list(src.var_names)), adata.X.toarray())
+    some = on_disk[[first[0], 0]]  # a view of some samples read from the file: filled too
+    np.testing.assert_array_equal(
+        align_genes(some, list(src.var_names)), adata.X.toarray()[[first[0], 0]]
+    )
     close_backed(on_disk)
     sample, gene = src.obs_names[first[0]], src.var_names[first[1]]
     for backed in (False, True):

@@ -655,7 +655,9 @@ def _blocks(
 
 
 def _nan_fill(adata: ad.AnnData) -> float | None:
-    return adata.uns.get("tspg_import", {}).get("nan_fill_value") if is_backed(adata) else None
+    """The value for NaN recorded by a read on disk (also in views and copies of its rows,
+    which hold the file's values as they are)."""
+    return adata.uns.get("tspg_import", {}).get("nan_fill_value")
 
 
 def _sorted_rows(rows, n: int) -> np.ndarray | None:
