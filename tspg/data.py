@@ -18,7 +18,7 @@ import csv
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -492,7 +492,7 @@ def _n_stored(X) -> int:
     return int(X.shape[0] * X.shape[1])
 
 
-def _stored_values(X) -> Iterator[tuple[int, np.ndarray, callable]]:
+def _stored_values(X) -> Iterator[tuple[int, np.ndarray, Callable[[int, int], tuple[int, int]]]]:
     """(offset, values, row_of) over the stored values of ``X`` in row-major order, a chunk
     at a time; ``row_of(k, offset)`` gives (sample, gene) of the chunk's k-th value."""
     if sp.issparse(X) or _is_sparse_dataset(X):
