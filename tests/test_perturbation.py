@@ -279,6 +279,7 @@ def test_write_perturbed_streams_what_perturb_returns(quick_bundle, tmp_path, mo
 
     import anndata as ad
     import scipy.sparse as sp
+
     from tspg.perturbation import write_perturbed
 
     module = importlib.import_module(
