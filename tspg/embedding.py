@@ -153,6 +153,7 @@ class ReferenceMap:
 
 MAP_MAX_CLASSES = 10  # the paper's map shows 10 classes
 MAP_MAX_PER_CLASS = 300  # real samples per class on a map (seeded subsample beyond that)
+MAP_MAX_PLACED = 2_000  # perturbed samples placed on a map by default (seeded subsample beyond)
 
 
 def map_classes(
@@ -576,17 +577,20 @@ def class_map(
         raise UserError(
             f"{source}: no label column {key!r} in obs; the map colours real samples by class (give the label column)"
         )
-    Xs = bundle.scale(adata, source=source) if Xs is None else Xs
-    return fit_class_map(
-        Xs,
-        adata.obs[key].astype(str).to_numpy(),
-        np.asarray(adata.obs_names).astype(str),
+    labels = adata.obs[key].astype(str).to_numpy()
+    samples = np.asarray(adata.obs_names).astype(str)
+    rows = select_map_samples(
+        labels,
         classes=classes,
-        target=bundle.target,
         max_classes=None if classes else MAP_MAX_CLASSES,
         max_per_class=max_per_class,
+        target=bundle.target,
         seed=seed,
     )
+    # only the map's own samples are read and scaled (never the whole GEM)
+    X = bundle.scale(adata, rows=rows, source=source) if Xs is None else np.asarray(Xs)[rows]
+    ref = fit_reference_map(X, samples=samples[rows], labels=labels[rows], seed=seed)
+    return ref, rows
 
 
 def perturbation_map_frame(
@@ -627,18 +631,19 @@ def perturbation_map(
     label_key: str | None = None,
     classes=None,
     max_per_class: int | None = MAP_MAX_PER_CLASS,
+    max_placed: int | None = None,
     seed: int = 0,
     source: str = "data",
 ) -> PerturbationMap:
     """The paper's map: real samples of some classes, and perturbed samples placed on it.
 
     The samples perturbed are ``samples``, or by default the held-out non-target samples
-    (:meth:`tspg.bundle.Bundle.source_samples`); the map is :func:`class_map`; each real
+    (:meth:`tspg.bundle.Bundle.source_samples`; at most ``max_placed`` of them, default
+    :data:`MAP_MAX_PLACED`, a seeded subsample, unless chosen by id); the map is :func:`class_map`; each real
     sample carries the target model's class (``predicted``), each perturbed one its class
     after perturbation.
     """
     key = label_key or bundle.label_key
-    Xs = bundle.scale(adata, source=source)
     ref, rows = class_map(
         adata,
         bundle,
@@ -646,10 +651,17 @@ def perturbation_map(
         classes=classes,
         max_per_class=max_per_class,
         seed=seed,
-        Xs=Xs,
         source=source,
     )
-    choice = bundle.source_samples(adata, samples=samples, label_key=key, source=source)
+    choice = bundle.source_samples(
+        adata,
+        samples=samples,
+        label_key=key,
+        source=source,
+        max_samples=MAP_MAX_PLACED if max_placed is None else max_placed,
+        seed=seed,
+    )
     pert = perturb_adata(adata[choice.ids], bundle, label_key=key, source=source)
-    frame = perturbation_map_frame(ref, pert, real_pred=bundle.predict(Xs[rows]))
+    real_pred = bundle.predict(bundle.scale(adata, rows=rows, source=source))
+    frame = perturbation_map_frame(ref, pert, real_pred=real_pred)
     return PerturbationMap(frame, ref, rows, pert, choice)

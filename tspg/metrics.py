@@ -34,6 +34,7 @@ from .baselines import (
     selection_overlap,
     split_arrays,
 )
+from .data import subsample
 from .errors import UserError
 from .perturbation import (
     Perturbation,
@@ -63,6 +64,10 @@ __all__ = [
 ]
 
 KNN_NEIGHBOURS = 15
+# evaluate() on big data: at most this many training / held-out samples (a fixed, seeded,
+# class-stratified subsample). The held-out cap bounds the energy distances (all pairs).
+EVAL_MAX_TRAIN = 20_000
+EVAL_MAX_HELDOUT = 5_000
 _SMALL_BLAS = 4_000_000  # values (samples x genes) up to which sklearn runs on one BLAS thread
 _ROWS = 1024  # row block for distance sums: memory O(_ROWS * n), never n x n
 _SAMPLE_KEYS = ("train", "heldout", "heldout_target", "heldout_source")
@@ -183,21 +188,38 @@ def movement_figures(
     ``n``: samples. NaN where a share rests on no sample (or no target mean is known).
     """
     P = np.asarray(P, dtype=np.float64)
+    gap_sum = (
+        float(np.abs(np.asarray(target_mean, np.float64) - np.asarray(x, np.float64)).sum())
+        if target_mean is not None
+        else None
+    )
+    return movement_from_sums(
+        float(np.abs(P).sum()), gap_sum, P.size, pred_before, pred_after, target
+    )
+
+
+def movement_from_sums(
+    abs_P_sum: float,
+    gap_sum: float | None,
+    n_values: int,
+    pred_before: Sequence[str],
+    pred_after: Sequence[str],
+    target: str,
+) -> dict:
+    """:func:`movement_figures` from sums over the values (samples x genes) of |P| and of
+    |target mean - x| (``gap_sum``; None without a target mean): for data perturbed a
+    chunk of samples at a time."""
     before = np.asarray(pred_before, dtype=object).astype(str)
     after = np.asarray(pred_after, dtype=object).astype(str)
-    mean_abs_P = float(np.abs(P).mean()) if P.size else float("nan")
-    gap = (
-        float(np.abs(np.asarray(target_mean, np.float64) - np.asarray(x, np.float64)).mean())
-        if target_mean is not None and P.size
-        else float("nan")
-    )
+    mean_abs_P = abs_P_sum / n_values if n_values else float("nan")
+    gap = gap_sum / n_values if gap_sum is not None and n_values else float("nan")
     not_t = before != target
     return {
         "mean_abs_P": mean_abs_P,
         "mean_abs_gap": gap,
         "reach": mean_abs_P / gap if gap > 0 else float("nan"),
         "changed_share": _mean(after[not_t] != before[not_t]),
-        "n": int(len(P)),
+        "n": int(len(before)),
         "n_not_target_before": int(not_t.sum()),
     }
 
@@ -356,24 +378,6 @@ class HeldOut:
     figures: dict
 
 
-def stratified_subsample(labels: Sequence[str], cap: int | None, *, seed: int = 0) -> np.ndarray:
-    """Sorted positions of at most about ``cap`` samples, each class in proportion (at least one).
-
-    All positions when ``cap`` is None or not smaller than the number of samples.
-    """
-    labels = np.asarray(labels, dtype=object).astype(str)
-    n = len(labels)
-    if cap is None or n <= cap:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in sorted(set(labels.tolist())):
-        idx = np.flatnonzero(labels == c)
-        m = max(1, int(round(cap * len(idx) / n)))
-        keep.append(rng.choice(idx, size=min(m, len(idx)), replace=False))
-    return np.sort(np.concatenate(keep))
-
-
 def heldout_arrays(
     bundle: Bundle,
     Xtr: np.ndarray,
@@ -422,8 +426,8 @@ def heldout_arrays(
     # the classifiers' shares and the energy distances (O(n^2)) on at most max_heldout
     # source and max_heldout target samples; everything else on the whole split
     t_idx, s_idx = np.flatnonzero(is_t), np.flatnonzero(non)
-    t_idx = t_idx[stratified_subsample(yte[t_idx], max_heldout, seed=seed)]
-    s_idx = s_idx[stratified_subsample(yte[s_idx], max_heldout, seed=seed)]
+    t_idx = t_idx[subsample(yte[t_idx], max_heldout, seed=seed, min_per_class=1)]
+    s_idx = s_idx[subsample(yte[s_idx], max_heldout, seed=seed, min_per_class=1)]
     graded = np.sort(np.concatenate([t_idx, s_idx]))
     shifts = class_perturbations(Xtr, ytr, target, genes=bundle.genes)
     sets = {
@@ -436,7 +440,7 @@ def heldout_arrays(
     if target_mean is None and (ytr == target).any():
         target_mean = Xtr[ytr == target].mean(0)
     if classifiers is None:
-        fit = stratified_subsample(ytr, max_train, seed=seed)
+        fit = subsample(ytr, max_train, seed=seed, min_per_class=1)
         classifiers = fit_classifiers(np.asarray(Xtr)[fit], ytr[fit], seed=seed)
     # samples the classifiers were fit on (the k-NN remembers them)
     n_fit = max(getattr(m, "n_samples_fit_", 0) for m in classifiers.values()) or len(ytr)
@@ -490,8 +494,15 @@ def evaluate(
     k: int = 20,
     ks: Sequence[int] = (10, 20, 50),
     seed: int = 0,
+    max_train: int | None = EVAL_MAX_TRAIN,
+    max_heldout: int | None = EVAL_MAX_HELDOUT,
 ) -> dict:
     """All metrics of a bundle on the held-out split of the data it was trained on.
+
+    On big data, on a fixed subsample: at most ``max_train`` training samples (baselines,
+    independent classifiers) and ``max_heldout`` held-out samples (seeded with ``seed``,
+    class-stratified, :func:`tspg.data.subsample`); ``samples`` reports the numbers used
+    and the split sizes. None uses every sample.
 
     Parameters
     ----------
@@ -507,8 +518,8 @@ def evaluate(
     ks
         List lengths for the overlap with the baselines' top genes.
     seed
-        Seed of the one random choice (one sample per source class for the unique-gene
-        count); everything else is deterministic.
+        Seed of the random choices: the subsamples of big splits and one sample per
+        source class for the unique-gene count; everything else is deterministic.
 
     Returns
     -------
@@ -519,6 +530,8 @@ def evaluate(
     - ``target_model``: held-out accuracy, the target's recall and precision, and what
       guessing reaches (:func:`target_model_figures`), and the median logit margin of the
       source samples over the target (:func:`target_margin`)
+    - ``samples`` also holds ``train_total`` / ``heldout_total``: the sizes of the splits
+      (larger than the numbers used when the splits were subsampled)
     - ``perturbation_accuracy``: overall, non_target, by_source (n, accuracy)
     - ``movement``: mean |P| of the sources, how far they are from the target mean, and
       the share whose call changed (:func:`movement_figures`)
@@ -545,17 +558,45 @@ def evaluate(
     )  # scikit-learn's thread pools change torch's; restored below
     try:
         return _evaluate(
-            adata, bundle, layer=layer, label_key=label_key, k=k, ks=ks, seed=seed, start=start
+            adata,
+            bundle,
+            layer=layer,
+            label_key=label_key,
+            k=k,
+            ks=ks,
+            seed=seed,
+            start=start,
+            caps=(max_train, max_heldout),
         )
     finally:
         torch.set_num_threads(n_threads)
 
 
-def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start) -> dict:
+def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start, caps) -> dict:
     label_key = label_key or bundle.label_key
     target = bundle.target
-    Xtr, ytr, _ = split_arrays(adata, bundle, layer=layer, label_key=label_key, part="train")
-    Xte, yte, te_ids = split_arrays(adata, bundle, layer=layer, label_key=label_key, part="test")
+    Xtr, ytr, _ = split_arrays(
+        adata,
+        bundle,
+        layer=layer,
+        label_key=label_key,
+        part="train",
+        max_samples=caps[0],
+        seed=seed,
+    )
+    Xte, yte, te_ids = split_arrays(
+        adata, bundle, layer=layer, label_key=label_key, part="test", max_samples=caps[1], seed=seed
+    )
+    for part, n, cap in (("training", len(ytr), caps[0]), ("held-out", len(yte), caps[1])):
+        total = len(bundle.split["train" if part == "training" else "test"])
+        if n < total:
+            logger.info(
+                "evaluating on a seeded subsample of %d of the %d %s samples (cap %d)",
+                n,
+                total,
+                part,
+                cap,
+            )
     unknown = sorted(set(yte.tolist()) - set(bundle.classes))
     if unknown:
         raise UserError(
@@ -578,6 +619,8 @@ def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start) -> dict:
         "seed": seed,
         "layer": layer,
         "label_key": label_key,
+        "max_train": caps[0],
+        "max_heldout": caps[1],
     }
     result["seconds"] = round(time.perf_counter() - start, 3)
     return _plain(result)
@@ -612,7 +655,11 @@ def _evaluate_arrays(bundle, held: HeldOut, base, Xtr, ytr, *, k, ks, seed) -> d
             "genes": len(bundle.genes),
             "classes": len(bundle.classes),
         },
-        "samples": {k_: fig["samples"][k_] for k_ in _SAMPLE_KEYS},
+        "samples": {
+            **{k_: fig["samples"][k_] for k_ in _SAMPLE_KEYS},
+            "train_total": len(bundle.split["train"]),
+            "heldout_total": len(bundle.split["test"]),
+        },
         "target_model": fig["target_model"],
         "perturbation_accuracy": fig["perturbation_accuracy"],
         "movement": fig["movement"],

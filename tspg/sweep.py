@@ -52,7 +52,7 @@ import pandas as pd
 
 from .bundle import check_weights, clean_leftovers, models_dir, read_manifest, slug
 from .config import TrainConfig
-from .data import align_genes, fingerprint, validate_labels
+from .data import dataset_fingerprint, gene_matrix, validate_labels
 from .errors import UserError
 from .genesets import GeneSelection, match_gene_set, read_gene_sets
 
@@ -319,8 +319,9 @@ def _plan(
         except ValueError as err:
             plan.error = str(err)
             continue
-        X = align_genes(adata, plan.selection.genes, layer=layer, source=dataset)
-        plan.fingerprint = fingerprint(X, plan.selection.genes, list(adata.obs_names))
+        plan.fingerprint = dataset_fingerprint(
+            adata, plan.selection.genes, layer=layer, source=dataset
+        )
         if not overwrite:
             for t, name in names.items():
                 manifest = _finished_bundle(
@@ -944,7 +945,7 @@ def _run(
             target_models = {}
             for set_name in plans:  # target models first: they unlock the generators
                 plan = by_name[set_name]
-                X = align_genes(adata, plan.selection.genes, layer=layer, source=dataset)
+                X = gene_matrix(adata, plan.selection.genes, layer=layer, source=dataset)
                 data_file = _write_slice(staging, plan, X, obs)
                 del X
                 finished = next(iter(plan.finished.values()), None)
@@ -1011,13 +1012,14 @@ def _run(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_slice(staging: Path, plan: _SetPlan, X: np.ndarray, obs: pd.DataFrame) -> Path:
-    """Write a gene set's columns of the GEM (raw values, its genes only) for its task to read."""
+def _write_slice(staging: Path, plan: _SetPlan, X, obs: pd.DataFrame) -> Path:
+    """Write a gene set's columns of the GEM (raw values, its genes only; sparse stays
+    sparse) for its target-model task to read."""
     from .data import write_gem
 
     return write_gem(
         ad.AnnData(
-            X=np.ascontiguousarray(X, dtype=np.float32),
+            X=X,
             obs=obs,
             var=pd.DataFrame(index=pd.Index(plan.selection.genes, dtype=str)),
         ),
