@@ -468,3 +468,19 @@ def test_sweep_help_imports_neither_torch_nor_dask():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_sparse_gem_sweeps_and_reruns(gem, client, tmp_path):
+    """A sparse GEM's slices stay sparse, and the bundles' fingerprints match the plan's, so
+    a rerun skips them."""
+    import scipy.sparse as sp
+
+    sparse = gem.copy()
+    X = np.asarray(sparse.X)
+    X[X < np.median(X)] = 0  # half the values zero
+    sparse.X = sp.csr_matrix(X)
+    kw = {"gene_sets": gene_sets(gem)[:1], "targets": ["class-00", "class-01"]}
+    first = run(sparse, tmp_path, client, **kw)
+    assert (first["status"] == "trained").all(), first[["bundle", "error"]]
+    again, keys = tasks_run(client, lambda: run(sparse, tmp_path, client, **kw))
+    assert keys == [] and (again["status"] == "skipped").all()

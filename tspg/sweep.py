@@ -19,9 +19,9 @@ death, so Dask can rerun any task of the graph on another worker.
 Resumable: a finished bundle is its own record (written atomically by
 :func:`tspg.bundle.save_bundle`), so a rerun skips every bundle that exists with the same
 genes, target, data and settings, and a gene set with some finished bundles reuses their
-target model. A task whose input or settings are at fault (a ``ValueError``) is recorded
-with its error; any other exception is retried by Dask (``retries``), and a task whose
-worker dies is rerun on another worker; no task ever leaves a half bundle. The results table
+target model. A task whose input or settings are at fault (a ``UserError``) is recorded
+with its error; any other exception is retried by Dask (``retries``), then recorded and
+logged with its traceback, and a task whose worker dies is rerun on another worker; no task ever leaves a half bundle. The results table
 (:data:`RESULTS_CSV`, and :data:`RESULTS_PARQUET` when pyarrow is installed) lies beside the
 bundles; :func:`read_results` reads it.
 """
@@ -316,7 +316,7 @@ def _plan(
         plans.append(plan)
         try:
             plan.selection = match_gene_set(gs.name, gs.genes, adata.var_names, source=gs.source)
-        except ValueError as err:
+        except UserError as err:
             plan.error = str(err)
             continue
         plan.fingerprint = dataset_fingerprint(
@@ -406,7 +406,7 @@ def _failed_row(plan: _SetPlan, target: str, error: str, dataset: str, **extra) 
 def _error_text(err: BaseException) -> str:
     """One line: the message of a user error, else the exception's type and message."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, ValueError):
+    if isinstance(err, UserError):
         return text or type(err).__name__
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
@@ -480,8 +480,9 @@ def train_target_model_task(
 
     With ``reuse`` (the path of a finished bundle of this gene set), that bundle's target
     model, split and scaler are taken instead, so all bundles of a gene set share one
-    target model across reruns. A ``ValueError`` (the data or settings at fault) comes back
-    as a :class:`TargetModelFailure`; any other exception is raised, for Dask to retry.
+    target model across reruns. A :class:`~tspg.errors.UserError` (the data or settings at
+    fault) comes back as a :class:`TargetModelFailure`; any other exception is raised, for
+    Dask to retry and then report with its traceback.
     """
     from .bundle import load_bundle
     from .pipeline import fit_target_model, prepare, reused_config, verdict_classifiers
@@ -509,22 +510,27 @@ def train_target_model_task(
         seconds = time.perf_counter() - start
         verdict_classifiers(prep)  # fit once here, shared by the gene set's generator tasks
         return TargetModelResult(prep, f.cpu(), config, seconds, None)
-    except ValueError as err:
+    except UserError as err:
         return TargetModelFailure(_error_text(err))
 
 
 def sweep_summaries(bundle, prep, *, k: int = 20) -> dict:
     """The consensus top-``k`` raised and lowered genes (``top_up`` / ``top_down``) of the
-    held-out non-target samples of a freshly trained bundle (empty lists when there are none).
+    held-out non-target samples of a freshly trained bundle (empty lists when there are
+    none); on the same seeded subsample of at most
+    :data:`tspg.pipeline.HELDOUT_MAX_SAMPLES` held-out samples as its metrics.
     """
+    from .data import subsample
     from .perturbation import consensus_top, generate_perturbed
+    from .pipeline import HELDOUT_MAX_SAMPLES
 
     t = prep.class_index(bundle.target)
-    test = np.asarray(prep.test_idx)
+    test = prep.test_idx[subsample(prep.y[prep.test_idx], HELDOUT_MAX_SAMPLES, seed=0)]
     src = test[prep.y[test] != t]
     if not len(src):
         return {"top_up": [], "top_down": []}
-    P, _ = generate_perturbed(bundle.generator, prep.X[src])
+    X = prep.X[src]
+    P, _ = generate_perturbed(bundle.generator, X.toarray() if hasattr(X, "toarray") else X)
     top = consensus_top(P, prep.genes, k=k)
     return {"top_up": top["up"], "top_down": top["down"]}
 
@@ -542,8 +548,9 @@ def train_generator_task(
 ) -> dict:
     """A Dask task: train one generator against its gene set's target model and save the bundle.
 
-    Returns the bundle's results row. A ``ValueError`` comes back as a failed row; any
-    other exception is raised, for Dask to retry. A bundle this grid point already has
+    Returns the bundle's results row. A :class:`~tspg.errors.UserError` comes back as a
+    failed row; any other exception is raised, for Dask to retry and then report with its
+    traceback. A bundle this grid point already has
     (its task ran before its worker died) is not trained twice.
     """
     from .bundle import save_bundle
@@ -582,7 +589,7 @@ def train_generator_task(
         bundle.manifest["sweep"] = info
         save_bundle(bundle, out, overwrite=overwrite)
         return _row_from_manifest(bundle.manifest, status="trained")
-    except ValueError as err:
+    except UserError as err:
         wall = time.perf_counter() - start
         return _row(status="failed", error=_error_text(err), wall_seconds=wall, **where)
 
@@ -776,7 +783,7 @@ def sweep(
     client
         A ``distributed.Client`` to use as it is (the caller closes it).
     retries
-        How often Dask retries a task that raised anything but a ``ValueError``. A task
+        How often Dask retries a task that raised anything but a ``UserError``. A task
         whose worker died is rerun elsewhere by the scheduler (Dask's
         ``distributed.scheduler.allowed-failures`` times) before it counts as failed.
     k
@@ -991,6 +998,7 @@ def _run(
                     try:
                         row = fut.result()
                     except Exception as err:  # retries spent, or the workers running it died
+                        _log_failure(fut, plan.names[t], err)
                         row = _failed_row(plan, t, _error_text(err), dataset)
                     if row["status"] == "failed":  # the plan knows the gene set's side
                         where = {c: row.get(c) for c in ("worker", "host", "wall_seconds")}
@@ -1010,6 +1018,19 @@ def _run(
                 _failed_row(plan, t, "the sweep stopped before this task finished", dataset)
             )
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _log_failure(fut, name: str, err: BaseException) -> None:
+    """A task that failed other than by a user error (a bug, a dying worker): its traceback,
+    as the worker raised it, goes to the log, so a bug keeps it."""
+    import traceback
+
+    try:
+        tb = fut.traceback()
+    except Exception:  # no traceback kept (a cancelled task, a lost worker)
+        tb = None
+    text = "".join(traceback.format_exception(type(err), err, tb)) if tb else _error_text(err)
+    logger.error("%s failed:\n%s", name, text.rstrip())
 
 
 def _write_slice(staging: Path, plan: _SetPlan, X, obs: pd.DataFrame) -> Path:
@@ -1111,7 +1132,7 @@ def read_results(folder: str | Path | None = None, *, lists: bool = True) -> pd.
         raise FileNotFoundError(f"{folder}: no sweep results ({RESULTS_CSV})")
     missing = [c for c in ("gene_set", "target", "status", "bundle") if c not in table.columns]
     if missing:
-        raise ValueError(f"{source}: not a sweep results table (no column {missing[0]!r})")
+        raise UserError(f"{source}: not a sweep results table (no column {missing[0]!r})")
     table = table.reindex(columns=COLUMNS)
     for c in COLUMNS:
         if c in _NUMERIC:
