@@ -7,15 +7,26 @@ it on the page. Any other exception is a bug in tspg: it keeps its traceback.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from os import PathLike
 
-__all__ = ["UserError", "user_file"]
+__all__ = ["UserError", "one_line", "user_file"]
 
 
 class UserError(ValueError):
     """Bad input, a bad option or a bad file: a clear one-line message, no traceback."""
+
+
+def one_line(text: object) -> str:
+    """``text`` for one line of a message or a listing: control characters (line breaks,
+    tabs, escapes) written as Python writes them in a string (``\\n``, ``\\t``, ``\\x1b``).
+
+    >>> one_line("bad\\nname")
+    'bad\\\\nname'
+    """
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(text))
 
 
 @contextmanager
