@@ -630,7 +630,9 @@ def test_list_shows_bundles_and_unreadable_ones(quick_bundle, tmp_path, capsys):
     # a folder that is not there is an error (issue 10, item 5), not an empty listing
     assert main(["list", "--models", str(tmp_path / "gone")]) == 2
     err = one_error_line(capsys.readouterr().err)
-    assert err == f"error: {tmp_path / 'gone'}: no such models folder (give the folder with --models)"
+    assert (
+        err == f"error: {tmp_path / 'gone'}: no such models folder (give the folder with --models)"
+    )
 
 
 # ----------------------------------------------------------------------------- tspg perturb --samples, tspg enrich

@@ -38,7 +38,8 @@ MAX_EPOCHS = 100_000
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds; larger values overflow
 MAX_BATCH = 2**20
 MIN_BATCH = 2  # BatchNorm needs two samples a batch: the loops skip smaller ones (none would run)
-MAX_WEIGHT = 1e6  # loss weights and the margin: no sensible setting is larger (1e38 overflows float32)
+# loss weights and the margin: no sensible setting is larger (1e38 overflows float32)
+MAX_WEIGHT = 1e6
 MAX_WIDTH = 2**16
 
 
