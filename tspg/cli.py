@@ -126,6 +126,13 @@ def _data_parent(*, required: bool) -> argparse.ArgumentParser:
         default="fill",
         help="missing values: fill with the matrix minimum, or refuse",
     )
+    g.add_argument(
+        "--short-rows",
+        choices=["error", "fill"],
+        default="error",
+        help="text: a row with fewer fields than the header: refuse it, or read its missing "
+        "fields as missing values (then --nan applies)",
+    )
     return p
 
 
@@ -714,6 +721,7 @@ def _read_data(args):
         use_raw=args.use_raw,
         transpose=args.transpose,
         nan=args.nan,
+        short_rows=args.short_rows,
         row_names=args.row_names,
         col_names=args.col_names,
         backed=getattr(args, "backed", None),
