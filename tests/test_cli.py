@@ -736,4 +736,4 @@ def test_output_file_os_errors_name_the_file(quick_bundle, tiny_h5ad, tmp_path, 
     argv = ["evaluate", str(quick_bundle.path), str(tiny_h5ad), "--k", "3", "--json", str(target)]
     assert main(argv) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line == f"error: {target}: cannot write (No such file or directory)"
+    assert line == f"error: {target}: cannot write, {target.parent} is not a folder"

@@ -35,7 +35,7 @@ from .config import (
     option_name,
     parse_option,
 )
-from .errors import UserError, one_line, user_file
+from .errors import UserError, check_writable, one_line, user_file
 
 __all__ = ["build_parser", "build_train_parser", "main", "train_main"]
 
@@ -758,6 +758,7 @@ def _data(args, bundle, *, own: bool):
 def _import(args, parser) -> int:
     from .data import write_gem
 
+    check_writable(args.output)
     if args.labels is None and args.label_key is None and not str(args.data).endswith(".h5ad"):
         logger.warning("no --labels given: the .h5ad will have no classes")
     adata = _read_data(args)
@@ -802,6 +803,7 @@ def _perturb(args, parser) -> int:
     out = Path(args.output)
     if not args.csv and out.suffix.lower() != ".h5ad":
         parser.error("--output must end in .h5ad (or add --csv to write a folder of CSV files)")
+    check_writable(out, folder=args.csv)  # now, not after the work
     bundle = _load_bundle(args)
     adata, key, name = _data(args, bundle, own=False)
     if args.samples:
@@ -863,6 +865,8 @@ def _evaluate(args, parser) -> int:
 
     from .metrics import evaluate
 
+    if args.json:
+        check_writable(args.json)
     bundle = _load_bundle(args)
     adata, key, name = _data(args, bundle, own=True)
     if key is None:
@@ -917,6 +921,7 @@ def _enrich(args, parser) -> int:
     from .enrichment import EnrichrError, enrich_directions, offline_gmt_files
     from .perturbation import consensus_top, perturb_adata
 
+    check_writable(args.output)
     bundle = _load_bundle(args)
     adata, key, name = _data(args, bundle, own=True)
     from .pipeline import HELDOUT_MAX_SAMPLES
@@ -971,6 +976,7 @@ def _print_enrichment(table, out, threshold: float) -> None:
 def _map(args, parser) -> int:
     from .embedding import perturbation_map
 
+    check_writable(args.output)
     bundle = _load_bundle(args)
     adata, key, name = _data(args, bundle, own=False)
     result = perturbation_map(

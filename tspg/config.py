@@ -307,10 +307,23 @@ def _range_problem(v, meta: dict) -> str | None:
     if not (too_low or too_high):
         return None
     if low is not None and high is not None and high <= 1:  # shares and weights in [0, 1]
-        return f"between {low:g} and {high:g}" + (" (exclusive)" if lo_open and hi_open else "")
+        return f"between {_n(low)} and {_n(high)}" + (" (exclusive)" if lo_open and hi_open else "")
     if too_low:
-        return f"more than {low:g}" if lo_open else "0 or more" if low == 0 else f"at least {low:g}"
-    return f"less than {high:g}" if hi_open else f"at most {high:g}"
+        return (
+            f"more than {_n(low)}"
+            if lo_open
+            else "0 or more"
+            if low == 0
+            else f"at least {_n(low)}"
+        )
+    return f"less than {_n(high)}" if hi_open else f"at most {_n(high)}"
+
+
+def _n(v) -> str:
+    """A bound as a message writes it: whole numbers in full (4294967295, not 4.29497e+09)."""
+    if isinstance(v, int) or (float(v).is_integer() and abs(v) < 1e16):
+        return str(int(v))
+    return f"{v:g}"
 
 
 # ----------------------------------------------------------------------------- command line
