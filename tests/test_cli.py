@@ -242,10 +242,10 @@ def test_train_usage_errors_exit_2(tiny_h5ad, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("option", "value", "expected"),
     [
-        ("--batch-size", "0", "--batch-size 0: must be at least 1"),
+        ("--batch-size", "1", "--batch-size 1: must be at least 2"),
         ("--epochs", "-1", "--epochs -1: must be at least 1"),
         ("--target-epochs", "0", "--target-epochs 0: must be at least 1"),
-        ("--target-batch-size", "0", "--target-batch-size 0: must be at least 1"),
+        ("--target-batch-size", "0", "--target-batch-size 0: must be at least 2"),
         ("--cov-rank", "0", "--cov-rank 0: must be at least 1"),
         ("--seed", "-1", "--seed -1: must be 0 or more"),
         ("--kappa", "nan", "--kappa nan: must be a finite number"),
