@@ -23,7 +23,9 @@ def train_demo() -> None:
     from tspg.bundle import save_bundle
     from tspg.datasets import DEMO_LABEL_KEY, DEMO_NAME, DEMO_TARGET
     from tspg.pipeline import train
+    from tspg.training import use_threads
 
+    use_threads()  # the idle cores (torch's one per core is slow on a busy machine)
     config = S.demo_config()
     total = config.target_epochs + config.epochs
     done = {"n": 0}

@@ -136,7 +136,12 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for torch (default: torch's choice, one per core)",
+        help="CPU threads for torch (default: the cores idle now, at least 1; or $TSPG_THREADS)",
+    )
+    o.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the networks through torch.compile (adds its compile time; plain torch where it fails)",
     )
     o.add_argument(
         "--out", default=None, help="bundle folder (default: $TSPG_MODELS_DIR or ./models)"
@@ -185,10 +190,12 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
         if problem:
             parser.error(f"--{name.replace('_', '-')} {value}: {problem}")
     _setup_logging(args.quiet)
-    if args.threads:
-        import torch
+    from .training import use_threads
 
-        torch.set_num_threads(args.threads)
+    try:
+        use_threads(args.threads)  # --threads, else $TSPG_THREADS, else the idle cores
+    except ValueError as err:
+        parser.error(str(err))
     start = time.perf_counter()
     try:
         return _train(args, parser, start)
@@ -296,6 +303,7 @@ def _train(args, parser, start: float) -> int:
         device=args.device,
         names=names,
         progress=progress,
+        compile=args.compile,
     )
     for b in bundles:
         path = save_bundle(b, args.out, overwrite=args.overwrite)

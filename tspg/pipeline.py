@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import Scaler, align_genes, fingerprint, stratified_split, validate_labels
 from .genesets import GeneSelection, select_genes
 from .perturb import class_probabilities, generate_perturbed
-from .training import fit_generator, fit_target, resolve_device
+from .training import check_precision, fit_generator, fit_target, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,9 @@ def _stage(progress: Progress | None, stage: str):
     return lambda step, n, losses: progress(stage, step, n, losses)
 
 
-def _fit_target_model(prep: Prepared, config: TrainConfig, device, progress) -> torch.nn.Module:
+def _fit_target_model(
+    prep: Prepared, config: TrainConfig, device, progress, compile: bool = False
+) -> torch.nn.Module:
     tr = prep.train_idx
     return fit_target(
         prep.X[tr],
@@ -183,6 +185,7 @@ def _fit_target_model(prep: Prepared, config: TrainConfig, device, progress) -> 
         config,
         device=device,
         callback=_stage(progress, "target model"),
+        compile=compile,
     )
 
 
@@ -199,6 +202,7 @@ def train(
     device: str = "auto",
     name: str | None = None,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> Bundle:
     """Train a TSPG generator for ``target`` on a labelled AnnData; returns an unsaved bundle.
 
@@ -219,7 +223,10 @@ def train(
     device
         ``auto``, ``cpu``, ``cuda`` or ``mps``.
     progress
-        Called after every epoch as ``progress(stage, epoch, n_epochs, losses)``.
+        Called after every epoch (or chunk of a step budget) as
+        ``progress(stage, chunk, n_chunks, losses)``.
+    compile
+        Run the networks through ``torch.compile`` (plain torch where that fails).
     """
     return train_all_targets(
         adata,
@@ -233,6 +240,7 @@ def train(
         device=device,
         names=[name] if name else None,
         progress=progress,
+        compile=compile,
     )[0]
 
 
@@ -249,12 +257,14 @@ def train_all_targets(
     device: str = "auto",
     names: list[str] | None = None,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> list[Bundle]:
     """Train one generator per target class (all classes by default), sharing one target model."""
     config = config or TrainConfig()
     if target_model is not None:
         config = reused_config(config, target_model)
     dev = resolve_device(device)
+    check_precision(config, dev)
     prep = prepare(
         adata,
         label_key=label_key,
@@ -274,7 +284,7 @@ def train_all_targets(
         f = target_model.target_model.to(dev)
         target_seconds = 0.0
     else:
-        f = _fit_target_model(prep, config, dev, progress)
+        f = _fit_target_model(prep, config, dev, progress, compile)
         target_seconds = time.perf_counter() - start
     bundles = []
     for t_name, t, bname in zip(targets, target_idx, names, strict=True):
@@ -287,13 +297,17 @@ def train_all_targets(
             config,
             device=dev,
             callback=_stage(progress, f"generator {t_name}"),
+            compile=compile,
         )
         metrics = heldout_metrics(prep, f.cpu(), fit.generator.cpu(), t)
         f.to(dev)
         metrics.update(
             train_seconds_target_model=target_seconds,
             train_seconds_generator=fit.seconds,
+            train_steps_generator=fit.steps,
+            history_steps_per_point=fit.steps_per_point,
             device=str(dev),
+            threads=torch.get_num_threads(),
         )
         manifest = new_manifest(
             name=bname,
