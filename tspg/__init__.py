@@ -4,6 +4,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+# OpenMP threads (torch's, MKL's) that wait for work sleep instead of spinning: on a busy
+# machine spinning threads take the cores their siblings need, which made 2-thread training
+# 10-30x slower than 1 thread on a shared 2-core machine (README, "Threads"). It must be set
+# before torch (libgomp) loads; a value already in the environment is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .bundle import Bundle, list_bundles, load_bundle, save_bundle  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .data import read_gem  # noqa: E402
