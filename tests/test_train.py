@@ -778,6 +778,24 @@ def test_samples_densify_csr_rows_on_the_device():
     assert dense.kind == "dense" and dense.X.data_ptr() == X.ctypes.data  # used in place
 
 
+@pytest.mark.parametrize("placement", ["dense", "csr", "host"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["ndarray", "csr_matrix"])
+def test_samples_give_the_same_batches_wherever_they_live(placement, sparse):
+    X, y = small_problem((5, 5, 5), n_genes=9)
+    data = Samples(
+        scipy.sparse.csr_matrix(X) if sparse else X,
+        torch.device("cpu"),
+        labels=y,
+        placement=placement,
+    )
+    assert data.kind == placement
+    assert data.index_device == torch.device("cpu")
+    idx = torch.tensor([14, 0, 3, 3])
+    assert torch.equal(data.batch(idx), torch.from_numpy(X)[idx])
+    assert torch.equal(data.labels(idx), torch.from_numpy(y)[idx])
+    assert torch.equal(data.rows(np.array([2, 1])), torch.from_numpy(X[[2, 1]]))
+
+
 def test_mixed_precision_needs_cuda():
     X, y = small_problem()
     cfg = TrainConfig(precision="bfloat16", target_epochs=1, **SMALL_NETS)

@@ -320,6 +320,8 @@ class Samples:
         Samples x genes, a float32 NumPy array or a ``scipy.sparse`` matrix.
     labels
         Optional class index per sample, for :meth:`labels`.
+    placement
+        ``dense``, ``csr`` or ``host`` instead of the first that fits.
     """
 
     def __init__(
@@ -329,33 +331,40 @@ class Samples:
         *,
         labels: np.ndarray | None = None,
         budget: int | None = None,
+        placement: str | None = None,
     ):
         self.device = device = torch.device(device)
         self.n, self.n_genes = X.shape
-        budget = device_budget(device) if budget is None else budget
-        dense_bytes = self.n * self.n_genes * 4
-        self.host = None
-        if scipy.sparse.issparse(X):
+        sparse = scipy.sparse.issparse(X)
+        if sparse:
             X = scipy.sparse.csr_matrix(X, dtype=np.float32)
-            csr_bytes = X.nnz * 12 + (self.n + 1) * 8  # float32 values, int64 indices
-            if device.type != "cpu" and csr_bytes > budget:
-                self.kind, self.host = "host", X
-            else:
-                self._to_device_csr(X)
-                if dense_bytes + csr_bytes <= budget:
-                    self.X = self._densify_all()
-                    self.kind = "dense"
-                    del self.crow, self.col, self.val
-                else:
-                    self.kind = "csr"
         else:
             X = np.asarray(X)
             if X.dtype != np.float32 or not X.flags.c_contiguous or not X.flags.writeable:
                 X = np.array(X, dtype=np.float32, order="C")
-            if device.type == "cpu" or dense_bytes <= budget:
-                self.kind, self.X = "dense", torch.from_numpy(X).to(device)
+        if placement is None:
+            budget = device_budget(device) if budget is None else budget
+            dense_bytes = self.n * self.n_genes * 4
+            csr_bytes = X.nnz * 12 + (self.n + 1) * 8 if sparse else 0  # float32, int64 indices
+            if (not sparse and device.type == "cpu") or dense_bytes + csr_bytes <= budget:
+                placement = "dense"  # a sparse matrix is densified on the device, via CSR
+            elif sparse and (device.type == "cpu" or csr_bytes <= budget):
+                placement = "csr"
             else:
-                self.kind, self.host = "host", X
+                placement = "host"
+        if placement not in ("dense", "csr", "host"):
+            raise ValueError(f"unknown placement {placement!r}; use dense, csr or host")
+        self.kind = placement
+        self.host = None
+        if placement == "host":
+            self.host = X
+        elif placement == "csr" or sparse:
+            self._to_device_csr(scipy.sparse.csr_matrix(X))
+            if placement == "dense":
+                self.X = self._densify_all()
+                del self.crow, self.col, self.val
+        else:
+            self.X = torch.from_numpy(X).to(device)
         self.index_device = torch.device("cpu") if self.kind == "host" else device
         self._labels_np = None if labels is None else np.asarray(labels, dtype=np.int64)
         self._labels = (
