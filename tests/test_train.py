@@ -854,3 +854,42 @@ def test_tspg_train_applies_the_thread_default(tmp_path, monkeypatch):
         assert load_bundle(tmp_path / "tiny-beta").metrics["threads"] == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_same_seed_same_weights_on_the_new_paths():
+    """A step budget, balanced sampling and sparse input are as deterministic as epochs."""
+    X, y = small_problem((12, 9, 6))
+    sparse = scipy.sparse.csr_matrix(X)
+    cfg = TrainConfig(
+        steps=5,
+        target_steps=4,
+        batch_size=8,
+        target_batch_size=8,
+        sampling="balanced",
+        **SMALL_NETS,
+    )
+    runs = []
+    for data, budget in ((sparse, 1), (sparse, 1), (X, None)):
+        f = fit_target(data, y, 3, cfg, memory_budget=budget)
+        runs.append((f, fit_generator(data, y, 1, f, cfg, memory_budget=budget)))
+    for f, fit in runs[1:]:
+        assert state_equal(f, runs[0][0])
+        assert state_equal(fit.generator, runs[0][1].generator)
+        assert fit.history == runs[0][1].history
+
+
+def test_older_bundles_configs_train_as_before():
+    """Configs stored before the step budget, sampling and precision existed read as epochs,
+    uniform sampling and float32."""
+    older = {
+        k: v
+        for k, v in TrainConfig().to_dict().items()
+        if k not in ("steps", "target_steps", "sampling", "precision")
+    }
+    cfg = TrainConfig.from_dict(older)
+    assert (cfg.steps, cfg.target_steps, cfg.sampling, cfg.precision) == (
+        0,
+        0,
+        "uniform",
+        "float32",
+    )
