@@ -520,6 +520,8 @@ def main(argv=None) -> None:
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one measurement, JSON out
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    import tspg  # noqa: F401 - before torch: tspg sets OMP_WAIT_POLICY, read when torch loads
+
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
     elif args.limit:
