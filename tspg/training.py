@@ -824,7 +824,14 @@ def generator_loss(
         cw_loss(out, target, kappa=config.kappa, reduce=config.adv_reduce) if config.w_adv else zero
     )
     norm = norm_loss(g, form=config.norm_form) if config.w_norm else zero
-    td = td_loss(x_adv, sampler.sample(m)) if config.w_td else zero
+    # the draws and the distances in float32 also under mixed precision (a distance from
+    # |a|^2 - 2ab + |b|^2 in bfloat16 would lose most of its digits)
+    full_precision = torch.autocast(x_adv.device.type, enabled=False)
+    if config.w_td:
+        with full_precision:
+            td = td_loss(x_adv.float(), sampler.sample(m))
+    else:
+        td = zero
     if config.w_ed:
         # real target samples: all of them when they fit in a batch, else a random batch
         ref = (
@@ -836,7 +843,8 @@ def generator_loss(
                 )
             ]
         )
-        ed = energy_distance(x_adv, ref, repulsion=config.ed_repulsion)
+        with full_precision:
+            ed = energy_distance(x_adv.float(), ref, repulsion=config.ed_repulsion)
     else:
         ed = zero
     total = (
