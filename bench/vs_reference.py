@@ -20,6 +20,7 @@ figures, measured side by side on this machine in issue 16, are quoted beside ou
     python bench/vs_reference.py --cases demo --recipes paper --sizes reference
     python bench/vs_reference.py --baseline main              # interleave with main's tspg/training.py
     python bench/vs_reference.py --cases demo --threads 1 2 auto --busy 2   # thread default, busy machine
+    python bench/vs_reference.py --cases demo --threads 1 2 --busy 2 --wait-policy active
     python bench/vs_reference.py --limit                      # CPU limit of a GTEx-sized epoch
     python bench/vs_reference.py --profile demo:paper         # where the time goes (torch.profiler)
     python bench/vs_reference.py --sync-debug                 # CUDA only: host syncs per step
@@ -104,20 +105,23 @@ def run_case(case: dict) -> dict:
     impl = pipeline
     if case["impl"] != "new":
         impl = load_baseline(case["impl"])
-    timings: dict[str, list[float]] = {"target": [], "generator": []}
+    wall: dict[str, list[float]] = {"target": [], "generator": []}
+    cpu: dict[str, list[float]] = {"target": [], "generator": []}
 
     def timed(stage, fit):
         def call(*args, compile=False, **kw):  # the baseline takes no compile option
-            stamps = [time.perf_counter()]
+            stamps = [(time.perf_counter(), time.process_time())]
             user_cb = kw.pop("callback", None)
 
             def cb(i, n, losses):
-                stamps.append(time.perf_counter())
+                stamps.append((time.perf_counter(), time.process_time()))
                 if user_cb:
                     user_cb(i, n, losses)
 
             out = fit(*args, callback=cb, **kw)
-            timings[stage] = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            pairs = list(zip(stamps, stamps[1:], strict=False))
+            wall[stage] = [b[0] - a[0] for a, b in pairs]
+            cpu[stage] = [b[1] - a[1] for a, b in pairs]
             if stage == "generator" and not hasattr(out, "steps"):  # an older GeneratorFit
                 out.steps = out.steps_per_point = 0
             return out
@@ -127,7 +131,7 @@ def run_case(case: dict) -> dict:
     pipeline.fit_target = timed("target", impl.fit_target)
     pipeline.fit_generator = timed("generator", impl.fit_generator)
     adata, label_key, target = dataset(case["dataset"])
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     bundle = pipeline.train(
         adata,
         label_key=label_key,
@@ -136,22 +140,28 @@ def run_case(case: dict) -> dict:
         device="cpu",
         dataset=case["dataset"],
     )
-    whole = time.perf_counter() - start
+    whole, whole_cpu = time.perf_counter() - start, time.process_time() - start_cpu
 
     def steady(xs):
         return statistics.median(xs[1:] or xs)
 
     m = bundle.metrics
+    run = case["mode"] == "run"
     return {
         **case,
         "threads used": threads,
-        "target model s": sum(timings["target"]),
-        "target s/epoch": steady(timings["target"]),
-        "generator s/epoch": steady(timings["generator"]),
-        "whole run s": whole if case["mode"] == "run" else None,
+        "target model s": sum(wall["target"]),
+        "target s/epoch": steady(wall["target"]),
+        "generator s/epoch": steady(wall["generator"]),
+        "whole run s": whole if run else None,
         "peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "target model CPU s": sum(cpu["target"]),
+        "target CPU s/epoch": steady(cpu["target"]),
+        "generator CPU s/epoch": steady(cpu["generator"]),
+        "whole run CPU s": whole_cpu if run else None,
         "accuracy": m["perturbation_accuracy_non_target"],
         "target accuracy": m["target_model_accuracy"],
+        "load": os.getloadavg()[0],
         "torch": torch.__version__,
     }
 
@@ -189,7 +199,10 @@ def table(args) -> None:
             for case in cases:
                 for impl in impls:  # interleaved: the same load for both
                     cmd = [sys.executable, str(HERE), "--case", json.dumps({**case, "impl": impl})]
-                    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                    env = dict(os.environ)
+                    if args.wait_policy:
+                        env["OMP_WAIT_POLICY"] = args.wait_policy.upper()
+                    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
                     if out.returncode:
                         sys.exit(f"failed: {case} {impl}\n{out.stderr[-3000:]}")
                     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -199,30 +212,49 @@ def table(args) -> None:
             p.kill()
     df = pd.DataFrame(rows)
     keys = ["dataset", "recipe", "sizes", "threads", "impl"]
-    values = [
+    wall_values = [
         "target model s",
         "target s/epoch",
         "generator s/epoch",
         "whole run s",
         "peak RSS MB",
     ]
-    med = df.groupby(keys, sort=False)[values + ["accuracy", "threads used"]].median().reset_index()
-    out = []
-    for _, r in med.iterrows():
-        row = {k: r[k] for k in keys}
-        for v in values:
-            row[v] = "" if pd.isna(r[v]) else f"{r[v]:.3g}" if r[v] < 100 else f"{r[v]:.0f}"
-        row["threads used"] = int(r["threads used"])
-        row["accuracy"] = f"{r['accuracy']:.2f}"
-        out.append(row)
-    result = pd.DataFrame(out)
+    cpu_values = [
+        "target model CPU s",
+        "target CPU s/epoch",
+        "generator CPU s/epoch",
+        "whole run CPU s",
+    ]
+    values = wall_values + cpu_values
+    med = (
+        df.groupby(keys, sort=False)[values + ["accuracy", "threads used", "load"]]
+        .median()
+        .reset_index()
+    )
+
+    def shown(columns):
+        out = []
+        for _, r in med.iterrows():
+            row = {k: r[k] for k in keys}
+            for v in columns:
+                row[v] = "" if pd.isna(r[v]) else f"{r[v]:.3g}" if r[v] < 100 else f"{r[v]:.0f}"
+            row["threads used"] = int(r["threads used"])
+            row["accuracy"] = f"{r['accuracy']:.2f}"
+            row["load"] = f"{r['load']:.1f}"
+            out.append(row)
+        return pd.DataFrame(out).to_string(index=False)
+
     print(
         f"torch {rows[0]['torch']}, CPU, {os.cpu_count()} cores; {args.busy} busy processes "
-        f"started by this script; load average {os.getloadavg()[0]:.1f} at the end; medians of "
-        f"{args.reps}; 'accuracy' = held-out perturbation accuracy (non-target)"
+        f"started by this script; OMP_WAIT_POLICY {args.wait_policy or 'passive (tspg)'}; "
+        f"medians of {args.reps}; 'accuracy' = held-out perturbation "
+        "accuracy (non-target); 'load' = the 1-minute load average after the run"
     )
     with pd.option_context("display.width", 250, "display.max_columns", 30):
-        print(result.to_string(index=False))
+        print("wall-clock seconds")
+        print(shown(wall_values))
+        print("\nCPU seconds (all threads; with 1 thread about what a quiet machine takes)")
+        print(shown(cpu_values))
         if args.baseline:
             print(f"\nratio {args.baseline} / new (above 1: new is faster)")
             ratio = []
@@ -513,6 +545,11 @@ def main(argv=None) -> None:
     p.add_argument("--gtex-epochs", type=int, default=3, help="epochs timed at GTEx size")
     p.add_argument("--baseline", help="git ref whose tspg/training.py to interleave (e.g. main)")
     p.add_argument("--busy", type=int, default=0, help="busy processes to start meanwhile")
+    p.add_argument(
+        "--wait-policy",
+        choices=["active", "passive"],
+        help="OMP_WAIT_POLICY of the runs (default: tspg's, passive)",
+    )
     p.add_argument("--limit", action="store_true", help="the CPU limit of a GTEx-sized epoch")
     p.add_argument("--profile", help="DATASET:RECIPE[:SIZES], e.g. demo:paper or gtex:tspg+")
     p.add_argument("--top", type=int, default=15, help="operations listed by --profile")
