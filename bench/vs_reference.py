@@ -184,8 +184,8 @@ def table(args) -> None:
             recipe=r,
             sizes=s,
             threads=t,
-            mode="run" if d == "demo" else "epochs",
-            epochs=args.gtex_epochs,
+            mode="run" if d == "demo" and not args.demo_epochs else "epochs",
+            epochs=args.gtex_epochs if d == "gtex" else args.demo_epochs,
         )
         for d in args.cases
         for r in args.recipes
@@ -543,6 +543,12 @@ def main(argv=None) -> None:
     )
     p.add_argument("--reps", type=int, default=3, help="runs per setting (medians)")
     p.add_argument("--gtex-epochs", type=int, default=3, help="epochs timed at GTEx size")
+    p.add_argument(
+        "--demo-epochs",
+        type=int,
+        default=0,
+        help="epochs timed on the demo instead of a whole run (0: the whole run)",
+    )
     p.add_argument("--baseline", help="git ref whose tspg/training.py to interleave (e.g. main)")
     p.add_argument("--busy", type=int, default=0, help="busy processes to start meanwhile")
     p.add_argument(
