@@ -823,8 +823,13 @@ def test_compile_falls_back_to_plain_torch_where_it_fails(monkeypatch, caplog):
 
 
 def test_default_threads(monkeypatch):
+    import tspg
+
     monkeypatch.setenv("TSPG_THREADS", "")
     cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(tspg, "OMP_PASSIVE", True)  # waiting threads sleep: every core
+    assert default_threads() == cores
+    monkeypatch.setattr(tspg, "OMP_PASSIVE", False)  # they spin: only the idle cores
     assert 1 <= default_threads() <= cores
     idle = idle_cores(0.05)
     assert idle is None or 0 <= idle <= os.cpu_count() + 1e-9

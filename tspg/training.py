@@ -96,13 +96,17 @@ def idle_cores(interval: float = 0.1) -> float | None:
 
 
 def default_threads() -> int:
-    """CPU threads for torch while training: the cores that are idle now, at least one.
+    """CPU threads for torch while training.
 
-    torch's own default is one thread per core. On a busy machine its threads then wait for
-    each other at every operation: on this project's 2-core machine with two other busy
-    processes the demo ran 10-20x slower with 2 threads than with 1 (README, "Threads").
-    The environment variable ``TSPG_THREADS`` overrides the choice.
+    Every usable core when torch's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, which
+    ``import tspg`` sets before torch loads): then extra threads cost little on a busy
+    machine and help on a quiet one. Where they spin instead (torch loaded before tspg, or
+    another policy chosen), the cores idle now, at least one: spinning threads on a busy
+    machine made the demo 10-30x slower with 2 threads than with 1 on this project's 2-core
+    machine (README, "Threads"). The environment variable ``TSPG_THREADS`` overrides both.
     """
+    from . import OMP_PASSIVE
+
     env = os.environ.get("TSPG_THREADS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
@@ -110,6 +114,8 @@ def default_threads() -> int:
         return int(env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
+    if OMP_PASSIVE:
+        return cores
     idle = idle_cores()
     if idle is None:
         try:
