@@ -28,6 +28,9 @@ st.markdown(
 
 def train_demo(config) -> None:
     """Train the demo generator with a progress bar, save it, and rerun."""
+    from tspg.training import use_threads
+
+    use_threads()  # the idle cores (torch's one per core is slow on a busy machine)
     total = config.target_epochs + config.epochs
     done = {"n": 0}
     with st.status("Training the demo generator…", expanded=True) as status:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+import tspg  # noqa: F401 - before torch: tspg sets OMP_WAIT_POLICY, read when torch loads
+
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:

@@ -83,10 +83,16 @@ def _torch_threads():
 
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("TSPG_TEST_THREADS", "1")))
+    before, env = torch.get_num_threads(), os.environ.get("TSPG_THREADS")
+    threads = os.environ.get("TSPG_TEST_THREADS", "1")
+    torch.set_num_threads(int(threads))
+    os.environ["TSPG_THREADS"] = threads  # what tspg-train (tspg.training.use_threads) takes
     yield
     torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("TSPG_THREADS", None)
+    else:
+        os.environ["TSPG_THREADS"] = env
 
 
 # The paper's networks, trained a little faster (higher learning rates, fewer epochs): a few

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 from conftest import QUICK_CONFIG, SMALL_NETS, TINY_CLASSES, make_tiny_adata
 from torch import nn
@@ -14,16 +16,24 @@ from torch import nn
 from tspg.nets import Discriminator, Generator, ResidualBlock, TargetClassifier, evaluating
 from tspg.pipeline import train, train_all_targets
 from tspg.training import (
+    Batches,
+    Samples,
     TargetSampler,
     TrainConfig,
     cw_loss,
+    default_threads,
     energy_distance,
     fit_generator,
+    fit_target,
     generator_loss,
+    idle_cores,
     lsgan_discriminator_loss,
     lsgan_generator_loss,
+    make_adam,
     norm_loss,
+    plan_chunks,
     resolve_device,
+    seed_everything,
     td_loss,
 )
 
@@ -520,3 +530,371 @@ def test_fit_generator_needs_two_target_samples():
         ValueError, match="the target class has 1 training samples; at least 2 are needed"
     ):
         fit_generator(X, y, 1, f, cfg)
+
+
+# ----------------------------------------------------------------------------- the loop's engine
+
+
+def small_problem(n_per_class=(8, 8, 8), n_genes: int = 6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(n_per_class)), n_per_class)
+    X = rng.random((len(y), n_genes), dtype=np.float32)
+    X[rng.random(X.shape) < 0.5] = 0.0  # half zeros, so a sparse copy is really sparse
+    return X, y
+
+
+def state_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def reference_fit_target(X, y, n_classes, cfg):
+    """The loop as it was before losses stayed on the device: a host sync (``.item()``) per
+    step, the batch order drawn on the host, the data indexed per batch."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    f = TargetClassifier(X.shape[1], n_classes, hidden=cfg.target_hidden)
+    opt = make_adam(f.parameters(), cfg.target_lr)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.int64))
+    means = []
+    for _ in range(cfg.target_epochs):
+        total, count = 0.0, 0
+        order = torch.randperm(len(X), generator=gen)
+        for i in range(0, len(X), cfg.target_batch_size):
+            idx = order[i : i + cfg.target_batch_size]
+            if len(idx) < 2:
+                continue
+            loss = nn.functional.cross_entropy(f(Xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        means.append(total / count)
+    return f.eval(), means
+
+
+def reference_fit_generator(X, y, target, f, cfg):
+    """The generator's loop as it was: every loss read with ``float()`` after every step."""
+    gen = seed_everything(cfg.seed + 1)
+    G = Generator(
+        X.shape[1], encoder=cfg.gen_encoder, n_residual=cfg.gen_residual, decoder=cfg.gen_decoder
+    )
+    D = Discriminator(X.shape[1], hidden=cfg.disc_hidden)
+    for p in f.parameters():
+        p.requires_grad_(False)
+    opt_g, opt_d = make_adam(G.parameters(), cfg.g_lr), make_adam(D.parameters(), cfg.d_lr)
+    Xall = torch.from_numpy(X)
+    X_t = Xall[torch.from_numpy(y == target)]
+    X_src = Xall[torch.from_numpy(y != target)] if cfg.train_on == "non-target" else Xall
+    sampler = TargetSampler(X_t, covariance=cfg.covariance, generator=gen) if cfg.w_td else None
+    history = {}
+    for _ in range(cfg.epochs):
+        sums, n_steps = {}, 0
+        order = torch.randperm(len(X_src), generator=gen)
+        for i in range(0, len(X_src), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            x = X_src[idx]
+            real = (
+                x
+                if cfg.disc_real == "all"
+                else X_t[torch.randint(len(X_t), (len(x),), generator=gen)]
+            )
+            G.eval()
+            with torch.no_grad():
+                x_fake = (x + G(x)).clamp(0, 1)
+            G.train()
+            d_out = D(torch.cat([real, x_fake]))
+            d_loss = lsgan_discriminator_loss(d_out[: len(x)], d_out[len(x) :])
+            opt_d.zero_grad()
+            d_loss.backward()
+            opt_d.step()
+            g = G(x)
+            with evaluating(D):
+                loss = generator_loss(
+                    (x + g).clamp(0, 1),
+                    g,
+                    f,
+                    D,
+                    target,
+                    cfg,
+                    sampler=sampler,
+                    X_t=X_t,
+                    generator=gen,
+                )
+            opt_g.zero_grad()
+            loss.total.backward()
+            opt_g.step()
+            for k, v in {**loss.floats(), "d_loss": d_loss.item()}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_steps += 1
+        for k, v in sums.items():
+            history.setdefault(k, []).append(v / n_steps)
+    return G, D, history
+
+
+@pytest.mark.parametrize("recipe", ["tspg+", "paper"])
+def test_losses_summed_on_the_device_equal_the_per_step_host_reads(recipe):
+    """One sync per epoch changes nothing: the same weights, and losses equal to the last bit
+    to those summed from a ``.item()`` per step (the device sums in float64, as Python does)."""
+    X, y = small_problem((9, 8, 7))  # batches of 8: last batches of 8 and 0 / of 1 (dropped)
+    cfg = TrainConfig.for_recipe(
+        recipe, epochs=3, target_epochs=3, batch_size=8, target_batch_size=8, **SMALL_NETS
+    )
+    got_losses = []
+    f = fit_target(X, y, 3, cfg, callback=lambda i, n, losses: got_losses.append(losses))
+    want_f, want_losses = reference_fit_target(X, y, 3, cfg)
+    assert state_equal(f, want_f)
+    assert [d["target_loss"] for d in got_losses] == want_losses
+    fit = fit_generator(X, y, 1, f, cfg)
+    G, D, history = reference_fit_generator(X, y, 1, want_f, cfg)
+    assert state_equal(fit.generator, G.eval()) and state_equal(fit.discriminator, D.eval())
+    assert fit.history == history
+    assert (
+        fit.steps == 3 * (3 if recipe == "paper" else 2) and fit.steps_per_point == fit.steps // 3
+    )
+
+
+def test_plan_chunks():
+    assert plan_chunks(4, epochs=3) == [4, 4, 4]
+    assert plan_chunks(4, epochs=3, steps=10) == [4, 4, 2]  # the budget wins over epochs
+    assert plan_chunks(4, epochs=3, steps=8) == [4, 4]
+    assert plan_chunks(5000, epochs=1, steps=2500) == [1000, 1000, 500]  # MAX_CHUNK_STEPS
+
+
+def test_step_budget_counts_steps_exactly():
+    X, y = small_problem((10, 10, 10))
+    cfg = TrainConfig(
+        epochs=50,
+        target_epochs=50,
+        steps=7,
+        target_steps=5,
+        batch_size=8,
+        target_batch_size=8,
+        **SMALL_NETS,
+    )  # 30 samples in batches of 8: 4 steps per pass (the last batch holds 6)
+    calls = {"f": 0, "D": 0}
+    reports = {"f": [], "G": []}
+
+    def count(module, args):
+        if module.training and isinstance(module, TargetClassifier):
+            calls["f"] += 1
+        if module.training and isinstance(module, Discriminator):
+            calls["D"] += 1  # once per step: D's own update
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        f = fit_target(X, y, 3, cfg, callback=lambda i, n, _: reports["f"].append((i, n)))
+        fit = fit_generator(X, y, 1, f, cfg, callback=lambda i, n, _: reports["G"].append((i, n)))
+    finally:
+        handle.remove()
+    assert calls == {"f": 5, "D": 7}
+    assert reports["f"] == [(1, 2), (2, 2)]  # chunks of 4 + 1 steps
+    # the generator learns on the 20 non-target samples: 3 steps per pass, chunks 3 + 3 + 1
+    assert reports["G"] == [(1, 3), (2, 3), (3, 3)]
+    assert fit.steps == 7 and fit.steps_per_point == 3
+    assert all(len(v) == 3 for v in fit.history.values())
+
+
+def test_a_diverging_target_model_or_step_budget_names_where():
+    X, y = small_problem()
+    cfg = TrainConfig(target_epochs=3, target_batch_size=8, target_lr=1e30, **SMALL_NETS)
+    with pytest.raises(
+        ValueError,
+        match=r"training the target model diverged in epoch \d: loss target_loss is (nan|inf)",
+    ):
+        fit_target(X, y, 3, cfg)
+    f = TargetClassifier(6, 3, hidden=(8,)).eval()
+    cfg = TrainConfig(steps=9, batch_size=8, g_lr=1e30, d_lr=1e30, **SMALL_NETS)
+    with pytest.raises(ValueError, match=r"diverged in steps 1-2: loss \w+ is (nan|inf)"):
+        fit_generator(X, y, 1, f, cfg)
+
+
+def test_balanced_sampling_draws_classes_evenly():
+    labels = np.repeat([0, 1, 2], [400, 40, 4])  # 100:10:1
+    pool = np.arange(len(labels))
+    draws = {}
+    for sampling in ("uniform", "balanced"):
+        stream = Batches(
+            pool, 32, torch.Generator().manual_seed(0), sampling=sampling, labels=labels
+        )
+        idx = torch.cat([next(stream) for _ in range(300)]).numpy()
+        draws[sampling] = idx
+    share = np.bincount(labels[draws["balanced"]], minlength=3) / len(draws["balanced"])
+    np.testing.assert_allclose(share, 1 / 3, atol=0.02)  # 9,600 draws: 0.02 is 4 sd
+    assert set(draws["balanced"][labels[draws["balanced"]] == 2]) == {440, 441, 442, 443}
+    share = np.bincount(labels[draws["uniform"]], minlength=3) / len(draws["uniform"])
+    np.testing.assert_allclose(share, [400 / 444, 40 / 444, 4 / 444], atol=0.01)
+    # the pool is respected: non-target samples only
+    stream = Batches(
+        np.flatnonzero(labels != 1), 16, torch.Generator(), sampling="balanced", labels=labels
+    )
+    assert 1 not in labels[torch.cat([next(stream) for _ in range(50)]).numpy()]
+
+
+def test_balanced_sampling_trains_and_is_seeded():
+    X, y = small_problem((16, 8, 4))
+    f = TargetClassifier(6, 3, hidden=(8,)).eval()
+
+    def run(seed):
+        cfg = TrainConfig(epochs=2, batch_size=8, sampling="balanced", seed=seed, **SMALL_NETS)
+        return fit_generator(X, y, 1, f, cfg)
+
+    a, b, c = run(0), run(0), run(1)
+    assert state_equal(a.generator, b.generator) and a.history == b.history
+    assert not state_equal(a.generator, c.generator)
+    assert a.steps == 2 * 3  # 20 non-target samples in batches of 8: 3 steps per pass (8, 8, 4)
+
+
+@pytest.mark.parametrize("budget", [None, 1], ids=["densified", "csr-per-batch"])
+def test_sparse_input_trains_exactly_as_dense(budget):
+    X, y = small_problem((9, 8, 7))
+    X[3] = 0.0  # an empty row
+    sparse = scipy.sparse.csr_matrix(X)
+    assert Samples(sparse, torch.device("cpu"), budget=budget).kind == (
+        "dense" if budget is None else "csr"
+    )
+    for recipe in ("tspg+", "paper"):
+        cfg = TrainConfig.for_recipe(recipe, epochs=2, target_epochs=2, batch_size=8, **SMALL_NETS)
+        f_dense = fit_target(X, y, 3, cfg)
+        f_sparse = fit_target(sparse, y, 3, cfg, memory_budget=budget)
+        assert state_equal(f_dense, f_sparse)
+        dense = fit_generator(X, y, 1, f_dense, cfg)
+        sparse_fit = fit_generator(sparse, y, 1, f_sparse, cfg, memory_budget=budget)
+        assert state_equal(dense.generator, sparse_fit.generator)
+        assert dense.history == sparse_fit.history
+
+
+def test_samples_densify_csr_rows_on_the_device():
+    X, _ = small_problem((5, 5, 5), n_genes=9)
+    X[[0, 7]] = 0.0
+    idx = torch.tensor([7, 0, 3, 3, 14])
+    for matrix in (X, np.zeros_like(X)):  # also a matrix without a single non-zero
+        data = Samples(scipy.sparse.csr_matrix(matrix), torch.device("cpu"), budget=0)
+        assert data.kind == "csr"
+        assert torch.equal(data.batch(idx), torch.from_numpy(matrix)[idx])
+        assert torch.equal(data.rows(np.array([1, 2])), torch.from_numpy(matrix[[1, 2]]))
+    dense = Samples(X, torch.device("cpu"))
+    assert dense.kind == "dense" and dense.X.data_ptr() == X.ctypes.data  # used in place
+
+
+@pytest.mark.parametrize("placement", ["dense", "csr", "host"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["ndarray", "csr_matrix"])
+def test_samples_give_the_same_batches_wherever_they_live(placement, sparse):
+    X, y = small_problem((5, 5, 5), n_genes=9)
+    data = Samples(
+        scipy.sparse.csr_matrix(X) if sparse else X,
+        torch.device("cpu"),
+        labels=y,
+        placement=placement,
+    )
+    assert data.kind == placement
+    assert data.index_device == torch.device("cpu")
+    idx = torch.tensor([14, 0, 3, 3])
+    assert torch.equal(data.batch(idx), torch.from_numpy(X)[idx])
+    assert torch.equal(data.labels(idx), torch.from_numpy(y)[idx])
+    assert torch.equal(data.rows(np.array([2, 1])), torch.from_numpy(X[[2, 1]]))
+
+
+def test_mixed_precision_needs_cuda():
+    X, y = small_problem()
+    cfg = TrainConfig(precision="bfloat16", target_epochs=1, **SMALL_NETS)
+    with pytest.raises(
+        ValueError,
+        match="--precision bfloat16: mixed precision needs a CUDA GPU, and this run is on cpu",
+    ):
+        fit_target(X, y, 3, cfg, device="cpu")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        tiny_train(precision="bfloat16", epochs=1, target_epochs=1, **SMALL_NETS)
+
+
+def test_compile_falls_back_to_plain_torch_where_it_fails(monkeypatch, caplog):
+    """No C++ compiler (a real failure of torch's compiler): a warning, then the same training
+    as without compiling."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    X, y = small_problem()
+    cfg = TrainConfig(target_epochs=2, target_batch_size=8, **SMALL_NETS)
+    with caplog.at_level("WARNING", logger="tspg.training"):
+        f = fit_target(X, y, 3, cfg, compile=True)
+    assert "torch.compile failed" in caplog.text and "training without it" in caplog.text
+    assert state_equal(f, fit_target(X, y, 3, cfg))
+
+
+def test_default_threads(monkeypatch):
+    import tspg
+
+    monkeypatch.setenv("TSPG_THREADS", "")
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(tspg, "OMP_PASSIVE", True)  # waiting threads sleep: every core
+    assert default_threads() == cores
+    monkeypatch.setattr(tspg, "OMP_PASSIVE", False)  # they spin: only the idle cores
+    assert 1 <= default_threads() <= cores
+    idle = idle_cores(0.05)
+    assert idle is None or 0 <= idle <= os.cpu_count() + 1e-9
+    monkeypatch.setenv("TSPG_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("TSPG_THREADS", "two")
+    with pytest.raises(ValueError, match="TSPG_THREADS='two'"):
+        default_threads()
+
+
+def test_tspg_train_applies_the_thread_default(tmp_path, monkeypatch):
+    """tspg-train sets torch's threads to the default (here $TSPG_THREADS), or to --threads,
+    and records them in the bundle."""
+    from tspg.bundle import load_bundle
+    from tspg.cli import train_main
+
+    make_tiny_adata().write_h5ad(tmp_path / "tiny.h5ad")
+    before = torch.get_num_threads()
+    args = [str(tmp_path / "tiny.h5ad"), "--label-key", "cell_type", "--target", "beta", "-q"]
+    args += ["--epochs", "1", "--target-epochs", "1", "--out", str(tmp_path), "--overwrite"]
+    try:
+        monkeypatch.setenv("TSPG_THREADS", "3")
+        assert train_main(args) == 0
+        assert torch.get_num_threads() == 3
+        assert load_bundle(tmp_path / "tiny-beta").metrics["threads"] == 3
+        assert train_main([*args, "--threads", "2"]) == 0
+        assert load_bundle(tmp_path / "tiny-beta").metrics["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_same_seed_same_weights_on_the_new_paths():
+    """A step budget, balanced sampling and sparse input are as deterministic as epochs."""
+    X, y = small_problem((12, 9, 6))
+    sparse = scipy.sparse.csr_matrix(X)
+    cfg = TrainConfig(
+        steps=5,
+        target_steps=4,
+        batch_size=8,
+        target_batch_size=8,
+        sampling="balanced",
+        **SMALL_NETS,
+    )
+    runs = []
+    for data, budget in ((sparse, 1), (sparse, 1), (X, None)):
+        f = fit_target(data, y, 3, cfg, memory_budget=budget)
+        runs.append((f, fit_generator(data, y, 1, f, cfg, memory_budget=budget)))
+    for f, fit in runs[1:]:
+        assert state_equal(f, runs[0][0])
+        assert state_equal(fit.generator, runs[0][1].generator)
+        assert fit.history == runs[0][1].history
+
+
+def test_older_bundles_configs_train_as_before():
+    """Configs stored before the step budget, sampling and precision existed read as epochs,
+    uniform sampling and float32."""
+    older = {
+        k: v
+        for k, v in TrainConfig().to_dict().items()
+        if k not in ("steps", "target_steps", "sampling", "precision")
+    }
+    cfg = TrainConfig.from_dict(older)
+    assert (cfg.steps, cfg.target_steps, cfg.sampling, cfg.precision) == (
+        0,
+        0,
+        "uniform",
+        "float32",
+    )

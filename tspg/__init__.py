@@ -23,8 +23,22 @@ Dask; a module you can call) and the dashboard glue ``tspg.app``.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
+
+# OpenMP threads (torch's, MKL's) that wait for work sleep instead of spinning: on a busy
+# machine spinning threads take the cores their siblings need, which made 2-thread training
+# 10-30x slower than 1 thread on a shared 2-core machine (README, "Threads"). It must be set
+# before torch (libgomp) loads; a value already in the environment is kept.
+_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# True when torch's waiting threads sleep: the policy was passive when torch loaded (or will
+# be, torch not being loaded yet); read by tspg.training.default_threads
+OMP_PASSIVE = (
+    _WAIT_POLICY or ("PASSIVE" if "torch" not in sys.modules else "")
+).upper() == "PASSIVE"
 
 # public name -> module that defines it
 _EXPORTS = {

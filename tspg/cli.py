@@ -262,7 +262,12 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
         "--threads",
         type=_bounded(int, low=1, high=MAX_THREADS),
         default=None,
-        help="CPU threads for torch (default: torch's choice, one per core)",
+        help="CPU threads for torch (default: the cores idle now, at least 1; or $TSPG_THREADS)",
+    )
+    o.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the networks through torch.compile (adds its compile time; plain torch where it fails)",
     )
     o.add_argument(
         "--out", default=None, help=MODELS_HELP.replace("models folder", "bundle folder")
@@ -291,10 +296,12 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
     _check_config_options(args, parser)
     args.config = _config_of(args, parser)
     _setup_logging(args.quiet)
-    if args.threads:
-        import torch
+    from .training import use_threads
 
-        torch.set_num_threads(args.threads)
+    try:
+        use_threads(args.threads)  # --threads, else $TSPG_THREADS, else the idle cores
+    except ValueError as err:
+        parser.error(str(err))
     return _guarded(_train, args, parser)
 
 
@@ -468,6 +475,7 @@ def _train(args, parser) -> int:
         overwrite=args.overwrite,
         progress=_progress(args.quiet),
         on_bundle=lambda b: _print_trained(b, b.path),
+        compile=args.compile,
     )
     if plan.skipped:
         print(

@@ -35,6 +35,7 @@ __all__ = [
 
 RECIPES = ("tspg+", "paper")
 MAX_EPOCHS = 100_000
+MAX_STEPS = 10**9
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds; larger values overflow
 MAX_BATCH = 2**20
 MIN_BATCH = 2  # BatchNorm needs two samples a batch: the loops skip smaller ones (none would run)
@@ -88,10 +89,32 @@ class TrainConfig:
         128, "batch size of the target model", low=MIN_BATCH, high=MAX_BATCH
     )
     target_hidden: tuple[int, ...] = _opt(
-        (1024, 512, 128), "widths of the target model's hidden layers", low=1, high=MAX_WIDTH
+        (1024, 512, 128),
+        "widths of the target model's hidden layers (the paper's; the reference code's are 512,256,128)",
+        low=1,
+        high=MAX_WIDTH,
+    )
+    target_steps: int = _opt(
+        0,
+        "train the target model for this many steps instead of target_epochs (0: use epochs)",
+        low=0,
+        high=MAX_STEPS,
     )
     # generator G and discriminator D
     epochs: int = _opt(60, "epochs of the generator and discriminator", low=1, high=MAX_EPOCHS)
+    steps: int = _opt(
+        0,
+        "train the generator and discriminator for this many steps instead of epochs "
+        "(0: use epochs); progress and loss history every pass over the data, at most every 1000 steps",
+        low=0,
+        high=MAX_STEPS,
+    )
+    sampling: Literal["uniform", "balanced"] = _opt(
+        "uniform",
+        "source samples of each batch: uniform (passes over the data in random order) or "
+        "balanced (every class equally often, drawn with replacement)",
+        choices=("uniform", "balanced"),
+    )
     batch_size: int = _opt(
         128, "batch size of the generator and discriminator", low=MIN_BATCH, high=MAX_BATCH
     )
@@ -161,6 +184,11 @@ class TrainConfig:
     train_on: Literal["non-target", "all"] = _opt(
         "non-target", "samples the generator learns to perturb", choices=("non-target", "all")
     )
+    precision: Literal["float32", "bfloat16"] = _opt(
+        "float32",
+        "bfloat16: mixed precision (autocast) for speed, on a CUDA GPU only",
+        choices=("float32", "bfloat16"),
+    )
 
     def __post_init__(self):
         for f in fields(self):
@@ -217,6 +245,13 @@ PAPER: dict[str, Any] = dict(
     disc_real="all",
     train_on="all",
 )
+
+
+# The reference implementation's (ctargon/TSPG, commit ba027b4) network sizes where they differ
+# from the paper's: its target model is 512-256-128 (the paper states 1024-512-128). Its
+# generator and discriminator are the paper's. ``TrainConfig.for_recipe("paper",
+# **REFERENCE_CODE_SIZES)`` (or ``--target-hidden 512,256,128``) runs like for like.
+REFERENCE_CODE_SIZES: dict[str, Any] = dict(target_hidden=(512, 256, 128))
 
 
 def config_fields() -> dict[str, Field]:

@@ -31,7 +31,7 @@ from .data import (
 from .errors import UserError, one_line
 from .genesets import HVG_FLAVOR, GeneSelection, highly_variable_genes, select_genes
 from .perturbation import class_probabilities, generate_perturbed
-from .training import fit_generator, fit_target, resolve_device
+from .training import check_precision, fit_generator, fit_target, resolve_device
 
 __all__ = [
     "MIN_TARGET_SAMPLES",
@@ -483,20 +483,6 @@ def _dense(X) -> np.ndarray:
     return X.toarray() if sp.issparse(X) else np.asarray(X)
 
 
-def _training_matrix(X):
-    """The training rows as :func:`tspg.training.fit_target` / ``fit_generator`` take them.
-
-    A CSR matrix goes as it is once the training loops densify a batch at a time (the
-    engine work, issue 14 item 2); until then it is densified here: the training rows of
-    the chosen genes only, never the whole GEM.
-    """
-    return X.toarray() if sp.issparse(X) and not TRAINING_TAKES_SPARSE else X
-
-
-# Whether tspg.training's loops accept a scipy CSR matrix (True once they densify per batch)
-TRAINING_TAKES_SPARSE = False
-
-
 def _stage(progress: Progress | None, stage: str):
     if progress is None:
         return None
@@ -510,14 +496,16 @@ def fit_target_model(
     device: str | torch.device = "auto",
     X_train=None,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> torch.nn.Module:
     """Train the target model f on the training split of ``prep``; returns it in eval mode.
 
-    ``X_train``: the training rows as the loops take them (default: made from ``prep``).
+    ``X_train``: the training rows, dense or CSR (default: taken from ``prep``);
+    ``compile``: run the network through ``torch.compile`` (plain torch where that fails).
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if X_train is None:
-        X_train = _training_matrix(prep.X[prep.train_idx])
+        X_train = prep.X[prep.train_idx]
     return fit_target(
         X_train,
         prep.y[prep.train_idx],
@@ -525,6 +513,7 @@ def fit_target_model(
         config,
         device=dev,
         callback=_stage(progress, "target model"),
+        compile=compile,
     )
 
 
@@ -544,6 +533,7 @@ def train(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> Bundle:
     """Train a TSPG generator for ``target`` on a labelled AnnData; returns the bundle
     (saved when ``out`` is given).
@@ -571,7 +561,10 @@ def train(
         A models folder to save the bundle into (checked before training, see
         :func:`check_run`); replace a bundle of the same name only with ``overwrite``.
     progress
-        Called after every epoch as ``progress(stage, epoch, n_epochs, losses)``.
+        Called after every epoch (or chunk of a step budget) as
+        ``progress(stage, chunk, n_chunks, losses)``.
+    compile
+        Run the networks through ``torch.compile`` (plain torch where that fails).
     """
     return train_all_targets(
         adata,
@@ -588,6 +581,7 @@ def train(
         out=out,
         overwrite=overwrite,
         progress=progress,
+        compile=compile,
     )[0]
 
 
@@ -608,6 +602,7 @@ def train_all_targets(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_bundle: Callable[[Bundle], None] | None = None,
+    compile: bool = False,
 ) -> list[Bundle]:
     """Train one generator per target class (all classes by default), sharing one target model.
 
@@ -634,6 +629,7 @@ def train_all_targets(
     if target_model is not None:
         config = reused_config(config, target_model)
     dev = resolve_device(device)
+    check_precision(config, dev)
     prep = prepare(
         adata,
         label_key=label_key,
@@ -648,12 +644,14 @@ def train_all_targets(
     targets, names = plan.targets, plan.names
 
     start = time.perf_counter()
-    X_train = _training_matrix(prep.X[prep.train_idx])  # one copy, shared by every fit
+    X_train = prep.X[prep.train_idx]  # one copy (dense or CSR), shared by every fit
     if target_model is not None:
         f = target_model.target_model.to(dev)
         target_seconds = 0.0
     else:
-        f = fit_target_model(prep, config, device=dev, X_train=X_train, progress=progress)
+        f = fit_target_model(
+            prep, config, device=dev, X_train=X_train, progress=progress, compile=compile
+        )
         target_seconds = time.perf_counter() - start
     bundles: list[Bundle] = []
     for t_name, bname in zip(targets, names, strict=True):
@@ -669,6 +667,7 @@ def train_all_targets(
                 target_seconds=target_seconds,
                 target_model_from=target_model.name if target_model is not None else None,
                 progress=progress,
+                compile=compile,
             )
             if plan.out is not None:
                 save_bundle(bundle, plan.out, overwrite=overwrite)
@@ -703,6 +702,7 @@ def train_generator(
     target_seconds: float = 0.0,
     target_model_from: str | None = None,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> Bundle:
     """Train the generator (and discriminator) for ``target`` against a trained target model.
 
@@ -726,6 +726,8 @@ def train_generator(
         Seconds the target model took to train (stored in the metrics).
     target_model_from
         Name of the bundle whose target model is reused, if any.
+    compile
+        Run the networks through ``torch.compile`` (plain torch where that fails).
 
     Returns
     -------
@@ -736,7 +738,7 @@ def train_generator(
     t = prep.class_index(target)
     tr = prep.train_idx
     if X_train is None:
-        X_train = _training_matrix(prep.X[tr])
+        X_train = prep.X[tr]
     fit = fit_generator(
         X_train,
         prep.y[tr],
@@ -745,13 +747,17 @@ def train_generator(
         config,
         device=dev,
         callback=_stage(progress, f"generator {target}"),
+        compile=compile,
     )
     f = target_model.cpu().eval()
     metrics = heldout_metrics(prep, f, fit.generator.cpu(), t)
     metrics.update(
         train_seconds_target_model=target_seconds,
         train_seconds_generator=fit.seconds,
+        train_steps_generator=fit.steps,
+        history_steps_per_point=fit.steps_per_point,
         device=str(dev),
+        threads=torch.get_num_threads(),
     )
     hvg = {"n_top_genes": prep.n_top_genes, "flavor": HVG_FLAVOR} if prep.n_top_genes else {}
     manifest = new_manifest(
