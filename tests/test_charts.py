@@ -57,23 +57,27 @@ def map_df(rng):
 # ------------------------------------------------------------------ heatmap
 
 
-def test_heatmap_frame_sorted_by_P_and_trimmed():
+def test_heatmap_frame_ranked_by_P_in_two_directions_and_trimmed():
     genes = [f"G{i}" for i in range(8)]
     P = np.array([0.1, -0.5, 0.9, 0.0, -0.2, 0.4, -0.9, 0.3])
     x = np.linspace(0, 1, 8)
     f = charts.heatmap_frame(genes, x, P, np.clip(x + P, 0, 1), np.full(8, 0.5))
-    assert list(f.columns) == ["gene", "column", "value", "rank"]
+    assert list(f.columns) == ["gene", "column", "value", "direction", "rank"]
     assert len(f) == 8 * 4 and set(f["column"]) == set(charts.HEATMAP_COLUMNS)
-    p_rows = f[f["column"] == "P"].sort_values("rank")
-    assert p_rows["gene"].tolist() == ["G2", "G5", "G7", "G0", "G3", "G4", "G1", "G6"]
-    assert p_rows["value"].is_monotonic_decreasing
+    p_rows = f[f["column"] == "P"]
+    up, down = p_rows[p_rows.direction == "up"], p_rows[p_rows.direction == "down"]
+    assert up["gene"].tolist() == ["G2", "G5", "G7", "G0", "G3"]  # P >= 0, most positive first
+    assert down["gene"].tolist() == ["G6", "G1", "G4"]  # most negative first
+    assert up["rank"].tolist() == [1, 2, 3, 4, 5] and down["rank"].tolist() == [1, 2, 3]
     x_rows = f[f["column"] == "x"].set_index("gene")["value"]
     assert x_rows["G2"] == pytest.approx(x[2])
     small = charts.heatmap_frame(genes, x, P, x, x, n_genes=2)
-    assert small.sort_values("rank")["gene"].unique().tolist() == ["G2", "G5", "G1", "G6"]
-    assert (
-        len(charts.heatmap_frame(genes, x, P, x, x, n_genes=10)) == 32
-    )  # fewer genes than 2n: all kept
+    assert small["gene"].unique().tolist() == ["G2", "G5", "G6", "G1"]
+    # the same lists as every other top-gene list (tspg.ranking)
+    from tspg.ranking import rank_genes
+
+    ranked = rank_genes(P, genes, k=2)
+    assert small.drop_duplicates("gene")["gene"].tolist() == ranked["gene"].tolist()
 
 
 def test_heatmap_frame_rejects_matrices():
@@ -83,40 +87,64 @@ def test_heatmap_frame_rejects_matrices():
         charts.heatmap_frame(["a", "b"], np.zeros(3), np.zeros(2), np.zeros(2), np.zeros(2))
 
 
-def test_heatmap_chart_scales_sort_and_tooltip():
+def _heat_panels(spec: dict) -> dict[str, dict]:
+    """The heatmap's panels by their header's direction: {"up": panel, "down": panel}."""
+    return {p["layer"][0]["encoding"]["x"]["title"].split(":")[0]: p for p in spec["hconcat"]}
+
+
+def test_heatmap_chart_blocks_scales_sort_and_tooltip():
     genes = ["A", "B", "C", "D"]
-    P = np.array([0.2, -0.7, 0.5, 0.1])
+    P = np.array([0.2, -0.7, 0.5, -0.1])
     f = charts.heatmap_frame(
-        genes, [0.1, 0.9, 0.3, 0.5], P, [0.3, 0.2, 0.8, 0.6], [0.4, 0.1, 0.9, 0.5]
+        genes, [0.1, 0.9, 0.3, 0.5], P, [0.3, 0.2, 0.8, 0.6], [0.4, 0.1, 0.9, 0.5], n_genes=2
     )
-    spec = to_spec(charts.heatmap_chart(f, title="sample s1"))
-    assert spec["title"] == "sample s1"
-    assert spec["resolve"]["scale"]["color"] == "independent"
-    by_title = {}
-    for layer in spec["layer"]:
-        enc = layer["encoding"]
-        by_title[enc["color"]["title"]] = layer
-        assert enc["y"]["sort"] == ["C", "A", "D", "B"]  # genes sorted by P, most positive first
-        assert enc["x"]["sort"] == charts.HEATMAP_COLUMNS
-        assert tooltip_fields(enc) == ["gene", "column", "value"]
-        assert layer["mark"]["type"] == "rect"
+    spec = to_spec(charts.heatmap_chart(f, title="sample s1", subtitle="called a before"))
+    assert spec["title"]["text"] == "sample s1" and spec["title"]["subtitle"] == "called a before"
+    panels = _heat_panels(spec)
+    assert list(panels) == ["up", "down"]  # side by side, each headed by its direction
+    for d, panel in panels.items():
+        assert {"filter": f"(datum.direction === '{d}')"} in panel["transform"]
+        assert panel["resolve"]["scale"]["color"] == "independent"
+        assert panel["height"] == {"step": charts.ROW_HEIGHT} and charts.ROW_HEIGHT >= 18
+        for layer in panel["layer"]:
+            enc = layer["encoding"]
+            assert enc["y"]["sort"] == {"field": "rank", "op": "min", "order": "ascending"}
+            assert enc["y"]["axis"]["labelOverlap"] is False
+            assert enc["x"]["sort"] == charts.HEATMAP_COLUMNS
+            assert tooltip_fields(enc) == ["gene", "direction", "rank", "column", "value"]
+            assert layer["mark"]["type"] == "rect"
+    by_title = {layer["encoding"]["color"]["title"]: layer for layer in panels["up"]["layer"]}
+    # P: blue-white-red, symmetric at the view's largest |P| (0.7), square-root scale
     p_scale = by_title["P"]["encoding"]["color"]["scale"]
-    assert p_scale["domain"][0] == -p_scale["domain"][-1] == pytest.approx(-0.7)
-    assert p_scale["range"] == charts.DIVERGING_RANGE
+    assert p_scale["domain"] == [-0.7, 0.0, 0.7] and p_scale["range"] == charts.DIVERGING_RANGE
+    assert p_scale["type"] == "pow" and p_scale["exponent"] == 0.5
     expr_scale = by_title["expression (scaled)"]["encoding"]["color"]["scale"]
     assert expr_scale["scheme"] == charts.EXPRESSION_SCHEME and expr_scale["domain"] == [0.0, 1.0]
     assert {"filter": "(datum.column === 'P')"} in by_title["P"]["transform"]
+    # the legends once (on the last panel), not repeated
+    assert all(
+        isinstance(layer["encoding"]["color"]["legend"], dict) for layer in panels["down"]["layer"]
+    )
+    assert all(layer["encoding"]["color"]["legend"] is None for layer in panels["up"]["layer"])
     assert len(frame_of(spec)) == 16
-    # every gene labelled: one 18-px row each, no label dropped for overlap
-    assert spec["height"] == {"step": charts.ROW_HEIGHT} and charts.ROW_HEIGHT >= 18
-    for layer in spec["layer"]:
-        assert layer["encoding"]["y"]["axis"]["labelOverlap"] is False
+
+
+def test_heatmap_p_colours_are_symmetric_at_the_view():
+    """The demo's case: up P to ~0.6, down to ~-0.16 (the browser test checks their colour)."""
+    scale = charts.heatmap_p_scale([0.6, 0.3, -0.16, -0.35]).to_dict()
+    assert scale["domain"] == [-0.6, 0.0, 0.6] and scale["clamp"] is True
+
+
+def test_heatmap_rows_shrink_only_for_long_lists():
+    assert charts.heatmap_row_height(20) == charts.ROW_HEIGHT
+    assert charts.heatmap_row_height(100) * 100 < 1500  # 100 genes a direction: < 1,500 px
 
 
 def test_heatmap_chart_all_zero_P_and_nan_target_mean():
     f = charts.heatmap_frame(["a", "b"], [0.1, 0.2], [0.0, 0.0], [0.1, 0.2], [np.nan, np.nan])
     spec = to_spec(charts.heatmap_chart(f))
-    p_layer = [layer for layer in spec["layer"] if layer["encoding"]["color"]["title"] == "P"][0]
+    [panel] = spec["hconcat"]  # every P is 0: all "up"
+    p_layer = [layer for layer in panel["layer"] if layer["encoding"]["color"]["title"] == "P"][0]
     assert p_layer["encoding"]["color"]["scale"]["domain"] == [-1.0, 0.0, 1.0]
     assert frame_of(spec)["value"].isna().sum() == 2
 

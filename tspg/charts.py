@@ -19,6 +19,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from .ranking import rank_genes
+
 __all__ = [
     "DIRECTION_COLORS",
     "DIRECTIONS",
@@ -42,6 +44,8 @@ __all__ = [
     "gene_map_chart",
     "heatmap_chart",
     "heatmap_frame",
+    "heatmap_p_scale",
+    "heatmap_row_height",
     "loss_chart",
     "loss_frame",
     "map_chart",
@@ -133,13 +137,14 @@ def heatmap_frame(genes, x, P, x_adv, target_mean, *, n_genes: int | None = None
         One value per gene (1-d): a sample's scaled expression, its perturbation, the
         perturbed sample and the target class's mean. For a selection pass the means.
     n_genes
-        Keep only the ``n_genes`` most positive and ``n_genes`` most negative genes by P.
+        The top ``n_genes`` genes per direction, ranked by P (:func:`tspg.ranking.rank_genes`,
+        the ranking every top-gene list uses). None: every gene, those with P >= 0 as up.
 
     Returns
     -------
     DataFrame with columns ``gene``, ``column`` (one of ``x``, ``P``, ``x_adv``,
-    ``target mean``), ``value`` and ``rank`` (0 = most positive P), sorted by rank, then
-    column.
+    ``target mean``), ``value``, ``direction`` (``up``/``down``) and ``rank`` (1 = the
+    strongest of its direction), up genes first, each direction in rank order, then by column.
     """
     genes = [str(g) for g in genes]
     n = len(genes)
@@ -149,89 +154,140 @@ def heatmap_frame(genes, x, P, x_adv, target_mean, *, n_genes: int | None = None
         "x_adv": _as_1d(x_adv, n, "x_adv"),
         "target mean": _as_1d(target_mean, n, "target_mean"),
     }
-    order = np.argsort(-cols["P"], kind="stable")  # most positive P first
-    if n_genes is not None:
-        if n_genes < 1:
-            raise ValueError("n_genes must be at least 1")
-        if 2 * n_genes < n:
-            order = np.concatenate([order[:n_genes], order[-n_genes:]])
+    if n_genes is not None and n_genes < 1:
+        raise ValueError("n_genes must be at least 1")
+    ranked = rank_genes(cols["P"], genes, k=n_genes)
+    pos = {g: i for i, g in enumerate(genes)}
+    idx = np.array([pos[g] for g in ranked["gene"]], dtype=int)
     wide = pd.DataFrame(
-        {"gene": np.asarray(genes, dtype=object)[order], **{k: v[order] for k, v in cols.items()}}
+        {
+            "gene": ranked["gene"].to_numpy(dtype=object),
+            "direction": ranked["direction"].to_numpy(dtype=object),
+            "rank": ranked["rank"].to_numpy(),
+            **{k: v[idx] for k, v in cols.items()},
+        }
     )
-    wide["rank"] = np.arange(len(wide))
+    wide["order"] = np.arange(len(wide))
     long = wide.melt(
-        id_vars=["gene", "rank"], value_vars=HEATMAP_COLUMNS, var_name="column", value_name="value"
+        id_vars=["gene", "direction", "rank", "order"],
+        value_vars=HEATMAP_COLUMNS,
+        var_name="column",
+        value_name="value",
     )
     long["column"] = pd.Categorical(long["column"], categories=HEATMAP_COLUMNS)
-    long = long.sort_values(["rank", "column"], kind="stable").reset_index(drop=True)
+    long = long.sort_values(["order", "column"], kind="stable").reset_index(drop=True)
     long["column"] = long["column"].astype(str)
-    return long[["gene", "column", "value", "rank"]]
+    return long[["gene", "column", "value", "direction", "rank"]]
+
+
+def heatmap_p_scale(values) -> alt.Scale:
+    """The heatmap's P colours: blue - white - red, symmetric around 0 at the largest |P| of
+    the view, on a square-root (sign-preserving) scale so that small P (e.g. down genes at
+    a quarter of the largest up P) are still clearly coloured."""
+    m = _symmetric_max(values)
+    return alt.Scale(
+        type="pow", exponent=0.5, domain=[-m, 0.0, m], range=DIVERGING_RANGE, clamp=True
+    )
+
+
+def heatmap_row_height(n_genes: int) -> int:
+    """Pixels per gene row: ``ROW_HEIGHT`` up to 40 genes per direction, 13 above (100 genes
+    a direction is then ~1,300 px tall, both directions side by side)."""
+    return ROW_HEIGHT if n_genes <= 40 else 13
 
 
 def heatmap_chart(
-    frame: pd.DataFrame, *, title: str = "", row_height: int = ROW_HEIGHT, column_width: int = 70
-) -> alt.LayerChart:
-    """The paper's Fig. 2 (right): genes (rows, sorted by P) x columns x, P, x_adv, target mean.
+    frame: pd.DataFrame,
+    *,
+    title: str = "",
+    subtitle: str = "",
+    row_height: int | None = None,
+    column_width: int = 56,
+) -> alt.HConcatChart:
+    """The paper's Fig. 2 (right): genes (rows, in rank order) x columns x, P, x_adv, target mean.
 
-    P has its own diverging scale (blue-white-red, domain symmetric ``[-m, m]``); the three
-    expression columns share one sequential scale. Hover shows gene, column and value.
-    Every gene is labelled: ``row_height`` pixels per row, no label dropped for overlap.
+    Up genes and down genes are two panels side by side, each headed by what it holds; the
+    legends sit once, at the top right. P has its own diverging scale
+    (:func:`heatmap_p_scale`: symmetric at the view's largest |P|); the three expression
+    columns share one sequential scale. Hover shows gene, direction, rank, column and value.
+    Every gene is labelled: ``row_height`` pixels per row (default
+    :func:`heatmap_row_height`), no label dropped for overlap.
     """
-    frame = _require(pd.DataFrame(frame), ["gene", "column", "value", "rank"], "heatmap_chart")
-    gene_order = frame.sort_values("rank", kind="stable")["gene"].drop_duplicates().tolist()
-    m = _symmetric_max(frame.loc[frame["column"] == "P", "value"])
+    frame = _require(
+        pd.DataFrame(frame), ["gene", "column", "value", "direction", "rank"], "heatmap_chart"
+    )
+    per_direction = int(frame.groupby("direction")["gene"].nunique().max()) if len(frame) else 1
+    row_height = row_height or heatmap_row_height(per_direction)
+    p_values = frame.loc[frame["column"] == "P", "value"]
+    m = _symmetric_max(p_values)
     expr = frame.loc[frame["column"] != "P", "value"].to_numpy(dtype=np.float64)
     expr = expr[np.isfinite(expr)]
     lo = min(0.0, float(expr.min())) if expr.size else 0.0
     hi = max(1.0, float(expr.max())) if expr.size else 1.0
-    expr_scale = alt.Scale(scheme=EXPRESSION_SCHEME, domain=[lo, hi])
-    p_scale = alt.Scale(domain=[-m, 0.0, m], range=DIVERGING_RANGE, type="linear")
     tooltip = [
         alt.Tooltip("gene:N", title="gene"),
+        alt.Tooltip("direction:N", title="direction"),
+        alt.Tooltip("rank:Q", title="rank"),
         alt.Tooltip("column:N", title="column"),
         alt.Tooltip("value:Q", title="value", format=".3f"),
     ]
-    base = (
-        alt.Chart()
-        .mark_rect()
-        .encode(
-            x=alt.X(
-                "column:N",
-                sort=HEATMAP_COLUMNS,
-                scale=alt.Scale(domain=HEATMAP_COLUMNS),
-                title=None,
-                axis=alt.Axis(orient="top", labelAngle=0),
-            ),
-            y=alt.Y("gene:N", sort=gene_order, title=None, axis=_row_axis()),
-            tooltip=tooltip,
+    y = alt.Y(
+        "gene:N",
+        sort=alt.EncodingSortField("rank", op="min", order="ascending"),
+        title=None,
+        axis=alt.Axis(
+            labelOverlap=False,
+            labelLimit=GENE_LABEL_LIMIT,
+            labelPadding=4,
+            labelFontSize=11 if row_height >= ROW_HEIGHT else 10,
+        ),
+    )
+    legend = dict(orient="right", direction="vertical", offset=12)
+    headers = {"up": "up: most positive P", "down": "down: most negative P"}
+    shown = [d for d in DIRECTIONS if d in set(frame["direction"])]
+    panels = []
+    for d in shown:
+        show = d == shown[-1]  # the legends once, at the top right
+        x = alt.X(
+            "column:N",
+            sort=HEATMAP_COLUMNS,
+            scale=alt.Scale(domain=HEATMAP_COLUMNS),
+            title=headers[d],
+            axis=alt.Axis(orient="top", labelAngle=0, titleFontSize=12, titleFontWeight="bold"),
         )
-    )
-    # one view, two layers: P with its own diverging scale, the expression columns with a
-    # shared sequential one (independent colour scales -> two legends)
-    p_layer = base.transform_filter(alt.datum.column == "P").encode(
-        # labels at -m, 0, m (Vega's own ticks rounded 0.72 to 1)
-        color=alt.Color(
-            "value:Q",
-            scale=p_scale,
-            title="P",
-            legend=alt.Legend(gradientLength=100, values=[-m, 0.0, m], format=".2f"),
+        base = alt.Chart().mark_rect().encode(x=x, y=y, tooltip=tooltip)
+        # one view, two layers: P with its own diverging scale, the expression columns with
+        # a shared sequential one (independent colour scales -> two legends)
+        p_legend = alt.Legend(
+            values=[-m, -m / 4, 0.0, m / 4, m], format=".2f", gradientLength=120, **legend
         )
-    )
-    expr_layer = base.transform_filter(alt.datum.column != "P").encode(
-        color=alt.Color(
-            "value:Q",
-            scale=expr_scale,
-            title="expression (scaled)",
-            legend=alt.Legend(gradientLength=100),
+        p_layer = base.transform_filter(alt.datum.column == "P").encode(
+            color=alt.Color(
+                "value:Q",
+                scale=heatmap_p_scale(p_values),
+                title="P",
+                legend=p_legend if show else None,
+            )
         )
-    )
-    chart = (
-        alt.layer(expr_layer, p_layer, data=_data(frame))
-        .resolve_scale(color="independent")
-        .properties(width=column_width * len(HEATMAP_COLUMNS), height=alt.Step(row_height))
-    )
+        expr_layer = base.transform_filter(alt.datum.column != "P").encode(
+            color=alt.Color(
+                "value:Q",
+                scale=alt.Scale(scheme=EXPRESSION_SCHEME, domain=[lo, hi]),
+                title="expression (scaled)",
+                legend=alt.Legend(gradientLength=80, **legend) if show else None,
+            )
+        )
+        panels.append(
+            alt.layer(expr_layer, p_layer)
+            .transform_filter(alt.datum.direction == d)
+            .resolve_scale(color="independent")
+            .properties(width=column_width * len(HEATMAP_COLUMNS), height=alt.Step(row_height))
+        )
+    chart = alt.hconcat(*panels, data=_data(frame), spacing=40)
     if title:
-        chart = chart.properties(title=title)
+        chart = chart.properties(
+            title=alt.Title(title, subtitle=subtitle or alt.Undefined, anchor="start")
+        )
     return chart
 
 

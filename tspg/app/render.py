@@ -19,9 +19,11 @@ __all__ = [
     "guard",
     "page_perturbation",
     "page_start",
+    "prediction_columns",
     "reproduce",
     "show_chart",
     "show_table",
+    "top_gene_columns",
 ]
 
 logger = logging.getLogger("tspg.app")
@@ -86,17 +88,27 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "chart"
 
 
-def show_chart(chart, name: str, *, key: str | None = None, on_select=None, selection_mode=None):
-    """``st.altair_chart`` plus SVG and PNG downloads (rendered only when clicked)."""
+def show_chart(
+    chart, name: str, *, key: str | None = None, on_select=None, selection_mode=None, stretch=False
+):
+    """``st.altair_chart`` plus SVG and PNG downloads (rendered only when clicked).
+
+    ``stretch``: the chart takes the page's width (its spec's width is "container");
+    otherwise it is drawn at the builder's size.
+    """
     kw = {"on_select": on_select, "selection_mode": selection_mode} if on_select else {}
     # Streamlit fits a chart into its given height (axes included) unless told to pad: small
     # charts (a few bars, a short heatmap) would be squashed. Drawn at the builder's size.
-    result = st.altair_chart(chart.properties(autosize="pad"), width="content", key=key, **kw)
+    if stretch:
+        result = st.altair_chart(chart, width="stretch", key=key, **kw)
+    else:
+        result = st.altair_chart(chart.properties(autosize="pad"), width="content", key=key, **kw)
     fname = _slug(name)
+    export = chart.properties(width=900) if stretch else chart  # a file has no container
     row = st.container(horizontal=True)
     row.download_button(
         "SVG",
-        lambda: charts.chart_to_svg(chart),
+        lambda: charts.chart_to_svg(export),
         file_name=f"{fname}.svg",
         mime="image/svg+xml",
         key=f"svg-{key or fname}",
@@ -105,7 +117,7 @@ def show_chart(chart, name: str, *, key: str | None = None, on_select=None, sele
     )
     row.download_button(
         "PNG",
-        lambda: charts.chart_to_png(chart),
+        lambda: charts.chart_to_png(export),
         file_name=f"{fname}.png",
         mime="image/png",
         key=f"png-{key or fname}",
@@ -113,6 +125,64 @@ def show_chart(chart, name: str, *, key: str | None = None, on_select=None, sele
         icon=":material/download:",
     )
     return result
+
+
+def prediction_columns(target: str, label_key: str) -> dict:
+    """Readable headers, with help, for :meth:`tspg.perturbation.Perturbation.predictions_df`."""
+    num = st.column_config.NumberColumn
+    text = st.column_config.TextColumn
+    return {
+        "label": text("class", help=f"The sample's class in the data (obs[{label_key!r}])."),
+        "pred_before": text(
+            "called before", help="The target model's class for the sample as it is."
+        ),
+        "prob_before": num(
+            "p(called) before",
+            format="%.3f",
+            help="The target model's probability of the class it called, before perturbation.",
+        ),
+        "pred_after": text(
+            "called after", help="The target model's class for the perturbed sample (x_adv)."
+        ),
+        "prob_after": num(
+            "p(called) after",
+            format="%.3f",
+            help="The target model's probability of the class it called, after perturbation.",
+        ),
+        "prob_target_before": num(
+            f"p({target}) before",
+            format="%.3f",
+            help=f"The target model's probability of the target class, {target}, before.",
+        ),
+        "prob_target_after": num(
+            f"p({target}) after",
+            format="%.3f",
+            help=f"The target model's probability of the target class, {target}, after.",
+        ),
+    }
+
+
+def top_gene_columns(k: int, n_samples: int, *, one: bool) -> dict:
+    """Readable headers, with help, for :func:`tspg.ranking.rank_genes`' columns."""
+    num = st.column_config.NumberColumn
+    return {
+        "rank": num("rank", help="1 = the strongest of its direction", width="small"),
+        "gene": st.column_config.TextColumn("gene"),
+        "mean_P": num(
+            "P" if one else "mean P",
+            format="%.3f",
+            help="The sample's perturbation of the gene (scaled units)."
+            if one
+            else f"The gene's perturbation, averaged over the {n_samples} source samples: the ranking.",
+        ),
+        "n_top": num(
+            f"in own top {k}",
+            help=f"How many of the {n_samples} samples have this gene among their own top {k}.",
+        ),
+        "frequency": num(
+            "share", format="percent", help=f"The same as a share of the {n_samples} samples."
+        ),
+    }
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -16,6 +16,7 @@ from ..charts import heatmap_frame as _heatmap_frame
 from ..datasets import DEMO_NAME
 from ..embedding import map_frame
 from ..errors import UserError
+from ..ranking import RANKED_BY, rank_genes
 from .selection import Data
 
 __all__ = [
@@ -23,13 +24,16 @@ __all__ = [
     "cache_key",
     "command",
     "data_arg",
+    "data_choices",
     "demo_epochs",
     "gene_frames",
     "heatmap_frame",
+    "heatmap_title",
     "is_demo",
     "models_arg",
     "own_dataset_hint",
     "scaler_key",
+    "top_genes_table",
 ]
 
 
@@ -41,6 +45,19 @@ def is_demo(manifest: dict) -> bool:
 def bundle_label(name: str, manifest: dict) -> str:
     """A bundle as the picker shows it: target, dataset, gene set, then its folder name."""
     return f"{manifest['target']} · {manifest['dataset']['name']} · gene set {manifest['gene_set']['name']} · {name}"
+
+
+def data_choices(manifest: dict) -> dict[str, str]:
+    """The sidebar's data choices for a bundle: its own dataset, the demo (unless that is the
+    bundle's own dataset: one choice, not two names for the same data) and an upload."""
+    name = manifest["dataset"]["name"]
+    if is_demo(manifest):
+        return {"bundle": f"Its own dataset: {name} (the demo)", "upload": "Upload a .h5ad file"}
+    return {
+        "bundle": f"Its own dataset: {name} (upload it)",
+        "demo": f"Demo: {DEMO_NAME}",
+        "upload": "Upload other data (.h5ad)",
+    }
 
 
 def own_dataset_hint(manifest: dict) -> str:
@@ -72,10 +89,43 @@ def demo_epochs(raw) -> int | None:
 
 def heatmap_frame(pert, target_mean, *, n_genes: int) -> pd.DataFrame:
     """:func:`tspg.charts.heatmap_frame` of a perturbation: one sample, or the mean x, P and
-    x_adv of a selection; the target mean column empty (NaN) when ``target_mean`` is None."""
-    tm = np.full(len(pert.genes), np.nan) if target_mean is None else target_mean
+    x_adv over a selection's source samples (:meth:`~tspg.perturbation.Perturbation.source_rows`,
+    the samples :func:`top_genes_table` ranks); the target mean column empty (NaN) when
+    ``target_mean`` is None."""
+    src = pert.subset(pert.source_rows())
+    tm = np.full(len(src.genes), np.nan) if target_mean is None else target_mean
     return _heatmap_frame(
-        pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tm, n_genes=n_genes
+        src.genes,
+        src.x.mean(0, dtype=np.float64),
+        src.P.mean(0, dtype=np.float64),
+        src.x_adv.mean(0, dtype=np.float64),
+        tm,
+        n_genes=n_genes,
+    )
+
+
+def top_genes_table(pert, *, k: int) -> pd.DataFrame:
+    """The top ``k`` genes per direction of a perturbation's source samples, by
+    :func:`tspg.ranking.rank_genes` (the heatmap's and the enrichment's lists)."""
+    return rank_genes(pert.P[pert.source_rows()], pert.genes, k=k)
+
+
+def heatmap_title(pert, *, target: str) -> tuple[str, str]:
+    """(title, subtitle) of the heatmap: for one sample its id, class and the target model's
+    call before and after; for a selection how many source samples the means are over."""
+    n_src = int(pert.source_rows().sum())
+    if len(pert) == 1:
+        sample = pert.samples[0]
+        cls = f" ({pert.labels[0]})" if pert.labels is not None else ""
+        call = ""
+        if pert.predicted:
+            call = f"called {pert.pred_before[0]} before, {pert.pred_after[0]} after"
+        return f"Sample {sample}{cls}", call
+    left = len(pert) - n_src
+    note = f" ({left} of the target class left out)" if left else ""
+    return (
+        f"Mean over {n_src} source samples{note}",
+        f"genes ranked by {RANKED_BY} towards {target}",
     )
 
 
