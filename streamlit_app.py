@@ -21,7 +21,12 @@ import streamlit as st
 
 from tspg.app import state as S
 
-st.set_page_config(page_title="TSPG Explorer", page_icon=":material/scatter_plot:", layout="wide")
+st.set_page_config(
+    page_title="TSPG Explorer",
+    page_icon=":material/scatter_plot:",
+    layout="wide",
+    initial_sidebar_state=360,  # px: room for a bundle's name at 1280 x 800
+)
 
 if "tspg.app.loaders" not in sys.modules:  # the first run of this server process: torch & co.
     boot = st.empty()
@@ -62,11 +67,10 @@ def sidebar(entries, names) -> None:
             "Bundle",
             names,
             key=S.BUNDLE,
-            format_func=lambda n: f"{manifests[n]['target']} · {n}",
-            help=f"Generators found in {L.models_root()} (set TSPG_MODELS_DIR to use another folder): target · name.",
+            help=f"Generators found in {L.models_root()} (set TSPG_MODELS_DIR to use another folder).",
         )
         manifest = manifests[st.session_state[S.BUNDLE]]
-        st.caption(bundle_label(st.session_state[S.BUNDLE], manifest))
+        st.caption(bundle_label(manifest))
         choices = data_choices(manifest)
         if st.session_state.get(S.DATA) not in choices:
             st.session_state[S.DATA] = "bundle"  # the demo bundle's own dataset is the demo

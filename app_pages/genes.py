@@ -140,7 +140,7 @@ with R.guard("Drawing the gene views failed"):
     ref, ref_idx = L.reference_map(bundle, data, classes, seed)
     mkey = L.map_key(bundle, data, classes, seed)
     Xs = L.scaled_expression(L.bundle_key(bundle), data.key, bundle, data.adata)
-    coords = L.placed(ref, mkey, bundle, pert)
+    _, coords = L.placed(ref, mkey, bundle, pert)
     frame = gene_frames(ref, coords, pert, Xs, ref_idx, labels, gene)
     st.caption(
         "On the map: scaled expression of the real samples (dots) and of the perturbed samples after perturbation (crosses)."

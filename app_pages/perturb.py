@@ -20,7 +20,13 @@ from tspg.app.selection import (
     present_classes,
     random_candidates,
 )
-from tspg.app.views import heatmap_frame, heatmap_title, models_arg, top_genes_table
+from tspg.app.views import (
+    heatmap_frame,
+    heatmap_title,
+    models_arg,
+    target_label,
+    top_genes_table,
+)
 from tspg.perturbation import top_genes_df
 from tspg.ranking import RANKED_BY
 
@@ -46,7 +52,7 @@ left.selectbox(
     options,
     key=TARGET_WIDGET,
     on_change=_switch_bundle,
-    format_func=lambda n: f"{manifests.get(n, {}).get('target', n)} ({n})",
+    format_func=lambda n: target_label(n, manifests),
     help="Generators trained on this gene set and these classes; choosing one switches the bundle.",
 )
 with right:
@@ -123,6 +129,7 @@ else:
         format_func=lambda s: f"{s} · {label_of[s]}" if s in label_of else s,
         filter_mode="contains",
         select_all=False,  # Enter picks the first match, never every match
+        wrap=True,
         help="Each id with its class. Typing filters the list; Enter adds the first match.",
     )
 if data.own:

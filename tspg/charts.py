@@ -29,6 +29,8 @@ __all__ = [
     "GENE_LABEL_LIMIT",
     "HEATMAP_COLUMNS",
     "KINDS",
+    "KIND_SELECTION",
+    "MAP_KIND_LABELS",
     "LEGEND_SELECTION",
     "MAX_ROWS",
     "ROW_HEIGHT",
@@ -302,10 +304,38 @@ def _map_tooltip(frame: pd.DataFrame, extra: Sequence[alt.Tooltip] = ()) -> list
     return tips + list(extra)
 
 
-def _map_layers(frame: pd.DataFrame, color, tooltip, *, params=(), opacity=None) -> alt.LayerChart:
-    """Real samples as filled circles, perturbed samples as larger crosses with a black outline."""
+MAP_KIND_LABELS = {
+    "real": "real samples",
+    "before": "selected, before",
+    "perturbed": "selected, after (perturbed)",
+}
+KIND_SELECTION = "kind_pick"
+
+
+def _map_data(frame: pd.DataFrame, moves: bool) -> pd.DataFrame:
+    """The chart's rows: the map frame, plus (``moves``) one ``before`` row per perturbed
+    sample at its place before perturbation (``x_before``, ``y_before``)."""
+    if not moves:
+        return frame
+    pert = frame[frame["kind"] == "perturbed"]
+    before = pert.assign(x=pert["x_before"], y=pert["y_before"], kind="before")
+    return pd.concat([frame, before], ignore_index=True)
+
+
+def _map_layers(
+    frame: pd.DataFrame, color, tooltip, *, params=(), opacity=None, moves: bool = False
+) -> alt.LayerChart:
+    """Real samples as filled circles; perturbed samples as larger crosses with a black
+    outline; with ``moves``, each selected sample's place before perturbation as a hollow
+    square joined to its cross by a line."""
+    kinds = ["real", "before", "perturbed"] if moves else ["real", "perturbed"]
+    shapes = {"real": "circle", "before": "square", "perturbed": "cross"}
+    labels = " : ".join(f"datum.value == '{k}' ? '{MAP_KIND_LABELS[k]}'" for k in kinds)
     shape = alt.Shape(
-        "kind:N", scale=alt.Scale(domain=KINDS, range=["circle", "cross"]), title="sample"
+        "kind:N",
+        scale=alt.Scale(domain=kinds, range=[shapes[k] for k in kinds]),
+        title="sample",
+        legend=alt.Legend(labelExpr=f"{labels} : datum.value", symbolStrokeColor="black"),
     )
     base_enc = dict(
         x=alt.X("x:Q", axis=None, title=None),
@@ -325,15 +355,35 @@ def _map_layers(frame: pd.DataFrame, color, tooltip, *, params=(), opacity=None)
     if params:
         real = real.add_params(*params)
     layers = [real]
+    if moves and (frame["kind"] == "perturbed").any():
+        line_enc = {k: v for k, v in base_enc.items() if k not in ("shape", "x", "y")}
+        layers.append(
+            alt.Chart()
+            .transform_filter(alt.datum.kind == "perturbed")
+            .mark_rule(strokeWidth=1.2, strokeOpacity=0.75)
+            .encode(
+                x=alt.X("x_before:Q", axis=None, title=None),
+                y=alt.Y("y_before:Q", axis=None, title=None),
+                x2="x:Q",
+                y2="y:Q",
+                **line_enc,
+            )
+        )
+        layers.append(
+            alt.Chart()
+            .transform_filter(alt.datum.kind == "before")
+            .mark_point(filled=False, size=70, strokeWidth=1.8)
+            .encode(**base_enc)
+        )
     if (frame["kind"] == "perturbed").any():
         pert = (
             alt.Chart()
             .transform_filter(alt.datum.kind == "perturbed")
-            .mark_point(filled=True, size=110, stroke="black", strokeWidth=0.8)
+            .mark_point(filled=True, size=140, stroke="black", strokeWidth=1.0)
             .encode(**base_enc)
         )
         layers.append(pert)
-    return alt.layer(*layers, data=_data(frame))
+    return alt.layer(*layers, data=_data(_map_data(frame, moves)))
 
 
 def map_chart(
@@ -341,25 +391,31 @@ def map_chart(
     *,
     color: Literal["class", "predicted"] = "class",
     highlight_gene: str | None = None,
-    width: int = 520,
+    moves: bool = True,
+    width: int | str = 520,
     height: int = 440,
     title: str = "",
 ) -> alt.LayerChart:
     """t-SNE map from :func:`tspg.embedding.map_frame`.
 
     Real samples are points coloured by ``color`` (their class, or the target model's
-    prediction); clicking a legend entry highlights that class (``alt.selection_point``
-    bound to the legend; the others fade). Perturbed samples are larger crosses with a
-    black outline, coloured the same way. Tooltip: sample, class, predicted class, kind.
-    With ``highlight_gene``, the frame must carry a ``value`` column and the map is
-    coloured by that gene's expression instead (:func:`gene_map_chart`).
+    prediction). Perturbed samples are larger crosses with a black outline, coloured the
+    same way; with ``moves`` (and ``x_before``/``y_before`` in the frame) each one's place
+    before perturbation is a hollow square joined to its cross by a line. Clicking a class
+    in the colour legend highlights it, clicking an entry of the "sample" legend (real,
+    before, after) isolates those points (``alt.selection_point`` bound to each legend; the
+    others fade). Tooltip: sample, class, predicted class, kind. ``width="container"``
+    fills the page's width. With ``highlight_gene``, the frame must carry a ``value``
+    column and the map is coloured by that gene's expression instead (:func:`gene_map_chart`).
     """
     frame = _require(pd.DataFrame(frame), ["x", "y", "sample", "class", "kind"], "map_chart")
     if highlight_gene is not None:
         return gene_map_chart(frame, highlight_gene, width=width, height=height, title=title)
     if color not in frame.columns:
         raise ValueError(f"map_chart: cannot colour by {color!r}; the frame has no such column")
+    moves = bool(moves and {"x_before", "y_before"} <= set(frame.columns))
     pick = alt.selection_point(fields=[color], bind="legend", name=LEGEND_SELECTION)
+    pick_kind = alt.selection_point(fields=["kind"], bind="legend", name=KIND_SELECTION)
     domain = sorted(pd.unique(frame[color].dropna().astype(str)).tolist())
     col = alt.Color(
         f"{color}:N",
@@ -369,13 +425,15 @@ def map_chart(
             labelLimit=GENE_LABEL_LIMIT + 60
         ),  # whole class names ("CD8+/CD45RA+ Naive Cytotoxic")
     )
-    opacity = alt.condition(pick, alt.value(0.9), alt.value(0.08))
-    chart = _map_layers(frame, col, _map_tooltip(frame), params=[pick], opacity=opacity)
+    opacity = alt.condition(pick & pick_kind, alt.value(0.9), alt.value(0.08))
+    chart = _map_layers(
+        frame, col, _map_tooltip(frame), params=[pick, pick_kind], opacity=opacity, moves=moves
+    )
     return chart.properties(width=width, height=height, **_title(title))
 
 
 def gene_map_chart(
-    frame: pd.DataFrame, gene: str, *, width: int = 520, height: int = 440, title: str = ""
+    frame: pd.DataFrame, gene: str, *, width: int | str = 520, height: int = 440, title: str = ""
 ) -> alt.LayerChart:
     """The t-SNE map coloured by one gene's expression (frame: map frame + ``value`` column)."""
     frame = _require(

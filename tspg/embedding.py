@@ -54,6 +54,7 @@ __all__ = [
     "perturbation_map",
     "perturbation_map_frame",
     "place",
+    "place_moves",
     "select_map_samples",
 ]
 
@@ -476,6 +477,7 @@ def map_frame(
     new_source=None,
     new_pred=None,
     real_pred=None,
+    new_before=None,
 ) -> pd.DataFrame:
     """Tidy frame of the map: one row per point.
 
@@ -493,11 +495,15 @@ def map_frame(
         Target model's prediction for each perturbed sample.
     real_pred
         Target model's prediction for each real sample.
+    new_before
+        (m, 2) coordinates of the perturbed samples *before* perturbation (x placed on the
+        same map), or None; adds columns ``x_before`` and ``y_before`` (NaN for real rows).
 
     Returns
     -------
     DataFrame with columns ``x``, ``y``, ``sample``, ``class``, ``predicted``, ``kind``
-    (``"real"`` or ``"perturbed"``); real rows first, in the map's order.
+    (``"real"`` or ``"perturbed"``), and ``x_before``, ``y_before`` when ``new_before`` is
+    given; real rows first, in the map's order.
     """
     n = len(ref)
     real = pd.DataFrame(
@@ -529,6 +535,12 @@ def map_frame(
             "kind": "perturbed",
         }
     )
+    if new_before is not None:
+        before = np.asarray(new_before, dtype=np.float64).reshape(-1, 2)
+        if len(before) != m:
+            raise ValueError(f"new_before: {len(before)} positions for {m} points")
+        new["x_before"], new["y_before"] = before[:, 0], before[:, 1]
+        real["x_before"] = real["y_before"] = np.nan
     return pd.concat([real, new], ignore_index=True)
 
 
@@ -590,12 +602,14 @@ def class_map(
 
 
 def perturbation_map_frame(
-    ref: ReferenceMap, pert: Perturbation, *, coords=None, real_pred=None
+    ref: ReferenceMap, pert: Perturbation, *, coords=None, real_pred=None, before=None
 ) -> pd.DataFrame:
     """:func:`map_frame` of a reference map with a perturbation's x_adv on it.
 
     ``coords``: the perturbed samples' coordinates (default: :func:`place` of x_adv);
-    ``real_pred``: the target model's class for each real sample of the map.
+    ``real_pred``: the target model's class for each real sample of the map;
+    ``before``: the same samples' coordinates before perturbation (:func:`place_moves`),
+    for the map's before -> after lines.
     """
     coords = place(ref, pert.x_adv) if coords is None else coords
     return map_frame(
@@ -605,7 +619,22 @@ def perturbation_map_frame(
         new_source=pert.labels,
         new_pred=pert.pred_after,
         real_pred=real_pred,
+        new_before=before,
     )
+
+
+def place_moves(ref: ReferenceMap, pert: Perturbation) -> tuple[np.ndarray, np.ndarray]:
+    """Each perturbed sample's place on the fixed map before (x) and after (x_adv): one
+    :func:`place` of both (a placed point moves against the reference only, so placing them
+    together gives what placing each alone does).
+
+    Returns
+    -------
+    ``(before, after)``: two (m, 2) arrays.
+    """
+    xy = place(ref, np.vstack([pert.x, pert.x_adv]))
+    m = len(pert)
+    return xy[:m].copy(), xy[m:].copy()
 
 
 @dataclass

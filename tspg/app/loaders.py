@@ -338,14 +338,15 @@ def map_key(bundle, data: Data, classes, seed: int) -> str:
     return cache_key(data.key, scaler_key(bundle), tuple(classes), int(seed))
 
 
-@st.cache_data(show_spinner="Placing the perturbed samples on the map…", max_entries=32)
-def _placed(mkey: str, bkey: str, samples: tuple[str, ...], _ref, _x_adv) -> np.ndarray:
-    return embedding.place(_ref, _x_adv)
+@st.cache_data(show_spinner="Placing the selected samples on the map…", max_entries=32)
+def _placed(mkey: str, bkey: str, samples: tuple[str, ...], _ref, _pert):
+    return embedding.place_moves(_ref, _pert)
 
 
-def placed(ref, mkey: str, bundle, pert) -> np.ndarray:
-    """Map coordinates of the perturbed samples, placed on the fixed reference map."""
-    return _placed(mkey, bundle_key(bundle), tuple(pert.samples), ref, pert.x_adv)
+def placed(ref, mkey: str, bundle, pert) -> tuple[np.ndarray, np.ndarray]:
+    """Map coordinates of the selected samples before and after perturbation, both placed
+    on the fixed reference map (:func:`tspg.embedding.place_moves`)."""
+    return _placed(mkey, bundle_key(bundle), tuple(pert.samples), ref, pert)
 
 
 @st.cache_data(show_spinner="Recomputing the joint t-SNE map…", max_entries=4)

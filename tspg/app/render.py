@@ -150,12 +150,12 @@ def prediction_columns(target: str, label_key: str) -> dict:
             help="The target model's probability of the class it called, after perturbation.",
         ),
         "prob_target_before": num(
-            f"p({target}) before",
+            "p(target) before",
             format="%.3f",
             help=f"The target model's probability of the target class, {target}, before.",
         ),
         "prob_target_after": num(
-            f"p({target}) after",
+            "p(target) after",
             format="%.3f",
             help=f"The target model's probability of the target class, {target}, after.",
         ),

@@ -33,6 +33,7 @@ __all__ = [
     "models_arg",
     "own_dataset_hint",
     "scaler_key",
+    "target_label",
     "top_genes_table",
 ]
 
@@ -42,9 +43,20 @@ def is_demo(manifest: dict) -> bool:
     return manifest["dataset"]["name"] == DEMO_NAME
 
 
-def bundle_label(name: str, manifest: dict) -> str:
-    """A bundle as the picker shows it: target, dataset, gene set, then its folder name."""
-    return f"{manifest['target']} · {manifest['dataset']['name']} · gene set {manifest['gene_set']['name']} · {name}"
+def bundle_label(manifest: dict) -> str:
+    """What a bundle is, under its name in the sidebar: target, dataset and gene set."""
+    return (
+        f"target **{manifest['target']}** · dataset {manifest['dataset']['name']} · "
+        f"gene set {manifest['gene_set']['name']}"
+    )
+
+
+def target_label(name: str, manifests: dict[str, dict]) -> str:
+    """A bundle in the Perturb page's target picker: its target, and its name only when
+    another bundle has the same target."""
+    target = manifests.get(name, {}).get("target", name)
+    same = [n for n, m in manifests.items() if m.get("target") == target]
+    return target if len(same) <= 1 else f"{target} ({name})"
 
 
 def data_choices(manifest: dict) -> dict[str, str]:
