@@ -318,19 +318,26 @@ def target_mean(bundle, data: Data) -> np.ndarray | None:
 
 
 @st.cache_resource(
-    show_spinner="Fitting the t-SNE reference map (once per dataset, gene set, classes and seed)…",
+    show_spinner="The t-SNE reference map (fit once per dataset, gene set, classes and seed, then kept on disk)…",
     max_entries=8,
 )
 def _reference_map(dkey: str, skey: str, classes: tuple[str, ...], seed: int, _bundle, _data):
     Xs = scaled_expression(bundle_key(_bundle), _data.key, _bundle, _data.adata)
     return embedding.class_map(
-        _data.adata, _bundle, classes=list(classes), seed=seed, Xs=Xs, source=_data.label
+        _data.adata,
+        _bundle,
+        classes=list(classes),
+        seed=seed,
+        Xs=Xs,
+        source=_data.label,
+        cache_dir=embedding.map_cache_dir(),
     )
 
 
 def reference_map(bundle, data: Data, classes, seed: int):
     """(ReferenceMap, row indices of its samples); cached per dataset, gene set and scaling,
-    classes, seed (:func:`tspg.embedding.class_map`)."""
+    classes, seed (:func:`tspg.embedding.class_map`), in memory and on disk
+    (:func:`tspg.embedding.map_cache_dir`: a restart reads the map instead of fitting it)."""
     return _reference_map(data.key, scaler_key(bundle), tuple(classes), int(seed), bundle, data)
 
 
