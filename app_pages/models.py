@@ -8,7 +8,7 @@ import streamlit as st
 from tspg import charts
 from tspg.app import loaders as L
 from tspg.app import render as R
-from tspg.app.views import models_arg
+from tspg.app.views import loss_table, models_arg
 from tspg.config import format_option
 
 st.title("Models")
@@ -43,11 +43,22 @@ if bundle is None:
 
 st.subheader(f"{bundle.name}: training")
 with R.guard("Drawing the training history failed"):
-    st.markdown("**Losses per epoch** (log scale; click a legend entry to highlight a loss)")
+    st.markdown("**Losses per epoch** (one panel per loss, each on its own linear scale)")
     history = {
         k: v for k, v in bundle.manifest.get("history", {}).items() if any(x for x in v)
     }  # unused terms are all zero
     R.show_chart(charts.loss_chart(history), f"losses-{bundle.name}", key="loss_chart")
+    st.dataframe(
+        loss_table(history, bundle.manifest["config"]),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "weight": st.column_config.TextColumn(
+                "weight", help="the term's weight in the generator's loss (the config's w_*)"
+            ),
+            "meaning": st.column_config.TextColumn("what it measures", width="large"),
+        },
+    )
     st.markdown(
         "**Perturbation accuracy by source class** (held-out samples the target model calls the target after perturbation)"
     )

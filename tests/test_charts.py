@@ -152,25 +152,56 @@ def test_heatmap_chart_all_zero_P_and_nan_target_mean():
 # ------------------------------------------------------------------ map
 
 
-def test_map_chart_legend_selection_marks_and_tooltip(map_df):
-    spec = to_spec(charts.map_chart(map_df))
+def test_map_chart_legend_selections_marks_and_tooltip(map_df):
+    spec = to_spec(charts.map_chart(map_df))  # no before positions: no moves drawn
     assert len(frame_of(spec)) == len(map_df)
     real, pert = spec["layer"]
-    params = spec["params"]  # Altair lifts a layer's params to the top, naming the view
-    assert params[0]["views"] == [real["name"]]
-    assert params[0]["name"] == charts.LEGEND_SELECTION
-    assert params[0]["select"] == {"type": "point", "fields": ["class"]}
-    assert params[0]["bind"] == "legend"
+    params = {p["name"]: p for p in spec["params"]}  # lifted to the top, naming the view
+    pick, kind = params[charts.LEGEND_SELECTION], params[charts.KIND_SELECTION]
+    assert pick["views"] == kind["views"] == [real["name"]]
+    assert pick["select"] == {"type": "point", "fields": ["class"]} and pick["bind"] == "legend"
+    assert kind["select"] == {"type": "point", "fields": ["kind"]} and kind["bind"] == "legend"
     for layer in (real, pert):
         enc = layer["encoding"]
         assert enc["color"]["field"] == "class"
         assert enc["color"]["scale"]["domain"] == ["alpha", "beta", "gamma"]
-        assert enc["opacity"]["condition"]["param"] == charts.LEGEND_SELECTION
+        both = [c["param"] for c in enc["opacity"]["condition"]["test"]["and"]]
+        assert both == [charts.LEGEND_SELECTION, charts.KIND_SELECTION]
         assert tooltip_fields(enc)[:3] == ["sample", "class", "predicted"]
         assert enc["shape"]["scale"]["domain"] == ["real", "perturbed"]
     assert {"filter": "(datum.kind === 'real')"} in real["transform"]
     assert {"filter": "(datum.kind === 'perturbed')"} in pert["transform"]
     assert pert["mark"]["stroke"] == "black" and pert["mark"]["size"] > real["mark"]["size"]
+
+
+def test_map_chart_draws_each_move_from_before_to_after(map_df, rng):
+    moved = map_df.copy()
+    is_pert = moved["kind"] == "perturbed"
+    moved["x_before"] = np.where(is_pert, rng.normal(size=len(moved)), np.nan)
+    moved["y_before"] = np.where(is_pert, rng.normal(size=len(moved)), np.nan)
+    spec = to_spec(charts.map_chart(moved, width="container"))
+    assert spec["width"] == "container"  # the page's width
+    real, lines, before, after = spec["layer"]
+    assert lines["mark"]["type"] == "rule"
+    enc = lines["encoding"]
+    assert (enc["x"]["field"], enc["y"]["field"]) == ("x_before", "y_before")
+    assert (enc["x2"]["field"], enc["y2"]["field"]) == ("x", "y")
+    assert {"filter": "(datum.kind === 'perturbed')"} in lines["transform"]
+    assert {"filter": "(datum.kind === 'before')"} in before["transform"]
+    assert before["mark"]["filled"] is False and after["mark"]["stroke"] == "black"
+    assert after["encoding"]["shape"]["scale"] == {
+        "domain": ["real", "before", "perturbed"],
+        "range": ["circle", "square", "cross"],
+    }
+    # the chart's rows: one "before" row per perturbed sample, at its place before
+    rows = frame_of(spec)
+    b = rows[rows["kind"] == "before"].set_index("sample")
+    p = moved[is_pert].set_index("sample")
+    assert len(b) == is_pert.sum()
+    np.testing.assert_allclose(b.loc[p.index, "x"], p["x_before"])
+    # moves switched off: no lines, no before points
+    off = to_spec(charts.map_chart(moved, moves=False))
+    assert [layer["mark"]["type"] for layer in off["layer"]] == ["point", "point"]
 
 
 def test_map_chart_by_prediction_and_real_only(map_df):
@@ -179,7 +210,7 @@ def test_map_chart_by_prediction_and_real_only(map_df):
     assert (
         spec["params"][0]["select"]["fields"] == ["predicted"]
         and spec["params"][0]["bind"] == "legend"
-    )
+    )  # and the "sample" legend's selection (real / before / after)
     assert spec["layer"][0]["encoding"]["color"]["field"] == "predicted"
     with pytest.raises(ValueError, match="lacks column"):
         charts.map_chart(map_df.drop(columns="kind"))
@@ -227,19 +258,19 @@ def test_big_frame_over_altair_row_limit(rng):
 # ------------------------------------------------------------------ training and accuracy
 
 
-def test_loss_chart_log_scale_drops_non_positive():
-    history = {"gan": [1.0, 0.5, 0.0, -0.1, 0.2], "adv": [2.0, float("nan"), 1.0]}
+def test_loss_chart_shows_every_finite_value_one_linear_panel_per_loss():
+    history = {"gan": [1.0, 0.5, 0.0, -0.1, 0.2], "adv": [2.0, float("nan"), -2.0]}
     frame = charts.loss_frame(history)
     assert list(frame.columns) == ["epoch", "loss", "value"] and len(frame) == 8
     assert frame.loc[frame["loss"] == "gan", "epoch"].tolist() == [1, 2, 3, 4, 5]
     spec = to_spec(charts.loss_chart(history))
-    enc = spec["encoding"]
-    assert enc["y"]["scale"]["type"] == "log"
-    assert enc["x"]["field"] == "epoch" and enc["color"]["field"] == "loss"
+    assert spec["facet"]["field"] == "loss" and spec["resolve"]["scale"]["y"] == "independent"
+    enc = spec["spec"]["encoding"]
+    assert "type" not in enc["y"]["scale"]  # linear: zero and negative values show
+    assert enc["x"]["field"] == "epoch"
     shown = frame_of(spec)
-    assert len(shown) == 5 and (shown["value"] > 0).all()
-    assert "3 zero or negative" in spec["title"]["subtitle"]
-    assert spec["params"][0]["bind"] == "legend"
+    assert len(shown) == 7 and (shown["value"] <= 0).sum() == 3  # 0, -0.1 and -2 kept
+    assert "1 non-finite" in spec["title"]["subtitle"]
     clean = to_spec(charts.loss_chart({"total": [3.0, 2.0]}))
     assert "subtitle" not in clean["title"]
 

@@ -468,44 +468,44 @@ def loss_frame(history: Mapping[str, Sequence[float]]) -> pd.DataFrame:
 
 
 def loss_chart(
-    history: Mapping[str, Sequence[float]], *, width: int = 520, height: int = 280, title: str = ""
-) -> alt.Chart:
-    """Loss per epoch, one line per loss term, on a log scale.
-
-    A log scale cannot show zero or negative values (e.g. a Carlini-Wagner loss that has
-    reached ``-kappa``): those points are dropped from the plot, and the chart's subtitle
-    says how many were dropped. Non-finite values are dropped too.
+    history: Mapping[str, Sequence[float]],
+    *,
+    width: int = 230,
+    height: int = 130,
+    columns: int = 3,
+    title: str = "",
+) -> alt.FacetChart:
+    """Loss per epoch: one small panel per loss term, each on its own linear y scale, so
+    every value shows (a Carlini-Wagner term that reaches ``-kappa`` is negative; a log
+    scale would hide it). Non-finite values are left out and the title says how many.
     """
     frame = loss_frame(history)
-    keep = np.isfinite(frame["value"]) & (frame["value"] > 0)
+    keep = np.isfinite(frame["value"])
     dropped = int((~keep).sum())
     frame = frame[keep].reset_index(drop=True)
-    if dropped:
-        logger.info(
-            "loss_chart: %d zero, negative or non-finite value(s) not shown on the log scale",
-            dropped,
-        )
-    pick = alt.selection_point(fields=["loss"], bind="legend", name=LEGEND_SELECTION)
+    order = list(dict.fromkeys(frame["loss"]))
     chart = (
         alt.Chart(_data(frame))
-        .mark_line(point=alt.OverlayMarkDef(size=12))
+        .mark_line(point=alt.OverlayMarkDef(size=10))
         .encode(
             x=alt.X("epoch:Q", title="epoch", axis=alt.Axis(tickMinStep=1)),
-            y=alt.Y("value:Q", scale=alt.Scale(type="log"), title="loss (log scale)"),
-            color=alt.Color("loss:N", title="loss"),
-            opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
+            y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+            color=alt.Color("loss:N", legend=None, sort=order),
             tooltip=[
                 alt.Tooltip("loss:N"),
                 alt.Tooltip("epoch:Q"),
                 alt.Tooltip("value:Q", format=".4g"),
             ],
         )
-        .add_params(pick)
+        .properties(width=width, height=height)
+        .facet(
+            facet=alt.Facet("loss:N", sort=order, title=None, header=alt.Header(labelFontSize=12)),
+            columns=columns,
+        )
+        .resolve_scale(y="independent")
     )
-    subtitle = f"{dropped} zero or negative value(s) not shown" if dropped else alt.Undefined
-    return chart.properties(
-        width=width, height=height, title=alt.Title(title or "training loss", subtitle=subtitle)
-    )
+    subtitle = f"{dropped} non-finite value(s) not shown" if dropped else alt.Undefined
+    return chart.properties(title=alt.Title(title or "training loss", subtitle=subtitle))
 
 
 def accuracy_frame(per_source: Mapping[str, float]) -> pd.DataFrame:

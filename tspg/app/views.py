@@ -30,6 +30,7 @@ __all__ = [
     "heatmap_frame",
     "heatmap_title",
     "is_demo",
+    "loss_table",
     "models_arg",
     "own_dataset_hint",
     "scaler_key",
@@ -154,6 +155,41 @@ def gene_frames(ref, coords, pert, Xs, rows, labels, gene: str) -> dict[str, pd.
     frame["value"] = np.concatenate([Xs[rows, j], pert.x_adv[:, j]])
     dist = gene_distribution_frame(labels, Xs[:, j], pert.labels, pert.x_adv[:, j])
     return {"map": frame, "distribution": dist}
+
+
+# what each loss of a bundle's history measures (the Models page's table)
+LOSSES = {
+    "total": ("", "the generator's loss: the weighted sum of the terms below (lower is better)"),
+    "gan": (
+        "w_gan",
+        "least-squares GAN term: how far the discriminator is from calling x_adv real (0: fooled)",
+    ),
+    "adv": (
+        "w_adv",
+        "Carlini-Wagner term: the best other class's score minus the target's (target model); "
+        "it bottoms out at -kappa once x_adv is called the target with that margin",
+    ),
+    "norm": ("w_norm", "L2 norm of the generator's output G(x): the size of the change"),
+    "td": ("w_td", "L1 distance of x_adv to a draw from the target class's distribution"),
+    "ed": (
+        "w_ed",
+        "energy distance between x_adv and real target samples: how unlike real target samples x_adv is",
+    ),
+    "d_loss": ("", "the discriminator's own loss (real samples -> 1, x_adv -> 0)"),
+}
+
+
+def loss_table(history: dict, config: dict) -> pd.DataFrame:
+    """One row per loss in ``history``: its weight in the generator's loss (from the
+    bundle's ``config``; blank for the total and the discriminator's loss) and what it measures."""
+    rows = []
+    for name in history:
+        weight_key, meaning = LOSSES.get(name, ("", ""))
+        weight = config.get(weight_key, "") if weight_key else ""
+        rows.append(
+            {"loss": name, "weight": "" if weight == "" else f"{weight:g}", "meaning": meaning}
+        )
+    return pd.DataFrame(rows, columns=["loss", "weight", "meaning"])
 
 
 # ----------------------------------------------------------------------------- commands
