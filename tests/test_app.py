@@ -109,8 +109,16 @@ def test_home_shows_the_manifest_summary(models, monkeypatch):
     bundle = the_bundle(models)
     picker = at.sidebar.selectbox(key="bundle")
     assert picker.value == bundle.name
-    # each option names the target, the dataset and the gene set
-    assert picker.options == [f"{DEMO_TARGET} · pbmc68k_reduced · gene set all · {bundle.name}"]
+    # the name in the box (short enough not to be cut); target, dataset and gene set below it
+    assert picker.options == [bundle.name]
+    assert f"target **{DEMO_TARGET}** · dataset pbmc68k_reduced · gene set all" in texts(
+        at.sidebar.caption
+    )
+    # the demo bundle's own dataset is the demo: offered once, not under two names
+    assert at.sidebar.radio(key="data_source").options == [
+        "Its own dataset: pbmc68k_reduced (the demo)",
+        "Upload a .h5ad file",
+    ]
     m = metrics(at)
     assert m["Classes"] == str(len(bundle.classes)) == "10"
     assert m["Genes"] == str(len(bundle.genes)) == "765"
@@ -144,12 +152,46 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     heat = chart_data(charts(at)[0])
     assert set(heat["column"]) == {"x", "P", "x_adv", "target mean"}
     assert heat["gene"].nunique() == 40
-    mean_P = perturb_adata(demo_adata[ids], bundle).P.mean(0)
+    P = perturb_adata(demo_adata[ids], bundle).P
+    mean_P = P.mean(0)
     top_gene = bundle.genes[int(np.argmax(mean_P))]
-    assert heat.sort_values("rank").iloc[0]["gene"] == top_gene
+    first = heat[(heat.direction == "up") & (heat["rank"] == 1)]
+    assert set(first["gene"]) == {top_gene}
     assert heat[(heat.gene == top_gene) & (heat.column == "P")]["value"].iloc[0] == pytest.approx(
         mean_P.max(), abs=1e-4
     )
+    # one ranking: the heatmap's blocks are the tables' lists (mean P over the samples)
+    from tspg.perturbation import consensus_top
+
+    lists = consensus_top(P, bundle.genes, k=20)
+    up_table, down_table = at.dataframe[1].value, at.dataframe[2].value
+    assert (
+        list(up_table["gene"])
+        == lists["up"]
+        == list(heat[(heat.direction == "up") & (heat.column == "P")]["gene"])
+    )
+    assert (
+        list(down_table["gene"])
+        == lists["down"]
+        == list(heat[(heat.direction == "down") & (heat.column == "P")]["gene"])
+    )
+    np.testing.assert_allclose(up_table["mean_P"], np.sort(mean_P)[::-1][:20], atol=1e-5)
+    # P's colours: symmetric around 0 at the view's largest |P|
+    spec = json.loads(charts(at)[0].proto.spec)
+    p_scale = next(
+        layer["encoding"]["color"]["scale"]
+        for panel in spec["hconcat"]
+        for layer in panel["layer"]
+        if layer["encoding"]["color"]["title"] == "P"
+    )
+    m = float(np.abs(heat.loc[heat.column == "P", "value"]).max())
+    assert p_scale["domain"] == pytest.approx([-m, 0.0, m], abs=1e-6)
+    assert spec["title"]["text"] == f"Mean over {len(ids)} source samples"
+    # readable column headers, each with help (not "prob_before": probability of what?)
+    columns = json.loads(at.dataframe[0].proto.columns)
+    assert columns["prob_before"]["label"] == "p(called) before"
+    assert columns["prob_target_after"]["label"] == "p(target) after"
+    assert all(c.get("help") for c in columns.values())
     # the target-mean column: the bundle's stored training-split mean of the target class
     tm = heat[heat.column == "target mean"].set_index("gene")["value"]
     stored = pd.Series(bundle.target_mean, index=bundle.genes)
@@ -161,12 +203,16 @@ def test_perturb_selected_ids_and_heatmap(models, monkeypatch, demo_adata):
     ok(at.run())
     from tspg.perturbation import top_genes
 
-    P = perturb_adata(demo_adata[[ids[2]]], bundle).P
-    top = top_genes(P, bundle.genes, k=20)
+    one = perturb_adata(demo_adata[[ids[2]]], bundle)
+    top = top_genes(one.P, bundle.genes, k=20)
     up_table, down_table = at.dataframe[1].value, at.dataframe[2].value
     assert list(up_table["gene"]) == list(top.up[0])
     assert list(down_table["gene"]) == list(top.down[0])
     assert set(chart_data(charts(at)[0])["gene"]) == set(top.up[0]) | set(top.down[0])
+    # titled with the sample, its class and its calls before and after
+    title = json.loads(charts(at)[0].proto.spec)["title"]
+    assert title["text"] == f"Sample {ids[2]} ({labels[ids[2]]})"
+    assert title["subtitle"] == (f"called {one.pred_before[0]} before, {one.pred_after[0]} after")
     labels_dl = {b.label for b in at.get("download_button")}
     assert {
         "Perturbed samples (.h5ad)",
@@ -282,8 +328,9 @@ def test_enrichment_threshold_offline_libraries_and_retrying_enrichr(models, mon
     monkeypatch.setenv("TSPG_ENRICHR_URL", closed_port_url())
     at = ok(app(models, monkeypatch).run())
     ok(at.switch_page("app_pages/enrichment.py").run())
-    caption = next(c.value for c in at.caption if c.value.startswith("Up: "))
-    up = caption.split("\n")[0].removeprefix("Up: ").strip().split(", ")
+    caption = next(c.value for c in at.caption if "Up: " in c.value)
+    assert "ranked by mean P over its 20 source samples" in caption  # which list it used
+    up = caption.split("Up: ")[1].split("\n")[0].strip().split(", ")
     assert len(up) == 20
 
     # a GMT of our own in $TSPG_GMT_DIR: one set holding 3 of the up genes (and 10 others), one holding every gene
@@ -376,7 +423,14 @@ def test_models_page_lists_an_unreadable_bundle(models, monkeypatch, tmp_path):
     ok_row = table.loc[good.name]
     assert ok_row["status"] == "ok" and ok_row["target"] == DEMO_TARGET
     losses = chart_data(charts(at)[0])
-    assert {"epoch", "loss", "value"} <= set(losses.columns) and (losses["value"] > 0).all()
+    assert {"epoch", "loss", "value"} <= set(losses.columns)
+    history = {k: v for k, v in the_bundle(models).manifest["history"].items() if any(v)}
+    assert len(losses) == sum(len(v) for v in history.values())  # every value shown
+    assert (losses.loc[losses["loss"] == "adv", "value"] < 0).any()  # the adv term at -kappa
+    explained = next(d.value for d in at.dataframe if "meaning" in d.value.columns)
+    assert list(explained["loss"]) == list(history)
+    assert explained.set_index("loss").loc["adv", "weight"] == "3"
+    assert "Carlini-Wagner" in explained.set_index("loss").loc["adv", "meaning"]
     acc = chart_data(charts(at)[1])
     assert set(acc["source"]) == set(the_bundle(models).metrics["perturbation_accuracy_by_source"])
     config = next(d.value for d in at.dataframe if d.value.index.name == "option")
@@ -491,10 +545,7 @@ def test_sidebar_bundle_picker_demo_data_and_a_partial_upload(
     (other / "manifest.json").write_text(json.dumps(manifest))
     at = ok(app(root, monkeypatch).run())
     picker = at.sidebar.selectbox(key="bundle")
-    assert picker.options == [
-        f"{DEMO_TARGET} · pbmc68k_reduced · gene set all · {src.name}",
-        "CD19+ B · pbmc68k_reduced · gene set all · pbmc68k-reduced-cd19-b",
-    ]
+    assert picker.options == [src.name, "pbmc68k-reduced-cd19-b"]
     assert metrics(at)["Target"] == DEMO_TARGET
     picker.set_value("pbmc68k-reduced-cd19-b")
     ok(at.run())
@@ -502,9 +553,7 @@ def test_sidebar_bundle_picker_demo_data_and_a_partial_upload(
         at.subheader
     )
 
-    at.sidebar.radio(key="data_source").set_value("demo")
-    ok(at.run())
-    assert "demo (pbmc68k_reduced): 700 samples x 765 genes" in texts(at.markdown)
+    assert "pbmc68k_reduced (the bundle's dataset): 700 samples x 765 genes" in texts(at.markdown)
     ok(at.switch_page("app_pages/perturb.py").run())
     assert at.checkbox(
         key="sel_heldout"
@@ -627,7 +676,7 @@ def test_target_picker_switches_the_bundle(models, monkeypatch, tmp_path):
     at = ok(app(root, monkeypatch).run())
     ok(at.switch_page("app_pages/perturb.py").run())
     picker = at.selectbox(key="perturb_target")
-    assert set(picker.options) == {f"{DEMO_TARGET} ({src.name})", "Dendritic (pbmc-dendritic)"}
+    assert set(picker.options) == {DEMO_TARGET, "Dendritic"}  # a name only when targets repeat
     picker.set_value("pbmc-dendritic")
     ok(at.run())
     assert at.sidebar.selectbox(key="bundle").value == "pbmc-dendritic"

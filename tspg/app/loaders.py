@@ -237,7 +237,9 @@ def current_selection(bundle, data: Data) -> Selection:
         target=bundle.target,
         mode=ss.get(S.SEL_MODE, "random"),
         classes=list(
-            ss.get(S.SEL_CLASSES) or default_classes(bundle.classes, labels, bundle.target)
+            default_classes(bundle.classes, labels, bundle.target)
+            if ss.get(S.SEL_CLASSES) is None  # never picked (a cleared pick stays empty)
+            else ss[S.SEL_CLASSES]
         ),
         ids=list(ss.get(S.SEL_IDS) or []),
         known=names,
