@@ -2,20 +2,28 @@
 
 A bundle carries everything needed to perturb new data: genes (ordered), classes
 (ordered), target, scaler, the split, the training config and seed, metrics and the loss
-history. Saving writes a temporary folder and renames it into place; loading never
-unpickles anything and checks every tensor's shape against the manifest.
+history. Saving writes a temporary folder and renames it into place (the folder's name
+says which process writes it, so leftovers of a killed save can be cleaned safely), with
+the modes the user's umask gives. Reading checks everything: the manifest's JSON and
+schema (:mod:`tspg.manifest`), every tensor's name, shape, type and finiteness, and the
+rule for links (every path read resolves inside the models folder); it never unpickles
+anything. Listing checks the same as loading and never fails for one bad folder: it
+lists it with the reason (:class:`BundleEntry`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shlex
 import shutil
+import socket
+import stat
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +41,7 @@ from .config import TrainConfig, config_argv
 from .data import Scaler, align_genes, fingerprint
 from .datasets import DEMO_NAME
 from .errors import UserError
+from .manifest import FORMAT_VERSION, manifest_json, parse_manifest, validate_manifest
 from .nets import Discriminator, Generator, TargetClassifier
 from .perturbation import class_probabilities
 
@@ -56,8 +65,6 @@ __all__ = [
     "slug",
     "train_command",
 ]
-
-FORMAT_VERSION = 1
 WEIGHT_FILES = {
     "generator": "generator.safetensors",
     "discriminator": "discriminator.safetensors",
@@ -160,11 +167,13 @@ class Bundle:
             )
         return self.scaler.transform(X, genes=self.genes, source=source)
 
-    def predict_proba(self, Xs: np.ndarray) -> np.ndarray:
-        """The target model's class probabilities (samples x classes) for scaled ``Xs``."""
+    def predict_proba(self, Xs: np.ndarray, *, samples=None) -> np.ndarray:
+        """The target model's class probabilities (samples x classes) for scaled ``Xs``;
+        a non-finite one is a UserError naming the bundle and the sample (``samples``: ids)."""
         if len(Xs) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        return class_probabilities(self.target_model, Xs)
+        what = f"the target model of bundle {self.name!r}"
+        return class_probabilities(self.target_model, Xs, what=what, samples=samples)
 
     def predict(self, Xs: np.ndarray) -> np.ndarray:
         """The target model's class (name) for each row of scaled ``Xs``."""
@@ -342,23 +351,46 @@ def check_name(name: str) -> str:
 def save_bundle(
     bundle: Bundle, out_dir: str | Path | None = None, *, overwrite: bool = False
 ) -> Path:
-    """Write ``bundle`` to ``out_dir/<name>`` atomically (temporary folder, then rename)."""
+    """Write ``bundle`` to ``out_dir/<name>`` atomically (temporary folder, then rename).
+
+    Nothing is written when the manifest breaks the schema (:mod:`tspg.manifest`) or a
+    weight is not finite. The temporary folder's name holds its writer's process id and
+    host, so a later save or listing can tell a killed save's leftovers from a live one
+    (:func:`clean_leftovers`). The bundle's folder and files get the modes the user's umask
+    gives new ones: readable by the group and others as far as it allows.
+    """
     root = models_dir(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / check_name(bundle.name)
-    if final.exists() and not overwrite:
-        raise UserError(f"{final}: a bundle of that name exists; pass --overwrite or choose --name")
-    text = manifest_json(
-        bundle.manifest
-    )  # before anything is written: a bad field leaves nothing behind
-    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.", dir=root))
+    # before anything is written: a bad field or weight leaves nothing behind
+    text = manifest_json(bundle.manifest)
+    validate_manifest(json.loads(text), f"bundle {bundle.name!r}: manifest")
+    tensors = {key: _state_tensors(bundle, key) for key in WEIGHT_FILES}
+    if os.path.lexists(root) and not root.is_dir():
+        raise UserError(f"{_shown(root)}: cannot write a bundle here (not a folder)")
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(root)
+        if os.path.lexists(final) and not overwrite:
+            raise UserError(
+                f"{_shown(final)}: a bundle of that name exists; pass --overwrite or choose --name"
+            )
+        prefix = f".{bundle.name}.tmp-{os.getpid()}-{_HOST}-"
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    except OSError as err:
+        raise UserError(f"{_shown(root)}: cannot write a bundle here ({_why(err)})") from None
+    try:
+        fd = os.open(tmp / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            file_mode = os.fstat(fh.fileno()).st_mode & 0o777  # 0o666 less the umask
+        # a folder also gets x where the umask leaves r (umask 022: 0o644 -> 0o755)
+        dir_mode = file_mode | (file_mode & 0o444) >> 2
         for key, fname in WEIGHT_FILES.items():
-            module = getattr(bundle, key)
-            tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            save_file(tensors, str(tmp / fname))
-        (tmp / "manifest.json").write_text(text)
-        if final.exists():
+            save_file(tensors[key], str(tmp / fname))
+        for file in tmp.iterdir():
+            file.chmod(file_mode)
+        tmp.chmod(dir_mode)  # (mkdtemp made it 0o700)
+        if os.path.lexists(final):
             old = root / f".{bundle.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
@@ -370,6 +402,9 @@ def save_bundle(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{_shown(final)}: cannot write the bundle ({_why(err)})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -377,106 +412,250 @@ def save_bundle(
     return final
 
 
-def manifest_json(manifest: dict) -> str:
-    """The manifest as strict JSON; ValueError naming the field that holds NaN or infinity."""
-    try:
-        return json.dumps(manifest, indent=1, default=_json_default, allow_nan=False)
-    except ValueError:
-        found = _non_finite(manifest, "")
-        if found is None:
-            raise
-        field, value = found
-        raise UserError(
-            f"manifest field {field!r} is {value}: NaN and infinity cannot be stored in a bundle"
-        ) from None
+def _state_tensors(bundle: Bundle, key: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``bundle``'s network ``key``, on the CPU; UserError for a non-finite one."""
+    module = getattr(bundle, key)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(
+                f"bundle {bundle.name!r}: the {key.replace('_', ' ')}'s tensor {k!r} holds NaN "
+                "or infinite values; not saved"
+            )
+    return tensors
 
 
-def _non_finite(obj, field: str) -> tuple[str, float] | None:
-    """(field, value) of the first NaN or infinite number in a manifest, None if there is none."""
-    if isinstance(obj, dict):
-        items = ((f"{field}.{k}" if field else str(k), v) for k, v in obj.items())
-    elif isinstance(obj, list | tuple | np.ndarray):
-        items = ((f"{field}[{i}]", v) for i, v in enumerate(obj))
-    elif isinstance(obj, float | np.floating) and not math.isfinite(obj):
-        return field, float(obj)
-    else:
+# ----------------------------------------------------------------------------- leftovers
+
+STALE_AFTER_S = 30 * 60  # a leftover whose writer cannot be asked is stale after this idle time
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+# while saving: ".<name>.tmp-<pid>-<host>-<8 characters of mkdtemp>" (the writer is in the
+# name, so no moment exists when a temporary folder does not say who writes it); earlier
+# versions of tspg wrote ".<name>.<8 characters>"; while replacing: ".<name>.old"
+_TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]{8}")
+_OLDER_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
+_PREVIOUS = re.compile(r"\.(?P<name>.+)\.old")
+_BUNDLE_FILES = frozenset({"manifest.json", *WEIGHT_FILES.values()})
+_SAVER_TEMP_FILE = re.compile(r"\.tmp\w+")  # safetensors writes a file under such a name first
+
+
+def _writer_alive(pid: int, host: str) -> bool | None:
+    """Whether process ``pid`` of ``host`` runs; None when that cannot be told here
+    (another host, or Windows, where ``os.kill(pid, 0)`` would stop the process)."""
+    if host != _HOST or os.name == "nt" or pid <= 0:
         return None
-    for name, value in items:
-        found = _non_finite(value, name)
-        if found is not None:
-            return found
-    return None
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"cannot store {type(o).__name__} in a manifest")
-
-
-def read_manifest(path: str | Path) -> dict:
-    """Read and check a bundle's manifest.json."""
-    path = Path(path)
-    mf = path / "manifest.json"
-    if not mf.exists():
-        raise UserError(f"{path}: not a bundle (no manifest.json)")
     try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{mf}: not valid JSON ({err.msg}, line {err.lineno})") from err
-    except (UnicodeDecodeError, OSError) as err:
-        raise UserError(f"{mf}: unreadable ({type(err).__name__})") from err
-    if not isinstance(manifest, dict):
-        raise UserError(f"{mf}: not a bundle manifest (expected a JSON object)")
-    required = [
-        "format_version",
-        "name",
-        "dataset",
-        "genes",
-        "gene_set",
-        "classes",
-        "target",
-        "label_key",
-        "scaler",
-        "config",
-        "split",
-    ]
-    missing = [k for k in required if k not in manifest]
-    if missing:
-        raise UserError(f"{mf}: missing field(s) {', '.join(missing)}")
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it runs, as another user
+        return True
+    return True
+
+
+def _leftover_files(folder: Path) -> list[Path] | None:
+    """The files of a leftover folder, or None when it holds anything a save never writes
+    (a sub-folder, a link, another file): such a folder is never touched."""
     try:
-        _check_manifest(manifest, mf)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"{mf}: malformed manifest ({type(err).__name__}: {err})") from err
-    return manifest
-
-
-def _check_manifest(manifest: dict, mf: Path) -> None:
-    if not isinstance(manifest["format_version"], int):
-        raise UserError(f"{mf}: format_version must be a whole number")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise UserError(
-            f"{mf}: format version {manifest['format_version']} is newer than this tspg reads ({FORMAT_VERSION})"
+        files = list(folder.iterdir())
+        ok = all(
+            (f.name in _BUNDLE_FILES or _SAVER_TEMP_FILE.fullmatch(f.name))
+            and stat.S_ISREG(f.lstat().st_mode)
+            for f in files
         )
-    if manifest["target"] not in manifest["classes"]:
-        raise UserError(f"{mf}: target {manifest['target']!r} is not one of the classes")
-    n = len(manifest["genes"])
-    if len(manifest["scaler"]["minimum"]) != n or len(manifest["scaler"]["range"]) != n:
-        raise UserError(f"{mf}: scaler has the wrong length for {n} genes")
-    if "target_mean" in manifest and len(manifest["target_mean"]) != n:
-        raise UserError(f"{mf}: target_mean has the wrong length for {n} genes")
-    if not isinstance(manifest["config"], dict):
-        raise UserError(f"{mf}: config must be a JSON object")
-    for key in ("dataset", "gene_set"):
-        if not isinstance(manifest[key], dict) or "name" not in manifest[key]:
-            raise UserError(f"{mf}: {key} must be a JSON object with a name")
+    except OSError:
+        return None
+    return files if ok else None
+
+
+def clean_leftovers(root: str | Path | None = None) -> list[Path]:
+    """Remove what killed saves left in the models folder; return the folders removed.
+
+    A temporary folder is removed when its writer process is gone (same host), or, when
+    that cannot be told (another host; a folder of an older tspg, whose name does not say),
+    after :data:`STALE_AFTER_S` seconds without a change. A ``.<name>.old`` folder (the
+    previous bundle, while an overwrite renames the new one into place) is removed when
+    ``<name>`` exists, and renamed back to ``<name>`` when the save was killed before the
+    new bundle got there; never while a live save of ``<name>`` runs. Only folders holding
+    nothing but a bundle's files are touched; failures (another user's folder, say) are
+    logged and skipped.
+    """
+    root = models_dir(root)
+    try:
+        hidden = sorted(p for p in root.iterdir() if p.name.startswith("."))
+    except OSError:
+        return []
+    removed, busy, previous = [], set(), []
+    now = time.time()
+    for folder in hidden:
+        temp = _TEMP.fullmatch(folder.name) or _OLDER_TEMP.fullmatch(folder.name)
+        prev = _PREVIOUS.fullmatch(folder.name)
+        if not (temp or prev) or folder.is_symlink() or not folder.is_dir():
+            continue
+        files = _leftover_files(folder)
+        if files is None:
+            continue
+        if prev:
+            previous.append((folder, prev["name"]))
+            continue
+        pid = temp.groupdict().get("pid")
+        alive = _writer_alive(int(pid), temp["host"]) if pid else None
+        try:
+            idle = now - max(p.lstat().st_mtime for p in [folder, *files])
+        except OSError:
+            idle = 0.0
+        if alive or (alive is None and idle < STALE_AFTER_S):
+            busy.add(temp["name"])
+        elif _remove(folder):
+            removed.append(folder)
+    for folder, name in previous:
+        if name in busy:
+            continue
+        if os.path.lexists(root / name):
+            if _remove(folder):
+                removed.append(folder)
+            continue
+        try:
+            folder.rename(root / name)
+            logger.warning(
+                "%s: restored from %s, left by a save that was stopped", root / name, folder.name
+            )
+        except OSError as err:
+            logger.info("could not restore %s: %s", folder, err)
+    return removed
+
+
+def _remove(folder: Path) -> bool:
+    try:
+        shutil.rmtree(folder)
+    except OSError as err:
+        logger.info("could not remove the leftover folder %s: %s", folder, err)
+        return False
+    logger.info("removed %s, left by a save that was stopped", folder)
+    return True
+
+
+# ----------------------------------------------------------------------------- reading
+
+# The one rule for links: a bundle folder and every file read from it are resolved, and the
+# resolved path must lie inside the (resolved) models folder: the folder the bundle is in.
+# A link from models/a to models/b is fine; one leading out of models/ is refused.
+
+
+def _shown(path) -> str:
+    """A path (or any text) for a one-line message: control characters escaped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(path))
+
+
+def _why(err: BaseException) -> str:
+    """An OS error's reason in words: ``permission denied``, ``is a directory``."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror[:1].lower() + err.strerror[1:]
+    return _shown(err) or type(err).__name__
+
+
+def _models_root(path: Path, root: str | Path | None) -> Path:
+    """The resolved models folder of the bundle at ``path``: ``root``, else its parent."""
+    return Path(
+        os.path.abspath(root if root is not None else Path(path).absolute().parent)
+    ).resolve()
+
+
+def _inside(path: Path, root: Path) -> Path:
+    """``path`` resolved; UserError when that leads outside ``root`` (resolved)."""
+    try:
+        real = Path(os.path.abspath(path)).resolve()
+    except RuntimeError:  # Python < 3.13: a loop of links
+        raise UserError(f"{_shown(path)}: unreadable (a loop of symbolic links)") from None
+    except OSError as err:
+        raise UserError(f"{_shown(path)}: unreadable ({_why(err)})") from None
+    if real != root and root not in real.parents:
+        link = "" if real == Path(os.path.abspath(path)) else f"a link to {_shown(real)}, "
+        raise UserError(f"{_shown(path)}: {link}outside the models folder {_shown(root)}: refused")
+    return real
+
+
+def _open(path: Path, real: Path, missing: str) -> int:
+    """A read-only descriptor of the regular file ``real`` (shown as ``path``).
+
+    UserError (``missing`` when it does not exist) for anything else: a dangling link, a
+    folder, a named pipe or device (opened without blocking, so a pipe never hangs), a file
+    the user may not read.
+    """
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UserError(
+                f"{_shown(path)}: a link to {_shown(real)}, which does not exist"
+            ) from None
+        raise UserError(missing) from None
+    except OSError as err:
+        raise UserError(f"{_shown(path)}: unreadable ({_why(err)})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(mode)
+            else "a named pipe"
+            if stat.S_ISFIFO(mode)
+            else "a device or socket"
+        )
+        raise UserError(f"{_shown(path)}: unreadable (not a file but {kind})")
+    return fd
+
+
+def _folder(path: Path, root: Path) -> Path:
+    """The resolved bundle folder ``path``; UserError when it is not a folder inside ``root``."""
+    real = _inside(path, root)
+    try:
+        is_dir = stat.S_ISDIR(real.stat().st_mode)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UserError(
+                f"{_shown(path)}: a link to {_shown(real)}, which does not exist"
+            ) from None
+        raise UserError(f"{_shown(path)}: no such bundle folder") from None
+    except OSError as err:
+        raise UserError(f"{_shown(path)}: unreadable ({_why(err)})") from None
+    if not is_dir:
+        raise UserError(f"{_shown(path)}: not a bundle (not a folder)")
+    return real
+
+
+# A manifest holds a few numbers per gene and an id per sample: tens of MB for a million
+# samples. A larger file is not read (it could exhaust the memory of a listing).
+MAX_MANIFEST_BYTES = 512 * 2**20
+
+
+def read_manifest(path: str | Path, *, root: str | Path | None = None) -> dict:
+    """Read and check a bundle's manifest.json (:func:`tspg.manifest.parse_manifest`).
+
+    ``root`` is the models folder the bundle and its files must lie in (default: the
+    folder that holds ``path``).
+    """
+    path = Path(path)
+    real_root = _models_root(path, root)
+    _folder(path, real_root)
+    mf = path / "manifest.json"
+    fd = _open(mf, _inside(mf, real_root), f"{_shown(path)}: not a bundle (no manifest.json)")
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise UserError(
+                    f"{_shown(mf)}: unreadable ({size / 2**20:,.0f} MiB, larger than any "
+                    f"manifest tspg writes: at most {MAX_MANIFEST_BYTES // 2**20} MiB)"
+                )
+            data = fh.read()
+    except OSError as err:
+        raise UserError(f"{_shown(mf)}: unreadable ({_why(err)})") from None
+    return parse_manifest(data, _shown(mf))
 
 
 def _networks(manifest: dict, path: Path, device: torch.device | str = "cpu") -> dict:
-    """The three networks the manifest's gene count, class count and config describe
-    (on the ``meta`` device: shapes only, no memory)."""
+    """The three networks the manifest's gene count, class count and config describe."""
     n_genes, n_classes = len(manifest["genes"]), len(manifest["classes"])
     try:
         cfg = TrainConfig.from_dict(manifest["config"])
@@ -493,48 +672,141 @@ def _networks(manifest: dict, path: Path, device: torch.device | str = "cpu") ->
             }
     except (TypeError, ValueError, RuntimeError) as err:
         raise UserError(
-            f"{path / 'manifest.json'}: config does not describe valid networks ({err})"
-        ) from err
+            f"{_shown(path / 'manifest.json')}: config does not describe valid networks ({_shown(err)})"
+        ) from None
 
 
-def check_weights(path: str | Path, manifest: dict) -> None:
-    """Check every weight file's header (tensor names and shapes; the tensors are not read)
-    against the shapes the manifest implies; ValueError naming the file and tensor at fault."""
+def _expected_tensors(manifest: dict, path: Path) -> dict[str, dict[str, tuple]]:
+    """Per network, ``{tensor name: (shape, safetensors dtype)}`` the manifest implies
+    (networks of one shape are built once, on the ``meta`` device: no memory)."""
+    cfg = TrainConfig.from_dict(manifest["config"])
+    shape = (cfg.gen_encoder, cfg.gen_residual, cfg.gen_decoder, cfg.disc_hidden, cfg.target_hidden)
+    key = (len(manifest["genes"]), len(manifest["classes"]), shape)
+    if key not in _EXPECTED:
+        nets = _networks(manifest, path, "meta")
+        if len(_EXPECTED) > 256:
+            _EXPECTED.clear()
+        _EXPECTED[key] = {
+            name: {
+                k: (tuple(v.shape), _DTYPES.get(v.dtype, str(v.dtype)))
+                for k, v in net.state_dict().items()
+            }
+            for name, net in nets.items()
+        }
+    return _EXPECTED[key]
+
+
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.int64: "I64"}
+# Files whose every value was read and found finite (or not), by the file's identity: a
+# listing reads each version of a weight file once, later listings only stat it.
+_VALUES_CHECKED: dict[tuple, str | None] = {}
+_EXPECTED: dict[tuple, dict[str, dict[str, tuple]]] = {}
+
+
+def _weight_file(path: Path, key: str, expected: dict, root: Path, *, values: bool) -> Path:
+    """Check weight file ``key`` of the bundle at ``path``; return its resolved path.
+
+    It must be a regular file inside ``root`` holding exactly the ``expected`` tensors
+    (names, shapes, types; read from the header only) and, with ``values``, finite values.
+    """
+    file = path / WEIGHT_FILES[key]
+    real = _inside(file, root)
+    fd = _open(file, real, f"{_shown(path)}: missing {WEIGHT_FILES[key]}")
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    try:
+        with safe_open(str(real), framework="pt") as f:
+            found = {
+                k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()
+            }
+    except Exception as err:  # safetensors raises its own error type for a bad header
+        raise UserError(f"{_shown(file)}: unreadable weights ({_shown(err)})") from None
+    for k, (shape, dtype) in expected.items():
+        if k not in found:
+            raise UserError(f"{_shown(file)}: tensor {k!r} is missing")
+        if found[k][0] != shape:
+            raise UserError(
+                f"{_shown(file)}: tensor {k!r} has shape {found[k][0]}, the manifest implies {shape}"
+            )
+        if found[k][1] != dtype:
+            raise UserError(f"{_shown(file)}: tensor {k!r} holds {found[k][1]} values, not {dtype}")
+    extra = set(found) - set(expected)
+    if extra:
+        raise UserError(f"{_shown(file)}: unexpected tensor(s) {sorted(extra)[:3]}")
+    if values:
+        ident = (str(real), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if ident not in _VALUES_CHECKED:
+            if len(_VALUES_CHECKED) > 10_000:
+                _VALUES_CHECKED.clear()
+            _VALUES_CHECKED[ident] = _non_finite_tensor(real)
+        if _VALUES_CHECKED[ident] is not None:
+            raise UserError(f"{_shown(file)}: {_VALUES_CHECKED[ident]}")
+    return real
+
+
+def _non_finite_tensor(real: Path) -> str | None:
+    """What is wrong with the values of a weight file (its header already checked), or None."""
+    try:
+        with safe_open(str(real), framework="numpy") as f:
+            for k in sorted(f.keys()):
+                t = f.get_tensor(k)
+                if t.dtype.kind == "f" and not np.isfinite(t).all():
+                    return f"tensor {k!r} holds NaN or infinite values"
+    except Exception as err:  # data cut short after an intact header
+        return f"unreadable weights ({_shown(err)})"
+    return None
+
+
+def check_weights(path: str | Path, manifest: dict, *, root: str | Path | None = None) -> None:
+    """Check every weight file of the bundle at ``path`` against its (checked) manifest.
+
+    Each must be a regular file inside the models folder ``root`` (default: the folder
+    holding ``path``), hold exactly the tensors the manifest implies (names, shapes, types)
+    and finite values only. Values are read once per version of a file (its identity and
+    modification time), so listing a models folder again costs a ``stat`` per file.
+    UserError naming the file and tensor at fault.
+    """
     path = Path(path)
-    for key, module in _networks(manifest, path, "meta").items():
-        file = path / WEIGHT_FILES[key]
-        if not file.exists():
-            raise UserError(f"{path}: missing {WEIGHT_FILES[key]}")
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error type for a bad header
-            raise UserError(f"{file}: unreadable weights ({err})") from err
-        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        for k, shape in expected.items():
-            if k not in found:
-                raise UserError(f"{file}: tensor {k!r} is missing")
-            if found[k] != shape:
-                raise UserError(
-                    f"{file}: tensor {k!r} has shape {found[k]}, the manifest implies {shape}"
-                )
-        extra = set(found) - set(expected)
-        if extra:
-            raise UserError(f"{file}: unexpected tensor(s) {sorted(extra)[:3]}")
+    real_root = _models_root(path, root)
+    for key, expected in _expected_tensors(manifest, path).items():
+        _weight_file(path, key, expected, real_root, values=True)
 
 
-def load_bundle(path: str | Path, *, device: torch.device | str = "cpu") -> Bundle:
-    """Load a bundle folder (safetensors only; nothing is unpickled)."""
+def load_bundle(
+    path: str | Path, *, device: torch.device | str = "cpu", root: str | Path | None = None
+) -> Bundle:
+    """Load a bundle folder (safetensors only; nothing is unpickled).
+
+    The manifest is checked (:func:`read_manifest`), then each weight file (as
+    :func:`check_weights`) and the values loaded: a NaN or infinite weight is an error.
+    ``root`` is the models folder every file must lie in (default: the folder holding
+    ``path``; see the module's rule for links).
+    """
     path = Path(path)
-    manifest = read_manifest(path)
-    check_weights(path, manifest)
+    real_root = _models_root(path, root)
+    manifest = read_manifest(path, root=real_root)
+    expected = _expected_tensors(manifest, path)
     modules = _networks(manifest, path)
     for key, module in modules.items():
         file = path / WEIGHT_FILES[key]
+        real = _weight_file(path, key, expected[key], real_root, values=False)
         try:
-            module.load_state_dict(load_file(str(file)))
+            tensors = load_file(str(real))
         except Exception as err:  # the header was fine, the data are not
-            raise UserError(f"{file}: unreadable weights ({err})") from err
+            raise UserError(f"{_shown(file)}: unreadable weights ({_shown(err)})") from None
+        bad = next(
+            (
+                k
+                for k, t in sorted(tensors.items())
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())
+            ),
+            None,
+        )
+        if bad is not None:
+            raise UserError(f"{_shown(file)}: tensor {bad!r} holds NaN or infinite values")
+        module.load_state_dict(tensors)
         module.to(device).eval()
     return Bundle(
         manifest, modules["generator"], modules["discriminator"], modules["target_model"], path
@@ -560,38 +832,70 @@ class BundleEntry:
 def list_bundles(root: str | Path | None = None) -> list[BundleEntry]:
     """Every bundle folder under ``root`` (sorted by name); unreadable ones carry ``error``.
 
-    Each manifest is read and each weight file's header checked against it
-    (:func:`check_weights`: names and shapes only, so listing stays cheap).
+    Each manifest is read and checked, and each weight file checked against it
+    (:func:`check_weights`). One bad folder (unreadable, damaged, a link leading out of
+    ``root``) never stops the listing: it is listed with the reason. Hidden entries and
+    plain files are skipped; leftovers of killed saves are cleaned first
+    (:func:`clean_leftovers`). A missing ``root`` lists nothing; an unreadable one is a
+    UserError.
     """
     root = models_dir(root)
-    if not root.is_dir():
-        return []
+    try:
+        if not root.is_dir():
+            return []
+        real_root = Path(os.path.abspath(root)).resolve()
+        clean_leftovers(root)
+        children = sorted(root.iterdir())
+    except OSError as err:
+        raise UserError(f"{_shown(root)}: the models folder is unreadable ({_why(err)})") from None
     entries = []
-    for p in sorted(root.iterdir()):
-        if not p.is_dir() or p.name.startswith("."):
+    for p in children:
+        if p.name.startswith("."):
             continue
         try:
-            manifest = read_manifest(p)
-            check_weights(p, manifest)
+            if not p.is_symlink() and not p.is_dir():
+                continue  # a plain file (a README)
+            if p.is_symlink() and not os.path.isdir(p) and os.path.exists(p):
+                _inside(p, real_root)  # a link to a file: skipped, unless it leads outside
+                continue
+            manifest = read_manifest(p, root=real_root)
+            check_weights(p, manifest, root=real_root)
             entries.append(BundleEntry(p.name, p, manifest))
-        except (ValueError, KeyError, TypeError) as err:
-            entries.append(BundleEntry(p.name, p, None, str(err)))
+        except (ValueError, OSError) as err:
+            entries.append(BundleEntry(p.name, p, None, _shown(err)))
+        except Exception as err:  # a bug in tspg: logged in full, the other bundles still listed
+            logger.exception("listing %s", p)
+            entries.append(
+                BundleEntry(
+                    p.name,
+                    p,
+                    None,
+                    f"{_shown(p)}: unreadable ({type(err).__name__}: {_shown(err)})",
+                )
+            )
     return entries
 
 
 def resolve_bundle(name: str, root: str | Path | None = None, *, allow_path: bool = False) -> Path:
     """The folder of bundle ``name`` inside ``root``; a name can never reach outside it.
 
-    With ``allow_path`` (the command line), ``name`` may also be a path to a bundle folder.
+    With ``allow_path`` (the command line), ``name`` may also be a path to a bundle folder
+    (one holding a manifest.json, or any name with a path separator): loading then checks it.
+    A link in ``root`` leading outside it is refused, as :func:`list_bundles` reports it.
     """
-    root = models_dir(root).resolve()
+    root = models_dir(root)
     candidate = Path(name)
-    if allow_path and candidate.is_dir() and (candidate / "manifest.json").exists():
+    if allow_path and (
+        "/" in name or os.sep in name or os.path.lexists(candidate / "manifest.json")
+    ):
         return candidate
     check_name(name)
-    path = (root / name).resolve()
-    if path.parent != root:
-        raise UserError(f"invalid bundle name {name!r}")
-    if not path.is_dir():
-        raise UserError(f"no bundle {name!r} in {root}")
+    try:
+        real_root = root.resolve()
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"{_shown(root)}: the models folder is unreadable ({_why(err)})") from None
+    path = real_root / name
+    if not os.path.lexists(path):
+        raise UserError(f"no bundle {name!r} in {_shown(root)}")
+    _inside(path, real_root)
     return path

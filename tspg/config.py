@@ -242,7 +242,9 @@ def config_problem(name: str, value) -> str | None:
 
 
 def _widths_problem(value, meta: dict) -> str | None:
-    if not isinstance(value, tuple | list) or not value:
+    if not isinstance(value, tuple | list):
+        return "must be a list of whole numbers (layer widths)"
+    if not value:
         return "give at least one width"
     for w in value:
         if isinstance(w, bool) or not isinstance(w, int):

@@ -69,31 +69,63 @@ def _forward(module: torch.nn.Module, X: np.ndarray, fn=None) -> np.ndarray:
     return out[0] if len(out) == 1 else np.concatenate(out)
 
 
-def generate_perturbed(G: torch.nn.Module, Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def require_finite(
+    a: np.ndarray,
+    what: str,
+    samples=None,
+    why: str = "its weights are damaged or the data lie far outside their range",
+) -> None:
+    """UserError when ``a`` (samples x ...) holds NaN or infinity: ``what`` gave it, for how
+    many samples, the first one named (by ``samples``, else by row number), and ``why``.
+
+    The common case costs one float64 sum and no array as large as ``a``.
+    """
+    if a.size == 0 or np.isfinite(a.sum(dtype=np.float64)):
+        return
+    bad = np.array([not np.isfinite(row).all() for row in a.reshape(len(a), -1)])
+    if not bad.any():  # the sum overflowed, the values are fine
+        return
+    i = int(np.argmax(bad))
+    first = repr(str(samples[i])) if samples is not None else f"row {i + 1}"
+    raise UserError(
+        f"{what} gave NaN or infinite values for {int(bad.sum())} of {len(a)} sample(s) "
+        f"(first: {first}): {why}"
+    )
+
+
+def generate_perturbed(
+    G: torch.nn.Module, Xs: np.ndarray, *, what: str = "the generator", samples=None
+) -> tuple[np.ndarray, np.ndarray]:
     """P = x_adv - x and x_adv = clip(x + G(x), 0, 1) for scaled, gene-aligned ``Xs``.
 
     One forward pass in inference mode (no autograd bookkeeping) on float32, C-contiguous
     data; x + G(x) is computed and clipped in G's output buffer, and the results are handed
-    to numpy without a copy.
+    to numpy without a copy. A non-finite x_adv is a UserError naming ``what`` and the
+    first sample (of ``samples``, else by row number).
     """
     Xs = np.ascontiguousarray(Xs, dtype=np.float32)
     Ps, advs = [], []
     with evaluating(G), torch.inference_mode():
         for i in range(0, len(Xs), _CHUNK):
             x = torch.from_numpy(Xs[i : i + _CHUNK])
-            x_adv = G(x).add_(x).clamp_(0.0, 1.0)
+            x_adv = G(x).add_(x).clamp_(0.0, 1.0)  # clamp keeps NaN: checked below
             Ps.append(torch.sub(x_adv, x).numpy())
             advs.append(x_adv.numpy())
-    if len(Ps) == 1:
-        return Ps[0], advs[0]
     if not Ps:
         return np.zeros_like(Xs), np.zeros_like(Xs)
-    return np.concatenate(Ps), np.concatenate(advs)
+    P, x_adv = (Ps[0], advs[0]) if len(Ps) == 1 else (np.concatenate(Ps), np.concatenate(advs))
+    require_finite(x_adv, what, samples)
+    return P, x_adv
 
 
-def class_probabilities(f: torch.nn.Module, Xs: np.ndarray) -> np.ndarray:
-    """Softmax probabilities (samples, classes) of the target model for scaled ``Xs`` (one row at least)."""
-    return _forward(f, Xs, lambda m, x: torch.softmax(m(x), 1))
+def class_probabilities(
+    f: torch.nn.Module, Xs: np.ndarray, *, what: str = "the target model", samples=None
+) -> np.ndarray:
+    """Softmax probabilities (samples, classes) of the target model for scaled ``Xs`` (one row
+    at least); non-finite ones are a UserError naming ``what`` and the first sample."""
+    proba = _forward(f, Xs, lambda m, x: torch.softmax(m(x), 1))
+    require_finite(proba, what, samples)
+    return proba
 
 
 def discriminate(Xs: np.ndarray, bundle: Bundle) -> np.ndarray:
@@ -274,10 +306,21 @@ def perturb_scaled(
         raise ValueError(
             f"expected a samples x {len(bundle.genes)} genes matrix, got shape {Xs.shape}"
         )
-    P, x_adv = generate_perturbed(bundle.generator, Xs)
     samples = [str(s) for s in samples] if samples is not None else [str(i) for i in range(len(Xs))]
+    # a NaN anywhere is an error naming the bundle, never "100% called the target" (the
+    # argmax of NaN probabilities is class 0)
+    require_finite(
+        Xs,
+        f"scaling the data for bundle {bundle.name!r}",
+        samples,
+        "the bundle's scaler is damaged or the data hold values too large",
+    )
+    P, x_adv = generate_perturbed(
+        bundle.generator, Xs, what=f"the generator of bundle {bundle.name!r}", samples=samples
+    )
     if predict:
-        before, after = bundle.predict_proba(Xs), bundle.predict_proba(x_adv)
+        before = bundle.predict_proba(Xs, samples=samples)
+        after = bundle.predict_proba(x_adv, samples=samples)
     else:
         before = after = np.zeros((len(Xs), 0), np.float32)
     return Perturbation(
