@@ -145,10 +145,15 @@ def read_upload(name: str, data: bytes):
         raise UserError(
             f"{name}: {len(data) / 2**20:.0f} MB is over the {S.MAX_UPLOAD_MB} MB limit"
         )
+    if not data:
+        raise UserError(f"{name}: the file is empty")
     with tempfile.TemporaryDirectory(prefix="tspg-upload-") as tmp:
         path = Path(tmp) / "upload.h5ad"
         path.write_bytes(data)
-        adata = read_gem(path)
+        try:
+            adata = read_gem(path)
+        except UserError as err:  # name the user's file, not the server's temporary copy
+            raise UserError(str(err).replace(str(path), name)) from None
     adata.uns["tspg_import"]["source"] = name
     return adata
 
