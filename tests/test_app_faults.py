@@ -40,9 +40,10 @@ def bad_models(demo_models_dir, tmp_path_factory) -> tuple[Path, str]:
     nan = root / "a-nan-generator"
     shutil.copytree(good, nan)
     weights = load_file(nan / "generator.safetensors")
-    save_file(
-        {k: np.full_like(v, np.nan) for k, v in weights.items()}, nan / "generator.safetensors"
-    )
+    nan_weights = {
+        k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in weights.items()
+    }
+    save_file(nan_weights, nan / "generator.safetensors")
     scaler = root / "a-nan-scaler"
     shutil.copytree(good, scaler)
     text = (scaler / "manifest.json").read_text()
