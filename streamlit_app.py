@@ -97,10 +97,7 @@ def sidebar(entries, names) -> None:
 entries = L.bundle_entries()
 names = L.readable_names(entries)
 S.read_url(names)
-notes = st.container()  # what of a link could not be used: filled once the page has run
-try:
-    sidebar(entries, names)
-    page.run()
-finally:  # also after st.stop(): the URL always holds the view that was shown
-    S.show_notes(notes)
-    S.write_url()
+st.session_state[S.NOTES_BOX] = st.container()  # what of a link could not be used, at the top
+sidebar(entries, names)
+page.run()
+S.finish()  # pages that stop early finish through S.stop()

@@ -110,7 +110,7 @@ gmt_files = tuple(st.session_state[S.ENR_GMTS])
 threshold = float(st.session_state[S.ENR_THRESHOLD])
 if backend != "enrichr" and not gmt_files:
     st.warning("Pick at least one offline gene-set library: the offline backend needs one.")
-    st.stop()
+    S.stop()
 with R.guard("Enrichment failed"):
     try:
         table, attrs = L.enrichment_table(
@@ -124,7 +124,7 @@ with R.guard("Enrichment failed"):
             "be reached) or **offline** to enrich these genes without Enrichr.",
             icon=":material/lightbulb:",
         )
-        st.stop()
+        S.stop()
 
 backends = sorted(set(attrs.get("backend", {}).values()))
 messages = attrs.get("messages", {})

@@ -130,7 +130,7 @@ gene = st.session_state[S.GENE]
 labels = data.labels(bundle.label_key)
 if labels is None:
     st.info(f"{data.label} has no {bundle.label_key!r} column: the per-class views need labels.")
-    st.stop()
+    S.stop()
 with R.guard("Drawing the gene views failed"):
     ss = st.session_state
     classes = picked_map_classes(

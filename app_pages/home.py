@@ -82,7 +82,7 @@ if not bundle_name:
         },
         shlex.join(["tspg-train", "--demo", *config_argv(cfg), "--out", str(L.models_root())]),
     )
-    st.stop()
+    S.stop()
 
 with R.guard("Loading the bundle failed"):
     bundle = L.current_bundle()

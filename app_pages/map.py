@@ -22,7 +22,7 @@ if labels is None:
     st.error(
         f"{data.label} has no {bundle.label_key!r} column in obs: the map needs each real sample's class."
     )
-    st.stop()
+    S.stop()
 
 sel, pert = R.page_perturbation(bundle, data)
 

@@ -8,6 +8,7 @@ import streamlit as st
 from tspg import charts
 from tspg.app import loaders as L
 from tspg.app import render as R
+from tspg.app import state as S
 from tspg.app.views import loss_table, models_arg
 from tspg.config import format_option
 
@@ -17,7 +18,7 @@ entries = L.bundle_entries()
 st.caption(f"Bundles in `{root}`")
 if not entries:
     st.info("No bundle yet: train the demo on the Home page, or run `tspg-train --demo`.")
-    st.stop()
+    S.stop()
 
 table = pd.DataFrame([e.summary() for e in entries]).set_index("name")
 first = ["status", "target", "perturbation accuracy", "target-model accuracy"]
@@ -39,7 +40,7 @@ for e in entries:
 with R.guard("Loading the bundle failed"):
     bundle = L.current_bundle()
 if bundle is None:
-    st.stop()
+    S.stop()
 
 st.subheader(f"{bundle.name}: training")
 with R.guard("Drawing the training history failed"):

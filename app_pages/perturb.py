@@ -96,7 +96,7 @@ elif mode == "class":
         st.error(
             f"{data.label} has no {bundle.label_key!r} column in obs, so samples cannot be picked by class. Pick them by id or at random."
         )
-        st.stop()
+        S.stop()
     present = present_classes(bundle.classes, labels)
     stored = ss.get(S.SEL_CLASSES)
     chosen = [c for c in stored or [] if c in present]
@@ -139,7 +139,7 @@ with R.guard("Selecting samples failed"):
     sel = L.current_selection(bundle, data)
 if not sel.samples:
     st.warning("No samples selected.")
-    st.stop()
+    S.stop()
 with R.guard("Perturbation failed"):
     pert = L.perturbation(bundle, data, sel.samples)
 pred = pert.predictions_df()

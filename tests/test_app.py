@@ -258,7 +258,7 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     )  # held-out only
     assert {"sample", "class", "predicted", "kind", "x", "y"} <= set(frame.columns)
     spec = json.dumps(json.loads(charts(at)[0].proto.spec))
-    assert '"bind": "legend"' in spec and "tooltip" in spec
+    assert '"bind": {"legend": "click[' in spec and "tooltip" in spec
     assert "placed on the fixed reference map" in texts(at.caption)
     # the page's equivalent command writes the page's table
     import shlex

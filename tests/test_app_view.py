@@ -132,6 +132,7 @@ def test_picking_by_class_clearing_stays_cleared(models, monkeypatch):
     ok(at.run())
     assert at.pills(key="sel_classes").value == []
     assert "No samples selected." in texts(at.warning)
+    assert at.query_params["classes"] == ""  # the URL says so too (the page stopped early)
     ok(at.run())  # and again: no snapping back to a class
     assert at.pills(key="sel_classes").value == []
 

@@ -159,8 +159,11 @@ def test_map_chart_legend_selections_marks_and_tooltip(map_df):
     params = {p["name"]: p for p in spec["params"]}  # lifted to the top, naming the view
     pick, kind = params[charts.LEGEND_SELECTION], params[charts.KIND_SELECTION]
     assert pick["views"] == kind["views"] == [real["name"]]
-    assert pick["select"] == {"type": "point", "fields": ["class"]} and pick["bind"] == "legend"
-    assert kind["select"] == {"type": "point", "fields": ["kind"]} and kind["bind"] == "legend"
+    assert pick["select"] == {"type": "point", "fields": ["class"]}
+    assert kind["select"] == {"type": "point", "fields": ["kind"]}
+    # each bound to clicks on its own legend only (not re-sent by clicks on the other one)
+    assert "indexof(event.item.mark.name, 'class_legend') === 0" in pick["bind"]["legend"]
+    assert "indexof(event.item.mark.name, 'kind_legend') === 0" in kind["bind"]["legend"]
     for layer in (real, pert):
         enc = layer["encoding"]
         assert enc["color"]["field"] == "class"
@@ -207,10 +210,8 @@ def test_map_chart_draws_each_move_from_before_to_after(map_df, rng):
 def test_map_chart_by_prediction_and_real_only(map_df):
     spec = to_spec(charts.map_chart(map_df[map_df["kind"] == "real"], color="predicted"))
     assert len(spec["layer"]) == 1  # no perturbed layer without perturbed samples
-    assert (
-        spec["params"][0]["select"]["fields"] == ["predicted"]
-        and spec["params"][0]["bind"] == "legend"
-    )  # and the "sample" legend's selection (real / before / after)
+    assert spec["params"][0]["select"]["fields"] == ["predicted"]
+    assert "predicted_legend" in spec["params"][0]["bind"]["legend"]
     assert spec["layer"][0]["encoding"]["color"]["field"] == "predicted"
     with pytest.raises(ValueError, match="lacks column"):
         charts.map_chart(map_df.drop(columns="kind"))

@@ -334,7 +334,7 @@ def _map_layers(
     shape = alt.Shape(
         "kind:N",
         scale=alt.Scale(domain=kinds, range=[shapes[k] for k in kinds]),
-        title="sample",
+        title="points",
         legend=alt.Legend(labelExpr=f"{labels} : datum.value", symbolStrokeColor="black"),
     )
     base_enc = dict(
@@ -386,6 +386,14 @@ def _map_layers(
     return alt.layer(*layers, data=_data(_map_data(frame, moves)))
 
 
+def _own_legend(field: str) -> alt.LegendStreamBinding:
+    """Bind a point selection to the legend of ``field`` only. With Vega-Lite's plain
+    ``bind="legend"`` every click in the chart also re-sends each selection's last legend
+    value, so with two legends a click on one brought back the other's earlier pick."""
+    own = f"event.item && event.item.mark && indexof(event.item.mark.name, '{field}_legend') === 0"
+    return alt.LegendStreamBinding(legend=f"click[{own}]")
+
+
 def map_chart(
     frame: pd.DataFrame,
     *,
@@ -414,8 +422,8 @@ def map_chart(
     if color not in frame.columns:
         raise ValueError(f"map_chart: cannot colour by {color!r}; the frame has no such column")
     moves = bool(moves and {"x_before", "y_before"} <= set(frame.columns))
-    pick = alt.selection_point(fields=[color], bind="legend", name=LEGEND_SELECTION)
-    pick_kind = alt.selection_point(fields=["kind"], bind="legend", name=KIND_SELECTION)
+    pick = alt.selection_point(fields=[color], bind=_own_legend(color), name=LEGEND_SELECTION)
+    pick_kind = alt.selection_point(fields=["kind"], bind=_own_legend("kind"), name=KIND_SELECTION)
     domain = sorted(pd.unique(frame[color].dropna().astype(str)).tolist())
     col = alt.Color(
         f"{color}:N",

@@ -27,6 +27,7 @@ __all__ = [
     "MAP_SEED",
     "MAX_UPLOAD_MB",
     "NOTES",
+    "NOTES_BOX",
     "PERSIST",
     "SEL_CLASSES",
     "SEL_HELDOUT",
@@ -71,6 +72,7 @@ ENR_GMTS = "enr_gmts"  # the offline GMT files to use (paths)
 ENR_GMTS_OFFERED = "enr_gmts_offered"  # every GMT offered so far: one offered anew starts selected
 
 NOTES = "url_notes"  # notes on what of the URL's view was ignored (shown at the top, once)
+NOTES_BOX = "_notes_box"  # this run's container for them, at the top of the page
 URL_KEYS = "url_keys"  # keys whose value came from the URL in this session
 URL_APPLIED = "url_applied"  # the URL's view was read (once per session: a reload is a new session)
 

@@ -13,6 +13,7 @@ import streamlit as st
 from .. import charts
 from ..errors import UserError
 from . import loaders as L
+from . import state as S
 
 __all__ = [
     "frame_csv",
@@ -41,18 +42,18 @@ def guard(what: str, *, expected: tuple[type[BaseException], ...] = ()) -> Itera
         yield
     except L.Waiting as msg:
         st.info(str(msg))
-        st.stop()
+        S.stop()
     except (UserError, *expected) as err:
         logger.info("%s: %s", what, err)
         st.error(f"{what}: {err}")
-        st.stop()
+        S.stop()
     except Exception as err:
         logger.exception("%s: a bug in tspg", what)
         st.error(
             f"{what}: an internal error in tspg ({type(err).__name__}: {err}). "
             "Please report it; the details are in the server's log."
         )
-        st.stop()
+        S.stop()
 
 
 def page_start(title: str):
@@ -65,7 +66,7 @@ def page_start(title: str):
         bundle = L.current_bundle()
     if bundle is None:
         st.info("No trained generator yet: train the demo on the Home page.")
-        st.stop()
+        S.stop()
     with guard("The chosen data cannot be used"):
         data = L.current_data(bundle)
         L.check_genes(bundle, data)
@@ -78,7 +79,7 @@ def page_perturbation(bundle, data):
         sel = L.current_selection(bundle, data)
     if not sel.samples:
         st.warning("No samples selected: pick some on the Perturb page.")
-        st.stop()
+        S.stop()
     with guard("Perturbation failed"):
         pert = L.perturbation(bundle, data, sel.samples)
     return sel, pert
@@ -139,6 +140,7 @@ def prediction_columns(target: str, label_key: str) -> dict:
         "prob_before": num(
             "p(called) before",
             format="%.3f",
+            width="small",
             help="The target model's probability of the class it called, before perturbation.",
         ),
         "pred_after": text(
@@ -147,16 +149,19 @@ def prediction_columns(target: str, label_key: str) -> dict:
         "prob_after": num(
             "p(called) after",
             format="%.3f",
+            width="small",
             help="The target model's probability of the class it called, after perturbation.",
         ),
         "prob_target_before": num(
             "p(target) before",
             format="%.3f",
+            width="small",
             help=f"The target model's probability of the target class, {target}, before.",
         ),
         "prob_target_after": num(
             "p(target) after",
             format="%.3f",
+            width="small",
             help=f"The target model's probability of the target class, {target}, after.",
         ),
     }

@@ -18,7 +18,9 @@ __all__ = [
     "note_dropped",
     "read_url",
     "set_state",
+    "finish",
     "show_notes",
+    "stop",
     "write_url",
 ]
 
@@ -89,10 +91,24 @@ def note_dropped(key: str, dropped: Sequence, what: str) -> None:
         ss[_keys.URL_KEYS] = ss[_keys.URL_KEYS] - {key}
 
 
+def finish() -> None:
+    """The end of every run: the pending notes into the box at the top of the page, the
+    view into the URL. (Streamlit drops what a script does after ``st.stop()``, so pages
+    stop through :func:`stop`, which finishes first.)"""
+    show_notes(st.session_state.get(_keys.NOTES_BOX))
+    write_url()
+
+
+def stop() -> None:
+    """``st.stop()``, after :func:`finish`: the URL and the notes stay right."""
+    finish()
+    st.stop()
+
+
 def show_notes(box) -> None:
     """The pending notes in ``box`` (a container at the top of the page), then forgotten."""
     notes = st.session_state.pop(_keys.NOTES, [])
-    if notes:
+    if notes and box is not None:
         box.warning(
             "Parts of the link could not be used and were ignored:\n\n"
             + "\n".join(f"- {n}" for n in notes),
