@@ -409,3 +409,11 @@ def test_export_of_a_foreign_big_chart():
     svg = charts.chart_to_svg(alt.Chart(big).mark_tick().encode(x="v:Q"))
     assert svg.lstrip().startswith("<svg")
     assert alt.data_transformers.options.get("max_rows", 5000) == 5000
+
+
+def test_chart_spec_is_the_charts_dict_without_the_default_view_size(map_df):
+    chart = charts.map_chart(map_df)
+    spec = charts.chart_spec(chart)
+    full = chart.to_dict()
+    assert "config" not in spec  # Altair's default theme adds a 300 x 300 view only
+    assert {k: v for k, v in full.items() if k != "config"} == spec

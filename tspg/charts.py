@@ -37,6 +37,7 @@ __all__ = [
     "TERM_LABEL_LIMIT",
     "accuracy_by_source_chart",
     "accuracy_frame",
+    "chart_spec",
     "chart_to_png",
     "chart_to_svg",
     "enrichment_chart",
@@ -783,6 +784,21 @@ def _spec(chart: alt.TopLevelMixin) -> dict:
         # a chart built outside this module with a big DataFrame
         with alt.data_transformers.disable_max_rows():
             return chart.to_dict()
+
+
+def chart_spec(chart: alt.TopLevelMixin) -> dict:
+    """The chart's Vega-Lite spec for drawing (the dashboard): without Altair's schema
+    validation (the builders here are checked by the tests; validating costs ~50 ms a chart)
+    and without the default theme's 300 x 300 view size."""
+    spec = chart.to_dict(validate=False)
+    view = spec.get("config", {}).get("view", {})
+    for key in ("continuousWidth", "continuousHeight"):
+        view.pop(key, None)
+    if "view" in spec.get("config", {}) and not view:
+        del spec["config"]["view"]
+    if "config" in spec and not spec["config"]:
+        del spec["config"]
+    return spec
 
 
 def _vl_version() -> str | None:

@@ -100,10 +100,14 @@ def show_chart(
     kw = {"on_select": on_select, "selection_mode": selection_mode} if on_select else {}
     # Streamlit fits a chart into its given height (axes included) unless told to pad: small
     # charts (a few bars, a short heatmap) would be squashed. Drawn at the builder's size.
+    # The spec is built here, unvalidated (charts.chart_spec), and drawn as Vega-Lite:
+    # st.altair_chart would validate it against the schema on every rerun.
     if stretch:
-        result = st.altair_chart(chart, width="stretch", key=key, **kw)
+        spec = charts.chart_spec(chart)
+        result = st.vega_lite_chart(spec=spec, width="stretch", key=key, **kw)
     else:
-        result = st.altair_chart(chart.properties(autosize="pad"), width="content", key=key, **kw)
+        spec = charts.chart_spec(chart.properties(autosize="pad"))
+        result = st.vega_lite_chart(spec=spec, width="content", key=key, **kw)
     fname = _slug(name)
     export = chart.properties(width=900) if stretch else chart  # a file has no container
     row = st.container(horizontal=True)
