@@ -107,12 +107,14 @@ def test_evaluate_json(quick_bundle, tiny_h5ad, tmp_path, capsys):
 def test_errors_exit_2_with_one_line(quick_bundle, tmp_path, capsys, monkeypatch):
     gem = make_tiny_adata()
     missing = tmp_path / "missing.h5ad"
-    gem[:, [g for g in gem.var_names if g != "G07"]].copy().write_h5ad(missing)
+    # 3 of 30 genes missing: more than the 5% that perturbing fills
+    gem[:, [g for g in gem.var_names if g not in ("G07", "G08", "G09")]].copy().write_h5ad(missing)
     assert (
         main(["perturb", str(quick_bundle.path), str(missing), "-o", str(tmp_path / "o.h5ad")]) == 2
     )
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "G07" in err and err.count("\n") == 1
+    assert err.startswith("error:") and "G07, G08, G09" in err and err.count("\n") == 1
+    assert "3 of the model's 30 genes are missing" in err
     monkeypatch.setenv("TSPG_MODELS_DIR", str(tmp_path))
     assert main(["evaluate", "no-such-bundle"]) == 2
     assert "no bundle 'no-such-bundle'" in capsys.readouterr().err
@@ -246,3 +248,95 @@ def test_map_writes_the_tidy_frame(quick_bundle, tiny_h5ad, tmp_path, capsys):
     assert "delta" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["map", str(quick_bundle.path), str(tiny_h5ad), "--n-per-class", "0", "-o", str(out)])
+
+
+# ----------------------------------------------------------------------------- big data: bounded
+
+
+def test_evaluate_and_map_on_a_seeded_subsample_say_so(
+    quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch
+):
+    """On big data evaluate and map use a fixed, seeded subsample, and print the counts used
+    (the caps are lowered here so the tiny GEM counts as big)."""
+    import functools
+    import json
+
+    import tspg.embedding
+    import tspg.metrics
+
+    monkeypatch.setattr(
+        tspg.metrics,
+        "evaluate",
+        functools.partial(tspg.metrics.evaluate, max_train=15, max_heldout=6),
+    )
+    js = tmp_path / "e.json"
+    args = ["evaluate", str(quick_bundle.path), str(tiny_h5ad), "--k", "3", "--json", str(js)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "on a seeded subsample of 15 of the 48 training samples (--seed 0)" in out
+    assert "on a seeded subsample of 6 of the 12 held-out samples (--seed 0)" in out
+    first = json.loads(js.read_text())
+    assert first["samples"]["heldout"] == 6 and first["samples"]["heldout_total"] == 12
+    assert first["params"]["max_heldout"] == 6
+    assert main(args) == 0
+    again = json.loads(js.read_text())
+    assert first["perturbation_accuracy"] == again["perturbation_accuracy"]  # fixed subsample
+
+    monkeypatch.setattr(tspg.embedding, "MAP_MAX_PLACED", 4)
+    out_csv = tmp_path / "map.csv"
+    assert main(["map", str(quick_bundle.path), str(tiny_h5ad), "-o", str(out_csv)]) == 0
+    assert "held-out non-target samples (a seeded subsample of 4 of 8) placed" in (
+        capsys.readouterr().out
+    )
+    frame = pd.read_csv(out_csv)
+    assert (frame.kind == "perturbed").sum() == 4 and (frame.kind == "real").sum() == 60
+
+
+def test_perturb_new_data_with_other_gene_names(quick_bundle, tmp_path, capsys):
+    """Lowercase symbols, Ensembl ids with symbols in var, and a gene missing: perturbed,
+    and the output says how the genes were matched and filled."""
+    import anndata as ad
+
+    gem = make_tiny_adata()
+    expected = perturb_adata(gem, quick_bundle)
+    lower = gem.copy()
+    lower.var_names = [g.lower() for g in gem.var_names]
+    ids = gem.copy()
+    ids.var["feature_name"] = list(gem.var_names)
+    ids.var_names = [f"ENSG{j:011d}" for j in range(gem.n_vars)]
+    for name, data, key in (("lower", lower, "n_case_matched"), ("ids", ids, "from_var_column")):
+        path = tmp_path / f"{name}.h5ad"
+        data.write_h5ad(path)
+        out = tmp_path / f"{name}-out.h5ad"
+        assert main(["perturb", str(quick_bundle.path), str(path), "-o", str(out)]) == 0
+        res = ad.read_h5ad(out)
+        np.testing.assert_array_equal(res.layers["tspg_perturbation"], expected.P)
+        assert list(res.var_names) == quick_bundle.genes
+        match = res.uns["tspg"]["gene_match"]
+        assert match["n_missing"] == 0
+        assert match[key] == (30 if key == "n_case_matched" else "feature_name")
+        printed = capsys.readouterr().out
+        assert (
+            "genes: 30 of the model's 30 genes found; 30 only when ignoring case" in printed
+            if name == "lower"
+            else "genes: 30 of the model's 30 genes found; by the symbols in var['feature_name']"
+            in printed
+        )
+    lacking = gem[:, [g for g in gem.var_names if g != "G03"]].copy()
+    path = tmp_path / "lacking.h5ad"
+    lacking.write_h5ad(path)
+    out = tmp_path / "lacking-out.h5ad"
+    assert main(["perturb", str(quick_bundle.path), str(path), "-o", str(out)]) == 0
+    assert (
+        "genes: 29 of the model's 30 genes found; 1 missing (3.3%), filled with the training mean: G03"
+        in capsys.readouterr().out
+    )
+    res = ad.read_h5ad(out)
+    match = res.uns["tspg"]["gene_match"]
+    assert match["n_missing"] == 1 and list(match["missing"]) == ["G03"]
+    assert match["fill"] == "training mean"
+    j = quick_bundle.genes.index("G03")
+    np.testing.assert_allclose(
+        res.layers["tspg_x"][:, j], quick_bundle.manifest["training_mean"][j], atol=1e-6
+    )
+    assert res.var["tspg_data_name"].iloc[j] == ""

@@ -110,8 +110,10 @@ def test_h5ad_sparse_x(tmp_path):
     path = tmp_path / "sparse.h5ad"
     src.write_h5ad(path)
     adata = read_gem(path, label_key="tissue")
-    assert isinstance(adata.X, np.ndarray)
-    assert_is_gem_frame(adata)
+    assert sp.issparse(adata.X) and adata.X.format == "csr"  # kept sparse until genes are chosen
+    assert adata.X.dtype == np.float32
+    np.testing.assert_array_equal(adata.X.toarray(), gem_frame().to_numpy())
+    np.testing.assert_array_equal(align_genes(adata, GENES), gem_frame().to_numpy())
 
 
 def test_h5ad_missing_label_key_names_file_and_columns(tmp_path):
@@ -571,3 +573,288 @@ def test_scaler_constant_gene_and_clipping():
     new = scaler.transform(np.array([[-10.0, 99.0], [10.0, -99.0]], dtype=np.float32))
     np.testing.assert_array_equal(new, [[0.0, 1.0], [1.0, 0.0]])
     np.testing.assert_allclose(scaler.inverse_transform(Xs)[:, 0], X[:, 0])
+
+
+# ----------------------------------------------------------------------------- big data: sparse, on disk
+
+
+def sparse_gem(n: int = 40, g: int = 12, seed: int = 0) -> ad.AnnData:
+    """log1p-like sparse values (about 30% non-zero), two classes."""
+    rng = np.random.default_rng(seed)
+    X = sp.random(n, g, density=0.3, format="csr", dtype=np.float32, random_state=rng)
+    X.data = np.log1p(X.data * 20).astype(np.float32)
+    obs = pd.DataFrame(
+        {"tissue": pd.Categorical(["a", "b"] * (n // 2))}, index=[f"s{i:02d}" for i in range(n)]
+    )
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"G{j}" for j in range(g)]))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few rows, so the chunked paths run over several chunks."""
+    import tspg.data
+
+    monkeypatch.setattr(tspg.data, "CHUNK_BYTES", 64)
+
+
+def test_sparse_and_backed_reading_give_the_dense_values(tmp_path, small_chunks):
+    from tspg.data import gene_matrix, is_backed
+
+    src = sparse_gem()
+    src.layers["counts"] = sp.csr_matrix(np.round(np.expm1(src.X.toarray())))
+    src.raw = src.copy()
+    dense = src.X.toarray()
+    path = tmp_path / "sparse.h5ad"
+    src.write_h5ad(path)
+    in_memory = read_gem(path, label_key="tissue", backed=False)
+    on_disk = read_gem(path, label_key="tissue", backed=True)
+    assert sp.issparse(in_memory.X) and not is_backed(in_memory)
+    assert is_backed(on_disk) and on_disk.uns["tspg_import"]["backed"] is True
+    assert list(on_disk.obs["tissue"]) == list(src.obs["tissue"])
+    genes = ["G7", "G0", "G3"]  # chosen genes, in another order
+    rows = np.array([5, 1, 30, 2])  # needed samples, in any order
+    cols = [int(g[1:]) for g in genes]
+    for adata in (in_memory, on_disk):
+        np.testing.assert_array_equal(align_genes(adata, genes), dense[:, cols])
+        np.testing.assert_array_equal(align_genes(adata, genes, rows=rows), dense[rows][:, cols])
+        chosen = gene_matrix(adata, genes)
+        assert sp.issparse(chosen) and chosen.dtype == np.float32
+        np.testing.assert_array_equal(chosen.toarray(), dense[:, cols])
+    # a layer and .raw on disk too
+    counts = read_gem(path, layer="counts", backed=True)
+    np.testing.assert_array_equal(
+        align_genes(counts, genes), src.layers["counts"].toarray()[:, cols]
+    )
+    raw = read_gem(path, use_raw=True, backed=True)
+    np.testing.assert_array_equal(align_genes(raw, genes, rows=rows), dense[rows][:, cols])
+    # a dense .h5ad on disk
+    src.X = dense
+    del src.layers["counts"]
+    src.write_h5ad(tmp_path / "dense.h5ad")
+    dense_on_disk = read_gem(tmp_path / "dense.h5ad", backed=True)
+    assert is_backed(dense_on_disk)
+    np.testing.assert_array_equal(
+        align_genes(dense_on_disk, genes, rows=rows), dense[rows][:, cols]
+    )
+    assert isinstance(gene_matrix(dense_on_disk, genes), np.ndarray)
+
+
+def test_backed_is_chosen_from_the_memory_available(tmp_path, monkeypatch, caplog):
+    import tspg.data
+    from tspg.data import is_backed
+
+    path = tmp_path / "gem.h5ad"
+    sparse_gem().write_h5ad(path)
+    monkeypatch.setattr(tspg.data, "available_memory", lambda: 10**12)
+    assert not is_backed(read_gem(path))
+    monkeypatch.setattr(tspg.data, "available_memory", lambda: 1000)  # the matrix takes ~5 kB
+    with caplog.at_level(logging.INFO, logger="tspg.data"):
+        assert is_backed(read_gem(path))
+    assert "reading the matrix on disk (backed)" in caplog.text
+    assert not is_backed(read_gem(path, backed=False))
+    csv = tmp_path / "gem.csv"
+    gem_frame().to_csv(csv)
+    with pytest.raises(ValueError, match=r"gem\.csv: only a \.h5ad file can be read on disk"):
+        read_gem(csv, backed=True)
+    with pytest.raises(
+        ValueError, match=r"gem\.h5ad: a file read on disk \(backed\) cannot be transposed"
+    ):
+        read_gem(path, backed=True, transpose=True)
+
+
+def test_missing_values_of_sparse_and_backed_data(tmp_path, small_chunks):
+    from tspg.data import close_backed
+
+    src = sparse_gem()
+    src.X.data[[3, 10]] = np.nan  # stored values; the implicit zeros make the minimum 0
+    first = np.searchsorted(src.X.indptr, 3, side="right") - 1, src.X.indices[3]
+    path = tmp_path / "gem.h5ad"
+    src.write_h5ad(path)
+    adata = read_gem(path, backed=False)
+    assert sp.issparse(adata.X) and adata.uns["tspg_import"]["n_missing_filled"] == 2
+    assert not np.isnan(adata.X.data).any() and adata.X.data.min() == 0.0
+    on_disk = read_gem(path, backed=True)
+    assert on_disk.uns["tspg_import"]["n_missing_filled"] == 2
+    assert on_disk.uns["tspg_import"]["nan_fill_value"] == 0.0
+    np.testing.assert_array_equal(align_genes(on_disk, list(src.var_names)), adata.X.toarray())
+    some = on_disk[[first[0], 0]]  # a view of some samples read from the file: filled too
+    np.testing.assert_array_equal(
+        align_genes(some, list(src.var_names)), adata.X.toarray()[[first[0], 0]]
+    )
+    close_backed(on_disk)
+    sample, gene = src.obs_names[first[0]], src.var_names[first[1]]
+    for backed in (False, True):
+        with pytest.raises(
+            ValueError,
+            match=rf"gem\.h5ad: 2 missing values, first at sample '{sample}', gene '{gene}'",
+        ):
+            read_gem(path, nan="error", backed=backed)
+    src.X.data[[3, 10]] = [1.0, np.inf]
+    src.write_h5ad(path)
+    row, col = np.searchsorted(src.X.indptr, 10, side="right") - 1, src.X.indices[10]
+    for backed in (False, True):
+        with pytest.raises(
+            ValueError,
+            match=rf"infinite value at sample '{src.obs_names[row]}', gene '{src.var_names[col]}'",
+        ):
+            read_gem(path, backed=backed)
+
+
+def _old_fingerprint(X, genes, samples) -> str:
+    """The fingerprint as tspg computed it before chunked hashing (bundles store it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(X, dtype=np.float32).tobytes())
+    h.update("\n".join(map(str, genes)).encode())
+    h.update("\n".join(map(str, samples)).encode())
+    return h.hexdigest()[:16]
+
+
+def test_fingerprint_unchanged_for_dense_data_and_the_same_however_stored(tmp_path, small_chunks):
+    from tspg.data import dataset_fingerprint, fingerprint
+
+    adata = make_tiny_adata()
+    genes, samples = list(adata.var_names), list(adata.obs_names)
+    expected = _old_fingerprint(adata.X, genes, samples)
+    assert fingerprint(adata.X, genes, samples) == expected
+    assert fingerprint(adata.X.astype(np.float64), genes, samples) == expected  # chunked path
+    assert fingerprint(sp.csr_matrix(adata.X), genes, samples) == expected
+    assert dataset_fingerprint(adata, genes) == expected
+    path = tmp_path / "tiny.h5ad"
+    sparse = adata.copy()
+    sparse.X = sp.csr_matrix(sparse.X)
+    sparse.write_h5ad(path)
+    assert dataset_fingerprint(read_gem(path, backed=True), genes) == expected
+    some = ["G05", "G01"]
+    assert dataset_fingerprint(adata, some) == _old_fingerprint(adata[:, some].X, some, samples)
+    changed = adata.copy()
+    changed.X[3, 4] += 1
+    assert dataset_fingerprint(changed, genes) != expected
+
+
+def test_scaler_keeps_sparse_data_sparse_when_every_minimum_is_non_negative():
+    from tspg.data import Scaler
+
+    X = sparse_gem(n=60).X
+    scaler = Scaler.fit(X, rows=np.arange(40))
+    dense_scaler = Scaler.fit(X.toarray()[:40])
+    np.testing.assert_array_equal(scaler.minimum, dense_scaler.minimum)
+    np.testing.assert_array_equal(scaler.range, dense_scaler.range)
+    assert scaler.keeps_sparse
+    Xs, report = scaler.transform_report(X)
+    assert sp.issparse(Xs) and Xs.dtype == np.float32
+    expected, dense_report = dense_scaler.transform_report(X.toarray())
+    np.testing.assert_allclose(Xs.toarray(), expected, atol=1e-7)
+    assert report.to_dict() == dense_report.to_dict()
+    # a gene expressed in every training sample (minimum > 0): zeros of new data fall outside
+    Xd = X.toarray()
+    Xd[:, 2] = np.linspace(1, 2, 60)
+    Xd[50:, 2] = 0.0
+    scaler = Scaler.fit(sp.csr_matrix(Xd), rows=np.arange(40))
+    Xs, report = scaler.transform_report(sp.csr_matrix(Xd), genes=[f"G{j}" for j in range(12)])
+    assert sp.issparse(Xs)
+    np.testing.assert_allclose(Xs.toarray(), Scaler.fit(Xd[:40]).transform(Xd), atol=1e-7)
+    assert report.most_affected_gene == "G2" and report.n_outside >= 10
+    # a negative minimum (z-scores): zeros would move, so the result is dense
+    Xd[:, 0] -= 1.0
+    scaler = Scaler.fit(Xd)
+    assert not scaler.keeps_sparse
+    Xs = scaler.transform(sp.csr_matrix(Xd))
+    assert isinstance(Xs, np.ndarray)
+    np.testing.assert_allclose(Xs, scaler.transform(Xd), atol=1e-7)
+
+
+def test_gene_matching_exact_then_case_then_a_var_column():
+    from tspg.data import MAX_MISSING_SHARE, match_genes
+
+    adata = sparse_gem(n=4, g=6)
+    adata.var_names = ["Cd14", "MYC", "tp53", "GAPDH", "EGFR", "egfr"]
+    m = match_genes(adata, ["MYC", "CD14", "TP53", "EGFR"])
+    assert list(m.index) == [1, 0, 2, 4] and m.case_matched == ["CD14", "TP53"]
+    assert m.missing == [] and m.from_var_column is None and not m.exact
+    np.testing.assert_array_equal(
+        align_genes(adata, ["MYC", "CD14", "TP53"]), adata.X.toarray()[:, [1, 0, 2]]
+    )
+    # "Egfr" could be EGFR or egfr: ambiguous, so missing
+    with pytest.raises(ValueError, match="1 of the model's 2 genes are missing: Egfr"):
+        match_genes(adata, ["MYC", "Egfr"])
+    # Ensembl ids as var_names, symbols in a var column (scanpy's gene_symbols convention)
+    adata.var["feature_name"] = list(adata.var_names)
+    adata.var_names = [f"ENSG{j:011d}" for j in range(6)]
+    m = match_genes(adata, ["GAPDH", "MYC"])
+    assert m.from_var_column == "feature_name" and list(m.index) == [3, 1]
+    assert m.to_dict()["from_var_column"] == "feature_name"
+    with pytest.raises(ValueError, match=r"no column 'symbol' in var \(columns: feature_name\)"):
+        match_genes(adata, ["MYC"], var_column="symbol")
+    with pytest.raises(ValueError, match=r"none of the model's 2 genes are present"):
+        match_genes(adata, ["NOPE1", "NOPE2"])
+    assert 0 < MAX_MISSING_SHARE < 0.2
+
+
+def test_missing_genes_filled_up_to_the_limit_else_refused_in_one_line():
+    from tspg.data import Scaler, match_genes, missing_gene_fill
+
+    genes = [f"G{j}" for j in range(40)]
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(
+        X=rng.uniform(0, 5, (6, 38)).astype(np.float32), var=pd.DataFrame(index=genes[:38])
+    )
+    scaler = Scaler(np.zeros(40, np.float32), np.full(40, 5.0, np.float32))
+    mean = np.linspace(0.1, 0.9, 40)
+    fill, how = missing_gene_fill(scaler, mean)
+    assert how == "training mean"
+    np.testing.assert_allclose(scaler.transform(fill[None])[0], mean, atol=1e-6)
+    assert missing_gene_fill(scaler, None)[1] == "training minimum"
+    m = match_genes(adata, genes, max_missing=0.05, fill=how)  # 2 of 40 = 5%
+    assert m.missing == ["G38", "G39"] and m.fill == "training mean"
+    assert m.missing_share == pytest.approx(0.05)
+    assert "2 missing (5.0%), filled with the training mean: G38, G39" in m.summary()
+    X = align_genes(adata, genes, match=m, fill=fill)
+    np.testing.assert_array_equal(X[:, :38], adata.X)
+    np.testing.assert_allclose(X[:, 38:], np.tile(fill[38:], (6, 1)))
+    with pytest.raises(ValueError, match="2 of the model's 40 genes are missing: G38, G39"):
+        align_genes(adata, genes, match=m)  # no fill given: refused
+    small = adata[:, :30].copy()
+    with pytest.raises(ValueError) as err:
+        match_genes(small, genes, max_missing=0.05, source="new.h5ad")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        "new.h5ad: 10 of the model's 40 genes are missing (at most 5% may be missing): G30, G31"
+    )
+    assert msg.endswith("G39")
+
+
+def test_subsample_is_seeded_stratified_and_keeps_small_classes():
+    from tspg.data import subsample
+
+    labels = np.array(["a"] * 900 + ["b"] * 95 + ["c"] * 5)
+    assert np.array_equal(subsample(labels, 2000), np.arange(1000))
+    keep = subsample(labels, 100, seed=3)
+    assert np.array_equal(keep, subsample(labels, 100, seed=3))
+    assert not np.array_equal(keep, subsample(labels, 100, seed=4))
+    assert np.all(np.diff(keep) > 0)
+    counts = {c: int((labels[keep] == c).sum()) for c in "abc"}
+    assert counts == {"a": 90, "b": 10, "c": 2}  # in proportion, small classes kept
+
+
+def test_write_gem_streams_a_matrix_read_on_disk(tmp_path, small_chunks):
+    src = sparse_gem()
+    src.X.data[4] = np.nan
+    for name, X in (("sparse", src.X), ("dense", src.X.toarray())):
+        path = tmp_path / f"{name}.h5ad"
+        ad.AnnData(X=X, obs=src.obs, var=src.var).write_h5ad(path)
+        in_memory = read_gem(path, label_key="tissue", backed=False)
+        out = write_gem(
+            read_gem(path, label_key="tissue", backed=True), tmp_path / f"{name}-copy.h5ad"
+        )
+        back = ad.read_h5ad(out)
+        assert sp.issparse(back.X) == (name == "sparse") and back.X.dtype == np.float32
+        got = back.X.toarray() if sp.issparse(back.X) else back.X
+        want = in_memory.X.toarray() if sp.issparse(in_memory.X) else in_memory.X
+        np.testing.assert_array_equal(got, want)  # missing value filled as in memory
+        assert list(back.obs["tissue"]) == list(src.obs["tissue"])
+        assert back.uns["tspg_import"]["n_missing_filled"] == 1
+        assert "backed" not in back.uns["tspg_import"]
+    assert not list(tmp_path.glob(".*"))

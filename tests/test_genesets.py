@@ -153,3 +153,45 @@ def test_default_all_genes_and_gene_list(tmp_path):
     assert sel.name == "mine" and sel.genes == ["TP53", "ACTB"] and sel.missing == ["ZZZ3"]
     with pytest.raises(ValueError, match="not both"):
         select_genes(GEM_GENES, gene_set=f"{path}:x", genes_file=path)
+
+
+# ----------------------------------------------------------------------------- highly variable genes
+
+
+def test_highly_variable_genes_use_the_training_split_only(tmp_path):
+    import anndata as ad
+    import numpy as np
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    from tspg.data import read_gem, stratified_split
+    from tspg.datasets import planted_gem
+    from tspg.genesets import HVG_FLAVOR, highly_variable_genes
+
+    adata = planted_gem(n_samples=200, n_genes=120, n_classes=3, n_up=5, n_down=5, sparse=True)
+    train, test = stratified_split(adata.obs["label"], seed=0)
+    X = adata.X.toarray()
+    X[train, 7] = 0.0  # gene-00007: silent in training, wildly variable in the held-out samples
+    X[test, 7] = np.random.default_rng(0).uniform(0, 8, len(test))
+    adata.X = sp.csr_matrix(X)
+    everything = highly_variable_genes(adata, 20)
+    assert "gene-00007" in everything.genes  # what leaking the held-out samples would choose
+    chosen = highly_variable_genes(adata, 20, rows=train)
+    assert "gene-00007" not in chosen.genes
+    assert len(chosen.genes) == 20 and chosen.name == "top 20 highly variable genes"
+    assert chosen.genes == [g for g in adata.var_names if g in set(chosen.genes)]  # GEM order
+    # exactly scanpy's choice on the training samples
+    expected = sc.pp.highly_variable_genes(
+        ad.AnnData(X=X[train], var=adata.var.copy()),
+        flavor=HVG_FLAVOR,
+        n_top_genes=20,
+        inplace=False,
+    )
+    assert chosen.genes == list(adata.var_names[expected["highly_variable"].to_numpy()])
+    # the same from a file read on disk
+    path = tmp_path / "gem.h5ad"
+    adata.write_h5ad(path)
+    assert highly_variable_genes(read_gem(path, backed=True), 20, rows=train).genes == chosen.genes
+    with pytest.raises(ValueError, match="--n-top-genes must be at least 1"):
+        highly_variable_genes(adata, 0)
+    assert len(highly_variable_genes(adata, 500).genes) == 120  # more than there are: all

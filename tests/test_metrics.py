@@ -267,6 +267,8 @@ def test_evaluate_tiny_bundle(quick_bundle):
         "heldout": n_test,
         "heldout_target": 4,
         "heldout_source": n_test - 4,
+        "train_total": len(quick_bundle.split["train"]),
+        "heldout_total": n_test,
     }
     acc = res["perturbation_accuracy"]
     assert set(acc["by_source"]) == {"alpha", "gamma"}

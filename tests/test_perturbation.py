@@ -159,9 +159,13 @@ def test_perturb_round_trip_shuffled_genes(quick_bundle, tiny_adata):
 
 
 def test_perturb_errors_name_the_problem(quick_bundle, tiny_adata):
-    with pytest.raises(ValueError, match="G03"):
+    with pytest.raises(
+        ValueError, match="G03"
+    ):  # no gene may be missing (a few are filled by default)
         perturb_adata(
-            tiny_adata[:, [g for g in tiny_adata.var_names if g != "G03"]].copy(), quick_bundle
+            tiny_adata[:, [g for g in tiny_adata.var_names if g != "G03"]].copy(),
+            quick_bundle,
+            max_missing=0,
         )
     with pytest.raises(ValueError, match="no layer 'counts'"):
         perturb_adata(tiny_adata, quick_bundle, layer="counts")
@@ -174,7 +178,7 @@ def test_perturb_errors_name_the_problem(quick_bundle, tiny_adata):
     # perturb() names the data as the caller says (e.g. the file it was read from)
     lacking = tiny_adata[:, [g for g in tiny_adata.var_names if g != "G03"]].copy()
     with pytest.raises(ValueError, match=r"^new\.h5ad: .*G03"):
-        perturb(lacking, quick_bundle, source="new.h5ad", copy=True)
+        perturb(lacking, quick_bundle, source="new.h5ad", copy=True, max_missing=0)
     with pytest.raises(ValueError, match=r"^new\.h5ad: no layer 'counts'"):
         perturb(tiny_adata, quick_bundle, layer="counts", source="new.h5ad", copy=True)
 
@@ -266,3 +270,47 @@ def test_generate_perturbed_chunks_and_empty(quick_bundle):
         quick_bundle.generator.eval()
     empty = perturb_scaled(X[:0], quick_bundle)
     assert empty.proba_after.shape == (0, len(quick_bundle.classes))
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_write_perturbed_streams_what_perturb_returns(quick_bundle, tmp_path, monkeypatch, storage):
+    """The file written a chunk at a time holds exactly perturb(copy=True)'s result."""
+    import importlib
+
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from tspg.perturbation import write_perturbed
+
+    module = importlib.import_module(
+        "tspg.perturbation"
+    )  # (tspg.perturb the attribute is the function)
+
+    adata = make_tiny_adata(n_per_class=7)
+    adata.obsm["X_umap"] = np.arange(42, dtype=float).reshape(21, 2)
+    if storage == "sparse":
+        adata.X = sp.csr_matrix(np.where(adata.X > 1.2, adata.X, 0))
+    expected = perturb(adata, quick_bundle, k=4, copy=True)
+    monkeypatch.setattr(module, "_CHUNK_BYTES", 4 * 30 * 4)  # chunks of 4 samples
+    out = write_perturbed(adata, quick_bundle, tmp_path / "p.h5ad", k=4)
+    assert out.n_obs == 21
+    back = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert sp.issparse(back.X) == (storage == "sparse") == sp.issparse(expected.X)
+    np.testing.assert_array_equal(
+        back.X.toarray() if sp.issparse(back.X) else back.X,
+        expected.X.toarray() if sp.issparse(expected.X) else expected.X,
+    )
+    # (chunks of 4 samples: the forward passes round the last bit differently)
+    for name in ("tspg_x", "tspg_perturbation", "tspg_perturbed"):
+        np.testing.assert_allclose(back.layers[name], expected.layers[name], atol=1e-6)
+    pd.testing.assert_frame_equal(back.obs, expected.obs, atol=1e-6)
+    pd.testing.assert_frame_equal(back.var, expected.var)
+    np.testing.assert_array_equal(back.obsm["X_umap"], adata.obsm["X_umap"])
+    for part in ("top_genes", "consensus"):
+        for key, value in expected.uns["tspg"][part].items():
+            if value.dtype.kind == "f":
+                np.testing.assert_allclose(back.uns["tspg"][part][key], value, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(back.uns["tspg"][part][key], value)
+    assert back.uns["tspg"]["params"] == expected.uns["tspg"]["params"]
+    assert [p.name for p in tmp_path.iterdir()] == ["p.h5ad"]

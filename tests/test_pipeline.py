@@ -206,3 +206,105 @@ def test_reusing_a_target_model_refuses_another_gene_set(quick_bundle, tmp_path)
         adata, label_key="cell_type", genes=select_genes(adata.var_names), reuse=quick_bundle
     )  # the same genes: fine
     assert prep.genes == quick_bundle.genes
+
+
+# ----------------------------------------------------------------------------- big data
+
+
+def test_prepare_sparse_and_backed_data_like_dense(tmp_path):
+    import scipy.sparse as sp
+
+    from tspg.data import read_gem
+    from tspg.datasets import planted_gem
+
+    sparse = planted_gem(
+        n_samples=120, n_genes=60, n_classes=3, n_up=4, n_down=4, density=0.2, sparse=True
+    )
+    dense = sparse.copy()
+    dense.X = sparse.X.toarray()
+    path = tmp_path / "gem.h5ad"
+    sparse.write_h5ad(path)
+    on_disk = read_gem(path, label_key="label", backed=True)
+    preps = [prepare(a, label_key="label", seed=2) for a in (dense, sparse, on_disk)]
+    ref = preps[0]
+    assert isinstance(ref.X, np.ndarray)
+    for prep in preps[1:]:
+        assert sp.issparse(prep.X) and prep.X.format == "csr"  # minima are 0: stays sparse
+        np.testing.assert_allclose(prep.X.toarray(), ref.X, atol=1e-7)
+        np.testing.assert_array_equal(prep.scaler.minimum, ref.scaler.minimum)
+        np.testing.assert_array_equal(prep.scaler.range, ref.scaler.range)
+        np.testing.assert_allclose(prep.training_mean, ref.training_mean, atol=1e-6)
+        assert prep.fingerprint == ref.fingerprint  # the same data, however stored
+        np.testing.assert_allclose(prep.class_mean(1), ref.class_mean(1), atol=1e-6)
+    np.testing.assert_allclose(ref.training_mean, ref.X[ref.train_idx].mean(0), atol=1e-6)
+
+
+def test_prepare_n_top_genes_on_the_training_split():
+    from tspg.datasets import planted_gem
+    from tspg.genesets import highly_variable_genes
+
+    adata = planted_gem(n_samples=120, n_genes=80, n_classes=3, n_up=4, n_down=4, sparse=True)
+    prep = prepare(adata, label_key="label", n_top_genes=15, seed=1)
+    expected = highly_variable_genes(adata, 15, rows=prep.train_idx)
+    assert prep.genes == expected.genes and prep.X.shape == (120, 15)
+    assert prep.gene_set.name == "top 15 highly variable genes"
+    with pytest.raises(ValueError, match="not both"):
+        prepare(adata, label_key="label", n_top_genes=15, genes=select_genes(adata.var_names))
+
+
+def test_heldout_metrics_on_a_seeded_subsample(quick_bundle):
+    from tspg.data import subsample
+
+    prep = prepare(make_tiny_adata(), label_key="cell_type", reuse=quick_bundle)
+    t = quick_bundle.target_index
+    m = heldout_metrics(prep, quick_bundle.target_model, quick_bundle.generator, t, max_samples=6)
+    assert m["n_test"] == 6 and m["n_test_total"] == 12 and m["n_test_non_target"] == 4
+    assert m == heldout_metrics(
+        prep, quick_bundle.target_model, quick_bundle.generator, t, max_samples=6
+    )
+    used = prep.test_idx[subsample(prep.y[prep.test_idx], 6, seed=0)]
+    Xte = prep.X[used]
+    pred = class_probabilities(
+        quick_bundle.target_model, generate_perturbed(quick_bundle.generator, Xte)[1]
+    ).argmax(1)
+    assert m["perturbation_accuracy"] == pytest.approx((pred == t).mean())
+    full = heldout_metrics(prep, quick_bundle.target_model, quick_bundle.generator, t)
+    assert full["n_test"] == full["n_test_total"] == 12
+
+
+def test_tspg_train_n_top_genes_on_a_file_read_on_disk(tmp_path, capsys):
+    import json
+
+    from tspg.cli import train_main
+    from tspg.datasets import planted_gem
+
+    adata = planted_gem(n_samples=150, n_genes=100, n_classes=3, n_up=5, n_down=5, sparse=True)
+    path = tmp_path / "atlas.h5ad"
+    adata.write_h5ad(path)
+    code = train_main(
+        [str(path), "--label-key", "label", "--target", "type-01", "--n-top-genes", "25",
+         "--backed", "--epochs", "2", "--target-epochs", "2", "--out", str(tmp_path / "models"),
+         "--threads", "1", "-q"]
+    )  # fmt: skip
+    assert code == 0
+    manifest = json.loads((tmp_path / "models" / "atlas-type-01" / "manifest.json").read_text())
+    assert len(manifest["genes"]) == 25
+    assert manifest["gene_set"]["name"] == "top 25 highly variable genes"
+    assert manifest["gene_set"]["n_top_genes"] == 25
+    assert len(manifest["training_mean"]) == 25
+    assert "bundle" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_main(
+            [
+                str(path),
+                "--label-key",
+                "label",
+                "--target",
+                "type-01",
+                "--n-top-genes",
+                "5",
+                "--genes",
+                str(path),
+            ]
+        )
+    assert "not two of them" in capsys.readouterr().err

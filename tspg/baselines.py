@@ -26,6 +26,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .data import subsample
 from .errors import UserError
 from .perturbation import consensus_top
 
@@ -301,8 +302,15 @@ def split_arrays(
     layer: str | None = None,
     label_key: str | None = None,
     part: str = "train",
+    max_samples: int | None = None,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Scaled expression, labels and sample ids of the bundle's ``train`` or ``test`` split of ``adata``."""
+    """Scaled expression, labels and sample ids of the bundle's ``train`` or ``test`` split.
+
+    With ``max_samples``, a fixed, seeded, class-stratified subsample of that size when
+    the split is larger (:func:`tspg.data.subsample`), in split order. Only the bundle's
+    genes of those samples are read (a chunk at a time).
+    """
     label_key = label_key or bundle.label_key
     if label_key not in adata.obs:
         raise UserError(
@@ -315,8 +323,11 @@ def split_arrays(
         raise UserError(
             f"data: {len(missing)} sample(s) of the bundle's {part} split are missing (e.g. {missing[0]!r}); is this the data the bundle was trained on?"
         )
-    sub = adata[pos]
-    return bundle.scale(sub, layer=layer), sub.obs[label_key].astype(str).to_numpy(), ids
+    labels = adata.obs[label_key].astype(str).to_numpy()[pos]
+    keep = subsample(labels, max_samples, seed=seed)
+    if len(keep) < len(pos):
+        pos, labels, ids = pos[keep], labels[keep], [ids[i] for i in keep]
+    return bundle.scale(adata, layer=layer, rows=pos), labels, ids
 
 
 def training_target_mean(
@@ -346,11 +357,30 @@ def training_target_mean(
     return Xs[y == bundle.target].mean(0, dtype=np.float64).astype(np.float32)
 
 
+# Baselines on a big training split: a fixed, seeded, class-stratified subsample of this size
+BASELINE_MAX_SAMPLES = 20_000
+
+
 def fit_baselines(
-    adata: ad.AnnData, bundle: Bundle, *, layer: str | None = None, label_key: str | None = None
+    adata: ad.AnnData,
+    bundle: Bundle,
+    *,
+    layer: str | None = None,
+    label_key: str | None = None,
+    max_samples: int | None = BASELINE_MAX_SAMPLES,
+    seed: int = 0,
 ) -> Baselines:
-    """Mean shifts and differential expression on the bundle's training split of ``adata``."""
-    Xs, labels, _ = split_arrays(adata, bundle, layer=layer, label_key=label_key, part="train")
+    """Mean shifts and differential expression on the bundle's training split of ``adata``
+    (at most ``max_samples`` of it: a seeded, class-stratified subsample)."""
+    Xs, labels, _ = split_arrays(
+        adata,
+        bundle,
+        layer=layer,
+        label_key=label_key,
+        part="train",
+        max_samples=max_samples,
+        seed=seed,
+    )
     return Baselines(
         class_perturbations(Xs, labels, bundle.target, genes=bundle.genes),
         differential_expression(Xs, labels, bundle.genes, bundle.target),

@@ -38,7 +38,15 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import TrainConfig, config_argv
-from .data import Scaler, align_genes, fingerprint
+from .data import (
+    GeneMatch,
+    Scaler,
+    align_genes,
+    dataset_fingerprint,
+    match_genes,
+    missing_gene_fill,
+    subsample,
+)
 from .datasets import DEMO_NAME
 from .errors import UserError
 from .manifest import FORMAT_VERSION, manifest_json, parse_manifest, validate_manifest
@@ -105,6 +113,11 @@ class Bundle:
         return self.manifest["target"]
 
     @property
+    def target_index(self) -> int:
+        """Position of the target among the classes (the target model's output column)."""
+        return self.classes.index(self.target)
+
+    @property
     def label_key(self) -> str:
         return self.manifest["label_key"]
 
@@ -137,34 +150,73 @@ class Bundle:
 
     # ------------------------------------------------------------------------- data in, answers out
 
-    def scale(self, adata: ad.AnnData, *, layer: str | None = None, source: str = "data"):
-        """``adata``'s expression of the bundle's genes (matched by name, in the bundle's
-        order), scaled into the bundle's space with its stored minimum and range.
+    def match_genes(
+        self,
+        adata: ad.AnnData,
+        *,
+        max_missing: float = 0.0,
+        var_column: str | None = None,
+        source: str = "data",
+    ) -> GeneMatch:
+        """Find the bundle's genes in ``adata`` (:func:`tspg.data.match_genes`): exactly, then
+        ignoring case, then by a ``var`` column of symbols. Up to ``max_missing`` of them may
+        be missing (0: none); :meth:`aligned` fills those (:func:`tspg.data.missing_gene_fill`)."""
+        _, how = missing_gene_fill(self.scaler, self.manifest.get("training_mean"))
+        return match_genes(
+            adata,
+            self.genes,
+            max_missing=max_missing,
+            var_column=var_column,
+            fill=how,
+            source=source,
+        )
 
-        Parameters
-        ----------
-        adata
-            Samples x genes, raw values (as the bundle's training data).
-        layer
-            Read ``adata.layers[layer]`` instead of ``X``.
-        source
-            How error messages name the data (e.g. its file name).
+    def aligned(
+        self,
+        adata: ad.AnnData,
+        *,
+        layer: str | None = None,
+        source: str = "data",
+        rows=None,
+        match: GeneMatch | None = None,
+    ) -> np.ndarray:
+        """``adata``'s raw expression of the bundle's genes, in the bundle's order (dense
+        float32, samples ``rows`` (default all) x genes).
 
-        Returns
-        -------
-        float32 array, samples x the bundle's genes, in [0, 1]. UserError naming the gene(s)
-        or the sample when genes are missing or a value is missing or infinite.
+        Genes are found by ``match`` (:meth:`match_genes`; default: exact names or ignoring
+        case, none missing); genes the match let be missing take the fill value. UserError
+        naming the layer, gene or sample when a layer, gene or value is missing or infinite.
         """
         if layer is not None and layer not in adata.layers:
             raise UserError(
                 f"{source}: no layer {layer!r}; layers are {list(adata.layers) or 'none'}"
             )
-        X = align_genes(adata, self.genes, layer=layer, source=source)
+        match = match or self.match_genes(adata, source=source)
+        fill = missing_gene_fill(self.scaler, self.manifest.get("training_mean"))[0]
+        X = align_genes(
+            adata, self.genes, layer=layer, source=source, rows=rows, match=match, fill=fill
+        )
         if not np.isfinite(X).all():
             i, j = map(int, np.argwhere(~np.isfinite(X))[0])
+            names = adata.obs_names if rows is None else adata.obs_names[np.asarray(rows)]
             raise UserError(
-                f"{source}: missing or infinite value at sample {adata.obs_names[i]!r}, gene {self.genes[j]!r}"
+                f"{source}: missing or infinite value at sample {names[i]!r}, gene {self.genes[j]!r}"
             )
+        return X
+
+    def scale(
+        self,
+        adata: ad.AnnData,
+        *,
+        layer: str | None = None,
+        source: str = "data",
+        rows=None,
+        match: GeneMatch | None = None,
+    ) -> np.ndarray:
+        """``adata``'s expression of the bundle's genes (:meth:`aligned`), scaled into the
+        bundle's space with its stored minimum and range: float32, samples x genes, in [0, 1].
+        The one way data enter a bundle's space (perturbation, maps, baselines, metrics)."""
+        X = self.aligned(adata, layer=layer, source=source, rows=rows, match=match)
         return self.scaler.transform(X, genes=self.genes, source=source)
 
     def predict_proba(self, Xs: np.ndarray, *, samples=None) -> np.ndarray:
@@ -201,9 +253,13 @@ class Bundle:
         label_key: str | None = None,
         heldout: bool = True,
         source: str = "data",
+        max_samples: int | None = None,
+        seed: int = 0,
     ) -> SampleChoice:
         """The samples to perturb: ``samples`` when given (each must be in ``adata``), else
-        :meth:`sample_pool` without the target class (when the labels are known).
+        :meth:`sample_pool` without the target class (when the labels are known), at most
+        ``max_samples`` of them (a fixed, seeded, class-stratified subsample, said in the
+        description).
 
         Parameters
         ----------
@@ -232,6 +288,13 @@ class Bundle:
             raise UserError(
                 f"{source}: no samples to use: every candidate sample is of the target class {self.target!r}; choose samples by id"
             )
+        labels = adata.obs[key].astype(str).reindex(ids).to_numpy() if key in adata.obs else None
+        keep = subsample(
+            labels if labels is not None else np.zeros(len(ids)), max_samples, seed=seed
+        )
+        if len(keep) < len(ids):
+            what += f" (a seeded subsample of {len(keep)} of {len(ids)})"
+            ids = [ids[i] for i in keep]
         return SampleChoice(ids, what)
 
     def dataset_fingerprint(self, adata: ad.AnnData, *, layer: str | None = None) -> str | None:
@@ -239,8 +302,7 @@ class Bundle:
         training computed it; None when some of the genes are missing."""
         if not pd.Index(self.genes).isin(adata.var_names).all():
             return None
-        X = align_genes(adata, self.genes, layer=layer)
-        return fingerprint(X, self.genes, list(adata.obs_names))
+        return dataset_fingerprint(adata, self.genes, layer=layer)  # streamed, chunk by chunk
 
     def is_own_dataset(self, adata: ad.AnnData, *, layer: str | None = None) -> bool | None:
         """Whether ``adata`` is the dataset the bundle was trained on (its values, genes and

@@ -198,6 +198,21 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
         help="FILE.gmt:NAME (or a list file in the reference format); default all genes",
     )
     g.add_argument("--genes", help="file with one gene per line")
+    # big data: genes are chosen on the sparse / on-disk matrix before anything is dense
+    g.add_argument(
+        "--n-top-genes",
+        type=_count,
+        metavar="N",
+        help="train on the N highly variable genes of the training split (scanpy's "
+        "highly_variable_genes, flavour cell_ranger: for log-normalised data)",
+    )
+    g.add_argument(
+        "--backed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=".h5ad: leave the matrix on disk and read the chosen genes a chunk at a time "
+        "(default: when it would take more than a quarter of the memory available)",
+    )
     g.add_argument("--target-model", help="reuse the target model, split and scaler of this bundle")
     _add_config_options(p, g)
     o = p.add_argument_group("output")
@@ -251,8 +266,16 @@ def _check_train_usage(args, parser) -> None:
         (args.target and args.all_targets, "give --target or --all-targets, not both"),
         (args.gene_set and args.genes, "give --gene-set or --genes, not both"),
         (
+            args.n_top_genes and (args.gene_set or args.genes),
+            "give --gene-set, --genes or --n-top-genes, not two of them",
+        ),
+        (
             args.target_model and (args.gene_set or args.genes),
             "--gene-set and --genes cannot be used with --target-model: the reused target model fixes the genes",
+        ),
+        (
+            args.target_model and args.n_top_genes,
+            "--n-top-genes cannot be used with --target-model: the reused target model fixes the genes",
         ),
         (args.name and args.all_targets, "--name needs a single --target"),
         (
@@ -360,7 +383,7 @@ def _train(args, parser) -> int:
     config = config_from_args(args)
     genes = (
         None
-        if reuse
+        if reuse or args.n_top_genes
         else select_genes(adata.var_names, gene_set=args.gene_set, genes_file=args.genes)
     )
     validate_labels(adata, label_key, source=dataset)
@@ -372,7 +395,13 @@ def _train(args, parser) -> int:
     names = [args.name] if args.name else default_names(dataset, targets)
     root = models_dir(args.out)
     _check_outputs(root, names, overwrite=args.overwrite)
-    what = f"the genes, split and target model of {reuse.name!r}" if reuse else genes.summary()
+    what = (
+        f"the genes, split and target model of {reuse.name!r}"
+        if reuse
+        else f"the {args.n_top_genes} highly variable genes of the training split"
+        if args.n_top_genes
+        else genes.summary()
+    )
     logger.info("data: %s, %d samples x %d genes; %s", dataset, adata.n_obs, adata.n_vars, what)
     logger.info("config: %s", config.to_dict())
     bundles = train_all_targets(
@@ -381,6 +410,7 @@ def _train(args, parser) -> int:
         targets=targets,
         config=config,
         genes=genes,
+        n_top_genes=args.n_top_genes,
         dataset=dataset,
         target_model=reuse,
         device=args.device,
@@ -408,6 +438,20 @@ def _print_trained(b, path: Path) -> None:
         f"  perturbation accuracy (held-out): all {m['perturbation_accuracy']:.3f}, non-target "
         f"{'n/a' if non_target is None else f'{non_target:.3f}'} (n={m['n_test_non_target']})"
     )
+    if m.get("n_test_total", m["n_test"]) > m["n_test"]:
+        print(
+            f"  (on a seeded subsample of {m['n_test']} of the {m['n_test_total']} held-out samples)"
+        )
+    _print_verdict(b.manifest.get("verdict"), indent="  ")
+
+
+def _print_verdict(verdict: dict | None, *, indent: str = "", **kwargs) -> None:
+    """Print a verdict (tspg.verdict.verdict_lines); nothing for a bundle without one."""
+    from .verdict import verdict_lines
+
+    if verdict:
+        for line in verdict_lines(verdict, **kwargs):
+            print(indent + line)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -621,6 +665,7 @@ def _read_data(args):
         nan=args.nan,
         row_names=args.row_names,
         col_names=args.col_names,
+        backed=getattr(args, "backed", None),
     )
 
 
@@ -687,8 +732,7 @@ def _list(args, parser) -> int:
 
 def _perturb(args, parser) -> int:
     from .bundle import chosen_samples
-    from .data import write_gem
-    from .perturbation import perturb, perturb_adata
+    from .perturbation import perturb_adata, write_perturbed
 
     out = Path(args.output)
     if not args.csv and out.suffix.lower() != ".h5ad":
@@ -700,25 +744,34 @@ def _perturb(args, parser) -> int:
     if args.csv:
         result = perturb_adata(adata, bundle, label_key=key, source=name)
         written = result.to_csv(out, k=args.k)
-        print(f"wrote {out}/: {', '.join(p.name for p in written)}")
+        verdict = _write_verdict_json(bundle, result, out / "verdict.json")
+        print(f"wrote {out}/: {', '.join(p.name for p in written)}, verdict.json")
         pred_after, labels = result.pred_after, result.labels
+        match = result.gene_match.to_dict()
     else:
-        result = perturb(adata, bundle, label_key=key, k=args.k, source=name, copy=True)
-        write_gem(result, out)
+        result = write_perturbed(  # a chunk of samples at a time, straight into the file
+            adata, bundle, out, label_key=key, k=args.k, source=name
+        )
         print(
             f"wrote {out}: layers tspg_x, tspg_perturbation, tspg_perturbed; obs tspg_pred_before/after; "
-            "uns['tspg'] (top genes, consensus)"
+            "uns['tspg'] (top genes, consensus, verdict)"
         )
+        verdict = result.uns["tspg"]["verdict"]
         pred_after = result.obs["tspg_pred_after"].astype(str).to_numpy()
         labels = result.obs[key].astype(str).to_numpy() if key else None
-    _print_accuracy(bundle, pred_after, labels)
+        match = result.uns["tspg"]["gene_match"]
+    _print_accuracy(bundle, pred_after, labels, match)
+    _print_verdict(verdict, only=("fail", "caution"))
     return 0
 
 
-def _print_accuracy(bundle, pred_after, labels) -> None:
+def _print_accuracy(bundle, pred_after, labels, match: dict) -> None:
+    from .data import gene_match_summary
     from .metrics import perturbation_accuracy_table
 
     n_target = int((pred_after == bundle.target).sum())
+    if match.get("n_missing") or match.get("n_case_matched") or match.get("from_var_column"):
+        print(f"genes: {gene_match_summary(match)}")  # matched ignoring case, by var, or filled
     print(
         f"{len(pred_after)} samples x {len(bundle.genes)} genes perturbed towards {bundle.target!r}: "
         f"{n_target} now predicted {bundle.target!r}"
@@ -727,6 +780,17 @@ def _print_accuracy(bundle, pred_after, labels) -> None:
         table = perturbation_accuracy_table(pred_after, labels, bundle.target)
         print("perturbation accuracy by source class:")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _write_verdict_json(bundle, result, path: Path) -> dict:
+    """The selection's verdict (tspg.verdict.selection_verdict), written as JSON; returned."""
+    import json
+
+    from .verdict import selection_verdict
+
+    verdict = selection_verdict(bundle, result)
+    path.write_text(json.dumps(verdict, indent=1, allow_nan=False))
+    return verdict
 
 
 def _evaluate(args, parser) -> int:
@@ -742,6 +806,8 @@ def _evaluate(args, parser) -> int:
         )
     result = evaluate(adata, bundle, label_key=key, k=args.k, seed=args.seed)
     _print_evaluation(result)
+    print()
+    _print_verdict(result["verdict"], figures=True)
     if args.json:
         with user_file(args.json):
             Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))
@@ -756,6 +822,15 @@ def _print_evaluation(result: dict) -> None:
     print(
         f"bundle {b['name']}: target {b['target']!r}, {b['genes']} genes, {b['classes']} classes, dataset {b['dataset']}"
     )
+    n = result["samples"]
+    for part, used, total in (
+        ("training", n["train"], n["train_total"]),
+        ("held-out", n["heldout"], n["heldout_total"]),
+    ):
+        if used < total:
+            print(
+                f"on a seeded subsample of {used} of the {total} {part} samples (--seed {result['params']['seed']})"
+            )
     section = None
     for row in evaluation_table(result).itertuples(index=False):
         if row.section != section:
@@ -779,7 +854,11 @@ def _enrich(args, parser) -> int:
 
     bundle = _load_bundle(args)
     adata, key, name = _data(args, bundle, own=True)
-    choice = bundle.source_samples(adata, samples=args.samples, label_key=key, source=name)
+    from .pipeline import HELDOUT_MAX_SAMPLES
+
+    choice = bundle.source_samples(
+        adata, samples=args.samples, label_key=key, source=name, max_samples=HELDOUT_MAX_SAMPLES
+    )
     result = perturb_adata(adata[choice.ids], bundle, label_key=key, source=name)
     lists = consensus_top(result.P, bundle.genes, k=args.k)
     up = lists["up"] if args.direction in ("up", "both") else None

@@ -167,6 +167,7 @@ class ReferenceMap:
 
 MAP_MAX_CLASSES = 10  # the paper's map shows 10 classes
 MAP_MAX_PER_CLASS = 300  # real samples per class on a map (seeded subsample beyond that)
+MAP_MAX_PLACED = 2_000  # perturbed samples placed on a map by default (seeded subsample beyond)
 
 
 def map_classes(
@@ -606,26 +607,29 @@ def class_map(
         raise UserError(
             f"{source}: no label column {key!r} in obs; the map colours real samples by class (give the label column)"
         )
-    Xs = bundle.scale(adata, source=source) if Xs is None else Xs
     labels = adata.obs[key].astype(str).to_numpy()
     samples = np.asarray(adata.obs_names).astype(str)
-    options = dict(
+    rows = select_map_samples(
+        labels,
         classes=classes,
-        target=bundle.target,
         max_classes=None if classes else MAP_MAX_CLASSES,
         max_per_class=max_per_class,
+        target=bundle.target,
         seed=seed,
     )
+    # only the map's own samples are read and scaled (never the whole GEM)
+    X = bundle.scale(adata, rows=rows, source=source) if Xs is None else np.asarray(Xs)[rows]
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{map_cache_key(Xs, labels, samples, **options)}.npz"
-        cached = _read_cached_map(path, samples)
+        name = map_cache_key(X, labels[rows], samples[rows], seed=seed)
+        path = Path(cache_dir) / f"{name}.npz"
+        cached = _read_cached_map(path, samples[rows])
         if cached is not None:
-            return cached
-    ref, rows = fit_class_map(Xs, labels, samples, **options)
+            return cached, rows
+    ref = fit_reference_map(X, samples=samples[rows], labels=labels[rows], seed=seed)
     if path is not None:
         try:
-            save_reference_map(ref, path, rows=rows, Z=ref.project(np.asarray(Xs)[rows]))
+            save_reference_map(ref, path, rows=rows, Z=ref.project(X))
         except OSError as err:  # a read-only cache folder costs a refit next time, nothing more
             logger.warning("could not keep the t-SNE map in %s: %s", path.parent, err)
     return ref, rows
@@ -643,9 +647,9 @@ def map_cache_dir() -> Path:
 
 
 def map_cache_key(Xs, labels, samples, **options) -> str:
-    """A hash naming a fitted map: the values it is fit on (a bundle's scaled space, so the
-    data, the gene set and the scaler), the samples and their classes, the map's options,
-    the t-SNE settings and the cache format."""
+    """A hash naming a fitted map: the values of its samples (in a bundle's scaled space, so
+    the data, the gene set and the scaler), the samples and their classes, the map's
+    options (its seed), the t-SNE settings and the cache format."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(np.asarray(Xs), dtype=np.float32).tobytes())
     h.update(repr(np.asarray(Xs).shape).encode())
@@ -749,21 +753,20 @@ def _restore_embedding(Z: np.ndarray, coords: np.ndarray, params: dict, seed: in
         return tsne.prepare_initial(np.ascontiguousarray(Z), initialization=coords)
 
 
-def _read_cached_map(path: Path, samples) -> tuple[ReferenceMap, np.ndarray] | None:
-    """A cached map, or None when there is none or it cannot be used (logged, then refit)."""
+def _read_cached_map(path: Path, samples) -> ReferenceMap | None:
+    """A cached map of ``samples`` (in this order), or None when there is none or it cannot
+    be used (logged; the map is then fit again)."""
     if not path.is_file():
         return None
     try:
-        ref, rows = load_reference_map(path)
-        if len(rows) != len(ref) or (rows.size and rows.max() >= len(samples)):
-            raise ValueError("its rows do not fit the data")
-        if [str(s) for s in np.asarray(samples)[rows]] != ref.samples:
+        ref, _ = load_reference_map(path)
+        if ref.samples != [str(s) for s in samples]:
             raise ValueError("its samples are not the data's")
     except (OSError, ValueError, KeyError) as err:
         logger.warning("ignoring the cached t-SNE map %s: %s", path, err)
         return None
     logger.info("t-SNE map read from %s", path)
-    return ref, rows
+    return ref
 
 
 def perturbation_map_frame(
@@ -821,18 +824,19 @@ def perturbation_map(
     label_key: str | None = None,
     classes=None,
     max_per_class: int | None = MAP_MAX_PER_CLASS,
+    max_placed: int | None = None,
     seed: int = 0,
     source: str = "data",
 ) -> PerturbationMap:
     """The paper's map: real samples of some classes, and perturbed samples placed on it.
 
     The samples perturbed are ``samples``, or by default the held-out non-target samples
-    (:meth:`tspg.bundle.Bundle.source_samples`); the map is :func:`class_map`; each real
+    (:meth:`tspg.bundle.Bundle.source_samples`; at most ``max_placed`` of them, default
+    :data:`MAP_MAX_PLACED`, a seeded subsample, unless chosen by id); the map is :func:`class_map`; each real
     sample carries the target model's class (``predicted``), each perturbed one its class
     after perturbation.
     """
     key = label_key or bundle.label_key
-    Xs = bundle.scale(adata, source=source)
     ref, rows = class_map(
         adata,
         bundle,
@@ -840,10 +844,17 @@ def perturbation_map(
         classes=classes,
         max_per_class=max_per_class,
         seed=seed,
-        Xs=Xs,
         source=source,
     )
-    choice = bundle.source_samples(adata, samples=samples, label_key=key, source=source)
+    choice = bundle.source_samples(
+        adata,
+        samples=samples,
+        label_key=key,
+        source=source,
+        max_samples=MAP_MAX_PLACED if max_placed is None else max_placed,
+        seed=seed,
+    )
     pert = perturb_adata(adata[choice.ids], bundle, label_key=key, source=source)
-    frame = perturbation_map_frame(ref, pert, real_pred=bundle.predict(Xs[rows]))
+    real_pred = bundle.predict(bundle.scale(adata, rows=rows, source=source))
+    frame = perturbation_map_frame(ref, pert, real_pred=real_pred)
     return PerturbationMap(frame, ref, rows, pert, choice)

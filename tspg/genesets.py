@@ -1,4 +1,5 @@
-"""Gene sets: GMT and the reference implementation's list format; filtering to a GEM's genes."""
+"""Gene sets: GMT and the reference implementation's list format; filtering to a GEM's genes;
+the highly variable genes of a GEM's training split."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pandas as pd
 
-from .data import read_text
+from .data import read_text, rows_matrix
 from .errors import UserError
 
 __all__ = [
     "GeneSelection",
+    "highly_variable_genes",
     "read_gene_list",
     "read_gene_sets",
     "select_genes",
@@ -143,3 +147,63 @@ def select_genes(
     return GeneSelection(
         name, genes, len(wanted), missing, str(Path(source).resolve())
     )  # found from any folder later
+
+
+# scanpy's flavour for highly variable genes: "cell_ranger" expects log-normalised data
+# (log1p), as atlases and our GEMs hold, and works on the sparse matrix as it is (per-gene
+# mean and variance, dispersion normalised within bins of mean expression). "seurat" also
+# expects log data but first copies the whole matrix to undo the log (expm1); "seurat_v3"
+# and "pearson_residuals" expect raw counts.
+HVG_FLAVOR = "cell_ranger"
+
+
+def highly_variable_genes(
+    adata: ad.AnnData,
+    n_top_genes: int,
+    *,
+    rows=None,
+    layer: str | None = None,
+    source: str = "data",
+) -> GeneSelection:
+    """The ``n_top_genes`` most variable genes, by scanpy's ``highly_variable_genes``
+    (flavour :data:`HVG_FLAVOR`), computed on the samples at ``rows`` only (the training
+    split: held-out samples must not choose the genes).
+
+    Works on the matrix as stored: those rows of a sparse matrix (in memory or on disk)
+    are read into one sparse matrix, never dense. Gene order is the GEM's.
+    """
+    import gc
+    import warnings
+
+    import scanpy as sc
+
+    if n_top_genes < 1:
+        raise UserError(f"--n-top-genes must be at least 1, got {n_top_genes}")
+    genes = pd.Index(adata.var_names.astype(str))
+    name = f"top {n_top_genes} highly variable genes"
+    if n_top_genes >= len(genes):
+        logger.warning(
+            "%s: --n-top-genes %d is not below the %d genes of the GEM: all genes are used",
+            source,
+            n_top_genes,
+            len(genes),
+        )
+        return GeneSelection(name, list(genes), n_top_genes, [])
+    X = rows_matrix(adata, rows, layer=layer)
+    tmp = ad.AnnData(X=X, var=pd.DataFrame(index=genes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scanpy's notes on flavours and data
+        table = sc.pp.highly_variable_genes(
+            tmp, flavor=HVG_FLAVOR, n_top_genes=n_top_genes, inplace=False
+        )
+    del tmp, X
+    gc.collect()  # AnnData holds reference cycles: free the training rows now, not later
+    chosen = np.asarray(table["highly_variable"], dtype=bool)
+    logger.info(
+        "%s: %d highly variable genes (scanpy, flavour %s) chosen on %s samples",
+        source,
+        int(chosen.sum()),
+        HVG_FLAVOR,
+        "all" if rows is None else len(rows),
+    )
+    return GeneSelection(name, list(genes[chosen]), n_top_genes, [])

@@ -18,6 +18,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anndata as ad
@@ -25,9 +26,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .baselines import de_ranked, fit_baselines, selection_overlap, split_arrays
+from .baselines import (
+    class_perturbations,
+    de_ranked,
+    fit_baselines,
+    mean_shift_perturb,
+    selection_overlap,
+    split_arrays,
+)
+from .data import subsample
 from .errors import UserError
-from .perturbation import consensus_top, discriminate, perturb_scaled, unique_top_genes
+from .perturbation import (
+    Perturbation,
+    consensus_top,
+    discriminate,
+    perturb_scaled,
+    unique_top_genes,
+)
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -49,8 +64,13 @@ __all__ = [
 ]
 
 KNN_NEIGHBOURS = 15
+# evaluate() on big data: at most this many training / held-out samples (a fixed, seeded,
+# class-stratified subsample). The held-out cap bounds the energy distances (all pairs).
+EVAL_MAX_TRAIN = 20_000
+EVAL_MAX_HELDOUT = 5_000
 _SMALL_BLAS = 4_000_000  # values (samples x genes) up to which sklearn runs on one BLAS thread
 _ROWS = 1024  # row block for distance sums: memory O(_ROWS * n), never n x n
+_SAMPLE_KEYS = ("train", "heldout", "heldout_target", "heldout_source")
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -101,6 +121,109 @@ def target_share(pred: Sequence[str], target: str) -> float:
     return _mean(np.asarray(pred, dtype=object).astype(str) == target)
 
 
+def target_model_figures(
+    pred: Sequence[str], labels: Sequence[str], target: str, *, n_classes: int
+) -> dict:
+    """How well the target model tells the classes, and the target class, apart.
+
+    Returns
+    -------
+    ``heldout_accuracy`` over ``n`` samples; ``majority_rate`` (the accuracy of always
+    answering the most frequent class) and ``chance`` (1 / ``n_classes``), what guessing
+    reaches; ``target_recall`` (share of the ``n_target`` target samples called the target),
+    ``target_precision`` (share of the ``n_called_target`` samples called the target that
+    are), and ``target_prevalence`` (share of target samples, the precision of a guess).
+    Shares over no samples are NaN.
+    """
+    pred = np.asarray(pred, dtype=object).astype(str)
+    labels = np.asarray(labels, dtype=object).astype(str)
+    if len(pred) != len(labels):
+        raise ValueError(f"{len(pred)} predictions for {len(labels)} labels")
+    is_t, called = labels == target, pred == target
+    counts = np.unique(labels, return_counts=True)[1]
+    return {
+        "heldout_accuracy": _mean(pred == labels),
+        "n": int(len(labels)),
+        "majority_rate": float(counts.max() / len(labels)) if len(labels) else float("nan"),
+        "chance": 1.0 / n_classes,
+        "target_recall": _mean(called[is_t]),
+        "n_target": int(is_t.sum()),
+        "target_precision": _mean(is_t[called]),
+        "n_called_target": int(called.sum()),
+        "target_prevalence": _mean(is_t),
+    }
+
+
+def target_margin(proba: np.ndarray, target_index: int) -> np.ndarray:
+    """Per sample, the target model's logit of its call minus its logit of the target.
+
+    Computed as log p_call - log p_target from the softmax probabilities (equal to the
+    logit difference); 0 for samples called the target. A probability that underflowed
+    to 0 counts as the smallest float32, so the margin is capped at about 104. A large
+    margin means a saturated softmax: p_target and its gradient are practically 0.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    logp = np.log(np.clip(proba, tiny, None))
+    return logp.max(1) - logp[:, target_index] if len(proba) else np.zeros(0)
+
+
+def movement_figures(
+    P: np.ndarray,
+    x: np.ndarray,
+    target_mean: np.ndarray | None,
+    pred_before: Sequence[str],
+    pred_after: Sequence[str],
+    target: str,
+) -> dict:
+    """How far the generator moved some samples, and whether their call changed.
+
+    Returns
+    -------
+    ``mean_abs_P``: mean |P| over samples and genes (scaled units); ``mean_abs_gap``: mean
+    |target mean - x|, how far the samples are from the target class's training mean;
+    ``reach``: their ratio (0 when nothing moved, about 0.5-1 when a generator moves the
+    samples most of the way); ``changed_share``: share of the ``n_not_target_before``
+    samples the target model did not call the target before whose call changed;
+    ``n``: samples. NaN where a share rests on no sample (or no target mean is known).
+    """
+    P = np.asarray(P, dtype=np.float64)
+    gap_sum = (
+        float(np.abs(np.asarray(target_mean, np.float64) - np.asarray(x, np.float64)).sum())
+        if target_mean is not None
+        else None
+    )
+    return movement_from_sums(
+        float(np.abs(P).sum()), gap_sum, P.size, pred_before, pred_after, target
+    )
+
+
+def movement_from_sums(
+    abs_P_sum: float,
+    gap_sum: float | None,
+    n_values: int,
+    pred_before: Sequence[str],
+    pred_after: Sequence[str],
+    target: str,
+) -> dict:
+    """:func:`movement_figures` from sums over the values (samples x genes) of |P| and of
+    |target mean - x| (``gap_sum``; None without a target mean): for data perturbed a
+    chunk of samples at a time."""
+    before = np.asarray(pred_before, dtype=object).astype(str)
+    after = np.asarray(pred_after, dtype=object).astype(str)
+    mean_abs_P = abs_P_sum / n_values if n_values else float("nan")
+    gap = gap_sum / n_values if gap_sum is not None and n_values else float("nan")
+    not_t = before != target
+    return {
+        "mean_abs_P": mean_abs_P,
+        "mean_abs_gap": gap,
+        "reach": mean_abs_P / gap if gap > 0 else float("nan"),
+        "changed_share": _mean(after[not_t] != before[not_t]),
+        "n": int(len(before)),
+        "n_not_target_before": int(not_t.sum()),
+    }
+
+
 def fit_classifiers(X: np.ndarray, labels: Sequence[str], *, seed: int = 0) -> dict:
     """Classifiers independent of TSPG, fit on (scaled) training data.
 
@@ -137,6 +260,35 @@ def _small_blas(X: np.ndarray):
         if np.asarray(X).size <= _SMALL_BLAS
         else nullcontext()
     )
+
+
+def classifier_shares(
+    classifiers: dict,
+    Xte: np.ndarray,
+    yte: Sequence[str],
+    sets: dict[str, np.ndarray],
+    real_target: np.ndarray,
+    target: str,
+) -> dict:
+    """Per classifier: its held-out accuracy, and the share of each set it calls ``target``.
+
+    Returns
+    -------
+    ``{name: {"heldout_accuracy", "target_share_<set>" for each of ``sets``,
+    "target_share_real_target"}}``; NaN for an empty set.
+    """
+    yte = np.asarray(yte, dtype=object).astype(str)
+
+    def share(model, X):
+        return target_share(model.predict(X), target) if len(X) else float("nan")
+
+    out = {}
+    for name, model in classifiers.items():
+        out[name] = {"heldout_accuracy": _mean(model.predict(Xte) == yte) if len(Xte) else math.nan}
+        for s, X in sets.items():
+            out[name][f"target_share_{s}"] = share(model, X)
+        out[name]["target_share_real_target"] = share(model, real_target)
+    return out
 
 
 # ----------------------------------------------------------------------------- distances
@@ -205,6 +357,131 @@ def spread_ratio(A: np.ndarray, reference: np.ndarray) -> float:
     return mean_pairwise_distance(A) / ref if ref > 0 else float("nan")
 
 
+# ----------------------------------------------------------------------------- held-out figures
+
+
+@dataclass
+class HeldOut:
+    """The held-out split of a bundle, perturbed, with the figures its verdict grades.
+
+    ``sets`` holds the source (non-target) samples perturbed (x_adv), unperturbed (x) and
+    mean-shifted; ``real_target`` the real held-out target samples; ``figures`` the dict of
+    :func:`heldout_figures`.
+    """
+
+    perturbation: Perturbation
+    Xte: np.ndarray
+    yte: np.ndarray
+    shifts: pd.DataFrame
+    sets: dict[str, np.ndarray]
+    real_target: np.ndarray
+    figures: dict
+
+
+def heldout_arrays(
+    bundle: Bundle,
+    Xtr: np.ndarray,
+    ytr: Sequence[str],
+    Xte: np.ndarray,
+    yte: Sequence[str],
+    samples: Sequence[str] | None = None,
+    *,
+    classifiers: dict | None = None,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_heldout: int | None = None,
+) -> HeldOut:
+    """Perturb the held-out split and compute the figures the verdict grades.
+
+    The one place these figures are computed: :func:`evaluate` reports them and
+    :func:`tspg.verdict.grade` grades them, at training time and in ``tspg evaluate``.
+
+    Parameters
+    ----------
+    bundle
+        The bundle (its generator, target model, target and target mean).
+    Xtr, ytr
+        Scaled training split and its labels (for the independent classifiers and the
+        mean shift).
+    Xte, yte, samples
+        Scaled held-out split, its labels and sample ids.
+    classifiers
+        Already fitted :func:`fit_classifiers` (on ``Xtr``), e.g. shared by the targets
+        of one run; fitted here when None.
+    seed
+        Seed of the classifiers and of the subsamples.
+    max_train, max_heldout
+        At most about this many training samples fit the classifiers, and this many
+        held-out source and this many held-out target samples are scored by them and by
+        the energy distances (seeded, stratified subsamples; None: all); the target
+        model's figures and the movement use every held-out sample. ``samples`` in the
+        figures says what was used.
+    """
+    target = bundle.target
+    ytr = np.asarray(ytr, dtype=object).astype(str)
+    yte = np.asarray(yte, dtype=object).astype(str)
+    Xte = np.asarray(Xte)
+    pert = perturb_scaled(Xte, bundle, samples=samples, labels=yte)
+    is_t, non = yte == target, yte != target
+    # the classifiers' shares and the energy distances (O(n^2)) on at most max_heldout
+    # source and max_heldout target samples; everything else on the whole split
+    t_idx, s_idx = np.flatnonzero(is_t), np.flatnonzero(non)
+    t_idx = t_idx[subsample(yte[t_idx], max_heldout, seed=seed, min_per_class=1)]
+    s_idx = s_idx[subsample(yte[s_idx], max_heldout, seed=seed, min_per_class=1)]
+    graded = np.sort(np.concatenate([t_idx, s_idx]))
+    shifts = class_perturbations(Xtr, ytr, target, genes=bundle.genes)
+    sets = {
+        "perturbed": pert.x_adv[s_idx],
+        "unperturbed": Xte[s_idx],
+        "mean_shift": mean_shift_perturb(Xte[s_idx], yte[s_idx], shifts),
+    }
+    real_t = Xte[t_idx]
+    target_mean = bundle.target_mean
+    if target_mean is None and (ytr == target).any():
+        target_mean = Xtr[ytr == target].mean(0)
+    if classifiers is None:
+        fit = subsample(ytr, max_train, seed=seed, min_per_class=1)
+        classifiers = fit_classifiers(np.asarray(Xtr)[fit], ytr[fit], seed=seed)
+    # samples the classifiers were fit on (the k-NN remembers them)
+    n_fit = max(getattr(m, "n_samples_fit_", 0) for m in classifiers.values()) or len(ytr)
+    before, after = pert.pred_before, pert.pred_after
+    margin = target_margin(pert.proba_before[non], bundle.classes.index(bundle.target))
+    figures = {
+        "samples": {
+            "train": len(ytr),
+            "heldout": len(yte),
+            "heldout_target": int(is_t.sum()),
+            "heldout_source": int(non.sum()),
+            "graded_target": len(t_idx),
+            "graded_source": len(s_idx),
+            "classifier_train": n_fit,
+        },
+        "target_model": {
+            **target_model_figures(before, yte, target, n_classes=len(bundle.classes)),
+            "margin_source_median": float(np.median(margin)) if len(margin) else math.nan,
+        },
+        "perturbation_accuracy": perturbation_accuracy(after, yte, target),
+        "movement": movement_figures(
+            pert.P[non], Xte[non], target_mean, before[non], after[non], target
+        ),
+        "independent_classifiers": classifier_shares(
+            classifiers, Xte[graded], yte[graded], sets, real_t, target
+        ),
+        "energy_distance": {s: energy_distance(X, real_t) for s, X in sets.items()},
+    }
+    return HeldOut(pert, Xte, yte, shifts, sets, real_t, _plain(figures))
+
+
+def heldout_figures(bundle: Bundle, Xtr, ytr, Xte, yte, samples=None, **kwargs) -> dict:
+    """The figures of :func:`heldout_arrays` alone (plain JSON types, NaN as None)."""
+    n_threads = torch.get_num_threads()
+    try:
+        with _small_blas(Xtr):
+            return heldout_arrays(bundle, Xtr, ytr, Xte, yte, samples, **kwargs).figures
+    finally:
+        torch.set_num_threads(n_threads)
+
+
 # ----------------------------------------------------------------------------- evaluate
 
 
@@ -217,8 +494,15 @@ def evaluate(
     k: int = 20,
     ks: Sequence[int] = (10, 20, 50),
     seed: int = 0,
+    max_train: int | None = EVAL_MAX_TRAIN,
+    max_heldout: int | None = EVAL_MAX_HELDOUT,
 ) -> dict:
     """All metrics of a bundle on the held-out split of the data it was trained on.
+
+    On big data, on a fixed subsample: at most ``max_train`` training samples (baselines,
+    independent classifiers) and ``max_heldout`` held-out samples (seeded with ``seed``,
+    class-stratified, :func:`tspg.data.subsample`); ``samples`` reports the numbers used
+    and the split sizes. None uses every sample.
 
     Parameters
     ----------
@@ -234,8 +518,8 @@ def evaluate(
     ks
         List lengths for the overlap with the baselines' top genes.
     seed
-        Seed of the one random choice (one sample per source class for the unique-gene
-        count); everything else is deterministic.
+        Seed of the random choices: the subsamples of big splits and one sample per
+        source class for the unique-gene count; everything else is deterministic.
 
     Returns
     -------
@@ -243,8 +527,14 @@ def evaluate(
 
     - ``bundle``: name, dataset, target, genes, classes
     - ``samples``: numbers of training, held-out, held-out target and source samples
-    - ``target_model``: held-out accuracy
+    - ``target_model``: held-out accuracy, the target's recall and precision, and what
+      guessing reaches (:func:`target_model_figures`), and the median logit margin of the
+      source samples over the target (:func:`target_margin`)
+    - ``samples`` also holds ``train_total`` / ``heldout_total``: the sizes of the splits
+      (larger than the numbers used when the splits were subsampled)
     - ``perturbation_accuracy``: overall, non_target, by_source (n, accuracy)
+    - ``movement``: mean |P| of the sources, how far they are from the target mean, and
+      the share whose call changed (:func:`movement_figures`)
     - ``independent_classifiers``: per classifier its held-out accuracy and the share of
       perturbed / unperturbed / mean-shift samples it calls the target, and of the real
       held-out target samples (``target_share_real_target``: what real cells reach)
@@ -259,6 +549,7 @@ def evaluate(
       the differential-expression and mean-shift top genes (a list of records, see
       :func:`tspg.baselines.selection_overlap`), and ``overlap_up_de_top50``: how many of the
       consensus top-k up genes are among the 50 highest differential-expression scores
+    - ``verdict``: :func:`tspg.verdict.grade` of these figures (ok / caution / fail)
     - ``params``: k, ks, seed, layer, label key; ``seconds``: wall time
     """
     start = time.perf_counter()
@@ -267,58 +558,85 @@ def evaluate(
     )  # scikit-learn's thread pools change torch's; restored below
     try:
         return _evaluate(
-            adata, bundle, layer=layer, label_key=label_key, k=k, ks=ks, seed=seed, start=start
+            adata,
+            bundle,
+            layer=layer,
+            label_key=label_key,
+            k=k,
+            ks=ks,
+            seed=seed,
+            start=start,
+            caps=(max_train, max_heldout),
         )
     finally:
         torch.set_num_threads(n_threads)
 
 
-def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start) -> dict:
+def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start, caps) -> dict:
     label_key = label_key or bundle.label_key
     target = bundle.target
-    Xtr, ytr, _ = split_arrays(adata, bundle, layer=layer, label_key=label_key, part="train")
-    Xte, yte, te_ids = split_arrays(adata, bundle, layer=layer, label_key=label_key, part="test")
+    Xtr, ytr, _ = split_arrays(
+        adata,
+        bundle,
+        layer=layer,
+        label_key=label_key,
+        part="train",
+        max_samples=caps[0],
+        seed=seed,
+    )
+    Xte, yte, te_ids = split_arrays(
+        adata, bundle, layer=layer, label_key=label_key, part="test", max_samples=caps[1], seed=seed
+    )
+    for part, n, cap in (("training", len(ytr), caps[0]), ("held-out", len(yte), caps[1])):
+        total = len(bundle.split["train" if part == "training" else "test"])
+        if n < total:
+            logger.info(
+                "evaluating on a seeded subsample of %d of the %d %s samples (cap %d)",
+                n,
+                total,
+                part,
+                cap,
+            )
     unknown = sorted(set(yte.tolist()) - set(bundle.classes))
     if unknown:
         raise UserError(
             f"data: label {unknown[0]!r} is not one of the bundle's classes; is {label_key!r} the right label column?"
         )
-    pert = perturb_scaled(Xte, bundle, samples=te_ids, labels=yte)
-    is_t, non = yte == target, yte != target
-    if not non.any():
+    if not (yte != target).any():
         raise UserError("the held-out split has no source (non-target) samples to perturb")
-    base = fit_baselines(adata, bundle, layer=layer, label_key=label_key)
-    sets = {
-        "perturbed": pert.x_adv[non],
-        "unperturbed": Xte[non],
-        "mean_shift": base.mean_shift(Xte[non], yte[non]),
-    }
-    real_t = Xte[is_t]
-
     with _small_blas(Xtr):
-        result = _evaluate_arrays(
-            bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, k=k, ks=ks, seed=seed
-        )
+        held = heldout_arrays(bundle, Xtr, ytr, Xte, yte, te_ids, seed=seed)
+        base = fit_baselines(adata, bundle, layer=layer, label_key=label_key)
+        result = _evaluate_arrays(bundle, held, base, Xtr, ytr, k=k, ks=ks, seed=seed)
+    from .verdict import grade
+
+    result["verdict"] = grade(
+        heldout=held.figures, config=bundle.manifest.get("config"), target=target
+    )
     result["params"] = {
         "k": k,
         "ks": list(ks),
         "seed": seed,
         "layer": layer,
         "label_key": label_key,
+        "max_train": caps[0],
+        "max_heldout": caps[1],
     }
     result["seconds"] = round(time.perf_counter() - start, 3)
     return _plain(result)
 
 
-def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k, ks, seed) -> dict:
+def _evaluate_arrays(bundle, held: HeldOut, base, Xtr, ytr, *, k, ks, seed) -> dict:
     target = bundle.target
-    is_t, non = yte == target, yte != target
-    classifiers = {}
-    for name, model in fit_classifiers(Xtr, ytr, seed=seed).items():
-        classifiers[name] = {"heldout_accuracy": _mean(model.predict(Xte) == yte)}
-        for s, X in sets.items():
-            classifiers[name][f"target_share_{s}"] = target_share(model.predict(X), target)
-        classifiers[name]["target_share_real_target"] = target_share(model.predict(real_t), target)
+    pert, Xte, yte, sets, real_t = (
+        held.perturbation,
+        held.Xte,
+        held.yte,
+        held.sets,
+        held.real_target,
+    )
+    fig = held.figures
+    non = yte != target
     references = {**sets, "training_target": Xtr[ytr == target]}
 
     P_src = pert.P[non]
@@ -338,15 +656,18 @@ def _evaluate_arrays(bundle, pert, base, Xtr, ytr, Xte, yte, sets, real_t, *, k,
             "classes": len(bundle.classes),
         },
         "samples": {
-            "train": len(ytr),
-            "heldout": len(yte),
-            "heldout_target": int(is_t.sum()),
-            "heldout_source": int(non.sum()),
+            **{k_: fig["samples"][k_] for k_ in _SAMPLE_KEYS},
+            "train_total": len(bundle.split["train"]),
+            "heldout_total": len(bundle.split["test"]),
         },
-        "target_model": {"heldout_accuracy": _mean(pert.pred_before == yte)},
-        "perturbation_accuracy": perturbation_accuracy(pert.pred_after, yte, target),
-        "independent_classifiers": classifiers,
-        "energy_distance": {s: energy_distance(X, real_t) for s, X in references.items()},
+        "target_model": fig["target_model"],
+        "perturbation_accuracy": fig["perturbation_accuracy"],
+        "movement": fig["movement"],
+        "independent_classifiers": fig["independent_classifiers"],
+        "energy_distance": {
+            **fig["energy_distance"],
+            "training_target": energy_distance(references["training_target"], real_t),
+        },
         "spread_ratio": {s: spread_ratio(X, real_t) for s, X in references.items()},
         "discriminator": {
             "real_target": _mean(discriminate(real_t, bundle)),
@@ -381,8 +702,8 @@ def evaluation_table(result: dict) -> pd.DataFrame:
     def add(section, metric, value):
         rows.append({"section": section, "metric": metric, "value": value})
 
-    for key in ("samples", "target_model"):
-        for m, v in result[key].items():
+    for key in ("samples", "target_model", "movement"):
+        for m, v in result.get(key, {}).items():
             add(key.replace("_", " "), m.replace("_", " "), v)
     acc = result["perturbation_accuracy"]
     add("perturbation accuracy", "all held-out", acc["overall"])

@@ -22,8 +22,17 @@ from typing import TYPE_CHECKING
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
+from .data import (
+    MAX_MISSING_SHARE,
+    GeneMatch,
+    ScalingReport,
+    is_backed,
+    is_sparse,
+    vstack_csr,
+)
 from .errors import UserError, user_file
 from .nets import evaluating
 from .ranking import rank_genes
@@ -52,6 +61,7 @@ __all__ = [
 
 DIRECTIONS = ("up", "down")
 _CHUNK = 2048  # rows per forward pass: bounds the activations' memory, costs nothing in speed
+_CHUNK_BYTES = 64 * 2**20  # data perturbed a chunk of samples at a time: x of a chunk ~ this
 
 
 # ----------------------------------------------------------------------------- forward passes
@@ -146,6 +156,10 @@ class Perturbation:
     classes); (samples x 0) when it was not run (``perturb_scaled(..., predict=False)``),
     and then every reading of the predictions raises a ValueError.
     ``labels`` holds each sample's class when the data had the bundle's label column.
+    ``gene_match`` (:class:`tspg.data.GeneMatch`) and ``scaling``
+    (:class:`tspg.data.ScalingReport`) say how well new data fit the bundle (set by
+    :func:`perturb_adata`): genes missing, matched ignoring case or by a ``var`` column, and
+    the share of values outside the training range.
     """
 
     samples: list[str]
@@ -158,6 +172,10 @@ class Perturbation:
     proba_before: np.ndarray  # (samples, classes)
     proba_after: np.ndarray
     labels: np.ndarray | None = field(default=None)
+    # how the data fit the bundle (tspg.verdict.data_fit_figures), when read from raw data
+    data_fit: dict | None = field(default=None)
+    gene_match: GeneMatch | None = field(default=None)  # how the data's genes were matched
+    scaling: ScalingReport | None = field(default=None)  # how the data fit the training range
 
     @property
     def predicted(self) -> bool:
@@ -211,6 +229,8 @@ class Perturbation:
             self.proba_before[idx],
             self.proba_after[idx],
             None if self.labels is None else self.labels[idx],
+            self.gene_match,
+            self.scaling,
         )
 
     def source_rows(self) -> np.ndarray:
@@ -337,6 +357,91 @@ def perturb_scaled(
     )
 
 
+class _Perturber:
+    """Perturbing data with a bundle a chunk of samples at a time: genes matched once, then
+    per chunk the raw values of the bundle's genes, x, P, x_adv and the target model's
+    probabilities before and after. ``scaling`` is complete after the last chunk, and so
+    are the sums behind the selection's movement figures (:meth:`data_fit`, :meth:`movement`)."""
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        bundle: Bundle,
+        *,
+        layer: str | None,
+        label_key: str | None,
+        source: str,
+        max_missing: float,
+        var_column: str | None = None,
+    ):
+        if layer is not None and layer not in adata.layers:
+            raise UserError(
+                f"{source}: no layer {layer!r}; layers are {list(adata.layers) or 'none'}"
+            )
+        if label_key is not None and label_key not in adata.obs:
+            raise UserError(
+                f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}"
+            )
+        self.bundle, self.adata, self.layer, self.source = bundle, adata, layer, source
+        self.match = bundle.match_genes(
+            adata, max_missing=max_missing, var_column=var_column, source=source
+        )
+        key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
+        self.labels = (
+            np.asarray(adata.obs[key].astype(str).to_numpy(), dtype=object) if key else None
+        )
+        self.scaling: ScalingReport | None = None
+
+    def chunks(self):
+        """(rows, X, x, P, x_adv, proba_before, proba_after) per chunk of rows, in order."""
+        bundle, adata, g = self.bundle, self.adata, len(self.bundle.genes)
+        n = adata.n_obs
+        step = max(1, _CHUNK_BYTES // (4 * max(g, 1)))
+        what = f"the generator of bundle {bundle.name!r}"
+        for a in range(0, n, step):
+            rows = slice(a, min(a + step, n))
+            ids = [str(s) for s in adata.obs_names[rows]]
+            X = bundle.aligned(
+                adata,
+                layer=self.layer,
+                source=self.source,
+                rows=np.arange(rows.start, rows.stop),
+                match=self.match,
+            )
+            x, report = bundle.scaler.transform_report(
+                X, genes=bundle.genes, source=self.source, warn=False
+            )
+            self.scaling = report if self.scaling is None else self.scaling.merge(report)
+            # a NaN anywhere is an error naming the bundle, never "100% called the target"
+            require_finite(
+                x,
+                f"scaling the data for bundle {bundle.name!r}",
+                ids,
+                "the bundle's scaler is damaged or the data hold values too large",
+            )
+            P, x_adv = generate_perturbed(bundle.generator, x, what=what, samples=ids)
+            before = bundle.predict_proba(x, samples=ids)
+            after = bundle.predict_proba(x_adv, samples=ids)
+            yield rows, X, x, P, x_adv, before, after
+        if self.scaling is not None:
+            self.scaling.warn(self.source)
+
+    def data_fit(self) -> dict:
+        """The verdict's data-fit figures (:func:`tspg.verdict.data_fit_figures`) of the data."""
+        from .verdict import data_fit_figures
+
+        s = self.scaling
+        return data_fit_figures(
+            n_genes=len(self.bundle.genes),
+            n_samples=self.adata.n_obs,
+            outside_share=s.outside_share if s else 0.0,
+            n_missing=self.match.n_missing,
+            n_case_matched=len(self.match.case_matched),
+            worst_gene=s.most_affected_gene if s else None,
+            worst_gene_share=s.most_affected_share if s else None,
+        )
+
+
 def perturb_adata(
     adata: ad.AnnData,
     bundle: Bundle,
@@ -344,34 +449,53 @@ def perturb_adata(
     layer: str | None = None,
     label_key: str | None = None,
     source: str = "data",
+    max_missing: float = MAX_MISSING_SHARE,
+    var_column: str | None = None,
 ) -> Perturbation:
     """Perturb every sample of ``adata``: genes matched by name, scaled with the bundle's
     scaler (:meth:`tspg.bundle.Bundle.scale`); the result as a :class:`Perturbation`.
 
-    :func:`perturb` writes the same into AnnData slots.
+    Genes are matched by :func:`tspg.data.match_genes`: exactly, then ignoring case, then
+    by the symbols of a ``var`` column when ``var_names`` are ids (``var_column``, else
+    one of :data:`tspg.data.SYMBOL_COLUMNS`). Up to ``max_missing`` of the bundle's genes
+    may be missing (default :data:`tspg.data.MAX_MISSING_SHARE`; 0 refuses any): they are
+    filled by :func:`tspg.data.missing_gene_fill` (the training mean). The result's
+    ``gene_match`` and ``scaling`` report all of it.
 
-    Parameters
-    ----------
-    adata
-        Samples x genes, raw values.
-    bundle
-        A loaded bundle.
-    layer
-        Read ``adata.layers[layer]`` instead of ``X``.
-    label_key
-        Column of ``obs`` with each sample's class (default: the bundle's label key, when
-        present).
-    source
-        How error messages name the data.
+    Labels are read from ``obs[label_key]`` (default: the bundle's label key, when present).
+    The data are read, scaled and perturbed a chunk of samples at a time: only the
+    bundle's genes of these samples are ever dense.
     """
-    if label_key is not None and label_key not in adata.obs:
-        raise UserError(
-            f"{source}: no column {label_key!r} in obs; columns are {list(adata.obs.columns)}"
-        )
-    Xs = bundle.scale(adata, layer=layer, source=source)
-    key = label_key or (bundle.label_key if bundle.label_key in adata.obs else None)
-    labels = adata.obs[key].astype(str).to_numpy() if key else None
-    return perturb_scaled(Xs, bundle, samples=adata.obs_names, labels=labels)
+    p = _Perturber(
+        adata,
+        bundle,
+        layer=layer,
+        label_key=label_key,
+        source=source,
+        max_missing=max_missing,
+        var_column=var_column,
+    )
+    n, g, c = adata.n_obs, len(bundle.genes), len(bundle.classes)
+    x, P, x_adv = (np.empty((n, g), dtype=np.float32) for _ in range(3))
+    before, after = (np.empty((n, c), dtype=np.float32) for _ in range(2))
+    for rows, _, *parts in p.chunks():
+        for out, part in zip((x, P, x_adv, before, after), parts, strict=True):
+            out[rows] = part
+    return Perturbation(
+        [str(s) for s in adata.obs_names],
+        list(bundle.genes),
+        list(bundle.classes),
+        bundle.target,
+        x,
+        P,
+        x_adv,
+        before,
+        after,
+        p.labels,
+        p.data_fit(),
+        p.match,
+        p.scaling,
+    )
 
 
 def perturb(
@@ -383,6 +507,7 @@ def perturb(
     k: int = 20,
     key_added: str = "tspg",
     source: str = "data",
+    max_missing: float = MAX_MISSING_SHARE,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Perturb every sample of ``adata`` towards the bundle's target class.
@@ -407,6 +532,8 @@ def perturb(
         Prefix of the slots written.
     source
         Name of the data in error messages, e.g. its file name.
+    max_missing
+        Share of the bundle's genes that may be missing (filled, see :func:`perturb_adata`).
     copy
         Return a new AnnData instead of writing into ``adata``.
 
@@ -427,49 +554,270 @@ def perturb(
       None), ``k``
     - ``uns[key_added]["top_genes"]``: ``up`` / ``down`` (samples x k gene names, rank order)
       and ``up_P`` / ``down_P`` (their P)
+    - ``uns[key_added]["gene_match"]``, ``uns[key_added]["scaling"]``: how the data's genes
+      were found and filled (:class:`tspg.data.GeneMatch`) and how many values fell outside
+      the training range (:class:`tspg.data.ScalingReport`), as plain dicts
+    - with ``copy=True``, ``var[f"{key_added}_data_name"]``: each gene's name in the data
+      ("" when missing and filled)
     - ``uns[key_added]["consensus"]``: the columns of :func:`consensus` (``gene``,
       ``direction``, ``count``, ``frequency``, ``mean_P``) over the samples whose label is
       not the target (all samples when labels are unknown or all of the target), as arrays
+    - ``uns[key_added]["verdict"]``: :func:`tspg.verdict.selection_verdict`: the bundle's
+      stored verdict plus how these samples moved and how the data fit the bundle
     """
     if not copy and list(adata.var_names) != list(bundle.genes):
         raise UserError(
             f"{source}: in-place perturbation needs exactly the bundle's genes in order; use copy=True"
         )
-    result = perturb_adata(adata, bundle, layer=layer, label_key=label_key, source=source)
-    out = adata[:, bundle.genes].copy() if copy else adata
-    out.layers[f"{key_added}_x"] = result.x
-    out.layers[f"{key_added}_perturbation"] = result.P
-    out.layers[f"{key_added}_perturbed"] = result.x_adv
-    pred = result.predictions_df()
-    for col in ("pred_before", "pred_after"):
-        out.obs[f"{key_added}_{col}"] = pd.Categorical(
-            pred[col].to_numpy(), categories=bundle.classes
+    p = _Perturber(
+        adata, bundle, layer=layer, label_key=label_key, source=source, max_missing=max_missing
+    )
+    out = _perturb_into(
+        _MemorySink(adata, bundle, key_added, keep_X=copy), p, k=k, key_added=key_added
+    )
+    if copy:
+        return out
+    for name, values in out.layers.items():
+        adata.layers[name] = values
+    for col in out.obs.columns.difference(adata.obs.columns, sort=False):
+        adata.obs[col] = out.obs[col]
+    adata.uns[key_added] = out.uns[key_added]
+    return None
+
+
+def write_perturbed(
+    adata: ad.AnnData,
+    bundle: Bundle,
+    path: str | Path,
+    *,
+    layer: str | None = None,
+    label_key: str | None = None,
+    k: int = 20,
+    key_added: str = "tspg",
+    source: str = "data",
+    max_missing: float = MAX_MISSING_SHARE,
+) -> ad.AnnData:
+    """``perturb(adata, bundle, copy=True)`` written to ``path`` (.h5ad) a chunk of samples
+    at a time: memory holds one chunk, never the result's matrices (X, x, P, x_adv).
+
+    The file holds what :func:`perturb` returns. It is written to a temporary file and
+    renamed into place, so a failure leaves no half file. Returns the result's ``obs`` and
+    ``uns`` as an AnnData without matrices (for a summary).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: cannot write, {path.parent} is not a folder")
+    p = _Perturber(
+        adata, bundle, layer=layer, label_key=label_key, source=source, max_missing=max_missing
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with _FileSink(tmp, adata, bundle, p.match, key_added) as sink:
+            summary = _perturb_into(sink, p, k=k, key_added=key_added)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return summary
+
+
+LAYERS = ("x", "perturbation", "perturbed")  # the layers perturb() writes, after key_added
+
+
+def _var(adata: ad.AnnData, bundle: Bundle, match: GeneMatch, key_added: str) -> pd.DataFrame:
+    names = [adata.var_names[j] if j >= 0 else "" for j in match.index]
+    return pd.DataFrame({f"{key_added}_data_name": names}, index=list(bundle.genes))
+
+
+def _obsm(adata: ad.AnnData) -> dict | None:
+    return None if is_backed(adata) else {k: np.asarray(v) for k, v in adata.obsm.items()}
+
+
+class _MemorySink:
+    """The result in memory: x, P, x_adv, and for a copy X as the data store it (dense, or
+    CSR for sparse data)."""
+
+    def __init__(self, adata: ad.AnnData, bundle: Bundle, key_added: str, *, keep_X: bool):
+        n, g = adata.n_obs, len(bundle.genes)
+        self.adata, self.bundle, self.key, self.keep_X = adata, bundle, key_added, keep_X
+        self.layers = {f"{key_added}_{name}": np.empty((n, g), np.float32) for name in LAYERS}
+        self.sparse = is_sparse(adata)
+        self.blocks: list = []
+        self.X = np.empty((n, g), np.float32) if keep_X and not self.sparse else None
+
+    def write(self, rows: slice, X, x, P, x_adv) -> None:
+        for name, part in zip(LAYERS, (x, P, x_adv), strict=True):
+            self.layers[f"{self.key}_{name}"][rows] = part
+        if self.keep_X and self.sparse:
+            self.blocks.append(sp.csr_matrix(X))
+        elif self.keep_X:
+            self.X[rows] = X
+
+    def finish(self, obs: pd.DataFrame, uns: dict, match: GeneMatch) -> ad.AnnData:
+        X = vstack_csr(self.blocks, len(self.bundle.genes)) if self.blocks else self.X
+        return ad.AnnData(
+            X=X,
+            obs=obs,
+            var=_var(self.adata, self.bundle, match, self.key),
+            obsm=_obsm(self.adata) if self.keep_X else None,
+            layers=self.layers,
+            uns=uns,
         )
-    for col in ("prob_before", "prob_after"):
-        out.obs[f"{key_added}_prob_pred_{col.removeprefix('prob_')}"] = pred[col].to_numpy()
-    for col in ("prob_target_before", "prob_target_after"):
-        out.obs[f"{key_added}_{col}"] = pred[col].to_numpy()
-    top = top_genes(result.P, bundle.genes, k=k)
-    cons = consensus(result.P[result.source_rows()], bundle.genes, k=k)
-    out.uns[key_added] = {
-        "params": {
-            "bundle": bundle.name,
-            "target": bundle.target,
-            "layer": layer or "X",
-            "k": int(top.k),
-        },
-        "top_genes": {
-            "up": top.up.astype(str),
-            "down": top.down.astype(str),
-            "up_P": top.up_P,
-            "down_P": top.down_P,
-        },
-        "consensus": {
-            c: (cons[c].to_numpy().astype(str) if cons[c].dtype == object else cons[c].to_numpy())
-            for c in cons.columns
-        },
+
+
+class _FileSink:
+    """The result written into an .h5ad as it is computed (anndata's on-disk format)."""
+
+    def __init__(self, path: Path, adata: ad.AnnData, bundle: Bundle, match: GeneMatch, key: str):
+        import h5py
+
+        self.shape = (adata.n_obs, len(bundle.genes))
+        self.sparse, self.X = is_sparse(adata), None
+        ad.AnnData(
+            obs=adata.obs.copy(), var=_var(adata, bundle, match, key), obsm=_obsm(adata)
+        ).write_h5ad(path)
+        self.f = h5py.File(path, "a")
+        self.layers = [self._dense(f"layers/{key}_{name}") for name in LAYERS]
+
+    def _dense(self, key: str):
+        n, g = self.shape
+        d = self.f.create_dataset(key, shape=self.shape, dtype=np.float32, chunks=(min(n, 64), g))
+        d.attrs["encoding-type"], d.attrs["encoding-version"] = "array", "0.2.0"
+        return d
+
+    def write(self, rows: slice, X, x, P, x_adv) -> None:
+        from anndata.io import sparse_dataset, write_elem
+
+        for d, part in zip(self.layers, (x, P, x_adv), strict=True):
+            d[rows] = part
+        if self.sparse and self.X is None:
+            write_elem(self.f, "X", sp.csr_matrix(X))
+            self.X = sparse_dataset(self.f["X"])
+        elif self.sparse:
+            self.X.append(sp.csr_matrix(X))
+        else:
+            if self.X is None:
+                self.X = self._dense("X")
+            self.X[rows] = X
+
+    def finish(self, obs: pd.DataFrame, uns: dict, match: GeneMatch) -> ad.AnnData:
+        from anndata.io import write_elem
+
+        for key, value in (("obs", obs), ("uns", uns)):
+            del self.f[key]
+            write_elem(self.f, key, value)
+        return ad.AnnData(obs=obs, uns=uns)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def _perturb_into(sink, p: _Perturber, *, k: int, key_added: str) -> ad.AnnData:
+    """Run the perturber into ``sink``: the layers chunk by chunk, with the predictions, the
+    top genes and the consensus over the source samples accumulated on the way; then obs
+    and uns as :func:`perturb` documents them."""
+    bundle, genes = p.bundle, p.bundle.genes
+    n, g = p.adata.n_obs, len(genes)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    k = min(int(k), g)
+    source = _source_mask(p.labels, bundle.target, n)
+    proba = {w: np.empty((n, len(bundle.classes)), np.float32) for w in ("before", "after")}
+    top_idx = {d: np.empty((n, k), dtype=np.int64) for d in DIRECTIONS}
+    top_P = {d: np.empty((n, k), dtype=np.float32) for d in DIRECTIONS}
+    counts = {d: np.zeros(g, dtype=np.int64) for d in DIRECTIONS}
+    sum_P = np.zeros(g, dtype=np.float64)
+    target_mean = bundle.target_mean
+    moved = {"abs_P": 0.0, "gap": 0.0 if target_mean is not None else None}
+    for rows, X, x, P, x_adv, before, after in p.chunks():
+        sink.write(rows, X, x, P, x_adv)
+        proba["before"][rows], proba["after"][rows] = before, after
+        top = top_genes(P, genes, k=k)
+        src = source[rows]
+        for d in DIRECTIONS:
+            idx = getattr(top, f"{d}_index")
+            top_idx[d][rows], top_P[d][rows] = idx, getattr(top, f"{d}_P")
+            counts[d] += np.bincount(idx[src].reshape(-1), minlength=g)
+        sum_P += P[src].sum(0, dtype=np.float64)
+        moved["abs_P"] += float(np.abs(P[src]).sum(dtype=np.float64))
+        if target_mean is not None:
+            moved["gap"] += float(np.abs(target_mean - x[src]).sum(dtype=np.float64))
+    n_src = int(source.sum())
+    classes = np.asarray(bundle.classes, dtype=object)
+    pred = {w: classes[proba[w].argmax(1)] for w in ("before", "after")}
+    cons = _consensus_frame(counts, sum_P / max(n_src, 1), n_src, genes)
+    names = np.asarray(genes).astype(str)
+    uns = {
+        key_added: {
+            "params": {
+                "bundle": bundle.name,
+                "target": bundle.target,
+                "layer": p.layer or "X",
+                "k": k,
+            },
+            "top_genes": {
+                "up": names[top_idx["up"]],
+                "down": names[top_idx["down"]],
+                "up_P": top_P["up"],
+                "down_P": top_P["down"],
+            },
+            "consensus": {
+                c: (
+                    cons[c].to_numpy().astype(str)
+                    if cons[c].dtype == object
+                    else cons[c].to_numpy()
+                )
+                for c in cons.columns
+            },
+            "gene_match": _uns_safe(p.match.to_dict()),
+            "scaling": _uns_safe(p.scaling.to_dict()) if p.scaling else {},
+            "verdict": _selection_verdict(p, moved, pred, source),
+        }
     }
-    return out if copy else None
+    obs = p.adata.obs.copy()
+    t = bundle.classes.index(bundle.target)
+    for when in ("before", "after"):
+        obs[f"{key_added}_pred_{when}"] = pd.Categorical(pred[when], categories=bundle.classes)
+    for when in ("before", "after"):
+        obs[f"{key_added}_prob_pred_{when}"] = proba[when].max(1, initial=0.0)
+    for when in ("before", "after"):
+        obs[f"{key_added}_prob_target_{when}"] = proba[when][:, t]
+    return sink.finish(obs, uns, p.match)
+
+
+def _selection_verdict(p: _Perturber, moved: dict, pred: dict, source: np.ndarray) -> dict:
+    """:func:`tspg.verdict.selection_verdict` of data perturbed a chunk at a time: the
+    bundle's stored checks, the selection's movement (from sums) and its data fit."""
+    from .metrics import movement_from_sums
+    from .verdict import grade
+
+    bundle = p.bundle
+    n_values = int(source.sum()) * len(bundle.genes)
+    selection = movement_from_sums(
+        moved["abs_P"],
+        moved["gap"],
+        n_values,
+        pred["before"][source],
+        pred["after"][source],
+        bundle.target,
+    )
+    return grade(
+        selection=selection,
+        data_fit=p.data_fit(),
+        stored=bundle.manifest.get("verdict"),
+        config=bundle.manifest.get("config"),
+        target=bundle.target,
+    )
+
+
+def _source_mask(labels, target: str, n: int) -> np.ndarray:
+    """The source samples (label not the target); all when unknown or all of the target."""
+    if labels is None:
+        return np.ones(n, bool)
+    rows = np.asarray(labels).astype(str) != target
+    return rows if rows.any() else np.ones(n, bool)
 
 
 # ----------------------------------------------------------------------------- top genes
@@ -523,8 +871,13 @@ def top_genes(P: np.ndarray, genes: Sequence[str], k: int = 20) -> TopGenes:
     """
     P, k = _check_P(P, genes, k)
     names = np.asarray(genes, dtype=object)
-    up = np.argsort(-P, axis=1, kind="stable")[:, :k]
-    down = np.argsort(P, axis=1, kind="stable")[:, :k]
+    up = np.empty((len(P), k), dtype=np.int64)
+    down = np.empty((len(P), k), dtype=np.int64)
+    step = max(1, (32 * 2**20) // (8 * max(P.shape[1], 1)))  # rows a sort: bounded memory
+    for i in range(0, len(P), step):
+        block = P[i : i + step]
+        up[i : i + step] = np.argsort(-block, axis=1, kind="stable")[:, :k]
+        down[i : i + step] = np.argsort(block, axis=1, kind="stable")[:, :k]
     return TopGenes(
         names[up],
         names[down],
@@ -568,11 +921,19 @@ def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
     if len(P) == 0:
         raise UserError("no samples selected: the consensus needs at least one sample")
     top = top_genes(P, genes, k=k)
-    mean_P = P.mean(0, dtype=np.float64)
+    counts = {
+        d: np.bincount(getattr(top, f"{d}_index").reshape(-1), minlength=len(genes))
+        for d in DIRECTIONS
+    }
+    return _consensus_frame(counts, P.mean(0, dtype=np.float64), len(P), genes)
+
+
+def _consensus_frame(counts: dict, mean_P: np.ndarray, n: int, genes) -> pd.DataFrame:
+    """:func:`consensus`'s frame from the top-k counts per direction and the mean P per gene."""
     names = np.asarray(genes, dtype=object)
     frames = []
     for d, sign in (("up", -1.0), ("down", 1.0)):
-        count = np.bincount(getattr(top, f"{d}_index").reshape(-1), minlength=len(genes))
+        count = counts[d]
         idx = np.flatnonzero(count)
         idx = idx[np.lexsort((idx, sign * mean_P[idx], -count[idx]))]
         frames.append(
@@ -581,7 +942,7 @@ def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
                     "gene": names[idx],
                     "direction": d,
                     "count": count[idx].astype(int),
-                    "frequency": count[idx] / len(P),
+                    "frequency": count[idx] / n,
                     "mean_P": mean_P[idx],
                 }
             )
@@ -644,3 +1005,13 @@ def unique_top_genes(
         "k": k,
         "samples": picks,
     }
+
+
+def _uns_safe(d: dict) -> dict:
+    """A report's dict as h5ad can store it in ``uns`` (no None, lists as string arrays)."""
+    out = {}
+    for k, v in d.items():
+        if v is None:
+            continue
+        out[k] = np.asarray(v, dtype=str) if isinstance(v, list) else v
+    return out

@@ -12,13 +12,21 @@ from dataclasses import dataclass, fields, replace
 
 import anndata as ad
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from .bundle import Bundle, new_manifest, slug
 from .config import TrainConfig
-from .data import Scaler, align_genes, fingerprint, stratified_split, validate_labels
+from .data import (
+    Scaler,
+    fingerprint,
+    gene_matrix,
+    stratified_split,
+    subsample,
+    validate_labels,
+)
 from .errors import UserError
-from .genesets import GeneSelection, select_genes
+from .genesets import HVG_FLAVOR, GeneSelection, highly_variable_genes, select_genes
 from .perturbation import class_probabilities, generate_perturbed
 from .training import fit_generator, fit_target, resolve_device
 
@@ -48,7 +56,11 @@ TARGET_MODEL_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name.starts
 
 @dataclass
 class Prepared:
-    """A labelled GEM restricted to the chosen genes, split and scaled."""
+    """A labelled GEM restricted to the chosen genes, split and scaled.
+
+    ``X`` is dense float32, or a float32 CSR matrix when the data were sparse and scaling
+    keeps zeros at zero (:attr:`tspg.data.Scaler.keeps_sparse`).
+    """
 
     dataset: str
     label_key: str
@@ -57,11 +69,12 @@ class Prepared:
     gene_set: GeneSelection
     samples: list[str]
     y: np.ndarray  # class index per sample
-    X: np.ndarray  # scaled, samples x genes
+    X: np.ndarray | sp.csr_matrix  # scaled, samples x genes
     scaler: Scaler
     train_idx: np.ndarray
     test_idx: np.ndarray
     fingerprint: str
+    training_mean: np.ndarray | None = None  # scaled, per gene, over the training split
 
     def class_index(self, name: str) -> int:
         if name not in self.classes:
@@ -70,31 +83,59 @@ class Prepared:
             )
         return self.classes.index(name)
 
+    def class_mean(self, c: int, *, rows: np.ndarray | None = None) -> np.ndarray:
+        """Mean scaled expression of class ``c`` over ``rows`` (default: the training split)."""
+        rows = self.train_idx if rows is None else rows
+        return column_mean(self.X, rows[self.y[rows] == c])
+
+
+def column_mean(X, rows: np.ndarray | None = None) -> np.ndarray:
+    """Mean of each column over ``rows`` (default all), float32, a chunk of rows at a time."""
+    rows = np.arange(X.shape[0]) if rows is None else np.asarray(rows)
+    total = np.zeros(X.shape[1], dtype=np.float64)
+    step = max(1, (64 * 2**20) // (4 * max(X.shape[1], 1)))
+    for i in range(0, len(rows), step):
+        block = X[rows[i : i + step]]
+        total += np.asarray(block.sum(axis=0, dtype=np.float64)).ravel()
+    return (total / max(len(rows), 1)).astype(np.float32)
+
 
 def prepare(
     adata: ad.AnnData,
     *,
     label_key: str,
     genes: GeneSelection | None = None,
+    n_top_genes: int | None = None,
     layer: str | None = None,
     test_size: float = 0.2,
     seed: int = 0,
     dataset: str | None = None,
     reuse: Bundle | None = None,
 ) -> Prepared:
-    """Select genes, split (stratified, seeded) and fit the scaler on the training split.
+    """Split (stratified, seeded), choose genes, and fit the scaler on the training split.
+
+    Genes are ``genes`` (a gene set or list), else the ``n_top_genes`` highly variable
+    genes of the training split (:func:`tspg.genesets.highly_variable_genes`), else all.
+    Only the chosen genes are read, a chunk of rows at a time: sparse data (in memory or
+    on disk) stay sparse while scaling keeps zeros at zero, so the whole GEM never is dense.
 
     With ``reuse`` (a bundle whose target model is to be shared), its genes, classes, split
     and scaler are taken as they are, so no held-out sample is ever seen by any model.
     """
+    start = time.perf_counter()
     dataset = dataset or adata.uns.get("tspg_import", {}).get("source") or "data"
     validate_labels(adata, label_key, source=dataset)
-    if reuse is not None and genes is not None and list(genes.genes) != list(reuse.genes):
+    if reuse is not None and (
+        n_top_genes or (genes is not None and list(genes.genes) != list(reuse.genes))
+    ):
         raise UserError(
             f"the target model of {reuse.name!r} was trained on its own {len(reuse.genes)} genes "
             f"(gene set {reuse.manifest['gene_set']['name']!r}); another gene set cannot be chosen with it"
         )
-    genes = genes or select_genes(adata.var_names)
+    if genes is not None and n_top_genes:
+        raise UserError("give either a gene set (or list) or --n-top-genes, not both")
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    samples = list(adata.obs_names)
     if reuse is not None:
         genes = GeneSelection(
             reuse.manifest["gene_set"]["name"],
@@ -103,10 +144,6 @@ def prepare(
             [],
             reuse.manifest["gene_set"].get("source"),
         )
-    X = align_genes(adata, genes.genes, layer=layer, source=dataset)
-    labels = adata.obs[label_key].astype(str).to_numpy()
-    samples = list(adata.obs_names)
-    if reuse is not None:
         classes = list(reuse.classes)
         unknown = sorted(set(labels) - set(classes))
         if unknown:
@@ -121,7 +158,6 @@ def prepare(
             )
         train_idx = np.array([pos[s] for s in reuse.split["train"]])
         test_idx = np.array([pos[s] for s in reuse.split["test"]])
-        scaler = reuse.scaler
     else:
         classes = sorted(set(labels))
         train_idx, test_idx = stratified_split(labels, test_size=test_size, seed=seed)
@@ -129,8 +165,27 @@ def prepare(
             raise UserError(
                 f"{dataset}: no class has two samples, so nothing can be held out for testing"
             )
-        scaler = Scaler.fit(X[train_idx])
+        if n_top_genes:
+            genes = highly_variable_genes(
+                adata, n_top_genes, rows=train_idx, layer=layer, source=dataset
+            )
+        genes = genes or select_genes(adata.var_names)
+    X = gene_matrix(adata, genes.genes, layer=layer, source=dataset)
+    fp = fingerprint(X, genes.genes, samples)
+    scaler = reuse.scaler if reuse is not None else Scaler.fit(X, rows=train_idx)
+    Xs = scaler.transform(X, genes=genes.genes, source=dataset)
+    del X  # a scaled sparse matrix shares only its index arrays with it
     y = np.array([classes.index(c) for c in labels])
+    logger.info(
+        "%s: %d samples x %d genes (%s) ready in %.1f s",
+        dataset,
+        Xs.shape[0],
+        Xs.shape[1],
+        f"sparse, {Xs.nnz / max(Xs.shape[0] * Xs.shape[1], 1):.1%} non-zero"
+        if sp.issparse(Xs)
+        else "dense",
+        time.perf_counter() - start,
+    )
     return Prepared(
         dataset,
         label_key,
@@ -139,11 +194,12 @@ def prepare(
         genes,
         samples,
         y,
-        scaler.transform(X, genes=genes.genes, source=dataset),
+        Xs,
         scaler,
         train_idx,
         test_idx,
-        fingerprint(X, genes.genes, samples),
+        fp,
+        column_mean(Xs, train_idx),
     )
 
 
@@ -158,9 +214,27 @@ def default_names(dataset: str, targets) -> list[str]:
     return [f"{slug(dataset)}-{slug(t)}" for t in targets]
 
 
-def heldout_metrics(prep: Prepared, f, G, target: int) -> dict:
-    """Target-model accuracy and perturbation accuracy on the held-out split."""
-    Xte, yte = prep.X[prep.test_idx], prep.y[prep.test_idx]
+# held-out metrics at training time: perturb at most this many held-out samples (a fixed,
+# seeded, class-stratified subsample, tspg.data.subsample) when the split is larger
+HELDOUT_MAX_SAMPLES = 10_000
+
+
+def heldout_metrics(
+    prep: Prepared, f, G, target: int, *, max_samples: int | None = HELDOUT_MAX_SAMPLES
+) -> dict:
+    """Target-model accuracy and perturbation accuracy on the held-out split.
+
+    On at most ``max_samples`` held-out samples (seeded, class-stratified subsample; None:
+    all). ``n_test`` is the number used, ``n_test_total`` the size of the held-out split.
+    """
+    used = prep.test_idx[subsample(prep.y[prep.test_idx], max_samples, seed=0)]
+    if len(used) < len(prep.test_idx):
+        logger.info(
+            "held-out metrics on a seeded subsample of %d of the %d held-out samples",
+            len(used),
+            len(prep.test_idx),
+        )
+    Xte, yte = _dense(prep.X[used]), prep.y[used]
     acc = float((class_probabilities(f, Xte).argmax(1) == yte).mean())
     _, x_adv = generate_perturbed(G, Xte)
     hit = class_probabilities(f, x_adv).argmax(1) == target
@@ -177,7 +251,26 @@ def heldout_metrics(prep: Prepared, f, G, target: int) -> dict:
         "perturbation_accuracy_by_source": per_source,
         "n_test": int(len(yte)),
         "n_test_non_target": int(non.sum()),
+        "n_test_total": int(len(prep.test_idx)),
     }
+
+
+def _dense(X) -> np.ndarray:
+    return X.toarray() if sp.issparse(X) else np.asarray(X)
+
+
+def _training_matrix(X):
+    """The training rows as :func:`tspg.training.fit_target` / ``fit_generator`` take them.
+
+    A CSR matrix goes as it is once the training loops densify a batch at a time (the
+    engine work, issue 14 item 2); until then it is densified here: the training rows of
+    the chosen genes only, never the whole GEM.
+    """
+    return X.toarray() if sp.issparse(X) and not TRAINING_TAKES_SPARSE else X
+
+
+# Whether tspg.training's loops accept a scipy CSR matrix (True once they densify per batch)
+TRAINING_TAKES_SPARSE = False
 
 
 def _stage(progress: Progress | None, stage: str):
@@ -186,11 +279,12 @@ def _stage(progress: Progress | None, stage: str):
     return lambda step, n, losses: progress(stage, step, n, losses)
 
 
-def _fit_target_model(prep: Prepared, config: TrainConfig, device, progress) -> torch.nn.Module:
-    tr = prep.train_idx
+def _fit_target_model(
+    prep: Prepared, X_train, config: TrainConfig, device, progress
+) -> torch.nn.Module:
     return fit_target(
-        prep.X[tr],
-        prep.y[tr],
+        X_train,
+        prep.y[prep.train_idx],
         len(prep.classes),
         config,
         device=device,
@@ -205,6 +299,7 @@ def train(
     target: str,
     config: TrainConfig | None = None,
     genes: GeneSelection | None = None,
+    n_top_genes: int | None = None,
     layer: str | None = None,
     dataset: str | None = None,
     target_model: Bundle | None = None,
@@ -224,6 +319,9 @@ def train(
         Hyper-parameters (default: the ``tspg+`` recipe).
     genes
         The gene set (default: all genes).
+    n_top_genes
+        Instead of ``genes``: this many highly variable genes of the training split
+        (scanpy, flavour :data:`tspg.genesets.HVG_FLAVOR`).
     target_model
         A bundle whose target model, split, scaler and genes to reuse instead of training
         anew; its settings of :data:`TARGET_MODEL_FIELDS` replace those of ``config`` and are
@@ -239,6 +337,7 @@ def train(
         targets=[target],
         config=config,
         genes=genes,
+        n_top_genes=n_top_genes,
         layer=layer,
         dataset=dataset,
         target_model=target_model,
@@ -255,6 +354,7 @@ def train_all_targets(
     targets: list[str] | None = None,
     config: TrainConfig | None = None,
     genes: GeneSelection | None = None,
+    n_top_genes: int | None = None,
     layer: str | None = None,
     dataset: str | None = None,
     target_model: Bundle | None = None,
@@ -271,6 +371,7 @@ def train_all_targets(
         adata,
         label_key=label_key,
         genes=genes,
+        n_top_genes=n_top_genes,
         layer=layer,
         test_size=config.test_size,
         seed=config.split_seed,
@@ -282,17 +383,18 @@ def train_all_targets(
     names = names or default_names(prep.dataset, targets)
 
     start = time.perf_counter()
+    X_train = _training_matrix(prep.X[prep.train_idx])  # one copy, shared by every fit
     if target_model is not None:
         f = target_model.target_model.to(dev)
         target_seconds = 0.0
     else:
-        f = _fit_target_model(prep, config, dev, progress)
+        f = _fit_target_model(prep, X_train, config, dev, progress)
         target_seconds = time.perf_counter() - start
-    bundles = []
+    bundles, classifiers = [], None
     for t_name, t, bname in zip(targets, target_idx, names, strict=True):
         tr = prep.train_idx
         fit = fit_generator(
-            prep.X[tr],
+            X_train,
             prep.y[tr],
             t,
             f,
@@ -323,6 +425,7 @@ def train_all_targets(
                 "source": prep.gene_set.source,
                 "n_requested": prep.gene_set.n_requested,
                 "n_missing": len(prep.gene_set.missing),
+                **({"n_top_genes": n_top_genes, "flavor": HVG_FLAVOR} if n_top_genes else {}),
             },
             scaler={"minimum": prep.scaler.minimum.tolist(), "range": prep.scaler.range.tolist()},
             split={
@@ -330,21 +433,51 @@ def train_all_targets(
                 "test": [prep.samples[i] for i in prep.test_idx],
             },
             config=config.to_dict(),
-            target_mean=prep.X[tr][prep.y[tr] == t].mean(0).tolist(),
+            target_mean=prep.class_mean(t).tolist(),
+            training_mean=prep.training_mean.tolist(),
             covariance_used=fit.covariance,
             target_model_from=target_model.name if target_model is not None else None,
             metrics=metrics,
             history=fit.history,
         )
-        bundles.append(
-            Bundle(
-                manifest,
-                fit.generator,
-                fit.discriminator,
-                f.cpu() if len(targets) == 1 else _copy_of(f),
-            )
+        bundle = Bundle(
+            manifest,
+            fit.generator,
+            fit.discriminator,
+            f.cpu() if len(targets) == 1 else _copy_of(f),
         )
+        classifiers = _store_verdict(bundle, prep, classifiers)
+        bundles.append(bundle)
     return bundles
+
+
+def _store_verdict(bundle: Bundle, prep: Prepared, classifiers: dict | None) -> dict:
+    """Grade the new bundle on its held-out split into ``manifest["verdict"]`` (and the
+    seconds it took into its metrics); returns the independent classifiers, fit once per
+    run on a seeded subsample of the training split (see :mod:`tspg.verdict`). Only seeded
+    subsamples of both splits become dense (:data:`tspg.verdict.MAX_TRAIN`,
+    :data:`HELDOUT_MAX_SAMPLES`)."""
+    from .metrics import fit_classifiers
+    from .verdict import MAX_TRAIN, heldout_verdict
+
+    start = time.perf_counter()
+    names = np.asarray(prep.classes, dtype=object)
+    tr = prep.train_idx[subsample(prep.y[prep.train_idx], MAX_TRAIN, min_per_class=1)]
+    te = prep.test_idx[subsample(prep.y[prep.test_idx], HELDOUT_MAX_SAMPLES)]
+    Xtr, ytr = _dense(prep.X[tr]), names[prep.y[tr]]
+    if classifiers is None:
+        classifiers = fit_classifiers(Xtr, ytr)
+    bundle.manifest["verdict"] = heldout_verdict(
+        bundle,
+        Xtr,
+        ytr,
+        _dense(prep.X[te]),
+        names[prep.y[te]],
+        [prep.samples[i] for i in te],
+        classifiers=classifiers,
+    )
+    bundle.manifest["metrics"]["train_seconds_verdict"] = time.perf_counter() - start
+    return classifiers
 
 
 def _copy_of(f):
