@@ -36,7 +36,13 @@ if "tspg.app.loaders" not in sys.modules:  # the first run of this server proces
             from tspg.app import loaders as L
     boot.empty()
 from tspg.app import loaders as L  # noqa: E402
-from tspg.app.views import bundle_label, data_choices, own_dataset_hint  # noqa: E402
+from tspg.app import render as R  # noqa: E402
+from tspg.app.views import (  # noqa: E402
+    bundle_label,
+    data_choices,
+    own_dataset_hint,
+    verdict_level,
+)
 
 S.init_state()
 
@@ -70,6 +76,10 @@ def sidebar(entries, names) -> None:
             help=f"Generators found in {L.models_root()} (set TSPG_MODELS_DIR to use another folder).",
         )
         manifest = manifests[st.session_state[S.BUNDLE]]
+        level = verdict_level(manifest)
+        if level:
+            color, icon = R.LEVEL_STYLE[level]
+            st.badge(f"verdict: {level}", icon=icon, color=color)
         st.caption(bundle_label(manifest))
         choices = data_choices(manifest)
         if st.session_state.get(S.DATA) not in choices:

@@ -139,7 +139,7 @@ with R.guard("Drawing the gene views failed"):
     seed = int(ss.get(S.MAP_SEED, 0))
     ref, ref_idx = L.reference_map(bundle, data, classes, seed)
     mkey = L.map_key(bundle, data, classes, seed)
-    Xs = L.scaled_expression(L.bundle_key(bundle), data.key, bundle, data.adata)
+    Xs = L.scaled_expression(bundle, data)
     _, coords = L.placed(ref, mkey, bundle, pert)
     frame = gene_frames(ref, coords, pert, Xs, ref_idx, labels, gene)
     st.caption(

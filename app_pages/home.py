@@ -112,14 +112,21 @@ c[4].metric(
     help="share of held-out samples of the other classes that the target model calls the target after perturbation",
 )
 
+R.show_verdict(bundle.manifest.get("verdict"), what="this bundle")
+
 with R.guard("The chosen data cannot be used"):
     data = L.current_data(bundle)
-    L.check_genes(bundle, data)
+    match = L.gene_match(bundle, data)
 labels = data.labels(bundle.label_key)
 st.write(
     f"**Data to perturb:** {data.label}: {data.adata.n_obs} samples x {data.adata.n_vars} genes; "
-    f"all {len(bundle.genes)} of the bundle's genes found."
+    + (
+        f"all {len(bundle.genes)} of the bundle's genes found."
+        if match.exact
+        else f"{match.summary()}."
+    )
 )
+R.show_gene_match(bundle, data, match)
 if labels is None:
     st.warning(
         f"{data.label} has no {bundle.label_key!r} column in obs: samples can be picked by id or at random, not by class."

@@ -21,7 +21,19 @@ if not entries:
     S.stop()
 
 table = pd.DataFrame([e.summary() for e in entries]).set_index("name")
-first = ["status", "target", "perturbation accuracy", "target-model accuracy"]
+verdicts = {e.name: (e.manifest or {}).get("verdict") if e.error is None else None for e in entries}
+table.insert(1, "verdict", [(verdicts.get(n) or {}).get("level", "") for n in table.index])
+table.insert(
+    2, "verdict summary", [(verdicts.get(n) or {}).get("summary", "") for n in table.index]
+)
+first = [
+    "status",
+    "verdict",
+    "verdict summary",
+    "target",
+    "perturbation accuracy",
+    "target-model accuracy",
+]
 table = table[[*first, *(c for c in table.columns if c not in first)]]
 R.show_table(
     table,
@@ -41,6 +53,9 @@ with R.guard("Loading the bundle failed"):
     bundle = L.current_bundle()
 if bundle is None:
     S.stop()
+
+st.subheader(f"{bundle.name}: verdict")
+R.show_verdict(bundle.manifest.get("verdict"), what="this bundle")
 
 st.subheader(f"{bundle.name}: training")
 with R.guard("Drawing the training history failed"):

@@ -142,6 +142,7 @@ if not sel.samples:
     S.stop()
 with R.guard("Perturbation failed"):
     pert = L.perturbation(bundle, data, sel.samples)
+R.selection_checks(bundle, data, pert)
 pred = pert.predictions_df()
 
 # ----------------------------------------------------------------------------- before / after

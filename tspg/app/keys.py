@@ -40,6 +40,7 @@ __all__ = [
     "UPLOAD",
     "URL_APPLIED",
     "URL_KEYS",
+    "VERDICT_BOX",
 ]
 
 BUNDLE = "bundle"  # name of the chosen bundle (sidebar)
@@ -73,6 +74,7 @@ ENR_GMTS_OFFERED = "enr_gmts_offered"  # every GMT offered so far: one offered a
 
 NOTES = "url_notes"  # notes on what of the URL's view was ignored (shown at the top, once)
 NOTES_BOX = "_notes_box"  # this run's container for them, at the top of the page
+VERDICT_BOX = "_verdict_box"  # this run's container for the selection's verdict, under the title
 URL_KEYS = "url_keys"  # keys whose value came from the URL in this session
 URL_APPLIED = "url_applied"  # the URL's view was read (once per session: a reload is a new session)
 

@@ -22,10 +22,10 @@ import streamlit as st
 import torch
 
 from .. import baselines as _baselines
-from .. import embedding, enrichment
+from .. import embedding, enrichment, verdict
 from ..bundle import list_bundles, load_bundle, models_dir, resolve_bundle
 from ..config import TrainConfig
-from ..data import align_genes, read_gem
+from ..data import MAX_MISSING_SHARE, GeneMatch, read_gem
 from ..datasets import demo
 from ..errors import UserError
 from ..perturbation import perturb, perturb_adata
@@ -38,13 +38,13 @@ __all__ = [
     "baselines",
     "bundle_entries",
     "bundle_key",
-    "check_genes",
     "current_bundle",
     "current_data",
     "current_selection",
     "demo_adata",
     "demo_config",
     "enrichment_table",
+    "gene_match",
     "get_bundle",
     "joint",
     "map_key",
@@ -60,10 +60,13 @@ __all__ = [
     "reference_map",
     "sample_pool",
     "scaled_expression",
+    "selection_verdict",
     "target_mean",
+    "usable_match",
 ]
 
 logger = logging.getLogger("tspg.app")
+
 
 # One torch thread for the dashboard's forward passes (a selection is tens to thousands of
 # samples): measured on a busy 2-core machine, 100 samples took 0.04 s with one thread and
@@ -213,7 +216,7 @@ def current_data(bundle) -> Data:
     own = bool(_is_own(bundle_key(bundle), key, bundle, adata))
     data = Data(adata, key, f"upload {up.name}" + (" (the bundle's dataset)" if own else ""), own)
     if source == "bundle" and not own:
-        check_genes(bundle, data)
+        usable_match(bundle, data)
         name = bundle.manifest["dataset"]["name"]
         raise UserError(
             f"{up.name} is not {name}, the dataset {bundle.name!r} was trained on (its values, genes or samples differ); "
@@ -231,10 +234,29 @@ def own_data(bundle, data: Data) -> Data:
     raise UserError(own_dataset_hint(bundle.manifest))
 
 
-def check_genes(bundle, data: Data) -> None:
-    """UserError naming the missing genes when ``data`` lacks some of the bundle's genes."""
-    if not pd.Index(bundle.genes).isin(data.adata.var_names).all():
-        align_genes(data.adata[:0], bundle.genes, source=data.label)  # raises with the names
+@st.cache_resource(show_spinner="Matching the data's genes to the bundle's…", max_entries=16)
+def _gene_match(bkey: str, dkey: str, source: str, _bundle, _adata) -> GeneMatch:
+    return _bundle.match_genes(_adata, max_missing=1.0, source=source)
+
+
+def gene_match(bundle, data: Data) -> GeneMatch:
+    """How the bundle's genes were found in ``data`` (:meth:`tspg.bundle.Bundle.match_genes`:
+    exactly, ignoring case, or by a ``var`` column of symbols), however many are missing;
+    UserError when none is there. Whether the data can be used: :func:`usable_match`."""
+    return _gene_match(bundle_key(bundle), data.key, data.label, bundle, data.adata)
+
+
+def usable_match(bundle, data: Data) -> GeneMatch:
+    """:func:`gene_match`, or UserError (one line, with the number missing) when more than
+    :data:`tspg.data.MAX_MISSING_SHARE` of the bundle's genes are missing (fewer are filled)."""
+    match = gene_match(bundle, data)
+    if match.missing_share > MAX_MISSING_SHARE:
+        raise UserError(
+            f"{data.label}: {match.n_missing} of the model's {match.n_genes} genes are missing "
+            f"({100 * match.missing_share:.0f}%; at most {100 * MAX_MISSING_SHARE:g}% can be filled in): "
+            f"{', '.join(match.missing[:5])}{' …' if match.n_missing > 5 else ''}"
+        )
+    return match
 
 
 # ----------------------------------------------------------------------------- selection
@@ -302,20 +324,25 @@ def perturbed_h5ad(bundle, data: Data, samples) -> Callable[[], bytes]:
 
 
 @st.cache_resource(show_spinner="Scaling the data…", max_entries=4)
-def scaled_expression(bkey: str, dkey: str, _bundle, _adata) -> np.ndarray:
-    """The whole dataset in the bundle's space (:meth:`tspg.bundle.Bundle.scale`; read-only:
-    a resource, so a large matrix is not copied on every rerun)."""
-    return _bundle.scale(_adata)
+def _scaled(bkey: str, dkey: str, _bundle, _adata, _match) -> np.ndarray:
+    return _bundle.scale(_adata, match=_match)
+
+
+def scaled_expression(bundle, data: Data) -> np.ndarray:
+    """The whole dataset in the bundle's space (:meth:`tspg.bundle.Bundle.scale`, its genes
+    found by :func:`usable_match`, missing ones filled; read-only: a resource, so a large
+    matrix is not copied on every rerun)."""
+    return _scaled(bundle_key(bundle), data.key, bundle, data.adata, usable_match(bundle, data))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _real_pred(bkey: str, dkey: str, _bundle, _adata) -> np.ndarray:
-    return _bundle.predict(scaled_expression(bkey, dkey, _bundle, _adata))
+def _real_pred(bkey: str, dkey: str, _bundle, _data) -> np.ndarray:
+    return _bundle.predict(scaled_expression(_bundle, _data))
 
 
 def real_predictions(bundle, data: Data) -> np.ndarray:
     """The target model's class for every sample of the data (unperturbed)."""
-    return _real_pred(bundle_key(bundle), data.key, bundle, data.adata)
+    return _real_pred(bundle_key(bundle), data.key, bundle, data)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -336,6 +363,17 @@ def target_mean(bundle, data: Data) -> np.ndarray | None:
         return None
 
 
+@st.cache_data(show_spinner="Grading the selection…", max_entries=32)
+def _selection_verdict(bkey: str, dkey: str, samples: tuple[str, ...], _bundle, _pert) -> dict:
+    return verdict.selection_verdict(_bundle, _pert)
+
+
+def selection_verdict(bundle, data: Data, pert) -> dict:
+    """:func:`tspg.verdict.selection_verdict` of a perturbed selection: the bundle's stored
+    checks beside this selection's (moved, data fit)."""
+    return _selection_verdict(bundle_key(bundle), data.key, tuple(pert.samples), bundle, pert)
+
+
 # ----------------------------------------------------------------------------- t-SNE map
 
 
@@ -344,7 +382,7 @@ def target_mean(bundle, data: Data) -> np.ndarray | None:
     max_entries=8,
 )
 def _reference_map(dkey: str, skey: str, classes: tuple[str, ...], seed: int, _bundle, _data):
-    Xs = scaled_expression(bundle_key(_bundle), _data.key, _bundle, _data.adata)
+    Xs = scaled_expression(_bundle, _data)
     return embedding.class_map(
         _data.adata,
         _bundle,
@@ -401,7 +439,7 @@ def _joint(mkey: str, bkey: str, samples: tuple[str, ...], seed: int, _X_real, _
 
 def joint(ref_idx, mkey: str, bundle, data: Data, pert, seed: int):
     """(real coords, perturbed coords) of one t-SNE fit on both (the "Recompute joint map" button)."""
-    Xs = scaled_expression(bundle_key(bundle), data.key, bundle, data.adata)
+    Xs = scaled_expression(bundle, data)
     return _joint(mkey, bundle_key(bundle), tuple(pert.samples), int(seed), Xs[ref_idx], pert.x_adv)
 
 

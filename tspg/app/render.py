@@ -11,9 +11,11 @@ import pandas as pd
 import streamlit as st
 
 from .. import charts
+from ..data import MAX_MISSING_SHARE
 from ..errors import UserError
 from . import loaders as L
 from . import state as S
+from .views import missing_genes_frame, verdict_rows
 
 __all__ = [
     "frame_csv",
@@ -22,6 +24,9 @@ __all__ = [
     "page_start",
     "prediction_columns",
     "reproduce",
+    "selection_checks",
+    "show_gene_match",
+    "show_verdict",
     "show_chart",
     "show_table",
     "top_gene_columns",
@@ -57,11 +62,14 @@ def guard(what: str, *, expected: tuple[type[BaseException], ...] = ()) -> Itera
 
 
 def page_start(title: str):
-    """Every analysis page's start: the title, the sidebar's bundle and data.
+    """Every analysis page's start: the title, a place for the selection's verdict (filled
+    by :func:`selection_checks`), the sidebar's bundle and data, and how the data's genes
+    were matched.
 
     Stops the page with a message when there is no bundle or the data cannot be used.
     """
     st.title(title)
+    st.session_state[S.VERDICT_BOX] = st.container()
     with guard("Loading the bundle failed"):
         bundle = L.current_bundle()
     if bundle is None:
@@ -69,12 +77,44 @@ def page_start(title: str):
         S.stop()
     with guard("The chosen data cannot be used"):
         data = L.current_data(bundle)
-        L.check_genes(bundle, data)
+        match = L.gene_match(bundle, data)
+    show_gene_match(bundle, data, match)
     return bundle, data
 
 
+def show_gene_match(bundle, data, match) -> None:
+    """How the bundle's genes were found in the data: nothing when exactly; a note when
+    matched ignoring case, by a ``var`` column or with a few filled in; an error (and the
+    page stops) when too many are missing. Missing genes can be downloaded as CSV."""
+    if match.exact:
+        return
+    too_many = match.missing_share > MAX_MISSING_SHARE
+    if too_many:
+        st.error(
+            f"{data.label}: {match.n_missing} of the model's {match.n_genes} genes are missing "
+            f"({100 * match.missing_share:.0f}%); at most {100 * MAX_MISSING_SHARE:g}% can be filled in. "
+            "Download the list, add the genes to the file (or train a bundle on the genes it has), and upload it again.",
+            icon=":material/error:",
+        )
+    else:
+        st.info(f"Genes: {match.summary()}.", icon=":material/join:")
+    if match.missing:
+        st.download_button(
+            f"The {match.n_missing} missing genes (CSV)",
+            frame_csv(lambda: missing_genes_frame(match), index=False),
+            file_name=f"missing-genes-{_slug(bundle.name)}.csv",
+            mime="text/csv",
+            key="dl_missing_genes",
+            on_click="ignore",
+            icon=":material/download:",
+        )
+    if too_many:
+        S.stop()
+
+
 def page_perturbation(bundle, data):
-    """The Perturb page's sample selection and its perturbation (stops the page when it is empty)."""
+    """The Perturb page's sample selection and its perturbation (stops the page when it is
+    empty), with the selection's verdict at the top of the page."""
     with guard("Selecting samples failed"):
         sel = L.current_selection(bundle, data)
     if not sel.samples:
@@ -82,7 +122,61 @@ def page_perturbation(bundle, data):
         S.stop()
     with guard("Perturbation failed"):
         pert = L.perturbation(bundle, data, sel.samples)
+    selection_checks(bundle, data, pert)
     return sel, pert
+
+
+def selection_checks(bundle, data, pert) -> None:
+    """At the top of the page: the selection's verdict (the bundle's stored checks and this
+    selection's: moved, data fit) with its reasons one click away, and a warning when the
+    data's values fall outside the training range (other units?)."""
+    box = st.session_state.get(S.VERDICT_BOX) or st.container()
+    with guard("Grading the selection failed"):
+        verdict = L.selection_verdict(bundle, data, pert)
+    with box:
+        scaling = pert.scaling
+        if scaling is not None and scaling.warned:
+            st.warning(
+                f"{100 * scaling.outside_share:.0f}% of {data.label}'s values fall outside the range of the "
+                f"bundle's training data and are clipped (most: gene {scaling.most_affected_gene}, "
+                f"{100 * scaling.most_affected_share:.0f}% of its values). Are they in other units or "
+                "normalised differently (e.g. z-scores instead of log counts)?",
+                icon=":material/straighten:",
+            )
+        show_verdict(verdict, what="this selection")
+
+
+LEVEL_STYLE = {
+    "ok": ("green", ":material/check_circle:"),
+    "caution": ("orange", ":material/warning:"),
+    "fail": ("red", ":material/error:"),
+}
+
+
+def show_verdict(verdict: dict | None, *, what: str) -> None:
+    """A verdict as a coloured badge and its summary, with every check (level, reason,
+    figures and the samples they rest on) in an expander beneath."""
+    if not verdict:
+        st.caption(f"No verdict for {what}: the bundle was trained before verdicts were stored.")
+        return
+    color, icon = LEVEL_STYLE.get(verdict["level"], ("gray", ":material/help:"))
+    row = st.container(horizontal=True, vertical_alignment="center", gap="small")
+    row.badge(f"Verdict on {what}: {verdict['level']}", icon=icon, color=color)
+    row.caption(verdict.get("summary", ""))
+    with st.expander(f"Why: the {len(verdict.get('checks', {}))} checks behind this verdict"):
+        st.dataframe(
+            verdict_rows(verdict),
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "level": st.column_config.TextColumn("level", width="small"),
+                "check": st.column_config.TextColumn("check"),
+                "reason": st.column_config.TextColumn("reason", width="large"),
+                "figures": st.column_config.TextColumn(
+                    "figures (n: samples they rest on)", width="large"
+                ),
+            },
+        )
 
 
 def _slug(text: str) -> str:

@@ -31,11 +31,14 @@ __all__ = [
     "heatmap_title",
     "is_demo",
     "loss_table",
+    "missing_genes_frame",
     "models_arg",
     "own_dataset_hint",
     "scaler_key",
     "target_label",
     "top_genes_table",
+    "verdict_level",
+    "verdict_rows",
 ]
 
 
@@ -190,6 +193,47 @@ def loss_table(history: dict, config: dict) -> pd.DataFrame:
             {"loss": name, "weight": "" if weight == "" else f"{weight:g}", "meaning": meaning}
         )
     return pd.DataFrame(rows, columns=["loss", "weight", "meaning"])
+
+
+def verdict_rows(verdict: dict) -> pd.DataFrame:
+    """One row per check of a verdict (:mod:`tspg.verdict`), the worst first: ``level``,
+    ``check``, ``scope``, ``reason`` and ``figures`` (each with the samples it rests on)."""
+    order = {"fail": 0, "caution": 1, "ok": 2}
+    rows = []
+    for c in verdict.get("checks", {}).values():
+        figs = "; ".join(
+            f"{f['label']}: {_figure(f['value'])}"
+            + (f" (n={f['n']})" if f.get("n") is not None else "")
+            for f in c.get("figures", {}).values()
+        )
+        rows.append(
+            {
+                "level": c["level"],
+                "check": c["title"],
+                "scope": c.get("scope", ""),
+                "reason": c["reason"],
+                "figures": figs,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=["level", "check", "scope", "reason", "figures"])
+    return frame.sort_values("level", key=lambda s: s.map(order), kind="stable").reset_index(
+        drop=True
+    )
+
+
+def _figure(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def missing_genes_frame(match) -> pd.DataFrame:
+    """The bundle's genes a :class:`tspg.data.GeneMatch` did not find (the download)."""
+    return pd.DataFrame({"gene": list(match.missing)})
+
+
+def verdict_level(manifest: dict) -> str | None:
+    """A bundle's stored verdict level (ok / caution / fail), None when it has none."""
+    v = manifest.get("verdict")
+    return v.get("level") if isinstance(v, dict) else None
 
 
 # ----------------------------------------------------------------------------- commands
