@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from test_app import app, fresh_streamlit, ok, texts  # noqa: F401 (fresh_streamlit: autouse)
+from test_app import app, fresh_streamlit, ok, tables, texts  # noqa: F401 (fresh_streamlit: autouse)
 
 from tspg.bundle import list_bundles
 from tspg.datasets import DEMO_TARGET
@@ -69,7 +69,7 @@ def test_bad_bundles_are_listed_as_unreadable_and_every_page_works(bad_models, m
         ok(at.switch_page(f"app_pages/{page}.py").run())
         assert at.sidebar.selectbox(key="bundle").value == good, page
     ok(at.switch_page("app_pages/models.py").run())
-    table = at.dataframe[0].value
+    table = tables(at)[0].value
     for name in bad:
         assert table.loc[name, "status"] == "unreadable"
         assert table.loc[name, "error"], name
@@ -86,7 +86,7 @@ def test_a_link_to_a_bad_bundle_opens_the_good_one_with_a_note(bad_models, monke
     ok(at.switch_page("app_pages/perturb.py").run())
     assert "bundle=a-nan-generator" in texts(at.warning)
     assert at.sidebar.selectbox(key="bundle").value == good
-    assert len(at.dataframe[0].value) == 20  # the good bundle perturbs
+    assert len(tables(at)[0].value) == 20  # the good bundle perturbs
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SMALL_NETS, make_tiny_adata
-from test_app import app, fresh_streamlit, metrics, ok, texts  # noqa: F401 (fresh_streamlit: autouse)
+from test_app import app, fresh_streamlit, metrics, ok, tables, texts  # noqa: F401 (fresh_streamlit: autouse)
 
 from tspg.bundle import save_bundle
 from tspg.config import TrainConfig
@@ -81,7 +81,7 @@ def test_a_bundle_on_shuffled_labels_fails_everywhere(shuffled, monkeypatch):
     assert badge(at.sidebar, "verdict: fail", "red")
     assert badge(at.main, "Verdict on this bundle: fail", "red")
     ok(at.switch_page("app_pages/models.py").run())
-    table = at.dataframe[0].value
+    table = tables(at)[0].value
     assert set(table["verdict"]) == {"fail"}
     assert "target model" in table["verdict summary"].iloc[0]
     # the analysis pages, with the bundle's own data uploaded: the selection fails too, and why

@@ -17,6 +17,7 @@ from test_app import (  # noqa: F401 (fresh_streamlit: an autouse fixture)
     charts,
     fresh_streamlit,
     ok,
+    tables,
     texts,
     the_bundle,
 )
@@ -65,7 +66,7 @@ def test_the_view_round_trips_through_the_url(models, monkeypatch, demo_adata):
     assert params["classes"] == ["CD19+ B", "CD56+ NK"]
     assert params["k"] == "12" and params["heatmap"] == "sample" and params["sample"] == sample
     assert "n" not in params  # defaults stay out of the link
-    shown = at.dataframe[0].value
+    shown = tables(at)[0].value
 
     # a reload, or the link opened elsewhere: a new session with the same URL
     again = app(models, monkeypatch)
@@ -75,7 +76,7 @@ def test_the_view_round_trips_through_the_url(models, monkeypatch, demo_adata):
     assert again.pills(key="sel_classes").value == ["CD19+ B", "CD56+ NK"]
     assert again.number_input(key="top_k").value == 12
     assert again.selectbox(key="heat_sample").value == sample
-    assert list(again.dataframe[0].value.index) == list(shown.index)
+    assert list(tables(again)[0].value.index) == list(shown.index)
     assert dict(again.query_params) == params  # written back unchanged
 
     # the map's seed and moves, the enrichment's direction: from the link, onto the page
@@ -149,7 +150,7 @@ def test_picking_by_id_shows_classes_and_never_selects_every_match(models, monke
     assert f"{ids[0]} · {cls[ids[0]]}" in box.options
     box.set_value(ids)
     ok(at.run())
-    assert list(at.dataframe[0].value.index) == ids
+    assert list(tables(at)[0].value.index) == ids
 
 
 def test_n_above_the_pool_is_clamped_with_a_message(models, monkeypatch, demo_adata):
@@ -161,7 +162,7 @@ def test_n_above_the_pool_is_clamped_with_a_message(models, monkeypatch, demo_ad
     ok(at.run())
     assert at.number_input(key="sel_n").value == available
     assert f"N = 300 is more than the {available} samples to pick from" in texts(at.warning)
-    assert len(at.dataframe[0].value) == available
+    assert len(tables(at)[0].value) == available
     assert "Leave out the target class" in [c.label for c in at.checkbox]  # not cut
 
 
@@ -221,7 +222,7 @@ def test_enrichment_of_up_says_nothing_about_down(models, monkeypatch):
     at.session_state["enr_direction"] = "up"
     ok(at.switch_page("app_pages/enrichment.py").run())
     assert "down-regulated" not in texts(at.caption)
-    assert set(at.dataframe[0].value["direction"]) == {"up"}
+    assert set(tables(at)[0].value["direction"]) == {"up"}
 
 
 def test_enrichr_forced_but_unreachable_one_log_line_and_a_way_out(models, monkeypatch, caplog):

@@ -297,15 +297,17 @@ def current_selection(bundle, data: Data) -> Selection:
 
 
 @st.cache_data(show_spinner="Perturbing…", max_entries=32)
-def _perturbation(bkey: str, dkey: str, samples: tuple[str, ...], _bundle, _adata):
-    return perturb_adata(_adata[list(samples)], _bundle, source="data")
+def _perturbation(bkey: str, dkey: str, samples: tuple[str, ...], _bundle, _adata, source: str):
+    return perturb_adata(_adata[list(samples)], _bundle, source=source)
 
 
 def perturbation(bundle, data: Data, samples):
     """``perturb_adata`` of the chosen samples (cached by bundle, data and sample ids)."""
     if not len(samples):
         raise UserError("no samples selected: pick at least one on the Perturb page")
-    return _perturbation(bundle_key(bundle), data.key, tuple(samples), bundle, data.adata)
+    return _perturbation(
+        bundle_key(bundle), data.key, tuple(samples), bundle, data.adata, data.label
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
