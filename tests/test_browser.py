@@ -417,3 +417,19 @@ def test_walk_home_perturb_map_genes_enrichment(page, server):
     error.wait_for()
     assert "garbage.h5ad: not a readable .h5ad file" in error.inner_text()
     assert "tspg-upload" not in error.inner_text()
+
+    # z-scored data (scanpy's pbmc68k_reduced .X; the demo bundle learnt its log counts):
+    # the Perturb page warns about the units and the selection's verdict fails on data fit
+    import scanpy as sc
+
+    zscored = Path(models_root).parent / "zscored.h5ad"
+    sc.datasets.pbmc68k_reduced().write_h5ad(zscored)
+    sidebar.locator('input[type="file"]').set_input_files(str(zscored))
+    sidebar.get_by_text("zscored.h5ad").wait_for()
+    settle(page, "Enrichment")
+    go(page, "Perturb")
+    page.get_by_text("fall outside the range of the bundle's training data").wait_for()
+    assert page.get_by_text("Verdict on this selection: fail").first.is_visible()
+    page.get_by_text("Why: the").first.click()
+    page.get_by_test_id("stExpanderDetails").first.wait_for()
+    shot(page, "perturb-zscored")
