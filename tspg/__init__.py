@@ -10,12 +10,14 @@ line's ``--help`` do not import torch, anndata or scanpy::
     tspg.save_bundle(bundle)
     out = tspg.perturb(adata, bundle, copy=True)
     metrics = tspg.evaluate(adata, bundle)
+    table = tspg.sweep(adata, label_key="tissue", gene_sets=sets)  # needs tspg[sweep]
 
 Modules: ``tspg.config`` (TrainConfig), ``tspg.data`` (GEM readers, scaler, split),
 ``tspg.genesets``, ``tspg.nets``, ``tspg.training`` (losses and loops), ``tspg.pipeline``
 (AnnData -> bundle), ``tspg.bundle``, ``tspg.perturb``, ``tspg.baselines``,
 ``tspg.metrics``, ``tspg.embedding``, ``tspg.enrichment``, ``tspg.charts``,
-``tspg.datasets``, ``tspg.errors``, ``tspg.cli`` and the dashboard glue ``tspg.app``.
+``tspg.datasets``, ``tspg.errors``, ``tspg.cli``, ``tspg.sweep`` (gene sets x targets on
+Dask; a module you can call) and the dashboard glue ``tspg.app``.
 """
 
 from __future__ import annotations
@@ -40,10 +42,15 @@ _EXPORTS = {
     "evaluate": "metrics",
 }
 
-__all__ = sorted(_EXPORTS)
+# modules that are public names themselves: tspg.sweep(...) runs a sweep (the module is callable)
+_MODULES = {"sweep"}
+
+__all__ = sorted([*_EXPORTS, *_MODULES])
 
 
 def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)  # which also sets the attribute
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'tspg' has no attribute {name!r}")
@@ -53,4 +60,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *_MODULES])

@@ -500,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_enrich_parser(command, [bundle, data_optional, k])
     _add_map_parser(command, [bundle, data_optional])
     _add_app_parser(command, [models])
+    _add_sweep_parser(command, [data, k])
     return p
 
 
@@ -996,6 +997,241 @@ def _app(args, parser) -> int:
     return _exec(cmd, env, script.parent)  # there, streamlit reads the app's .streamlit/config.toml
 
 
+# ----------------------------------------------------------------------------- tspg sweep
+
+SWEEP_JOBQUEUES = ["lsf", "pbs", "sge", "slurm"]  # tspg.sweep.JOBQUEUES (no import for --help)
+
+
+def _add_sweep_parser(command, parents) -> None:
+    """``tspg sweep``: every gene set x target on Dask (the optional extra ``tspg[sweep]``)."""
+    sw = command(
+        "sweep",
+        parents,
+        help="train a generator for every gene set x target, in parallel on Dask",
+        description="Train one target model per gene set and one generator per gene set and target, each a "
+        "task on Dask: a local cluster by default, a running scheduler (--scheduler) or batch jobs "
+        "(--jobqueue). Finished bundles are skipped on a rerun; failures are recorded and summarised "
+        "(exit code 1 when any). Writes the bundles and the results table sweep.csv (and sweep.parquet) "
+        'into --out. Needs pip install "tspg[sweep]".',
+        epilog="examples:\n"
+        "  tspg sweep gem.h5ad --label-key tissue --gene-sets h.all.gmt --out sweep-hallmark\n"
+        "  tspg sweep gem.h5ad --label-key tissue --gene-sets h.all.gmt --sets 'HALLMARK_*' "
+        "--targets Heart Lung --workers 4\n"
+        "  tspg sweep gem.h5ad --label-key tissue --gene-sets h.all.gmt --jobqueue slurm --jobs 10 "
+        "--device cuda",
+    )
+    g = sw.add_argument_group("grid")
+    g.add_argument(
+        "--gene-sets",
+        nargs="+",
+        metavar="FILE",
+        help="GMT files and/or reference-format list files (default: one set of all genes)",
+    )
+    g.add_argument(
+        "--sets",
+        nargs="+",
+        metavar="NAME",
+        help="only the gene sets of these names (shell patterns allowed, e.g. 'HALLMARK_*')",
+    )
+    g.add_argument(
+        "--min-genes", type=int, help="only gene sets with at least this many genes in the GEM"
+    )
+    g.add_argument(
+        "--max-genes", type=int, help="only gene sets with at most this many genes in the GEM"
+    )
+    g.add_argument(
+        "--targets", nargs="+", metavar="CLASS", default=["all"], help="target classes, or all"
+    )
+    _add_config_options(sw, g)
+    e = sw.add_argument_group("engine (Dask)")
+    e.add_argument(
+        "--workers",
+        type=_count,
+        help="worker processes of the local cluster (default: cores / --threads)",
+    )
+    e.add_argument(
+        "--threads",
+        type=_count,
+        help="torch threads per task (default: cores / --workers on the local cluster; "
+        "elsewhere the workers' OMP_NUM_THREADS, 1 under Dask)",
+    )
+    e.add_argument(
+        "--scheduler", metavar="ADDRESS", help="run on this Dask scheduler (tcp://host:8786)"
+    )
+    e.add_argument(
+        "--jobqueue",
+        choices=SWEEP_JOBQUEUES,
+        help="run on batch jobs configured in Dask's jobqueue config (~/.config/dask/jobqueue.yaml)",
+    )
+    e.add_argument("--jobs", type=_count, default=1, help="batch jobs to submit (with --jobqueue)")
+    e.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="retries of a task that crashed (a bad input or setting is not retried)",
+    )
+    e.add_argument(
+        "--tasks-per-gpu",
+        type=_count,
+        default=4,
+        help="with --device cuda: tasks sharing one GPU (each asks for 1/N of a GPU resource)",
+    )
+    o = sw.add_argument_group("output")
+    o.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where each task trains (chosen on the worker)",
+    )
+    o.add_argument(
+        "--out",
+        default=None,
+        help="folder of the bundles and sweep.csv (default: $TSPG_MODELS_DIR or ./models); "
+        "every worker must see it",
+    )
+    o.add_argument(
+        "--overwrite", action="store_true", help="retrain finished bundles too (default: skip)"
+    )
+    o.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would run (and the batch job script with --jobqueue); start nothing",
+    )
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _check_sweep_usage(args, parser) -> None:
+    """Contradictory or missing arguments: a usage error (exit 2) before anything is read."""
+    filters = args.sets or args.min_genes is not None or args.max_genes is not None
+    problems = [
+        (args.retries < 0, "--retries must be 0 or more"),
+        (args.min_genes is not None and args.min_genes < 0, "--min-genes must be 0 or more"),
+        (args.max_genes is not None and args.max_genes < 0, "--max-genes must be 0 or more"),
+        (
+            args.min_genes is not None
+            and args.max_genes is not None
+            and args.min_genes > args.max_genes,
+            "--min-genes is more than --max-genes",
+        ),
+        (args.scheduler and args.jobqueue, "give --scheduler or --jobqueue, not both"),
+        (
+            args.workers and (args.scheduler or args.jobqueue),
+            "--workers sizes the local cluster; with --scheduler or --jobqueue the workers are theirs",
+        ),
+        (args.jobs != 1 and not args.jobqueue, "--jobs needs --jobqueue"),
+        (
+            filters and not args.gene_sets,
+            "--sets, --min-genes and --max-genes filter --gene-sets: give the files",
+        ),
+        (not args.label_key and not args.labels, "--label-key (or --labels) is required"),
+        ("all" in args.targets and len(args.targets) > 1, "--targets: give all, or classes"),
+    ]
+    for wrong, message in problems:
+        if wrong:
+            parser.error(message)
+
+
+def _sweep(args, parser) -> int:
+    """``tspg sweep``: parse -> :func:`tspg.sweep.sweep` -> a summary; 1 when anything failed."""
+    _check_sweep_usage(args, parser)
+    _check_config_options(args, parser)
+    from .sweep import quiet_dask, read_gene_set_files, sweep
+
+    quiet_dask()
+    start = time.perf_counter()
+    adata = _read_data(args)
+    gene_sets = None
+    if args.gene_sets:
+        gene_sets = read_gene_set_files(
+            args.gene_sets,
+            names=args.sets,
+            min_genes=args.min_genes,
+            max_genes=args.max_genes,
+            gem_genes=adata.var_names,
+        )
+    bar = None
+
+    def progress(row, counts):
+        nonlocal bar
+        if args.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if bar is None:
+            bar = tqdm(total=counts["total"], desc="sweep", unit="generator", file=sys.stderr)
+        if row is not None:
+            bar.update(1)
+        left = counts["total"] - counts["trained"] - counts["failed"]
+        bar.set_postfix(trained=counts["trained"], failed=counts["failed"], left=left)
+
+    try:
+        table = sweep(
+            adata,
+            label_key=args.label_key or "label",
+            gene_sets=gene_sets,
+            targets="all" if args.targets == ["all"] else args.targets,
+            config=config_from_args(args),
+            out=args.out,
+            dataset=Path(args.data).stem,
+            device=args.device,
+            workers=args.workers,
+            threads=args.threads,
+            scheduler=args.scheduler,
+            jobqueue=args.jobqueue,
+            jobs=args.jobs,
+            retries=args.retries,
+            tasks_per_gpu=args.tasks_per_gpu,
+            k=args.k,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.dry_run:
+        _print_sweep_plan(table, args)
+        return 0
+    return _print_sweep_summary(table, time.perf_counter() - start)
+
+
+def _print_sweep_plan(table, args) -> None:
+    from .sweep import jobqueue_cluster
+
+    counts = table["status"].value_counts()
+    print(
+        f"dry run: {table['gene_set'].nunique()} gene sets x {table['target'].nunique()} targets: "
+        f"{counts.get('to train', 0)} to train, {counts.get('skipped', 0)} finished earlier, "
+        f"{counts.get('failed', 0)} cannot run"
+    )
+    for r in table[table["status"] == "failed"].itertuples(index=False):
+        print(f"  cannot run: {r.gene_set} / {r.target}: {r.error}")
+    if args.jobqueue:
+        cluster = jobqueue_cluster(args.jobqueue)
+        try:
+            print(f"\nthe {args.jobqueue} job script ({args.jobs} job(s) would be submitted):")
+            print(cluster.job_script())
+        finally:
+            cluster.close()
+
+
+def _print_sweep_summary(table, seconds: float) -> int:
+    counts = table["status"].value_counts()
+    print(
+        f"sweep of {table['gene_set'].nunique()} gene sets x {table['target'].nunique()} targets: "
+        f"{counts.get('trained', 0)} trained, {counts.get('skipped', 0)} skipped (finished earlier), "
+        f"{counts.get('failed', 0)} failed; {seconds:.1f} s"
+    )
+    if "path" in table.attrs:
+        print(f"results: {table.attrs['path']}")
+    failed = table[table["status"] == "failed"]
+    for r in failed.head(20).itertuples(index=False):
+        print(f"  failed: {r.gene_set} / {r.target}: {r.error}")
+    if len(failed) > 20:
+        print(f"  ... and {len(failed) - 20} more (see the results table)")
+    return 1 if len(failed) else 0
+
+
 COMMANDS = {
     "import": _import,
     "list": _list,
@@ -1004,6 +1240,7 @@ COMMANDS = {
     "evaluate": _evaluate,
     "enrich": _enrich,
     "map": _map,
+    "sweep": _sweep,
 }
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from .errors import UserError
 __all__ = [
     "GeneSelection",
     "highly_variable_genes",
+    "match_gene_set",
     "read_gene_list",
     "read_gene_sets",
     "select_genes",
@@ -135,18 +136,31 @@ def select_genes(
         if name not in sets:
             raise UserError(f"{file}: no gene set {name!r} (sets: {', '.join(list(sets)[:10])})")
         wanted, source = sets[name], file
+    return match_gene_set(name, wanted, gem_genes, source=source)
+
+
+def match_gene_set(
+    name: str, wanted, gem_genes, *, source: str | Path | None = None
+) -> GeneSelection:
+    """The genes of set ``name`` that are in the GEM, in the GEM's order.
+
+    Genes absent from the GEM are dropped, counted and logged; no gene present is an error
+    naming the set (and ``source``, its file).
+    """
+    gem_genes = pd.Index(gem_genes)
+    wanted = list(dict.fromkeys(wanted))
     present = set(wanted) & set(gem_genes)
     missing = [g for g in wanted if g not in present]
+    where = f"{source}: " if source else ""
     if not present:
-        raise UserError(f"{source}: none of the {len(wanted)} genes of {name!r} are in the GEM")
+        raise UserError(f"{where}none of the {len(wanted)} genes of {name!r} are in the GEM")
     genes = [g for g in gem_genes if g in present]
     if missing:
         logger.warning(
-            "%s: %d of %d genes of %r are not in the GEM", source, len(missing), len(wanted), name
+            "%s%d of %d genes of %r are not in the GEM", where, len(missing), len(wanted), name
         )
-    return GeneSelection(
-        name, genes, len(wanted), missing, str(Path(source).resolve())
-    )  # found from any folder later
+    source = str(Path(source).resolve()) if source else None  # found from any folder later
+    return GeneSelection(name, genes, len(wanted), missing, source)
 
 
 # scanpy's flavour for highly variable genes: "cell_ranger" expects log-normalised data

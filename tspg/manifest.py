@@ -369,6 +369,12 @@ SCHEMA: list[tuple[str, bool, Check]] = [
     ("metrics.n_test", False, integer(low=0)),
     ("metrics.n_test_non_target", False, integer(low=0)),
     ("history", False, dict_of(numbers())),
+    # written by tspg sweep (tspg.sweep): the results table's columns of this bundle
+    ("sweep", False, obj),
+    ("sweep.top_up", False, texts()),
+    ("sweep.top_down", False, texts()),
+    ("sweep.worker", False, text),
+    ("sweep.host", False, text),
 ]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import anndata as ad
 import numpy as np
@@ -33,12 +33,15 @@ from .training import fit_generator, fit_target, resolve_device
 __all__ = [
     "TARGET_MODEL_FIELDS",
     "default_names",
+    "fit_target_model",
     "heldout_metrics",
     "prepare",
     "Prepared",
     "reused_config",
     "train",
     "train_all_targets",
+    "train_generator",
+    "verdict_classifiers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +78,9 @@ class Prepared:
     test_idx: np.ndarray
     fingerprint: str
     training_mean: np.ndarray | None = None  # scaled, per gene, over the training split
+    n_top_genes: int | None = None  # the genes are this many highly variable ones
+    # the verdict's independent classifiers, fit on first use (verdict_classifiers)
+    classifiers: dict | None = field(default=None, repr=False)
 
     def class_index(self, name: str) -> int:
         if name not in self.classes:
@@ -200,6 +206,7 @@ def prepare(
         test_idx,
         fp,
         column_mean(Xs, train_idx),
+        n_top_genes or None,
     )
 
 
@@ -279,15 +286,27 @@ def _stage(progress: Progress | None, stage: str):
     return lambda step, n, losses: progress(stage, step, n, losses)
 
 
-def _fit_target_model(
-    prep: Prepared, X_train, config: TrainConfig, device, progress
+def fit_target_model(
+    prep: Prepared,
+    config: TrainConfig,
+    *,
+    device: str | torch.device = "auto",
+    X_train=None,
+    progress: Progress | None = None,
 ) -> torch.nn.Module:
+    """Train the target model f on the training split of ``prep``; returns it in eval mode.
+
+    ``X_train``: the training rows as the loops take them (default: made from ``prep``).
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if X_train is None:
+        X_train = _training_matrix(prep.X[prep.train_idx])
     return fit_target(
         X_train,
         prep.y[prep.train_idx],
         len(prep.classes),
         config,
-        device=device,
+        device=dev,
         callback=_stage(progress, "target model"),
     )
 
@@ -379,7 +398,8 @@ def train_all_targets(
         reuse=target_model,
     )
     targets = list(targets) if targets else list(prep.classes)
-    target_idx = [prep.class_index(t) for t in targets]
+    for t in targets:  # an unknown target fails before anything trains
+        prep.class_index(t)
     names = names or default_names(prep.dataset, targets)
 
     start = time.perf_counter()
@@ -388,96 +408,166 @@ def train_all_targets(
         f = target_model.target_model.to(dev)
         target_seconds = 0.0
     else:
-        f = _fit_target_model(prep, X_train, config, dev, progress)
+        f = fit_target_model(prep, config, device=dev, X_train=X_train, progress=progress)
         target_seconds = time.perf_counter() - start
-    bundles, classifiers = [], None
-    for t_name, t, bname in zip(targets, target_idx, names, strict=True):
-        tr = prep.train_idx
-        fit = fit_generator(
-            X_train,
-            prep.y[tr],
-            t,
-            f,
-            config,
-            device=dev,
-            callback=_stage(progress, f"generator {t_name}"),
-        )
-        metrics = heldout_metrics(prep, f.cpu(), fit.generator.cpu(), t)
-        f.to(dev)
-        metrics.update(
-            train_seconds_target_model=target_seconds,
-            train_seconds_generator=fit.seconds,
-            device=str(dev),
-        )
-        manifest = new_manifest(
-            name=bname,
-            dataset={
-                "name": prep.dataset,
-                "fingerprint": prep.fingerprint,
-                "n_samples": len(prep.samples),
-            },
-            label_key=prep.label_key,
-            classes=prep.classes,
+    return [
+        train_generator(
+            prep,
+            f if len(targets) == 1 else _copy_of(f),
             target=t_name,
-            genes=prep.genes,
-            gene_set={
-                "name": prep.gene_set.name,
-                "source": prep.gene_set.source,
-                "n_requested": prep.gene_set.n_requested,
-                "n_missing": len(prep.gene_set.missing),
-                **({"n_top_genes": n_top_genes, "flavor": HVG_FLAVOR} if n_top_genes else {}),
-            },
-            scaler={"minimum": prep.scaler.minimum.tolist(), "range": prep.scaler.range.tolist()},
-            split={
-                "train": [prep.samples[i] for i in prep.train_idx],
-                "test": [prep.samples[i] for i in prep.test_idx],
-            },
-            config=config.to_dict(),
-            target_mean=prep.class_mean(t).tolist(),
-            training_mean=prep.training_mean.tolist(),
-            covariance_used=fit.covariance,
+            config=config,
+            name=bname,
+            device=dev,
+            X_train=X_train,
+            target_seconds=target_seconds,
             target_model_from=target_model.name if target_model is not None else None,
-            metrics=metrics,
-            history=fit.history,
+            progress=progress,
         )
-        bundle = Bundle(
-            manifest,
-            fit.generator,
-            fit.discriminator,
-            f.cpu() if len(targets) == 1 else _copy_of(f),
-        )
-        classifiers = _store_verdict(bundle, prep, classifiers)
-        bundles.append(bundle)
-    return bundles
+        for t_name, bname in zip(targets, names, strict=True)
+    ]
 
 
-def _store_verdict(bundle: Bundle, prep: Prepared, classifiers: dict | None) -> dict:
+def train_generator(
+    prep: Prepared,
+    target_model: torch.nn.Module,
+    *,
+    target: str,
+    config: TrainConfig,
+    name: str,
+    device: str | torch.device = "auto",
+    X_train=None,
+    target_seconds: float = 0.0,
+    target_model_from: str | None = None,
+    progress: Progress | None = None,
+) -> Bundle:
+    """Train the generator (and discriminator) for ``target`` against a trained target model.
+
+    Parameters
+    ----------
+    prep
+        The prepared data (:func:`prepare`) the target model was trained on.
+    target_model
+        The target model f; it becomes the new bundle's target model (pass a copy to keep
+        using it elsewhere).
+    target
+        The target class.
+    config
+        The run's settings (with the target model's own, see :func:`reused_config`).
+    name
+        The bundle's name.
+    X_train
+        The training rows as the loops take them (default: made from ``prep``; pass one
+        copy to several calls).
+    target_seconds
+        Seconds the target model took to train (stored in the metrics).
+    target_model_from
+        Name of the bundle whose target model is reused, if any.
+
+    Returns
+    -------
+    An unsaved :class:`~tspg.bundle.Bundle`, its held-out metrics in ``metrics`` and its
+    verdict in ``manifest["verdict"]``.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    t = prep.class_index(target)
+    tr = prep.train_idx
+    if X_train is None:
+        X_train = _training_matrix(prep.X[tr])
+    fit = fit_generator(
+        X_train,
+        prep.y[tr],
+        t,
+        target_model,
+        config,
+        device=dev,
+        callback=_stage(progress, f"generator {target}"),
+    )
+    f = target_model.cpu().eval()
+    metrics = heldout_metrics(prep, f, fit.generator.cpu(), t)
+    metrics.update(
+        train_seconds_target_model=target_seconds,
+        train_seconds_generator=fit.seconds,
+        device=str(dev),
+    )
+    hvg = {"n_top_genes": prep.n_top_genes, "flavor": HVG_FLAVOR} if prep.n_top_genes else {}
+    manifest = new_manifest(
+        name=name,
+        dataset={
+            "name": prep.dataset,
+            "fingerprint": prep.fingerprint,
+            "n_samples": len(prep.samples),
+        },
+        label_key=prep.label_key,
+        classes=prep.classes,
+        target=target,
+        genes=prep.genes,
+        gene_set={
+            "name": prep.gene_set.name,
+            "source": prep.gene_set.source,
+            "n_requested": prep.gene_set.n_requested,
+            "n_missing": len(prep.gene_set.missing),
+            **hvg,
+        },
+        scaler={"minimum": prep.scaler.minimum.tolist(), "range": prep.scaler.range.tolist()},
+        split={
+            "train": [prep.samples[i] for i in prep.train_idx],
+            "test": [prep.samples[i] for i in prep.test_idx],
+        },
+        config=config.to_dict(),
+        target_mean=prep.class_mean(t).tolist(),
+        training_mean=prep.training_mean.tolist(),
+        covariance_used=fit.covariance,
+        target_model_from=target_model_from,
+        metrics=metrics,
+        history=fit.history,
+    )
+    bundle = Bundle(manifest, fit.generator, fit.discriminator, f)
+    _store_verdict(bundle, prep)
+    return bundle
+
+
+def _verdict_training_rows(prep: Prepared) -> np.ndarray:
+    """The training rows the verdict's classifiers learn from (seeded subsample)."""
+    from .verdict import MAX_TRAIN
+
+    return prep.train_idx[subsample(prep.y[prep.train_idx], MAX_TRAIN, min_per_class=1)]
+
+
+def verdict_classifiers(prep: Prepared) -> dict:
+    """The verdict's independent classifiers, fit on a seeded subsample of the training split
+    (at most :data:`tspg.verdict.MAX_TRAIN` samples); kept on ``prep``, so every generator
+    trained on it shares them (fit once per run, or once per gene set in a sweep)."""
+    if prep.classifiers is None:
+        from .metrics import fit_classifiers
+
+        tr = _verdict_training_rows(prep)
+        names = np.asarray(prep.classes, dtype=object)
+        prep.classifiers = fit_classifiers(_dense(prep.X[tr]), names[prep.y[tr]])
+    return prep.classifiers
+
+
+def _store_verdict(bundle: Bundle, prep: Prepared) -> None:
     """Grade the new bundle on its held-out split into ``manifest["verdict"]`` (and the
-    seconds it took into its metrics); returns the independent classifiers, fit once per
-    run on a seeded subsample of the training split (see :mod:`tspg.verdict`). Only seeded
-    subsamples of both splits become dense (:data:`tspg.verdict.MAX_TRAIN`,
-    :data:`HELDOUT_MAX_SAMPLES`)."""
-    from .metrics import fit_classifiers
-    from .verdict import MAX_TRAIN, heldout_verdict
+    seconds it took, the classifiers' fit included when this bundle needed it, into its
+    metrics; see :mod:`tspg.verdict`). Only seeded subsamples of both splits become dense
+    (:data:`tspg.verdict.MAX_TRAIN`, :data:`HELDOUT_MAX_SAMPLES`)."""
+    from .verdict import heldout_verdict
 
     start = time.perf_counter()
+    classifiers = verdict_classifiers(prep)
     names = np.asarray(prep.classes, dtype=object)
-    tr = prep.train_idx[subsample(prep.y[prep.train_idx], MAX_TRAIN, min_per_class=1)]
+    tr = _verdict_training_rows(prep)
     te = prep.test_idx[subsample(prep.y[prep.test_idx], HELDOUT_MAX_SAMPLES)]
-    Xtr, ytr = _dense(prep.X[tr]), names[prep.y[tr]]
-    if classifiers is None:
-        classifiers = fit_classifiers(Xtr, ytr)
     bundle.manifest["verdict"] = heldout_verdict(
         bundle,
-        Xtr,
-        ytr,
+        _dense(prep.X[tr]),
+        names[prep.y[tr]],
         _dense(prep.X[te]),
         names[prep.y[te]],
         [prep.samples[i] for i in te],
         classifiers=classifiers,
     )
     bundle.manifest["metrics"]["train_seconds_verdict"] = time.perf_counter() - start
-    return classifiers
 
 
 def _copy_of(f):
