@@ -53,6 +53,7 @@ PAGES = [
     st.Page("app_pages/map.py", title="Map", icon=":material/scatter_plot:"),
     st.Page("app_pages/genes.py", title="Genes", icon=":material/genetics:"),
     st.Page("app_pages/enrichment.py", title="Enrichment", icon=":material/hub:"),
+    st.Page("app_pages/sweep.py", title="Sweep", icon=":material/grid_on:"),
 ]
 page = st.navigation(PAGES)
 

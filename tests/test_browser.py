@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -56,21 +58,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(demo_models_dir, tmp_path_factory):
-    """``streamlit run streamlit_app.py`` on a free port of 127.0.0.1; always stopped afterwards."""
-    root = tmp_path_factory.mktemp("browser_models")
-    for p in Path(demo_models_dir).iterdir():
-        if p.is_dir() and not p.name.startswith("."):
-            shutil.copytree(p, root / p.name)
-            shutil.copytree(p, bad := root / "a-damaged-copy")  # beside it, a damaged bundle
-            weights = bad / "generator.safetensors"
-            weights.write_bytes(weights.read_bytes()[:-64])
+@contextmanager
+def streamlit_server(models: Path, tmp_path_factory) -> Iterator[str]:
+    """``streamlit run streamlit_app.py`` on a free port of 127.0.0.1 over ``models``; its
+    URL; always stopped afterwards."""
     port = _free_port()
     log = tmp_path_factory.mktemp("browser_log") / "streamlit.log"
     env = dict(
         os.environ,
-        TSPG_MODELS_DIR=str(root),
+        TSPG_MODELS_DIR=str(models),
         TSPG_CACHE_DIR=str(tmp_path_factory.mktemp("browser_cache")),
         STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
         TSPG_ENRICHR_URL=closed_port_url(),  # Enrichr refuses at once: the offline fallback, on any machine
@@ -111,7 +107,7 @@ def server(demo_models_dir, tmp_path_factory):
                     f"streamlit did not answer within {STARTUP_S} s:\n{log.read_text()[-3000:]}"
                 )
             time.sleep(0.3)
-        yield url, root
+        yield url
     finally:
         proc.terminate()
         try:
@@ -119,6 +115,20 @@ def server(demo_models_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(demo_models_dir, tmp_path_factory):
+    """The dashboard over the demo bundle and, beside it, a damaged copy: (URL, models folder)."""
+    root = tmp_path_factory.mktemp("browser_models")
+    for p in Path(demo_models_dir).iterdir():
+        if p.is_dir() and not p.name.startswith("."):
+            shutil.copytree(p, root / p.name)
+            shutil.copytree(p, bad := root / "a-damaged-copy")  # beside it, a damaged bundle
+            weights = bad / "generator.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-64])
+    with streamlit_server(root, tmp_path_factory) as url:
+        yield url, root
 
 
 @pytest.fixture(scope="module")
@@ -433,3 +443,49 @@ def test_walk_home_perturb_map_genes_enrichment(page, server):
     page.get_by_text("Why: the").first.click()
     page.get_by_test_id("stExpanderDetails").first.wait_for()
     shot(page, "perturb-zscored")
+
+
+def test_sweep_page_a_click_on_a_cell_opens_its_bundle(page, tmp_path_factory):
+    """A real (small) sweep on an in-process Dask cluster; its page in the browser."""
+    distributed = pytest.importorskip("distributed")
+    from conftest import SMALL_NETS
+
+    from tspg.config import TrainConfig
+    from tspg.datasets import synthetic_gem
+    from tspg.sweep import GeneSet, sweep
+
+    out = tmp_path_factory.mktemp("browser_sweep")
+    gem = synthetic_gem(n_samples=90, n_genes=30, n_classes=3, seed=0)
+    g = list(gem.var_names)
+    sets = [GeneSet("SET_A", tuple(g[:10])), GeneSet("SET_B", tuple(g[8:20]))]
+    config = TrainConfig.for_recipe("tspg+", epochs=2, target_epochs=2, batch_size=32, **SMALL_NETS)
+    with distributed.Client(
+        processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None
+    ) as client:
+        sweep(
+            gem,
+            label_key="label",
+            gene_sets=sets,
+            targets=["class-00", "class-01"],
+            config=config,
+            out=out,
+            client=client,
+            threads=1,
+            dataset="syn",
+        )
+    with streamlit_server(out, tmp_path_factory) as url:
+        page.goto(f"{url}/sweep")
+        settle(page, "Sweep")
+        chart_drawn(page)
+        bundle_box = page.get_by_test_id("stSidebar").get_by_role("combobox", name="Bundle")
+        assert bundle_box.input_value() == "syn-set-a-class-00"  # the first
+        cell = page.locator('[data-testid="stVegaLiteChart"]').first.locator(
+            'g.role-mark path[aria-label*="gene set: SET_B"][aria-label*="target: class-01"]'
+        )
+        cell.click()
+        page.get_by_text("Opened bundle").wait_for()
+        settle(page, "Sweep")
+        assert bundle_box.input_value() == "syn-set-b-class-01"
+        shot(page, "sweep")
+        go(page, "Models")  # the other pages now show that bundle
+        assert page.get_by_role("heading", name="syn-set-b-class-01: verdict").is_visible()

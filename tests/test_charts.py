@@ -417,3 +417,70 @@ def test_chart_spec_is_the_charts_dict_without_the_default_view_size(map_df):
     full = chart.to_dict()
     assert "config" not in spec  # Altair's default theme adds a 300 x 300 view only
     assert {k: v for k, v in full.items() if k != "config"} == spec
+
+
+# ------------------------------------------------------------------ sweeps
+
+
+@pytest.fixture
+def sweep_results():
+    return pd.DataFrame(
+        {
+            "gene_set": ["A", "A", "B", "B", "C"],
+            "target": ["t1", "t2", "t1", "t2", "t1"],
+            "bundle": ["a-t1", "a-t2", "b-t1", "b-t2", "c-t1"],
+            "status": ["trained", "trained", "skipped", "trained", "failed"],
+            "perturbation_accuracy_non_target": [0.2, 0.4, 0.9, 1.0, np.nan],
+            "verdict": ["fail", "caution", "ok", "", ""],
+            "e_distance": [3.0, 2.0, 1.0, 0.5, np.nan],
+            "e_distance_unperturbed": [4.0, 4.0, 4.0, 4.0, np.nan],
+            "genes": [10, 10, 12, 12, 0],
+            "error": ["", "", "", "", "no genes of C in the data"],
+        }
+    )
+
+
+def test_sweep_heatmap_rows_by_accuracy_colours_and_click(sweep_results):
+    spec = to_spec(charts.sweep_heatmap_chart(sweep_results))
+    enc = spec["encoding"]
+    assert enc["y"]["sort"] == ["B", "A", "C"]  # mean accuracy 0.95, 0.3, then none
+    assert enc["x"]["sort"] == ["t1", "t2"]
+    assert enc["color"]["field"] == "accuracy" and enc["color"]["scale"]["domain"] == [0, 1]
+    [pick] = spec["params"]
+    assert pick["name"] == charts.SWEEP_SELECTION and pick["select"]["fields"] == ["bundle"]
+    rows = frame_of(spec).set_index("bundle")
+    assert rows.loc["c-t1", "verdict"] == "failed" and rows.loc["b-t2", "verdict"] == "none"
+    assert "bundle" in tooltip_fields(enc) and "error" in tooltip_fields(enc)
+    v = to_spec(charts.sweep_heatmap_chart(sweep_results, color="verdict"))["encoding"]["color"]
+    assert v["field"] == "verdict" and v["scale"]["domain"] == charts.VERDICT_LEVELS
+    e = to_spec(charts.sweep_heatmap_chart(sweep_results, color="e_distance"))["encoding"]["color"]
+    assert e["field"] == "e_distance" and e["scale"]["reverse"] is True  # near: bright
+    with pytest.raises(ValueError, match="colour by"):
+        charts.sweep_heatmap_chart(sweep_results, color="size")
+
+
+def test_sweep_target_chart_is_the_papers_table_1_sorted(sweep_results):
+    spec = to_spec(charts.sweep_target_chart(sweep_results, "t1"))
+    bars = spec["layer"][0]
+    assert bars["encoding"]["y"]["sort"] == ["B", "A", "C"]  # best first, the failed last
+    assert bars["encoding"]["x"]["scale"]["domain"] == [0, 1]
+    assert set(frame_of(spec)["target"]) == {"t1"}
+
+
+def test_recurring_genes_by_hand():
+    genes = pd.DataFrame(
+        {
+            "gene_set": ["A", "A", "B", "B", "C", "A"],
+            "target": ["t1", "t1", "t1", "t1", "t1", "t2"],
+            "direction": ["up", "down", "up", "up", "up", "up"],
+            "rank": [1, 1, 1, 2, 1, 1],
+            "gene": ["G1", "G9", "G1", "G2", "G1", "G7"],
+        }
+    )
+    out = charts.recurring_genes_frame(genes, "t1")
+    up = out[out.direction == "up"]
+    assert up["gene"].tolist() == ["G1", "G2"] and up["gene_sets"].tolist() == [3, 1]
+    np.testing.assert_allclose(up["frequency"], [1.0, 1 / 3])
+    assert up.iloc[0]["sets"] == "A, B, C"
+    assert out[out.direction == "down"]["gene"].tolist() == ["G9"]
+    assert "G7" not in set(out["gene"])  # another target's

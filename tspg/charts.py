@@ -35,6 +35,10 @@ __all__ = [
     "MAX_ROWS",
     "ROW_HEIGHT",
     "TERM_LABEL_LIMIT",
+    "SWEEP_COLORS",
+    "SWEEP_SELECTION",
+    "VERDICT_COLORS",
+    "VERDICT_LEVELS",
     "accuracy_by_source_chart",
     "accuracy_frame",
     "chart_spec",
@@ -52,6 +56,10 @@ __all__ = [
     "loss_chart",
     "loss_frame",
     "map_chart",
+    "recurring_genes_frame",
+    "sweep_frame",
+    "sweep_heatmap_chart",
+    "sweep_target_chart",
 ]
 
 logger = logging.getLogger(__name__)
@@ -772,6 +780,180 @@ def enrichment_chart(
         .resolve_scale(y="independent")
         .properties(**_title(title))
     )
+
+
+# --------------------------------------------------------------------------- sweeps (paper's Table 1)
+
+VERDICT_LEVELS = ["ok", "caution", "fail", "failed", "none"]
+VERDICT_COLORS = ["#2e7d32", "#f0a020", "#c62828", "#6d6d6d", "#c8c8c8"]
+SWEEP_COLORS = {
+    "accuracy": "perturbation accuracy",
+    "verdict": "verdict",
+    "e_distance": "energy distance to the real target",
+}
+SWEEP_SELECTION = "sweep_pick"
+
+
+def sweep_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """A sweep's results (:func:`tspg.sweep.read_results`) for the charts: ``gene_set``,
+    ``target``, ``bundle``, ``status``, ``accuracy`` (perturbation accuracy of the held-out
+    non-target samples), ``verdict`` (``failed`` for a task that failed, ``none`` when the
+    bundle has none), ``e_distance`` (of x_adv to the real target), ``e_distance_unperturbed``,
+    ``genes`` and ``error``."""
+    r = _require(pd.DataFrame(results), ["gene_set", "target", "bundle", "status"], "sweep_frame")
+    verdict = r.get("verdict", pd.Series("", index=r.index)).fillna("").astype(str)
+    verdict = verdict.where(verdict != "", "none").where(r["status"] != "failed", "failed")
+    num = lambda c: pd.to_numeric(r.get(c, pd.Series(np.nan, index=r.index)), errors="coerce")  # noqa: E731
+    return pd.DataFrame(
+        {
+            "gene_set": r["gene_set"].astype(str),
+            "target": r["target"].astype(str),
+            "bundle": r["bundle"].astype(str),
+            "status": r["status"].astype(str),
+            "accuracy": num("perturbation_accuracy_non_target"),
+            "verdict": verdict,
+            "e_distance": num("e_distance"),
+            "e_distance_unperturbed": num("e_distance_unperturbed"),
+            "genes": num("genes"),
+            "error": r.get("error", pd.Series("", index=r.index)).fillna("").astype(str),
+        }
+    )
+
+
+def sweep_heatmap_chart(
+    results: pd.DataFrame,
+    *,
+    color: Literal["accuracy", "verdict", "e_distance"] = "accuracy",
+    row_height: int = ROW_HEIGHT,
+    column_width: int = 56,
+    title: str = "",
+) -> alt.Chart:
+    """Gene sets (rows) x targets (columns) of a sweep, coloured by the perturbation
+    accuracy, the verdict or the energy distance to the real target (lower is nearer).
+
+    Rows are sorted by mean accuracy (best first). A click on a cell selects its bundle
+    (point selection :data:`SWEEP_SELECTION` on ``bundle``: the dashboard opens it). Tooltip:
+    gene set, target, bundle, accuracy, verdict, energy distances, status, error.
+    """
+    frame = sweep_frame(results)
+    if color not in SWEEP_COLORS:
+        raise ValueError(f"sweep_heatmap_chart: colour by one of {', '.join(SWEEP_COLORS)}")
+    order = frame.groupby("gene_set")["accuracy"].mean().sort_values(ascending=False, kind="stable")
+    rows = order.index.tolist() + sorted(set(frame["gene_set"]) - set(order.index))
+    targets = sorted(frame["target"].unique().tolist())
+    if color == "verdict":
+        col = alt.Color(
+            "verdict:N",
+            scale=alt.Scale(domain=VERDICT_LEVELS, range=VERDICT_COLORS),
+            title="verdict",
+        )
+    elif color == "accuracy":
+        col = alt.Color(
+            "accuracy:Q",
+            scale=alt.Scale(scheme="viridis", domain=[0, 1]),
+            title="perturbation accuracy",
+            legend=alt.Legend(format="%"),
+        )
+    else:
+        col = alt.Color(
+            "e_distance:Q",
+            scale=alt.Scale(scheme="viridis", reverse=True),
+            title=["energy distance", "to the real target", "(lower: nearer)"],
+        )
+    pick = alt.selection_point(fields=["bundle"], name=SWEEP_SELECTION, on="click")
+    chart = (
+        alt.Chart(_data(frame))
+        .mark_rect(stroke="white", strokeWidth=1)
+        .encode(
+            x=alt.X(
+                "target:N",
+                sort=targets,
+                title="target",
+                axis=alt.Axis(orient="top", labelAngle=-35, labelLimit=GENE_LABEL_LIMIT),
+            ),
+            y=alt.Y("gene_set:N", sort=rows, title="gene set", axis=_row_axis()),
+            color=col,
+            opacity=alt.condition(pick, alt.value(1.0), alt.value(0.35)),
+            tooltip=[
+                alt.Tooltip("gene_set:N", title="gene set"),
+                alt.Tooltip("target:N"),
+                alt.Tooltip("bundle:N"),
+                alt.Tooltip("accuracy:Q", title="perturbation accuracy", format=".1%"),
+                alt.Tooltip("verdict:N"),
+                alt.Tooltip("e_distance:Q", title="energy distance (x_adv)", format=".3g"),
+                alt.Tooltip(
+                    "e_distance_unperturbed:Q", title="energy distance (before)", format=".3g"
+                ),
+                alt.Tooltip("status:N"),
+                alt.Tooltip("error:N"),
+            ],
+        )
+        .add_params(pick)
+        .properties(width=max(160, column_width * len(targets)), height=alt.Step(row_height))
+    )
+    return chart.properties(**_title(title))
+
+
+def sweep_target_chart(
+    results: pd.DataFrame, target: str, *, width: int = 360, title: str = ""
+) -> alt.LayerChart:
+    """The paper's Table 1 for one target: each gene set's perturbation accuracy as a
+    horizontal bar, best first, coloured by the bundle's verdict."""
+    frame = sweep_frame(results)
+    frame = frame[frame["target"] == str(target)].sort_values(
+        ["accuracy", "gene_set"], ascending=[False, True], na_position="last", kind="stable"
+    )
+    base = alt.Chart(_data(frame)).encode(
+        y=alt.Y("gene_set:N", sort=frame["gene_set"].tolist(), title="gene set", axis=_row_axis()),
+        x=alt.X(
+            "accuracy:Q",
+            scale=alt.Scale(domain=[0, 1]),
+            axis=alt.Axis(format="%"),
+            title=f"perturbation accuracy towards {target}",
+        ),
+        tooltip=[
+            alt.Tooltip("gene_set:N", title="gene set"),
+            alt.Tooltip("accuracy:Q", title="perturbation accuracy", format=".1%"),
+            alt.Tooltip("verdict:N"),
+            alt.Tooltip("genes:Q"),
+            alt.Tooltip("bundle:N"),
+        ],
+    )
+    bars = base.mark_bar().encode(
+        color=alt.Color(
+            "verdict:N",
+            scale=alt.Scale(domain=VERDICT_LEVELS, range=VERDICT_COLORS),
+            title="verdict",
+        )
+    )
+    text = base.mark_text(align="left", dx=3).encode(text=alt.Text("accuracy:Q", format=".0%"))
+    return alt.layer(bars, text).properties(
+        width=width, height=alt.Step(ROW_HEIGHT), **_title(title)
+    )
+
+
+def recurring_genes_frame(genes: pd.DataFrame, target: str) -> pd.DataFrame:
+    """How many gene sets have each gene among their top genes for ``target``, per direction
+    (frame of :func:`tspg.sweep.sweep_genes_df`): ``gene``, ``direction``, ``gene_sets``
+    (count), ``frequency`` (share of the target's gene sets), ``sets`` (their names);
+    sorted most recurring first."""
+    g = _require(
+        pd.DataFrame(genes), ["gene_set", "target", "direction", "gene"], "recurring_genes_frame"
+    )
+    g = g[g["target"] == str(target)]
+    n_sets = max(g["gene_set"].nunique(), 1)
+    out = (
+        g.groupby(["direction", "gene"], sort=False)["gene_set"]
+        .agg(gene_sets="nunique", sets=lambda s: ", ".join(sorted(set(s))))
+        .reset_index()
+    )
+    out["frequency"] = out["gene_sets"] / n_sets
+    out["direction"] = pd.Categorical(out["direction"], categories=DIRECTIONS)
+    out = out.sort_values(
+        ["direction", "gene_sets", "gene"], ascending=[True, False, True], kind="stable"
+    )
+    out["direction"] = out["direction"].astype(str)
+    return out[["gene", "direction", "gene_sets", "frequency", "sets"]].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- export

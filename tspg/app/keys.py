@@ -36,6 +36,9 @@ __all__ = [
     "SEL_N",
     "SEL_NONTARGET",
     "SEL_SEED",
+    "SWEEP_COLOR",
+    "SWEEP_OPENED",
+    "SWEEP_TARGET",
     "TOP_K",
     "UPLOAD",
     "URL_APPLIED",
@@ -72,6 +75,9 @@ ENR_THRESHOLD = "enr_threshold"
 ENR_GMTS = "enr_gmts"  # the offline GMT files to use (paths)
 ENR_GMTS_OFFERED = "enr_gmts_offered"  # every GMT offered so far: one offered anew starts selected
 
+SWEEP_COLOR = "sweep_color"  # the Sweep page's heatmap colour: accuracy, verdict or e_distance
+SWEEP_TARGET = "sweep_target"  # the Sweep page's target for Table 1 and the recurring genes
+SWEEP_OPENED = "sweep_opened"  # the bundle the Sweep page last opened (a message)
 NOTES = "url_notes"  # notes on what of the URL's view was ignored (shown at the top, once)
 NOTES_BOX = "_notes_box"  # this run's container for them, at the top of the page
 VERDICT_BOX = "_verdict_box"  # this run's container for the selection's verdict, under the title
@@ -94,6 +100,8 @@ PERSIST = (
     MAP_CLASSES,
     MAP_SEED,
     MAP_MOVES,
+    SWEEP_COLOR,
+    SWEEP_TARGET,
     GENE,
     ENR_WHAT,
     ENR_DIRECTION,
@@ -113,6 +121,7 @@ DEFAULTS = {
     TOP_K: 20,
     MAP_SEED: 0,
     MAP_MOVES: True,
+    SWEEP_COLOR: "accuracy",
     ENR_WHAT: "consensus",
     ENR_DIRECTION: "both",
     ENR_BACKEND: "auto",

@@ -22,7 +22,7 @@ import streamlit as st
 import torch
 
 from .. import baselines as _baselines
-from .. import embedding, enrichment, verdict
+from .. import embedding, enrichment, sweep, verdict
 from ..bundle import list_bundles, load_bundle, models_dir, resolve_bundle
 from ..config import TrainConfig
 from ..data import MAX_MISSING_SHARE, GeneMatch, read_gem
@@ -61,6 +61,7 @@ __all__ = [
     "sample_pool",
     "scaled_expression",
     "selection_verdict",
+    "sweep_results",
     "target_mean",
     "usable_match",
 ]
@@ -443,6 +444,31 @@ def joint(ref_idx, mkey: str, bundle, data: Data, pert, seed: int):
     """(real coords, perturbed coords) of one t-SNE fit on both (the "Recompute joint map" button)."""
     Xs = scaled_expression(bundle, data)
     return _joint(mkey, bundle_key(bundle), tuple(pert.samples), int(seed), Xs[ref_idx], pert.x_adv)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def _results_stamp(folder: Path) -> float:
+    stamps = []
+    for name in (sweep.RESULTS_CSV, sweep.RESULTS_PARQUET):
+        try:
+            stamps.append((folder / name).stat().st_mtime)
+        except OSError:
+            pass
+    return max(stamps, default=0.0)
+
+
+@st.cache_data(show_spinner="Reading the sweep's results…", max_entries=4)
+def _sweep_results(folder: str, stamp: float) -> pd.DataFrame:
+    return sweep.read_results(folder)
+
+
+def sweep_results() -> pd.DataFrame:
+    """The sweep results table in the models folder (:func:`tspg.sweep.read_results`; read
+    again when it changes); FileNotFoundError when there is none."""
+    root = models_root()
+    return _sweep_results(str(root), _results_stamp(root))
 
 
 # ----------------------------------------------------------------------------- genes and enrichment

@@ -55,6 +55,14 @@ PARAMS: tuple[Param, ...] = (
     Param("backend", K.ENR_BACKEND, "word", "backend", choices=("auto", "offline", "enrichr")),
     Param("q", K.ENR_THRESHOLD, "number", "q threshold", choices=K.ENRICHMENT_THRESHOLDS),
     Param("libraries", K.ENR_LIBRARIES, "list", "Enrichr libraries"),
+    Param(
+        "sweep_color",
+        K.SWEEP_COLOR,
+        "word",
+        "the sweep's colour",
+        choices=("accuracy", "verdict", "e_distance"),
+    ),
+    Param("sweep_target", K.SWEEP_TARGET, "text", "the sweep's target"),
 )
 _BY_NAME = {p.name: p for p in PARAMS}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}

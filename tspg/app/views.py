@@ -33,8 +33,10 @@ __all__ = [
     "loss_table",
     "missing_genes_frame",
     "models_arg",
+    "open_bundle_from_pick",
     "own_dataset_hint",
     "scaler_key",
+    "sweep_table",
     "target_label",
     "top_genes_table",
     "verdict_level",
@@ -234,6 +236,50 @@ def verdict_level(manifest: dict) -> str | None:
     """A bundle's stored verdict level (ok / caution / fail), None when it has none."""
     v = manifest.get("verdict")
     return v.get("level") if isinstance(v, dict) else None
+
+
+def sweep_table(results: pd.DataFrame) -> pd.DataFrame:
+    """A sweep's results (:func:`tspg.sweep.read_results`) as the Sweep page's table: one row
+    per bundle, the best perturbation accuracy first."""
+    r = results
+    table = pd.DataFrame(
+        {
+            "gene set": r["gene_set"],
+            "target": r["target"],
+            "verdict": r["verdict"].where(r["status"] != "failed", "failed"),
+            "accuracy": r["perturbation_accuracy_non_target"],
+            "target-model accuracy": r["target_model_accuracy"],
+            "energy distance": r["e_distance"],
+            "before": r["e_distance_unperturbed"],
+            "genes": r["genes"],
+            "status": r["status"],
+            "bundle": r["bundle"],
+            "error": r["error"],
+        }
+    )
+    return table.sort_values(
+        ["accuracy", "gene set", "target"],
+        ascending=[False, True, True],
+        na_position="last",
+        kind="stable",
+    ).reset_index(drop=True)
+
+
+def open_bundle_from_pick(state, param: str) -> str | None:
+    """The bundle a click on a chart picked: ``state`` is the chart's selection state
+    (``st.session_state[key]`` of a chart drawn with ``on_select``), ``param`` the point
+    selection's name; None when nothing is picked."""
+    selection = getattr(state, "selection", None)
+    if selection is None and isinstance(state, dict):
+        selection = state.get("selection")
+    try:
+        points = selection[param]
+    except (KeyError, TypeError):
+        points = getattr(selection, param, None)
+    if not points:
+        return None
+    first = points[0] if isinstance(points, list) else points
+    return str(first.get("bundle")) if isinstance(first, dict) and first.get("bundle") else None
 
 
 # ----------------------------------------------------------------------------- commands
