@@ -31,7 +31,7 @@ def _edit_manifest(folder: Path, edit) -> None:
 
 @pytest.fixture(scope="module")
 def bad_models(demo_models_dir, tmp_path_factory) -> tuple[Path, str]:
-    """The demo bundle, and beside it four bad copies of it."""
+    """The demo bundle, and beside it four bad copies of it and a folder whose manifest cannot be read."""
     root = tmp_path_factory.mktemp("bad_models")
     [good] = [
         p for p in Path(demo_models_dir).iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -55,16 +55,25 @@ def bad_models(demo_models_dir, tmp_path_factory) -> tuple[Path, str]:
     shutil.copytree(good, cut)
     w = cut / "target_model.safetensors"
     w.write_bytes(w.read_bytes()[:-64])
+    # a manifest that cannot be read (as another user's, mode 0600, would be; tests may run
+    # as root, for whom permissions do not apply, so the reading fails another way)
+    (root / "a-manifest-unreadable" / "manifest.json").mkdir(parents=True)
     return root, good.name
 
 
 def test_bad_bundles_are_listed_as_unreadable_and_every_page_works(bad_models, monkeypatch):
     root, good = bad_models
     bad = sorted(e.name for e in list_bundles(root) if e.error is not None)
-    assert bad == ["a-cut-short", "a-metrics-of-text", "a-nan-generator", "a-nan-scaler"]
+    assert bad == [
+        "a-cut-short",
+        "a-manifest-unreadable",
+        "a-metrics-of-text",
+        "a-nan-generator",
+        "a-nan-scaler",
+    ]
     at = ok(app(root, monkeypatch).run())
     assert at.sidebar.selectbox(key="bundle").options == [good]
-    assert "4 unreadable bundle(s): see the Models page." in texts(at.sidebar.caption)
+    assert "5 unreadable bundle(s): see the Models page." in texts(at.sidebar.caption)
     for page in PAGES:
         ok(at.switch_page(f"app_pages/{page}.py").run())
         assert at.sidebar.selectbox(key="bundle").value == good, page
