@@ -243,10 +243,10 @@ def test_train_usage_errors_exit_2(tiny_h5ad, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("option", "value", "expected"),
     [
-        ("--batch-size", "0", "--batch-size 0: must be at least 1"),
+        ("--batch-size", "1", "--batch-size 1: must be at least 2"),
         ("--epochs", "-1", "--epochs -1: must be at least 1"),
         ("--target-epochs", "0", "--target-epochs 0: must be at least 1"),
-        ("--target-batch-size", "0", "--target-batch-size 0: must be at least 1"),
+        ("--target-batch-size", "0", "--target-batch-size 0: must be at least 2"),
         ("--cov-rank", "0", "--cov-rank 0: must be at least 1"),
         ("--seed", "-1", "--seed -1: must be 0 or more"),
         ("--kappa", "nan", "--kappa nan: must be a finite number"),
@@ -624,8 +624,15 @@ def test_list_shows_bundles_and_unreadable_ones(quick_bundle, tmp_path, capsys):
     assert lines[0].startswith("bad\tUNREADABLE: ") and "manifest.json: not valid JSON" in lines[0]
     acc = quick_bundle.metrics["perturbation_accuracy_non_target"]
     assert lines[1] == f"good\ttiny\tbeta\t30 genes\tperturbation accuracy {acc:.3f}"
+    (tmp_path / "empty").mkdir()
     assert main(["list", "--models", str(tmp_path / "empty")]) == 0
     assert capsys.readouterr().out.strip() == "no bundles"
+    # a folder that is not there is an error (issue 10, item 5), not an empty listing
+    assert main(["list", "--models", str(tmp_path / "gone")]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert (
+        err == f"error: {tmp_path / 'gone'}: no such models folder (give the folder with --models)"
+    )
 
 
 # ----------------------------------------------------------------------------- tspg perturb --samples, tspg enrich
@@ -729,4 +736,4 @@ def test_output_file_os_errors_name_the_file(quick_bundle, tiny_h5ad, tmp_path, 
     argv = ["evaluate", str(quick_bundle.path), str(tiny_h5ad), "--k", "3", "--json", str(target)]
     assert main(argv) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line == f"error: {target}: cannot write (No such file or directory)"
+    assert line == f"error: {target}: cannot write, {target.parent} is not a folder"

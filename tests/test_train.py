@@ -347,7 +347,7 @@ def test_auto_covariance_turns_lowrank_for_large_classes(monkeypatch):
 def test_config_refuses_values_out_of_range():
     for bad, message in (
         (dict(epochs=0), "epochs = 0: must be at least 1"),
-        (dict(batch_size=-1), "batch_size = -1: must be at least 1"),
+        (dict(batch_size=1), "batch_size = 1: must be at least 2"),
         (dict(w_ed=-1.0), "w_ed = -1.0: must be 0 or more"),
         (dict(g_lr=0.0), "g_lr = 0.0: must be more than 0"),
         (dict(kappa=math.nan), "kappa = nan: must be a finite number"),

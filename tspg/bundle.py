@@ -48,7 +48,7 @@ from .data import (
     subsample,
 )
 from .datasets import DEMO_NAME
-from .errors import UserError
+from .errors import UserError, one_line
 from .manifest import FORMAT_VERSION, manifest_json, parse_manifest, validate_manifest
 from .nets import Discriminator, Generator, TargetClassifier
 from .perturbation import class_probabilities
@@ -59,6 +59,7 @@ __all__ = [
     "Bundle",
     "BundleEntry",
     "SampleChoice",
+    "check_destination",
     "check_name",
     "check_weights",
     "chosen_samples",
@@ -410,6 +411,27 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_destination(root: str | Path | None, name: str, *, overwrite: bool = False) -> Path:
+    """``root/name``, where bundle ``name`` may be saved: nothing of that name is there, or,
+    with ``overwrite``, a bundle (a folder holding a manifest.json, readable or not) that
+    the save replaces. Another file or folder of that name is never replaced: ``overwrite``
+    would destroy it. Touches nothing."""
+    final = models_dir(root) / check_name(name)
+    if not os.path.lexists(final):
+        return final
+    if not overwrite:
+        raise UserError(
+            f"{_shown(final)}: a bundle of that name exists; pass --overwrite or choose --name"
+        )
+    if not (final.is_dir() and os.path.lexists(final / "manifest.json")):
+        what = "a folder without manifest.json" if final.is_dir() else "not a folder"
+        raise UserError(
+            f"{_shown(final)}: in the way and not a bundle ({what}); --overwrite replaces "
+            "bundles only: move it away or choose --name"
+        )
+    return final
+
+
 def save_bundle(
     bundle: Bundle, out_dir: str | Path | None = None, *, overwrite: bool = False
 ) -> Path:
@@ -432,10 +454,7 @@ def save_bundle(
     try:
         root.mkdir(parents=True, exist_ok=True)
         clean_leftovers(root)
-        if os.path.lexists(final) and not overwrite:
-            raise UserError(
-                f"{_shown(final)}: a bundle of that name exists; pass --overwrite or choose --name"
-            )
+        check_destination(root, bundle.name, overwrite=overwrite)
         prefix = f".{bundle.name}.tmp-{os.getpid()}-{_HOST}-"
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     except OSError as err:
@@ -606,7 +625,7 @@ def _remove(folder: Path) -> bool:
 
 def _shown(path) -> str:
     """A path (or any text) for a one-line message: control characters escaped."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(path))
+    return one_line(path)
 
 
 def _why(err: BaseException) -> str:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from .config import (
     CHOICES,
+    MAX_EPOCHS,
+    MAX_SEED,
     TrainConfig,
     config_fields,
     config_options,
@@ -29,10 +31,11 @@ from .config import (
     field_default,
     field_kind,
     format_option,
+    number_problem,
     option_name,
     parse_option,
 )
-from .errors import UserError, user_file
+from .errors import UserError, check_writable, one_line, user_file
 
 __all__ = ["build_parser", "build_train_parser", "main", "train_main"]
 
@@ -52,12 +55,39 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def _count(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded(kind: type, *, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite number of ``kind`` (int or float) in a range, checked as the
+    TrainConfig fields are (:func:`tspg.config.number_problem`). argparse puts the option's
+    name first: ``argument --seed: must be 0 or more, not -1``."""
+
+    def convert(text: str):
+        value = kind(text)  # a ValueError: argparse's "invalid int value: 'x'"
+        problem = number_problem(
+            value,
+            integer=kind is int,
+            low=low,
+            high=high,
+            low_open=low_open,
+            high_open=high_open,
+        )
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, not {text.strip()}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return convert
+
+
+# The bounds of the options that are not TrainConfig fields (those carry their own)
+MAX_K = 100_000  # top genes per direction (more than a bundle's genes: all of them)
+MAX_PER_CLASS = 1_000_000
+MAX_GENES = 10_000_000
+MAX_THREADS = 1024
+MAX_TIMEOUT_S = 600.0
+MAX_WORKERS = 10_000  # workers, batch jobs, tasks per GPU of a sweep
+MAX_RETRIES = 100
+_seed = _bounded(int, low=0, high=MAX_SEED)
+_workers = _bounded(int, low=1, high=MAX_WORKERS)
 
 
 # ----------------------------------------------------------------------------- parent parsers
@@ -99,6 +129,13 @@ def _data_parent(*, required: bool) -> argparse.ArgumentParser:
         default="fill",
         help="missing values: fill with the matrix minimum, or refuse",
     )
+    g.add_argument(
+        "--short-rows",
+        choices=["error", "fill"],
+        default="error",
+        help="text: a row with fewer fields than the header: refuse it, or read its missing "
+        "fields as missing values (then --nan applies)",
+    )
     return p
 
 
@@ -117,7 +154,9 @@ def _models_parent() -> argparse.ArgumentParser:
 
 def _k_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--k", type=_count, default=20, help="top genes per direction")
+    p.add_argument(
+        "--k", type=_bounded(int, low=1, high=MAX_K), default=20, help="top genes per direction"
+    )
     return p
 
 
@@ -201,7 +240,7 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
     # big data: genes are chosen on the sparse / on-disk matrix before anything is dense
     g.add_argument(
         "--n-top-genes",
-        type=_count,
+        type=_bounded(int, low=1, high=MAX_GENES),
         metavar="N",
         help="train on the N highly variable genes of the training split (scanpy's "
         "highly_variable_genes, flavour cell_ranger: for log-normalised data)",
@@ -221,7 +260,7 @@ def build_train_parser(prog: str = "tspg-train") -> argparse.ArgumentParser:
     )
     o.add_argument(
         "--threads",
-        type=_count,
+        type=_bounded(int, low=1, high=MAX_THREADS),
         default=None,
         help="CPU threads for torch (default: torch's choice, one per core)",
     )
@@ -250,6 +289,7 @@ def _run_train(parser: argparse.ArgumentParser, argv) -> int:
     args = parser.parse_args(argv)
     _check_train_usage(args, parser)
     _check_config_options(args, parser)
+    args.config = _config_of(args, parser)
     _setup_logging(args.quiet)
     if args.threads:
         import torch
@@ -308,6 +348,24 @@ def _check_config_options(args, parser) -> None:
             parser.error(f"{option_name(name)} {format_option(value)}: {problem}")
 
 
+def _config_of(args, parser) -> TrainConfig:
+    """The run's TrainConfig; a rule between options (every loss weight 0) is a usage
+    error naming the options, before anything is read."""
+    try:
+        return config_from_args(args)
+    except UserError as err:
+        parser.error(_with_option_names(str(err)))
+
+
+def _with_option_names(message: str) -> str:
+    """A TrainConfig message with its field names written as options (``w_gan`` -> ``--w-gan``)."""
+    import re
+
+    names = sorted(config_options(), key=len, reverse=True)
+    pattern = r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])"
+    return re.sub(pattern, lambda m: option_name(m.group(1)), message)
+
+
 def _reused_target_model(args, parser):
     """The bundle of ``--target-model`` (None without); its settings may not be contradicted."""
     if not args.target_model:
@@ -337,18 +395,6 @@ def _train_data(args):
     return _read_data(args), Path(args.data).stem, args.label_key or "label", args.target
 
 
-def _check_outputs(root: Path, names: list[str], *, overwrite: bool) -> None:
-    """Everything that could stop the run after training, checked before it."""
-    blocking = next((p for p in (root, *root.parents) if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise UserError(f"{blocking}: is a file; the bundles go into a folder (--out)")
-    for name in names:
-        if (root / name).exists() and not overwrite:
-            raise UserError(
-                f"{root / name}: a bundle of that name exists; pass --overwrite or choose --name"
-            )
-
-
 def _progress(quiet: bool):
     """The training callback: one tqdm bar per stage on stderr (None with --quiet)."""
     if quiet:
@@ -372,29 +418,32 @@ def _progress(quiet: bool):
 
 
 def _train(args, parser) -> int:
-    from .bundle import models_dir, save_bundle
-    from .data import validate_labels
+    from .bundle import models_dir
     from .genesets import select_genes
-    from .pipeline import default_names, train_all_targets
+    from .pipeline import check_run, train_all_targets
 
     start = time.perf_counter()
     reuse = _reused_target_model(args, parser)
     adata, dataset, label_key, target = _train_data(args)
-    config = config_from_args(args)
+    config = args.config
     genes = (
         None
         if reuse or args.n_top_genes
         else select_genes(adata.var_names, gene_set=args.gene_set, genes_file=args.genes)
     )
-    validate_labels(adata, label_key, source=dataset)
-    targets = [target] if target else None
-    if targets is None:
-        targets = (
-            list(reuse.classes) if reuse else sorted(adata.obs[label_key].astype(str).unique())
-        )
-    names = [args.name] if args.name else default_names(dataset, targets)
-    root = models_dir(args.out)
-    _check_outputs(root, names, overwrite=args.overwrite)
+    # everything that could stop the run after its first epoch, checked now (and again,
+    # the same way, by train_all_targets): labels, split, targets, names, --out
+    plan = check_run(
+        adata,
+        label_key=label_key,
+        targets=[target] if target else None,
+        config=config,
+        dataset=dataset,
+        target_model=reuse,
+        names=[args.name] if args.name else None,
+        out=models_dir(args.out),
+        overwrite=args.overwrite,
+    )
     what = (
         f"the genes, split and target model of {reuse.name!r}"
         if reuse
@@ -404,23 +453,27 @@ def _train(args, parser) -> int:
     )
     logger.info("data: %s, %d samples x %d genes; %s", dataset, adata.n_obs, adata.n_vars, what)
     logger.info("config: %s", config.to_dict())
-    bundles = train_all_targets(
+    bundles = train_all_targets(  # each bundle saved (and printed) as soon as it is trained
         adata,
         label_key=label_key,
-        targets=targets,
+        targets=plan.targets,
         config=config,
         genes=genes,
         n_top_genes=args.n_top_genes,
         dataset=dataset,
         target_model=reuse,
         device=args.device,
-        names=names,
+        names=plan.names,
+        out=plan.out,
+        overwrite=args.overwrite,
         progress=_progress(args.quiet),
+        on_bundle=lambda b: _print_trained(b, b.path),
     )
-    for b in bundles:
-        with user_file(root, "write a bundle into"):
-            path = save_bundle(b, args.out, overwrite=args.overwrite)
-        _print_trained(b, path)
+    if plan.skipped:
+        print(
+            f"trained {len(bundles)} of {len(plan.classes)} classes; no generator for "
+            f"{', '.join(map(repr, plan.skipped))} (too few samples: see the warning above)"
+        )
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -466,7 +519,7 @@ def _guarded(command, args, parser) -> int:
     except UserError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)  # one line, whatever names it holds
         return 2
 
 
@@ -534,7 +587,7 @@ def _add_evaluate_parser(command, parents) -> None:
         "with differential expression. DATA may be omitted for the demo.",
     )
     ev.add_argument("--json", help="also write every metric to this JSON file")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the one-sample-per-class choice")
+    ev.add_argument("--seed", type=_seed, default=0, help="seed of the one-sample-per-class choice")
 
 
 def _add_enrich_parser(command, parents) -> None:
@@ -573,13 +626,13 @@ def _add_enrich_parser(command, parents) -> None:
     )
     en.add_argument(
         "--threshold",
-        type=float,
+        type=_bounded(float, low=0, high=1, low_open=True),
         default=1e-4,
         help="q-value below which a term counts as significant",
     )
     en.add_argument(
         "--timeout",
-        type=float,
+        type=_bounded(float, low=0, high=MAX_TIMEOUT_S, low_open=True),
         default=10.0,
         help="seconds to wait for Enrichr before answering offline",
     )
@@ -606,10 +659,13 @@ def _add_map_parser(command, parents) -> None:
         "frequent, 10 in all",
     )
     mp.add_argument(
-        "--n-per-class", type=_count, default=300, help="at most this many real samples per class"
+        "--n-per-class",
+        type=_bounded(int, low=1, high=MAX_PER_CLASS),
+        default=300,
+        help="at most this many real samples per class",
     )
     mp.add_argument(
-        "--seed", type=int, default=0, help="seed of the subsample and of the t-SNE fit"
+        "--seed", type=_seed, default=0, help="seed of the subsample and of the t-SNE fit"
     )
 
 
@@ -623,7 +679,12 @@ def _add_app_parser(command, parents) -> None:
         "127.0.0.1 (this machine only); --address 0.0.0.0 exposes it to the network, upload page included, "
         "without any login.",
     )
-    app.add_argument("--port", type=int, default=8501, help="port the dashboard listens on")
+    app.add_argument(
+        "--port",
+        type=_bounded(int, low=1, high=65535),
+        default=8501,
+        help="port the dashboard listens on",
+    )
     app.add_argument(
         "--address",
         default="127.0.0.1",
@@ -631,7 +692,7 @@ def _add_app_parser(command, parents) -> None:
     )
     app.add_argument(
         "--demo-epochs",
-        type=_count,
+        type=_bounded(int, low=1, high=MAX_EPOCHS),
         default=None,
         help="generator epochs of the demo, if it must be trained (default: the recipe's; target-model "
         "epochs are capped at this)",
@@ -664,6 +725,7 @@ def _read_data(args):
         use_raw=args.use_raw,
         transpose=args.transpose,
         nan=args.nan,
+        short_rows=args.short_rows,
         row_names=args.row_names,
         col_names=args.col_names,
         backed=getattr(args, "backed", None),
@@ -700,6 +762,7 @@ def _data(args, bundle, *, own: bool):
 def _import(args, parser) -> int:
     from .data import write_gem
 
+    check_writable(args.output)
     if args.labels is None and args.label_key is None and not str(args.data).endswith(".h5ad"):
         logger.warning("no --labels given: the .h5ad will have no classes")
     adata = _read_data(args)
@@ -713,17 +776,23 @@ def _import(args, parser) -> int:
 
 
 def _list(args, parser) -> int:
-    from .bundle import list_bundles
+    from .bundle import list_bundles, models_dir
 
-    entries = list_bundles(args.models)
+    root = models_dir(args.models)
+    # (the library lists a missing folder as empty: the dashboard's may not exist yet)
+    if not os.path.lexists(root):
+        raise UserError(f"{root}: no such models folder (give the folder with --models)")
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder (--models is the folder that holds the bundles)")
+    entries = list_bundles(root)
     if not entries:
         print("no bundles")
     for e in entries:
-        s = e.summary()
+        s = {k: one_line(v) for k, v in e.summary().items()}  # one line, one tab per column
         if e.error:
             print(f"{s['name']}\tUNREADABLE: {s['error']}")
             continue
-        acc = s["perturbation accuracy"]
+        acc = e.summary()["perturbation accuracy"]
         acc = f"{acc:.3f}" if isinstance(acc, int | float) else "n/a"
         print(
             f"{s['name']}\t{s['dataset']}\t{s['target']}\t{s['genes']} genes\tperturbation accuracy {acc}"
@@ -738,6 +807,7 @@ def _perturb(args, parser) -> int:
     out = Path(args.output)
     if not args.csv and out.suffix.lower() != ".h5ad":
         parser.error("--output must end in .h5ad (or add --csv to write a folder of CSV files)")
+    check_writable(out, folder=args.csv)  # now, not after the work
     bundle = _load_bundle(args)
     adata, key, name = _data(args, bundle, own=False)
     if args.samples:
@@ -799,6 +869,8 @@ def _evaluate(args, parser) -> int:
 
     from .metrics import evaluate
 
+    if args.json:
+        check_writable(args.json)
     bundle = _load_bundle(args)
     adata, key, name = _data(args, bundle, own=True)
     if key is None:
@@ -853,6 +925,7 @@ def _enrich(args, parser) -> int:
     from .enrichment import EnrichrError, enrich_directions, offline_gmt_files
     from .perturbation import consensus_top, perturb_adata
 
+    check_writable(args.output)
     bundle = _load_bundle(args)
     adata, key, name = _data(args, bundle, own=True)
     from .pipeline import HELDOUT_MAX_SAMPLES
@@ -907,6 +980,7 @@ def _print_enrichment(table, out, threshold: float) -> None:
 def _map(args, parser) -> int:
     from .embedding import perturbation_map
 
+    check_writable(args.output)
     bundle = _load_bundle(args)
     adata, key, name = _data(args, bundle, own=False)
     result = perturbation_map(
@@ -974,8 +1048,6 @@ def _ensure_a_bundle(root: Path, demo_epochs: int | None) -> int:
 def _app(args, parser) -> int:
     from .bundle import models_dir
 
-    if not 0 < args.port < 65536:
-        parser.error("--port must be between 1 and 65535")
     script = find_app_script()
     root = models_dir(args.models).resolve()
     code = _ensure_a_bundle(root, args.demo_epochs)
@@ -1034,10 +1106,14 @@ def _add_sweep_parser(command, parents) -> None:
         help="only the gene sets of these names (shell patterns allowed, e.g. 'HALLMARK_*')",
     )
     g.add_argument(
-        "--min-genes", type=int, help="only gene sets with at least this many genes in the GEM"
+        "--min-genes",
+        type=_bounded(int, low=1, high=MAX_GENES),
+        help="only gene sets with at least this many genes in the GEM",
     )
     g.add_argument(
-        "--max-genes", type=int, help="only gene sets with at most this many genes in the GEM"
+        "--max-genes",
+        type=_bounded(int, low=1, high=MAX_GENES),
+        help="only gene sets with at most this many genes in the GEM",
     )
     g.add_argument(
         "--targets", nargs="+", metavar="CLASS", default=["all"], help="target classes, or all"
@@ -1046,12 +1122,12 @@ def _add_sweep_parser(command, parents) -> None:
     e = sw.add_argument_group("engine (Dask)")
     e.add_argument(
         "--workers",
-        type=_count,
+        type=_workers,
         help="worker processes of the local cluster (default: cores / --threads)",
     )
     e.add_argument(
         "--threads",
-        type=_count,
+        type=_bounded(int, low=1, high=MAX_THREADS),
         help="torch threads per task (default: cores / --workers on the local cluster; "
         "elsewhere the workers' OMP_NUM_THREADS, 1 under Dask)",
     )
@@ -1063,16 +1139,18 @@ def _add_sweep_parser(command, parents) -> None:
         choices=SWEEP_JOBQUEUES,
         help="run on batch jobs configured in Dask's jobqueue config (~/.config/dask/jobqueue.yaml)",
     )
-    e.add_argument("--jobs", type=_count, default=1, help="batch jobs to submit (with --jobqueue)")
+    e.add_argument(
+        "--jobs", type=_workers, default=1, help="batch jobs to submit (with --jobqueue)"
+    )
     e.add_argument(
         "--retries",
-        type=int,
+        type=_bounded(int, low=0, high=MAX_RETRIES),
         default=1,
         help="retries of a task that crashed (a bad input or setting is not retried)",
     )
     e.add_argument(
         "--tasks-per-gpu",
-        type=_count,
+        type=_workers,
         default=4,
         help="with --device cuda: tasks sharing one GPU (each asks for 1/N of a GPU resource)",
     )

@@ -28,6 +28,7 @@ __all__ = [
     "field_default",
     "field_kind",
     "format_option",
+    "number_problem",
     "option_name",
     "parse_option",
 ]
@@ -36,6 +37,9 @@ RECIPES = ("tspg+", "paper")
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds; larger values overflow
 MAX_BATCH = 2**20
+MIN_BATCH = 2  # BatchNorm needs two samples a batch: the loops skip smaller ones (none would run)
+# loss weights and the margin: no sensible setting is larger (1e38 overflows float32)
+MAX_WEIGHT = 1e6
 MAX_WIDTH = 2**16
 
 
@@ -80,14 +84,16 @@ class TrainConfig:
     # target model f
     target_epochs: int = _opt(30, "epochs of the target model", low=1, high=MAX_EPOCHS)
     target_lr: float = _opt(1e-3, "Adam learning rate of the target model", low=0, low_open=True)
-    target_batch_size: int = _opt(128, "batch size of the target model", low=1, high=MAX_BATCH)
+    target_batch_size: int = _opt(
+        128, "batch size of the target model", low=MIN_BATCH, high=MAX_BATCH
+    )
     target_hidden: tuple[int, ...] = _opt(
         (1024, 512, 128), "widths of the target model's hidden layers", low=1, high=MAX_WIDTH
     )
     # generator G and discriminator D
     epochs: int = _opt(60, "epochs of the generator and discriminator", low=1, high=MAX_EPOCHS)
     batch_size: int = _opt(
-        128, "batch size of the generator and discriminator", low=1, high=MAX_BATCH
+        128, "batch size of the generator and discriminator", low=MIN_BATCH, high=MAX_BATCH
     )
     g_lr: float = _opt(2e-4, "Adam learning rate of the generator", low=0, low_open=True)
     d_lr: float = _opt(1e-4, "Adam learning rate of the discriminator", low=0, low_open=True)
@@ -104,12 +110,22 @@ class TrainConfig:
         (512, 256, 128), "widths of the discriminator's hidden layers", low=1, high=MAX_WIDTH
     )
     # generator loss L = w_gan L_gan + w_adv L_adv + w_norm L_norm + w_td L_td + w_ed L_ed
-    w_gan: float = _opt(1.0, "weight of the least-squares GAN loss", low=0)
-    w_adv: float = _opt(3.0, "weight of the Carlini-Wagner loss", low=0)
-    w_norm: float = _opt(0.0, "weight of the L2 norm of the generator's output G(x)", low=0)
-    w_td: float = _opt(0.0, "weight of the L1 distance to a draw of the target distribution", low=0)
+    w_gan: float = _opt(1.0, "weight of the least-squares GAN loss", low=0, high=MAX_WEIGHT)
+    w_adv: float = _opt(3.0, "weight of the Carlini-Wagner loss", low=0, high=MAX_WEIGHT)
+    w_norm: float = _opt(
+        0.0, "weight of the L2 norm of the generator's output G(x)", low=0, high=MAX_WEIGHT
+    )
+    w_td: float = _opt(
+        0.0,
+        "weight of the L1 distance to a draw of the target distribution",
+        low=0,
+        high=MAX_WEIGHT,
+    )
     w_ed: float = _opt(
-        30.0, "weight of the energy distance between x_adv and real target samples", low=0
+        30.0,
+        "weight of the energy distance between x_adv and real target samples",
+        low=0,
+        high=MAX_WEIGHT,
     )
     ed_repulsion: float = _opt(
         0.8,
@@ -117,7 +133,7 @@ class TrainConfig:
         low=0,
         high=1,
     )
-    kappa: float = _opt(2.0, "Carlini-Wagner confidence margin", low=0)
+    kappa: float = _opt(2.0, "Carlini-Wagner confidence margin", low=0, high=MAX_WEIGHT)
     adv_space: Literal["logits", "probs"] = _opt(
         "logits",
         "take the Carlini-Wagner margin on logits or softmax probabilities",
@@ -255,6 +271,22 @@ def _widths_problem(value, meta: dict) -> str | None:
     return None
 
 
+def number_problem(
+    value,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> str | None:
+    """Why ``value`` is not a finite number (a whole one with ``integer``) in the range from
+    ``low`` to ``high`` (each excluded when open); None when it is. The command line's
+    other numeric options are checked with it, in the words of the TrainConfig fields."""
+    meta = dict(low=low, high=high, low_open=low_open, high_open=high_open)
+    return _number_problem(value, meta, integer=integer)
+
+
 def _number_problem(value, meta: dict, *, integer: bool) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "must be a whole number" if integer else "must be a number"
@@ -275,10 +307,23 @@ def _range_problem(v, meta: dict) -> str | None:
     if not (too_low or too_high):
         return None
     if low is not None and high is not None and high <= 1:  # shares and weights in [0, 1]
-        return f"between {low:g} and {high:g}" + (" (exclusive)" if lo_open and hi_open else "")
+        return f"between {_n(low)} and {_n(high)}" + (" (exclusive)" if lo_open and hi_open else "")
     if too_low:
-        return f"more than {low:g}" if lo_open else "0 or more" if low == 0 else f"at least {low:g}"
-    return f"less than {high:g}" if hi_open else f"at most {high:g}"
+        return (
+            f"more than {_n(low)}"
+            if lo_open
+            else "0 or more"
+            if low == 0
+            else f"at least {_n(low)}"
+        )
+    return f"less than {_n(high)}" if hi_open else f"at most {_n(high)}"
+
+
+def _n(v) -> str:
+    """A bound as a message writes it: whole numbers in full (4294967295, not 4.29497e+09)."""
+    if isinstance(v, int) or (float(v).is_integer() and abs(v) < 1e16):
+        return str(int(v))
+    return f"{v:g}"
 
 
 # ----------------------------------------------------------------------------- command line

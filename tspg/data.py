@@ -18,6 +18,7 @@ import csv
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,10 @@ __all__ = [
     "expression",
     "fill_missing",
     "fingerprint",
+    "gene_like_share",
     "gene_match_summary",
     "gene_matrix",
+    "looks_transposed",
     "match_genes",
     "read_gem",
     "read_labels",
@@ -59,6 +62,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NanPolicy = Literal["fill", "error"]
+ShortRowPolicy = Literal["error", "fill"]
 # Scaling new data: warn when more than this share of values falls outside the training
 # range (by more than the tolerance, float rounding at the edges)
 OUT_OF_RANGE_WARNING = 0.05
@@ -105,6 +109,7 @@ def read_gem(
     row_names: str | Path | None = None,
     col_names: str | Path | None = None,
     backed: bool | None = None,
+    short_rows: ShortRowPolicy = "error",
 ) -> ad.AnnData:
     """Read a GEM file into AnnData.
 
@@ -138,6 +143,20 @@ def read_gem(
         on disk when the matrix would take more than :data:`BACKED_MEMORY_SHARE` of the
         memory available (:func:`available_memory`). Only the matrix stays on disk:
         ``obs`` and ``var`` are read, other slots (``obsm``, other layers, ``uns``) are not.
+    short_rows
+        Text: a row with fewer fields than the others (a line cut short, a separator
+        missing) is refused, naming its line and sample (``"error"``, default), or its
+        missing fields are read as missing values and handled as ``nan`` says (``"fill"``,
+        with a warning naming the rows).
+
+    Without labels, a warning (logged, and kept in ``uns["tspg_import"]["warnings"]``) says
+    when the orientation looks wrong: when at least 60% of the row names look like gene ids
+    (Ensembl ids such as ``ENSG00000141510``, or symbol-shaped: an upper-case letter, then
+    upper-case letters and digits, with ``-`` / ``.`` parts or ``orf``: ``TP53``, ``HLA-DRA``,
+    ``C1orf112``, ``RP11-34P13.7``) while at most 20% of the column names do (cell barcodes
+    and GEO / SRA / TCGA sample ids never count as gene-like). Of the first 1,000 names of
+    each. Nothing is ever transposed without ``transpose``. With labels, a labels file whose
+    samples are the GEM's columns is refused with the same advice.
 
     Returns
     -------
@@ -158,7 +177,7 @@ def read_gem(
     if suffix == ".h5ad":
         adata = _read_h5ad(path, layer=layer, use_raw=use_raw, backed=backed, transpose=transpose)
     elif suffix in TEXT_SUFFIXES:
-        adata = _read_text(path, TEXT_SUFFIXES[suffix])
+        adata = _read_text(path, TEXT_SUFFIXES[suffix], short_rows=short_rows)
     elif suffix == ".npy":
         adata = _read_npy(path, row_names=row_names, col_names=col_names)
     else:
@@ -168,16 +187,29 @@ def read_gem(
     if transpose:
         adata = adata.T.copy()
     try:
-        return _finish_import(adata, path, label_key=label_key, labels=labels, nan=nan)
+        return _finish_import(
+            adata, path, label_key=label_key, labels=labels, nan=nan, transpose=transpose
+        )
     except BaseException:
         close_backed(adata)  # a failed read leaves no open file behind
         raise
 
 
-def _finish_import(adata: ad.AnnData, path: Path, *, label_key, labels, nan) -> ad.AnnData:
+def _finish_import(
+    adata: ad.AnnData, path: Path, *, label_key, labels, nan, transpose: bool = False
+) -> ad.AnnData:
+    advice = "read it without --transpose" if transpose else "read it with --transpose"
+    warnings = []
     if labels is not None:
         label_key = label_key or "label"
-        adata.obs[label_key] = read_labels(labels, adata.obs_names)
+        adata.obs[label_key] = read_labels(
+            labels, adata.obs_names, columns=adata.var_names, advice=advice
+        )
+    elif label_key is None or label_key not in adata.obs:
+        looks = looks_transposed(adata.obs_names, adata.var_names)
+        if looks:
+            warnings.append(f"{path}: {looks}: is the file genes x samples? Then {advice}")
+            logger.warning("%s", warnings[-1])
     on_disk = is_backed(adata)
     if not on_disk:
         adata.X = _float_matrix(adata.X, path)
@@ -190,6 +222,8 @@ def _finish_import(adata: ad.AnnData, path: Path, *, label_key, labels, nan) -> 
     if label_key is not None:
         validate_labels(adata, label_key, source=path)
     adata.uns["tspg_import"] = {"source": str(path), "n_missing_filled": int(n_filled)}
+    if warnings:
+        adata.uns["tspg_import"]["warnings"] = warnings
     if on_disk:
         adata.uns["tspg_import"]["backed"] = True
         if n_filled:
@@ -301,10 +335,15 @@ def available_memory() -> int:
         return 8 * 2**30  # unknown: assume a laptop's
 
 
-def _read_text(path: Path, sep: str) -> ad.AnnData:
-    """Delimited text, parsed in chunks of rows into one float32 matrix."""
+def _read_text(path: Path, sep: str, *, short_rows: ShortRowPolicy = "error") -> ad.AnnData:
+    """Delimited text, parsed in chunks of rows into one float32 matrix.
+
+    pandas reads a row with too few fields as one whose last values are missing; such rows
+    are looked for (only when a row ends in a missing value) and refused or reported
+    (``short_rows``, see :func:`read_gem`)."""
     what = "comma" if sep == "," else "tab"
     blocks, index, columns = [], [], None
+    ends_missing = False
     try:
         # ids stay text ("001" is not 1); chunks bound the parser's float64 working copy
         header = _header(path, sep)
@@ -324,10 +363,13 @@ def _read_text(path: Path, sep: str) -> ad.AnnData:
             _check_numeric(df, path, columns)
             blocks.append(df.to_numpy(dtype=np.float32))
             index.append(df.index.astype(str))
+            ends_missing = ends_missing or bool(np.isnan(blocks[-1][:, -1]).any())
     except UserError:
         raise
     except Exception as err:
         raise UserError(f"{path}: cannot parse as {what}-separated text ({err})") from err
+    if ends_missing:
+        _check_short_rows(path, sep, 1 + len(columns), policy=short_rows)
     X = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     del blocks
     return ad.AnnData(
@@ -335,6 +377,31 @@ def _read_text(path: Path, sep: str) -> ad.AnnData:
         obs=pd.DataFrame(index=index[0].append(index[1:]) if len(index) > 1 else index[0]),
         var=pd.DataFrame(index=pd.Index(columns).astype(str)),
     )
+
+
+def _check_short_rows(path: Path, sep: str, n_fields: int, *, policy: ShortRowPolicy) -> None:
+    """Refuse (``policy="error"``) or report the rows of ``path`` with fewer than ``n_fields``
+    fields (header and blank lines aside), naming the first one's line and sample."""
+    short, first = 0, None
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        next(reader, None)  # the header
+        for fields in reader:
+            if fields and len(fields) < n_fields:
+                short += 1
+                if first is None:
+                    first = (reader.line_num, fields[0], len(fields))
+    if not short:
+        return  # the missing values were written as such
+    line, name, n = first
+    more = f" (and {short - 1} more row(s) like it)" if short > 1 else ""
+    where = f"{path}: line {line} (row {name!r}) has {n} of {n_fields} fields{more}"
+    if policy == "error":
+        raise UserError(
+            f"{where}: a row cut short? Refused; --short-rows fill reads the missing fields "
+            "as missing values"
+        )
+    logger.warning("%s: its missing fields are read as missing values (--short-rows fill)", where)
 
 
 def _header(path: Path, sep: str) -> list[str]:
@@ -406,11 +473,19 @@ def read_text(path: Path, what: str) -> str:
         raise UserError(f"{path}: cannot read the {what} ({err.strerror})") from err
 
 
-def read_labels(path: str | Path, samples: pd.Index) -> pd.Categorical:
+def read_labels(
+    path: str | Path,
+    samples: pd.Index,
+    *,
+    columns: Sequence[str] | None = None,
+    advice: str = "read it with --transpose",
+) -> pd.Categorical:
     """Read a labels file and return the labels of ``samples`` in order.
 
     Accepts the reference two-column format (sample <tab> label, no header) or a CSV/TSV
-    with a header row whose first column is the sample id and second the label.
+    with a header row whose first column is the sample id and second the label. When
+    samples lack a label and most labelled ids are among ``columns`` (the GEM's column
+    names), the message says the GEM looks transposed and gives ``advice``.
     """
     path = Path(path)
     if not path.exists():
@@ -434,8 +509,56 @@ def read_labels(path: str | Path, samples: pd.Index) -> pd.Categorical:
     missing = [s for s in samples if s not in series.index]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"{path}: no label for sample {missing[0]!r}{more}")
+        hint = ""
+        if columns is not None and len(missing) == len(samples):
+            in_columns = pd.Index(series.index).isin(pd.Index(columns).astype(str)).mean()
+            if in_columns >= 0.5:
+                hint = f": its samples are the GEM's columns, not its rows; {advice}"
+        raise UserError(f"{path}: no label for sample {missing[0]!r}{more}{hint}")
     return pd.Categorical(series.loc[list(samples)].to_numpy())
+
+
+# Names that look like gene ids (read_gem's orientation check): Ensembl gene ids, and
+# symbol-shaped names (TP53, HLA-DRA, C1orf112, RP11-34P13.7); cell barcodes and GEO, SRA
+# and TCGA sample ids, shaped alike, never count
+_ENSEMBL_ID = re.compile(r"ENS[A-Z]*G\d{6,}(\.\d+)?")
+_SYMBOL = re.compile(r"[A-Z][A-Z0-9]*(orf\d+)?([-.][A-Z0-9]+)*")
+_SAMPLE_ID = re.compile(
+    r"[ACGTN]{6,}([-_]\d+)?|(GSM|GSE|SRR|SRX|SRS|ERR|DRR|SAMN|SAMEA)\d+|TCGA-.*"
+)
+GENE_LIKE_ROWS = 0.6  # warn when at least this share of the row names look like genes
+GENE_LIKE_COLUMNS = 0.2  # and at most this share of the column names do
+_NAMES_CHECKED = 1000
+
+
+def gene_like_share(names: Sequence[str]) -> float:
+    """The share of ``names`` (of the first 1,000) that look like gene ids."""
+    names = [str(n) for n in list(names[:_NAMES_CHECKED])]
+    if not names:
+        return 0.0
+    like = sum(
+        1
+        for n in names
+        if _ENSEMBL_ID.fullmatch(n)
+        or (len(n) <= 20 and _SYMBOL.fullmatch(n) and not _SAMPLE_ID.fullmatch(n))
+    )
+    return like / len(names)
+
+
+def looks_transposed(rows: Sequence[str], columns: Sequence[str]) -> str | None:
+    """Why a GEM with these row (sample) and column (gene) names looks genes x samples, or None.
+
+    At least :data:`GENE_LIKE_ROWS` of the row names look like gene ids while at most
+    :data:`GENE_LIKE_COLUMNS` of the column names do (:func:`gene_like_share`). A heuristic:
+    it warns, it never transposes."""
+    r, c = gene_like_share(rows), gene_like_share(columns)
+    if r < GENE_LIKE_ROWS or c > GENE_LIKE_COLUMNS:
+        return None
+    return (
+        f"its {len(rows)} rows look like genes ({r:.0%} gene-like, e.g. "
+        f"{', '.join(map(str, rows[:3]))}) and its {len(columns)} columns like samples "
+        f"(e.g. {', '.join(map(str, columns[:3]))})"
+    )
 
 
 def _float_matrix(X, source: Path | str) -> np.ndarray | sp.csr_matrix:

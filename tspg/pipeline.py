@@ -6,16 +6,19 @@ This is the Python API the ``tspg-train`` command and the dashboard both call.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .bundle import Bundle, new_manifest, slug
+from .bundle import Bundle, check_destination, models_dir, new_manifest, save_bundle, slug
 from .config import TrainConfig
 from .data import (
     Scaler,
@@ -25,19 +28,24 @@ from .data import (
     subsample,
     validate_labels,
 )
-from .errors import UserError
+from .errors import UserError, one_line
 from .genesets import HVG_FLAVOR, GeneSelection, highly_variable_genes, select_genes
 from .perturbation import class_probabilities, generate_perturbed
 from .training import fit_generator, fit_target, resolve_device
 
 __all__ = [
+    "MIN_TARGET_SAMPLES",
     "TARGET_MODEL_FIELDS",
+    "RunPlan",
+    "check_out",
+    "check_run",
     "default_names",
     "fit_target_model",
     "heldout_metrics",
     "prepare",
     "Prepared",
     "reused_config",
+    "split_samples",
     "train",
     "train_all_targets",
     "train_generator",
@@ -129,7 +137,7 @@ def prepare(
     and scaler are taken as they are, so no held-out sample is ever seen by any model.
     """
     start = time.perf_counter()
-    dataset = dataset or adata.uns.get("tspg_import", {}).get("source") or "data"
+    dataset = _dataset_name(adata, dataset)
     validate_labels(adata, label_key, source=dataset)
     if reuse is not None and (
         n_top_genes or (genes is not None and list(genes.genes) != list(reuse.genes))
@@ -142,6 +150,9 @@ def prepare(
         raise UserError("give either a gene set (or list) or --n-top-genes, not both")
     labels = adata.obs[label_key].astype(str).to_numpy()
     samples = list(adata.obs_names)
+    classes, train_idx, test_idx = split_samples(
+        labels, samples, test_size=test_size, seed=seed, reuse=reuse, dataset=dataset
+    )
     if reuse is not None:
         genes = GeneSelection(
             reuse.manifest["gene_set"]["name"],
@@ -150,27 +161,7 @@ def prepare(
             [],
             reuse.manifest["gene_set"].get("source"),
         )
-        classes = list(reuse.classes)
-        unknown = sorted(set(labels) - set(classes))
-        if unknown:
-            raise UserError(
-                f"{dataset}: class {unknown[0]!r} is unknown to the target model of {reuse.name!r}"
-            )
-        pos = {s: i for i, s in enumerate(samples)}
-        missing = [s for s in reuse.split["train"] + reuse.split["test"] if s not in pos]
-        if missing:
-            raise UserError(
-                f"{dataset}: sample {missing[0]!r} of {reuse.name!r}'s split is not in this data; the target model cannot be reused"
-            )
-        train_idx = np.array([pos[s] for s in reuse.split["train"]])
-        test_idx = np.array([pos[s] for s in reuse.split["test"]])
     else:
-        classes = sorted(set(labels))
-        train_idx, test_idx = stratified_split(labels, test_size=test_size, seed=seed)
-        if not len(test_idx):
-            raise UserError(
-                f"{dataset}: no class has two samples, so nothing can be held out for testing"
-            )
         if n_top_genes:
             genes = highly_variable_genes(
                 adata, n_top_genes, rows=train_idx, layer=layer, source=dataset
@@ -208,6 +199,232 @@ def prepare(
         column_mean(Xs, train_idx),
         n_top_genes or None,
     )
+
+
+def _dataset_name(adata: ad.AnnData, dataset: str | None) -> str:
+    """The dataset's name in messages and default bundle names: ``dataset``, else the file
+    it was read from, else ``data``."""
+    return dataset or adata.uns.get("tspg_import", {}).get("source") or "data"
+
+
+def split_samples(
+    labels: np.ndarray,
+    samples: list[str],
+    *,
+    test_size: float = 0.2,
+    seed: int = 0,
+    reuse: Bundle | None = None,
+    dataset: str = "data",
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(classes, training positions, held-out positions) of a run.
+
+    A stratified, seeded split (:func:`tspg.data.stratified_split`), or with ``reuse`` the
+    split and classes of that bundle, whose samples must all be in the data. Reads labels
+    only: cheap, so :func:`check_run` can make it before anything else.
+    """
+    if reuse is None:
+        train_idx, test_idx = stratified_split(labels, test_size=test_size, seed=seed)
+        if not len(test_idx):
+            raise UserError(
+                f"{dataset}: no class has two samples, so nothing can be held out for testing"
+            )
+        return sorted(set(labels.tolist())), train_idx, test_idx
+    classes = list(reuse.classes)
+    unknown = sorted(set(labels.tolist()) - set(classes))
+    if unknown:
+        raise UserError(
+            f"{dataset}: class {unknown[0]!r} is unknown to the target model of {reuse.name!r}"
+        )
+    pos = {s: i for i, s in enumerate(samples)}
+    missing = [s for s in reuse.split["train"] + reuse.split["test"] if s not in pos]
+    if missing:
+        raise UserError(
+            f"{dataset}: sample {missing[0]!r} of {reuse.name!r}'s split is not in this data; the target model cannot be reused"
+        )
+    train_idx = np.array([pos[s] for s in reuse.split["train"]], dtype=int)
+    test_idx = np.array([pos[s] for s in reuse.split["test"]], dtype=int)
+    return classes, train_idx, test_idx
+
+
+# ----------------------------------------------------------------------------- up-front checks
+
+# The generator of a target class draws real target samples (the discriminator's "real",
+# L_td's distribution, the energy distance) from at least this many of its training samples;
+# it perturbs batches of at least this many samples (BatchNorm needs two in training mode)
+MIN_TARGET_SAMPLES = 2
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a training run will do, checked before its first epoch (:func:`check_run`)."""
+
+    dataset: str
+    classes: list[str]
+    targets: list[str]  # the classes that get a generator, in training order
+    names: list[str]  # their bundles' names
+    skipped: dict[str, str]  # class -> why it gets no generator (every-class runs only)
+    n_train: dict[str, int]  # training samples per class
+    out: Path | None  # each bundle is saved here as soon as it is trained (None: not saved)
+
+
+def check_run(
+    adata: ad.AnnData,
+    *,
+    label_key: str,
+    targets: list[str] | None = None,
+    config: TrainConfig | None = None,
+    dataset: str | None = None,
+    target_model: Bundle | None = None,
+    names: list[str] | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> RunPlan:
+    """Check everything that could stop a training run after its first epoch; write nothing.
+
+    A run that trains a target model and ten generators must not fail at the end, so before
+    any training (and before the genes are read) this checks, from the labels alone:
+
+    - the labels (:func:`tspg.data.validate_labels`) and the split (``config.test_size``,
+      ``config.split_seed``; or the split of ``target_model``), which must hold out something;
+    - each target: a class of the data, with at least :data:`MIN_TARGET_SAMPLES` training
+      samples, and (``train_on="non-target"``) at least as many training samples of the other
+      classes for its generator to perturb;
+    - the bundles' names: valid, one per target, no two alike;
+    - with ``out`` (a models folder), that every bundle can be saved there
+      (:func:`check_out`): a folder that is (or can be made) writable, and no bundle of the
+      same name unless ``overwrite``.
+
+    ``targets=None`` means every class (``tspg-train --all-targets``): a class that cannot be
+    a target is then *skipped*, with a warning naming it and why (it still takes part in the
+    target model and as a source class), and only a run left with no target is refused. A
+    target named in ``targets`` is never skipped: it is refused (UserError) before training.
+
+    Returns
+    -------
+    The :class:`RunPlan`: the targets to train and their names, the classes skipped and why.
+    """
+    config = config or TrainConfig()
+    if target_model is not None:
+        config = reused_config(config, target_model)
+    dataset = _dataset_name(adata, dataset)
+    validate_labels(adata, label_key, source=dataset)
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    classes, train_idx, test_idx = split_samples(
+        labels,
+        list(adata.obs_names),
+        test_size=config.test_size,
+        seed=config.split_seed,
+        reuse=target_model,
+        dataset=dataset,
+    )
+    n_train = {c: 0 for c in classes}
+    n_all = dict(n_train)
+    for c, n in zip(*np.unique(labels[train_idx], return_counts=True), strict=True):
+        n_train[str(c)] = int(n)
+    in_split = labels[np.concatenate([train_idx, test_idx])]  # (a reused split may leave some out)
+    for c, n in zip(*np.unique(in_split, return_counts=True), strict=True):
+        n_all[str(c)] = int(n)
+    asked = bool(targets)
+    candidates = list(targets) if asked else list(classes)
+    for t in candidates:
+        if t not in n_train:
+            raise UserError(
+                f"target class {t!r} is not among the {len(classes)} classes of {label_key!r}: {', '.join(classes)}"
+            )
+    if names is not None and len(names) != len(candidates):
+        raise UserError(f"{len(names)} bundle name(s) for {len(candidates)} target(s)")
+    names = list(names) if names else default_names(dataset, candidates)
+    how_split = (
+        f"the split of {target_model.name!r}"
+        if target_model is not None
+        else f"--test-size {config.test_size:g}"
+    )
+    keep, skipped = [], {}
+    for t, name in zip(candidates, names, strict=True):
+        why = _target_problem(t, n_train, n_all, config, how_split)
+        if why is None:
+            keep.append((t, name))
+        elif asked:
+            raise UserError(f"{dataset}: class {t!r} cannot be a target: {why}")
+        else:
+            skipped[t] = why
+    if not keep:
+        first = next(iter(skipped))
+        more = f" (and {len(skipped) - 1} more class(es) alike)" if len(skipped) > 1 else ""
+        raise UserError(
+            f"{dataset}: no class can be a target; class {first!r}: {skipped[first]}{more}"
+        )
+    for t, why in skipped.items():
+        logger.warning("%s: no generator for class %r (skipped): %s", dataset, t, why)
+    seen: dict[str, str] = {}
+    for t, name in keep:
+        if name in seen:
+            raise UserError(
+                f"classes {seen[name]!r} and {t!r} would both be saved as bundle {name!r}: "
+                "train them one at a time with --name"
+            )
+        seen[name] = t
+    root = None if out is None else check_out(out, [name for _, name in keep], overwrite=overwrite)
+    return RunPlan(
+        dataset,
+        classes,
+        [t for t, _ in keep],
+        [name for _, name in keep],
+        skipped,
+        n_train,
+        root,
+    )
+
+
+def _target_problem(
+    t: str, n_train: dict, n_all: dict, config: TrainConfig, how_split: str
+) -> str | None:
+    """Why class ``t`` cannot be a target (None: it can)."""
+    need = MIN_TARGET_SAMPLES
+    n_tr, n = n_train[t], n_all[t]
+    if n_tr < need:
+        if n_tr < n:
+            return (
+                f"it keeps {n_tr} of its {n} samples for training, the others are held out "
+                f"({how_split}); a generator needs at least {need}"
+            )
+        return (
+            f"it has only {n} sample{'' if n == 1 else 's'}; a generator needs at least {need} "
+            "training samples of its target class"
+        )
+    n_src = sum(n_train.values()) - n_tr
+    if config.train_on == "non-target" and n_src < need:
+        return (
+            f"only {n_src} training sample(s) of the other classes are left for its generator "
+            f"to perturb; at least {need} are needed"
+        )
+    return None
+
+
+def check_out(out: str | Path | None, names: list[str], *, overwrite: bool = False) -> Path:
+    """The models folder ``out`` (``tspg.bundle.models_dir``), checked so that bundles
+    ``names`` can be saved in it at the end of a run: it is a folder, or can be made one;
+    it is writable (a probe folder is made there, or in its nearest existing parent, and
+    removed at once); no bundle of those names exists, unless ``overwrite``
+    (:func:`tspg.bundle.check_destination`). Nothing else is written.
+    """
+    root = models_dir(out)
+    here = Path(os.path.abspath(root))
+    existing = next(p for p in (here, *here.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        shown = root if existing == here else existing
+        what = "is a file" if existing.is_file() else "is not a folder"
+        raise UserError(f"{one_line(shown)}: {what}; the bundles go into a folder (--out)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tspg-write-check-", dir=existing))
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise UserError(
+            f"{one_line(root)}: cannot write bundles here ({why[:1].lower() + why[1:]})"
+        ) from None
+    for name in names:
+        check_destination(root, name, overwrite=overwrite)
+    return root
 
 
 def reused_config(config: TrainConfig, target_model: Bundle) -> TrainConfig:
@@ -324,9 +541,12 @@ def train(
     target_model: Bundle | None = None,
     device: str = "auto",
     name: str | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Bundle:
-    """Train a TSPG generator for ``target`` on a labelled AnnData; returns an unsaved bundle.
+    """Train a TSPG generator for ``target`` on a labelled AnnData; returns the bundle
+    (saved when ``out`` is given).
 
     Parameters
     ----------
@@ -347,6 +567,9 @@ def train(
         recorded in the new bundle. ``genes`` must then be None (or the same genes).
     device
         ``auto``, ``cpu``, ``cuda`` or ``mps``.
+    out, overwrite
+        A models folder to save the bundle into (checked before training, see
+        :func:`check_run`); replace a bundle of the same name only with ``overwrite``.
     progress
         Called after every epoch as ``progress(stage, epoch, n_epochs, losses)``.
     """
@@ -362,6 +585,8 @@ def train(
         target_model=target_model,
         device=device,
         names=[name] if name else None,
+        out=out,
+        overwrite=overwrite,
         progress=progress,
     )[0]
 
@@ -379,9 +604,32 @@ def train_all_targets(
     target_model: Bundle | None = None,
     device: str = "auto",
     names: list[str] | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
     progress: Progress | None = None,
+    on_bundle: Callable[[Bundle], None] | None = None,
 ) -> list[Bundle]:
-    """Train one generator per target class (all classes by default), sharing one target model."""
+    """Train one generator per target class (all classes by default), sharing one target model.
+
+    Everything that could stop the run after its first epoch is checked before it
+    (:func:`check_run`): with ``targets=None`` a class that cannot be a target (too few
+    training samples) is skipped with a warning; a target named in ``targets`` is refused.
+    With ``out`` (a models folder), each bundle is saved there as soon as its generator is
+    trained, so a later failure loses none of the bundles that finished; ``on_bundle`` is
+    called with each bundle once it is trained (and saved). The parameters are
+    :func:`train`'s; ``names`` gives one bundle name per target.
+    """
+    plan = check_run(
+        adata,
+        label_key=label_key,
+        targets=targets,
+        config=config,
+        dataset=dataset,
+        target_model=target_model,
+        names=names,
+        out=out,
+        overwrite=overwrite,
+    )
     config = config or TrainConfig()
     if target_model is not None:
         config = reused_config(config, target_model)
@@ -397,10 +645,7 @@ def train_all_targets(
         dataset=dataset,
         reuse=target_model,
     )
-    targets = list(targets) if targets else list(prep.classes)
-    for t in targets:  # an unknown target fails before anything trains
-        prep.class_index(t)
-    names = names or default_names(prep.dataset, targets)
+    targets, names = plan.targets, plan.names
 
     start = time.perf_counter()
     X_train = _training_matrix(prep.X[prep.train_idx])  # one copy, shared by every fit
@@ -410,21 +655,40 @@ def train_all_targets(
     else:
         f = fit_target_model(prep, config, device=dev, X_train=X_train, progress=progress)
         target_seconds = time.perf_counter() - start
-    return [
-        train_generator(
-            prep,
-            f if len(targets) == 1 else _copy_of(f),
-            target=t_name,
-            config=config,
-            name=bname,
-            device=dev,
-            X_train=X_train,
-            target_seconds=target_seconds,
-            target_model_from=target_model.name if target_model is not None else None,
-            progress=progress,
+    bundles: list[Bundle] = []
+    for t_name, bname in zip(targets, names, strict=True):
+        try:
+            bundle = train_generator(
+                prep,
+                f if len(targets) == 1 else _copy_of(f),
+                target=t_name,
+                config=config,
+                name=bname,
+                device=dev,
+                X_train=X_train,
+                target_seconds=target_seconds,
+                target_model_from=target_model.name if target_model is not None else None,
+                progress=progress,
+            )
+            if plan.out is not None:
+                save_bundle(bundle, plan.out, overwrite=overwrite)
+        except UserError as err:
+            raise UserError(_failed_target(t_name, err, bundles, plan.out)) from err
+        bundles.append(bundle)
+        if on_bundle is not None:
+            on_bundle(bundle)
+    return bundles
+
+
+def _failed_target(target: str, err: UserError, done: list[Bundle], out: Path | None) -> str:
+    """The message of a run stopped at ``target``: which target, why, and what is kept."""
+    kept = ""
+    if done and out is not None:
+        kept = (
+            f" (the {len(done)} bundle(s) trained before it are saved in {one_line(out)}: "
+            f"{', '.join(b.name for b in done)})"
         )
-        for t_name, bname in zip(targets, names, strict=True)
-    ]
+    return f"generator for class {target!r}: {err}{kept}"
 
 
 def train_generator(
