@@ -29,6 +29,11 @@ sel, pert = R.page_perturbation(bundle, data)
 ss = st.session_state
 with R.guard("The map cannot be drawn for these data"):
     options = map_class_options(labels, bundle.target)
+    S.note_dropped(
+        S.MAP_CLASSES,
+        [c for c in ss.get(S.MAP_CLASSES) or [] if c not in set(options)],
+        "map class(es) not in the data",
+    )
     # the classes shown (compared with the default of the last run, then remembered)
     shown = picked_map_classes(
         labels, bundle.target, pert.labels, ss.get(S.MAP_CLASSES), ss.get(S.MAP_AUTO)

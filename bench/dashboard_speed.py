@@ -386,6 +386,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in this process (the app uses 1: $TSPG_APP_THREADS)",
+    )
+    p.add_argument(
         "--no-app", action="store_true", help="skip the AppTest reruns of the Perturb and Map pages"
     )
     p.add_argument("--no-browser", action="store_true", help="skip the timings in the real browser")
@@ -394,6 +400,9 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from tspg import charts
     from tspg.datasets import DEMO_LABEL_KEY, demo
@@ -467,7 +476,7 @@ def main(argv=None) -> int:
         add(
             "  perturb (G, clip, target model before/after)",
             m,
-            timed(partial(perturb_scaled, bundle, Xsel), args.runs),
+            timed(partial(perturb_scaled, Xsel, bundle), args.runs),
         )
         add(
             "  place on the fixed map (openTSNE transform)",
