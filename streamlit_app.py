@@ -2,6 +2,8 @@
 
 A router: the pages are listed explicitly for ``st.navigation``; the sidebar holds the
 bundle and data pickers shared by every page (their values live in ``st.session_state``).
+The view (bundle, data, selection, page options) is kept in the URL's query parameters:
+read once per session, written after every run (:mod:`tspg.app.state`).
 
 The pages live in ``app_pages/``, not ``pages/``: Streamlit decides once per process
 whether an app uses its legacy multipage mode by whether a folder named ``pages`` lies
@@ -13,13 +15,35 @@ leaves ``st.navigation`` in charge, as Streamlit's documentation of ``st.Page`` 
 
 from __future__ import annotations
 
+import sys
+
 import streamlit as st
 
-from tspg.app import loaders as L
 from tspg.app import state as S
-from tspg.app.views import bundle_label, is_demo, own_dataset_hint
 
-st.set_page_config(page_title="TSPG Explorer", page_icon=":material/scatter_plot:", layout="wide")
+st.set_page_config(
+    page_title="TSPG Explorer",
+    page_icon=":material/scatter_plot:",
+    layout="wide",
+    initial_sidebar_state=360,  # px: room for a bundle's name at 1280 x 800
+)
+
+if "tspg.app.loaders" not in sys.modules:  # the first run of this server process: torch & co.
+    boot = st.empty()
+    with boot.container():
+        st.title("TSPG Explorer")
+        with st.spinner("Starting TSPG Explorer: loading torch, scanpy and the models…"):
+            from tspg.app import loaders as L
+    boot.empty()
+from tspg.app import loaders as L  # noqa: E402
+from tspg.app import render as R  # noqa: E402
+from tspg.app.views import (  # noqa: E402
+    bundle_label,
+    data_choices,
+    own_dataset_hint,
+    verdict_level,
+)
+
 S.init_state()
 
 PAGES = [
@@ -29,13 +53,12 @@ PAGES = [
     st.Page("app_pages/map.py", title="Map", icon=":material/scatter_plot:"),
     st.Page("app_pages/genes.py", title="Genes", icon=":material/genetics:"),
     st.Page("app_pages/enrichment.py", title="Enrichment", icon=":material/hub:"),
+    st.Page("app_pages/sweep.py", title="Sweep", icon=":material/grid_on:"),
 ]
 page = st.navigation(PAGES)
 
 
-def sidebar() -> None:
-    entries = L.bundle_entries()
-    names = L.readable_names(entries)
+def sidebar(entries, names) -> None:
     with st.sidebar:
         st.header("Model and data")
         if not names:
@@ -51,14 +74,20 @@ def sidebar() -> None:
             "Bundle",
             names,
             key=S.BUNDLE,
-            format_func=lambda n: bundle_label(n, manifests[n]),
-            help=f"Generators found in {L.models_root()} (set TSPG_MODELS_DIR to use another folder): target · dataset · gene set · name.",
+            help=f"Generators found in {L.models_root()} (set TSPG_MODELS_DIR to use another folder).",
         )
-        st.radio(
-            "Data to perturb", list(S.DATA_CHOICES), key=S.DATA, format_func=S.DATA_CHOICES.get
-        )
-        source, manifest = st.session_state[S.DATA], manifests[st.session_state[S.BUNDLE]]
-        own_elsewhere = source == "bundle" and not is_demo(manifest)
+        manifest = manifests[st.session_state[S.BUNDLE]]
+        level = verdict_level(manifest)
+        if level:
+            color, icon = R.LEVEL_STYLE[level]
+            st.badge(f"verdict: {level}", icon=icon, color=color)
+        st.caption(bundle_label(manifest))
+        choices = data_choices(manifest)
+        if st.session_state.get(S.DATA) not in choices:
+            st.session_state[S.DATA] = "bundle"  # the demo bundle's own dataset is the demo
+        st.radio("Data to perturb", list(choices), key=S.DATA, format_func=choices.get)
+        source = st.session_state[S.DATA]
+        own_elsewhere = source == "bundle" and "demo" in choices
         if (
             own_elsewhere and st.session_state.get(S.UPLOAD) is None
         ):  # only the demo's data ship with tspg
@@ -76,5 +105,10 @@ def sidebar() -> None:
             st.caption(f"{n_bad} unreadable bundle(s): see the Models page.")
 
 
-sidebar()
+entries = L.bundle_entries()
+names = L.readable_names(entries)
+S.read_url(names)
+st.session_state[S.NOTES_BOX] = st.container()  # what of a link could not be used, at the top
+sidebar(entries, names)
 page.run()
+S.finish()  # pages that stop early finish through S.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 from pathlib import Path
 
@@ -11,9 +12,9 @@ from tspg import charts
 from tspg.app import loaders as L
 from tspg.app import render as R
 from tspg.app import state as S
-from tspg.app.views import command, data_arg, models_arg
+from tspg.app.views import command, data_arg, models_arg, top_genes_table
 from tspg.enrichment import DEFAULT_LIBRARIES, EnrichrError
-from tspg.perturbation import consensus_top, top_genes
+from tspg.ranking import RANKED_BY
 
 bundle, data = R.page_start("Enrichment")
 sel, pert = R.page_perturbation(bundle, data)
@@ -21,19 +22,30 @@ sel, pert = R.page_perturbation(bundle, data)
 k = int(st.session_state.get(S.TOP_K, 20))
 whats = ["consensus", *pert.samples]
 if st.session_state.get(S.ENR_WHAT) not in whats:
+    S.note_dropped(
+        S.ENR_WHAT,
+        [st.session_state.get(S.ENR_WHAT)],
+        "sample (genes to enrich) not in the selection",
+    )
     st.session_state[S.ENR_WHAT] = "consensus"
 if S.ENR_LIBRARIES not in st.session_state:
     st.session_state[S.ENR_LIBRARIES] = list(DEFAULT_LIBRARIES)
+rows = pert.source_rows()
+n_src = int(rows.sum())
+labels = dict(
+    zip(pert.samples, pert.labels if pert.labels is not None else [None] * len(pert), strict=True)
+)
 c = st.columns([2, 1, 1])
 c[0].selectbox(
     "Genes of",
     whats,
     key=S.ENR_WHAT,
     format_func=lambda w: (
-        f"the selection's consensus top {k} ({len(pert)} samples)"
+        f"the selection: top {k} by {RANKED_BY} over {n_src} source samples"
         if w == "consensus"
-        else f"sample {w}"
+        else f"sample {w}" + (f" · {labels[w]}" if labels.get(w) else "") + f": its top {k} by P"
     ),
+    help="The same lists as the Perturb page's heatmap and tables (one ranking everywhere).",
 )
 c[1].radio("Direction", ["both", "up", "down"], key=S.ENR_DIRECTION, horizontal=True)
 c[2].radio(
@@ -77,15 +89,20 @@ c[2].select_slider(
 what = st.session_state[S.ENR_WHAT]
 direction = st.session_state[S.ENR_DIRECTION]
 with R.guard("Ranking the genes failed"):
-    if what == "consensus":
-        rows = pert.source_rows()
-        lists = consensus_top(pert.P[rows], pert.genes, k=k)
-    else:
-        top = top_genes(pert.subset([what]).P, pert.genes, k=k)
-        lists = {"up": top.up[0].tolist(), "down": top.down[0].tolist()}
+    shown = pert if what == "consensus" else pert.subset([what])
+    ranked = top_genes_table(shown, k=k)
+    lists = {d: ranked.loc[ranked.direction == d, "gene"].tolist() for d in ("up", "down")}
 up = tuple(lists["up"]) if direction in ("both", "up") else ()
 down = tuple(lists["down"]) if direction in ("both", "down") else ()
-st.caption(f"Up: {', '.join(up) or '—'}  \nDown: {', '.join(down) or '—'}")
+asked = [d for d in ("up", "down") if direction in ("both", d)]
+which = (
+    f"the selection's top {k} genes per direction, ranked by {RANKED_BY} over its {n_src} source samples"
+    if what == "consensus"
+    else f"sample {what}'s top {k} genes per direction, ranked by its P"
+)
+st.caption(
+    f"Enriching {which} (the Perturb page's lists).  \nUp: {', '.join(up) or '—'}  \nDown: {', '.join(down) or '—'}"
+)
 
 libraries = tuple(st.session_state[S.ENR_LIBRARIES])
 backend = st.session_state[S.ENR_BACKEND]
@@ -93,11 +110,21 @@ gmt_files = tuple(st.session_state[S.ENR_GMTS])
 threshold = float(st.session_state[S.ENR_THRESHOLD])
 if backend != "enrichr" and not gmt_files:
     st.warning("Pick at least one offline gene-set library: the offline backend needs one.")
-    st.stop()
-with R.guard("Enrichment failed", expected=(EnrichrError,)):
-    table, attrs = L.enrichment_table(
-        up, down, tuple(bundle.genes), libraries, backend, gmt_files, threshold
-    )
+    S.stop()
+with R.guard("Enrichment failed"):
+    try:
+        table, attrs = L.enrichment_table(
+            up, down, tuple(bundle.genes), libraries, backend, gmt_files, threshold
+        )
+    except EnrichrError as err:  # Enrichr chosen and not usable: one log line, and what to do
+        logging.getLogger("tspg.app").warning("Enrichment with Enrichr failed: %s", err)
+        st.error(f"Enrichment failed: {err}")
+        st.info(
+            "Choose the backend **auto** (Enrichr, or the offline gene sets when Enrichr cannot "
+            "be reached) or **offline** to enrich these genes without Enrichr.",
+            icon=":material/lightbulb:",
+        )
+        S.stop()
 
 backends = sorted(set(attrs.get("backend", {}).values()))
 messages = attrs.get("messages", {})
@@ -119,6 +146,7 @@ else:
             on_click=L.enrichment_table.clear,
             help="A fallback is kept for 5 minutes; this asks Enrichr now.",
         )
+messages = {d: m for d, m in messages.items() if d in asked}  # not "no down genes" for "up"
 for msg, directions in {
     m: [d for d, m2 in messages.items() if m2 == m] for m in messages.values()
 }.items():
@@ -147,7 +175,7 @@ R.show_table(
 )
 
 ids = (
-    [s for s, keep in zip(pert.samples, pert.source_rows(), strict=True) if keep]
+    [s for s, keep in zip(pert.samples, rows, strict=True) if keep]
     if what == "consensus"
     else [what]
 )

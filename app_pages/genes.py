@@ -37,7 +37,9 @@ with R.guard("Counting the top genes failed"):
         SHOWN
     )  # the most frequent; the table has them all
     st.caption(
-        f"The {SHOWN} most frequent genes per direction; the table below lists all {len(freq)}."
+        f"In how many of the {len(src)} samples each gene is among the sample's own top {k}: the "
+        f"{SHOWN} most frequent per direction; the table below lists all {len(freq)}. (A different "
+        "list from the top genes of the Perturb page and Enrichment, which are ranked by mean P.)"
     )
     R.show_chart(
         charts.gene_frequency_chart(shown), f"gene-frequency-{bundle.name}", key="freq_chart"
@@ -124,13 +126,14 @@ if base is not None:
 st.subheader("One gene")
 cons = consensus_top(src.P, src.genes, k=1)
 if st.session_state.get(S.GENE) not in bundle.genes:
+    S.note_dropped(S.GENE, [st.session_state.get(S.GENE)], "gene not among the bundle's")
     st.session_state[S.GENE] = cons["up"][0]
 st.columns([1, 2])[0].selectbox("Gene (type to search)", bundle.genes, key=S.GENE)
 gene = st.session_state[S.GENE]
 labels = data.labels(bundle.label_key)
 if labels is None:
     st.info(f"{data.label} has no {bundle.label_key!r} column: the per-class views need labels.")
-    st.stop()
+    S.stop()
 with R.guard("Drawing the gene views failed"):
     ss = st.session_state
     classes = picked_map_classes(
@@ -139,8 +142,8 @@ with R.guard("Drawing the gene views failed"):
     seed = int(ss.get(S.MAP_SEED, 0))
     ref, ref_idx = L.reference_map(bundle, data, classes, seed)
     mkey = L.map_key(bundle, data, classes, seed)
-    Xs = L.scaled_expression(L.bundle_key(bundle), data.key, bundle, data.adata)
-    coords = L.placed(ref, mkey, bundle, pert)
+    Xs = L.scaled_expression(bundle, data)
+    _, coords = L.placed(ref, mkey, bundle, pert)
     frame = gene_frames(ref, coords, pert, Xs, ref_idx, labels, gene)
     st.caption(
         "On the map: scaled expression of the real samples (dots) and of the perturbed samples after perturbation (crosses)."

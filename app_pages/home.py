@@ -28,9 +28,12 @@ st.markdown(
 
 def train_demo(config) -> None:
     """Train the demo generator with a progress bar, save it, and rerun."""
+    import torch
+
     from tspg.training import use_threads
 
-    use_threads()  # the idle cores (torch's one per core is slow on a busy machine)
+    app_threads = torch.get_num_threads()  # the app's own (tspg.app.loaders), restored below
+    use_threads()  # training's default (tspg.training.default_threads)
     total = config.target_epochs + config.epochs
     done = {"n": 0}
     with st.status("Training the demo generator…", expanded=True) as status:
@@ -42,14 +45,17 @@ def train_demo(config) -> None:
             bar.progress(min(done["n"] / total, 1.0), text=f"{stage}: epoch {step}/{n}  {shown}")
 
         with R.guard("Training the demo generator failed"):
-            bundle = train(
-                L.demo_adata(),
-                label_key=DEMO_LABEL_KEY,
-                target=DEMO_TARGET,
-                config=config,
-                dataset=DEMO_NAME,
-                progress=progress,
-            )
+            try:
+                bundle = train(
+                    L.demo_adata(),
+                    label_key=DEMO_LABEL_KEY,
+                    target=DEMO_TARGET,
+                    config=config,
+                    dataset=DEMO_NAME,
+                    progress=progress,
+                )
+            finally:
+                torch.set_num_threads(app_threads)
             path = save_bundle(bundle, L.models_root(), overwrite=True)
         status.update(label=f"Trained {bundle.name} ({path})", state="complete")
     st.session_state[S.BUNDLE] = bundle.name
@@ -85,7 +91,7 @@ if not bundle_name:
         },
         shlex.join(["tspg-train", "--demo", *config_argv(cfg), "--out", str(L.models_root())]),
     )
-    st.stop()
+    S.stop()
 
 with R.guard("Loading the bundle failed"):
     bundle = L.current_bundle()
@@ -115,14 +121,21 @@ c[4].metric(
     help="share of held-out samples of the other classes that the target model calls the target after perturbation",
 )
 
+R.show_verdict(bundle.manifest.get("verdict"), what="this bundle")
+
 with R.guard("The chosen data cannot be used"):
     data = L.current_data(bundle)
-    L.check_genes(bundle, data)
+    match = L.gene_match(bundle, data)
 labels = data.labels(bundle.label_key)
 st.write(
     f"**Data to perturb:** {data.label}: {data.adata.n_obs} samples x {data.adata.n_vars} genes; "
-    f"all {len(bundle.genes)} of the bundle's genes found."
+    + (
+        f"all {len(bundle.genes)} of the bundle's genes found."
+        if match.exact
+        else f"{match.summary()}."
+    )
 )
+R.show_gene_match(bundle, data, match)
 if labels is None:
     st.warning(
         f"{data.label} has no {bundle.label_key!r} column in obs: samples can be picked by id or at random, not by class."

@@ -22,28 +22,40 @@ if labels is None:
     st.error(
         f"{data.label} has no {bundle.label_key!r} column in obs: the map needs each real sample's class."
     )
-    st.stop()
+    S.stop()
 
 sel, pert = R.page_perturbation(bundle, data)
 
 ss = st.session_state
 with R.guard("The map cannot be drawn for these data"):
     options = map_class_options(labels, bundle.target)
+    S.note_dropped(
+        S.MAP_CLASSES,
+        [c for c in ss.get(S.MAP_CLASSES) or [] if c not in set(options)],
+        "map class(es) not in the data",
+    )
     # the classes shown (compared with the default of the last run, then remembered)
     shown = picked_map_classes(
         labels, bundle.target, pert.labels, ss.get(S.MAP_CLASSES), ss.get(S.MAP_AUTO)
     )[1:]
     ss[S.MAP_AUTO] = map_classes_default(labels, bundle.target, pert.labels)
     ss[S.MAP_CLASSES] = shown
-c1, c2 = st.columns([4, 1])
+c1, c2, c3 = st.columns([5, 1, 2], vertical_alignment="bottom")
 c1.multiselect(
     f"Classes of the real samples besides the target, {bundle.target} (at most {MAP_MAX_CLASSES - 1})",
     options,
     key=S.MAP_CLASSES,
     max_selections=MAP_MAX_CLASSES - 1,
+    wrap=True,
     help="By default the source classes of the selection, then the most frequent others.",
 )
-c2.number_input("Seed", min_value=0, step=1, key=S.MAP_SEED)
+c2.number_input("Seed", min_value=0, step=1, key=S.MAP_SEED, help="Seed of the t-SNE fit.")
+c3.toggle(
+    "Show the moves",
+    key=S.MAP_MOVES,
+    help="Each selected sample's place before perturbation (hollow square), joined by a line "
+    "to its place after (cross).",
+)
 classes = picked_map_classes(
     labels, bundle.target, pert.labels, ss.get(S.MAP_CLASSES), ss.get(S.MAP_AUTO)
 )
@@ -54,9 +66,9 @@ with R.guard("Fitting the t-SNE map failed"):
 mkey = L.map_key(bundle, data, classes, seed)
 joint_id = (mkey, L.bundle_key(bundle), tuple(pert.samples))
 
-b1, b2, _ = st.columns([1, 1, 3])
-b1.button(
-    "Recompute joint map",
+row = st.container(horizontal=True)
+row.button(
+    "Recompute as a joint map",
     icon=":material/refresh:",
     key="map_joint_button",
     on_click=S.set_state,
@@ -65,7 +77,7 @@ b1.button(
 )
 is_joint = st.session_state.get(S.MAP_JOINT) == joint_id
 if is_joint:
-    b2.button(
+    row.button(
         "Back to the reference map",
         icon=":material/undo:",
         key="map_back_button",
@@ -73,29 +85,44 @@ if is_joint:
         args=(S.MAP_JOINT, None),
     )
 
+moves = bool(ss.get(S.MAP_MOVES, True))
 start = time.perf_counter()
 with R.guard("Placing the perturbed samples failed"):
     if is_joint:
         real_xy, new_xy = L.joint(ref_idx, mkey, bundle, data, pert, seed)
-        shown_ref = dataclasses.replace(ref, coords=real_xy, embedding=None)
+        shown_ref, before_xy = dataclasses.replace(ref, coords=real_xy, embedding=None), None
     else:
-        new_xy, shown_ref = L.placed(ref, mkey, bundle, pert), ref
+        (before_xy, new_xy), shown_ref = L.placed(ref, mkey, bundle, pert), ref
 seconds = time.perf_counter() - start
 
 with R.guard("Drawing the map failed"):
     real_pred = L.real_predictions(bundle, data)[ref_idx]
-    frame = perturbation_map_frame(shown_ref, pert, coords=new_xy, real_pred=real_pred)
+    frame = perturbation_map_frame(
+        shown_ref, pert, coords=new_xy, real_pred=real_pred, before=before_xy
+    )
+    how = (
+        "from a joint t-SNE fit (their places before perturbation are not part of that fit)."
+        if is_joint
+        else f"placed on the fixed reference map in {seconds:.2f} s"
+        + (
+            "; hollow squares: the same samples before perturbation, placed the same way, "
+            "each joined to its cross."
+            if moves
+            else "."
+        )
+    )
     st.caption(
         f"Dots: {len(ref)} real samples of {len(set(ref.labels))} classes. Crosses: the selection's perturbed samples "
-        f"({sel.description}), coloured by their source class, "
-        + (
-            "from a joint t-SNE fit."
-            if is_joint
-            else f"placed on the fixed reference map in {seconds:.2f} s."
-        )
-        + " Click a legend entry to highlight a class; hover a point for its sample, class and prediction."
+        f"({sel.description}), coloured by their source class, {how} "
+        "Click a class in the legend to highlight it, or 'selected, after (perturbed)' to isolate the perturbed samples; "
+        "hover a point for its sample, class and prediction."
     )
-    R.show_chart(charts.map_chart(frame), f"map-{bundle.name}", key="map_chart")
+    R.show_chart(
+        charts.map_chart(frame, moves=moves, width="container", height=560),
+        f"map-{bundle.name}",
+        key="map_chart",
+        stretch=True,
+    )
 
 R.show_table(
     frame,

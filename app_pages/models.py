@@ -8,7 +8,8 @@ import streamlit as st
 from tspg import charts
 from tspg.app import loaders as L
 from tspg.app import render as R
-from tspg.app.views import models_arg
+from tspg.app import state as S
+from tspg.app.views import loss_table, models_arg
 from tspg.config import format_option
 
 st.title("Models")
@@ -17,10 +18,22 @@ entries = L.bundle_entries()
 st.caption(f"Bundles in `{root}`")
 if not entries:
     st.info("No bundle yet: train the demo on the Home page, or run `tspg-train --demo`.")
-    st.stop()
+    S.stop()
 
 table = pd.DataFrame([e.summary() for e in entries]).set_index("name")
-first = ["status", "target", "perturbation accuracy", "target-model accuracy"]
+verdicts = {e.name: (e.manifest or {}).get("verdict") if e.error is None else None for e in entries}
+table.insert(1, "verdict", [(verdicts.get(n) or {}).get("level", "") for n in table.index])
+table.insert(
+    2, "verdict summary", [(verdicts.get(n) or {}).get("summary", "") for n in table.index]
+)
+first = [
+    "status",
+    "verdict",
+    "verdict summary",
+    "target",
+    "perturbation accuracy",
+    "target-model accuracy",
+]
 table = table[[*first, *(c for c in table.columns if c not in first)]]
 R.show_table(
     table,
@@ -39,15 +52,29 @@ for e in entries:
 with R.guard("Loading the bundle failed"):
     bundle = L.current_bundle()
 if bundle is None:
-    st.stop()
+    S.stop()
+
+st.subheader(f"{bundle.name}: verdict")
+R.show_verdict(bundle.manifest.get("verdict"), what="this bundle")
 
 st.subheader(f"{bundle.name}: training")
 with R.guard("Drawing the training history failed"):
-    st.markdown("**Losses per epoch** (log scale; click a legend entry to highlight a loss)")
+    st.markdown("**Losses per epoch** (one panel per loss, each on its own linear scale)")
     history = {
         k: v for k, v in bundle.manifest.get("history", {}).items() if any(x for x in v)
     }  # unused terms are all zero
     R.show_chart(charts.loss_chart(history), f"losses-{bundle.name}", key="loss_chart")
+    st.dataframe(
+        loss_table(history, bundle.manifest["config"]),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "weight": st.column_config.TextColumn(
+                "weight", help="the term's weight in the generator's loss (the config's w_*)"
+            ),
+            "meaning": st.column_config.TextColumn("what it measures", width="large"),
+        },
+    )
     st.markdown(
         "**Perturbation accuracy by source class** (held-out samples the target model calls the target after perturbation)"
     )

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import SMALL_NETS
-from test_app import app, chart_data, charts, fresh_streamlit, ok, texts  # noqa: F401 (fresh_streamlit: autouse fixture)
+from test_app import app, chart_data, charts, fresh_streamlit, ok, tables, texts  # noqa: F401 (fresh_streamlit: autouse fixture)
 
 from tspg.bundle import save_bundle
 from tspg.config import TrainConfig
@@ -73,7 +73,7 @@ def test_an_upload_of_its_dataset_counts_as_the_bundles_own(elsewhere, monkeypat
 
     ok(at.switch_page("app_pages/perturb.py").run())
     assert at.checkbox(key="sel_heldout").value
-    pred = at.dataframe[0].value
+    pred = tables(at)[0].value
     assert len(pred) == 20 and set(pred.index) <= test and (pred["label"] != TARGET).all()
     heat = chart_data(charts(at)[0])
     tm = heat[heat.column == "target mean"].set_index("gene")["value"]
@@ -84,7 +84,7 @@ def test_an_upload_of_its_dataset_counts_as_the_bundles_own(elsewhere, monkeypat
     )
     at.checkbox(key="sel_heldout").uncheck()
     ok(at.run())
-    assert set(at.dataframe[0].value.index) - test  # training samples too, now
+    assert set(tables(at)[0].value.index) - test  # training samples too, now
 
     ok(at.switch_page("app_pages/genes.py").run())
     overlap = next(d.value for d in at.dataframe if "baseline" in d.value)
@@ -96,7 +96,7 @@ def test_an_upload_of_its_dataset_counts_as_the_bundles_own(elsewhere, monkeypat
     ok(at.switch_page("app_pages/perturb.py").run())
     at.checkbox(key="sel_heldout").check()
     ok(at.run())
-    assert set(at.dataframe[0].value.index) <= test
+    assert set(tables(at)[0].value.index) <= test
 
 
 def test_other_data_is_not_taken_for_its_dataset(elsewhere, monkeypatch):
@@ -107,7 +107,7 @@ def test_other_data_is_not_taken_for_its_dataset(elsewhere, monkeypatch):
     at = ok(upload(at, "changed.h5ad", elsewhere.changed, source="upload"))
     ok(at.switch_page("app_pages/perturb.py").run())
     assert "sel_heldout" not in [c.key for c in at.checkbox]  # not its data: no split
-    assert len(at.dataframe[0].value) == 20
+    assert len(tables(at)[0].value) == 20
     ok(at.switch_page("app_pages/genes.py").run())
     assert "Baselines need the bundle's own training data" in texts(at.info)
 

@@ -13,8 +13,11 @@ import pandas as pd
 import pytest
 from conftest import make_tiny_adata
 
+from tspg.app import keys as K
+from tspg.app.query import PARAMS, decode, encode
 from tspg.app.selection import (
     Data,
+    clamp_n,
     compatible_bundles,
     default_classes,
     map_class_options,
@@ -35,7 +38,7 @@ LABELS = dict(zip(NAMES, ["a", "a", "b", "b", "b", "t", "t", "c", "c", "c"], str
 
 def test_pure_modules_import_no_streamlit_and_only_the_app_package_does():
     code = (
-        "import sys\nimport tspg.app, tspg.app.selection, tspg.app.views\n"
+        "import sys\nimport tspg.app, tspg.app.selection, tspg.app.views, tspg.app.query\n"
         "assert 'streamlit' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -206,3 +209,69 @@ def test_data_labels():
     assert list(data.labels("cell_type")) == list(adata.obs["cell_type"].astype(str))
     assert data.labels("nope") is None
     assert isinstance(pd.Series(data.labels("cell_type")).iloc[0], str)
+
+
+# ----------------------------------------------------------------------------- the URL
+
+
+def test_query_parameters_round_trip_and_leave_defaults_out():
+    state = {
+        K.BUNDLE: "b1",
+        K.SEL_MODE: "class",
+        K.SEL_CLASSES: ["CD19+ B", "NK & friends"],
+        K.SEL_N: 20,  # the default: not written
+        K.SEL_SEED: 7,
+        K.SEL_HELDOUT: False,
+        K.TOP_K: 35,
+        K.MAP_MOVES: False,
+        K.ENR_THRESHOLD: 0.05,
+        K.SEL_IDS: [],
+    }
+    params = encode(state, defaults=K.DEFAULTS)
+    assert params == {
+        "bundle": ["b1"],
+        "mode": ["class"],
+        "classes": ["CD19+ B", "NK & friends"],
+        "ids": [""],  # an emptied list stays empty
+        "seed": ["7"],
+        "heldout": ["0"],
+        "k": ["35"],
+        "moves": ["0"],
+        "q": ["0.05"],
+    }
+    values, notes = decode(params, bundles=["b1", "b2"])
+    assert notes == []
+    assert values == {k: v for k, v in state.items() if k != K.SEL_N}
+    # every parameter names its own key
+    assert len({p.name for p in PARAMS}) == len({p.key for p in PARAMS}) == len(PARAMS)
+
+
+def test_query_parameters_that_cannot_be_used_are_noted_not_raised():
+    values, notes = decode(
+        {
+            "bundle": ["gone"],
+            "mode": ["sideways"],
+            "n": ["0"],
+            "seed": ["-1"],
+            "heldout": ["maybe"],
+            "q": ["0.02"],
+            "k": ["12"],
+            "what": ["x"],
+        },
+        bundles=["b1"],
+    )
+    assert values == {K.TOP_K: 12}
+    assert len(notes) == 7
+    assert any("bundle=gone" in n for n in notes) and any(
+        "`what` is not a setting" in n for n in notes
+    )
+    assert any("n=0" in n and "between 1" in n for n in notes)
+
+
+def test_clamp_n_says_why():
+    assert clamp_n(20, 142) == (20, None)
+    assert clamp_n(300, 142) == (
+        142,
+        "N = 300 is more than the 142 samples to pick from: using all 142",
+    )
+    assert clamp_n(0, 142)[0] == 1 and clamp_n(None, 5)[0] == 5

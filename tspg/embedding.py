@@ -17,15 +17,24 @@ or step by step (the dashboard caches each step)::
     pert = perturb_adata(adata[ids], bundle)
     frame = perturbation_map_frame(ref, pert, real_pred=bundle.predict(Xs[rows]))
 
-The openTSNE embedding object is kept in memory only (the app caches the map with
-``st.cache_resource``); pickling a :class:`ReferenceMap` drops it, and :func:`place` then
-says so.
+The openTSNE embedding object is kept in memory only; pickling a :class:`ReferenceMap`
+drops it, and :func:`place` then says so. On disk a map is plain arrays in an ``.npz``
+(:func:`save_reference_map`, never pickled) and its embedding is rebuilt when it is read
+(:func:`load_reference_map`); ``class_map(..., cache_dir=map_cache_dir())`` keeps every map
+it fits there, keyed by the values, samples, classes and settings it was fit on, so the
+dashboard's first Map after a restart reads the map instead of fitting it again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
@@ -49,11 +58,16 @@ __all__ = [
     "fit_class_map",
     "fit_joint_map",
     "fit_reference_map",
+    "load_reference_map",
+    "map_cache_dir",
+    "map_cache_key",
     "map_classes",
     "map_frame",
     "perturbation_map",
     "perturbation_map_frame",
     "place",
+    "place_moves",
+    "save_reference_map",
     "select_map_samples",
 ]
 
@@ -477,6 +491,7 @@ def map_frame(
     new_source=None,
     new_pred=None,
     real_pred=None,
+    new_before=None,
 ) -> pd.DataFrame:
     """Tidy frame of the map: one row per point.
 
@@ -494,11 +509,15 @@ def map_frame(
         Target model's prediction for each perturbed sample.
     real_pred
         Target model's prediction for each real sample.
+    new_before
+        (m, 2) coordinates of the perturbed samples *before* perturbation (x placed on the
+        same map), or None; adds columns ``x_before`` and ``y_before`` (NaN for real rows).
 
     Returns
     -------
     DataFrame with columns ``x``, ``y``, ``sample``, ``class``, ``predicted``, ``kind``
-    (``"real"`` or ``"perturbed"``); real rows first, in the map's order.
+    (``"real"`` or ``"perturbed"``), and ``x_before``, ``y_before`` when ``new_before`` is
+    given; real rows first, in the map's order.
     """
     n = len(ref)
     real = pd.DataFrame(
@@ -530,6 +549,12 @@ def map_frame(
             "kind": "perturbed",
         }
     )
+    if new_before is not None:
+        before = np.asarray(new_before, dtype=np.float64).reshape(-1, 2)
+        if len(before) != m:
+            raise ValueError(f"new_before: {len(before)} positions for {m} points")
+        new["x_before"], new["y_before"] = before[:, 0], before[:, 1]
+        real["x_before"] = real["y_before"] = np.nan
     return pd.concat([real, new], ignore_index=True)
 
 
@@ -546,6 +571,7 @@ def class_map(
     seed: int = 0,
     Xs: np.ndarray | None = None,
     source: str = "data",
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[ReferenceMap, np.ndarray]:
     """The reference map of ``adata``'s real samples, in the bundle's scaled space.
 
@@ -567,6 +593,10 @@ def class_map(
         ``bundle.scale(adata)`` when already computed (the dashboard caches it).
     source
         How error messages name the data.
+    cache_dir
+        A folder of fitted maps (e.g. :func:`map_cache_dir`): a map fit before on the same
+        values, samples, classes and settings is read from there instead of fit again, and
+        a new fit is written there (:func:`save_reference_map`; never pickled).
 
     Returns
     -------
@@ -589,17 +619,165 @@ def class_map(
     )
     # only the map's own samples are read and scaled (never the whole GEM)
     X = bundle.scale(adata, rows=rows, source=source) if Xs is None else np.asarray(Xs)[rows]
+    path = None
+    if cache_dir is not None:
+        name = map_cache_key(X, labels[rows], samples[rows], seed=seed)
+        path = Path(cache_dir) / f"{name}.npz"
+        cached = _read_cached_map(path, samples[rows])
+        if cached is not None:
+            return cached, rows
     ref = fit_reference_map(X, samples=samples[rows], labels=labels[rows], seed=seed)
+    if path is not None:
+        try:
+            save_reference_map(ref, path, rows=rows, Z=ref.project(X))
+        except OSError as err:  # a read-only cache folder costs a refit next time, nothing more
+            logger.warning("could not keep the t-SNE map in %s: %s", path.parent, err)
     return ref, rows
 
 
+# ----------------------------------------------------------------------------- maps on disk
+
+MAP_CACHE_VERSION = 1
+
+
+def map_cache_dir() -> Path:
+    """Where fitted maps are kept: ``$TSPG_CACHE_DIR/maps``, or ``~/.cache/tspg/maps``."""
+    root = os.environ.get("TSPG_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "tspg") / "maps"
+
+
+def map_cache_key(Xs, labels, samples, **options) -> str:
+    """A hash naming a fitted map: the values of its samples (in a bundle's scaled space, so
+    the data, the gene set and the scaler), the samples and their classes, the map's
+    options (its seed), the t-SNE settings and the cache format."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(np.asarray(Xs), dtype=np.float32).tobytes())
+    h.update(repr(np.asarray(Xs).shape).encode())
+    for part in (labels, samples):
+        h.update("\n".join(map(str, part)).encode() + b"\0")
+    fit = inspect.signature(fit_reference_map).parameters  # the settings class_map fits with
+    tsne = {k: p.default for k, p in fit.items() if p.default is not inspect.Parameter.empty}
+    tsne.update(version=MAP_CACHE_VERSION, openTSNE=_opentsne_version())
+    opts = {
+        k: (list(v) if isinstance(v, (list, tuple, np.ndarray)) else v) for k, v in options.items()
+    }
+    h.update(json.dumps({"options": opts, "tsne": tsne}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def _opentsne_version() -> str:
+    from importlib.metadata import version
+
+    return version("openTSNE")
+
+
+def save_reference_map(ref: ReferenceMap, path, *, rows=None, Z=None) -> Path:
+    """Write a map as one ``.npz`` of plain arrays (no pickle) through a temporary file.
+
+    ``Z``: the reference samples in the space t-SNE saw (``ref.project`` of their data),
+    needed to place new points on the map once it is read back; ``rows``: the samples' rows
+    in the data (kept with the map).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"version": MAP_CACHE_VERSION, "seed": int(ref.seed), "params": ref.params}
+    arrays = {
+        "coords": np.asarray(ref.coords, dtype=np.float64),
+        "samples": np.asarray(ref.samples, dtype=str),
+        "labels": np.asarray(ref.labels, dtype=str),
+        "rows": np.asarray([] if rows is None else rows, dtype=np.int64),
+        "Z": np.asarray([] if Z is None else Z, dtype=np.float64),
+        "pca_mean": np.asarray([] if ref.pca is None else ref.pca.mean, dtype=np.float64),
+        "pca_components": np.asarray(
+            [] if ref.pca is None else ref.pca.components, dtype=np.float64
+        ),
+        "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_reference_map(path) -> tuple[ReferenceMap, np.ndarray]:
+    """Read a map written by :func:`save_reference_map` (``allow_pickle=False``); its t-SNE
+    embedding is rebuilt from the stored reference data, so :func:`place` works on it
+    exactly as on the map just fit. Returns ``(map, rows)``; ValueError when the file is not
+    such a map."""
+    with np.load(path, allow_pickle=False) as npz:
+        try:
+            meta = json.loads(npz["meta"].tobytes().decode())
+            coords, Z = npz["coords"], npz["Z"]
+            samples, labels = npz["samples"].tolist(), npz["labels"].tolist()
+            rows, mean, comps = npz["rows"], npz["pca_mean"], npz["pca_components"]
+        except KeyError as err:
+            raise ValueError(f"{path}: not a saved t-SNE map ({err} missing)") from None
+    if meta.get("version") != MAP_CACHE_VERSION:
+        raise ValueError(f"{path}: a map of format {meta.get('version')}, not {MAP_CACHE_VERSION}")
+    if Z.ndim != 2 or len(Z) != len(coords) or coords.shape[1:] != (2,):
+        raise ValueError(f"{path}: the stored map's arrays do not agree")
+    params, seed = meta["params"], int(meta["seed"])
+    pca = PCAProjection(mean, comps) if comps.size else None
+    emb = _restore_embedding(Z, coords, params, seed)
+    return ReferenceMap(coords.copy(), samples, labels, seed, params, pca, emb), rows
+
+
+@contextmanager
+def _quiet(name: str):
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _restore_embedding(Z: np.ndarray, coords: np.ndarray, params: dict, seed: int):
+    """The openTSNE embedding of a fitted map from its reference data ``Z`` and ``coords``:
+    the affinities are computed as the fit computed them (same neighbour search, perplexity
+    and seed), the positions are the fitted ones."""
+    tsne, _ = _tsne(
+        seed,
+        params["perplexity"],
+        params.get("n_jobs", DEFAULT_N_JOBS),
+        params["n_iter"],
+        len(Z),
+        params["negative_gradient_method"],
+    )
+    with _quiet("openTSNE"):  # it warns that given positions are not a fresh initialisation
+        return tsne.prepare_initial(np.ascontiguousarray(Z), initialization=coords)
+
+
+def _read_cached_map(path: Path, samples) -> ReferenceMap | None:
+    """A cached map of ``samples`` (in this order), or None when there is none or it cannot
+    be used (logged; the map is then fit again)."""
+    if not path.is_file():
+        return None
+    try:
+        ref, _ = load_reference_map(path)
+        if ref.samples != [str(s) for s in samples]:
+            raise ValueError("its samples are not the data's")
+    except (OSError, ValueError, KeyError) as err:
+        logger.warning("ignoring the cached t-SNE map %s: %s", path, err)
+        return None
+    logger.info("t-SNE map read from %s", path)
+    return ref
+
+
 def perturbation_map_frame(
-    ref: ReferenceMap, pert: Perturbation, *, coords=None, real_pred=None
+    ref: ReferenceMap, pert: Perturbation, *, coords=None, real_pred=None, before=None
 ) -> pd.DataFrame:
     """:func:`map_frame` of a reference map with a perturbation's x_adv on it.
 
     ``coords``: the perturbed samples' coordinates (default: :func:`place` of x_adv);
-    ``real_pred``: the target model's class for each real sample of the map.
+    ``real_pred``: the target model's class for each real sample of the map;
+    ``before``: the same samples' coordinates before perturbation (:func:`place_moves`),
+    for the map's before -> after lines.
     """
     coords = place(ref, pert.x_adv) if coords is None else coords
     return map_frame(
@@ -609,7 +787,22 @@ def perturbation_map_frame(
         new_source=pert.labels,
         new_pred=pert.pred_after,
         real_pred=real_pred,
+        new_before=before,
     )
+
+
+def place_moves(ref: ReferenceMap, pert: Perturbation) -> tuple[np.ndarray, np.ndarray]:
+    """Each perturbed sample's place on the fixed map before (x) and after (x_adv): one
+    :func:`place` of both (a placed point moves against the reference only, so placing them
+    together gives what placing each alone does).
+
+    Returns
+    -------
+    ``(before, after)``: two (m, 2) arrays.
+    """
+    xy = place(ref, np.vstack([pert.x, pert.x_adv]))
+    m = len(pert)
+    return xy[:m].copy(), xy[m:].copy()
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .data import (
 )
 from .errors import UserError, user_file
 from .nets import evaluating
+from .ranking import rank_genes
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -950,10 +951,10 @@ def _consensus_frame(counts: dict, mean_P: np.ndarray, n: int, genes) -> pd.Data
 
 
 def consensus_top(P: np.ndarray, genes: Sequence[str], k: int = 20) -> dict[str, list[str]]:
-    """The consensus top-k list per direction: ``{"up": [...k genes], "down": [...]}``."""
-    df = consensus(P, genes, k=k)
-    k = min(int(k), len(genes))
-    return {d: df.loc[df["direction"] == d, "gene"].head(k).tolist() for d in DIRECTIONS}
+    """The top-k list per direction of the samples ``P``: ``{"up": [...k genes], "down": [...]}``,
+    ranked by mean P (:func:`tspg.ranking.rank_genes`, the one ranking of every top-gene list)."""
+    df = rank_genes(P, genes, k=k)
+    return {d: df.loc[df["direction"] == d, "gene"].tolist() for d in DIRECTIONS}
 
 
 def unique_top_genes(

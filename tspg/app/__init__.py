@@ -1,10 +1,12 @@
 """The dashboard's glue: everything ``streamlit_app.py`` and ``app_pages/`` share.
 
-- :mod:`tspg.app.state`: session-state keys, defaults and the widgets' memory across pages
+- :mod:`tspg.app.keys`: session-state keys and their defaults (no streamlit)
+- :mod:`tspg.app.state`: the widgets' memory across pages, the view read from and written
+  to the URL (:mod:`tspg.app.query` encodes and checks it, no streamlit), notes, stopping
 - :mod:`tspg.app.loaders`: cached loaders (bundles, data, perturbations, maps, baselines,
   enrichment), keyed by plain strings
-- :mod:`tspg.app.render`: charts, tables, downloads, the "equivalent command" box and the
-  error guard of every page
+- :mod:`tspg.app.render`: charts, tables, downloads, verdict badges, gene-matching notes,
+  the "equivalent command" box and the error guard of every page
 - :mod:`tspg.app.selection` and :mod:`tspg.app.views`: pure logic (which samples, which
   classes on the map, frames and commands) with explicit arguments; they import no
   streamlit and are tested without it

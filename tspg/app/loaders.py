@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 from .. import baselines as _baselines
-from .. import embedding, enrichment
+from .. import embedding, enrichment, sweep, verdict
 from ..bundle import list_bundles, load_bundle, models_dir, resolve_bundle
 from ..config import TrainConfig
-from ..data import align_genes, read_gem
+from ..data import MAX_MISSING_SHARE, GeneMatch, read_gem
 from ..datasets import demo
 from ..errors import UserError
 from ..perturbation import perturb, perturb_adata
@@ -37,13 +38,13 @@ __all__ = [
     "baselines",
     "bundle_entries",
     "bundle_key",
-    "check_genes",
     "current_bundle",
     "current_data",
     "current_selection",
     "demo_adata",
     "demo_config",
     "enrichment_table",
+    "gene_match",
     "get_bundle",
     "joint",
     "map_key",
@@ -59,10 +60,28 @@ __all__ = [
     "reference_map",
     "sample_pool",
     "scaled_expression",
+    "selection_verdict",
+    "sweep_results",
     "target_mean",
+    "usable_match",
 ]
 
 logger = logging.getLogger("tspg.app")
+
+
+# One torch thread for the dashboard's forward passes (a selection is tens to thousands of
+# samples): measured on a busy 2-core machine, 100 samples took 0.04 s with one thread and
+# 0.2-1 s with two (OpenMP threads waiting for a core). $TSPG_APP_THREADS sets another number.
+def _app_threads() -> int:
+    raw = os.environ.get("TSPG_APP_THREADS") or "1"
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        logger.warning("TSPG_APP_THREADS=%r is not a whole number: one thread", raw)
+        return 1
+
+
+torch.set_num_threads(_app_threads())
 
 
 class Waiting(UserError):
@@ -145,10 +164,15 @@ def read_upload(name: str, data: bytes):
         raise UserError(
             f"{name}: {len(data) / 2**20:.0f} MB is over the {S.MAX_UPLOAD_MB} MB limit"
         )
+    if not data:
+        raise UserError(f"{name}: the file is empty")
     with tempfile.TemporaryDirectory(prefix="tspg-upload-") as tmp:
         path = Path(tmp) / "upload.h5ad"
         path.write_bytes(data)
-        adata = read_gem(path)
+        try:
+            adata = read_gem(path)
+        except UserError as err:  # name the user's file, not the server's temporary copy
+            raise UserError(str(err).replace(str(path), name)) from None
     adata.uns["tspg_import"]["source"] = name
     return adata
 
@@ -193,7 +217,7 @@ def current_data(bundle) -> Data:
     own = bool(_is_own(bundle_key(bundle), key, bundle, adata))
     data = Data(adata, key, f"upload {up.name}" + (" (the bundle's dataset)" if own else ""), own)
     if source == "bundle" and not own:
-        check_genes(bundle, data)
+        usable_match(bundle, data)
         name = bundle.manifest["dataset"]["name"]
         raise UserError(
             f"{up.name} is not {name}, the dataset {bundle.name!r} was trained on (its values, genes or samples differ); "
@@ -211,10 +235,29 @@ def own_data(bundle, data: Data) -> Data:
     raise UserError(own_dataset_hint(bundle.manifest))
 
 
-def check_genes(bundle, data: Data) -> None:
-    """UserError naming the missing genes when ``data`` lacks some of the bundle's genes."""
-    if not pd.Index(bundle.genes).isin(data.adata.var_names).all():
-        align_genes(data.adata[:0], bundle.genes, source=data.label)  # raises with the names
+@st.cache_resource(show_spinner="Matching the data's genes to the bundle's…", max_entries=16)
+def _gene_match(bkey: str, dkey: str, source: str, _bundle, _adata) -> GeneMatch:
+    return _bundle.match_genes(_adata, max_missing=1.0, source=source)
+
+
+def gene_match(bundle, data: Data) -> GeneMatch:
+    """How the bundle's genes were found in ``data`` (:meth:`tspg.bundle.Bundle.match_genes`:
+    exactly, ignoring case, or by a ``var`` column of symbols), however many are missing;
+    UserError when none is there. Whether the data can be used: :func:`usable_match`."""
+    return _gene_match(bundle_key(bundle), data.key, data.label, bundle, data.adata)
+
+
+def usable_match(bundle, data: Data) -> GeneMatch:
+    """:func:`gene_match`, or UserError (one line, with the number missing) when more than
+    :data:`tspg.data.MAX_MISSING_SHARE` of the bundle's genes are missing (fewer are filled)."""
+    match = gene_match(bundle, data)
+    if match.missing_share > MAX_MISSING_SHARE:
+        raise UserError(
+            f"{data.label}: {match.n_missing} of the model's {match.n_genes} genes are missing "
+            f"({100 * match.missing_share:.0f}%; at most {100 * MAX_MISSING_SHARE:g}% can be filled in): "
+            f"{', '.join(match.missing[:5])}{' …' if match.n_missing > 5 else ''}"
+        )
+    return match
 
 
 # ----------------------------------------------------------------------------- selection
@@ -237,7 +280,9 @@ def current_selection(bundle, data: Data) -> Selection:
         target=bundle.target,
         mode=ss.get(S.SEL_MODE, "random"),
         classes=list(
-            ss.get(S.SEL_CLASSES) or default_classes(bundle.classes, labels, bundle.target)
+            default_classes(bundle.classes, labels, bundle.target)
+            if ss.get(S.SEL_CLASSES) is None  # never picked (a cleared pick stays empty)
+            else ss[S.SEL_CLASSES]
         ),
         ids=list(ss.get(S.SEL_IDS) or []),
         known=names,
@@ -253,15 +298,17 @@ def current_selection(bundle, data: Data) -> Selection:
 
 
 @st.cache_data(show_spinner="Perturbing…", max_entries=32)
-def _perturbation(bkey: str, dkey: str, samples: tuple[str, ...], _bundle, _adata):
-    return perturb_adata(_adata[list(samples)], _bundle, source="data")
+def _perturbation(bkey: str, dkey: str, samples: tuple[str, ...], _bundle, _adata, source: str):
+    return perturb_adata(_adata[list(samples)], _bundle, source=source)
 
 
 def perturbation(bundle, data: Data, samples):
     """``perturb_adata`` of the chosen samples (cached by bundle, data and sample ids)."""
     if not len(samples):
         raise UserError("no samples selected: pick at least one on the Perturb page")
-    return _perturbation(bundle_key(bundle), data.key, tuple(samples), bundle, data.adata)
+    return _perturbation(
+        bundle_key(bundle), data.key, tuple(samples), bundle, data.adata, data.label
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -280,20 +327,25 @@ def perturbed_h5ad(bundle, data: Data, samples) -> Callable[[], bytes]:
 
 
 @st.cache_resource(show_spinner="Scaling the data…", max_entries=4)
-def scaled_expression(bkey: str, dkey: str, _bundle, _adata) -> np.ndarray:
-    """The whole dataset in the bundle's space (:meth:`tspg.bundle.Bundle.scale`; read-only:
-    a resource, so a large matrix is not copied on every rerun)."""
-    return _bundle.scale(_adata)
+def _scaled(bkey: str, dkey: str, _bundle, _adata, _match) -> np.ndarray:
+    return _bundle.scale(_adata, match=_match)
+
+
+def scaled_expression(bundle, data: Data) -> np.ndarray:
+    """The whole dataset in the bundle's space (:meth:`tspg.bundle.Bundle.scale`, its genes
+    found by :func:`usable_match`, missing ones filled; read-only: a resource, so a large
+    matrix is not copied on every rerun)."""
+    return _scaled(bundle_key(bundle), data.key, bundle, data.adata, usable_match(bundle, data))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _real_pred(bkey: str, dkey: str, _bundle, _adata) -> np.ndarray:
-    return _bundle.predict(scaled_expression(bkey, dkey, _bundle, _adata))
+def _real_pred(bkey: str, dkey: str, _bundle, _data) -> np.ndarray:
+    return _bundle.predict(scaled_expression(_bundle, _data))
 
 
 def real_predictions(bundle, data: Data) -> np.ndarray:
     """The target model's class for every sample of the data (unperturbed)."""
-    return _real_pred(bundle_key(bundle), data.key, bundle, data.adata)
+    return _real_pred(bundle_key(bundle), data.key, bundle, data)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -314,23 +366,41 @@ def target_mean(bundle, data: Data) -> np.ndarray | None:
         return None
 
 
+@st.cache_data(show_spinner="Grading the selection…", max_entries=32)
+def _selection_verdict(bkey: str, dkey: str, samples: tuple[str, ...], _bundle, _pert) -> dict:
+    return verdict.selection_verdict(_bundle, _pert)
+
+
+def selection_verdict(bundle, data: Data, pert) -> dict:
+    """:func:`tspg.verdict.selection_verdict` of a perturbed selection: the bundle's stored
+    checks beside this selection's (moved, data fit)."""
+    return _selection_verdict(bundle_key(bundle), data.key, tuple(pert.samples), bundle, pert)
+
+
 # ----------------------------------------------------------------------------- t-SNE map
 
 
 @st.cache_resource(
-    show_spinner="Fitting the t-SNE reference map (once per dataset, gene set, classes and seed)…",
+    show_spinner="The t-SNE reference map (fit once per dataset, gene set, classes and seed, then kept on disk)…",
     max_entries=8,
 )
 def _reference_map(dkey: str, skey: str, classes: tuple[str, ...], seed: int, _bundle, _data):
-    Xs = scaled_expression(bundle_key(_bundle), _data.key, _bundle, _data.adata)
+    Xs = scaled_expression(_bundle, _data)
     return embedding.class_map(
-        _data.adata, _bundle, classes=list(classes), seed=seed, Xs=Xs, source=_data.label
+        _data.adata,
+        _bundle,
+        classes=list(classes),
+        seed=seed,
+        Xs=Xs,
+        source=_data.label,
+        cache_dir=embedding.map_cache_dir(),
     )
 
 
 def reference_map(bundle, data: Data, classes, seed: int):
     """(ReferenceMap, row indices of its samples); cached per dataset, gene set and scaling,
-    classes, seed (:func:`tspg.embedding.class_map`)."""
+    classes, seed (:func:`tspg.embedding.class_map`), in memory and on disk
+    (:func:`tspg.embedding.map_cache_dir`: a restart reads the map instead of fitting it)."""
     return _reference_map(data.key, scaler_key(bundle), tuple(classes), int(seed), bundle, data)
 
 
@@ -338,14 +408,31 @@ def map_key(bundle, data: Data, classes, seed: int) -> str:
     return cache_key(data.key, scaler_key(bundle), tuple(classes), int(seed))
 
 
-@st.cache_data(show_spinner="Placing the perturbed samples on the map…", max_entries=32)
-def _placed(mkey: str, bkey: str, samples: tuple[str, ...], _ref, _x_adv) -> np.ndarray:
+@st.cache_resource(max_entries=8)
+def _before_places(mkey: str, bkey: str) -> dict[str, np.ndarray]:
+    """Samples' places before perturbation on one map, by sample id (they do not depend on
+    the selection: each is placed once, whichever selections it is in)."""
+    return {}
+
+
+@st.cache_data(show_spinner="Placing the selected samples on the map…", max_entries=32)
+def _placed_after(mkey: str, bkey: str, samples: tuple[str, ...], _ref, _x_adv) -> np.ndarray:
     return embedding.place(_ref, _x_adv)
 
 
-def placed(ref, mkey: str, bundle, pert) -> np.ndarray:
-    """Map coordinates of the perturbed samples, placed on the fixed reference map."""
-    return _placed(mkey, bundle_key(bundle), tuple(pert.samples), ref, pert.x_adv)
+def placed(ref, mkey: str, bundle, pert) -> tuple[np.ndarray, np.ndarray]:
+    """Map coordinates of the selected samples before and after perturbation, both placed
+    on the fixed reference map (as :func:`tspg.embedding.place_moves`: a placed point moves
+    against the map only, so each sample's place before is computed once and kept)."""
+    bkey = bundle_key(bundle)
+    store = _before_places(mkey, bkey)
+    missing = [i for i, s in enumerate(pert.samples) if s not in store]
+    if missing:
+        xy = embedding.place(ref, pert.x[missing])
+        store.update({pert.samples[i]: xy[j] for j, i in enumerate(missing)})
+    before = np.array([store[s] for s in pert.samples]).reshape(-1, 2)
+    after = _placed_after(mkey, bkey, tuple(pert.samples), ref, pert.x_adv)
+    return before, after
 
 
 @st.cache_data(show_spinner="Recomputing the joint t-SNE map…", max_entries=4)
@@ -355,8 +442,33 @@ def _joint(mkey: str, bkey: str, samples: tuple[str, ...], seed: int, _X_real, _
 
 def joint(ref_idx, mkey: str, bundle, data: Data, pert, seed: int):
     """(real coords, perturbed coords) of one t-SNE fit on both (the "Recompute joint map" button)."""
-    Xs = scaled_expression(bundle_key(bundle), data.key, bundle, data.adata)
+    Xs = scaled_expression(bundle, data)
     return _joint(mkey, bundle_key(bundle), tuple(pert.samples), int(seed), Xs[ref_idx], pert.x_adv)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def _results_stamp(folder: Path) -> float:
+    stamps = []
+    for name in (sweep.RESULTS_CSV, sweep.RESULTS_PARQUET):
+        try:
+            stamps.append((folder / name).stat().st_mtime)
+        except OSError:
+            pass
+    return max(stamps, default=0.0)
+
+
+@st.cache_data(show_spinner="Reading the sweep's results…", max_entries=4)
+def _sweep_results(folder: str, stamp: float) -> pd.DataFrame:
+    return sweep.read_results(folder)
+
+
+def sweep_results() -> pd.DataFrame:
+    """The sweep results table in the models folder (:func:`tspg.sweep.read_results`; read
+    again when it changes); FileNotFoundError when there is none."""
+    root = models_root()
+    return _sweep_results(str(root), _results_stamp(root))
 
 
 # ----------------------------------------------------------------------------- genes and enrichment

@@ -18,12 +18,14 @@ __all__ = [
     "Data",
     "SELECTION_MODES",
     "Selection",
+    "clamp_n",
     "compatible_bundles",
     "default_classes",
     "map_class_options",
     "map_classes_default",
     "picked_map_classes",
     "present_classes",
+    "random_candidates",
     "select_samples",
 ]
 
@@ -65,6 +67,38 @@ def present_classes(classes: Sequence[str], labels) -> list[str]:
     """The classes of ``labels``: the bundle's ``classes`` first (in their order), then others."""
     found = set(labels.tolist())
     return [c for c in classes if c in found] + sorted(found - set(classes))
+
+
+def random_candidates(
+    pool: Sequence[str],
+    labels: Mapping[str, str] | None,
+    *,
+    target: str,
+    leave_out_target: bool = True,
+) -> list[str]:
+    """The samples a random pick draws from: the pool, without the target class when
+    ``leave_out_target`` and the classes are known."""
+    skip = leave_out_target and labels is not None
+    return [s for s in pool if not (skip and labels.get(s) == target)]
+
+
+def clamp_n(n, available: int) -> tuple[int, str | None]:
+    """N for a random pick of ``available`` samples: ``(n, None)`` when it fits, else the
+    nearest possible value and a message saying why it changed."""
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        return max(
+            1, min(20, available)
+        ), f"N = {n!r} is not a whole number: using {min(20, available)}"
+    if n < 1:
+        return 1, f"N = {n} is less than 1: using 1"
+    if available and n > available:
+        return (
+            available,
+            f"N = {n} is more than the {available} samples to pick from: using all {available}",
+        )
+    return n, None
 
 
 def select_samples(
@@ -117,8 +151,9 @@ def select_samples(
         picked = [s for s in dict.fromkeys(ids) if s in present]
         params, description = {"mode": "id", "ids": picked}, f"{len(picked)} samples by id"
     else:
-        skip = leave_out_target and labels is not None
-        candidates = [s for s in pool if not (skip and labels.get(s) == target)]
+        candidates = random_candidates(
+            pool, labels, target=target, leave_out_target=leave_out_target
+        )
         rng = np.random.default_rng(seed)
         size = min(n, len(candidates))
         idx = np.sort(rng.choice(len(candidates), size=size, replace=False)) if candidates else []

@@ -1,127 +1,36 @@
-"""Session-state keys of the dashboard, their defaults, and widget values kept across pages."""
+"""Session state of the dashboard: its keys (:mod:`tspg.app.keys`), their defaults, widget
+values kept across pages, and the view kept in the URL (:mod:`tspg.app.query`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import streamlit as st
 
+from . import keys as _keys
+from . import query
+from .keys import *  # noqa: F403  (the keys are this module's names: S.BUNDLE, ...)
+
 __all__ = [
-    "BUNDLE",
-    "DATA",
-    "DATA_CHOICES",
-    "DEFAULTS",
-    "DEMO_EPOCHS",
-    "ENRICHMENT_THRESHOLDS",
-    "ENR_BACKEND",
-    "ENR_DIRECTION",
-    "ENR_GMTS",
-    "ENR_GMTS_OFFERED",
-    "ENR_LIBRARIES",
-    "ENR_THRESHOLD",
-    "ENR_WHAT",
-    "GENE",
-    "HEAT_SAMPLE",
-    "HEAT_VIEW",
-    "MAP_AUTO",
-    "MAP_CLASSES",
-    "MAP_JOINT",
-    "MAP_SEED",
-    "MAX_UPLOAD_MB",
-    "PERSIST",
-    "SEL_CLASSES",
-    "SEL_HELDOUT",
-    "SEL_IDS",
-    "SEL_MODE",
-    "SEL_N",
-    "SEL_NONTARGET",
-    "SEL_SEED",
-    "TOP_K",
-    "UPLOAD",
+    *_keys.__all__,
     "init_state",
+    "note",
+    "note_dropped",
+    "read_url",
     "set_state",
+    "finish",
+    "show_notes",
+    "stop",
+    "write_url",
 ]
-
-BUNDLE = "bundle"  # name of the chosen bundle (sidebar)
-DATA = "data_source"  # "bundle", "demo" or "upload" (sidebar)
-UPLOAD = "upload"  # the uploaded .h5ad (sidebar)
-DEMO_EPOCHS = "demo_epochs"  # generator epochs of the Home page's demo training (tests set it)
-
-SEL_MODE = "sel_mode"  # "class", "id" or "random"
-SEL_CLASSES = "sel_classes"
-SEL_IDS = "sel_ids"
-SEL_N = "sel_n"
-SEL_SEED = "sel_seed"
-SEL_HELDOUT = "sel_heldout"  # held-out samples only (bundle's own dataset)
-SEL_NONTARGET = "sel_nontarget"  # leave the target class out of random picks
-HEAT_VIEW = "heat_view"  # "mean" or "sample"
-HEAT_SAMPLE = "heat_sample"
-TOP_K = "top_k"
-MAP_CLASSES = "map_classes"  # the map's classes besides the target (Map page)
-MAP_AUTO = "map_classes_auto"  # the default last put in MAP_CLASSES: until changed, it follows the selection
-MAP_SEED = "map_seed"
-MAP_JOINT = "map_joint_for"  # (map key, samples) the joint map was asked for
-GENE = "gene"
-ENR_WHAT = "enr_what"  # "consensus" or a sample id
-ENR_DIRECTION = "enr_direction"
-ENR_LIBRARIES = "enr_libraries"
-ENR_BACKEND = "enr_backend"
-ENR_THRESHOLD = "enr_threshold"
-ENR_GMTS = "enr_gmts"  # the offline GMT files to use (paths)
-ENR_GMTS_OFFERED = "enr_gmts_offered"  # every GMT offered so far: one offered anew starts selected
-
-# Page widgets whose value must survive a change of page (Streamlit forgets the value of a
-# widget that is not drawn in a run; re-assigning it keeps it).
-PERSIST = (
-    SEL_MODE,
-    SEL_CLASSES,
-    SEL_IDS,
-    SEL_N,
-    SEL_SEED,
-    SEL_HELDOUT,
-    SEL_NONTARGET,
-    HEAT_VIEW,
-    HEAT_SAMPLE,
-    TOP_K,
-    MAP_CLASSES,
-    MAP_SEED,
-    GENE,
-    ENR_WHAT,
-    ENR_DIRECTION,
-    ENR_LIBRARIES,
-    ENR_BACKEND,
-    ENR_THRESHOLD,
-    ENR_GMTS,
-)
-DEFAULTS = {
-    DATA: "bundle",
-    SEL_MODE: "random",
-    SEL_N: 20,
-    SEL_SEED: 0,
-    SEL_HELDOUT: True,
-    SEL_NONTARGET: True,
-    HEAT_VIEW: "mean",
-    TOP_K: 20,
-    MAP_SEED: 0,
-    ENR_WHAT: "consensus",
-    ENR_DIRECTION: "both",
-    ENR_BACKEND: "auto",
-    ENR_THRESHOLD: 1e-4,
-}
-DATA_CHOICES = {
-    "bundle": "The bundle's own dataset",
-    "demo": "Demo: pbmc68k_reduced",
-    "upload": "Upload a .h5ad file",
-}
-MAX_UPLOAD_MB = 200
-# q below which an enrichment term is "significant"; 1e-4 as in the paper
-ENRICHMENT_THRESHOLDS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1)
 
 
 def init_state() -> None:
     """Defaults for the shared keys, and keep page widgets' values across pages."""
     ss = st.session_state
-    for key, value in DEFAULTS.items():
+    for key, value in _keys.DEFAULTS.items():
         ss.setdefault(key, value)
-    for key in PERSIST:
+    for key in _keys.PERSIST:
         if key in ss:
             ss[key] = ss[key]
 
@@ -129,3 +38,79 @@ def init_state() -> None:
 def set_state(key: str, value) -> None:
     """A button's ``on_click``: record the click in session state (it survives any rerun)."""
     st.session_state[key] = value
+
+
+# ----------------------------------------------------------------------------- the URL
+
+
+def read_url(bundles: Sequence[str]) -> None:
+    """Once per session (a reload is a new session): the view in the URL's query parameters
+    into session state; what cannot be used is left out with a note (:func:`show_notes`)."""
+    ss = st.session_state
+    if ss.get(_keys.URL_APPLIED):
+        return
+    ss[_keys.URL_APPLIED] = True
+    params = {name: st.query_params.get_all(name) for name in st.query_params}
+    values, notes = query.decode(params, bundles=bundles)
+    for key, value in values.items():
+        ss[key] = value
+    if _keys.MAP_CLASSES in values:
+        ss.pop(_keys.MAP_AUTO, None)  # the link's classes were picked, not a default
+    if values.get(_keys.DATA) == "upload":
+        notes.append("the link's uploaded file is not part of it: upload the file again")
+    ss[_keys.URL_KEYS] = set(values)
+    for msg in notes:
+        note(msg)
+
+
+def write_url() -> None:
+    """The current view into the URL's query parameters (those that differ from defaults)."""
+    ss = st.session_state
+    state = {k: ss[k] for k in (p.key for p in query.PARAMS) if k in ss}
+    if state.get(_keys.MAP_CLASSES) is not None and state.get(_keys.MAP_CLASSES) == ss.get(
+        _keys.MAP_AUTO
+    ):
+        del state[_keys.MAP_CLASSES]  # the default follows the selection: not part of the view
+    wanted = query.encode(state, defaults=_keys.DEFAULTS)
+    current = {name: st.query_params.get_all(name) for name in st.query_params}
+    if current != wanted:
+        st.query_params.from_dict(wanted)
+
+
+def note(message: str) -> None:
+    """A note for the top of the page (shown once, by :func:`show_notes`)."""
+    st.session_state.setdefault(_keys.NOTES, []).append(message)
+
+
+def note_dropped(key: str, dropped: Sequence, what: str) -> None:
+    """Note the values of ``key`` a page could not use, when they came from the URL."""
+    ss = st.session_state
+    if dropped and key in ss.get(_keys.URL_KEYS, ()):
+        shown = ", ".join(map(str, list(dropped)[:5])) + (" …" if len(dropped) > 5 else "")
+        note(f"{what} from the link ignored: {shown}")
+        ss[_keys.URL_KEYS] = ss[_keys.URL_KEYS] - {key}
+
+
+def finish() -> None:
+    """The end of every run: the pending notes into the box at the top of the page, the
+    view into the URL. (Streamlit drops what a script does after ``st.stop()``, so pages
+    stop through :func:`stop`, which finishes first.)"""
+    show_notes(st.session_state.get(_keys.NOTES_BOX))
+    write_url()
+
+
+def stop() -> None:
+    """``st.stop()``, after :func:`finish`: the URL and the notes stay right."""
+    finish()
+    st.stop()
+
+
+def show_notes(box) -> None:
+    """The pending notes in ``box`` (a container at the top of the page), then forgotten."""
+    notes = st.session_state.pop(_keys.NOTES, [])
+    if notes and box is not None:
+        box.warning(
+            "Parts of the link could not be used and were ignored:\n\n"
+            + "\n".join(f"- {n}" for n in notes),
+            icon=":material/link_off:",
+        )

@@ -16,6 +16,7 @@ from ..charts import heatmap_frame as _heatmap_frame
 from ..datasets import DEMO_NAME
 from ..embedding import map_frame
 from ..errors import UserError
+from ..ranking import RANKED_BY, rank_genes
 from .selection import Data
 
 __all__ = [
@@ -23,13 +24,23 @@ __all__ = [
     "cache_key",
     "command",
     "data_arg",
+    "data_choices",
     "demo_epochs",
     "gene_frames",
     "heatmap_frame",
+    "heatmap_title",
     "is_demo",
+    "loss_table",
+    "missing_genes_frame",
     "models_arg",
+    "open_bundle_from_pick",
     "own_dataset_hint",
     "scaler_key",
+    "sweep_table",
+    "target_label",
+    "top_genes_table",
+    "verdict_level",
+    "verdict_rows",
 ]
 
 
@@ -38,9 +49,33 @@ def is_demo(manifest: dict) -> bool:
     return manifest["dataset"]["name"] == DEMO_NAME
 
 
-def bundle_label(name: str, manifest: dict) -> str:
-    """A bundle as the picker shows it: target, dataset, gene set, then its folder name."""
-    return f"{manifest['target']} · {manifest['dataset']['name']} · gene set {manifest['gene_set']['name']} · {name}"
+def bundle_label(manifest: dict) -> str:
+    """What a bundle is, under its name in the sidebar: target, dataset and gene set."""
+    return (
+        f"target **{manifest['target']}** · dataset {manifest['dataset']['name']} · "
+        f"gene set {manifest['gene_set']['name']}"
+    )
+
+
+def target_label(name: str, manifests: dict[str, dict]) -> str:
+    """A bundle in the Perturb page's target picker: its target, and its name only when
+    another bundle has the same target."""
+    target = manifests.get(name, {}).get("target", name)
+    same = [n for n, m in manifests.items() if m.get("target") == target]
+    return target if len(same) <= 1 else f"{target} ({name})"
+
+
+def data_choices(manifest: dict) -> dict[str, str]:
+    """The sidebar's data choices for a bundle: its own dataset, the demo (unless that is the
+    bundle's own dataset: one choice, not two names for the same data) and an upload."""
+    name = manifest["dataset"]["name"]
+    if is_demo(manifest):
+        return {"bundle": f"Its own dataset: {name} (the demo)", "upload": "Upload a .h5ad file"}
+    return {
+        "bundle": f"Its own dataset: {name} (upload it)",
+        "demo": f"Demo: {DEMO_NAME}",
+        "upload": "Upload other data (.h5ad)",
+    }
 
 
 def own_dataset_hint(manifest: dict) -> str:
@@ -72,10 +107,43 @@ def demo_epochs(raw) -> int | None:
 
 def heatmap_frame(pert, target_mean, *, n_genes: int) -> pd.DataFrame:
     """:func:`tspg.charts.heatmap_frame` of a perturbation: one sample, or the mean x, P and
-    x_adv of a selection; the target mean column empty (NaN) when ``target_mean`` is None."""
-    tm = np.full(len(pert.genes), np.nan) if target_mean is None else target_mean
+    x_adv over a selection's source samples (:meth:`~tspg.perturbation.Perturbation.source_rows`,
+    the samples :func:`top_genes_table` ranks); the target mean column empty (NaN) when
+    ``target_mean`` is None."""
+    src = pert.subset(pert.source_rows())
+    tm = np.full(len(src.genes), np.nan) if target_mean is None else target_mean
     return _heatmap_frame(
-        pert.genes, pert.x.mean(0), pert.P.mean(0), pert.x_adv.mean(0), tm, n_genes=n_genes
+        src.genes,
+        src.x.mean(0, dtype=np.float64),
+        src.P.mean(0, dtype=np.float64),
+        src.x_adv.mean(0, dtype=np.float64),
+        tm,
+        n_genes=n_genes,
+    )
+
+
+def top_genes_table(pert, *, k: int) -> pd.DataFrame:
+    """The top ``k`` genes per direction of a perturbation's source samples, by
+    :func:`tspg.ranking.rank_genes` (the heatmap's and the enrichment's lists)."""
+    return rank_genes(pert.P[pert.source_rows()], pert.genes, k=k)
+
+
+def heatmap_title(pert, *, target: str) -> tuple[str, str]:
+    """(title, subtitle) of the heatmap: for one sample its id, class and the target model's
+    call before and after; for a selection how many source samples the means are over."""
+    n_src = int(pert.source_rows().sum())
+    if len(pert) == 1:
+        sample = pert.samples[0]
+        cls = f" ({pert.labels[0]})" if pert.labels is not None else ""
+        call = ""
+        if pert.predicted:
+            call = f"called {pert.pred_before[0]} before, {pert.pred_after[0]} after"
+        return f"Sample {sample}{cls}", call
+    left = len(pert) - n_src
+    note = f" ({left} of the target class left out)" if left else ""
+    return (
+        f"Mean over {n_src} source samples{note}",
+        f"genes ranked by {RANKED_BY} towards {target}",
     )
 
 
@@ -92,6 +160,126 @@ def gene_frames(ref, coords, pert, Xs, rows, labels, gene: str) -> dict[str, pd.
     frame["value"] = np.concatenate([Xs[rows, j], pert.x_adv[:, j]])
     dist = gene_distribution_frame(labels, Xs[:, j], pert.labels, pert.x_adv[:, j])
     return {"map": frame, "distribution": dist}
+
+
+# what each loss of a bundle's history measures (the Models page's table)
+LOSSES = {
+    "total": ("", "the generator's loss: the weighted sum of the terms below (lower is better)"),
+    "gan": (
+        "w_gan",
+        "least-squares GAN term: how far the discriminator is from calling x_adv real (0: fooled)",
+    ),
+    "adv": (
+        "w_adv",
+        "Carlini-Wagner term: the best other class's score minus the target's (target model); "
+        "it bottoms out at -kappa once x_adv is called the target with that margin",
+    ),
+    "norm": ("w_norm", "L2 norm of the generator's output G(x): the size of the change"),
+    "td": ("w_td", "L1 distance of x_adv to a draw from the target class's distribution"),
+    "ed": (
+        "w_ed",
+        "energy distance between x_adv and real target samples: how unlike real target samples x_adv is",
+    ),
+    "d_loss": ("", "the discriminator's own loss (real samples -> 1, x_adv -> 0)"),
+}
+
+
+def loss_table(history: dict, config: dict) -> pd.DataFrame:
+    """One row per loss in ``history``: its weight in the generator's loss (from the
+    bundle's ``config``; blank for the total and the discriminator's loss) and what it measures."""
+    rows = []
+    for name in history:
+        weight_key, meaning = LOSSES.get(name, ("", ""))
+        weight = config.get(weight_key, "") if weight_key else ""
+        rows.append(
+            {"loss": name, "weight": "" if weight == "" else f"{weight:g}", "meaning": meaning}
+        )
+    return pd.DataFrame(rows, columns=["loss", "weight", "meaning"])
+
+
+def verdict_rows(verdict: dict) -> pd.DataFrame:
+    """One row per check of a verdict (:mod:`tspg.verdict`), the worst first: ``level``,
+    ``check``, ``scope``, ``reason`` and ``figures`` (each with the samples it rests on)."""
+    order = {"fail": 0, "caution": 1, "ok": 2}
+    rows = []
+    for c in verdict.get("checks", {}).values():
+        figs = "; ".join(
+            f"{f['label']}: {_figure(f['value'])}"
+            + (f" (n={f['n']})" if f.get("n") is not None else "")
+            for f in c.get("figures", {}).values()
+        )
+        rows.append(
+            {
+                "level": c["level"],
+                "check": c["title"],
+                "scope": c.get("scope", ""),
+                "reason": c["reason"],
+                "figures": figs,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=["level", "check", "scope", "reason", "figures"])
+    return frame.sort_values("level", key=lambda s: s.map(order), kind="stable").reset_index(
+        drop=True
+    )
+
+
+def _figure(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def missing_genes_frame(match) -> pd.DataFrame:
+    """The bundle's genes a :class:`tspg.data.GeneMatch` did not find (the download)."""
+    return pd.DataFrame({"gene": list(match.missing)})
+
+
+def verdict_level(manifest: dict) -> str | None:
+    """A bundle's stored verdict level (ok / caution / fail), None when it has none."""
+    v = manifest.get("verdict")
+    return v.get("level") if isinstance(v, dict) else None
+
+
+def sweep_table(results: pd.DataFrame) -> pd.DataFrame:
+    """A sweep's results (:func:`tspg.sweep.read_results`) as the Sweep page's table: one row
+    per bundle, the best perturbation accuracy first."""
+    r = results
+    table = pd.DataFrame(
+        {
+            "gene set": r["gene_set"],
+            "target": r["target"],
+            "verdict": r["verdict"].where(r["status"] != "failed", "failed"),
+            "accuracy": r["perturbation_accuracy_non_target"],
+            "target-model accuracy": r["target_model_accuracy"],
+            "energy distance": r["e_distance"],
+            "before": r["e_distance_unperturbed"],
+            "genes": r["genes"],
+            "status": r["status"],
+            "bundle": r["bundle"],
+            "error": r["error"],
+        }
+    )
+    return table.sort_values(
+        ["accuracy", "gene set", "target"],
+        ascending=[False, True, True],
+        na_position="last",
+        kind="stable",
+    ).reset_index(drop=True)
+
+
+def open_bundle_from_pick(state, param: str) -> str | None:
+    """The bundle a click on a chart picked: ``state`` is the chart's selection state
+    (``st.session_state[key]`` of a chart drawn with ``on_select``), ``param`` the point
+    selection's name; None when nothing is picked."""
+    selection = getattr(state, "selection", None)
+    if selection is None and isinstance(state, dict):
+        selection = state.get("selection")
+    try:
+        points = selection[param]
+    except (KeyError, TypeError):
+        points = getattr(selection, param, None)
+    if not points:
+        return None
+    first = points[0] if isinstance(points, list) else points
+    return str(first.get("bundle")) if isinstance(first, dict) and first.get("bundle") else None
 
 
 # ----------------------------------------------------------------------------- commands
