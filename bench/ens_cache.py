@@ -332,6 +332,22 @@ def source_rows(ctx: Context, target: str, part: str = "test") -> np.ndarray:
     return getattr(ctx, part) & (ctx.labels != target)
 
 
+def energy_distance_u(A: np.ndarray, B: np.ndarray) -> float:
+    """Energy distance as a U-statistic: the self-distance means leave out the zero diagonal.
+
+    Unbiased for the population energy distance (so it can be slightly negative); unlike the
+    V-statistic of ``tspg.metrics.energy_distance`` it does not add mean d(B, B') / n_B to
+    every row of a target with few held-out samples, nor mean d(A, A') / n_A to a small A.
+    """
+    from tspg.metrics import pairwise_distances
+
+    def self_mean(X):
+        n = len(X)
+        return pairwise_distances(X).sum() / (n * (n - 1)) if n > 1 else float("nan")
+
+    return float(2 * pairwise_distances(A, B).mean() - self_mean(A) - self_mean(B))
+
+
 def realism(ctx: Context, target: str, X_adv: np.ndarray) -> dict:
     """f / LR / 15-NN target share, energy distance and spread of ``X_adv`` vs the real held-out target.
 
@@ -347,6 +363,7 @@ def realism(ctx: Context, target: str, X_adv: np.ndarray) -> dict:
         "lr": target_share(clf["logistic_regression"].predict(X_adv), target),
         "knn": target_share(clf["knn_15"].predict(X_adv), target),
         "ed": energy_distance(X_adv, real_t),
+        "ed_u": energy_distance_u(X_adv, real_t),
         "spread": spread_ratio(X_adv, real_t),
     }
 
@@ -365,11 +382,15 @@ def yardsticks(ctx: Context, target: str) -> dict:
     clf = classifiers(ctx)
     return {
         "mean_shift": realism(ctx, target, X_ms),
-        "unperturbed": {"ed": energy_distance(ctx.X[rows], real_t)},
+        "unperturbed": {
+            "ed": energy_distance(ctx.X[rows], real_t),
+            "ed_u": energy_distance_u(ctx.X[rows], real_t),
+        },
         "real": {
             "lr": target_share(clf["logistic_regression"].predict(real_t), target),
             "knn": target_share(clf["knn_15"].predict(real_t), target),
             "ed": energy_distance(train_t, real_t),
+            "ed_u": energy_distance_u(train_t, real_t),
             "spread": spread_ratio(train_t, real_t),
         },
         "n_real_heldout": int(len(real_t)),

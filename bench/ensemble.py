@@ -143,6 +143,14 @@ def disjoint_pairs(seeds: list[int], n: int, max_pairs: int = 60, seed: int = 0)
     return sorted(pairs)
 
 
+def member_support(Ps, direction: str, k: int = K) -> np.ndarray:
+    """Per gene: in how many members' own consensus top-k (today's count rule) it is."""
+    sup = np.zeros(Ps[0].shape[1], int)
+    for P in Ps:
+        sup[rule_count([P], k)[direction]] += 1
+    return sup
+
+
 def load(dataset, target, seeds, f_seed=0, overrides=None):
     return {
         s: ec.generator_P(dataset, target, s, f_seed=f_seed, overrides=overrides)[0] for s in seeds
@@ -167,6 +175,7 @@ def stability(args) -> None:
     Ns = [int(n) for n in args.n]
     # per (rule, N, target): list of (jaccard up, jaccard down, shared up, shared down)
     res: dict = {}
+    calib: dict = {}  # (rule, N, direction) -> [(support of the gene in ensemble a, in b's list?)]
     rec: dict = {}  # recovery of planted genes per (rule, N, target): (up precision, down precision)
     genes = list(ctx.bundle.genes)
     for target in targets:
@@ -199,6 +208,12 @@ def stability(args) -> None:
                 vals = []
                 for a, b in pairs:
                     la, lb = lists(a), lists(b)
+                    for d in ("up", "down"):
+                        sup = member_support([P_of[s] for s in a], d)
+                        for g in la[d]:
+                            calib.setdefault((name, n, d), []).append(
+                                (int(sup[g]), g in set(lb[d]))
+                            )
                     vals.append(
                         (
                             jaccard(la["up"], lb["up"]),
@@ -259,6 +274,25 @@ def stability(args) -> None:
                 rd = [statistics.mean(v[1] for v in rec[name, n, t]) for t in targets]
                 line += f" {statistics.mean(ru):.2f} ({min(ru):.2f}) | {statistics.mean(rd):.2f} ({min(rd):.2f}) |"
             print(line)
+    # Table 1b: does support within one ensemble predict the other ensemble?
+    print(
+        "\nSupport calibration: genes of one ensemble's consensus top-20, by their support (members whose own "
+        "top-20 holds them); share also in the other, disjoint ensemble's top-20 (all classes pooled)\n"
+    )
+    print(
+        "| rule | N | direction | " + " | ".join(f"support {j}" for j in range(max(Ns) + 1)) + " |"
+    )
+    print("|" + "---|" * (3 + max(Ns) + 1))
+    for (name, n, d), v in sorted(
+        calib.items(), key=lambda kv: (list(rules).index(kv[0][0]), kv[0][1], kv[0][2] != "up")
+    ):
+        if n == 1:
+            continue
+        cells = []
+        for j in range(max(Ns) + 1):
+            hits = [h for sup, h in v if sup == j]
+            cells.append(f"{statistics.mean(hits):.2f} ({len(hits)})" if hits and j <= n else "-")
+        print(f"| {name} | {n} | {d} | " + " | ".join(cells) + " |")
     # Table 2: per class for the chosen rules
     for name in args.detail or ["count (today)", "mean P"]:
         if name not in rules:
