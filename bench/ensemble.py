@@ -12,6 +12,7 @@ two ensembles with disjoint seed sets.
     python bench/ensemble.py stability --dataset planted --seeds 0-5        # + recovery of planted genes
     python bench/ensemble.py realism --dataset demo --seeds 0-9             # ensembles vs single generators
     python bench/ensemble.py stability --dataset demo --f-seeds 0 1 2 --seeds 0-2   # each ensemble its own target model
+    python bench/ensemble.py candidates --seeds 0-2 --variants kappa=0 ed_repulsion=0.9   # recipe variants, every class
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import sys
 import ens_cache as ec
 import numpy as np
 import torch
-
-from tspg.perturb import consensus_top
 
 K = 20
 
@@ -44,11 +43,23 @@ def _both(fn, Ps, k):
     return {"up": fn(Ps, k, 1.0), "down": fn(Ps, k, -1.0)}
 
 
+def _row_topk(P: np.ndarray, k: int, sign: float) -> np.ndarray:
+    """Indices of each row's k largest sign * P (unordered within the k; float ties are rare)."""
+    return np.argpartition(-sign * P, k - 1, axis=1)[:, :k]
+
+
 def rule_count(Ps, k):
-    """Today's rule on the ensemble's mean P: samples whose own top-k holds the gene, ties by mean P."""
+    """Today's rule on the ensemble's mean P: samples whose own top-k holds the gene, ties by mean P.
+
+    (``tspg.perturb.consensus``'s order, computed with argpartition for speed.)
+    """
     P = np.mean(Ps, axis=0)
-    out = consensus_top(P, list(range(P.shape[1])), k=k)
-    return {d: [int(g) for g in out[d]] for d in out}
+    m = P.mean(0)
+    out = {}
+    for d, sign in (("up", 1.0), ("down", -1.0)):
+        count = np.bincount(_row_topk(P, k, sign).reshape(-1), minlength=P.shape[1])
+        out[d] = _order(count, sign * m, k)
+    return out
 
 
 def rule_pooled(Ps, k):
@@ -57,8 +68,7 @@ def rule_pooled(Ps, k):
     def one(Ps, k, sign):
         count = np.zeros(Ps[0].shape[1])
         for P in Ps:
-            top = np.argsort(-sign * P, axis=1, kind="stable")[:, :k]
-            count += np.bincount(top.reshape(-1), minlength=P.shape[1])
+            count += np.bincount(_row_topk(P, k, sign).reshape(-1), minlength=P.shape[1])
         return _order(count, sign * np.mean(Ps, axis=(0, 1)), k)
 
     return _both(one, Ps, k)
@@ -103,6 +113,29 @@ def rule_support_mean(Ps, k):
     return _both(lambda Ps, k, s: _support(Ps, k, s, rule_mean), Ps, k)
 
 
+def rule_t_samples(Ps, k):
+    """Mean P over samples divided by its spread over samples (sd + 0.01): consistently moved genes."""
+
+    def one(Ps, k, sign):
+        P = np.mean(Ps, axis=0)
+        m = sign * P.mean(0)
+        return _order(m / (P.std(0) + 0.01), m, k)
+
+    return _both(one, Ps, k)
+
+
+def rule_lower_bound(Ps, k):
+    """Mean P minus the members' standard error of it (the plain mean P for one member)."""
+
+    def one(Ps, k, sign):
+        means = sign * np.mean(Ps, axis=1)  # (members, genes)
+        m = means.mean(0)
+        se = means.std(0, ddof=1) / np.sqrt(len(Ps)) if len(Ps) > 1 else 0.0
+        return _order(m - se, m, k)
+
+    return _both(one, Ps, k)
+
+
 RULES = {
     "count (today)": rule_count,
     "pooled count": rule_pooled,
@@ -110,6 +143,8 @@ RULES = {
     "median P": rule_median,
     "support of count top-k": rule_support_count,
     "support of mean-P top-k": rule_support_mean,
+    "mean P / sd over samples": rule_t_samples,
+    "mean P - members' s.e.": rule_lower_bound,
 }
 
 
@@ -141,14 +176,6 @@ def disjoint_pairs(seeds: list[int], n: int, max_pairs: int = 60, seed: int = 0)
     for i in sorted(pick):
         pairs.add(all_pairs[i])
     return sorted(pairs)
-
-
-def member_support(Ps, direction: str, k: int = K) -> np.ndarray:
-    """Per gene: in how many members' own consensus top-k (today's count rule) it is."""
-    sup = np.zeros(Ps[0].shape[1], int)
-    for P in Ps:
-        sup[rule_count([P], k)[direction]] += 1
-    return sup
 
 
 def load(dataset, target, seeds, f_seed=0, overrides=None):
@@ -193,8 +220,20 @@ def stability(args) -> None:
             P_of = {s: Pf[s][rows] for s in seeds}
         for n in Ns:
             if len(f_seeds) > 1:
-                groups = [tuple((f, s) for s in seeds[:n]) for f in f_seeds]
-                pairs = list(itertools.combinations(groups, 2)) if n <= len(seeds) else []
+                # every n-subset of the seeds on each target model; pairs across target models
+                per_f = {
+                    f: [tuple((f, s) for s in c) for c in itertools.combinations(seeds, n)]
+                    for f in f_seeds
+                }
+                # generator seeds disjoint too: the same seed gives the same initial weights and
+                # batches whatever the target model, which would make the two runs alike
+                pairs = [
+                    (a, b)
+                    for f1, f2 in itertools.combinations(f_seeds, 2)
+                    for a in per_f[f1]
+                    for b in per_f[f2]
+                    if not {s for _, s in a} & {s for _, s in b}
+                ]
             else:
                 pairs = disjoint_pairs(seeds, n, args.max_pairs)
             for name, rule in rules.items():
@@ -209,7 +248,9 @@ def stability(args) -> None:
                 for a, b in pairs:
                     la, lb = lists(a), lists(b)
                     for d in ("up", "down"):
-                        sup = member_support([P_of[s] for s in a], d)
+                        sup = np.zeros(len(genes), int)
+                        for member in a:
+                            sup[lists((member,))[d]] += 1
                         for g in la[d]:
                             calib.setdefault((name, n, d), []).append(
                                 (int(sup[g]), g in set(lb[d]))
@@ -277,7 +318,8 @@ def stability(args) -> None:
     # Table 1b: does support within one ensemble predict the other ensemble?
     print(
         "\nSupport calibration: genes of one ensemble's consensus top-20, by their support (members whose own "
-        "top-20 holds them); share also in the other, disjoint ensemble's top-20 (all classes pooled)\n"
+        "top-20 by the same rule holds them); share also in the other, disjoint ensemble's top-20 (all classes "
+        "and pairs pooled; in brackets how many genes)\n"
     )
     print(
         "| rule | N | direction | " + " | ".join(f"support {j}" for j in range(max(Ns) + 1)) + " |"
@@ -378,11 +420,163 @@ def realism_cmd(args) -> None:
             )
 
 
+def candidates_cmd(args) -> None:
+    """Realism of recipe variants on every class (shared target model, medians over seeds)."""
+    seeds = ec.parse_seeds(args.seeds)
+    ctx = ec.context(args.dataset, int(args.f_seeds[0]))
+    targets = ctx.classes if args.targets == ["all"] else args.targets
+    variants = {"tspg+": {}}
+    for v in args.variants:
+        variants[v] = ec.parse_set(v.split(","))
+    ens = int(args.n[0]) if args.n != ["1", "2", "3", "5"] else 1
+    print(
+        f"\n{args.dataset}, shared target model (f seed {ctx.f_seed}), generator seeds {seeds}, "
+        f"{'single generators, medians over seeds' if ens == 1 else f'ensembles of {ens} (x + mean P)'}\n"
+    )
+    head = "| target | recipe | f | LR | 15-NN | E-dist | E-dist (U) | spread | E ok | 15-NN ok |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    tally = {v: [0, 0, [], []] for v in variants}
+    for t in targets:
+        rows = ec.source_rows(ctx, t)
+        X = ctx.X[rows]
+        y = ec.yardsticks(ctx, t)
+        ms = y["mean_shift"]
+        for name, ov in variants.items():
+            try:
+                Ps = load(args.dataset, t, seeds, ctx.f_seed, ov)
+            except FileNotFoundError:
+                continue
+            groups = [seeds[i : i + ens] for i in range(0, len(seeds) - ens + 1, ens)]
+            vals = [
+                ec.realism(ctx, t, X + np.mean([Ps[s][rows] for s in g], axis=0)) for g in groups
+            ]
+            med = {k: statistics.median(v[k] for v in vals) for k in vals[0]}
+            e_ok, k_ok = med["ed"] <= ms["ed"], med["knn"] >= ms["knn"]
+            tally[name][0] += e_ok
+            tally[name][1] += k_ok
+            tally[name][2].append(med["ed"] - ms["ed"])
+            tally[name][3].append(med["knn"] - ms["knn"])
+            print(
+                f"| {t} | {name} | {med['f']:.3f} | {med['lr']:.3f} | {med['knn']:.3f} | {med['ed']:.3f} | {med['ed_u']:.3f} "
+                f"| {med['spread']:.2f} | {'yes' if e_ok else 'no'} | {'yes' if k_ok else 'no'} |"
+            )
+        print(
+            f"| {t} | mean shift | - | {ms['lr']:.3f} | {ms['knn']:.3f} | {ms['ed']:.3f} | {ms['ed_u']:.3f} | {ms['spread']:.2f} | | |"
+        )
+        r = y["real"]
+        print(
+            f"| {t} | real target cells (n held-out {y['n_real_heldout']}, train {y['n_real_train']}) | - | {r['lr']:.3f} "
+            f"| {r['knn']:.3f} | {r['ed']:.3f} | {r['ed_u']:.3f} | {r['spread']:.2f} | | |"
+        )
+    print(
+        "\nSummary over the classes: goals met (of all), median and worst difference to mean shift\n"
+    )
+    print(
+        "| recipe | E-dist <= mean shift | 15-NN >= mean shift | E-dist - MS, median (worst) | 15-NN - MS, median (worst) |"
+    )
+    print("|---|---|---|---|---|")
+    for name, (e, k, de, dk) in tally.items():
+        if de:
+            print(
+                f"| {name} | {e}/{len(de)} | {k}/{len(dk)} | {statistics.median(de):+.3f} ({max(de):+.3f}) "
+                f"| {statistics.median(dk):+.3f} ({min(dk):+.3f}) |"
+            )
+
+
+def verdict_cmd(args) -> None:
+    """What one ensemble can say about its own stability, against the truth of disjoint ensembles.
+
+    For each N-seed ensemble (shared target model, rule mean P): its members' agreement
+    (mean pairwise shared genes of the members' own top-20), how many of its top-20 have
+    full support (all N members' own top-20 hold them), and how many of its top-20 are
+    'clear' (the gene's mean P minus 2 members' s.e. above the 21st gene's mean P plus 2
+    s.e.); against the shared genes with the disjoint ensembles it meets.
+    """
+    seeds = ec.parse_seeds(args.seeds)
+    ctx = ec.context(args.dataset, int(args.f_seeds[0]))
+    targets = ctx.classes if args.targets == ["all"] else args.targets
+    rule = RULES["mean P"]
+    rows_out = []
+    for n in [int(x) for x in args.n if int(x) > 1]:
+        for t in targets:
+            rows = ec.source_rows(ctx, t)
+            Ps = {s: P[rows] for s, P in load(args.dataset, t, seeds, ctx.f_seed).items()}
+            pairs = disjoint_pairs(seeds, n, args.max_pairs)
+            lists = {}
+
+            def get(g, lists=lists, Ps=Ps):
+                if g not in lists:
+                    lists[g] = rule([Ps[s] for s in g], K)
+                return lists[g]
+
+            for d in ("up", "down"):
+                sign = 1.0 if d == "up" else -1.0
+                stats = {}
+                for g in {x for p in pairs for x in p}:
+                    top = get(g)[d]
+                    own = [set(get((s,))[d]) for s in g]
+                    member = statistics.mean(len(a & b) for a, b in itertools.combinations(own, 2))
+                    full = sum(all(gene in o for o in own) for gene in top)
+                    means = sign * np.stack([Ps[s].mean(0) for s in g])
+                    m, se = means.mean(0), means.std(0, ddof=1) / np.sqrt(n)
+                    order = np.argsort(-m)
+                    nxt = order[K]
+                    clear = int(sum(m[gene] - 2 * se[gene] > m[nxt] + 2 * se[nxt] for gene in top))
+                    stats[g] = (member, full, clear)
+                for a, b in pairs:
+                    shared = len(set(get(a)[d]) & set(get(b)[d]))
+                    for g in (a, b):
+                        rows_out.append((n, t, d, *stats[g], shared))
+    print(f"\n{args.dataset}, rule mean P, one shared target model; seeds {seeds}\n")
+    print(
+        "Per class (N, direction): what one ensemble sees, mean over ensembles; shared = with a disjoint ensemble\n"
+    )
+    print(
+        "| N | target | direction | members' shared (of 20) | full support (of 20) | clear (of 20) | shared with another ensemble |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    keyf = lambda r: (r[0], r[1], r[2])  # noqa: E731
+    groups = {}
+    for r in rows_out:
+        groups.setdefault(keyf(r), []).append(r)
+    summary = []
+    for (n, t, d), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][2] != "up", kv[0][1])
+    ):
+        v = [statistics.mean(r[i] for r in rs) for i in (3, 4, 5, 6)]
+        summary.append((n, d, *v))
+        print(f"| {n} | {t} | {d} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} | {v[3]:.1f} |")
+    print("\nAcross classes and directions: correlation of each statistic with the shared genes\n")
+    print("| N | members' shared | full support | clear |")
+    print("|---|---|---|---|")
+    for n in sorted({s[0] for s in summary}):
+        sub = np.array([s[2:] for s in summary if s[0] == n])
+        cors = [np.corrcoef(sub[:, i], sub[:, 3])[0, 1] for i in range(3)]
+        print(f"| {n} | {cors[0]:.2f} | {cors[1]:.2f} | {cors[2]:.2f} |")
+    print(
+        "\nLeast-squares line: shared with another ensemble = a + b x statistic (all classes, both directions)\n"
+    )
+    print("| N | statistic | a | b | statistic needed for 18 shared |")
+    print("|---|---|---|---|---|")
+    for n in sorted({s[0] for s in summary}):
+        sub = np.array([s[2:] for s in summary if s[0] == n])
+        for i, name in enumerate(("members' shared", "full support", "clear")):
+            b, a = np.polyfit(sub[:, i], sub[:, 3], 1)
+            print(f"| {n} | {name} | {a:.2f} | {b:.2f} | {(18 - a) / b:.1f} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("what", choices=["stability", "realism"])
+    p.add_argument("what", choices=["stability", "realism", "candidates", "verdict"])
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        help="for candidates: recipe variants, each FIELD=VALUE[,FIELD=VALUE]",
+    )
     p.add_argument("--dataset", default="demo", choices=list(ec.DATASETS))
     p.add_argument("--targets", nargs="+", default=["all"])
     p.add_argument("--seeds", nargs="+", default=["0-9"])
@@ -394,7 +588,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    {"stability": stability, "realism": realism_cmd}[args.what](args)
+    {
+        "stability": stability,
+        "realism": realism_cmd,
+        "candidates": candidates_cmd,
+        "verdict": verdict_cmd,
+    }[args.what](args)
     return 0
 
 
