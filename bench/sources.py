@@ -2,16 +2,16 @@
 
 For a target t and each source class s:
 
-- TSPG_s: the consensus top-k of TSPG's perturbations P (the ensemble's mean P over the
-  generator seeds given, one shared target model) over the samples of class s;
+- TSPG_s: the top-k genes by mean P over the samples of class s (P: the ensemble's mean
+  over the generator seeds given, one shared target model);
 - DE_s: differential expression of t against s alone (Wilcoxon,
   ``scanpy.tl.rank_genes_groups(groups=[t], reference=s)``) on the training split;
-- MS_s: the per-source mean shift mu_t - mu_s (training split), ranked by the change it
-  makes on the same samples as TSPG_s (consensus of clip(x + mu_t - mu_s, 0, 1) - x), as
-  TSPG's genes are ranked by the change P.
+- MS_s: the per-source mean shift mu_t - mu_s (training split), ranked by the mean change it
+  makes on the same samples as TSPG_s (clip(x + mu_t - mu_s, 0, 1) - x), as TSPG's genes
+  are ranked by the change P.
 
 Prints per (target, source) the overlap at k of TSPG_s with DE_s and MS_s (and of the two
-baselines with each other, and of TSPG's global consensus with DE_s), the genes only TSPG
+baselines with each other, and of TSPG's global top genes with DE_s), the genes only TSPG
 ranks high (top k in TSPG_s, beyond the top ``far`` in both baselines) and the reverse,
 with P, DE score and mean shift; and what TSPG adds per sample: how P varies within a
 source class, and how much of that variation follows the sample's own distance to the
@@ -33,8 +33,6 @@ import ens_cache as ec
 import numpy as np
 import pandas as pd
 import torch
-
-from tspg.perturb import consensus, consensus_top
 
 K = 20
 
@@ -92,13 +90,10 @@ def ranks(order: list[int], n: int) -> np.ndarray:
 
 
 def full_order(P: np.ndarray, direction: str) -> list[int]:
-    """Every gene in the consensus order (count of samples' top-k, ties by mean P), then the rest by mean P."""
-    n = P.shape[1]
-    df = consensus(P, list(range(n)), k=K)
-    first = df.loc[df["direction"] == direction, "gene"].astype(int).tolist()
+    """Every gene ranked by its mean P over the samples (most positive first for up, most
+    negative first for down): the ensemble rule recommended in bench/ENSEMBLE_NOTES.md."""
     m = P.mean(0) * (1 if direction == "up" else -1)
-    rest = [g for g in np.argsort(-m, kind="stable") if g not in set(first)]
-    return first + [int(g) for g in rest]
+    return [int(g) for g in np.argsort(-m, kind="stable")]
 
 
 def analyse(ctx, target: str, P: np.ndarray, rows_part: str, far: int) -> dict:
@@ -109,7 +104,7 @@ def analyse(ctx, target: str, P: np.ndarray, rows_part: str, far: int) -> dict:
     mu_t = ctx.X[tr & (ctx.labels == target)].mean(0)
     part = ctx.test if rows_part == "test" else np.ones(len(ctx.labels), bool)
     src_all = part & (ctx.labels != target)
-    tspg_global = consensus_top(P[src_all], list(range(n)), k=K)
+    tspg_global = {d: full_order(P[src_all], d)[:K] for d in ("up", "down")}
     de_rest = ranked(de_against(ctx, target, "rest"))
     out = {"sources": [], "global": tspg_global}
     for s in sorted(set(ctx.labels) - {target}):
@@ -303,7 +298,7 @@ def main(argv=None) -> int:
             tr = ctx.train
             mu_t = ctx.X[tr & (ctx.labels == t)].mean(0)
             part = ctx.test if args.part == "test" else np.ones(len(ctx.labels), bool)
-            glob = consensus_top(P[part & (ctx.labels != t)], list(range(len(genes))), k=K)
+            glob = {d: full_order(P[part & (ctx.labels != t)], d)[:K] for d in ("up", "down")}
             for s in sorted(set(ctx.labels) - {t}):
                 rows = part & (ctx.labels == s)
                 mu_s = ctx.X[tr & (ctx.labels == s)].mean(0)
