@@ -429,8 +429,13 @@ def candidates_cmd(args) -> None:
     for v in args.variants:
         variants[v] = ec.parse_set(v.split(","))
     ens = int(args.n[0]) if args.n != ["1", "2", "3", "5"] else 1
+    fs = (
+        "each seed its own target model"
+        if args.f_per_seed
+        else f"shared target model (f seed {ctx.f_seed})"
+    )
     print(
-        f"\n{args.dataset}, shared target model (f seed {ctx.f_seed}), generator seeds {seeds}, "
+        f"\n{args.dataset}, {fs}, generator seeds {seeds}, "
         f"{'single generators, medians over seeds' if ens == 1 else f'ensembles of {ens} (x + mean P)'}\n"
     )
     head = "| target | recipe | f | LR | 15-NN | E-dist | E-dist (U) | spread | E ok | 15-NN ok |"
@@ -443,14 +448,33 @@ def candidates_cmd(args) -> None:
         y = ec.yardsticks(ctx, t)
         ms = y["mean_shift"]
         for name, ov in variants.items():
-            try:
-                Ps = load(args.dataset, t, seeds, ctx.f_seed, ov)
-            except FileNotFoundError:
-                continue
             groups = [seeds[i : i + ens] for i in range(0, len(seeds) - ens + 1, ens)]
-            vals = [
-                ec.realism(ctx, t, X + np.mean([Ps[s][rows] for s in g], axis=0)) for g in groups
-            ]
+            try:
+                if args.f_per_seed:
+                    # bench/quality.py's protocol: seed s trains the target model and generator
+                    vals = []
+                    for g in groups:
+                        c = ec.context(args.dataset, g[0])
+                        Pg = [
+                            ec.generator_P(
+                                args.dataset, t, s, f_seed=g[0], overrides=ov, train_missing=False
+                            )[0]
+                            for s in g
+                        ]
+                        vals.append(ec.realism(c, t, X + np.mean([P[rows] for P in Pg], axis=0)))
+                else:
+                    Ps = {
+                        s: ec.generator_P(
+                            args.dataset, t, s, f_seed=ctx.f_seed, overrides=ov, train_missing=False
+                        )[0]
+                        for s in seeds
+                    }
+                    vals = [
+                        ec.realism(ctx, t, X + np.mean([Ps[s][rows] for s in g], axis=0))
+                        for g in groups
+                    ]
+            except FileNotFoundError:
+                continue  # not trained (yet): bench/ens_cache.py --set ...
             med = {k: statistics.median(v[k] for v in vals) for k in vals[0]}
             e_ok, k_ok = med["ed"] <= ms["ed"], med["knn"] >= ms["knn"]
             tally[name][0] += e_ok
@@ -585,6 +609,11 @@ def main(argv=None) -> int:
     p.add_argument("--rules", nargs="+", choices=list(RULES))
     p.add_argument("--detail", nargs="+", help="rules to show per class")
     p.add_argument("--max-pairs", type=int, default=60)
+    p.add_argument(
+        "--f-per-seed",
+        action="store_true",
+        help="candidates: seed s uses the target model of seed s (bench/quality.py's protocol)",
+    )
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
