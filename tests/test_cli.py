@@ -19,6 +19,7 @@ from tspg.datasets import write_reference_example
 
 # the paper's networks, trained for a moment: these tests are about the command, not the science
 FAST = ["--epochs", "2", "--target-epochs", "2", "--batch-size", "32", "--device", "cpu", "-q"]
+FAST += ["--seeds", "1"]  # one generator: these tests are not about ensembles
 
 
 @pytest.fixture

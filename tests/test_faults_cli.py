@@ -44,6 +44,8 @@ from tspg.pipeline import check_run, train_all_targets
 # the networks and epochs of these runs: tiny; the cases are about the command, not the
 # science (no -q: a progress bar, "epoch/s", shows training began)
 SMALL = [
+    "--seeds",
+    "1",
     "--epochs",
     "2",
     "--target-epochs",
@@ -601,6 +603,7 @@ def test_a_failure_after_the_first_bundle_keeps_it(tmp_path):
     adata = make_tiny_adata(n_per_class=10)
     models = tmp_path / "models"
     config = TrainConfig(
+        seeds=1,
         epochs=2,
         target_epochs=2,
         batch_size=32,
