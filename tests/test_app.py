@@ -507,7 +507,7 @@ def test_no_bundle_home_trains_the_demo(tmp_path, monkeypatch):
     at = ok(app(empty, monkeypatch).run())
     button = at.button(key="train_demo")
     assert button.label == "Train the demo generator"
-    assert "1 generator epochs" in texts(at.markdown)
+    assert "1 generator epochs, 3 generators" in texts(at.markdown)
     button.click()
     ok(at.run())
     names = [e.name for e in list_bundles(empty) if e.error is None]
