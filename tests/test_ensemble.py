@@ -315,3 +315,12 @@ def test_verdict_grades_the_ensemble_stability(ensemble_dir):
     assert v["figures"]["n_members"]["value"] == 3
     assert 0 <= v["figures"]["shared_up"]["value"] <= 20
     assert v["level"] in ("ok", "caution")
+
+
+def test_a_diverging_member_is_named():
+    config = TrainConfig(seeds=2, epochs=2, target_epochs=1, batch_size=16, g_lr=1e30, **NETS)
+    with pytest.raises(ValueError) as err:
+        train(make_tiny_adata(n_per_class=10), label_key="cell_type", target="beta", config=config)
+    msg = str(err.value)
+    assert "generator 1 of 2 (seed 0): training the generator diverged" in msg
+    assert "\n" not in msg

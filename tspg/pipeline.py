@@ -744,17 +744,22 @@ def train_generator(
     seeds = config.member_seeds()
     fits, member_metrics = [], []
     for i, seed in enumerate(seeds):
-        stage = f"generator {target}" + (f" ({i + 1}/{len(seeds)})" if len(seeds) > 1 else "")
-        fit = fit_generator(
-            X_train,
-            prep.y[tr],
-            t,
-            target_model,
-            replace(config, seed=seed),
-            device=dev,
-            callback=_stage(progress, stage),
-            compile=compile,
-        )
+        which = f" ({i + 1}/{len(seeds)})" if len(seeds) > 1 else ""
+        try:
+            fit = fit_generator(
+                X_train,
+                prep.y[tr],
+                t,
+                target_model,
+                replace(config, seed=seed),
+                device=dev,
+                callback=_stage(progress, f"generator {target}{which}"),
+                compile=compile,
+            )
+        except UserError as err:
+            if len(seeds) == 1:
+                raise
+            raise UserError(f"generator {i + 1} of {len(seeds)} (seed {seed}): {err}") from err
         fits.append(fit)
     f = target_model.cpu().eval()
     generators = [fit.generator.cpu().eval() for fit in fits]
