@@ -809,8 +809,10 @@ def _list(args, parser) -> int:
             continue
         acc = e.summary()["perturbation accuracy"]
         acc = f"{acc:.3f}" if isinstance(acc, int | float) else "n/a"
+        n_gen = e.summary()["generators"]
         print(
             f"{s['name']}\t{s['dataset']}\t{s['target']}\t{s['genes']} genes\tperturbation accuracy {acc}"
+            f"\t{n_gen} generator{'s' if n_gen != 1 else ''}"
         )
     return 0
 
