@@ -37,7 +37,11 @@ def _run(adata, target: str, seed: int, seeds: int, epochs: int | None) -> dict:
     )
     wall = time.perf_counter() - start
     f, g = b.metrics["train_seconds_target_model"], b.metrics["train_seconds_generator"]
-    return {"wall": wall, "f": f, "G": g, "rest": wall - f - g}
+    out = {"wall": wall, "f": f, "G": g, "rest": wall - f - g}
+    members = b.metrics.get("members", {}).get("train_seconds_generator")
+    if members:  # each member's own seconds: the slowest against one generator's
+        out.update({"G member median": members["median"], "G member max": members["max"]})
+    return out
 
 
 def main(argv=None) -> int:
