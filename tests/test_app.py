@@ -538,6 +538,8 @@ def test_no_bundle_home_trains_the_demo(tmp_path, monkeypatch):
     )
     ok(at.switch_page("app_pages/models.py").run())
     assert "**3 generators** (seeds 0, " in texts(at.markdown)
+    ok(at.switch_page("app_pages/map.py").run())
+    assert "x + the mean P of the bundle's 3 generators" in texts(at.caption)
 
 
 def test_map_reuses_the_reference_map_for_a_new_selection(models, monkeypatch):
