@@ -555,7 +555,7 @@ def test_tspg_list_escapes_control_characters(case: Case, capsys):
     assert code == 0
     lines = out.splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("a\\nb\\tc\t") and lines[0].count("\t") == 4
+    assert lines[0].startswith("a\\nb\\tc\t") and lines[0].count("\t") == 5
     assert lines[1].startswith("good\ttiny\tbeta\t30 genes\t")
 
 
