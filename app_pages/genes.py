@@ -16,6 +16,7 @@ from tspg.app.views import command, data_arg, gene_frames, models_arg
 from tspg.baselines import selection_overlap
 from tspg.errors import UserError
 from tspg.perturbation import consensus, consensus_top, unique_top_genes
+from tspg.ranking import support_text
 
 bundle, data = R.page_start("Genes")
 sel, pert = R.page_perturbation(bundle, data)
@@ -32,7 +33,9 @@ st.caption(
 
 st.subheader("How often each gene is among a sample's top genes")
 with R.guard("Counting the top genes failed"):
-    freq = consensus(src.P, src.genes, k=k)
+    freq = consensus(src.P, src.genes, k=k, members=src.P_members)
+    if "support" in freq:  # a seed ensemble: in how many generators' own top k, as "2/3"
+        freq["support"] = support_text(freq["support"], freq.pop("n_members"))
     shown = freq.groupby("direction", sort=False).head(
         SHOWN
     )  # the most frequent; the table has them all

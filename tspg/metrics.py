@@ -549,6 +549,8 @@ def evaluate(
       the differential-expression and mean-shift top genes (a list of records, see
       :func:`tspg.baselines.selection_overlap`), and ``overlap_up_de_top50``: how many of the
       consensus top-k up genes are among the 50 highest differential-expression scores
+    - ``stability``: how the generators of a seed ensemble agree on their top-k genes over
+      the held-out source samples (:func:`tspg.verdict.stability_figures`)
     - ``verdict``: :func:`tspg.verdict.grade` of these figures (ok / caution / fail)
     - ``params``: k, ks, seed, layer, label key; ``seconds``: wall time
     """
@@ -608,10 +610,14 @@ def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start, caps) -> d
         held = heldout_arrays(bundle, Xtr, ytr, Xte, yte, te_ids, seed=seed)
         base = fit_baselines(adata, bundle, layer=layer, label_key=label_key)
         result = _evaluate_arrays(bundle, held, base, Xtr, ytr, k=k, ks=ks, seed=seed)
-    from .verdict import grade
+    from .verdict import grade, stability_figures
 
+    result["stability"] = stability_figures(bundle, Xte[yte != target], k=k)
     result["verdict"] = grade(
-        heldout=held.figures, config=bundle.manifest.get("config"), target=target
+        heldout=held.figures,
+        stability=result["stability"],
+        config=bundle.manifest.get("config"),
+        target=target,
     )
     result["params"] = {
         "k": k,
