@@ -324,3 +324,36 @@ def test_a_diverging_member_is_named():
     msg = str(err.value)
     assert "generator 1 of 2 (seed 0): training the generator diverged" in msg
     assert "\n" not in msg
+
+
+def test_realism_is_the_median_over_members(ensemble_dir):
+    """x + mean P is an average (less varied than any generator's x_adv): the realism
+    figures of an ensemble are the median over its generators' own x_adv, the mean's kept
+    apart as "ensemble_mean", and evaluate's spread and discriminator follow."""
+    from tspg.baselines import split_arrays
+    from tspg.metrics import energy_distance, evaluate, heldout_arrays, target_share
+
+    b = load_bundle(ensemble_dir)
+    adata = make_tiny_adata()
+    Xtr, ytr, _ = split_arrays(adata, b, part="train")
+    Xte, yte, _ = split_arrays(adata, b, part="test")
+    held = heldout_arrays(b, Xtr, ytr, Xte, yte)
+    assert len(held.members) == 3
+    src = yte != "beta"
+    real = Xte[yte == "beta"]
+    own = [generate_perturbed(G, Xte[src])[1] for G in b.members]
+    for mine, theirs in zip(held.members, own, strict=True):
+        np.testing.assert_allclose(mine, theirs, atol=1e-6)
+    ed = held.figures["energy_distance"]
+    each = [energy_distance(X, real) for X in own]
+    assert ed["perturbed"] == pytest.approx(float(np.median(each)), rel=1e-5)
+    assert ed["ensemble_mean"] == pytest.approx(energy_distance(held.sets["perturbed"], real))
+    assert held.figures["samples"]["generators"] == 3
+    knn = held.figures["independent_classifiers"]["knn_15"]
+    assert "target_share_ensemble_mean" in knn
+    assert 0 <= knn["target_share_perturbed"] <= 1
+    result = evaluate(adata, b)
+    assert set(result["spread_ratio"]) >= {"perturbed", "ensemble_mean"}
+    assert set(result["discriminator"]) >= {"perturbed", "ensemble_mean"}
+    label = result["verdict"]["checks"]["realism"]["figures"]["perturbed"]["label"]
+    assert "median of the 3 generators'" in label

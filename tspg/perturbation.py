@@ -178,11 +178,12 @@ def class_probabilities(
     return proba
 
 
-def discriminate(Xs: np.ndarray, bundle: Bundle) -> np.ndarray:
-    """The discriminator's score D(x) in (0, 1) per sample (1 = looks like real target data)."""
+def discriminate(Xs: np.ndarray, bundle: Bundle, *, member: int = 0) -> np.ndarray:
+    """The discriminator's score D(x) in (0, 1) per sample (1 = looks like real target data);
+    ``member``: whose discriminator, for a seed ensemble (default the first generator's)."""
     if len(Xs) == 0:
         return np.zeros(0, np.float32)
-    return _forward(bundle.discriminator, Xs)
+    return _forward(bundle.member_discriminators[member], Xs)
 
 
 # ----------------------------------------------------------------------------- perturbation

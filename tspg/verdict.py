@@ -343,13 +343,22 @@ def _graded(samples: Mapping) -> tuple:
     )
 
 
+def _x_adv(samples: Mapping) -> str:
+    """How the figures name x_adv: for a seed ensemble, the median over its generators'
+    own x_adv (:func:`tspg.metrics.heldout_arrays`)."""
+    n = samples.get("generators")
+    return f"x_adv (median of the {n} generators')" if n else "x_adv"
+
+
 def _agreement(clf: Mapping, samples: Mapping, t: str) -> dict:
     n_src, n_t = _graded(samples)
     figures, ratios, weak, parts = {}, {}, [], []
     for name, vals in clf.items():
         label = _CLASSIFIER_NAMES.get(name, name.replace("_", " "))
         pert, real = _num(vals, "target_share_perturbed"), _num(vals, "target_share_real_target")
-        figures[f"{name}_perturbed"] = _fig(f"{label}: x_adv called the target", pert, n_src)
+        figures[f"{name}_perturbed"] = _fig(
+            f"{label}: {_x_adv(samples)} called the target", pert, n_src
+        )
         figures[f"{name}_real_target"] = _fig(f"{label}: real target samples called it", real, n_t)
         if not (_finite(pert) and _finite(real)):
             continue
@@ -389,7 +398,9 @@ def _realism(ed: Mapping, samples: Mapping, t: str) -> dict:
     pert, unpert, ms = _num(ed, "perturbed"), _num(ed, "unperturbed"), _num(ed, "mean_shift")
     figures = {
         "perturbed": _fig(
-            f"energy distance of x_adv to the real held-out target (n={n_t})", pert, n_src
+            f"energy distance of {_x_adv(samples)} to the real held-out target (n={n_t})",
+            pert,
+            n_src,
         ),
         "unperturbed": _fig("the same for the unperturbed sources", unpert, n_src),
         "mean_shift": _fig("the same for the mean-shift baseline", ms, n_src),
