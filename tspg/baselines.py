@@ -6,12 +6,15 @@ Both are fit on the bundle's training split, in its scaled space ([0, 1] per gen
   reference implementation's name); a sample moves by its class's shift,
   x_ms = clip(x + mu_t - mu_source(x), 0, 1). Its top genes are ranked by the change it
   makes, x_ms - x, as TSPG's are ranked by P = x_adv - x.
-- differential expression: target class vs the rest, Wilcoxon rank-sum test through
-  ``scanpy.tl.rank_genes_groups``.
+- differential expression: target class vs the rest (or vs one source class alone),
+  Wilcoxon rank-sum test through ``scanpy.tl.rank_genes_groups``.
 
 :func:`gene_overlap` compares ranked gene lists (TSPG's consensus top genes against a
 baseline's) at several list lengths k; :func:`selection_overlap` does it for a set of
-perturbed samples against both baselines (``tspg evaluate`` and the dashboard's Genes page).
+perturbed samples against both target-vs-rest baselines, and :func:`source_comparison` per
+source class against the baselines that know the source: differential expression of the
+target against that class alone and that class's mean shift, with the genes only TSPG
+ranks high and the reverse (``tspg evaluate`` and the dashboard's Genes page).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "SOURCE_COLUMNS",
     "Baselines",
     "SourceComparison",
+    "baselines_of",
     "class_perturbations",
     "de_ranked",
     "differential_expression",
@@ -428,24 +432,48 @@ def fit_baselines(
         max_samples=max_samples,
         seed=seed,
     )
-    target = bundle.target
+    return baselines_of(
+        Xs,
+        labels,
+        bundle.genes,
+        bundle.target,
+        sources=sources,
+        max_per_class=max_per_class,
+        seed=seed,
+    )
+
+
+def baselines_of(
+    X: np.ndarray,
+    labels: Sequence[str],
+    genes: Sequence[str],
+    target: str,
+    *,
+    sources: bool = True,
+    max_per_class: int | None = SOURCE_MAX_PER_CLASS,
+    seed: int = 0,
+) -> Baselines:
+    """:class:`Baselines` of scaled training data ``X`` (what :func:`fit_baselines` fits on a
+    bundle's training split): the mean shifts, the target against the rest, the target's
+    mean and sd, and with ``sources`` the target against each class alone on at most
+    ``max_per_class`` samples of each class (a seeded choice)."""
+    X = np.asarray(X)
+    labels = np.asarray(labels, dtype=object).astype(str)
     is_t = labels == target
     base = Baselines(
-        class_perturbations(Xs, labels, target, genes=bundle.genes),
-        differential_expression(Xs, labels, bundle.genes, target),
-        target_mean=Xs[is_t].mean(0, dtype=np.float64),
-        target_sd=Xs[is_t].std(0, dtype=np.float64),
+        class_perturbations(X, labels, target, genes=genes),
+        differential_expression(X, labels, genes, target),
+        target_mean=X[is_t].mean(0, dtype=np.float64),
+        target_sd=X[is_t].std(0, dtype=np.float64),
     )
     if sources:
         start = time.perf_counter()
         keep = per_class_subsample(labels, max_per_class, seed=seed)
-        X_c, y_c = Xs[keep], labels[keep]
+        X_c, y_c = X[keep], labels[keep]
         for s in sorted(set(y_c.tolist()) - {target}):
             base.n_train[s] = int((y_c == s).sum())
             if base.n_train[s] >= 2:
-                base.de_by_source[s] = differential_expression(
-                    X_c, y_c, bundle.genes, target, reference=s
-                )
+                base.de_by_source[s] = differential_expression(X_c, y_c, genes, target, reference=s)
         logger.info(
             "per-source differential expression: %d classes in %.1f s",
             len(base.de_by_source),
