@@ -171,13 +171,13 @@ def test_selection_overlap_by_hand():
         {"gene": ["B", "C", "A", "D", "E"], "score": [3.0, 2.0, 1.0, -1.0, -2.0]}
     )  # up B, C, A; down E, D, A
     base = Baselines(shifts, de)
-    # class "u" has no mean shift: the mean-shift lists are the consensus of the changes
-    # x_ms - x of samples s, s2, s2, all at x = (0.95, 0.5, 0.5, 0.5, 0.5). Gene A is clipped
-    # at 1 (its change is +0.05, not +0.05 or +0.4), so:
-    #   s:  +0.05 +0.3 +0.2 -0.3 -0.1  -> up B, C; down D, E
-    #   s2: +0.05  0   +0.1 -0.05 -0.2 -> up C, A; down E, D
-    # up k=1: C (2 of 3), k=2: C (3), A (2); down k=1: E (2), k=2: D and E (3 each), E first
-    # by its mean change (-0.167 against -0.133)
+    # class "u" has no mean shift: the mean-shift lists rank the mean change x_ms - x of
+    # samples s, s2, s2, all at x = (0.95, 0.5, 0.5, 0.5, 0.5). Gene A is clipped at 1 (its
+    # change is +0.05, not +0.05 or +0.4), so:
+    #   s:  +0.05 +0.3 +0.2 -0.3 -0.1
+    #   s2: +0.05  0   +0.1 -0.05 -0.2
+    #   mean over s, s2, s2: A +0.05, B +0.1, C +0.133, D -0.133, E -0.167
+    # up k=1: C, k=2: C, B; down k=1: E, k=2: E, D (TSPG, mean P: up A, B; down E, D)
     X = np.array([[0.95, 0.5, 0.5, 0.5, 0.5]] * 4)
     df = selection_overlap(P, X, ["s", "s2", "s2", "u"], genes, base, ks=(2, 1))
     assert list(df.columns) == [
@@ -197,7 +197,7 @@ def test_selection_overlap_by_hand():
         ("differential_expression", "down", 1): (1, "E"),  # {E} vs {E}
         ("differential_expression", "down", 2): (2, "E,D"),  # {E,D} vs {E,D}
         ("mean_shift", "up", 1): (0, ""),  # {A} vs {C}
-        ("mean_shift", "up", 2): (1, "A"),  # {A,B} vs {C,A}
+        ("mean_shift", "up", 2): (1, "B"),  # {A,B} vs {C,B}
         ("mean_shift", "down", 1): (1, "E"),  # {E} vs {E}
         ("mean_shift", "down", 2): (2, "E,D"),  # {E,D} vs {E,D}
     }

@@ -305,7 +305,14 @@ def atlas_gem(
     """
     from .data import vstack_csr
 
-    obs, var, truth, chunks = _count_gem_chunks(
+    obs, var, truth, chunks = _atlas_chunks(n_cells, n_genes, n_classes, density, seed, label_key)
+    X = vstack_csr(list(chunks), n_genes)
+    return ad.AnnData(X=X, obs=obs, var=var, uns={"truth": truth})
+
+
+def _atlas_chunks(n_cells, n_genes, n_classes, density, seed, label_key):
+    """The atlas's obs, var, truth and its chunks of cells (shared by the two writers)."""
+    return _count_gem_chunks(
         n_cells,
         n_genes,
         n_classes=n_classes,
@@ -316,8 +323,6 @@ def atlas_gem(
         seed=seed,
         label_key=label_key,
     )
-    X = vstack_csr(list(chunks), n_genes)
-    return ad.AnnData(X=X, obs=obs, var=var, uns={"truth": truth})
 
 
 def write_atlas_gem(
@@ -336,17 +341,7 @@ def write_atlas_gem(
     from anndata.io import sparse_dataset, write_elem
 
     path = Path(path)
-    obs, var, truth, chunks = _count_gem_chunks(
-        n_cells,
-        n_genes,
-        n_classes=n_classes,
-        n_up=max(1, n_genes // 100),
-        n_down=max(1, n_genes // 200),
-        density=density,
-        library_sigma=0.5,
-        seed=seed,
-        label_key=label_key,
-    )
+    obs, var, truth, chunks = _atlas_chunks(n_cells, n_genes, n_classes, density, seed, label_key)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         ad.AnnData(obs=obs, var=var, uns={"truth": truth}).write_h5ad(tmp)
