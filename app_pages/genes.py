@@ -1,4 +1,5 @@
-"""Genes: which genes the generator moves, how consistently, against two baselines; one gene up close."""
+"""Genes: which genes the generator moves, how consistently, against two baselines (over all
+source classes, or per source class); one gene up close."""
 
 from __future__ import annotations
 
