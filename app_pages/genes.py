@@ -198,7 +198,8 @@ elif comparison is not None:
     )
     st.caption(SOURCE_CAPTION.format(k=k, far=comparison.far))
     if view["note"]:
-        st.info(f"{source}: {view['note']}; pick more samples of it on the Perturb page.")
+        hint = "; pick more of its samples on the Perturb page" if view["row"]["n"] < 2 else ""
+        st.info(f"{source}: {view['note']}{hint}.")
     else:
         st.markdown(f"**TSPG's genes for {source}**")
         R.show_table(
