@@ -26,6 +26,7 @@ from tspg.app.views import (
 from tspg.baselines import selection_overlap, source_table
 from tspg.errors import UserError
 from tspg.perturbation import consensus, consensus_top, unique_top_genes
+from tspg.ranking import support_text
 
 SOURCE_CAPTION = (
     "Per source class, over the selection's samples of that class: TSPG's top {k} genes by mean P "
@@ -66,7 +67,9 @@ st.caption(
 
 st.subheader("How often each gene is among a sample's top genes")
 with R.guard("Counting the top genes failed"):
-    freq = consensus(src.P, src.genes, k=k)
+    freq = consensus(src.P, src.genes, k=k, members=src.P_members)
+    if "support" in freq:  # a seed ensemble: in how many generators' own top k, as "2/3"
+        freq["support"] = support_text(freq["support"], freq.pop("n_members"))
     shown = freq.groupby("direction", sort=False).head(
         SHOWN
     )  # the most frequent; the table has them all

@@ -71,7 +71,13 @@ if not bundle_name:
     st.write(
         f"The models folder `{L.models_root()}` holds no readable bundle. Train the demo generator: "
         f"scanpy's pbmc68k_reduced (700 blood cells, 765 genes, 10 cell types), target *CD14+ Monocyte*, "
-        f"{cfg.target_epochs} target-model epochs and {cfg.epochs} generator epochs."
+        f"{cfg.target_epochs} target-model epochs and {cfg.epochs} generator epochs"
+        + (
+            f", {cfg.seeds} generators (a seed ensemble: their mean perturbation, and per gene "
+            "in how many of them it is a top gene)."
+            if cfg.seeds > 1
+            else "."
+        )
     )
     st.button(
         "Train the demo generator",
@@ -88,6 +94,7 @@ if not bundle_name:
             "models folder": str(L.models_root()),
             "epochs": cfg.epochs,
             "target_epochs": cfg.target_epochs,
+            "seeds": cfg.seeds,
         },
         shlex.join(["tspg-train", "--demo", *config_argv(cfg), "--out", str(L.models_root())]),
     )

@@ -116,6 +116,12 @@ with R.guard("Drawing the map failed"):
         f"({sel.description}), coloured by their source class, {how} "
         "Click a class in the legend to highlight it, or 'selected, after (perturbed)' to isolate the perturbed samples; "
         "hover a point for its sample, class and prediction."
+        + (
+            f" Each cross is x + the mean P of the bundle's {bundle.n_generators} generators: an "
+            "average, a little more compact than any one generator's perturbed samples."
+            if bundle.n_generators > 1
+            else ""
+        )
     )
     R.show_chart(
         charts.map_chart(frame, moves=moves, width="container", height=560),

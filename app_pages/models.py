@@ -9,7 +9,7 @@ from tspg import charts
 from tspg.app import loaders as L
 from tspg.app import render as R
 from tspg.app import state as S
-from tspg.app.views import loss_table, models_arg
+from tspg.app.views import generators_table, loss_table, models_arg
 from tspg.config import format_option
 
 st.title("Models")
@@ -58,6 +58,26 @@ st.subheader(f"{bundle.name}: verdict")
 R.show_verdict(bundle.manifest.get("verdict"), what="this bundle")
 
 st.subheader(f"{bundle.name}: training")
+gens = generators_table(bundle.manifest)
+st.markdown(
+    f"**{len(gens)} generator{'s' if len(gens) > 1 else ''}** (seed{'s' if len(gens) > 1 else ''} "
+    f"{', '.join(str(s) for s in gens['seed'])})"
+    + (
+        ", trained against one target model; the bundle reports their mean perturbation. "
+        "Losses below: generator 0's."
+        if len(gens) > 1
+        else ": its top genes depend on the seed; `--seeds 3` trains an ensemble that says which genes do."
+    )
+)
+if len(gens) > 1:
+    st.dataframe(
+        gens,
+        hide_index=True,
+        column_config={
+            "perturbation accuracy": st.column_config.NumberColumn(format="%.3f"),
+            "seconds": st.column_config.NumberColumn(format="%.1f"),
+        },
+    )
 with R.guard("Drawing the training history failed"):
     st.markdown("**Losses per epoch** (one panel per loss, each on its own linear scale)")
     history = {
@@ -101,7 +121,8 @@ with st.expander("Metrics and manifest details"):
         {
             k: v
             for k, v in bundle.manifest.items()
-            if k not in ("genes", "scaler", "split", "history", "config", "target_mean")
+            if k
+            not in ("genes", "scaler", "split", "history", "config", "target_mean", "generators")
         },
         expanded=2,
     )

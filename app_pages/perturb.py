@@ -21,9 +21,11 @@ from tspg.app.selection import (
     random_candidates,
 )
 from tspg.app.views import (
+    SUPPORT_MARKER,
     heatmap_frame,
     heatmap_title,
     models_arg,
+    support_legend,
     target_label,
     top_genes_table,
 )
@@ -236,6 +238,8 @@ with R.guard("Drawing the heatmap failed"):
         "P, the perturbation (the change the generator makes); x_adv = x + P, after; target mean, the target class's "
         "mean over the training split. P's colours are symmetric around 0 at the largest |P| shown."
     )
+    if frame["gene"].str.endswith(SUPPORT_MARKER).any():
+        subtitle = f"{subtitle} · {support_legend(k)}" if subtitle else support_legend(k)
     R.show_chart(
         charts.heatmap_chart(frame, title=title, subtitle=subtitle),
         f"heatmap-{bundle.name}",
@@ -259,6 +263,7 @@ with R.guard("Ranking the genes failed"):
     top = top_genes_table(shown, k=k)
     up, down = top[top.direction == "up"], top[top.direction == "down"]
     cols = ["rank", "gene", "mean_P"] if one else ["rank", "gene", "mean_P", "n_top", "frequency"]
+    cols += ["support"] if "support" in top else []
 u, d = st.columns(2)
 height = 38 + 35 * min(max(len(up), len(down)), 20)  # up to 20 rows without scrolling
 config = top_gene_columns(k, n_src, one=one)

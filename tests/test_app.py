@@ -553,13 +553,39 @@ def test_no_bundle_home_trains_the_demo(tmp_path, monkeypatch):
     at = ok(app(empty, monkeypatch).run())
     button = at.button(key="train_demo")
     assert button.label == "Train the demo generator"
-    assert "1 generator epochs" in texts(at.markdown)
+    assert "1 generator epochs, 3 generators" in texts(at.markdown)
     button.click()
     ok(at.run())
     names = [e.name for e in list_bundles(empty) if e.error is None]
     assert len(names) == 1
     assert metrics(at)["Target"] == DEMO_TARGET
     assert at.sidebar.selectbox(key="bundle").value == names[0]
+    # the demo trains the default recipe's seed ensemble of 3 generators: the pages say so
+    bundle = load_bundle(empty / names[0])
+    assert bundle.n_generators == 3
+    ok(at.switch_page("app_pages/perturb.py").run())
+    top = [t.value for t in tables(at) if "support" in t.value.columns]
+    assert len(top) == 2  # the up and down tables
+    from tspg.perturbation import perturb_adata
+
+    ids = list(tables(at)[0].value.index)  # the page's selection (its predictions table)
+    want = perturb_adata(demo()[ids], bundle).ranking(k=20)
+    for d, table in zip(("up", "down"), top, strict=True):
+        part = want[want.direction == d]
+        assert list(table["gene"]) == list(part["gene"])
+        assert list(table["support"]) == [f"{s}/3" for s in part["support"]]
+    heat = chart_data(charts(at)[0])
+    partial = set(want.loc[want.support < 3, "gene"])
+    assert {g.removesuffix(" °") for g in heat["gene"] if g.endswith(" °")} == partial
+    ok(at.switch_page("app_pages/genes.py").run())
+    assert any(
+        "support" in t.value.columns and t.value["support"].str.endswith("/3").all()
+        for t in tables(at)
+    )
+    ok(at.switch_page("app_pages/models.py").run())
+    assert "**3 generators** (seeds 0, " in texts(at.markdown)
+    ok(at.switch_page("app_pages/map.py").run())
+    assert "x + the mean P of the bundle's 3 generators" in texts(at.caption)
 
 
 def test_map_reuses_the_reference_map_for_a_new_selection(models, monkeypatch):

@@ -19,6 +19,7 @@ from tspg.datasets import write_reference_example
 
 # the paper's networks, trained for a moment: these tests are about the command, not the science
 FAST = ["--epochs", "2", "--target-epochs", "2", "--batch-size", "32", "--device", "cpu", "-q"]
+FAST += ["--seeds", "1"]  # one generator: these tests are not about ensembles
 
 
 @pytest.fixture
@@ -623,7 +624,7 @@ def test_list_shows_bundles_and_unreadable_ones(quick_bundle, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("bad\tUNREADABLE: ") and "manifest.json: not valid JSON" in lines[0]
     acc = quick_bundle.metrics["perturbation_accuracy_non_target"]
-    assert lines[1] == f"good\ttiny\tbeta\t30 genes\tperturbation accuracy {acc:.3f}"
+    assert lines[1] == f"good\ttiny\tbeta\t30 genes\tperturbation accuracy {acc:.3f}\t1 generator"
     (tmp_path / "empty").mkdir()
     assert main(["list", "--models", str(tmp_path / "empty")]) == 0
     assert capsys.readouterr().out.strip() == "no bundles"

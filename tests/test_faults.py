@@ -465,7 +465,7 @@ FAULTS: list[Fault] = [
         "format version newer",
         3,
         lambda c: c.edit(lambda m: m.update(format_version=99)),
-        "{bad}/manifest.json: field 'format_version' is 99, newer than this tspg reads (1): update tspg",
+        "{bad}/manifest.json: field 'format_version' is 99, newer than this tspg reads (2): update tspg",
     ),
     Fault(
         "config a list",

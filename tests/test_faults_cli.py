@@ -44,6 +44,8 @@ from tspg.pipeline import check_run, train_all_targets
 # the networks and epochs of these runs: tiny; the cases are about the command, not the
 # science (no -q: a progress bar, "epoch/s", shows training began)
 SMALL = [
+    "--seeds",
+    "1",
     "--epochs",
     "2",
     "--target-epochs",
@@ -553,7 +555,7 @@ def test_tspg_list_escapes_control_characters(case: Case, capsys):
     assert code == 0
     lines = out.splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("a\\nb\\tc\t") and lines[0].count("\t") == 4
+    assert lines[0].startswith("a\\nb\\tc\t") and lines[0].count("\t") == 5
     assert lines[1].startswith("good\ttiny\tbeta\t30 genes\t")
 
 
@@ -601,6 +603,7 @@ def test_a_failure_after_the_first_bundle_keeps_it(tmp_path):
     adata = make_tiny_adata(n_per_class=10)
     models = tmp_path / "models"
     config = TrainConfig(
+        seeds=1,
         epochs=2,
         target_epochs=2,
         batch_size=32,

@@ -284,7 +284,7 @@ def test_tspg_train_n_top_genes_on_a_file_read_on_disk(tmp_path, capsys):
     code = train_main(
         [str(path), "--label-key", "label", "--target", "type-01", "--n-top-genes", "25",
          "--backed", "--epochs", "2", "--target-epochs", "2", "--out", str(tmp_path / "models"),
-         "--threads", "1", "-q"]
+         "--threads", "1", "--seeds", "1", "-q"]
     )  # fmt: skip
     assert code == 0
     manifest = json.loads((tmp_path / "models" / "atlas-type-01" / "manifest.json").read_text())

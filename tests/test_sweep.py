@@ -315,6 +315,7 @@ def test_the_command_line_on_a_running_scheduler(gem, client, tmp_path, capsys):
     ]
     argv += ["--targets", "class-00", "--scheduler", client.scheduler.address, "--out", str(out)]
     argv += ["--epochs", "2", "--target-epochs", "2", "--gen-residual", "1", "--threads", "1", "-q"]
+    argv += ["--seeds", "1"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert (

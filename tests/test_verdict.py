@@ -38,7 +38,7 @@ from tspg.verdict import (
     verdict_table,
 )
 
-HELDOUT_CHECKS = {"target_model", "moved", "agreement", "realism", "sample_size"}
+HELDOUT_CHECKS = {"target_model", "moved", "agreement", "realism", "sample_size", "stability"}
 
 
 def _levels(verdict: dict) -> dict[str, str]:
@@ -375,26 +375,65 @@ def test_outside_range_by_hand():
     assert fit["worst_gene_share"] == pytest.approx(1 / 3)
 
 
-def test_stability_from_seed_lists():
-    a = [f"g{i}" for i in range(20)]
+def _members(n_genes: int, tops: list[list[int]], k: int = 20) -> np.ndarray:
+    """Members' mean P per gene (N x genes): member i's up-k are ``tops[i]`` (descending),
+    its down-k the same genes shifted by n_genes // 2 (so both directions agree alike)."""
+    out = np.zeros((len(tops), n_genes))
+    for i, top in enumerate(tops):
+        assert len(top) == k
+        for r, g in enumerate(top):
+            out[i, g] = 1.0 - 0.01 * r
+            out[i, g + n_genes // 2] = -(1.0 - 0.01 * r)
+    return out
+
+
+def test_stability_levels_on_constructed_members():
+    from tspg.ranking import member_agreement
+
+    a = list(range(20))
     assert jaccard(a, a[:10]) == pytest.approx(0.5)
-    assert "stability" not in grade(heldout=_heldout())["checks"]  # one seed: no check
-    same = grade(seed_top_genes=[a, a, a])["checks"]["stability"]
-    assert same["level"] == "ok" and same["figures"]["jaccard_mean"]["value"] == 1.0
-    b = [f"h{i}" for i in range(20)]
-    assert grade(seed_top_genes=[a, b])["checks"]["stability"]["level"] == "fail"
-    c = a[:12] + b[:8]  # 12 shared of 28: Jaccard 0.43
-    assert grade(seed_top_genes=[a, c])["checks"]["stability"]["level"] == "caution"
+    one = grade(stability={"n_members": 1, "k": 20})["checks"]["stability"]
+    assert one["level"] == "ok" and one["reason"].startswith("not graded")
+    assert "--seeds 3" in one["reason"]
+    same = member_agreement(_members(100, [a, a, a]))
+    assert (same["shared_up"], same["full_support_up"]) == (20.0, 20)
+    assert grade(stability=same)["checks"]["stability"]["level"] == "ok"
+    # 16 of 20 shared by every pair: below 16.5 -> caution, naming the direction and figures
+    b, c = a[:16] + [20, 21, 22, 23], a[:16] + [24, 25, 26, 27]
+    fig = member_agreement(_members(100, [a, b, c]))
+    assert fig["shared_up"] == 16.0 and fig["full_support_up"] == 16
+    check = grade(stability=fig)["checks"]["stability"]
+    assert check["level"] == "caution"
+    assert "share 16.0 of their top-20 up genes (16 with full support)" in check["reason"]
+    assert "a rerun would keep about 18" in check["reason"]  # 7.04 + 0.66 x 16
+    assert check["figures"]["shared_up"]["value"] == 16.0
+    # 17 of 20: ok
+    b, c = a[:17] + [20, 21, 22], a[:17] + [23, 24, 25]
+    assert (
+        grade(stability=member_agreement(_members(100, [a, b, c])))["checks"]["stability"]["level"]
+        == "ok"
+    )
+    # disjoint members: they learned different things
+    far = member_agreement(_members(100, [a, list(range(20, 40))]))
+    assert grade(stability=far)["checks"]["stability"]["level"] == "fail"
+    # a broken member: fail whatever the agreement
+    broken = dict(same, member_accuracy=[1.0, 0.2, 1.0], ensemble_accuracy=0.95)
+    check = grade(stability=broken)["checks"]["stability"]
+    assert check["level"] == "fail" and "generator 1 is broken" in check["reason"]
+    # the same member accuracies with an ensemble that does not move: not a broken member
+    assert (
+        grade(stability=dict(broken, ensemble_accuracy=0.6))["checks"]["stability"]["level"] == "ok"
+    )
 
 
 def test_renderers(quick_bundle):
     v = quick_bundle.manifest["verdict"]
     lines = verdict_lines(v)
-    assert lines[0] == f"verdict: {v['level'].upper()} (the worst of 5 checks)"
-    assert len(lines) == 6 and all(c["title"] in "\n".join(lines) for c in v["checks"].values())
+    assert lines[0] == f"verdict: {v['level'].upper()} (the worst of 6 checks)"
+    assert len(lines) == 7 and all(c["title"] in "\n".join(lines) for c in v["checks"].values())
     assert len(verdict_lines(v, only=("fail",))) == 1
     md = verdict_markdown(v)
-    assert md.startswith(f"**Verdict: {v['level']}**") and md.count("\n| ") == 6
+    assert md.startswith(f"**Verdict: {v['level']}**") and md.count("\n| ") == 7
     table = verdict_table(v)
     assert set(table["check"]) == HELDOUT_CHECKS and set(table["level"]) <= set(LEVELS)
 
@@ -413,7 +452,7 @@ def test_tspg_train_prints_the_verdict_block(tmp_path, capsys):
     data = tmp_path / "tiny.h5ad"
     make_tiny_adata().write_h5ad(data)
     argv = [str(data), "--label-key", "cell_type", "--target", "beta", "--out", str(tmp_path)]
-    assert train_main([*argv, "--epochs", "3", "--target-epochs", "3", "-q"]) == 0
+    assert train_main([*argv, "--epochs", "3", "--target-epochs", "3", "--seeds", "1", "-q"]) == 0
     text = capsys.readouterr().out
     assert "  verdict: " in text
     for title in ("target model", "generator moved the samples", "independent classifiers agree"):

@@ -49,8 +49,14 @@ from .data import (
 )
 from .datasets import DEMO_NAME
 from .errors import UserError, one_line
-from .manifest import FORMAT_VERSION, manifest_json, parse_manifest, validate_manifest
-from .nets import Discriminator, Generator, TargetClassifier
+from .manifest import (
+    FORMAT_VERSION,
+    ONE_GENERATOR_FORMAT,
+    manifest_json,
+    parse_manifest,
+    validate_manifest,
+)
+from .nets import Discriminator, Generator, GeneratorEnsemble, TargetClassifier
 from .perturbation import class_probabilities
 
 logger = logging.getLogger(__name__)
@@ -66,6 +72,7 @@ __all__ = [
     "list_bundles",
     "load_bundle",
     "manifest_summary",
+    "member_files",
     "models_dir",
     "new_manifest",
     "read_manifest",
@@ -89,13 +96,40 @@ def models_dir(path: str | Path | None = None) -> Path:
 
 @dataclass
 class Bundle:
-    """A trained TSPG generator with its target model, discriminator and metadata."""
+    """A trained TSPG generator with its target model, discriminator and metadata.
+
+    ``generator`` is the one the bundle perturbs with: a :class:`~tspg.nets.Generator`, or
+    for a seed ensemble a :class:`~tspg.nets.GeneratorEnsemble` whose output gives the
+    members' mean perturbation. ``discriminator`` is member 0's; ``discriminators`` every
+    member's (None: just ``discriminator``).
+    """
 
     manifest: dict
-    generator: Generator
+    generator: Generator | GeneratorEnsemble
     discriminator: Discriminator
     target_model: TargetClassifier
     path: Path | None = None
+    discriminators: list[Discriminator] | None = None
+
+    @property
+    def members(self) -> list[Generator]:
+        """The ensemble's generators (one for a one-generator bundle)."""
+        if isinstance(self.generator, GeneratorEnsemble):
+            return list(self.generator.members)
+        return [self.generator]
+
+    @property
+    def n_generators(self) -> int:
+        return len(self.members)
+
+    @property
+    def member_seeds(self) -> list[int]:
+        """The training seed of each generator, member 0 first."""
+        return [int(m["seed"]) for m in member_files(self.manifest)]
+
+    @property
+    def member_discriminators(self) -> list[Discriminator]:
+        return list(self.discriminators) if self.discriminators else [self.discriminator]
 
     @property
     def name(self) -> str:
@@ -357,6 +391,7 @@ def manifest_summary(manifest: dict) -> dict:
         "classes": len(m["classes"]),
         "recipe": m["config"].get("recipe", ""),
         "epochs": m["config"].get("epochs"),
+        "generators": len(member_files(m)),
         "target-model accuracy": metrics.get("target_model_accuracy"),
         "perturbation accuracy": metrics.get("perturbation_accuracy_non_target"),
         "created": m.get("created", ""),
@@ -388,9 +423,10 @@ def train_command(manifest: dict, *, out: str | Path | None = None) -> str:
 
 
 def new_manifest(**fields) -> dict:
-    """A manifest with format version, timestamps and versions filled in."""
+    """A manifest with format version, timestamps and versions filled in: format 1 for one
+    generator (today's layout, readable by older tspg), 2 with a ``generators`` list."""
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if fields.get("generators") else ONE_GENERATOR_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tspg_version": __version__,
         "torch_version": torch.__version__,
@@ -448,7 +484,7 @@ def save_bundle(
     # before anything is written: a bad field or weight leaves nothing behind
     text = manifest_json(bundle.manifest)
     validate_manifest(json.loads(text), f"bundle {bundle.name!r}: manifest")
-    tensors = {key: _state_tensors(bundle, key) for key in WEIGHT_FILES}
+    tensors = _bundle_tensors(bundle)
     if os.path.lexists(root) and not root.is_dir():
         raise UserError(f"{_shown(root)}: cannot write a bundle here (not a folder)")
     try:
@@ -466,8 +502,8 @@ def save_bundle(
             file_mode = os.fstat(fh.fileno()).st_mode & 0o777  # 0o666 less the umask
         # a folder also gets x where the umask leaves r (umask 022: 0o644 -> 0o755)
         dir_mode = file_mode | (file_mode & 0o444) >> 2
-        for key, fname in WEIGHT_FILES.items():
-            save_file(tensors[key], str(tmp / fname))
+        for fname, tensor_dict in tensors.items():
+            save_file(tensor_dict, str(tmp / fname))
         for file in tmp.iterdir():
             file.chmod(file_mode)
         tmp.chmod(dir_mode)  # (mkdtemp made it 0o700)
@@ -493,15 +529,59 @@ def save_bundle(
     return final
 
 
-def _state_tensors(bundle: Bundle, key: str) -> dict[str, torch.Tensor]:
-    """The tensors of ``bundle``'s network ``key``, on the CPU; UserError for a non-finite one."""
-    module = getattr(bundle, key)
+def member_files(manifest: dict) -> list[dict]:
+    """Per generator of a bundle: ``seed``, ``file`` (its weights) and ``discriminator``
+    (its discriminator's weights), member 0 first. A one-generator bundle (format 1) has
+    no ``generators`` list: its member is ``generator.safetensors`` with the config's seed."""
+    members = manifest.get("generators")
+    if members:
+        return members
+    seed = manifest.get("config", {}).get("seed", 0)
+    return [
+        {
+            "seed": seed,
+            "file": WEIGHT_FILES["generator"],
+            "discriminator": WEIGHT_FILES["discriminator"],
+        }
+    ]
+
+
+def _weight_layout(manifest: dict) -> list[tuple[str, str, str]]:
+    """Every weight file of a bundle: (file name, network kind, what to call it), in order."""
+    members = member_files(manifest)
+    out = []
+    for i, m in enumerate(members):
+        which = f" {i}" if len(members) > 1 else ""
+        out += [(m["file"], "generator", f"generator{which}")]
+        out += [(m["discriminator"], "discriminator", f"discriminator{which}")]
+    return out + [(WEIGHT_FILES["target_model"], "target_model", "target model")]
+
+
+def _bundle_tensors(bundle: Bundle) -> dict[str, dict[str, torch.Tensor]]:
+    """Per weight file of ``bundle``, its tensors on the CPU; UserError for a non-finite one
+    or for networks that do not match the manifest's list of generators."""
+    layout = _weight_layout(bundle.manifest)
+    members, discs = bundle.members, bundle.member_discriminators
+    if len(members) != len(layout) // 2 or len(discs) != len(members):
+        raise UserError(
+            f"bundle {bundle.name!r}: {len(members)} generator(s) and {len(discs)} "
+            f"discriminator(s) for the manifest's {len(layout) // 2}; not saved"
+        )
+    modules = [net for pair in zip(members, discs, strict=True) for net in pair]
+    modules.append(bundle.target_model)
+    return {
+        fname: _state_tensors(bundle.name, module, what)
+        for (fname, _, what), module in zip(layout, modules, strict=True)
+    }
+
+
+def _state_tensors(name: str, module: torch.nn.Module, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of network ``module``, on the CPU; UserError for a non-finite one."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     for k, v in tensors.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise UserError(
-                f"bundle {bundle.name!r}: the {key.replace('_', ' ')}'s tensor {k!r} holds NaN "
-                "or infinite values; not saved"
+                f"bundle {name!r}: the {what}'s tensor {k!r} holds NaN or infinite values; not saved"
             )
     return tensors
 
@@ -518,6 +598,7 @@ _OLDER_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
 _PREVIOUS = re.compile(r"\.(?P<name>.+)\.old")
 _BUNDLE_FILES = frozenset({"manifest.json", *WEIGHT_FILES.values()})
 _SAVER_TEMP_FILE = re.compile(r"\.tmp\w+")  # safetensors writes a file under such a name first
+_MEMBER_FILE = re.compile(r"(generator|discriminator)-\d+\.safetensors")  # an ensemble's
 
 
 def _writer_alive(pid: int, host: str) -> bool | None:
@@ -540,7 +621,11 @@ def _leftover_files(folder: Path) -> list[Path] | None:
     try:
         files = list(folder.iterdir())
         ok = all(
-            (f.name in _BUNDLE_FILES or _SAVER_TEMP_FILE.fullmatch(f.name))
+            (
+                f.name in _BUNDLE_FILES
+                or _SAVER_TEMP_FILE.fullmatch(f.name)
+                or _MEMBER_FILE.fullmatch(f.name)
+            )
             and stat.S_ISREG(f.lstat().st_mode)
             for f in files
         )
@@ -784,15 +869,19 @@ _VALUES_CHECKED: dict[tuple, str | None] = {}
 _EXPECTED: dict[tuple, dict[str, dict[str, tuple]]] = {}
 
 
-def _weight_file(path: Path, key: str, expected: dict, root: Path, *, values: bool) -> Path:
-    """Check weight file ``key`` of the bundle at ``path``; return its resolved path.
+def _weight_file(
+    path: Path, key: str, expected: dict, root: Path, *, values: bool, fname: str | None = None
+) -> Path:
+    """Check weight file ``fname`` (default: network ``key``'s usual file) of the bundle at
+    ``path``; return its resolved path.
 
     It must be a regular file inside ``root`` holding exactly the ``expected`` tensors
     (names, shapes, types; read from the header only) and, with ``values``, finite values.
     """
-    file = path / WEIGHT_FILES[key]
+    fname = fname or WEIGHT_FILES[key]
+    file = path / fname
     real = _inside(file, root)
-    fd = _open(file, real, f"{_shown(path)}: missing {WEIGHT_FILES[key]}")
+    fd = _open(file, real, f"{_shown(path)}: missing {fname}")
     try:
         st = os.fstat(fd)
     finally:
@@ -851,8 +940,9 @@ def check_weights(path: str | Path, manifest: dict, *, root: str | Path | None =
     """
     path = Path(path)
     real_root = _models_root(path, root)
-    for key, expected in _expected_tensors(manifest, path).items():
-        _weight_file(path, key, expected, real_root, values=True)
+    expected = _expected_tensors(manifest, path)
+    for fname, key, _ in _weight_layout(manifest):
+        _weight_file(path, key, expected[key], real_root, values=True, fname=fname)
 
 
 def load_bundle(
@@ -869,10 +959,13 @@ def load_bundle(
     real_root = _models_root(path, root)
     manifest = read_manifest(path, root=real_root)
     expected = _expected_tensors(manifest, path)
-    modules = _networks(manifest, path)
-    for key, module in modules.items():
-        file = path / WEIGHT_FILES[key]
-        real = _weight_file(path, key, expected[key], real_root, values=False)
+    layout = _weight_layout(manifest)
+    nets = [_networks(manifest, path) for _ in range(len(layout) // 2)]
+    modules = [net for n in nets for net in (n["generator"], n["discriminator"])]
+    modules.append(nets[0]["target_model"])
+    for (fname, key, _), module in zip(layout, modules, strict=True):
+        file = path / fname
+        real = _weight_file(path, key, expected[key], real_root, values=False, fname=fname)
         try:
             tensors = load_file(str(real))
         except Exception as err:  # the header was fine, the data are not
@@ -889,8 +982,15 @@ def load_bundle(
             raise UserError(f"{_shown(file)}: tensor {bad!r} holds NaN or infinite values")
         module.load_state_dict(tensors)
         module.to(device).eval()
+    generators, discs = modules[0:-1:2], modules[1:-1:2]
+    generator = generators[0] if len(generators) == 1 else GeneratorEnsemble(generators).eval()
     return Bundle(
-        manifest, modules["generator"], modules["discriminator"], modules["target_model"], path
+        manifest,
+        generator,
+        discs[0],
+        modules[-1],
+        path,
+        discriminators=discs if len(discs) > 1 else None,
     )
 
 

@@ -503,6 +503,13 @@ def _print_trained(b, path: Path) -> None:
         print(
             f"  (on a seeded subsample of {m['n_test']} of the {m['n_test_total']} held-out samples)"
         )
+    members = m.get("members", {}).get("perturbation_accuracy_non_target")
+    if members:
+        print(
+            f"  {b.n_generators} generators (seeds {', '.join(map(str, b.member_seeds))}), their "
+            f"mean perturbation; each one's non-target accuracy: median {members['median']:.3f}, "
+            f"min {members['min']:.3f}, max {members['max']:.3f}"
+        )
     _print_verdict(b.manifest.get("verdict"), indent="  ")
 
 
@@ -812,8 +819,10 @@ def _list(args, parser) -> int:
             continue
         acc = e.summary()["perturbation accuracy"]
         acc = f"{acc:.3f}" if isinstance(acc, int | float) else "n/a"
+        n_gen = e.summary()["generators"]
         print(
             f"{s['name']}\t{s['dataset']}\t{s['target']}\t{s['genes']} genes\tperturbation accuracy {acc}"
+            f"\t{n_gen} generator{'s' if n_gen != 1 else ''}"
         )
     return 0
 

@@ -37,6 +37,7 @@ RECIPES = ("tspg+", "paper")
 MAX_EPOCHS = 100_000
 MAX_STEPS = 10**9
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds; larger values overflow
+MAX_GENERATORS = 64  # generators of a seed ensemble (TrainConfig.seeds)
 MAX_BATCH = 2**20
 MIN_BATCH = 2  # BatchNorm needs two samples a batch: the loops skip smaller ones (none would run)
 # loss weights and the margin: no sensible setting is larger (1e38 overflows float32)
@@ -68,6 +69,13 @@ class TrainConfig:
 
     recipe: str = _opt("tspg+", "loss recipe; the other options override it", choices=RECIPES)
     seed: int = _opt(0, "seed of initialisation, batches and draws", low=0, high=MAX_SEED)
+    seeds: int = _opt(
+        3,
+        "generators in the ensemble, each with its own seed, all against one target model; "
+        "their mean perturbation is reported (1: one generator, as the paper)",
+        low=1,
+        high=MAX_GENERATORS,
+    )
     split_seed: int = _opt(
         0,
         "seed of the stratified train/held-out split (apart, so seeds compare on one split)",
@@ -220,7 +228,18 @@ class TrainConfig:
             "target_batch_size" not in kw
         ):  # bundles older than the field trained f in batches of batch_size
             kw["target_batch_size"] = kw.get("batch_size", cls.batch_size)
+        kw.setdefault("seeds", 1)  # bundles older than the field hold one generator
         return cls(**kw)
+
+    def member_seeds(self) -> list[int]:
+        """The seed of each generator of the ensemble: ``seed`` first (so ``seeds=1``
+        trains exactly one generator as before), then ``seeds - 1`` seeds drawn from
+        ``numpy.random.SeedSequence(seed)``: independent of other values of ``seed``
+        (``seed + i`` would make runs with seeds 0 and 1 share members)."""
+        import numpy as np
+
+        spawned = np.random.SeedSequence(self.seed).spawn(self.seeds - 1)
+        return [self.seed] + [int(s.generate_state(1)[0]) for s in spawned]
 
 
 # The paper's recipe, as the reference implementation computes it (DESIGN.md); its target
@@ -228,6 +247,7 @@ class TrainConfig:
 # covariance "auto" draws from the full empirical covariance whenever it fits in memory.
 PAPER: dict[str, Any] = dict(
     recipe="paper",
+    seeds=1,
     epochs=150,
     target_epochs=50,
     target_batch_size=32,

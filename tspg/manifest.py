@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import TrainConfig
+from .config import MAX_GENERATORS, MAX_SEED, TrainConfig
 from .errors import UserError
 
 __all__ = ["FORMAT_VERSION", "SCHEMA", "manifest_json", "parse_manifest", "validate_manifest"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this tspg reads; 1: one generator, 2: a seed ensemble
+ONE_GENERATOR_FORMAT = 1  # one-generator bundles keep format 1 (readable by older tspg)
 
 # ----------------------------------------------------------------------------- strict JSON
 
@@ -313,6 +314,58 @@ def format_version(v, m) -> str | None:
     return problem
 
 
+def generators(v, m) -> str | None:
+    """A seed ensemble's members: a list of 2.. objects, each with its seed and two weight
+    files named plainly (inside the bundle, ending ``.safetensors``), all names distinct."""
+    if not isinstance(v, list):
+        return f"must be a list of objects, not {_kind(v)}"
+    if not 2 <= len(v) <= MAX_GENERATORS:
+        return f"must hold 2 to {MAX_GENERATORS} generators, not {len(v)}"
+    names: set[str] = {"manifest.json", "target_model.safetensors"}
+    for i, member in enumerate(v):
+        if not isinstance(member, dict):
+            return f"[{i}] must be an object, not {_kind(member)}"
+        problem = integer(0, MAX_SEED)(member.get("seed"), m) if "seed" in member else "is missing"
+        if problem is not None:
+            return f"[{i}].seed {problem}"
+        for key in ("file", "discriminator"):
+            name = member.get(key)
+            problem = _weight_name(name)
+            if problem is not None:
+                return f"[{i}].{key} {problem}"
+            if name in names:
+                return f"[{i}].{key} {name!r} is used twice"
+            names.add(name)
+        for key in ("metrics", "history"):
+            if key in member and not isinstance(member[key], dict):
+                return f"[{i}].{key} must be an object, not {_kind(member[key])}"
+    return None
+
+
+def _weight_name(name) -> str | None:
+    if name is None:
+        return "is missing"
+    if not isinstance(name, str):
+        return f"must be text, not {_kind(name)}"
+    plain = name == name.strip() and not name.startswith(".") and "/" not in name
+    if not plain or "\\" in name or "\0" in name or not name.endswith(".safetensors"):
+        return f"{name!r} is not a plain file name ending in .safetensors"
+    return None
+
+
+def generator_count(v, m) -> str | None:
+    """The config's ``seeds`` matches the generators the manifest lists, and the format
+    version says an ensemble (2) when there are several."""
+    listed = m.get("generators")
+    n = len(listed) if isinstance(listed, list) else 1
+    seeds = TrainConfig.from_dict(v).seeds
+    if seeds != n:
+        return f"says {seeds} generator(s) (seeds), the manifest lists {n}"
+    if n > 1 and m.get("format_version", 1) < 2:
+        return f"lists {n} generators in a format {m.get('format_version')} bundle (needs 2)"
+    return None
+
+
 def bundle_name(v, m) -> str | None:
     problem = text(v, m)
     if problem is None and (v != v.strip() or v.startswith(".") or "/" in v or "\\" in v):
@@ -358,7 +411,8 @@ SCHEMA: list[tuple[str, bool, Check]] = [
     ("split", True, obj),
     ("split.train", True, texts(at_least=1)),
     ("split.test", True, all_of(texts(), apart_from("split.train"))),
-    ("config", True, train_config),
+    ("generators", False, generators),
+    ("config", True, all_of(train_config, generator_count)),
     ("covariance_used", False, text),
     ("target_model_from", False, optional(text)),
     ("metrics", False, obj),

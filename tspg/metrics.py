@@ -557,6 +557,8 @@ def evaluate(
       class: n, perturbation accuracy, overlaps, TSPG-only and baseline-only counts, flags;
       ``status`` says when a class has too few held-out samples) and ``genes`` (one record
       per gene of those lists)
+    - ``stability``: how the generators of a seed ensemble agree on their top-k genes over
+      the held-out source samples (:func:`tspg.verdict.stability_figures`)
     - ``verdict``: :func:`tspg.verdict.grade` of these figures (ok / caution / fail)
     - ``params``: k, ks, seed, layer, label key; ``seconds``: wall time
     """
@@ -616,10 +618,14 @@ def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start, caps) -> d
         held = heldout_arrays(bundle, Xtr, ytr, Xte, yte, te_ids, seed=seed)
         base = fit_baselines(adata, bundle, layer=layer, label_key=label_key)
         result = _evaluate_arrays(bundle, held, base, Xtr, ytr, k=k, ks=ks, seed=seed)
-    from .verdict import grade
+    from .verdict import grade, stability_figures
 
+    result["stability"] = stability_figures(bundle, Xte[yte != target], k=k)
     result["verdict"] = grade(
-        heldout=held.figures, config=bundle.manifest.get("config"), target=target
+        heldout=held.figures,
+        stability=result["stability"],
+        config=bundle.manifest.get("config"),
+        target=target,
     )
     result["params"] = {
         "k": k,

@@ -12,6 +12,7 @@ __all__ = [
     "Discriminator",
     "evaluating",
     "Generator",
+    "GeneratorEnsemble",
     "ResidualBlock",
     "TargetClassifier",
 ]
@@ -73,6 +74,29 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, n_genes) -> (batch, n_genes)
         return self.net(x)
+
+
+class GeneratorEnsemble(nn.Module):
+    """Several generators of one target as one: ``forward(x) = mean_i clip(x + G_i(x), 0, 1) - x``.
+
+    x + that lies in [0, 1], so ``clip(x + forward(x), 0, 1) - x`` is the members' mean
+    perturbation P: every caller of a bundle's generator gets the ensemble's mean P.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 generators, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, n_genes) -> (batch, n_genes)
+        total = torch.zeros_like(x)
+        for G in self.members:
+            total += torch.clamp(x + G(x), 0.0, 1.0)
+        return total / len(self.members) - x
 
 
 class Discriminator(nn.Module):

@@ -9,6 +9,11 @@ range stored in the bundle).
 
 Top genes of a sample: its ``k`` genes with the most positive P ("up") and the ``k``
 genes with the most negative P ("down"). Ties are broken by the bundle's gene order.
+
+A seed ensemble's P is its members' mean P (x_adv the mean of their x_adv). Each member is
+run once per chunk of samples: its P is kept (``Perturbation.P_members``) while the
+members' arrays fit in :data:`MEMBER_BYTES`; beyond that only what the support needs is
+kept (per-member running sums of P, per-sample support of the top genes).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from .data import (
 )
 from .errors import UserError, user_file
 from .nets import evaluating
-from .ranking import rank_genes
+from .ranking import member_support, rank_genes
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -50,6 +55,7 @@ __all__ = [
     "consensus",
     "consensus_top",
     "discriminate",
+    "ensemble_perturbed",
     "generate_perturbed",
     "perturb",
     "perturb_adata",
@@ -62,6 +68,7 @@ __all__ = [
 DIRECTIONS = ("up", "down")
 _CHUNK = 2048  # rows per forward pass: bounds the activations' memory, costs nothing in speed
 _CHUNK_BYTES = 64 * 2**20  # data perturbed a chunk of samples at a time: x of a chunk ~ this
+MEMBER_BYTES = 512 * 2**20  # an ensemble's members' P (N x samples x genes) kept up to this
 
 
 # ----------------------------------------------------------------------------- forward passes
@@ -128,6 +135,39 @@ def generate_perturbed(
     return P, x_adv
 
 
+def ensemble_perturbed(
+    bundle: Bundle, Xs: np.ndarray, *, samples=None, keep_members: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """P, x_adv and the members' P (N x samples x genes; None for one generator or without
+    ``keep_members``) of ``bundle`` for scaled ``Xs``, running each member once.
+
+    For one generator this is :func:`generate_perturbed`. For a seed ensemble x_adv is the
+    mean of the members' x_adv and P = x_adv - x, their mean P (what ``bundle.generator``,
+    a :class:`~tspg.nets.GeneratorEnsemble`, gives too).
+    """
+    members = bundle.members
+    if len(members) == 1:
+        P, x_adv = generate_perturbed(
+            members[0], Xs, what=f"the generator of bundle {bundle.name!r}", samples=samples
+        )
+        return P, x_adv, None
+    Xs = np.ascontiguousarray(Xs, dtype=np.float32)
+    total = np.zeros(Xs.shape, dtype=np.float32)
+    kept = np.empty((len(members), *Xs.shape), np.float32) if keep_members else None
+    for i, G in enumerate(members):
+        what = f"generator {i} (seed {bundle.member_seeds[i]}) of bundle {bundle.name!r}"
+        P_i, adv_i = generate_perturbed(G, Xs, what=what, samples=samples)
+        total += adv_i
+        if kept is not None:
+            kept[i] = P_i
+    x_adv = total / np.float32(len(members))
+    return x_adv - Xs, x_adv, kept
+
+
+def _fits_members(n_members: int, n: int, g: int) -> bool:
+    return n_members > 1 and 4 * n_members * n * g <= MEMBER_BYTES
+
+
 def class_probabilities(
     f: torch.nn.Module, Xs: np.ndarray, *, what: str = "the target model", samples=None
 ) -> np.ndarray:
@@ -159,7 +199,9 @@ class Perturbation:
     ``gene_match`` (:class:`tspg.data.GeneMatch`) and ``scaling``
     (:class:`tspg.data.ScalingReport`) say how well new data fit the bundle (set by
     :func:`perturb_adata`): genes missing, matched ignoring case or by a ``var`` column, and
-    the share of values outside the training range.
+    the share of values outside the training range. For a seed ensemble of
+    ``n_generators``, ``P`` is the members' mean P and ``P_members`` each member's P
+    (N x samples x genes) when it fits in :data:`MEMBER_BYTES` (else None: no support).
     """
 
     samples: list[str]
@@ -176,6 +218,20 @@ class Perturbation:
     data_fit: dict | None = field(default=None)
     gene_match: GeneMatch | None = field(default=None)  # how the data's genes were matched
     scaling: ScalingReport | None = field(default=None)  # how the data fit the training range
+    P_members: np.ndarray | None = field(default=None)  # (members, samples, genes), ensembles
+    n_generators: int = 1
+
+    def members_of(self, rows=None) -> np.ndarray | None:
+        """The members' P of ``rows`` (default all; a mask or positions), or None."""
+        if self.P_members is None:
+            return None
+        return self.P_members if rows is None else self.P_members[:, rows]
+
+    def ranking(self, rows=None, *, k: int | None = 20) -> pd.DataFrame:
+        """:func:`tspg.ranking.rank_genes` of ``rows`` (default: :meth:`source_rows`), with
+        the support of each gene when the members' P is kept."""
+        rows = self.source_rows() if rows is None else rows
+        return rank_genes(self.P[rows], self.genes, k=k, members=self.members_of(rows))
 
     @property
     def predicted(self) -> bool:
@@ -229,8 +285,11 @@ class Perturbation:
             self.proba_before[idx],
             self.proba_after[idx],
             None if self.labels is None else self.labels[idx],
-            self.gene_match,
-            self.scaling,
+            data_fit=self.data_fit,
+            gene_match=self.gene_match,
+            scaling=self.scaling,
+            P_members=None if self.P_members is None else self.P_members[:, idx],
+            n_generators=self.n_generators,
         )
 
     def source_rows(self) -> np.ndarray:
@@ -285,7 +344,15 @@ class Perturbation:
             "perturbed.csv": (pd.DataFrame(self.x_adv, index=index, columns=self.genes), True),
             "predictions.csv": (self.predictions_df(), True),
             "top_genes.csv": (top_genes_df(self, k=k), False),
-            "consensus.csv": (consensus(self.P[self.source_rows()], self.genes, k=k), False),
+            "consensus.csv": (
+                consensus(
+                    self.P[self.source_rows()],
+                    self.genes,
+                    k=k,
+                    members=self.members_of(self.source_rows()),
+                ),
+                False,
+            ),
         }
         with user_file(out, "create the folder"):
             out.mkdir(parents=True, exist_ok=True)
@@ -304,6 +371,7 @@ def perturb_scaled(
     samples: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
     predict: bool = True,
+    members: bool | None = None,
 ) -> Perturbation:
     """Perturb already-scaled data whose columns are the bundle's genes.
 
@@ -320,6 +388,9 @@ def perturb_scaled(
     predict
         Run the target model on x and x_adv. Without, ``proba_*`` are empty (n, 0) arrays
         and reading the predictions (``pred_*``, ``predictions_df``) raises a ValueError.
+    members
+        Keep a seed ensemble's members' P (``P_members``); None: when it fits in
+        :data:`MEMBER_BYTES`.
     """
     Xs = np.ascontiguousarray(Xs, dtype=np.float32)
     if Xs.ndim != 2 or Xs.shape[1] != len(bundle.genes):
@@ -335,9 +406,9 @@ def perturb_scaled(
         samples,
         "the bundle's scaler is damaged or the data hold values too large",
     )
-    P, x_adv = generate_perturbed(
-        bundle.generator, Xs, what=f"the generator of bundle {bundle.name!r}", samples=samples
-    )
+    n_gen = bundle.n_generators
+    keep = _fits_members(n_gen, *Xs.shape) if members is None else bool(members) and n_gen > 1
+    P, x_adv, P_members = ensemble_perturbed(bundle, Xs, samples=samples, keep_members=keep)
     if predict:
         before = bundle.predict_proba(Xs, samples=samples)
         after = bundle.predict_proba(x_adv, samples=samples)
@@ -354,6 +425,8 @@ def perturb_scaled(
         before,
         after,
         None if labels is None else np.asarray(labels, dtype=object),
+        P_members=P_members,
+        n_generators=n_gen,
     )
 
 
@@ -393,11 +466,11 @@ class _Perturber:
         self.scaling: ScalingReport | None = None
 
     def chunks(self):
-        """(rows, X, x, P, x_adv, proba_before, proba_after) per chunk of rows, in order."""
+        """(rows, X, x, P, x_adv, proba_before, proba_after, P_members) per chunk of rows, in
+        order; ``P_members`` (members x chunk x genes) for a seed ensemble, else None."""
         bundle, adata, g = self.bundle, self.adata, len(self.bundle.genes)
         n = adata.n_obs
-        step = max(1, _CHUNK_BYTES // (4 * max(g, 1)))
-        what = f"the generator of bundle {bundle.name!r}"
+        step = max(1, _CHUNK_BYTES // (4 * max(g, 1) * bundle.n_generators))
         for a in range(0, n, step):
             rows = slice(a, min(a + step, n))
             ids = [str(s) for s in adata.obs_names[rows]]
@@ -419,10 +492,10 @@ class _Perturber:
                 ids,
                 "the bundle's scaler is damaged or the data hold values too large",
             )
-            P, x_adv = generate_perturbed(bundle.generator, x, what=what, samples=ids)
+            P, x_adv, P_members = ensemble_perturbed(bundle, x, samples=ids)
             before = bundle.predict_proba(x, samples=ids)
             after = bundle.predict_proba(x_adv, samples=ids)
-            yield rows, X, x, P, x_adv, before, after
+            yield rows, X, x, P, x_adv, before, after, P_members
         if self.scaling is not None:
             self.scaling.warn(self.source)
 
@@ -478,9 +551,13 @@ def perturb_adata(
     n, g, c = adata.n_obs, len(bundle.genes), len(bundle.classes)
     x, P, x_adv = (np.empty((n, g), dtype=np.float32) for _ in range(3))
     before, after = (np.empty((n, c), dtype=np.float32) for _ in range(2))
-    for rows, _, *parts in p.chunks():
+    n_gen = bundle.n_generators
+    P_members = np.empty((n_gen, n, g), np.float32) if _fits_members(n_gen, n, g) else None
+    for rows, _, *parts, P_chunk in p.chunks():
         for out, part in zip((x, P, x_adv, before, after), parts, strict=True):
             out[rows] = part
+        if P_members is not None:
+            P_members[:, rows] = P_chunk
     return Perturbation(
         [str(s) for s in adata.obs_names],
         list(bundle.genes),
@@ -495,6 +572,8 @@ def perturb_adata(
         p.data_fit(),
         p.match,
         p.scaling,
+        P_members=P_members,
+        n_generators=n_gen,
     )
 
 
@@ -551,17 +630,20 @@ def perturb(
     - ``obs[f"{key_added}_prob_target_before"]``, ``obs[f"{key_added}_prob_target_after"]``:
       the probability of the target class
     - ``uns[key_added]["params"]``: ``bundle`` (name), ``target``, ``layer`` (``"X"`` when
-      None), ``k``
+      None), ``k``, ``n_generators`` and ``member_seeds`` (the seed of each generator)
     - ``uns[key_added]["top_genes"]``: ``up`` / ``down`` (samples x k gene names, rank order)
-      and ``up_P`` / ``down_P`` (their P)
+      and ``up_P`` / ``down_P`` (their P); for a seed ensemble also ``up_support`` /
+      ``down_support`` (samples x k: in how many members' own top k of that sample the
+      gene is)
     - ``uns[key_added]["gene_match"]``, ``uns[key_added]["scaling"]``: how the data's genes
       were found and filled (:class:`tspg.data.GeneMatch`) and how many values fell outside
       the training range (:class:`tspg.data.ScalingReport`), as plain dicts
     - with ``copy=True``, ``var[f"{key_added}_data_name"]``: each gene's name in the data
       ("" when missing and filled)
     - ``uns[key_added]["consensus"]``: the columns of :func:`consensus` (``gene``,
-      ``direction``, ``count``, ``frequency``, ``mean_P``) over the samples whose label is
-      not the target (all samples when labels are unknown or all of the target), as arrays
+      ``direction``, ``count``, ``frequency``, ``mean_P``; for a seed ensemble ``support``
+      and ``n_members``) over the samples whose label is not the target (all samples when
+      labels are unknown or all of the target), as arrays
     - ``uns[key_added]["verdict"]``: :func:`tspg.verdict.selection_verdict`: the bundle's
       stored verdict plus how these samples moved and how the data fit the bundle
     """
@@ -729,26 +811,42 @@ def _perturb_into(sink, p: _Perturber, *, k: int, key_added: str) -> ad.AnnData:
     top_P = {d: np.empty((n, k), dtype=np.float32) for d in DIRECTIONS}
     counts = {d: np.zeros(g, dtype=np.int64) for d in DIRECTIONS}
     sum_P = np.zeros(g, dtype=np.float64)
+    n_gen = bundle.n_generators
+    member_sums = np.zeros((n_gen, g), dtype=np.float64) if n_gen > 1 else None
+    support = {d: np.empty((n, k), dtype=np.int16) for d in DIRECTIONS} if n_gen > 1 else None
     target_mean = bundle.target_mean
     moved = {"abs_P": 0.0, "gap": 0.0 if target_mean is not None else None}
-    for rows, X, x, P, x_adv, before, after in p.chunks():
+    for rows, X, x, P, x_adv, before, after, P_members in p.chunks():
         sink.write(rows, X, x, P, x_adv)
         proba["before"][rows], proba["after"][rows] = before, after
-        top = top_genes(P, genes, k=k)
+        top = top_genes(P, genes, k=k, members=P_members)
         src = source[rows]
         for d in DIRECTIONS:
             idx = getattr(top, f"{d}_index")
             top_idx[d][rows], top_P[d][rows] = idx, getattr(top, f"{d}_P")
             counts[d] += np.bincount(idx[src].reshape(-1), minlength=g)
+            if support is not None:
+                support[d][rows] = getattr(top, f"{d}_support")
         sum_P += P[src].sum(0, dtype=np.float64)
+        if member_sums is not None:
+            member_sums += P_members[:, src].sum(1, dtype=np.float64)
         moved["abs_P"] += float(np.abs(P[src]).sum(dtype=np.float64))
         if target_mean is not None:
             moved["gap"] += float(np.abs(target_mean - x[src]).sum(dtype=np.float64))
     n_src = int(source.sum())
     classes = np.asarray(bundle.classes, dtype=object)
     pred = {w: classes[proba[w].argmax(1)] for w in ("before", "after")}
-    cons = _consensus_frame(counts, sum_P / max(n_src, 1), n_src, genes)
+    member_means = None if member_sums is None else member_sums / max(n_src, 1)
+    cons = _consensus_frame(counts, sum_P / max(n_src, 1), n_src, genes, member_means, k)
     names = np.asarray(genes).astype(str)
+    top_uns = {
+        "up": names[top_idx["up"]],
+        "down": names[top_idx["down"]],
+        "up_P": top_P["up"],
+        "down_P": top_P["down"],
+    }
+    if support is not None:
+        top_uns.update(up_support=support["up"], down_support=support["down"])
     uns = {
         key_added: {
             "params": {
@@ -756,13 +854,10 @@ def _perturb_into(sink, p: _Perturber, *, k: int, key_added: str) -> ad.AnnData:
                 "target": bundle.target,
                 "layer": p.layer or "X",
                 "k": k,
+                "n_generators": n_gen,
+                "member_seeds": np.asarray(bundle.member_seeds, dtype=np.int64),
             },
-            "top_genes": {
-                "up": names[top_idx["up"]],
-                "down": names[top_idx["down"]],
-                "up_P": top_P["up"],
-                "down_P": top_P["down"],
-            },
+            "top_genes": top_uns,
             "consensus": {
                 c: (
                     cons[c].to_numpy().astype(str)
@@ -836,6 +931,9 @@ class TopGenes:
     down_index: np.ndarray
     up_P: np.ndarray
     down_P: np.ndarray
+    # a seed ensemble's: in how many members' own top k of the sample each gene is
+    up_support: np.ndarray | None = None
+    down_support: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -853,7 +951,7 @@ def _check_P(P: np.ndarray, genes: Sequence[str], k: int) -> tuple[np.ndarray, i
     return P, min(int(k), P.shape[1])
 
 
-def top_genes(P: np.ndarray, genes: Sequence[str], k: int = 20) -> TopGenes:
+def top_genes(P: np.ndarray, genes: Sequence[str], k: int = 20, *, members=None) -> TopGenes:
     """The ``k`` most positive (up) and ``k`` most negative (down) genes of each sample.
 
     Parameters
@@ -864,12 +962,21 @@ def top_genes(P: np.ndarray, genes: Sequence[str], k: int = 20) -> TopGenes:
         Gene names, one per column of ``P``.
     k
         Genes per direction (at most the number of genes).
+    members
+        A seed ensemble's members' P of the same samples (N x samples x genes; ``P`` their
+        mean): adds ``up_support`` / ``down_support``.
 
     Returns
     -------
     TopGenes with (samples, k) arrays in rank order; ties go to the earlier gene.
     """
     P, k = _check_P(P, genes, k)
+    if members is not None:
+        members = np.asarray(members)
+        if members.ndim == 2:
+            members = members[:, None, :]
+        if members.shape[1:] != P.shape:
+            raise ValueError(f"members have shape {members.shape}, P {P.shape}")
     names = np.asarray(genes, dtype=object)
     up = np.empty((len(P), k), dtype=np.int64)
     down = np.empty((len(P), k), dtype=np.int64)
@@ -878,6 +985,16 @@ def top_genes(P: np.ndarray, genes: Sequence[str], k: int = 20) -> TopGenes:
         block = P[i : i + step]
         up[i : i + step] = np.argsort(-block, axis=1, kind="stable")[:, :k]
         down[i : i + step] = np.argsort(block, axis=1, kind="stable")[:, :k]
+    support = {"up": None, "down": None}
+    if members is not None:
+        for d, idx, sign in (("up", up, -1.0), ("down", down, 1.0)):
+            count = np.zeros(idx.shape, dtype=np.int16)
+            for Pm in members:  # a member's own top k of each sample holds the gene?
+                own = np.argsort(sign * Pm, axis=1, kind="stable")[:, :k]
+                mask = np.zeros(Pm.shape, dtype=bool)
+                np.put_along_axis(mask, own, True, axis=1)
+                count += np.take_along_axis(mask, idx, 1)
+            support[d] = count
     return TopGenes(
         names[up],
         names[down],
@@ -885,6 +1002,8 @@ def top_genes(P: np.ndarray, genes: Sequence[str], k: int = 20) -> TopGenes:
         down,
         np.take_along_axis(P, up, 1),
         np.take_along_axis(P, down, 1),
+        support["up"],
+        support["down"],
     )
 
 
@@ -906,8 +1025,12 @@ def top_genes_df(perturbation: Perturbation, k: int = 20) -> pd.DataFrame:
     )
 
 
-def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
+def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20, *, members=None) -> pd.DataFrame:
     """How often each gene is among the samples' top ``k``, per direction.
+
+    ``members``: a seed ensemble's members' P of the same samples (N x samples x genes) or
+    their mean P per gene (N x genes); adds ``support`` (in how many members' own top ``k``
+    by mean P the gene is, :func:`tspg.ranking.member_support`) and ``n_members``.
 
     Returns
     -------
@@ -925,28 +1048,36 @@ def consensus(P: np.ndarray, genes: Sequence[str], k: int = 20) -> pd.DataFrame:
         d: np.bincount(getattr(top, f"{d}_index").reshape(-1), minlength=len(genes))
         for d in DIRECTIONS
     }
-    return _consensus_frame(counts, P.mean(0, dtype=np.float64), len(P), genes)
+    if members is not None and np.ndim(members) == 3:
+        members = np.asarray(members).mean(1, dtype=np.float64)
+    return _consensus_frame(counts, P.mean(0, dtype=np.float64), len(P), genes, members, k)
 
 
-def _consensus_frame(counts: dict, mean_P: np.ndarray, n: int, genes) -> pd.DataFrame:
-    """:func:`consensus`'s frame from the top-k counts per direction and the mean P per gene."""
+def _consensus_frame(
+    counts: dict, mean_P: np.ndarray, n: int, genes, member_means=None, k: int = 20
+) -> pd.DataFrame:
+    """:func:`consensus`'s frame from the top-k counts per direction and the mean P per gene
+    (and the members' mean P per gene, N x genes, for the support)."""
     names = np.asarray(genes, dtype=object)
+    support = None if member_means is None else member_support(member_means, k=k)
     frames = []
     for d, sign in (("up", -1.0), ("down", 1.0)):
         count = counts[d]
         idx = np.flatnonzero(count)
         idx = idx[np.lexsort((idx, sign * mean_P[idx], -count[idx]))]
-        frames.append(
-            pd.DataFrame(
-                {
-                    "gene": names[idx],
-                    "direction": d,
-                    "count": count[idx].astype(int),
-                    "frequency": count[idx] / n,
-                    "mean_P": mean_P[idx],
-                }
-            )
+        frame = pd.DataFrame(
+            {
+                "gene": names[idx],
+                "direction": d,
+                "count": count[idx].astype(int),
+                "frequency": count[idx] / n,
+                "mean_P": mean_P[idx],
+            }
         )
+        if support is not None:
+            frame["support"] = support[d][idx]
+            frame["n_members"] = len(member_means)
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 

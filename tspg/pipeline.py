@@ -30,6 +30,7 @@ from .data import (
 )
 from .errors import UserError, one_line
 from .genesets import HVG_FLAVOR, GeneSelection, highly_variable_genes, select_genes
+from .nets import GeneratorEnsemble
 from .perturbation import class_probabilities, generate_perturbed
 from .training import check_precision, fit_generator, fit_target, resolve_device
 
@@ -54,7 +55,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# progress(stage, step, n_steps, losses); stage is "target model" or "generator <target>"
+# progress(stage, step, n_steps, losses); stage is "target model", "generator <target>", or
+# for a seed ensemble "generator <target> (2/3)"
 Progress = Callable[[str, int, int, dict[str, float]], None]
 
 # The settings that made a target model and its split: with a reused target model they
@@ -739,26 +741,59 @@ def train_generator(
     tr = prep.train_idx
     if X_train is None:
         X_train = prep.X[tr]
-    fit = fit_generator(
-        X_train,
-        prep.y[tr],
-        t,
-        target_model,
-        config,
-        device=dev,
-        callback=_stage(progress, f"generator {target}"),
-        compile=compile,
-    )
+    seeds = config.member_seeds()
+    fits, member_metrics = [], []
+    for i, seed in enumerate(seeds):
+        which = f" ({i + 1}/{len(seeds)})" if len(seeds) > 1 else ""
+        try:
+            fit = fit_generator(
+                X_train,
+                prep.y[tr],
+                t,
+                target_model,
+                replace(config, seed=seed),
+                device=dev,
+                callback=_stage(progress, f"generator {target}{which}"),
+                compile=compile,
+            )
+        except UserError as err:
+            if len(seeds) == 1:
+                raise
+            raise UserError(f"generator {i + 1} of {len(seeds)} (seed {seed}): {err}") from err
+        fits.append(fit)
     f = target_model.cpu().eval()
-    metrics = heldout_metrics(prep, f, fit.generator.cpu(), t)
+    generators = [fit.generator.cpu().eval() for fit in fits]
+    G = generators[0] if len(generators) == 1 else GeneratorEnsemble(generators).eval()
+    metrics = heldout_metrics(prep, f, G, t)
+    if len(fits) > 1:
+        for fit in fits:
+            m = heldout_metrics(prep, f, fit.generator, t)
+            m.update(train_seconds_generator=fit.seconds, train_steps_generator=fit.steps)
+            member_metrics.append(m)
+        metrics["members"] = member_summary(member_metrics)
     metrics.update(
         train_seconds_target_model=target_seconds,
-        train_seconds_generator=fit.seconds,
-        train_steps_generator=fit.steps,
-        history_steps_per_point=fit.steps_per_point,
+        train_seconds_generator=sum(fit.seconds for fit in fits),
+        train_steps_generator=sum(fit.steps for fit in fits),
+        history_steps_per_point=fits[0].steps_per_point,
         device=str(dev),
         threads=torch.get_num_threads(),
     )
+    fit = fits[0]
+    ensemble = {}
+    if len(fits) > 1:
+        ensemble["generators"] = [
+            {
+                "seed": seed,
+                "file": "generator.safetensors" if i == 0 else f"generator-{i}.safetensors",
+                "discriminator": (
+                    "discriminator.safetensors" if i == 0 else f"discriminator-{i}.safetensors"
+                ),
+                "metrics": {k: v for k, v in m.items() if k != "perturbation_accuracy_by_source"},
+                "history": fit_i.history,
+            }
+            for i, (seed, m, fit_i) in enumerate(zip(seeds, member_metrics, fits, strict=True))
+        ]
     hvg = {"n_top_genes": prep.n_top_genes, "flavor": HVG_FLAVOR} if prep.n_top_genes else {}
     manifest = new_manifest(
         name=name,
@@ -790,10 +825,31 @@ def train_generator(
         target_model_from=target_model_from,
         metrics=metrics,
         history=fit.history,
+        **ensemble,
     )
-    bundle = Bundle(manifest, fit.generator, fit.discriminator, f)
+    discs = [fit_i.discriminator.cpu().eval() for fit_i in fits]
+    bundle = Bundle(manifest, G, discs[0], f, discriminators=discs if len(discs) > 1 else None)
     _store_verdict(bundle, prep)
     return bundle
+
+
+# the member figures summarised by min / median / max in an ensemble's metrics["members"]
+MEMBER_FIGURES = (
+    "perturbation_accuracy",
+    "perturbation_accuracy_non_target",
+    "train_seconds_generator",
+)
+
+
+def member_summary(member_metrics: list[dict]) -> dict:
+    """``{figure: {"min", "median", "max"}}`` over an ensemble's members (figures they all have)."""
+    out = {}
+    for key in MEMBER_FIGURES:
+        values = [m.get(key) for m in member_metrics]
+        if all(v is not None for v in values):
+            a = np.asarray(values, dtype=float)
+            out[key] = {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max())}
+    return out
 
 
 def _verdict_training_rows(prep: Prepared) -> np.ndarray:

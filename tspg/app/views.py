@@ -17,7 +17,7 @@ from ..charts import heatmap_frame as _heatmap_frame
 from ..datasets import DEMO_NAME
 from ..embedding import map_frame
 from ..errors import UserError
-from ..ranking import RANKED_BY, rank_genes
+from ..ranking import RANKED_BY, member_support, support_text
 from .keys import ALL_SOURCES
 from .selection import Data
 
@@ -33,7 +33,10 @@ __all__ = [
     "demo_epochs",
     "gene_frames",
     "heatmap_frame",
+    "generators_table",
     "heatmap_title",
+    "SUPPORT_MARKER",
+    "support_legend",
     "is_demo",
     "loss_table",
     "missing_genes_frame",
@@ -113,14 +116,24 @@ def demo_epochs(raw) -> int | None:
 # ----------------------------------------------------------------------------- frames
 
 
+SUPPORT_MARKER = " °"  # after a heatmap gene below full support
+
+
+def support_legend(k: int) -> str:
+    """The heatmap's legend of :data:`SUPPORT_MARKER`."""
+    return f"°: not in every generator's own top {k}: may change on a rerun"
+
+
 def heatmap_frame(pert, target_mean, *, n_genes: int) -> pd.DataFrame:
     """:func:`tspg.charts.heatmap_frame` of a perturbation: one sample, or the mean x, P and
     x_adv over a selection's source samples (:meth:`~tspg.perturbation.Perturbation.source_rows`,
     the samples :func:`top_genes_table` ranks); the target mean column empty (NaN) when
-    ``target_mean`` is None."""
-    src = pert.subset(pert.source_rows())
+    ``target_mean`` is None. For a seed ensemble whose members' P is known, the genes below
+    full support (not in every member's own top ``n_genes``) carry :data:`SUPPORT_MARKER`."""
+    rows = pert.source_rows()
+    src = pert.subset(rows)
     tm = np.full(len(src.genes), np.nan) if target_mean is None else target_mean
-    return _heatmap_frame(
+    frame = _heatmap_frame(
         src.genes,
         src.x.mean(0, dtype=np.float64),
         src.P.mean(0, dtype=np.float64),
@@ -128,12 +141,27 @@ def heatmap_frame(pert, target_mean, *, n_genes: int) -> pd.DataFrame:
         tm,
         n_genes=n_genes,
     )
+    if src.P_members is not None:
+        support = member_support(src.P_members, k=n_genes)
+        pos = {g: i for i, g in enumerate(src.genes)}
+        full = len(src.P_members)
+        partial = [
+            support[d][pos[g]] < full
+            for g, d in zip(frame["gene"], frame["direction"], strict=True)
+        ]
+        frame.loc[partial, "gene"] = frame.loc[partial, "gene"] + SUPPORT_MARKER
+    return frame
 
 
 def top_genes_table(pert, *, k: int) -> pd.DataFrame:
     """The top ``k`` genes per direction of a perturbation's source samples, by
-    :func:`tspg.ranking.rank_genes` (the heatmap's and the enrichment's lists)."""
-    return rank_genes(pert.P[pert.source_rows()], pert.genes, k=k)
+    :func:`tspg.ranking.rank_genes` (the heatmap's and the enrichment's lists); for a seed
+    ensemble whose members' P is known, ``support`` reads "2/3" (in how many members' own
+    top ``k`` the gene is)."""
+    df = pert.ranking(k=k)
+    if "support" in df:
+        df["support"] = support_text(df["support"], df["n_members"])
+    return df
 
 
 def heatmap_title(pert, *, target: str) -> tuple[str, str]:
@@ -229,6 +257,26 @@ LOSSES = {
     ),
     "d_loss": ("", "the discriminator's own loss (real samples -> 1, x_adv -> 0)"),
 }
+
+
+def generators_table(manifest: dict) -> pd.DataFrame:
+    """One row per generator of a bundle (member 0 first): its seed, weight file, held-out
+    perturbation accuracy (source samples) and training seconds, where stored."""
+    from ..bundle import member_files
+
+    rows = []
+    for i, m in enumerate(member_files(manifest)):
+        metrics = m.get("metrics") or (manifest.get("metrics", {}) if i == 0 else {})
+        rows.append(
+            {
+                "generator": i,
+                "seed": int(m["seed"]),
+                "file": m["file"],
+                "perturbation accuracy": metrics.get("perturbation_accuracy_non_target"),
+                "seconds": metrics.get("train_seconds_generator"),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def loss_table(history: dict, config: dict) -> pd.DataFrame:
