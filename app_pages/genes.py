@@ -41,6 +41,9 @@ GENE_COLUMNS = {
     "in own top k": st.column_config.NumberColumn(
         help="samples of the class with the gene among their own top k"
     ),
+    "support": st.column_config.TextColumn(
+        help="in how many of the ensemble's generators' own top k (over this class's samples) the gene is"
+    ),
     "DE score": st.column_config.NumberColumn(
         format="%.2f", help="Wilcoxon score, target vs this class (training split)"
     ),

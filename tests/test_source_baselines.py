@@ -248,3 +248,41 @@ def test_evaluate_by_source_json_text_and_a_too_small_source(quick_bundle, tmp_p
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "by source class" in out and "alpha: TSPG's top 5 genes" not in out
+
+
+def test_a_seed_ensemble_carries_its_support(planted):
+    from tspg.ranking import member_support
+
+    X, y, genes, _ = planted
+    base = baselines_of(X, y, genes, TARGET, max_per_class=40)
+    assert max(base.n_train.values()) == 40  # the per-class bound
+    rng = np.random.default_rng(1)
+    ms = np.stack(
+        [np.clip(x + base.shifts.loc[c].to_numpy(), 0, 1) - x for x, c in zip(X, y, strict=True)]
+    )
+    members = np.stack([ms + rng.normal(0, 0.05, ms.shape) for _ in range(3)]).astype(np.float32)
+    keep = y != TARGET
+    cmp = source_comparison(
+        members.mean(0)[keep],
+        X[keep],
+        y[keep],
+        genes,
+        base,
+        target=TARGET,
+        k=10,
+        members=members[:, keep],
+    )
+    rows = y[keep] == "type-01"
+    support = member_support(members[:, keep][:, rows], k=10)
+    _, tspg, only_b = cmp.source("type-01")
+    for d in ("up", "down"):
+        mine = tspg[tspg["direction"] == d]
+        expected = [int(support[d][genes.index(g)]) for g in mine["gene"]]
+        assert mine["support"].tolist() == expected and set(mine["n_members"]) == {3}
+    assert only_b["support"].isna().all()  # only TSPG's own genes carry it
+    shown = gene_table(tspg)["support"]
+    assert shown.str.fullmatch(r"[0-3]/3").all() and (shown == "3/3").any()
+    with pytest.raises(ValueError, match="members have shape"):
+        source_comparison(
+            members.mean(0)[keep], X[keep], y[keep], genes, base, target=TARGET, members=members
+        )

@@ -527,6 +527,8 @@ GENE_COLUMNS = [
     "tspg_rank",
     "mean_P",
     "n_top",
+    "support",
+    "n_members",
     "de_score",
     "de_rank",
     "ms_change",
@@ -630,6 +632,7 @@ def source_comparison(
     target: str,
     k: int = 20,
     pred_after: Sequence[str] | None = None,
+    members: np.ndarray | None = None,
     min_samples: int = SOURCE_MIN_SAMPLES,
 ) -> SourceComparison:
     """TSPG's genes of each source class beside differential expression of the target
@@ -667,6 +670,10 @@ def source_comparison(
     pred_after
         The target model's call of each perturbed sample, for the per-source perturbation
         accuracy (NaN without it).
+    members
+        For a seed ensemble: the members' P over the same samples (N x samples x genes);
+        TSPG's genes then carry ``support`` (in how many members' own top ``k`` of the
+        class they are, :func:`tspg.ranking.member_support`) and ``n_members``.
     min_samples
         Sources with fewer samples get status ``too few samples`` and no figures.
 
@@ -691,6 +698,8 @@ def source_comparison(
     if len(labels) != len(P):
         raise ValueError(f"{len(labels)} labels for {len(P)} samples")
     pred = None if pred_after is None else np.asarray(pred_after, dtype=object).astype(str)
+    if members is not None and (np.ndim(members) != 3 or np.shape(members)[1:] != P.shape):
+        raise ValueError(f"members have shape {np.shape(members)}, expected N x {P.shape}")
     k = min(int(k), len(names))
     far = far_rank(k)
     index = {g: i for i, g in enumerate(names)}
@@ -725,20 +734,18 @@ def source_comparison(
             "ms": _full_orders(P_ms, names),
             "de": de_ranked(de),
         }
-        top = rank_genes(Ps, names, k=k)  # the selection's lists, with each gene's n_top
+        m_s = None if members is None else np.asarray(members)[:, rows]
+        top = rank_genes(Ps, names, k=k, members=m_s)  # the lists, each gene's n_top, support
         mean_P, ms_change = Ps.mean(0), P_ms.mean(0)
         x_adv_mean = (Xs + Ps).mean(0)
         against = mean_P * shift < 0
         beyond = np.abs(x_adv_mean - mu_t) > sd_t + 1e-9
         for d in ("up", "down"):
             r = {m: _rank_of(order[m][d], index) for m in order}
-            n_top = dict(
-                zip(
-                    top.loc[top["direction"] == d, "gene"],
-                    top.loc[top["direction"] == d, "n_top"],
-                    strict=True,
-                )
-            )
+            in_d = top[top["direction"] == d].set_index("gene")
+            n_top = in_d["n_top"].to_dict()
+            support = in_d["support"].to_dict() if "support" in in_d else {}
+            n_members = len(m_s) if m_s is not None else None
             t_top = [index[g] for g in order["tspg"][d][:k]]
             only_t = [g for g in t_top if r["de"][g] > far and r["ms"][g] > far]
             only_b = [
@@ -765,6 +772,8 @@ def source_comparison(
                         "tspg_rank": r["tspg"][idx],
                         "mean_P": mean_P[idx],
                         "n_top": [n_top.get(names[i]) for i in idx],
+                        "support": [support.get(names[i]) for i in idx],
+                        "n_members": [n_members if names[i] in support else None for i in idx],
                         "de_score": score[idx],
                         "de_rank": r["de"][idx],
                         "ms_change": ms_change[idx],
@@ -847,6 +856,7 @@ GENE_TABLE_HEADERS = {
     "tspg_rank": "TSPG rank",
     "mean_P": "mean P",
     "n_top": "in own top k",
+    "support": "support",
     "de_score": "DE score",
     "de_rank": "DE rank",
     "ms_change": "MS change",
@@ -860,9 +870,17 @@ GENE_TABLE_HEADERS = {
 
 def gene_table(genes: pd.DataFrame | Sequence[Mapping]) -> pd.DataFrame:
     """Per-gene records of one source (:meth:`SourceComparison.source`) for reading: the
-    columns of :data:`GENE_TABLE_HEADERS`, under those names."""
+    columns of :data:`GENE_TABLE_HEADERS`, under those names; ``support`` as ``"2/3"`` (the
+    column is left out for one generator)."""
     df = pd.DataFrame(list(genes) if not isinstance(genes, pd.DataFrame) else genes)
     if df.empty:
         return pd.DataFrame(columns=list(GENE_TABLE_HEADERS.values()))
     out = df[list(GENE_TABLE_HEADERS)].astype({"n_top": "Int64"})
+    known = out["support"].notna() & df["n_members"].notna()
+    out["support"] = [
+        f"{int(s)}/{int(n)}" if ok else ""
+        for s, n, ok in zip(out["support"], df["n_members"], known, strict=True)
+    ]
+    if not known.any():  # one generator: no support to show
+        out = out.drop(columns="support")
     return out.rename(columns=GENE_TABLE_HEADERS).reset_index(drop=True)

@@ -669,6 +669,7 @@ def _evaluate_arrays(bundle, held: HeldOut, base, Xtr, ytr, *, k, ks, seed) -> d
         target=target,
         k=k,
         pred_after=pert.pred_after[non],
+        members=pert.members_of(non),
     )
 
     return {

@@ -207,7 +207,15 @@ def sources_of(src, baselines, *, k: int) -> SourceComparison:
         raise UserError("the per-source baselines need the samples' classes")
     pred = src.pred_after if src.predicted else None
     return source_comparison(
-        src.P, src.x, src.labels, src.genes, baselines, target=src.target, k=k, pred_after=pred
+        src.P,
+        src.x,
+        src.labels,
+        src.genes,
+        baselines,
+        target=src.target,
+        k=k,
+        pred_after=pred,
+        members=src.P_members,
     )
 
 
