@@ -1,10 +1,12 @@
-"""Genes: which genes the generator moves, how consistently, against two baselines; one gene up close."""
+"""Genes: which genes the generator moves, how consistently, against two baselines (over all
+source classes, or per source class); one gene up close."""
 
 from __future__ import annotations
 
 import logging
 import shlex
 
+import pandas as pd
 import streamlit as st
 
 from tspg import charts
@@ -12,11 +14,46 @@ from tspg.app import loaders as L
 from tspg.app import render as R
 from tspg.app import state as S
 from tspg.app.selection import picked_map_classes
-from tspg.app.views import command, data_arg, gene_frames, models_arg
-from tspg.baselines import selection_overlap
+from tspg.app.views import (
+    command,
+    data_arg,
+    gene_frames,
+    models_arg,
+    source_choices,
+    source_view,
+    sources_of,
+)
+from tspg.baselines import selection_overlap, source_table
 from tspg.errors import UserError
 from tspg.perturbation import consensus, consensus_top, unique_top_genes
 from tspg.ranking import support_text
+
+SOURCE_CAPTION = (
+    "Per source class, over the selection's samples of that class: TSPG's top {k} genes by mean P "
+    "beside DE (Wilcoxon, the target against that class alone) and MS (the class's mean shift, "
+    "ranked by the change it makes), both fit on the training split. TSPG only: top {k} in TSPG, "
+    "beyond rank {far} in DE and MS; baselines only: top {k} in both, beyond rank {far} in TSPG; "
+    "against source: mean P of the opposite sign to the class's mean shift; beyond target: mean "
+    "x_adv more than one target sd from the target mean. A class needs 2 samples."
+)
+GENE_COLUMNS = {
+    "mean P": st.column_config.NumberColumn(format="%.3f", help="mean P over the class's samples"),
+    "in own top k": st.column_config.NumberColumn(
+        help="samples of the class with the gene among their own top k"
+    ),
+    "support": st.column_config.TextColumn(
+        help="in how many of the ensemble's generators' own top k (over this class's samples) the gene is"
+    ),
+    "DE score": st.column_config.NumberColumn(
+        format="%.2f", help="Wilcoxon score, target vs this class (training split)"
+    ),
+    "MS change": st.column_config.NumberColumn(
+        format="%.3f", help="mean clip(x + mu_target - mu_class, 0, 1) - x over the same samples"
+    ),
+    "x_adv mean": st.column_config.NumberColumn(format="%.3f"),
+    "target mean": st.column_config.NumberColumn(format="%.3f"),
+    "target sd": st.column_config.NumberColumn(format="%.3f"),
+}
 
 bundle, data = R.page_start("Genes")
 sel, pert = R.page_perturbation(bundle, data)
@@ -81,6 +118,23 @@ else:
 
 st.subheader("TSPG vs mean shift vs differential expression")
 ks = tuple(sorted({10, k, 50}))
+choices = source_choices(src.labels, bundle.target)
+if st.session_state.get(S.GENES_SOURCE) not in choices:
+    S.note_dropped(
+        S.GENES_SOURCE, [st.session_state.get(S.GENES_SOURCE)], "source class not in the selection"
+    )
+    st.session_state[S.GENES_SOURCE] = S.ALL_SOURCES
+n_of = pd.Series(src.labels).value_counts().to_dict() if src.labels is not None else {}
+st.columns([1, 2])[0].selectbox(
+    "Source class",
+    choices,
+    key=S.GENES_SOURCE,
+    format_func=lambda c: c if c == S.ALL_SOURCES else f"{c} ({n_of.get(c, 0)} samples)",
+    help="All sources: TSPG's genes over the whole selection against the target-vs-rest baselines. "
+    "One class: TSPG's genes of that class's samples against differential expression of the target "
+    "against that class alone and that class's mean shift.",
+)
+source = st.session_state[S.GENES_SOURCE]
 base = None
 try:
     base = L.baselines(bundle, data)
@@ -91,7 +145,11 @@ except Exception as err:  # a bug: a message, and the rest of the page still wor
     st.error(
         f"Fitting the baselines failed: an internal error in tspg ({type(err).__name__}: {err})"
     )
-if base is not None:
+comparison = None
+if base is not None and src.labels is not None:
+    with R.guard("Comparing per source class failed"):
+        comparison = sources_of(src, base, k=k)
+if base is not None and source == S.ALL_SOURCES:
     with R.guard("Comparing with the baselines failed"):
         overlap = selection_overlap(src.P, src.x, src.labels, src.genes, base, ks=ks)
         overlap["baseline"] = overlap["baseline"].str.replace("_", " ")
@@ -123,6 +181,59 @@ if base is not None:
         "makes), and the top-k of a "
         "Wilcoxon test of the target class against the rest. Both baselines are fit on the training split."
     )
+if comparison is not None and source == S.ALL_SOURCES:
+    st.markdown("**Per source class**")
+    R.show_table(
+        source_table(comparison.sources),
+        f"sources-{bundle.name}",
+        key="sources_table",
+        index=False,
+        hide_index=True,
+        width="stretch",
+    )
+    st.caption(SOURCE_CAPTION.format(k=k, far=comparison.far))
+elif comparison is not None:
+    view = source_view(comparison, source)
+    R.show_table(
+        view["summary"],
+        f"source-{bundle.name}-{source}",
+        key="source_summary",
+        index=False,
+        hide_index=True,
+        width="stretch",
+    )
+    st.caption(SOURCE_CAPTION.format(k=k, far=comparison.far))
+    if view["note"]:
+        hint = "; pick more of its samples on the Perturb page" if view["row"]["n"] < 2 else ""
+        st.info(f"{source}: {view['note']}{hint}.")
+    else:
+        st.markdown(f"**TSPG's genes for {source}**")
+        R.show_table(
+            view["tspg"],
+            f"tspg-genes-{bundle.name}-{source}",
+            key="source_tspg_table",
+            index=False,
+            hide_index=True,
+            width="stretch",
+            column_config=GENE_COLUMNS,
+        )
+        st.markdown(f"**Genes the baselines rank high for {source} and TSPG does not**")
+        if len(view["baselines"]):
+            R.show_table(
+                view["baselines"],
+                f"baseline-genes-{bundle.name}-{source}",
+                key="source_baseline_table",
+                index=False,
+                hide_index=True,
+                width="stretch",
+                column_config=GENE_COLUMNS,
+            )
+        else:
+            st.caption(
+                f"None: every gene in the top {k} of both baselines is within TSPG's top {comparison.far}."
+            )
+elif src.labels is None:
+    st.info("The per-source comparison needs the samples' classes.")
 
 # ----------------------------------------------------------------------------- one gene
 
@@ -169,6 +280,7 @@ R.reproduce(
         "k": k,
         "ks": list(ks),
         "gene": gene,
+        "source": source,
     },
     "# the same comparisons over the bundle's whole held-out split\n"
     + command(
@@ -176,11 +288,15 @@ R.reproduce(
         shlex.quote(bundle.name),
         data_arg(bundle, data, optional=True),
         f"--k {k}",
+        "--genes",
         models_arg(L.models_root()),
     ),
     python=(
+        "from tspg.baselines import fit_baselines, source_comparison\n"
         "from tspg.perturbation import consensus, unique_top_genes\n"
         f"freq = consensus(P, genes, k={k})\n"
-        f"uniq = unique_top_genes(P, labels, genes, k={k}, exclude={bundle.target!r})"
+        f"uniq = unique_top_genes(P, labels, genes, k={k}, exclude={bundle.target!r})\n"
+        "base = fit_baselines(adata, bundle)\n"
+        f"by_source = source_comparison(P, X, labels, genes, base, target={bundle.target!r}, k={k})"
     ),
 )

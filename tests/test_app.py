@@ -292,6 +292,52 @@ def test_map_genes_and_enrichment_pages(models, monkeypatch, tmp_path):
     overlap = tables(at)[1].value
     assert set(overlap["baseline"]) == {"differential expression", "mean shift"}
     assert set(overlap["k"]) == {10, 20, 50}
+    # by source class: "all sources" lists each class; one class shows its two tables
+    picker = at.selectbox(key="genes_source")
+    assert picker.value == "all sources" and picker.options[0] == "all sources"
+    assert [o.split(" (")[0] for o in picker.options[1:]] == ["CD19+ B", "CD56+ NK"]
+    per_source = tables(at)[2].value
+    assert per_source["source"].tolist() == ["CD19+ B", "CD56+ NK"]
+    assert set(per_source["status"]) == {"ok"}
+    picker.set_value("CD56+ NK")
+    ok(at.run())
+    assert at.query_params["source"] == "CD56+ NK"  # kept in the URL like the other views
+    summary, tspg_genes, only_base = (t.value for t in tables(at)[1:4])
+    assert summary["source"].tolist() == ["CD56+ NK"]
+    assert {"TSPG∩DE up/down", "TSPG only up/down", "baselines only up/down"} <= set(summary)
+    assert {"gene", "mean P", "DE score", "DE rank", "MS change", "MS rank", "flags"} <= set(
+        tspg_genes
+    )
+    # TSPG's genes of the NK samples of the selection: the one ranking over those samples
+    from tspg.baselines import split_arrays
+    from tspg.perturbation import perturb_scaled
+    from tspg.ranking import rank_genes
+
+    Xte, yte, ids = split_arrays(demo(), bundle, part="test")
+    nk = yte == "CD56+ NK"
+    ranked = rank_genes(perturb_scaled(Xte[nk], bundle, predict=False).P, bundle.genes, k=20)
+    for d in ("up", "down"):
+        shown = tspg_genes.loc[tspg_genes["direction"] == d, "gene"].tolist()
+        assert shown == ranked.loc[ranked["direction"] == d, "gene"].tolist()
+    assert (only_base["TSPG rank"] > 50).all() and (only_base["DE rank"] <= 20).all()
+    assert any(b.label == "CSV" for b in at.get("download_button"))
+    # a class of the selection with one sample: flagged, no gene tables
+    at.session_state["sel_mode"] = "id"
+    one_nk = [i for i, y in zip(ids, yte, strict=True) if y == "CD56+ NK"][:1]
+    at.session_state["sel_ids"] = [
+        *one_nk,
+        *[i for i, y in zip(ids, yte, strict=True) if y == "CD19+ B"][:3],
+    ]
+    ok(at.run())
+    assert at.selectbox(key="genes_source").value == "CD56+ NK"
+    assert "too few samples (1 < 2)" in texts(at.info)
+    assert len(tables(at)) == 2  # frequency and the summary row, without figures
+    row = tables(at)[1].value.iloc[0]
+    assert row["source"] == "CD56+ NK" and row["n"] == 1 and row["TSPG∩DE up/down"] == ""
+    at.session_state["sel_mode"] = "class"
+    ok(at.run())
+    at.selectbox(key="genes_source").set_value("all sources")
+    ok(at.run())
     at.selectbox(key="gene").set_value("LYZ")
     ok(at.run())
     gene_map, dist = (chart_data(c) for c in charts(at)[1:3])

@@ -331,7 +331,7 @@ def test_realism_is_the_median_over_members(ensemble_dir):
     figures of an ensemble are the median over its generators' own x_adv, the mean's kept
     apart as "ensemble_mean", and evaluate's spread and discriminator follow."""
     from tspg.baselines import split_arrays
-    from tspg.metrics import energy_distance, evaluate, heldout_arrays, target_share
+    from tspg.metrics import energy_distance, evaluate, heldout_arrays
 
     b = load_bundle(ensemble_dir)
     adata = make_tiny_adata()

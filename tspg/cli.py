@@ -599,9 +599,19 @@ def _add_evaluate_parser(command, parents) -> None:
         description="Evaluate a bundle on the held-out split of its own dataset: perturbation accuracy (overall, "
         "non-target, per source class), independent classifiers, energy distance and spread against real target "
         "samples, discriminator scores, next to the mean-shift baseline; consensus top genes and their overlap "
-        "with differential expression. DATA may be omitted for the demo.",
+        "with differential expression (target vs rest); and per source class, TSPG's genes beside differential "
+        "expression of the target against that class alone and that class's mean shift. DATA may be omitted "
+        "for the demo.",
     )
-    ev.add_argument("--json", help="also write every metric to this JSON file")
+    ev.add_argument(
+        "--json",
+        help="also write every metric to this JSON file (with the per-source gene records)",
+    )
+    ev.add_argument(
+        "--genes",
+        action="store_true",
+        help="also print, per source class, TSPG's top genes and the genes only the baselines rank high",
+    )
     ev.add_argument("--seed", type=_seed, default=0, help="seed of the one-sample-per-class choice")
 
 
@@ -896,6 +906,7 @@ def _evaluate(args, parser) -> int:
         )
     result = evaluate(adata, bundle, label_key=key, k=args.k, seed=args.seed)
     _print_evaluation(result)
+    _print_by_source(result["by_source"], genes=args.genes)
     print()
     _print_verdict(result["verdict"], figures=True)
     if args.json:
@@ -936,6 +947,47 @@ def _print_evaluation(result: dict) -> None:
         f"\nconsensus top-{tg['k']} up genes (held-out non-target samples): {', '.join(tg['consensus_up'])}"
     )
     print(f"consensus top-{tg['k']} down genes: {', '.join(tg['consensus_down'])}")
+
+
+def _print_by_source(by_source: dict, *, genes: bool) -> None:
+    import pandas as pd
+
+    from .baselines import gene_table, source_table
+
+    k, far = by_source["k"], by_source["far"]
+    print(
+        f"\nby source class (held-out samples of each class; top {k} per direction): TSPG's genes of the class "
+        f"(by mean P) against DE (Wilcoxon, target vs that class alone) and MS (the class's mean shift, by the "
+        f"change it makes), both fit on the training split. TSPG only: top {k} in TSPG, beyond rank {far} in DE "
+        f"and MS; baselines only: top {k} in DE and MS, beyond rank {far} in TSPG; against source: TSPG's "
+        f"genes whose mean P has the opposite sign of the class's mean shift; beyond target: whose mean x_adv "
+        f"is more than one target sd from the target mean; accuracy: perturbation accuracy"
+    )
+    table = source_table(by_source["sources"])
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if not genes:
+        print("(the genes of each list: --genes, or --json)")
+        return
+    records = pd.DataFrame(by_source["genes"])
+    for s in table["source"]:
+        for which, title in (
+            ("tspg", f"TSPG's top {k} genes"),
+            ("baselines", "genes the baselines rank high and TSPG does not"),
+        ):
+            rows = (
+                records[(records["source"] == s) & (records["list"] == which)]
+                if len(records)
+                else records
+            )
+            if len(rows):
+                print(f"\n{s}: {title}")
+                with pd.option_context("display.width", 250, "display.max_columns", None):
+                    print(
+                        gene_table(rows).to_string(
+                            index=False, float_format=lambda v: f"{v:.3f}", na_rep=""
+                        )
+                    )
 
 
 def _enrich(args, parser) -> int:

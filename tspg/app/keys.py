@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ALL_SOURCES",
     "BUNDLE",
     "DATA",
     "DATA_CHOICES",
@@ -18,6 +19,7 @@ __all__ = [
     "ENR_THRESHOLD",
     "ENR_WHAT",
     "GENE",
+    "GENES_SOURCE",
     "HEAT_SAMPLE",
     "HEAT_VIEW",
     "MAP_AUTO",
@@ -67,6 +69,8 @@ MAP_SEED = "map_seed"
 MAP_MOVES = "map_moves"  # draw each selected sample's move (before -> after) on the map
 MAP_JOINT = "map_joint_for"  # (map key, samples) the joint map was asked for
 GENE = "gene"
+GENES_SOURCE = "genes_source"  # the Genes page's source class (or ALL_SOURCES)
+ALL_SOURCES = "all sources"  # the Genes page's view over every source class of the selection
 ENR_WHAT = "enr_what"  # "consensus" or a sample id
 ENR_DIRECTION = "enr_direction"
 ENR_LIBRARIES = "enr_libraries"
@@ -103,6 +107,7 @@ PERSIST = (
     SWEEP_COLOR,
     SWEEP_TARGET,
     GENE,
+    GENES_SOURCE,
     ENR_WHAT,
     ENR_DIRECTION,
     ENR_LIBRARIES,
@@ -122,6 +127,7 @@ DEFAULTS = {
     MAP_SEED: 0,
     MAP_MOVES: True,
     SWEEP_COLOR: "accuracy",
+    GENES_SOURCE: ALL_SOURCES,
     ENR_WHAT: "consensus",
     ENR_DIRECTION: "both",
     ENR_BACKEND: "auto",

@@ -50,6 +50,7 @@ PARAMS: tuple[Param, ...] = (
     Param("map_seed", K.MAP_SEED, "int", "map seed"),
     Param("moves", K.MAP_MOVES, "bool", "the map's before-after lines"),
     Param("gene", K.GENE, "text", "gene"),
+    Param("source", K.GENES_SOURCE, "text", "the Genes page's source class"),
     Param("genes_of", K.ENR_WHAT, "text", "genes to enrich"),
     Param("direction", K.ENR_DIRECTION, "word", "direction", choices=("both", "up", "down")),
     Param("backend", K.ENR_BACKEND, "word", "backend", choices=("auto", "offline", "enrichr")),

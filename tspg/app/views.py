@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,11 @@ from ..datasets import DEMO_NAME
 from ..embedding import map_frame
 from ..errors import UserError
 from ..ranking import RANKED_BY, member_support, support_text
+from .keys import ALL_SOURCES
 from .selection import Data
+
+if TYPE_CHECKING:
+    from ..baselines import SourceComparison
 
 __all__ = [
     "bundle_label",
@@ -39,6 +44,9 @@ __all__ = [
     "open_bundle_from_pick",
     "own_dataset_hint",
     "scaler_key",
+    "source_choices",
+    "source_view",
+    "sources_of",
     "sweep_table",
     "target_label",
     "top_genes_table",
@@ -188,6 +196,53 @@ def gene_frames(ref, coords, pert, Xs, rows, labels, gene: str) -> dict[str, pd.
     frame["value"] = np.concatenate([Xs[rows, j], pert.x_adv[:, j]])
     dist = gene_distribution_frame(labels, Xs[:, j], pert.labels, pert.x_adv[:, j])
     return {"map": frame, "distribution": dist}
+
+
+def sources_of(src, baselines, *, k: int) -> SourceComparison:
+    """:func:`tspg.baselines.source_comparison` of a selection's source samples ``src`` (a
+    :class:`~tspg.perturbation.Perturbation` with labels) against the bundle's baselines."""
+    from ..baselines import source_comparison
+
+    if src.labels is None:
+        raise UserError("the per-source baselines need the samples' classes")
+    pred = src.pred_after if src.predicted else None
+    return source_comparison(
+        src.P,
+        src.x,
+        src.labels,
+        src.genes,
+        baselines,
+        target=src.target,
+        k=k,
+        pred_after=pred,
+        members=src.P_members,
+    )
+
+
+def source_choices(labels, target: str) -> list[str]:
+    """The Genes page's source picker: "all sources", then each source class of the selection."""
+    if labels is None:
+        return [ALL_SOURCES]
+    classes = sorted(set(np.asarray(labels).astype(str).tolist()) - {target})
+    return [ALL_SOURCES, *classes]
+
+
+def source_view(comparison: SourceComparison, source: str) -> dict:
+    """What the Genes page shows for one source class: ``row`` (its summary record),
+    ``summary`` (that row as :func:`tspg.baselines.source_table`), ``tspg`` (TSPG's top k
+    genes of the class) and ``baselines`` (the genes both baselines rank high and TSPG does
+    not), both as :func:`tspg.baselines.gene_table`; ``note`` says why a class has no tables
+    (too few samples, no baseline), else None."""
+    from ..baselines import gene_table, source_table
+
+    row, tspg, base = comparison.source(source)
+    return {
+        "row": row,
+        "summary": source_table([row]),
+        "tspg": gene_table(tspg),
+        "baselines": gene_table(base),
+        "note": None if row["status"] == "ok" else row["status"],
+    }
 
 
 # what each loss of a bundle's history measures (the Models page's table)
