@@ -240,14 +240,14 @@ def own_client():
 def test_a_worker_killed_in_a_task_leaves_no_half_bundle(gem, own_client, tmp_path):
     client = own_client
     out, marker = tmp_path / "killed", tmp_path / "killed.marker"
-    slow = replace(CONFIG, epochs=40)
+    slow = replace(CONFIG, epochs=200)  # still running when the kill comes, on a fast machine too
     gone = subprocess.Popen(["true"])  # a process id that no longer runs
     gone.wait()
     # what a save killed in an earlier run left half written (its writer's pid and host)
     stale = out / f".syn-set-a-class-01.tmp-{gone.pid}-{_HOST}-abcd1234"
     stale.mkdir(parents=True)
     (stale / "generator.safetensors").write_bytes(b"half")
-    client.register_plugin(KillOnce(str(marker), 0.3), name="kill-once")
+    client.register_plugin(KillOnce(str(marker), 0.1), name="kill-once")
     table = run(gem, out, client, config=slow, gene_sets=gene_sets(gem)[:1])
     key, state = marker.read_text().split()
     assert key.startswith("tspg-generator-syn-set-a-") and state == "executing"
