@@ -357,3 +357,22 @@ def test_realism_is_the_median_over_members(ensemble_dir):
     assert set(result["discriminator"]) >= {"perturbed", "ensemble_mean"}
     label = result["verdict"]["checks"]["realism"]["figures"]["perturbed"]["label"]
     assert "median of the 3 generators'" in label
+
+
+def test_realism_over_members_beyond_the_memory_cap(ensemble_dir, monkeypatch):
+    """Where the perturbation keeps no members' P (data beyond its memory cap), the realism
+    figures are still the members' median, not silently the ensemble mean's."""
+    import tspg.perturbation as tp
+    from tspg.baselines import split_arrays
+    from tspg.metrics import heldout_arrays
+
+    b = load_bundle(ensemble_dir)
+    adata = make_tiny_adata()
+    Xtr, ytr, _ = split_arrays(adata, b, part="train")
+    Xte, yte, _ = split_arrays(adata, b, part="test")
+    kept = heldout_arrays(b, Xtr, ytr, Xte, yte).figures
+    monkeypatch.setattr(tp, "MEMBER_BYTES", 0)
+    held = heldout_arrays(b, Xtr, ytr, Xte, yte)
+    assert held.perturbation.P_members is None and len(held.members) == 3
+    assert held.figures["energy_distance"] == pytest.approx(kept["energy_distance"])
+    assert held.figures["independent_classifiers"] == kept["independent_classifiers"]

@@ -41,6 +41,7 @@ from .perturbation import (
     Perturbation,
     consensus_top,
     discriminate,
+    ensemble_perturbed,
     perturb_scaled,
     unique_top_genes,
 )
@@ -474,17 +475,23 @@ def heldout_arrays(
         ),
         "energy_distance": {s: energy_distance(X, real_t) for s, X in sets.items()},
     }
-    members = _member_x_adv(pert, Xte, s_idx)
+    members = _member_x_adv(bundle, pert, Xte, s_idx)
     if members:
         _realism_over_members(figures, members, classifiers, real_t, target)
     return HeldOut(pert, Xte, yte, shifts, sets, real_t, _plain(figures), members)
 
 
-def _member_x_adv(pert: Perturbation, Xte: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
-    """Each generator's own x_adv = x + P_i of a seed ensemble's ``rows`` (none for one)."""
+def _member_x_adv(
+    bundle: Bundle, pert: Perturbation, Xte: np.ndarray, rows: np.ndarray
+) -> list[np.ndarray]:
+    """Each generator's own x_adv = x + P_i of a seed ensemble's ``rows`` (none for one):
+    from the members' P the perturbation kept, else (data beyond its memory cap) by running
+    the members on these rows only."""
+    if bundle.n_generators == 1:
+        return []
     P_members = pert.members_of(rows)
     if P_members is None:
-        return []
+        _, _, P_members = ensemble_perturbed(bundle, Xte[rows])
     return [np.clip(Xte[rows] + P_i, 0.0, 1.0) for P_i in P_members]
 
 
