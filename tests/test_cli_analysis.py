@@ -340,3 +340,25 @@ def test_perturb_new_data_with_other_gene_names(quick_bundle, tmp_path, capsys):
         res.layers["tspg_x"][:, j], quick_bundle.manifest["training_mean"][j], atol=1e-6
     )
     assert res.var["tspg_data_name"].iloc[j] == ""
+
+
+def test_map_and_enrich_print_the_selections_verdict(
+    quick_bundle, tiny_h5ad, tmp_path, capsys, monkeypatch
+):
+    """Every command that shows a result on perturbed samples shows their verdict too: the
+    level of tspg.verdict.selection_verdict on those samples, as tspg perturb prints it."""
+    from tspg.verdict import selection_verdict
+
+    monkeypatch.setenv("TSPG_CACHE_DIR", str(tmp_path / "cache"))
+    adata = make_tiny_adata()
+    held_out = adata[quick_bundle.split["test"]]
+    sources = held_out[held_out.obs["cell_type"].astype(str) != "beta"]
+    level = selection_verdict(quick_bundle, perturb_adata(sources, quick_bundle))["level"]
+    want = f"verdict: {level.upper()} (the worst of"
+    assert main(["map", str(quick_bundle.path), str(tiny_h5ad), "-o", str(tmp_path / "m.csv")]) == 0
+    assert want in capsys.readouterr().out
+    gmt = tmp_path / "blocks.gmt"
+    gmt.write_text("beta_block\tna\t" + "\t".join(f"G{j:02d}" for j in range(5, 10)) + "\n")
+    argv = ["enrich", str(quick_bundle.path), str(tiny_h5ad), "--offline", "--gmt", str(gmt)]
+    assert main([*argv, "-o", str(tmp_path / "e.csv")]) == 0
+    assert want in capsys.readouterr().out

@@ -880,6 +880,14 @@ def _print_accuracy(bundle, pred_after, labels, match: dict) -> None:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
+def _print_selection_verdict(bundle, result) -> None:
+    """The verdict on the samples a command perturbed (the bundle's checks and the
+    selection's), its level and every check that is not ok, as ``tspg perturb`` prints it."""
+    from .verdict import selection_verdict
+
+    _print_verdict(selection_verdict(bundle, result), only=("fail", "caution"))
+
+
 def _write_verdict_json(bundle, result, path: Path) -> dict:
     """The selection's verdict (tspg.verdict.selection_verdict), written as JSON; returned."""
     import json
@@ -1028,6 +1036,7 @@ def _enrich(args, parser) -> int:
     with user_file(args.output):
         table.to_csv(args.output, index=False)
     _print_enrichment(table, args.output, args.threshold)
+    _print_selection_verdict(bundle, result)
     return 0
 
 
@@ -1071,6 +1080,7 @@ def _map(args, parser) -> int:
         f"placed, {n_target} now predicted {bundle.target!r}"
     )
     print(f"wrote {args.output}: {len(result.frame)} rows (x, y, sample, class, predicted, kind)")
+    _print_selection_verdict(bundle, pert)
     return 0
 
 
