@@ -132,3 +132,21 @@ def quick_bundle(tmp_path_factory):
     )
     save_bundle(b, tmp_path_factory.mktemp("quick_models"))
     return b
+
+
+@pytest.fixture(scope="session")
+def shuffled_bundle():
+    """A bundle whose target model was trained on shuffled labels (its verdict fails), and
+    its data; trained once for every test module that needs it."""
+    adata = make_tiny_adata(n_per_class=40)
+    rng = np.random.default_rng(0)
+    adata.obs["cell_type"] = adata.obs["cell_type"].to_numpy()[rng.permutation(adata.n_obs)]
+    bundle = train(
+        adata,
+        label_key="cell_type",
+        target="beta",
+        config=TrainConfig.for_recipe("tspg+", epochs=5, target_epochs=30, **SMALL_NETS),
+        device="cpu",
+        dataset="shuffled",
+    )
+    return bundle, adata

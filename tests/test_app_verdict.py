@@ -11,33 +11,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import SMALL_NETS, make_tiny_adata
 from test_app import app, fresh_streamlit, metrics, ok, tables, texts  # noqa: F401 (fresh_streamlit: autouse)
 
 from tspg.bundle import save_bundle
-from tspg.config import TrainConfig
 from tspg.datasets import demo
-from tspg.pipeline import train
 
 H5AD = "application/octet-stream"
 
 
 @pytest.fixture(scope="module")
-def shuffled(tmp_path_factory):
+def shuffled(shuffled_bundle, tmp_path_factory):
     """A bundle whose target model was trained on shuffled labels, and its data as .h5ad."""
-    adata = make_tiny_adata(n_per_class=40)
-    rng = np.random.default_rng(0)
-    adata.obs["cell_type"] = adata.obs["cell_type"].to_numpy()[rng.permutation(adata.n_obs)]
-    bundle = train(
-        adata,
-        label_key="cell_type",
-        target="beta",
-        config=TrainConfig.for_recipe("tspg+", epochs=5, target_epochs=30, **SMALL_NETS),
-        device="cpu",
-        dataset="shuffled",
-    )
+    bundle, adata = shuffled_bundle
     assert bundle.manifest["verdict"]["level"] == "fail"
     root = tmp_path_factory.mktemp("shuffled_models")
     save_bundle(bundle, root)
