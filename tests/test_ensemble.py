@@ -376,3 +376,17 @@ def test_realism_over_members_beyond_the_memory_cap(ensemble_dir, monkeypatch):
     assert held.perturbation.P_members is None and len(held.members) == 3
     assert held.figures["energy_distance"] == pytest.approx(kept["energy_distance"])
     assert held.figures["independent_classifiers"] == kept["independent_classifiers"]
+
+
+def test_evaluate_stability_reuses_the_members_P(ensemble_dir):
+    """evaluate passes the members' P it already has; the figures equal a fresh run of the
+    members (stability_figures without it)."""
+    from tspg.baselines import split_arrays
+    from tspg.metrics import evaluate
+    from tspg.verdict import stability_figures
+
+    b = load_bundle(ensemble_dir)
+    adata = make_tiny_adata()
+    Xte, yte, _ = split_arrays(adata, b, part="test")
+    fresh = stability_figures(b, Xte[yte != "beta"])
+    assert evaluate(adata, b)["stability"] == pytest.approx(fresh)

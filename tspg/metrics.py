@@ -662,7 +662,14 @@ def _evaluate(adata, bundle, *, layer, label_key, k, ks, seed, start, caps) -> d
         result = _evaluate_arrays(bundle, held, base, Xtr, ytr, k=k, ks=ks, seed=seed)
     from .verdict import grade, stability_figures
 
-    result["stability"] = stability_figures(bundle, Xte[yte != target], k=k)
+    src = yte != target
+    kept = held.perturbation.members_of(src)  # the members' P, when the perturbation kept it
+    result["stability"] = stability_figures(
+        bundle,
+        Xte[src],
+        k=k,
+        members_mean_P=None if kept is None else kept.mean(1, dtype=np.float64),
+    )
     result["verdict"] = grade(
         heldout=held.figures,
         stability=result["stability"],

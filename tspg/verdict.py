@@ -611,11 +611,15 @@ def jaccard(a: Sequence[str], b: Sequence[str]) -> float:
     return len(a & b) / len(a | b) if a | b else float("nan")
 
 
-def stability_figures(bundle, Xs: np.ndarray, *, k: int = 20) -> dict:
+def stability_figures(
+    bundle, Xs: np.ndarray, *, k: int = 20, members_mean_P: np.ndarray | None = None
+) -> dict:
     """How the generators of ``bundle`` agree on the top genes of the scaled source samples
     ``Xs`` (:func:`tspg.ranking.member_agreement` of their mean P, computed a chunk of rows
     at a time: memory holds each member's running sum), with ``n_samples`` and each member's
-    and the ensemble's held-out perturbation accuracy (from the manifest) when known."""
+    and the ensemble's held-out perturbation accuracy (from the manifest) when known.
+    ``members_mean_P``: each member's mean P over ``Xs`` (members x genes) when the caller
+    has it already; the members are then not run again."""
     from .perturbation import ensemble_perturbed
     from .ranking import member_agreement
 
@@ -623,12 +627,14 @@ def stability_figures(bundle, Xs: np.ndarray, *, k: int = 20) -> dict:
     figures: dict = {"n_members": n, "k": k, "n_samples": int(len(Xs))}
     if n < 2 or len(Xs) == 0:
         return figures
-    sums = np.zeros((n, Xs.shape[1]), dtype=np.float64)
-    step = max(1, (64 * 2**20) // (4 * n * max(Xs.shape[1], 1)))
-    for i in range(0, len(Xs), step):
-        _, _, P_members = ensemble_perturbed(bundle, Xs[i : i + step])
-        sums += P_members.sum(1, dtype=np.float64)
-    figures.update(member_agreement(sums / len(Xs), k=k))
+    if members_mean_P is None:
+        sums = np.zeros((n, Xs.shape[1]), dtype=np.float64)
+        step = max(1, (64 * 2**20) // (4 * n * max(Xs.shape[1], 1)))
+        for i in range(0, len(Xs), step):
+            _, _, P_members = ensemble_perturbed(bundle, Xs[i : i + step])
+            sums += P_members.sum(1, dtype=np.float64)
+        members_mean_P = sums / len(Xs)
+    figures.update(member_agreement(members_mean_P, k=k))
     key = "perturbation_accuracy_non_target"
     accuracies = [m.get("metrics", {}).get(key) for m in bundle.manifest.get("generators", [])]
     if accuracies and all(a is not None for a in accuracies):
