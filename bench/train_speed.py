@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-import tspg  # noqa: F401 - before torch: tspg sets OMP_WAIT_POLICY, read when torch loads
+import tspg  # noqa: F401 - before torch: tspg sets GOMP_SPINCOUNT, read when torch loads
 
 
 def _rss_mb() -> float:
@@ -98,9 +98,9 @@ def run_case(
 
 def full_demo_runs(runs: int, *, threads: int | None, device: str) -> dict:
     """Wall time of ``tspg train --demo`` (default recipe, all epochs), each run a fresh process."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "TSPG_THREADS"}
     if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+        env["TSPG_THREADS"] = str(threads)  # what tspg-train takes (else: its default)
     outer, inner = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(runs):
@@ -125,7 +125,7 @@ def full_demo_runs(runs: int, *, threads: int | None, device: str) -> dict:
     return {
         "case": f"tspg-train --demo, full run ({runs} run{'s' if runs > 1 else ''}; perturbation accuracy {acc})",
         "device": device,
-        "threads": threads or "default",
+        "threads": threads or "tspg's default",
         "wall s (median)": round(statistics.median(inner), 1),
         "wall s incl. Python start-up (median)": round(statistics.median(outer), 1),
         "range s": f"{min(inner):.1f}-{max(inner):.1f}",
@@ -169,7 +169,7 @@ def main(argv=None) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="thread counts of the full runs (default: --threads)",
+        help="thread counts of the full runs, 0: tspg-train's default (default: --threads)",
     )
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args(argv)

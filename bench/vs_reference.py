@@ -246,7 +246,7 @@ def table(args) -> None:
 
     print(
         f"torch {rows[0]['torch']}, CPU, {os.cpu_count()} cores; {args.busy} busy processes "
-        f"started by this script; OMP_WAIT_POLICY {args.wait_policy or 'passive (tspg)'}; "
+        f"started by this script; OpenMP waits: {args.wait_policy or 'bounded spin (tspg)'}; "
         f"medians of {args.reps}; 'accuracy' = held-out perturbation "
         "accuracy (non-target); 'load' = the 1-minute load average after the run"
     )
@@ -564,7 +564,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--wait-policy",
         choices=["active", "passive"],
-        help="OMP_WAIT_POLICY of the runs (default: tspg's, passive)",
+        help="OMP_WAIT_POLICY of the runs (default: tspg's bounded spin, GOMP_SPINCOUNT)",
     )
     p.add_argument("--limit", action="store_true", help="the CPU limit of a GTEx-sized epoch")
     p.add_argument("--profile", help="DATASET:RECIPE[:SIZES], e.g. demo:paper or gtex:tspg+")
@@ -573,7 +573,7 @@ def main(argv=None) -> None:
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one measurement, JSON out
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    import tspg  # noqa: F401 - before torch: tspg sets OMP_WAIT_POLICY, read when torch loads
+    import tspg  # noqa: F401 - before torch: tspg sets GOMP_SPINCOUNT, read when torch loads
 
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))

@@ -20,6 +20,7 @@ from tspg.training import (
     Samples,
     TargetSampler,
     TrainConfig,
+    cpu_has_bfloat16,
     cw_loss,
     default_threads,
     energy_distance,
@@ -796,15 +797,39 @@ def test_samples_give_the_same_batches_wherever_they_live(placement, sparse):
     assert torch.equal(data.rows(np.array([2, 1])), torch.from_numpy(X[[2, 1]]))
 
 
-def test_mixed_precision_needs_cuda():
+@pytest.mark.skipif(not cpu_has_bfloat16(), reason="this CPU has no native bfloat16")
+def test_mixed_precision_on_a_cpu_with_native_bfloat16():
+    """bfloat16 autocast trains on such a CPU: finite, float32 weights, the same result for
+    the same seed, and not the float32 result (the matrix products really ran in bfloat16)."""
+    X, y = small_problem()
+    mixed = TrainConfig(precision="bfloat16", target_epochs=3, target_batch_size=8, **SMALL_NETS)
+    f = fit_target(X, y, 3, mixed, device="cpu")
+    assert all(p.dtype == torch.float32 for p in f.parameters())
+    assert state_equal(f, fit_target(X, y, 3, mixed, device="cpu"))
+    plain = TrainConfig(target_epochs=3, target_batch_size=8, **SMALL_NETS)
+    assert not state_equal(f, fit_target(X, y, 3, plain, device="cpu"))
+    bundle = tiny_train(precision="bfloat16", epochs=3, target_epochs=3, **SMALL_NETS)
+    assert bundle.config.precision == "bfloat16"
+    assert all(np.isfinite(v).all() for v in bundle.manifest["history"].values())
+    assert np.isfinite(bundle.metrics["perturbation_accuracy"])
+
+
+def test_mixed_precision_is_refused_where_it_does_not_pay(monkeypatch):
+    """Without a CUDA GPU or a CPU with native bfloat16 (emulated bfloat16 is slower than
+    float32), --precision bfloat16 stops before anything trains, with the reason."""
+    import tspg.training as training
+
+    monkeypatch.setattr(training, "cpu_has_bfloat16", lambda: False)  # such a CPU
     X, y = small_problem()
     cfg = TrainConfig(precision="bfloat16", target_epochs=1, **SMALL_NETS)
     with pytest.raises(
         ValueError,
-        match="--precision bfloat16: mixed precision needs a CUDA GPU, and this run is on cpu",
+        match="--precision bfloat16: mixed precision needs a CUDA GPU or a CPU with native "
+        r"bfloat16 matrix products, and this run is on a CPU without native bfloat16 \(no "
+        "avx512_bf16 or amx_bf16\\); use --precision float32",
     ):
         fit_target(X, y, 3, cfg, device="cpu")
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+    with pytest.raises(ValueError, match="needs a CUDA GPU or a CPU with native bfloat16"):
         tiny_train(precision="bfloat16", epochs=1, target_epochs=1, **SMALL_NETS)
 
 
@@ -823,14 +848,15 @@ def test_compile_falls_back_to_plain_torch_where_it_fails(monkeypatch, caplog):
 
 
 def test_default_threads(monkeypatch):
-    import tspg
+    import tspg.training as training
 
     monkeypatch.setenv("TSPG_THREADS", "")
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(tspg, "OMP_PASSIVE", True)  # waiting threads sleep: every core
+    assert 1 <= default_threads() <= cores  # the idle cores, at least one
+    monkeypatch.setattr(training, "idle_cores", lambda: 0.2)  # a busy machine: one thread
+    assert default_threads() == 1
+    monkeypatch.setattr(training, "idle_cores", lambda: cores - 0.2)  # every core nearly idle
     assert default_threads() == cores
-    monkeypatch.setattr(tspg, "OMP_PASSIVE", False)  # they spin: only the idle cores
-    assert 1 <= default_threads() <= cores
     idle = idle_cores(0.05)
     assert idle is None or 0 <= idle <= os.cpu_count() + 1e-9
     monkeypatch.setenv("TSPG_THREADS", "3")
@@ -838,6 +864,24 @@ def test_default_threads(monkeypatch):
     monkeypatch.setenv("TSPG_THREADS", "two")
     with pytest.raises(ValueError, match="TSPG_THREADS='two'"):
         default_threads()
+
+
+@pytest.mark.parametrize(
+    "env, spincount",
+    [({}, "1000"), ({"GOMP_SPINCOUNT": "50"}, "50"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
+)
+def test_import_bounds_the_openmp_spin(env, spincount):
+    """import tspg (before torch) bounds how long OpenMP threads spin, unless the environment
+    already chose a spin count or a wait policy; libgomp reads it when torch loads."""
+    import subprocess
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, tspg, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(spincount)
 
 
 def test_tspg_train_applies_the_thread_default(tmp_path, monkeypatch):

@@ -24,21 +24,20 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 __version__ = "0.1.0"
 
-# OpenMP threads (torch's, MKL's) that wait for work sleep instead of spinning: on a busy
-# machine spinning threads take the cores their siblings need, which made 2-thread training
-# 10-30x slower than 1 thread on a shared 2-core machine (README, "Threads"). It must be set
-# before torch (libgomp) loads; a value already in the environment is kept.
-_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# True when torch's waiting threads sleep: the policy was passive when torch loaded (or will
-# be, torch not being loaded yet); read by tspg.training.default_threads
-OMP_PASSIVE = (
-    _WAIT_POLICY or ("PASSIVE" if "torch" not in sys.modules else "")
-).upper() == "PASSIVE"
+# OpenMP threads (torch's, MKL's) that wait for work spin a short while (GOMP_SPINCOUNT=1000
+# rounds of a busy-wait loop) and then sleep. libgomp's own default (300,000 rounds) made
+# 2-thread training up to 3x slower than 1 thread once other work took the cores of a shared
+# 2-core machine; sleeping at once (OMP_WAIT_POLICY=PASSIVE) made it 1.8x slower than
+# spinning on a quiet one. With the bounded spin and the idle cores as threads
+# (tspg.training.default_threads), the demo was within 1.12x of the best setting on a quiet
+# machine and 1.0-1.7x on a busy one (README, "Threads"; ``python bench/threads.py``). It must
+# be set before torch (libgomp) loads; a policy or spin count already in the environment is kept.
+SPIN_COUNT = "1000"
+if not os.environ.get("OMP_WAIT_POLICY") and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 # public name -> module that defines it
 _EXPORTS = {

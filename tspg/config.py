@@ -194,7 +194,8 @@ class TrainConfig:
     )
     precision: Literal["float32", "bfloat16"] = _opt(
         "float32",
-        "bfloat16: mixed precision (autocast) for speed, on a CUDA GPU only",
+        "bfloat16: mixed precision (autocast) for speed, on a CUDA GPU or a CPU with native "
+        "bfloat16 (avx512_bf16 or amx_bf16)",
         choices=("float32", "bfloat16"),
     )
 

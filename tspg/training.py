@@ -75,17 +75,37 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (the ``avx512_bf16`` or
+    ``amx_bf16`` flag in Linux's ``/proc/cpuinfo``); False where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def check_precision(config: TrainConfig, device: torch.device) -> None:
-    """Refuse mixed precision off CUDA, before anything trains."""
-    if config.precision != "float32" and torch.device(device).type != "cuda":
-        raise UserError(
-            f"--precision {config.precision}: mixed precision needs a CUDA GPU, and this run "
-            f"is on {torch.device(device).type}; use --precision float32"
-        )
+    """Refuse mixed precision where it does not pay, before anything trains: it needs a CUDA
+    GPU or a CPU with native bfloat16 matrix products (emulated ones are slower than float32)."""
+    if config.precision == "float32":
+        return
+    kind = torch.device(device).type
+    if kind == "cuda" or (kind == "cpu" and cpu_has_bfloat16()):
+        return
+    where = "a CPU without native bfloat16 (no avx512_bf16 or amx_bf16)" if kind == "cpu" else kind
+    raise UserError(
+        f"--precision {config.precision}: mixed precision needs a CUDA GPU or a CPU with native "
+        f"bfloat16 matrix products, and this run is on {where}; use --precision float32"
+    )
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA when ``config.precision`` asks for it, else nothing."""
+    """bfloat16 autocast (CUDA, or a CPU with native bfloat16) when ``config.precision`` asks
+    for it, else nothing."""
     if config.precision == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -115,17 +135,14 @@ def idle_cores(interval: float = 0.1) -> float | None:
 
 
 def default_threads() -> int:
-    """CPU threads for torch while training.
+    """CPU threads for torch while training: the cores idle when it starts, at least one.
 
-    Every usable core when torch's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, which
-    ``import tspg`` sets before torch loads): then extra threads cost little on a busy
-    machine and help on a quiet one. Where they spin instead (torch loaded before tspg, or
-    another policy chosen), the cores idle now, at least one: spinning threads on a busy
-    machine made the demo 10-30x slower with 2 threads than with 1 on this project's 2-core
-    machine (README, "Threads"). The environment variable ``TSPG_THREADS`` overrides both.
+    Measured on this project's shared 2-core machine (README, "Threads"): on a quiet machine
+    2 threads trained the demo 1.1-1.3x faster than 1; where other work already held a core,
+    the second thread made it slower. The count is chosen once per run (and stored in the
+    bundle), because the result depends, slightly, on it: the same seed gives the same result
+    for a given device and thread count. The environment variable ``TSPG_THREADS`` overrides.
     """
-    from . import OMP_PASSIVE
-
     env = os.environ.get("TSPG_THREADS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
@@ -133,8 +150,6 @@ def default_threads() -> int:
         return int(env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
-    if OMP_PASSIVE:
-        return cores
     idle = idle_cores()
     if idle is None:
         try:
