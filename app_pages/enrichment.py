@@ -169,7 +169,6 @@ R.show_table(
     f"enrichment-{bundle.name}-{what}",
     key="enrichment_table",
     index=False,
-    hide_index=True,
     width="stretch",
     column_config={c: st.column_config.NumberColumn(format="%.2e") for c in ("p", "q")},
 )

@@ -89,7 +89,6 @@ with R.guard("Counting the top genes failed"):
         f"gene-frequency-{bundle.name}",
         key="freq_table",
         index=False,
-        hide_index=True,
         width="stretch",
         height=240,
     )
@@ -158,7 +157,6 @@ if base is not None and source == S.ALL_SOURCES:
         f"overlap-{bundle.name}",
         key="overlap_table",
         index=False,
-        hide_index=True,
         width="stretch",
         height=38 + 35 * len(overlap),  # every row: the table is short
         column_config={
@@ -188,7 +186,6 @@ if comparison is not None and source == S.ALL_SOURCES:
         f"sources-{bundle.name}",
         key="sources_table",
         index=False,
-        hide_index=True,
         width="stretch",
     )
     st.caption(SOURCE_CAPTION.format(k=k, far=comparison.far))
@@ -199,7 +196,6 @@ elif comparison is not None:
         f"source-{bundle.name}-{source}",
         key="source_summary",
         index=False,
-        hide_index=True,
         width="stretch",
     )
     st.caption(SOURCE_CAPTION.format(k=k, far=comparison.far))
@@ -213,7 +209,6 @@ elif comparison is not None:
             f"tspg-genes-{bundle.name}-{source}",
             key="source_tspg_table",
             index=False,
-            hide_index=True,
             width="stretch",
             column_config=GENE_COLUMNS,
         )
@@ -224,7 +219,6 @@ elif comparison is not None:
                 f"baseline-genes-{bundle.name}-{source}",
                 key="source_baseline_table",
                 index=False,
-                hide_index=True,
                 width="stretch",
                 column_config=GENE_COLUMNS,
             )

@@ -135,7 +135,6 @@ R.show_table(
     f"map-{bundle.name}",
     key="map_frame",
     index=False,
-    hide_index=True,
     width="stretch",
     height=240,
 )

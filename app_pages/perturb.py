@@ -274,7 +274,6 @@ with u:
         f"top-up-{bundle.name}",
         key="top_up",
         index=False,
-        hide_index=True,
         height=height,
         column_config=config,
     )
@@ -285,7 +284,6 @@ with d:
         f"top-down-{bundle.name}",
         key="top_down",
         index=False,
-        hide_index=True,
         height=height,
         column_config=config,
     )

@@ -153,7 +153,6 @@ with right, R.guard("Counting the recurring genes failed"):
             f"sweep-genes-{target}",
             key="sweep_genes",
             index=False,
-            hide_index=True,
             width="stretch",
             height=240,
             column_config={

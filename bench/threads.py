@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from vs_reference import spinners  # bench/ is on the path when this script runs
+
 VARIANTS = {  # name -> (threads, environment); threads None: tspg's default
     "1": (1, {}),
     "2 sleep": (2, {"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -66,10 +68,6 @@ def child(threads: int | None, recipe: str, epochs: int) -> None:
         return statistics.median(b - a for a, b in zip(ts, ts[1:], strict=False))
 
     print(f"result {used} {per_epoch(stamps['target']):.4f} {per_epoch(stamps['generator']):.4f}")
-
-
-def spinners(n: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
 def one_run(variant: str, scenario: str, recipe: str, epochs: int) -> tuple[int, float, float]:

@@ -303,7 +303,9 @@ def _csv(df: pd.DataFrame, index: bool) -> bytes:
 def show_table(
     df: pd.DataFrame, name: str, *, key: str | None = None, index: bool = True, **kw
 ) -> None:
-    """``st.dataframe`` plus a CSV download."""
+    """``st.dataframe`` plus a CSV download; ``index=False`` leaves the index out of both."""
+    if not index:
+        kw.setdefault("hide_index", True)
     st.dataframe(df, **kw)
     st.download_button(
         "CSV",
