@@ -19,6 +19,7 @@ figures, measured side by side on this machine in issue 16, are quoted beside ou
     python bench/vs_reference.py                              # demo + gtex, both recipes, 1 and 2 threads
     python bench/vs_reference.py --cases demo --recipes paper --sizes reference
     python bench/vs_reference.py --baseline main              # interleave with main's tspg/training.py
+    python bench/vs_reference.py --baseline mkl               # this code with MKL only (TSPG_ONEDNN=0)
     python bench/vs_reference.py --cases demo --threads 1 2 auto --busy 2   # thread default, busy machine
     python bench/vs_reference.py --cases demo --threads 1 2 --busy 2 --wait-policy active
     python bench/vs_reference.py --limit                      # CPU limit of a GTEx-sized epoch
@@ -103,7 +104,7 @@ def run_case(case: dict) -> dict:
 
     threads = use_threads(None if case["threads"] == "auto" else int(case["threads"]))
     impl = pipeline
-    if case["impl"] != "new":
+    if case["impl"] not in ("new", "mkl"):  # "mkl": this code, run with TSPG_ONEDNN=0
         impl = load_baseline(case["impl"])
     wall: dict[str, list[float]] = {"target": [], "generator": []}
     cpu: dict[str, list[float]] = {"target": [], "generator": []}
@@ -200,6 +201,8 @@ def table(args) -> None:
                 for impl in impls:  # interleaved: the same load for both
                     cmd = [sys.executable, str(HERE), "--case", json.dumps({**case, "impl": impl})]
                     env = dict(os.environ)
+                    if impl != "new":  # a baseline multiplies with MKL, as tspg did before
+                        env["TSPG_ONEDNN"] = "0"
                     if args.wait_policy:
                         env["OMP_WAIT_POLICY"] = args.wait_policy.upper()
                     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -280,19 +283,23 @@ def table(args) -> None:
 
 def matmul_rate(m: int, k: int, n: int, reps: int = 20) -> tuple[float, float]:
     """Best FLOP per wall-clock second and per CPU second (all threads) of a float32
-    (m x k) @ (k x n) on this machine."""
+    (m x k) @ (k x n) on this machine: the faster of MKL (torch's ``a @ b``) and oneDNN."""
     import torch
 
+    from tspg.nets import _onednn, onednn_works
+
     a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(3):
-        a @ b
+    ways = [lambda: a @ b] + ([lambda: _onednn(a, b.t())] if onednn_works() else [])
     wall = cpu = float("inf")
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.process_time()
-        for _ in range(5):
-            a @ b
-        wall = min(wall, (time.perf_counter() - t) / 5)
-        cpu = min(cpu, (time.process_time() - c) / 5)
+    for way in ways:
+        for _ in range(3):
+            way()
+        for _ in range(reps):
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(5):
+                way()
+            wall = min(wall, (time.perf_counter() - t) / 5)
+            cpu = min(cpu, (time.process_time() - c) / 5)
     return 2 * m * k * n / wall, 2 * m * k * n / max(cpu, 1e-9)
 
 
@@ -307,6 +314,8 @@ def matmuls(run) -> Counter:
         dims = [s for s in ev.input_shapes if len(s) == 2]
         if ev.name == "aten::mm" and len(dims) >= 2:
             (m, k), (_, n) = dims[0], dims[1]
+        elif ev.name == "mkldnn::_linear_pointwise" and len(dims) >= 2:  # a @ w.T
+            (m, k), (n, _) = dims[0], dims[1]
         elif ev.name == "aten::addmm" and len(dims) >= 2:
             (m, k), (_, n) = dims[-2], dims[-1]
         else:
@@ -408,7 +417,7 @@ def cpu_limit(args) -> None:
 
 
 CATEGORIES = (  # (label, op-name fragments), the first match wins
-    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")),
     (
         "optimiser (Adam)",
         (
@@ -445,7 +454,12 @@ def profile_case(args) -> None:
     name, recipe, *rest = args.profile.split(":")
     sizes = rest[0] if rest else "paper"
     use_threads(int(args.threads[0]))
-    impl = load_baseline(args.baseline) if args.baseline else new
+    impl = new
+    if args.baseline:  # a baseline multiplies with MKL, as tspg did before
+        import tspg.nets
+
+        tspg.nets.ONEDNN = False
+        impl = new if args.baseline == "mkl" else load_baseline(args.baseline)
     adata, label_key, target = dataset(name)
     prep = prepare(adata, label_key=label_key, dataset=name)
     X, y = prep.X[prep.train_idx], prep.y[prep.train_idx]
@@ -559,7 +573,11 @@ def main(argv=None) -> None:
         default=0,
         help="epochs timed on the demo instead of a whole run (0: the whole run)",
     )
-    p.add_argument("--baseline", help="git ref whose tspg/training.py to interleave (e.g. main)")
+    p.add_argument(
+        "--baseline",
+        help="git ref whose tspg/training.py to interleave (e.g. main), run with MKL only "
+        "(TSPG_ONEDNN=0, as tspg multiplied before); 'mkl': this code with MKL only",
+    )
     p.add_argument("--busy", type=int, default=0, help="busy processes to start meanwhile")
     p.add_argument(
         "--wait-policy",

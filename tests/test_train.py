@@ -13,7 +13,17 @@ import torch
 from conftest import QUICK_CONFIG, SMALL_NETS, TINY_CLASSES, make_tiny_adata
 from torch import nn
 
-from tspg.nets import Discriminator, Generator, ResidualBlock, TargetClassifier, evaluating
+import tspg.nets
+from tspg.nets import (
+    Discriminator,
+    Generator,
+    Linear,
+    ResidualBlock,
+    TargetClassifier,
+    evaluating,
+    onednn_works,
+    uses_onednn,
+)
 from tspg.pipeline import train, train_all_targets
 from tspg.training import (
     Batches,
@@ -108,6 +118,80 @@ def test_networks_follow_the_config_sizes():
     ]
     assert linear_widths(Discriminator(10, hidden=(6,))) == [6, 1]
     assert linear_widths(TargetClassifier(10, 3, hidden=(5,))) == [5, 3]
+
+
+def _onednn_ran(out: torch.Tensor) -> bool:
+    return type(out.grad_fn).__name__.startswith("_OneDNNLinear")
+
+
+needs_onednn = pytest.mark.skipif(not onednn_works(), reason="no oneDNN on this CPU")
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "n_in, n_out, weights_grad",
+    [(600, 512, "MKL"), (512, 4400, "oneDNN")],  # 307,200 and 2,252,800 weights
+)
+def test_wide_layers_run_on_onednn_with_the_same_values_and_gradients(n_in, n_out, weights_grad):
+    torch.manual_seed(0)
+    layer = Linear(n_in, n_out)
+    assert (layer.weight.numel() >= tspg.nets.ONEDNN_MIN_WEIGHTS_GRAD) == (weights_grad == "oneDNN")
+    x = torch.rand(37, n_in, requires_grad=True)
+    out = layer(x)
+    assert _onednn_ran(out)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    got = (out.detach(), x.grad, layer.weight.grad, layer.bias.grad)
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    ref = nn.functional.linear(x, layer.weight, layer.bias)
+    (ref * upstream).sum().backward()
+    want = (ref.detach(), x.grad, layer.weight.grad, layer.bias.grad)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # a frozen layer (D and f during G's step): only the input's gradient
+    layer.requires_grad_(False)
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is None
+
+
+@needs_onednn
+def test_onednn_only_where_it_pays_and_is_allowed(monkeypatch):
+    torch.manual_seed(0)
+    wide, narrow = Linear(600, 512), Linear(512, 256)  # 307,200 and 131,072 weights
+    x = torch.rand(8, 600, requires_grad=True)
+    assert _onednn_ran(wide(x))
+    assert not _onednn_ran(narrow(torch.rand(8, 512, requires_grad=True)))  # MKL is faster
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: torch's own path
+        out = wide(x)
+    assert out.dtype == torch.bfloat16 and not _onednn_ran(out)
+    monkeypatch.setattr(tspg.nets, "ONEDNN", False)  # $TSPG_ONEDNN=0
+    assert not _onednn_ran(wide(x))
+    assert not uses_onednn(Generator(765))
+    monkeypatch.setattr(tspg.nets, "ONEDNN", True)
+    assert uses_onednn(Generator(765)) and not uses_onednn(Generator(N_GENES))
+
+
+@needs_onednn
+def test_training_on_onednn_is_seeded_and_close_to_mkl(monkeypatch):
+    """The same seed gives the same weights on the oneDNN path (800 genes: the first and last
+    layers run there); switched off, the run follows the same course within float32 noise."""
+    X, y = small_problem((12, 12, 12), n_genes=800)
+    cfg = TrainConfig(epochs=2, target_epochs=2, batch_size=12, target_batch_size=12)
+
+    def run():
+        f = fit_target(X, y, 3, cfg)
+        return f, fit_generator(X, y, 1, f, cfg)
+
+    (f1, g1), (f2, g2) = run(), run()
+    assert uses_onednn(g1.generator) and uses_onednn(f1) and uses_onednn(g1.discriminator)
+    assert state_equal(f1, f2) and state_equal(g1.generator, g2.generator)
+    monkeypatch.setattr(tspg.nets, "ONEDNN", False)
+    f3, _ = run()
+    assert not state_equal(f1, f3)  # other kernels, other rounding
+    for k, v in f1.state_dict().items():
+        torch.testing.assert_close(v, f3.state_dict()[k], rtol=1e-3, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -831,6 +915,42 @@ def test_mixed_precision_is_refused_where_it_does_not_pay(monkeypatch):
         fit_target(X, y, 3, cfg, device="cpu")
     with pytest.raises(ValueError, match="needs a CUDA GPU or a CPU with native bfloat16"):
         tiny_train(precision="bfloat16", epochs=1, target_epochs=1, **SMALL_NETS)
+
+
+def test_fused_adam_is_torch_adam_bit_for_bit_without_importing_dynamo():
+    """make_adam's Adam gives exactly torch.optim.Adam(fused=True)'s weights, also when a
+    weight has no gradient at a step, and does not import torch._dynamo (1.0-1.4 s)."""
+    code = """
+import sys, torch
+from torch import nn
+from tspg.training import FusedAdam, make_adam
+torch.manual_seed(0)
+a = nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3))
+b = nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3))
+b.load_state_dict(a.state_dict())
+ours = make_adam(a.parameters(), 1e-2)
+assert isinstance(ours, FusedAdam), type(ours)
+for step in range(6):
+    x = torch.randn(4, 7)
+    for net in (a, b):
+        net[2].requires_grad_(step % 3 != 1)  # some steps leave the last layer without a gradient
+    ours.zero_grad()
+    a(x).pow(2).sum().backward()
+    ours.step()
+    if step == 0:
+        assert "torch._dynamo" not in sys.modules
+        theirs = torch.optim.Adam(b.parameters(), lr=1e-2, fused=True)
+    theirs.zero_grad()
+    b(x).pow(2).sum().backward()
+    theirs.step()
+for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+    assert torch.equal(v, w), k
+print("ok")
+"""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_compile_falls_back_to_plain_torch_where_it_fails(monkeypatch, caplog):

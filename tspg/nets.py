@@ -2,24 +2,133 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "Discriminator",
     "evaluating",
     "Generator",
     "GeneratorEnsemble",
+    "Linear",
     "ResidualBlock",
     "TargetClassifier",
 ]
 
 
+# ----------------------------------------------------------------------------- dense layers
+
+# On an x86 CPU, torch multiplies float32 matrices with MKL; for the wide layers of these
+# networks (genes x 512 and back, batches of 32-256) oneDNN's kernels, which torch also
+# ships, are 1.1-2.2x faster for the output and the input's gradient, and for the weights'
+# gradient once the layer has a few million weights (below that MKL is faster).
+# ``python bench/matmul.py`` prints the measurements behind these two thresholds.
+ONEDNN = os.environ.get("TSPG_ONEDNN", "1") != "0"  # $TSPG_ONEDNN=0: MKL (torch's default) only
+ONEDNN_MIN_WEIGHTS = 2**18  # the output and the input's gradient: 765 x 512 and up
+ONEDNN_MIN_WEIGHTS_GRAD = 2**21  # the weights' gradient: 4,386 x 512 and up
+
+
+def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ w.T + bias`` by oneDNN (``w`` may be a transposed view)."""
+    return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
+
+
+@functools.cache
+def onednn_works() -> bool:
+    """Whether oneDNN's float32 products run here and agree with torch's (x86 CPUs with
+    torch's oneDNN build); checked once, on a small product."""
+    if (
+        platform.machine().lower() not in ("x86_64", "amd64")
+        or not torch.backends.mkldnn.is_available()
+    ):
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a, w, b = (torch.rand(*s, generator=gen) for s in ((5, 24), (16, 24), (16,)))
+        return bool(torch.allclose(_onednn(a, w, b), torch.addmm(b, a, w.t()), atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):  # no such op in this build
+        return False
+
+
+def uses_onednn(module: nn.Module) -> bool:
+    """Whether any dense layer of ``module`` runs on oneDNN on the CPU (see :class:`Linear`)."""
+    return (
+        ONEDNN
+        and onednn_works()
+        and any(
+            isinstance(m, Linear) and m.weight.numel() >= ONEDNN_MIN_WEIGHTS
+            for m in module.modules()
+        )
+    )
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ W.T + b by oneDNN, with its gradients (the weights' by MKL for smaller layers)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad, weight.t())
+        if ctx.needs_input_grad[1]:
+            if weight.numel() >= ONEDNN_MIN_WEIGHTS_GRAD:
+                grad_w = _onednn(grad.t(), x.t())
+            else:
+                grad_w = grad.t().mm(x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same weights, same state dict) whose wide layers run on oneDNN on an
+    x86 CPU in float32; everywhere else (GPU, mixed precision, ``torch.compile``, small
+    layers, ``$TSPG_ONEDNN=0``) it is ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            ONEDNN
+            and self.weight.numel() >= ONEDNN_MIN_WEIGHTS
+            and x.dim() == 2
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and not _autocast_on()
+            and not _compiling()
+            and onednn_works()
+        ):
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def _dense(n_in: int, n_out: int, act: nn.Module, *, batchnorm: bool = True) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Linear(n_in, n_out)]
+    layers: list[nn.Module] = [Linear(n_in, n_out)]
     if batchnorm:
         layers.append(nn.BatchNorm1d(n_out))
     layers.append(act)
@@ -32,10 +141,10 @@ class ResidualBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Linear(width, width),
+            Linear(width, width),
             nn.BatchNorm1d(width),
             nn.ReLU(),
-            nn.Linear(width, width),
+            Linear(width, width),
             nn.BatchNorm1d(width),
         )
 
@@ -69,7 +178,7 @@ class Generator(nn.Module):
         for w in decoder:
             layers += _dense(width, w, nn.ReLU())
             width = w
-        layers += [nn.Linear(width, n_genes), nn.Tanh()]
+        layers += [Linear(width, n_genes), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, n_genes) -> (batch, n_genes)
@@ -109,7 +218,7 @@ class Discriminator(nn.Module):
         for w in hidden:
             layers += _dense(width, w, nn.LeakyReLU(0.2))
             width = w
-        layers += [nn.Linear(width, 1), nn.Sigmoid()]
+        layers += [Linear(width, 1), nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, n_genes) -> (batch,)
@@ -126,7 +235,7 @@ class TargetClassifier(nn.Module):
         for w in hidden:
             layers += _dense(width, w, nn.ReLU(), batchnorm=False)
             width = w
-        layers.append(nn.Linear(width, n_classes))
+        layers.append(Linear(width, n_classes))
         self.net = nn.Sequential(*layers)
 
     def forward(

@@ -30,7 +30,7 @@ from .data import (
 )
 from .errors import UserError, one_line
 from .genesets import HVG_FLAVOR, GeneSelection, highly_variable_genes, select_genes
-from .nets import GeneratorEnsemble
+from .nets import GeneratorEnsemble, uses_onednn
 from .perturbation import class_probabilities, generate_perturbed
 from .training import check_precision, fit_generator, fit_target, resolve_device
 
@@ -778,6 +778,8 @@ def train_generator(
         history_steps_per_point=fits[0].steps_per_point,
         device=str(dev),
         threads=torch.get_num_threads(),
+        # which library multiplied the wide layers on the CPU: the result depends on it
+        matmul="onednn" if dev.type == "cpu" and (uses_onednn(f) or uses_onednn(G)) else "torch",
     )
     fit = fits[0]
     ensemble = {}

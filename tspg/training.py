@@ -8,7 +8,9 @@ Where the time goes and what is done about it (README, "Where the training time 
 the working set lives on the device (a NumPy array on the CPU is used in place; a sparse
 matrix is densified a batch at a time where the dense matrix does not fit); batch indices
 are drawn on the device; losses are summed on the device and read once per chunk (the only
-host synchronisation); Adam is torch's fused kernel where the device has one; the
+host synchronisation); Adam is torch's fused kernel where the device has one (called
+directly: torch.optim would import torch._dynamo, 1.0-1.4 s); the wide dense layers multiply
+on oneDNN on an x86 CPU (:class:`tspg.nets.Linear`); the
 discriminator's weights take no gradient during the generator's step.
 """
 
@@ -588,13 +590,69 @@ def _generator(seed: int, device: torch.device | str) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
 
 
-def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam with torch's fused kernel where the parameters' device has one, else ``foreach``."""
+class FusedAdam:
+    """Adam as ``torch.optim.Adam(params, lr, fused=True)`` computes it, bit for bit: torch's
+    fused kernel, one call per step. Without torch.optim's wrapper, because its first use in a
+    process imports torch._dynamo, 1.0-1.4 s (a third of the demo's target model)."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.exp_avg = [
+            torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params
+        ]
+        self.exp_avg_sq = [
+            torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params
+        ]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        steps = [self.steps[i] for i in live]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            [self.params[i] for i in live],
+            [self.params[i].grad for i in live],
+            [self.exp_avg[i] for i in live],
+            [self.exp_avg_sq[i] for i in live],
+            [],
+            steps,
+            amsgrad=False,
+            lr=self.lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            weight_decay=0.0,
+            eps=self.eps,
+            maximize=False,
+        )
+
+    @staticmethod
+    @functools.cache
+    def works(device: torch.device) -> bool:
+        """Whether torch has its fused Adam kernel for ``device`` (CUDA; the CPU from torch 2.4)."""
+        try:
+            p = torch.zeros(2, device=device, requires_grad=True)
+            p.grad = torch.ones(2, device=device)
+            FusedAdam([p], lr=1e-3).step()
+            return True
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return False
+
+
+def make_adam(params, lr: float) -> FusedAdam | torch.optim.Adam:
+    """Adam with torch's fused kernel where the parameters' device has one (:class:`FusedAdam`),
+    else torch.optim's ``foreach`` Adam."""
     params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+    if params and FusedAdam.works(params[0].device):
+        return FusedAdam(params, lr)
+    return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
 def compiled(module: nn.Module, enabled: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
