@@ -8,8 +8,14 @@ gradient (g W) and the weights' gradient (g^T x), by MKL (torch's float32 defaul
 time by oneDNN: above 1, oneDNN is faster. Medians of ``--reps`` timings of 5 calls each,
 the two libraries interleaved; the last column says which one tspg uses for each product.
 
+``--training``: seconds per epoch of the target model and of the generator (paper recipe,
+the reference code's sizes; the demo and a GTEx-sized GEM) with oneDNN on and off
+(``tspg.nets.ONEDNN``), alternated run by run in one process, so that a shared machine's
+changing load falls on both alike. Each run trains 2 epochs and times the second.
+
     python bench/matmul.py                 # 1 and 2 threads
     python bench/matmul.py --threads 2 --reps 9
+    python bench/matmul.py --training --threads 2 --reps 3
 """
 
 from __future__ import annotations
@@ -62,14 +68,78 @@ def products(x, w, b, g) -> dict:
     }
 
 
+def training(args) -> None:
+    """Epoch times with oneDNN on and off, alternated in one process."""
+    import pandas as pd
+
+    import tspg.nets
+    from tspg.config import TrainConfig
+    from tspg.datasets import DEMO_LABEL_KEY, DEMO_TARGET, demo, synthetic_gem
+    from tspg.pipeline import prepare
+    from tspg.training import fit_generator, fit_target, use_threads
+
+    use_threads(args.threads[0])
+    rows = []
+    for name, adata, key, target in (
+        ("demo", demo(), DEMO_LABEL_KEY, DEMO_TARGET),
+        ("GTEx-sized", synthetic_gem(), "label", "class-00"),
+    ):
+        prep = prepare(adata, label_key=key, dataset=name)
+        X, y, t = prep.X[prep.train_idx], prep.y[prep.train_idx], prep.class_index(target)
+        cfg = TrainConfig.for_recipe(
+            "paper", target_hidden=(512, 256, 128), epochs=2, target_epochs=2
+        )
+        times: dict[tuple[str, bool], list[float]] = {}
+        for _ in range(args.reps):
+            for on in (True, False):
+                tspg.nets.ONEDNN = on
+                for stage in ("target model", "generator"):
+                    stamps: list[float] = []
+
+                    def stamp(*_, stamps=stamps):
+                        stamps.append(time.perf_counter())
+
+                    if stage == "target model":
+                        f = fit_target(X, y, len(prep.classes), cfg, callback=stamp)
+                    else:
+                        fit_generator(X, y, t, f, cfg, callback=stamp)
+                    times.setdefault((stage, on), []).append(stamps[1] - stamps[0])
+        tspg.nets.ONEDNN = True
+        for stage in ("target model", "generator"):
+            on, off = (statistics.median(times[(stage, v)]) for v in (True, False))
+            rows.append(
+                {
+                    "data": name,
+                    "epoch of": stage,
+                    "oneDNN s": f"{on:.3f}",
+                    "MKL only s": f"{off:.3f}",
+                    "MKL / oneDNN": f"{off / on:.2f}",
+                    "runs (oneDNN)": " ".join(f"{v:.3f}" for v in times[(stage, True)]),
+                    "runs (MKL)": " ".join(f"{v:.3f}" for v in times[(stage, False)]),
+                }
+            )
+            print(rows[-1], file=sys.stderr, flush=True)
+    print(
+        f"paper recipe, reference sizes, {args.threads[0]} thread(s), second epoch of each run, "
+        f"medians of {args.reps} runs alternated in one process; load average "
+        f"{os.getloadavg()[0]:.1f} at the end"
+    )
+    print(pd.DataFrame(rows).to_string(index=False))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--training", action="store_true", help="epoch times, oneDNN on and off")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    import tspg  # noqa: F401 - before torch: tspg sets GOMP_SPINCOUNT, read when torch loads
+
+    if args.training:
+        return training(args)
     import pandas as pd
     import torch
 

@@ -27,8 +27,8 @@ __all__ = [
 
 # On an x86 CPU, torch multiplies float32 matrices with MKL; for the wide layers of these
 # networks (genes x 512 and back, batches of 32-256) oneDNN's kernels, which torch also
-# ships, are 1.1-2.2x faster for the output and the input's gradient, and for the weights'
-# gradient once the layer has a few million weights (below that MKL is faster).
+# ships, compute the output and the input's gradient 1.0-2.4x faster, and the weights'
+# gradient from about 2 million weights on (below that MKL is faster, up to 1.5x).
 # ``python bench/matmul.py`` prints the measurements behind these two thresholds.
 ONEDNN = os.environ.get("TSPG_ONEDNN", "1") != "0"  # $TSPG_ONEDNN=0: MKL (torch's default) only
 ONEDNN_MIN_WEIGHTS = 2**18  # the output and the input's gradient: 765 x 512 and up
