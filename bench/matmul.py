@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     import pandas as pd
     import torch
 
-    from tspg.nets import ONEDNN_MIN_WEIGHTS, ONEDNN_MIN_WEIGHTS_GRAD, onednn_works
+    from tspg.nets import ONEDNN_MIN_WEIGHTS, onednn_works
 
     if not onednn_works():
         sys.exit("oneDNN's float32 products are not available on this machine: tspg uses MKL")
@@ -165,14 +165,7 @@ def main(argv=None) -> None:
                     row[f"{name} GF/s"] = (
                         f"{2 * batch * n_in * n_out / min(statistics.median(t_mkl), statistics.median(t_dnn)) / 1e9:.0f}"
                     )
-                weights = n_in * n_out
-                row["tspg uses"] = (
-                    "MKL"
-                    if weights < ONEDNN_MIN_WEIGHTS
-                    else "oneDNN"
-                    if weights >= ONEDNN_MIN_WEIGHTS_GRAD
-                    else "oneDNN, MKL for the weights' grad"
-                )
+                row["tspg uses"] = "oneDNN" if n_in * n_out >= ONEDNN_MIN_WEIGHTS else "MKL"
                 rows.append(row)
                 print(row, file=sys.stderr, flush=True)
     print(

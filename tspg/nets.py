@@ -25,14 +25,13 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- dense layers
 
-# On an x86 CPU, torch multiplies float32 matrices with MKL; for the wide layers of these
-# networks (genes x 512 and back, batches of 32-256) oneDNN's kernels, which torch also
-# ships, compute the output and the input's gradient 1.0-2.4x faster, and the weights'
-# gradient from about 2 million weights on (below that MKL is faster, up to 1.5x).
-# ``python bench/matmul.py`` prints the measurements behind these two thresholds.
+# On an x86 CPU, torch multiplies float32 matrices with MKL. For the layers next to the
+# genes of a GTEx-sized GEM (4,386 x 512 weights; batches of 32-256), oneDNN's kernels,
+# which torch also ships, compute the output and both gradients 1.0-2.5x faster; for the
+# demo's 765 x 512 and narrower layers neither library is reliably faster, and MKL stays.
+# ``python bench/matmul.py`` prints the measurements behind the threshold.
 ONEDNN = os.environ.get("TSPG_ONEDNN", "1") != "0"  # $TSPG_ONEDNN=0: MKL (torch's default) only
-ONEDNN_MIN_WEIGHTS = 2**18  # the output and the input's gradient: 765 x 512 and up
-ONEDNN_MIN_WEIGHTS_GRAD = 2**21  # the weights' gradient: 4,386 x 512 and up
+ONEDNN_MIN_WEIGHTS = 2**21  # 2,097,152: 4,096 x 512 and up
 
 
 def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,7 +81,7 @@ def _compiling() -> bool:
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """x @ W.T + b by oneDNN, with its gradients (the weights' by MKL for smaller layers)."""
+    """x @ W.T + b by oneDNN, and its gradients."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -98,10 +97,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn(grad, weight.t())
         if ctx.needs_input_grad[1]:
-            if weight.numel() >= ONEDNN_MIN_WEIGHTS_GRAD:
-                grad_w = _onednn(grad.t(), x.t())
-            else:
-                grad_w = grad.t().mm(x)
+            grad_w = _onednn(grad.t(), x.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
