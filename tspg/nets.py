@@ -27,7 +27,7 @@ __all__ = [
 
 # On an x86 CPU, torch multiplies float32 matrices with MKL. For the layers next to the
 # genes of a GTEx-sized GEM (4,386 x 512 weights; batches of 32-256), oneDNN's kernels,
-# which torch also ships, compute the output and both gradients 1.0-2.5x faster; for the
+# which torch also ships, compute the output and both gradients 1.0-3.1x faster; for the
 # demo's 765 x 512 and narrower layers neither library is reliably faster, and MKL stays.
 # ``python bench/matmul.py`` prints the measurements behind the threshold.
 ONEDNN = os.environ.get("TSPG_ONEDNN", "1") != "0"  # $TSPG_ONEDNN=0: MKL (torch's default) only
