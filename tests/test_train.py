@@ -194,7 +194,9 @@ def test_training_on_onednn_is_seeded_and_close_to_mkl(monkeypatch):
     monkeypatch.setattr(tspg.nets, "ONEDNN", True)
     adata = ad.AnnData(
         X,
-        obs=pd.DataFrame({"label": np.array(["a", "b", "c"])[y]}, index=[f"s{i}" for i in range(len(y))]),
+        obs=pd.DataFrame(
+            {"label": np.array(["a", "b", "c"])[y]}, index=[f"s{i}" for i in range(len(y))]
+        ),
         var=pd.DataFrame(index=[f"g{i}" for i in range(X.shape[1])]),
     )
     cfg = TrainConfig(epochs=1, target_epochs=1, batch_size=12, seeds=1)

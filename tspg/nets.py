@@ -104,9 +104,9 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same weights, same state dict) whose wide layers run on oneDNN on an
-    x86 CPU in float32; everywhere else (GPU, mixed precision, ``torch.compile``, small
-    layers, ``$TSPG_ONEDNN=0``) it is ``nn.Linear``."""
+    """``nn.Linear`` (same weights, same state dict) that runs on oneDNN on an x86 CPU in
+    float32 when it has at least ``ONEDNN_MIN_WEIGHTS`` weights; everywhere else (GPU, mixed
+    precision, ``torch.compile``, smaller layers, ``$TSPG_ONEDNN=0``) it is ``nn.Linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (

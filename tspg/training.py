@@ -9,8 +9,8 @@ the working set lives on the device (a NumPy array on the CPU is used in place; 
 matrix is densified a batch at a time where the dense matrix does not fit); batch indices
 are drawn on the device; losses are summed on the device and read once per chunk (the only
 host synchronisation); Adam is torch's fused kernel where the device has one (called
-directly: torch.optim would import torch._dynamo, 1.0-1.4 s); the wide dense layers multiply
-on oneDNN on an x86 CPU (:class:`tspg.nets.Linear`); the
+directly: torch.optim would import torch._dynamo, 1.0-1.4 s); the dense layers next to a
+large GEM's genes multiply on oneDNN on an x86 CPU (:class:`tspg.nets.Linear`); the
 discriminator's weights take no gradient during the generator's step.
 """
 
