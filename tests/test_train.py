@@ -147,11 +147,13 @@ def test_wide_layers_run_on_onednn_with_the_same_values_and_gradients(n_in, n_ou
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and a.stride() == b.stride()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    # a frozen layer (D and f during G's step): only the input's gradient
+    # a frozen layer (D and f during G's step): only the input's gradient, also from a
+    # gradient that is one value expanded (stride 0: .sum()'s)
     layer.requires_grad_(False)
     x.grad = layer.weight.grad = layer.bias.grad = None
     layer(x).sum().backward()
-    assert x.grad is not None and layer.weight.grad is None
+    assert layer.weight.grad is None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand_as(x), rtol=1e-4, atol=1e-4)
 
 
 @needs_onednn
