@@ -1,4 +1,4 @@
-"""MKL or oneDNN for the dense layers' matrix products on this CPU (the thresholds in tspg/nets.py).
+"""MKL or oneDNN for the dense layers' matrix products on this CPU (the threshold in tspg/nets.py).
 
 Prints a table (not a test): for each dense layer shape of the networks (demo: 765 genes,
 GTEx-sized: 4,386; the target model's and the generator's hidden widths) and each batch size
@@ -6,7 +6,7 @@ of the recipes (32: the paper's target model; 128: a generator step; 256: D's st
 and fake), the time of the three products of a layer, forward (x W^T + b), the input's
 gradient (g W) and the weights' gradient (g^T x), by MKL (torch's float32 default) over the
 time by oneDNN: above 1, oneDNN is faster. Medians of ``--reps`` timings of 5 calls each,
-the two libraries interleaved; the last column says which one tspg uses for each product.
+the two libraries interleaved; the last column says which one tspg uses for the layer.
 
 ``--training``: seconds per epoch of the target model and of the generator (paper recipe,
 the reference code's sizes; the demo and a GTEx-sized GEM) with oneDNN on and off
