@@ -56,16 +56,14 @@ def onednn_works() -> bool:
         return False
 
 
+def _on_onednn(layer: nn.Linear) -> bool:
+    """Whether ``layer`` multiplies on oneDNN on the CPU in float32 (switched on, big enough)."""
+    return ONEDNN and layer.weight.numel() >= ONEDNN_MIN_WEIGHTS and onednn_works()
+
+
 def uses_onednn(module: nn.Module) -> bool:
     """Whether any dense layer of ``module`` runs on oneDNN on the CPU (see :class:`Linear`)."""
-    return (
-        ONEDNN
-        and onednn_works()
-        and any(
-            isinstance(m, Linear) and m.weight.numel() >= ONEDNN_MIN_WEIGHTS
-            for m in module.modules()
-        )
-    )
+    return any(isinstance(m, Linear) and _on_onednn(m) for m in module.modules())
 
 
 def _autocast_on() -> bool:
@@ -110,14 +108,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            ONEDNN
-            and self.weight.numel() >= ONEDNN_MIN_WEIGHTS
-            and x.dim() == 2
+            x.dim() == 2
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype == torch.float32
+            and _on_onednn(self)
             and not _autocast_on()
             and not _compiling()
-            and onednn_works()
         ):
             return _OneDNNLinear.apply(x, self.weight, self.bias)
         return super().forward(x)
