@@ -12,6 +12,7 @@ on the CPU (Python, torch and the data included), torch.cuda.max_memory_allocate
 
     python bench/train_speed.py                                   # everything, device auto
     python bench/train_speed.py --threads 1 2 --full-runs 3 --full-threads 1
+    python bench/train_speed.py --cases demo --full-runs 3 --full-threads 0 --full-seeds 0 1
     python bench/train_speed.py --cases demo --full-runs 0        # quick look
     python bench/train_speed.py --cases gtex --full-runs 0 --recipe paper
 """
@@ -96,8 +97,9 @@ def run_case(
     }
 
 
-def full_demo_runs(runs: int, *, threads: int | None, device: str) -> dict:
-    """Wall time of ``tspg train --demo`` (default recipe, all epochs), each run a fresh process."""
+def full_demo_runs(runs: int, *, threads: int | None, device: str, seeds: int = 0) -> dict:
+    """Wall time of ``tspg train --demo`` (default recipe, all epochs), each run a fresh
+    process; ``seeds``: generators of the ensemble (0: the default)."""
     env = {k: v for k, v in os.environ.items() if k != "TSPG_THREADS"}
     if threads:
         env["TSPG_THREADS"] = str(threads)  # what tspg-train takes (else: its default)
@@ -116,7 +118,7 @@ def full_demo_runs(runs: int, *, threads: int | None, device: str) -> dict:
                 "-q",
                 "--device",
                 device,
-            ]
+            ] + (["--seeds", str(seeds)] if seeds else [])
             start = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             outer.append(time.perf_counter() - start)
@@ -125,6 +127,7 @@ def full_demo_runs(runs: int, *, threads: int | None, device: str) -> dict:
     return {
         "case": f"tspg-train --demo, full run ({runs} run{'s' if runs > 1 else ''}; perturbation accuracy {acc})",
         "device": device,
+        "generators": seeds or "the default",
         "threads": threads or "tspg's default",
         "wall s (median)": round(statistics.median(inner), 1),
         "wall s incl. Python start-up (median)": round(statistics.median(outer), 1),
@@ -170,6 +173,13 @@ def main(argv=None) -> None:
         nargs="+",
         default=None,
         help="thread counts of the full runs, 0: tspg-train's default (default: --threads)",
+    )
+    p.add_argument(
+        "--full-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="generators per full run (--seeds of tspg-train), 0: its default",
     )
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args(argv)
@@ -221,8 +231,9 @@ def main(argv=None) -> None:
             print(f"done: {case}, {t} threads", file=sys.stderr, flush=True)
     full = (
         [
-            full_demo_runs(args.full_runs, threads=t, device=device)
+            full_demo_runs(args.full_runs, threads=t, device=device, seeds=n)
             for t in args.full_threads or threads
+            for n in args.full_seeds
         ]
         if args.full_runs
         else []

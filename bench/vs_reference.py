@@ -361,7 +361,13 @@ def _limit_row(X, y, t: int, n_classes: int, recipe: str, sizes: str) -> list[di
         ).per_pass,
         "generator": Batches(pool, cfg.batch_size, torch.Generator()).per_pass,
     }
-    steps = 4  # profiled steps of each
+    # an epoch's products in full batches (the FLOPs of each product grow with a batch's
+    # rows, and an epoch's last batch is partial)
+    full_batches = {
+        "target model": len(y) / cfg.target_batch_size,
+        "generator": len(pool) / cfg.batch_size,
+    }
+    steps = 4  # profiled steps of each, full batches
     few = TrainConfig.for_recipe(recipe, **SIZES[sizes], steps=steps, target_steps=steps)
     f = fit_target(X, y, n_classes, few)
     shapes = {
@@ -382,7 +388,7 @@ def _limit_row(X, y, t: int, n_classes: int, recipe: str, sizes: str) -> list[di
     rows = []
     for what in ("target model", "generator"):
         counted = shapes[what].items()
-        scale = per_epoch[what] / steps
+        scale = full_batches[what] / steps
         flops = sum(2 * m * k * n * c for (m, k, n), c in counted) * scale
         limit = [  # wall-clock, CPU, wall-clock from memory
             sum(2 * m * k * n * c / rates[(m, k, n)][i] for (m, k, n), c in counted) * scale
