@@ -19,6 +19,7 @@ the generator starts: the threads were chosen on a quiet machine, which then got
 
     python bench/threads.py                         # every scenario, medians of 3
     python bench/threads.py --scenarios quiet busy1 --reps 5 --recipe tspg+
+    python bench/threads.py --variants "2 bounded spin" "2 spin" --spins 10000 30000 100000
 """
 
 from __future__ import annotations
@@ -106,8 +107,19 @@ def main(argv=None) -> None:
     parser.add_argument("--recipe", default="paper", choices=("paper", "tspg+"))
     parser.add_argument("--epochs", type=int, default=8, help="epochs of each network per run")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--spins",
+        nargs="+",
+        type=int,
+        default=[],
+        help="more variants: 2 threads spinning this many rounds (GOMP_SPINCOUNT), then sleeping",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for n in args.spins:
+        VARIANTS[f"2 spin {n}"] = (2, {"GOMP_SPINCOUNT": str(n)})
+        if f"2 spin {n}" not in args.variants:
+            args.variants.append(f"2 spin {n}")
     if args.child:
         threads, recipe, epochs = args.child
         child(int(threads) or None, recipe, int(epochs))

@@ -158,6 +158,10 @@ def test_wide_layers_run_on_onednn_with_the_same_values_and_gradients(n_in, n_ou
     x.grad = layer.weight.grad = layer.bias.grad = None
     layer(x).sum().backward()
     assert layer.weight.grad is None
+    x_ref = x.detach().requires_grad_()
+    ref = nn.functional.linear(x_ref, layer.weight, layer.bias)
+    (torch.tanh(ref) if tanh else ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
     if not tanh:
         torch.testing.assert_close(x.grad, layer.weight.sum(0).expand_as(x), rtol=1e-4, atol=1e-4)
 

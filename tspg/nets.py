@@ -44,8 +44,8 @@ def _onednn(
 
 @functools.cache
 def onednn_works() -> bool:
-    """Whether oneDNN's float32 products run here and agree with torch's (x86 CPUs with
-    torch's oneDNN build); checked once, on a small product."""
+    """Whether oneDNN's float32 products, plain and with tanh, run here and agree with
+    torch's (x86 CPUs with torch's oneDNN build); checked once, on a small product."""
     if (
         platform.machine().lower() not in ("x86_64", "amd64")
         or not torch.backends.mkldnn.is_available()
@@ -54,7 +54,11 @@ def onednn_works() -> bool:
     try:
         gen = torch.Generator().manual_seed(0)
         a, w, b = (torch.rand(*s, generator=gen) for s in ((5, 24), (16, 24), (16,)))
-        return bool(torch.allclose(_onednn(a, w, b), torch.addmm(b, a, w.t()), atol=1e-5))
+        want = torch.addmm(b, a, w.t())
+        return bool(
+            torch.allclose(_onednn(a, w, b), want, atol=1e-5)
+            and torch.allclose(_onednn(a, w, b, "tanh"), torch.tanh(want), atol=1e-5)
+        )
     except (AttributeError, RuntimeError, NotImplementedError):  # no such op in this build
         return False
 
