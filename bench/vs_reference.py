@@ -376,15 +376,15 @@ def _limit_row(X, y, t: int, n_classes: int, recipe: str, sizes: str) -> list[di
     }
     rates = {s: matmul_rate(*s) for s in set(shapes["target model"]) | set(shapes["generator"])}
     # measured: the median epoch after the first (2 epochs at GTEx size, 6 on the demo)
-    n = 2 if X.shape[1] > 2000 else 6
-    two = TrainConfig.for_recipe(recipe, **SIZES[sizes], epochs=n, target_epochs=n)
+    n_epochs = 2 if X.shape[1] > 2000 else 6
+    timed = TrainConfig.for_recipe(recipe, **SIZES[sizes], epochs=n_epochs, target_epochs=n_epochs)
     stamps: dict[str, list[tuple[float, float]]] = {"target model": [], "generator": []}
 
     def stamp(what):
         return lambda *a: stamps[what].append((time.perf_counter(), time.process_time()))
 
-    f = fit_target(X, y, n_classes, two, callback=stamp("target model"))
-    fit_generator(X, y, t, f, two, callback=stamp("generator"))
+    f = fit_target(X, y, n_classes, timed, callback=stamp("target model"))
+    fit_generator(X, y, t, f, timed, callback=stamp("generator"))
     rows = []
     for what in ("target model", "generator"):
         counted = shapes[what].items()
