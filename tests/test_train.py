@@ -72,6 +72,19 @@ def test_generator_layers_as_in_the_paper():
     assert not any(isinstance(m, nn.LeakyReLU) for m in G.modules())
 
 
+def test_generator_weights_from_before_the_fused_tanh_load_and_agree():
+    """Bundles saved while tanh was a module of its own (nn.Tanh after the output layer) load
+    strictly into today's generator and give the same output (bit for bit off oneDNN)."""
+    torch.manual_seed(0)
+    old = Generator(N_GENES)
+    old.net[-1].tanh = False
+    old.net.append(nn.Tanh())  # the layout before
+    new = Generator(N_GENES)
+    new.load_state_dict(old.state_dict())  # strict: the same keys
+    x = torch.rand(6, N_GENES)
+    assert torch.equal(new.eval()(x), old.eval()(x))
+
+
 def test_generator_output_shape_and_range():
     torch.manual_seed(0)
     G = Generator(N_GENES).eval()
